@@ -1,0 +1,399 @@
+//! Typed settings, read from the environment (SPEC §5).
+//!
+//! Every binary reads only the groups it needs: `query-cli` never asks for MinIO credentials, and
+//! the worker's `migrate` never asks for NATS. Values come from the process environment, optionally
+//! seeded from an env file (`config/.env` by default; variables already set in the environment
+//! win). A secret may be given as `NAME_FILE`, the path of a file holding it. Secrets are wrapped in
+//! [`Secret`], whose `Debug` and `Display` never show the value.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+/// The env file read when no `--env-file` is given, if it exists.
+pub const DEFAULT_ENV_FILE: &str = "config/.env";
+
+/// What went wrong while reading configuration; every variant names the variable or file.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("missing required setting {0}: set it in the environment, in config/.env, or as {0}_FILE")]
+    Missing(&'static str),
+    #[error("invalid value for {name}: {reason}")]
+    Invalid { name: &'static str, reason: String },
+    #[error("both {0} and {0}_FILE are set: set only one")]
+    Ambiguous(&'static str),
+    #[error("cannot read {name}_FILE ({path}): {source}")]
+    SecretFile {
+        name: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot read env file {path}: {reason}")]
+    EnvFile { path: PathBuf, reason: String },
+}
+
+/// A value that must never be printed: `Debug`/`Display` show `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself, for the one place that must hand it to a client library.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// Where settings are looked up: the process environment, or a fixed map (tests).
+#[derive(Debug, Clone, Default)]
+pub struct Env {
+    fixed: Option<HashMap<String, String>>,
+}
+
+impl Env {
+    /// The process environment, after loading `env_file` (or `config/.env` if present).
+    ///
+    /// An explicitly named file must exist; the default one is optional. Variables already set in
+    /// the environment are not overridden by the file.
+    pub fn load(env_file: Option<&Path>) -> Result<Self, ConfigError> {
+        let (path, required) = match env_file {
+            Some(p) => (p.to_path_buf(), true),
+            None => (PathBuf::from(DEFAULT_ENV_FILE), false),
+        };
+        if required || path.exists() {
+            dotenvy::from_path(&path).map_err(|e| ConfigError::EnvFile {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        }
+        Ok(Self { fixed: None })
+    }
+
+    /// A fixed set of variables, ignoring the process environment.
+    pub fn from_map<K: Into<String>, V: Into<String>>(vars: impl IntoIterator<Item = (K, V)>) -> Self {
+        Self {
+            fixed: Some(vars.into_iter().map(|(k, v)| (k.into(), v.into())).collect()),
+        }
+    }
+
+    fn raw(&self, name: &str) -> Option<String> {
+        match &self.fixed {
+            Some(map) => map.get(name).cloned(),
+            None => std::env::var(name).ok(),
+        }
+    }
+
+    /// A plain setting; empty counts as unset.
+    pub fn optional(&self, name: &'static str) -> Option<String> {
+        self.raw(name).filter(|v| !v.is_empty())
+    }
+
+    pub fn required(&self, name: &'static str) -> Result<String, ConfigError> {
+        self.optional(name).ok_or(ConfigError::Missing(name))
+    }
+
+    /// A setting that may also be given as `NAME_FILE` (a path whose content is the value; one
+    /// trailing newline is removed).
+    pub fn optional_secret(&self, name: &'static str) -> Result<Option<Secret>, ConfigError> {
+        let file_var = format!("{name}_FILE");
+        let direct = self.optional(name);
+        let file = self.raw(&file_var).filter(|v| !v.is_empty());
+        match (direct, file) {
+            (Some(_), Some(_)) => Err(ConfigError::Ambiguous(name)),
+            (Some(v), None) => Ok(Some(Secret(v))),
+            (None, Some(path)) => {
+                let path = PathBuf::from(path);
+                let mut value = std::fs::read_to_string(&path)
+                    .map_err(|source| ConfigError::SecretFile { name, path, source })?;
+                if value.ends_with('\n') {
+                    value.pop();
+                    if value.ends_with('\r') {
+                        value.pop();
+                    }
+                }
+                Ok(Some(Secret(value)))
+            }
+            (None, None) => Ok(None),
+        }
+    }
+
+    pub fn required_secret(&self, name: &'static str) -> Result<Secret, ConfigError> {
+        self.optional_secret(name)?.ok_or(ConfigError::Missing(name))
+    }
+
+    fn parsed<T>(&self, name: &'static str, default: T) -> Result<T, ConfigError>
+    where
+        T: std::str::FromStr,
+        T::Err: fmt::Display,
+    {
+        match self.optional(name) {
+            None => Ok(default),
+            Some(v) => v.trim().parse().map_err(|e: T::Err| ConfigError::Invalid {
+                name,
+                reason: format!("{v:?}: {e}"),
+            }),
+        }
+    }
+
+    fn flag(&self, name: &'static str, default: bool) -> Result<bool, ConfigError> {
+        match self.optional(name).as_deref().map(str::trim) {
+            None => Ok(default),
+            Some(v) if v.eq_ignore_ascii_case("true") || v == "1" || v.eq_ignore_ascii_case("yes") => Ok(true),
+            Some(v) if v.eq_ignore_ascii_case("false") || v == "0" || v.eq_ignore_ascii_case("no") => Ok(false),
+            Some(v) => Err(ConfigError::Invalid {
+                name,
+                reason: format!("{v:?} is not true or false"),
+            }),
+        }
+    }
+}
+
+/// The S3-compatible object store (MinIO).
+#[derive(Debug, Clone)]
+pub struct ObjectStoreSettings {
+    /// `host:port`, no scheme.
+    pub endpoint: String,
+    pub access_key: Secret,
+    pub secret_key: Secret,
+    pub https: bool,
+    pub bucket: String,
+}
+
+impl ObjectStoreSettings {
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let endpoint = env.required("MINIO_ENDPOINT")?.trim().to_string();
+        if endpoint.contains("://") {
+            return Err(ConfigError::Invalid {
+                name: "MINIO_ENDPOINT",
+                reason: format!("{endpoint:?}: give host:port without a scheme (use MINIO_HTTPS_PROTOCOL for https)"),
+            });
+        }
+        Ok(Self {
+            endpoint,
+            access_key: env.required_secret("MINIO_ACCESS_KEY")?,
+            secret_key: env.required_secret("MINIO_SECRET_KEY")?,
+            https: env.flag("MINIO_HTTPS_PROTOCOL", false)?,
+            bucket: env.optional("MINIO_BUCKET").unwrap_or_else(|| "code-challenge-data".into()),
+        })
+    }
+
+    /// The endpoint as a URL for the S3 client.
+    pub fn url(&self) -> String {
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}", self.endpoint)
+    }
+}
+
+/// The two databases: the mapping database and the measurement database (which may be the same).
+#[derive(Debug, Clone)]
+pub struct DatabaseSettings {
+    pub mapping_url: Secret,
+    pub measurements_url: Secret,
+}
+
+impl DatabaseSettings {
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let mapping_url = env.required_secret("DATABASE_URL")?;
+        let measurements_url = env
+            .optional_secret("TIMESCALE_DATABASE_URL")?
+            .unwrap_or_else(|| mapping_url.clone());
+        for (name, url) in [("DATABASE_URL", &mapping_url), ("TIMESCALE_DATABASE_URL", &measurements_url)] {
+            url.expose()
+                .parse::<tokio_postgres::Config>()
+                .map_err(|e| ConfigError::Invalid {
+                    name,
+                    reason: format!("not a PostgreSQL connection string ({e})"),
+                })?;
+        }
+        Ok(Self {
+            mapping_url,
+            measurements_url,
+        })
+    }
+
+    /// Whether both URLs name the same database.
+    pub fn same_database(&self) -> bool {
+        self.mapping_url == self.measurements_url
+    }
+}
+
+/// NATS JetStream names (used by `sensors-worker run` and `backfill`).
+#[derive(Debug, Clone)]
+pub struct NatsSettings {
+    pub url: Secret,
+    pub subject: String,
+    pub stream: String,
+    pub consumer: String,
+    pub dlq_subject: String,
+}
+
+impl NatsSettings {
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        Ok(Self {
+            url: env
+                .optional_secret("NATS_URL")?
+                .unwrap_or_else(|| Secret::new("nats://127.0.0.1:4222")),
+            subject: env.optional("NATS_SUBJECT").unwrap_or_else(|| "minio.events".into()),
+            stream: env.optional("NATS_STREAM").unwrap_or_else(|| "SENSOR_EVENTS".into()),
+            consumer: env.optional("NATS_CONSUMER").unwrap_or_else(|| "sensor-ingest".into()),
+            dlq_subject: env.optional("NATS_DLQ_SUBJECT").unwrap_or_else(|| "sensors.dlq".into()),
+        })
+    }
+}
+
+/// How CSV objects are read (SPEC §2).
+#[derive(Debug, Clone, Copy)]
+pub struct ContractSettings {
+    /// Field delimiter, `CSV_DELIMITER`, default `;`.
+    pub delimiter: u8,
+    /// Zone for timestamps without an offset, `NAIVE_TIMEZONE`, default `Europe/Berlin`.
+    pub naive_timezone: chrono_tz::Tz,
+}
+
+impl Default for ContractSettings {
+    fn default() -> Self {
+        Self {
+            delimiter: b';',
+            naive_timezone: chrono_tz::Europe::Berlin,
+        }
+    }
+}
+
+impl ContractSettings {
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let delimiter = match env.optional("CSV_DELIMITER") {
+            None => b';',
+            Some(d) if d == "\\t" || d == "\t" => b'\t',
+            Some(d) if d.len() == 1 && d.is_ascii() && !matches!(d.as_bytes()[0], b'"' | b'\r' | b'\n') => {
+                d.as_bytes()[0]
+            }
+            Some(d) => {
+                return Err(ConfigError::Invalid {
+                    name: "CSV_DELIMITER",
+                    reason: format!("{d:?}: expected one ASCII character other than a quote or newline"),
+                })
+            }
+        };
+        let naive_timezone = match env.optional("NAIVE_TIMEZONE") {
+            None => chrono_tz::Europe::Berlin,
+            Some(tz) => tz.trim().parse().map_err(|_| ConfigError::Invalid {
+                name: "NAIVE_TIMEZONE",
+                reason: format!("{tz:?} is not an IANA time zone name such as Europe/Berlin or UTC"),
+            })?,
+        };
+        Ok(Self {
+            delimiter,
+            naive_timezone,
+        })
+    }
+}
+
+/// Worker process settings.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    /// Objects ingested at once, `WORKER_CONCURRENCY`, default the number of CPUs.
+    pub concurrency: usize,
+    /// Prometheus endpoint, `METRICS_ADDR`.
+    pub metrics_addr: SocketAddr,
+}
+
+impl WorkerSettings {
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let concurrency = env.parsed("WORKER_CONCURRENCY", cpus)?;
+        if concurrency == 0 {
+            return Err(ConfigError::Invalid {
+                name: "WORKER_CONCURRENCY",
+                reason: "must be at least 1".into(),
+            });
+        }
+        let default_addr: SocketAddr = ([127, 0, 0, 1], 9184).into();
+        Ok(Self {
+            concurrency,
+            metrics_addr: env.parsed("METRICS_ADDR", default_addr)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_required_setting_names_the_variable() {
+        let err = DatabaseSettings::from_env(&Env::from_map([("X", "y")])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "missing required setting DATABASE_URL: set it in the environment, in config/.env, or as DATABASE_URL_FILE"
+        );
+    }
+
+    #[test]
+    fn timescale_url_defaults_to_database_url() {
+        let env = Env::from_map([("DATABASE_URL", "postgres://u:pw@localhost/db")]);
+        let db = DatabaseSettings::from_env(&env).unwrap();
+        assert_eq!(db.measurements_url.expose(), "postgres://u:pw@localhost/db");
+        assert!(db.same_database());
+    }
+
+    #[test]
+    fn secrets_come_from_files_and_never_print() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        std::fs::write(&path, "s3cr3t\n").unwrap();
+        let env = Env::from_map([
+            ("MINIO_ENDPOINT", "127.0.0.1:9000"),
+            ("MINIO_ACCESS_KEY", "minio"),
+            ("MINIO_SECRET_KEY_FILE", path.to_str().unwrap()),
+        ]);
+        let s = ObjectStoreSettings::from_env(&env).unwrap();
+        assert_eq!(s.secret_key.expose(), "s3cr3t");
+        let printed = format!("{s:?}");
+        assert!(!printed.contains("s3cr3t"), "{printed}");
+        assert!(!printed.contains("minio\""), "{printed}");
+        assert_eq!(s.bucket, "code-challenge-data");
+        assert_eq!(s.url(), "http://127.0.0.1:9000");
+    }
+
+    #[test]
+    fn secret_given_twice_is_an_error() {
+        let env = Env::from_map([("DATABASE_URL", "postgres://a/b"), ("DATABASE_URL_FILE", "/x")]);
+        let err = DatabaseSettings::from_env(&env).unwrap_err();
+        assert_eq!(err.to_string(), "both DATABASE_URL and DATABASE_URL_FILE are set: set only one");
+    }
+
+    #[test]
+    fn invalid_values_are_named() {
+        let env = Env::from_map([("NAIVE_TIMEZONE", "Mars/Olympus")]);
+        let err = ContractSettings::from_env(&env).unwrap_err();
+        assert!(err.to_string().starts_with("invalid value for NAIVE_TIMEZONE"), "{err}");
+        let env = Env::from_map([("WORKER_CONCURRENCY", "many")]);
+        let err = WorkerSettings::from_env(&env).unwrap_err();
+        assert!(err.to_string().starts_with("invalid value for WORKER_CONCURRENCY"), "{err}");
+        let env = Env::from_map([
+            ("MINIO_ENDPOINT", "http://minio:9000"),
+            ("MINIO_ACCESS_KEY", "a"),
+            ("MINIO_SECRET_KEY", "b"),
+        ]);
+        let err = ObjectStoreSettings::from_env(&env).unwrap_err();
+        assert!(err.to_string().contains("without a scheme"), "{err}");
+    }
+}

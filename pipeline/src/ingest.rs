@@ -1,0 +1,402 @@
+//! Ingesting one object, end to end: route the key, stream the object, validate every row, stage
+//! and merge the rows, and write the ledger entry — all in one transaction.
+//!
+//! The outcome of an object is either settled ([`Outcome`]: done, already done, failed, ignored),
+//! or a transient [`IngestError`] (database, object store or network trouble) that the caller
+//! retries. A failed object stores nothing but its ledger entry with the reason.
+
+use std::time::{Duration, Instant};
+
+use async_compression::tokio::bufread::GzipDecoder;
+use chrono::Utc;
+use thiserror::Error;
+use tokio::io::AsyncRead;
+use tracing::{info, warn};
+
+use crate::config::ContractSettings;
+use crate::contract::{self, Columns, Dataset, FileError, RecordError, RecordReader};
+use crate::object_store::{is_transport_error, ObjectStore, ObjectStoreError};
+use crate::store::ledger::{self, Entry, ObjectVersion, Status};
+use crate::store::staging::{self, Staging};
+use crate::store::{Databases, PgResultExt, StoreError};
+
+/// How an object's bytes are encoded, from its key's suffix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Gzip,
+}
+
+/// What a key is, by prefix and suffix (SPEC §2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Data(Dataset, Compression),
+    /// Not a data file; the reason says why.
+    Ignored(&'static str),
+}
+
+/// Routes a (decoded) object key.
+pub fn route(key: &str) -> Route {
+    let dataset = if key.starts_with("mapping/") {
+        Dataset::Mapping
+    } else if key.starts_with("timeseries/") {
+        Dataset::Measurements
+    } else {
+        return Route::Ignored("key is outside the mapping/ and timeseries/ prefixes");
+    };
+    if key.ends_with(".csv") {
+        Route::Data(dataset, Compression::None)
+    } else if key.ends_with(".csv.gz") {
+        Route::Data(dataset, Compression::Gzip)
+    } else {
+        Route::Ignored("key does not end in .csv or .csv.gz")
+    }
+}
+
+/// How an object was settled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Disposition {
+    /// Ingested now.
+    Done,
+    /// This version was already `done`; nothing was written.
+    AlreadyDone,
+    /// The object as a whole is unusable (SPEC §2); the reason is recorded.
+    Failed(String),
+    /// Not a data file, or gone before it could be read; the reason is recorded.
+    Ignored(String),
+}
+
+/// The result of ingesting one object.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub version: ObjectVersion,
+    pub dataset: Option<Dataset>,
+    pub disposition: Disposition,
+    /// Valid lines (including lines a later line of the same object overwrote).
+    pub rows_ok: u64,
+    pub rows_rejected: u64,
+    /// Stored size of the object (compressed size for `.csv.gz`).
+    pub size_bytes: u64,
+    pub elapsed: Duration,
+}
+
+/// A transient failure: nothing was committed; try again later.
+#[derive(Debug, Error)]
+pub enum IngestError {
+    #[error(transparent)]
+    ObjectStore(#[from] ObjectStoreError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("reading object {key:?}: {source}")]
+    Read {
+        key: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Why streaming the rows stopped early.
+enum StreamError {
+    File(FileError),
+    Transient(IngestError),
+}
+
+impl From<StoreError> for StreamError {
+    fn from(e: StoreError) -> Self {
+        StreamError::Transient(e.into())
+    }
+}
+
+/// Row counts of one object.
+#[derive(Debug, Default, Clone, Copy)]
+struct Counts {
+    ok: u64,
+    rejected: u64,
+}
+
+/// Ingests objects of one bucket into the databases.
+#[derive(Clone)]
+pub struct Ingestor {
+    store: ObjectStore,
+    dbs: Databases,
+    contract: ContractSettings,
+}
+
+impl Ingestor {
+    pub fn new(store: ObjectStore, dbs: Databases, contract: ContractSettings) -> Self {
+        Self { store, dbs, contract }
+    }
+
+    pub fn store(&self) -> &ObjectStore {
+        &self.store
+    }
+
+    pub fn databases(&self) -> &Databases {
+        &self.dbs
+    }
+
+    /// Ingests the current version of `key`. `known_etag` (from an event) lets a version that is
+    /// already done be skipped without reading it; the version recorded is always the one read.
+    #[tracing::instrument(name = "object", skip_all, fields(key = %key, etag = tracing::field::Empty))]
+    pub async fn ingest(&self, key: &str, known_etag: Option<&str>) -> Result<Outcome, IngestError> {
+        let t0 = Instant::now();
+        let started_at = Utc::now();
+        let bucket = self.store.bucket().to_string();
+        let version = |etag: &str| ObjectVersion {
+            bucket: bucket.clone(),
+            key: key.to_string(),
+            etag: etag.to_string(),
+        };
+        let (dataset, compression) = match route(key) {
+            Route::Data(d, c) => (d, c),
+            Route::Ignored(reason) => {
+                let v = version(known_etag.unwrap_or_default());
+                return self.settle_ignored(v, None, reason.to_string(), started_at, t0).await;
+            }
+        };
+
+        if let Some(etag) = known_etag.filter(|e| !e.is_empty()) {
+            if self.is_done(dataset, &version(etag)).await? {
+                return Ok(self.outcome(version(etag), dataset, Disposition::AlreadyDone, Counts::default(), 0, t0));
+            }
+        }
+
+        let object = match self.store.open(key).await {
+            Ok(o) => o,
+            Err(ObjectStoreError::NotFound { .. }) => {
+                let v = version(known_etag.unwrap_or_default());
+                let reason = "object was deleted before it could be read".to_string();
+                return self.settle_ignored(v, Some(dataset), reason, started_at, t0).await;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let v = version(&object.etag);
+        tracing::Span::current().record("etag", v.etag.as_str());
+        let size = object.size.unwrap_or(0).max(0) as u64;
+
+        let mut client = self.dbs.client(dataset).await?;
+        let failure = {
+            let tx = client.transaction().await.db(dataset)?;
+            ledger::lock(&tx, &v).await.db(dataset)?;
+            if ledger::status(&tx, &v).await.db(dataset)? == Some(Status::Done) {
+                tx.commit().await.db(dataset)?;
+                return Ok(self.outcome(v, dataset, Disposition::AlreadyDone, Counts::default(), size, t0));
+            }
+            let body: Box<dyn AsyncRead + Send + Unpin> = match compression {
+                Compression::None => Box::new(object.body),
+                Compression::Gzip => {
+                    let mut gz = GzipDecoder::new(object.body);
+                    gz.multiple_members(true);
+                    Box::new(gz)
+                }
+            };
+            let mut reader = RecordReader::new(body, self.contract.delimiter);
+            match self.stream_rows(&tx, &mut reader, dataset, compression, key).await {
+                Ok(counts) => {
+                    let entry = Entry {
+                        version: &v,
+                        dataset: dataset.as_str(),
+                        status: Status::Done,
+                        size_bytes: Some(size as i64),
+                        rows_ok: counts.ok as i64,
+                        rows_rejected: counts.rejected as i64,
+                        reason: None,
+                        started_at,
+                    };
+                    let id = ledger::record(&tx, &entry).await.db(dataset)?;
+                    staging::merge(&tx, dataset, id, key).await.db(dataset)?;
+                    tx.commit().await.db(dataset)?;
+                    let outcome = self.outcome(v, dataset, Disposition::Done, counts, size, t0);
+                    info!(
+                        rows_ok = outcome.rows_ok,
+                        rows_rejected = outcome.rows_rejected,
+                        ms = outcome.elapsed.as_millis() as u64,
+                        "object ingested"
+                    );
+                    return Ok(outcome);
+                }
+                Err(StreamError::Transient(e)) => return Err(e),
+                // Dropping the transaction rolls back whatever was staged.
+                Err(StreamError::File(f)) => f,
+            }
+        };
+
+        // A failed object: record it, in a transaction of its own, under the same lock.
+        let reason = failure.to_string();
+        warn!(%reason, "object failed");
+        let tx = client.transaction().await.db(dataset)?;
+        ledger::lock(&tx, &v).await.db(dataset)?;
+        if ledger::status(&tx, &v).await.db(dataset)? == Some(Status::Done) {
+            tx.commit().await.db(dataset)?;
+            return Ok(self.outcome(v, dataset, Disposition::AlreadyDone, Counts::default(), size, t0));
+        }
+        let entry = Entry {
+            version: &v,
+            dataset: dataset.as_str(),
+            status: Status::Failed,
+            size_bytes: Some(size as i64),
+            rows_ok: 0,
+            rows_rejected: 0,
+            reason: Some(&reason),
+            started_at,
+        };
+        ledger::record(&tx, &entry).await.db(dataset)?;
+        tx.commit().await.db(dataset)?;
+        Ok(self.outcome(v, dataset, Disposition::Failed(reason), Counts::default(), size, t0))
+    }
+
+    /// Reads the header and every row into the staging table; returns the row counts.
+    async fn stream_rows<R: AsyncRead + Unpin>(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        reader: &mut RecordReader<R>,
+        dataset: Dataset,
+        compression: Compression,
+        key: &str,
+    ) -> Result<Counts, StreamError> {
+        let read_error = |e: RecordError| match e {
+            RecordError::TooLarge { .. } => StreamError::File(FileError::Unreadable(e.to_string())),
+            RecordError::Io(io) if is_transport_error(&io) => StreamError::Transient(IngestError::Read {
+                key: key.to_string(),
+                source: io,
+            }),
+            RecordError::Io(io) if compression == Compression::Gzip => {
+                StreamError::File(FileError::CorruptGzip(io.to_string()))
+            }
+            RecordError::Io(io) => StreamError::Transient(IngestError::Read {
+                key: key.to_string(),
+                source: io,
+            }),
+        };
+        let columns = {
+            let header = reader
+                .next_record()
+                .await
+                .map_err(read_error)?
+                .ok_or(StreamError::File(FileError::NoHeader))?;
+            Columns::locate(&header, dataset).map_err(StreamError::File)?
+        };
+        let zone = self.contract.naive_timezone;
+        let mut staging = Staging::open(tx, dataset).await.db(dataset)?;
+        let mut counts = Counts::default();
+        while let Some(rec) = reader.next_record().await.map_err(read_error)? {
+            let rejection = match dataset {
+                Dataset::Measurements => match contract::reading(&rec, &columns, zone) {
+                    Ok(r) => {
+                        staging.reading(rec.line, &r);
+                        None
+                    }
+                    Err(why) => Some(why),
+                },
+                Dataset::Mapping => match contract::sensor_name(&rec, &columns) {
+                    Ok(s) => {
+                        staging.sensor(rec.line, &s);
+                        None
+                    }
+                    Err(why) => Some(why),
+                },
+            };
+            match rejection {
+                None => counts.ok += 1,
+                Some(why) => {
+                    staging.rejected(rec.line, rec.raw, &why.to_string());
+                    counts.rejected += 1;
+                }
+            }
+            staging.flush_if_full().await.db(dataset)?;
+        }
+        staging.finish().await.db(dataset)?;
+        Ok(counts)
+    }
+
+    async fn is_done(&self, dataset: Dataset, v: &ObjectVersion) -> Result<bool, IngestError> {
+        let client = self.dbs.client(dataset).await?;
+        let row = client
+            .query_opt(
+                "SELECT 1 FROM ingest_ledger WHERE bucket = $1 AND object_key = $2 AND etag = $3 AND status = 'done'",
+                &[&v.bucket, &v.key, &v.etag],
+            )
+            .await
+            .db(dataset)?;
+        Ok(row.is_some())
+    }
+
+    /// Records an ignored key (in the database of its dataset, or the mapping database).
+    async fn settle_ignored(
+        &self,
+        v: ObjectVersion,
+        dataset: Option<Dataset>,
+        reason: String,
+        started_at: chrono::DateTime<Utc>,
+        t0: Instant,
+    ) -> Result<Outcome, IngestError> {
+        info!(%reason, "object ignored");
+        let db = dataset.unwrap_or(Dataset::Mapping);
+        let mut client = self.dbs.client(db).await?;
+        let tx = client.transaction().await.db(db)?;
+        ledger::lock(&tx, &v).await.db(db)?;
+        if ledger::status(&tx, &v).await.db(db)? != Some(Status::Done) {
+            let entry = Entry {
+                version: &v,
+                dataset: dataset.map_or("none", Dataset::as_str),
+                status: Status::Ignored,
+                size_bytes: None,
+                rows_ok: 0,
+                rows_rejected: 0,
+                reason: Some(&reason),
+                started_at,
+            };
+            ledger::record(&tx, &entry).await.db(db)?;
+        }
+        tx.commit().await.db(db)?;
+        Ok(Outcome {
+            version: v,
+            dataset,
+            disposition: Disposition::Ignored(reason),
+            rows_ok: 0,
+            rows_rejected: 0,
+            size_bytes: 0,
+            elapsed: t0.elapsed(),
+        })
+    }
+
+    fn outcome(
+        &self,
+        version: ObjectVersion,
+        dataset: Dataset,
+        disposition: Disposition,
+        counts: Counts,
+        size_bytes: u64,
+        t0: Instant,
+    ) -> Outcome {
+        Outcome {
+            version,
+            dataset: Some(dataset),
+            disposition,
+            rows_ok: counts.ok,
+            rows_rejected: counts.rejected,
+            size_bytes,
+            elapsed: t0.elapsed(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_by_prefix_and_suffix() {
+        assert_eq!(route("mapping/mapping.csv"), Route::Data(Dataset::Mapping, Compression::None));
+        assert_eq!(
+            route("timeseries/2013/01/x.csv.gz"),
+            Route::Data(Dataset::Measurements, Compression::Gzip)
+        );
+        assert_eq!(route("timeseries/a.csv"), Route::Data(Dataset::Measurements, Compression::None));
+        assert!(matches!(route("other/a.csv"), Route::Ignored(_)));
+        assert!(matches!(route("timeseries/a.json"), Route::Ignored(_)));
+        assert!(matches!(route("timeseries/"), Route::Ignored(_)));
+        assert!(matches!(route("mapping.csv"), Route::Ignored(_)));
+        assert!(matches!(route("timeseries/a.csv.zip"), Route::Ignored(_)));
+    }
+}

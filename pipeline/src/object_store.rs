@@ -1,0 +1,203 @@
+//! The S3-compatible object store (MinIO): listing a bucket and streaming one object.
+//!
+//! Path-style requests, static credentials, no region lookup: exactly what MinIO wants. An object
+//! is streamed, never held whole in memory. Errors of the transport are marked as such
+//! ([`TransportError`]) so that the reader further down can tell "the network broke" (retry) from
+//! "the gzip data is corrupt" (fail the object).
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_smithy_http_client::tls;
+use thiserror::Error;
+use tokio::io::{AsyncBufRead, AsyncRead, ReadBuf};
+
+use crate::config::ObjectStoreSettings;
+
+/// The object store failed or refused a request.
+#[derive(Debug, Error)]
+pub enum ObjectStoreError {
+    #[error("object {key:?} does not exist in bucket {bucket:?}")]
+    NotFound { bucket: String, key: String },
+    #[error("bucket {bucket:?} does not exist")]
+    NoSuchBucket { bucket: String },
+    #[error("object store request {operation} failed: {message}")]
+    Request { operation: &'static str, message: String },
+}
+
+/// Marks an I/O error as coming from the connection to the object store (not from the data).
+#[derive(Debug, Error)]
+#[error("reading from the object store failed: {0}")]
+pub struct TransportError(#[source] pub std::io::Error);
+
+/// True when `err` (possibly wrapped by a decoder) is a [`TransportError`].
+pub fn is_transport_error(err: &std::io::Error) -> bool {
+    err.get_ref().is_some_and(|inner| inner.is::<TransportError>())
+}
+
+/// One object of a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedObject {
+    pub key: String,
+    pub size: i64,
+}
+
+/// An object being read.
+pub struct OpenedObject {
+    /// The ETag of the bytes being read, without quotes.
+    pub etag: String,
+    pub size: Option<i64>,
+    /// The raw (possibly compressed) bytes.
+    pub body: Box<dyn AsyncBufRead + Send + Unpin>,
+}
+
+/// A client bound to one bucket.
+#[derive(Clone, Debug)]
+pub struct ObjectStore {
+    client: aws_sdk_s3::Client,
+    bucket: String,
+}
+
+impl ObjectStore {
+    pub fn new(settings: &ObjectStoreSettings) -> Self {
+        let http = aws_smithy_http_client::Builder::new()
+            .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::Ring))
+            .build_https();
+        let config = aws_sdk_s3::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .endpoint_url(settings.url())
+            .force_path_style(true)
+            .credentials_provider(Credentials::new(
+                settings.access_key.expose(),
+                settings.secret_key.expose(),
+                None,
+                None,
+                "sensor-pipeline-settings",
+            ))
+            .http_client(http)
+            .build();
+        Self {
+            client: aws_sdk_s3::Client::from_conf(config),
+            bucket: settings.bucket.clone(),
+        }
+    }
+
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    pub fn client(&self) -> &aws_sdk_s3::Client {
+        &self.client
+    }
+
+    /// Every object under `prefix` (all pages), in the store's (lexicographic) order.
+    pub async fn list(&self, prefix: Option<&str>) -> Result<Vec<ListedObject>, ObjectStoreError> {
+        let mut out = Vec::new();
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .set_prefix(prefix.map(str::to_string))
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| self.error("ListObjectsV2", None, e))?;
+            for obj in page.contents() {
+                if let Some(key) = obj.key() {
+                    out.push(ListedObject {
+                        key: key.to_string(),
+                        size: obj.size().unwrap_or(0),
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Starts reading an object.
+    pub async fn open(&self, key: &str) -> Result<OpenedObject, ObjectStoreError> {
+        let resp = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| self.error("GetObject", Some(key), e))?;
+        let etag = resp.e_tag().map(|t| t.trim_matches('"').to_string()).unwrap_or_default();
+        let size = resp.content_length();
+        let body = TransportRead(resp.body.into_async_read());
+        Ok(OpenedObject {
+            etag,
+            size,
+            body: Box::new(body),
+        })
+    }
+
+    fn error<E, R>(&self, operation: &'static str, key: Option<&str>, err: SdkError<E, R>) -> ObjectStoreError
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+        R: std::fmt::Debug,
+    {
+        let code = err.as_service_error().and_then(|e| e.code()).map(str::to_string);
+        match (code.as_deref(), key) {
+            (Some("NoSuchKey"), Some(key)) => {
+                return ObjectStoreError::NotFound {
+                    bucket: self.bucket.clone(),
+                    key: key.to_string(),
+                }
+            }
+            (Some("NoSuchBucket"), _) => {
+                return ObjectStoreError::NoSuchBucket {
+                    bucket: self.bucket.clone(),
+                }
+            }
+            _ => {}
+        }
+        ObjectStoreError::Request {
+            operation,
+            message: error_chain(&err),
+        }
+    }
+}
+
+/// `err` and its sources, joined by ": ".
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut msg = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        let s = e.to_string();
+        if !msg.contains(&s) {
+            msg.push_str(": ");
+            msg.push_str(&s);
+        }
+        cur = e.source();
+    }
+    msg
+}
+
+/// Wraps every I/O error of the inner reader in a [`TransportError`].
+struct TransportRead<R>(R);
+
+impl<R: AsyncBufRead + Unpin> AsyncRead for TransportRead<R> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0)
+            .poll_read(cx, buf)
+            .map_err(|e| std::io::Error::other(TransportError(e)))
+    }
+}
+
+impl<R: AsyncBufRead + Unpin> AsyncBufRead for TransportRead<R> {
+    fn poll_fill_buf(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<&[u8]>> {
+        Pin::new(&mut self.get_mut().0)
+            .poll_fill_buf(cx)
+            .map_err(|e| std::io::Error::other(TransportError(e)))
+    }
+
+    fn consume(mut self: Pin<&mut Self>, amt: usize) {
+        Pin::new(&mut self.0).consume(amt)
+    }
+}

@@ -1,0 +1,138 @@
+//! The databases: connection pools, migrations, and the writes one object makes.
+//!
+//! Mapping objects (and the ledger entries of ignored keys) go to the mapping database
+//! (`DATABASE_URL`); measurement objects go to the measurement database (`TIMESCALE_DATABASE_URL`,
+//! which may be the same). Each database carries its own ledger and quarantine, so an object's rows,
+//! rejected rows and ledger entry always commit in one transaction.
+
+pub mod copy;
+pub mod ledger;
+pub mod migrate;
+pub mod staging;
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use thiserror::Error;
+use tokio_postgres::NoTls;
+
+use crate::config::DatabaseSettings;
+use crate::contract::Dataset;
+
+/// A database could not be reached or refused a statement.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("{database} database: {source}")]
+    Postgres {
+        database: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("{database} database: no connection available: {source}")]
+    Pool {
+        database: &'static str,
+        #[source]
+        source: deadpool_postgres::PoolError,
+    },
+    #[error("invalid connection string for the {database} database: {reason}")]
+    Config { database: &'static str, reason: String },
+    #[error("migrating the {database} database: {source}")]
+    Migration {
+        database: &'static str,
+        #[source]
+        source: refinery::Error,
+    },
+}
+
+/// Connection pools for the mapping and the measurement database.
+#[derive(Clone)]
+pub struct Databases {
+    mapping: Pool,
+    measurements: Pool,
+}
+
+impl Databases {
+    /// Creates the pools (connections are opened lazily, up to `max_connections` per database).
+    pub fn connect(settings: &DatabaseSettings, max_connections: usize) -> Result<Self, StoreError> {
+        let mapping = pool(settings.mapping_url.expose(), "mapping", max_connections)?;
+        let measurements = if settings.same_database() {
+            mapping.clone()
+        } else {
+            pool(settings.measurements_url.expose(), "measurements", max_connections)?
+        };
+        Ok(Self { mapping, measurements })
+    }
+
+    /// The pool of the database that holds `dataset` (and its ledger and quarantine).
+    pub fn pool(&self, dataset: Dataset) -> &Pool {
+        match dataset {
+            Dataset::Mapping => &self.mapping,
+            Dataset::Measurements => &self.measurements,
+        }
+    }
+
+    pub async fn client(&self, dataset: Dataset) -> Result<deadpool_postgres::Object, StoreError> {
+        self.pool(dataset).get().await.map_err(|source| StoreError::Pool {
+            database: database_name(dataset),
+            source,
+        })
+    }
+}
+
+/// How the database of a dataset is called in messages.
+pub fn database_name(dataset: Dataset) -> &'static str {
+    match dataset {
+        Dataset::Mapping => "mapping",
+        Dataset::Measurements => "measurement",
+    }
+}
+
+/// Parses a connection string, adding a connect timeout if it has none.
+pub fn pg_config(url: &str, database: &'static str) -> Result<tokio_postgres::Config, StoreError> {
+    let mut config: tokio_postgres::Config = url.parse().map_err(|e: tokio_postgres::Error| StoreError::Config {
+        database,
+        reason: e.to_string(),
+    })?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(10));
+    }
+    if config.get_application_name().is_none() {
+        config.application_name("sensor-pipeline");
+    }
+    Ok(config)
+}
+
+fn pool(url: &str, database: &'static str, max: usize) -> Result<Pool, StoreError> {
+    let config = pg_config(url, database)?;
+    let manager = Manager::from_config(
+        config,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(max.max(1))
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(Duration::from_secs(60)))
+        .create_timeout(Some(Duration::from_secs(15)))
+        .build()
+        .map_err(|e| StoreError::Config {
+            database,
+            reason: e.to_string(),
+        })
+}
+
+/// Extension to attach the database name to driver errors.
+pub(crate) trait PgResultExt<T> {
+    fn db(self, dataset: Dataset) -> Result<T, StoreError>;
+}
+
+impl<T> PgResultExt<T> for Result<T, tokio_postgres::Error> {
+    fn db(self, dataset: Dataset) -> Result<T, StoreError> {
+        self.map_err(|source| StoreError::Postgres {
+            database: database_name(dataset),
+            source,
+        })
+    }
+}

@@ -1,0 +1,137 @@
+//! Writing one object's rows: binary `COPY` into a temporary staging table, then one set-based merge.
+//!
+//! Every line of the object, valid or rejected, goes through a single `COPY` stream into a staging
+//! table that lives only as long as the transaction: valid rows with their fields, rejected rows
+//! with their raw bytes and reason. Memory stays bounded however large the object is. The merge
+//! then moves rejected rows into quarantine and upserts the valid ones, collapsing repeated keys
+//! within the object to the last line and rewriting a stored row only when its value changed (so an
+//! unchanged object writes no new row versions).
+
+use std::pin::Pin;
+
+use bytes::Bytes;
+use futures_util::SinkExt;
+use tokio_postgres::{CopyInSink, Transaction};
+
+use super::copy::CopyEncoder;
+use crate::contract::{Dataset, Reading, SensorName};
+
+const CREATE_MEASUREMENTS: &str = "CREATE TEMP TABLE staging_rows (
+        line bigint NOT NULL, sensor_uuid uuid, ts timestamptz, value double precision,
+        raw bytea, reason text
+    ) ON COMMIT DROP";
+const COPY_MEASUREMENTS: &str =
+    "COPY staging_rows (line, sensor_uuid, ts, value, raw, reason) FROM STDIN (FORMAT binary)";
+const MERGE_MEASUREMENTS: &str = "INSERT INTO measurements AS m (sensor_uuid, ts, value)
+    SELECT DISTINCT ON (sensor_uuid, ts) sensor_uuid, ts, value
+    FROM staging_rows WHERE reason IS NULL
+    ORDER BY sensor_uuid, ts, line DESC
+    ON CONFLICT (sensor_uuid, ts) DO UPDATE SET value = EXCLUDED.value
+    WHERE m.value IS DISTINCT FROM EXCLUDED.value";
+
+const CREATE_MAPPING: &str = "CREATE TEMP TABLE staging_rows (
+        line bigint NOT NULL, sensor_uuid uuid, sensor_name text, raw bytea, reason text
+    ) ON COMMIT DROP";
+const COPY_MAPPING: &str = "COPY staging_rows (line, sensor_uuid, sensor_name, raw, reason) FROM STDIN (FORMAT binary)";
+const MERGE_MAPPING: &str = "INSERT INTO sensors AS s (sensor_uuid, sensor_name)
+    SELECT DISTINCT ON (sensor_uuid) sensor_uuid, sensor_name
+    FROM staging_rows WHERE reason IS NULL
+    ORDER BY sensor_uuid, line DESC
+    ON CONFLICT (sensor_uuid) DO UPDATE SET sensor_name = EXCLUDED.sensor_name, updated_at = now()
+    WHERE s.sensor_name IS DISTINCT FROM EXCLUDED.sensor_name";
+
+const QUARANTINE: &str = "INSERT INTO ingest_quarantine (ledger_id, object_key, line, raw, reason)
+    SELECT $1, $2, line, raw, reason FROM staging_rows WHERE reason IS NOT NULL";
+
+/// An open `COPY` into the staging table of one transaction.
+pub struct Staging {
+    dataset: Dataset,
+    sink: Pin<Box<CopyInSink<Bytes>>>,
+    enc: CopyEncoder,
+}
+
+impl Staging {
+    /// Creates the staging table and starts the `COPY`.
+    pub async fn open(tx: &Transaction<'_>, dataset: Dataset) -> Result<Self, tokio_postgres::Error> {
+        let (create, copy) = match dataset {
+            Dataset::Measurements => (CREATE_MEASUREMENTS, COPY_MEASUREMENTS),
+            Dataset::Mapping => (CREATE_MAPPING, COPY_MAPPING),
+        };
+        tx.batch_execute(create).await?;
+        let sink = tx.copy_in(copy).await?;
+        Ok(Self {
+            dataset,
+            sink: Box::pin(sink),
+            enc: CopyEncoder::new(),
+        })
+    }
+
+    pub fn reading(&mut self, line: u64, r: &Reading) {
+        debug_assert_eq!(self.dataset, Dataset::Measurements);
+        let e = &mut self.enc;
+        e.row(6);
+        e.int8(line as i64);
+        e.uuid(&r.sensor_uuid);
+        e.timestamptz(r.unix_micros);
+        e.float8(r.value);
+        e.null();
+        e.null();
+    }
+
+    pub fn sensor(&mut self, line: u64, s: &SensorName<'_>) {
+        debug_assert_eq!(self.dataset, Dataset::Mapping);
+        let e = &mut self.enc;
+        e.row(5);
+        e.int8(line as i64);
+        e.uuid(&s.sensor_uuid);
+        e.bytes(s.name.as_bytes());
+        e.null();
+        e.null();
+    }
+
+    pub fn rejected(&mut self, line: u64, raw: &[u8], reason: &str) {
+        let e = &mut self.enc;
+        let data_fields = match self.dataset {
+            Dataset::Measurements => 3,
+            Dataset::Mapping => 2,
+        };
+        e.row(data_fields + 3);
+        e.int8(line as i64);
+        for _ in 0..data_fields {
+            e.null();
+        }
+        e.bytes(raw);
+        e.bytes(reason.as_bytes());
+    }
+
+    /// Ships buffered rows to the server once enough have accumulated.
+    pub async fn flush_if_full(&mut self) -> Result<(), tokio_postgres::Error> {
+        if let Some(chunk) = self.enc.take_if_full() {
+            self.sink.send(chunk).await?;
+        }
+        Ok(())
+    }
+
+    /// Ends the `COPY`; returns the number of staged lines.
+    pub async fn finish(mut self) -> Result<u64, tokio_postgres::Error> {
+        let rest = self.enc.finish();
+        self.sink.send(rest).await?;
+        self.sink.as_mut().finish().await
+    }
+}
+
+/// Moves the staged rejected rows into quarantine under `ledger_id` and upserts the valid rows.
+/// Returns how many stored rows were inserted or changed.
+pub async fn merge(
+    tx: &Transaction<'_>,
+    dataset: Dataset,
+    ledger_id: i64,
+    key: &str,
+) -> Result<u64, tokio_postgres::Error> {
+    tx.execute(QUARANTINE, &[&ledger_id, &key]).await?;
+    let merge = match dataset {
+        Dataset::Measurements => MERGE_MEASUREMENTS,
+        Dataset::Mapping => MERGE_MAPPING,
+    };
+    tx.execute(merge, &[]).await
+}

@@ -1,0 +1,678 @@
+//! Ingestion of single objects against real PostgreSQL and a real S3 server (SPEC §2, §3, §6).
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+
+use sensor_pipeline::config::ContractSettings;
+use sensor_pipeline::ingest::{Disposition, Ingestor, Outcome};
+use sensor_pipeline::store::{migrate::migrate, Databases};
+use testbed::TestEnv;
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+const U1: &str = "cd613e30-d8f1-4adf-91b7-584a2265b1f5";
+const U2: &str = "1e2feb89-414c-443c-9027-c4d1c386bbc4";
+
+struct Harness {
+    env: TestEnv,
+    ingestor: Ingestor,
+    mapping: tokio_postgres::Client,
+    measurements: tokio_postgres::Client,
+}
+
+impl Harness {
+    async fn new() -> Self {
+        Self::from_env(TestEnv::new().await.unwrap()).await
+    }
+
+    async fn from_env(env: TestEnv) -> Self {
+        let db = env.database_settings();
+        migrate(&db).await.unwrap();
+        let dbs = Databases::connect(&db, 4).unwrap();
+        let store = env.s3.store().clone();
+        let ingestor = Ingestor::new(store, dbs, ContractSettings::default());
+        let mapping = testbed::connect(&env.mapping_db).await.unwrap();
+        let measurements = testbed::connect(&env.measurements_db).await.unwrap();
+        Self {
+            env,
+            ingestor,
+            mapping,
+            measurements,
+        }
+    }
+
+    async fn put_and_ingest(&self, key: &str, body: impl Into<Vec<u8>>) -> Outcome {
+        self.env.s3.put(key, body).await.unwrap();
+        self.ingestor.ingest(key, None).await.unwrap()
+    }
+
+    /// All readings as (uuid, RFC 3339 UTC with microseconds, value), ordered.
+    async fn readings(&self) -> Vec<(String, String, f64)> {
+        self.measurements
+            .query(
+                "SELECT sensor_uuid::text, to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), value
+                 FROM measurements ORDER BY sensor_uuid, ts",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect()
+    }
+
+    async fn quarantine(&self, client: &tokio_postgres::Client) -> Vec<(String, i64, String, String)> {
+        client
+            .query(
+                "SELECT object_key, line, convert_from(raw, 'UTF8'), reason FROM ingest_quarantine ORDER BY object_key, line",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect()
+    }
+
+    /// (key, status, rows_ok, rows_rejected, reason) of every ledger entry in `client`'s database.
+    async fn ledger(&self, client: &tokio_postgres::Client) -> Vec<(String, String, i64, i64, Option<String>)> {
+        client
+            .query(
+                "SELECT object_key, status, rows_ok, rows_rejected, reason FROM ingest_ledger ORDER BY object_key, id",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+            .collect()
+    }
+
+    async fn count(&self, client: &tokio_postgres::Client, table: &str) -> i64 {
+        client
+            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    enc.write_all(data).unwrap();
+    enc.finish().unwrap()
+}
+
+fn reading(uuid: &str, ts: &str, value: f64) -> (String, String, f64) {
+    (uuid.to_string(), ts.to_string(), value)
+}
+
+fn assert_done(o: &Outcome, ok: u64, rejected: u64) {
+    assert_eq!(o.disposition, Disposition::Done, "{o:?}");
+    assert_eq!((o.rows_ok, o.rows_rejected), (ok, rejected), "{o:?}");
+}
+
+async fn ingest_sample_data(h: &Harness) -> Vec<Outcome> {
+    let keys = h.env.s3.put_tree(&Path::new(FIXTURES).join("sample-data")).await.unwrap();
+    let mut outcomes = Vec::new();
+    // Mapping first, as `ingest --all` does (the order does not change the end state).
+    for key in keys.iter().filter(|k| k.starts_with("mapping/")).chain(keys.iter().filter(|k| !k.starts_with("mapping/"))) {
+        outcomes.push(h.ingestor.ingest(key, None).await.unwrap());
+    }
+    outcomes
+}
+
+async fn assert_sample_end_state(h: &Harness) {
+    let expected_dir = Path::new(FIXTURES).join("sample-expected");
+    // Measurements, exactly.
+    let want: Vec<(String, i64, f64)> = std::fs::read_to_string(expected_dir.join("measurements.csv"))
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            (f[0].to_string(), f[1].parse().unwrap(), f[2].parse().unwrap())
+        })
+        .collect();
+    let got: Vec<(String, i64, f64)> = h
+        .measurements
+        .query(
+            "SELECT sensor_uuid::text, (extract(epoch FROM ts) * 1000000)::bigint, value FROM measurements ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(got.len(), want.len());
+    assert_eq!(got, want);
+    // Mapping, exactly.
+    let mut want: Vec<(String, String)> = std::fs::read_to_string(expected_dir.join("sensors.csv"))
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let (u, n) = l.split_once(',').unwrap();
+            (u.to_string(), n.to_string())
+        })
+        .collect();
+    want.sort();
+    let got: Vec<(String, String)> = h
+        .mapping
+        .query("SELECT sensor_uuid::text, sensor_name FROM sensors ORDER BY 1", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(got, want);
+    // Per-object statuses and counts, from both ledgers.
+    let objects: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(expected_dir.join("objects.json")).unwrap()).unwrap();
+    let want: BTreeMap<String, (String, i64, i64)> = objects
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                (
+                    v["status"].as_str().unwrap().to_string(),
+                    v["rows_ok"].as_i64().unwrap(),
+                    v["rows_rejected"].as_i64().unwrap(),
+                ),
+            )
+        })
+        .collect();
+    let mut got = BTreeMap::new();
+    let same = h.env.mapping_db == h.env.measurements_db;
+    let clients: Vec<&tokio_postgres::Client> = if same {
+        vec![&h.mapping]
+    } else {
+        vec![&h.mapping, &h.measurements]
+    };
+    for c in clients {
+        for (key, status, ok, rejected, _) in h.ledger(c).await {
+            assert!(got.insert(key, (status, ok, rejected)).is_none());
+        }
+    }
+    assert_eq!(got, want);
+}
+
+#[tokio::test]
+async fn sample_data_produces_the_expected_end_state() {
+    let h = Harness::new().await;
+    let outcomes = ingest_sample_data(&h).await;
+    assert!(outcomes.iter().all(|o| o.disposition == Disposition::Done), "{outcomes:?}");
+    assert_sample_end_state(&h).await;
+    // The two quarantined rows of rules-sample.csv, with line, raw line and reason.
+    assert_eq!(
+        h.quarantine(&h.measurements).await,
+        vec![
+            (
+                "timeseries/2013/rules-sample.csv".to_string(),
+                5,
+                format!("not-a-number;2013-01-20T11:00:00Z;C;{U1}"),
+                "sensor_value \"not-a-number\" is not a decimal number".to_string()
+            ),
+            (
+                "timeseries/2013/rules-sample.csv".to_string(),
+                6,
+                "23.0;2013-01-20T12:00:00Z;C;not-a-uuid".to_string(),
+                "sensor_uuid \"not-a-uuid\" is not a UUID (expected e.g. cd613e30-d8f1-4adf-91b7-584a2265b1f5)".to_string()
+            ),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn sample_data_with_mapping_and_measurements_in_two_databases() {
+    let h = Harness::from_env(TestEnv::with_two_databases().await.unwrap()).await;
+    ingest_sample_data(&h).await;
+    assert_sample_end_state(&h).await;
+    // Each ledger holds its own objects; the mapping database has no readings and vice versa.
+    assert_eq!(h.ledger(&h.mapping).await.len(), 1);
+    assert_eq!(h.ledger(&h.measurements).await.len(), 3);
+    async fn exists(c: &tokio_postgres::Client, table: &str) -> bool {
+        c.query_one("SELECT to_regclass($1) IS NOT NULL", &[&table]).await.unwrap().get(0)
+    }
+    assert!(!exists(&h.mapping, "measurements").await);
+    assert!(!exists(&h.measurements, "sensors").await);
+    assert!(exists(&h.mapping, "ingest_quarantine").await);
+}
+
+#[tokio::test]
+async fn ingesting_everything_twice_changes_no_row() {
+    let h = Harness::new().await;
+    ingest_sample_data(&h).await;
+    const MEAS: &str = "SELECT sensor_uuid::text || ts::text || xmin::text || ctid::text FROM measurements ORDER BY 1";
+    const SENS: &str = "SELECT sensor_uuid::text || xmin::text || ctid::text FROM sensors ORDER BY 1";
+    let before = (snapshot(&h.measurements, MEAS).await, snapshot(&h.mapping, SENS).await);
+
+    // Same versions again: skipped through the ledger.
+    let again = ingest_sample_data(&h).await;
+    assert!(again.iter().all(|o| o.disposition == Disposition::AlreadyDone), "{again:?}");
+    // New versions with the same rows (a trailing blank line changes the ETag): merged, but no row
+    // is rewritten.
+    for key in ["mapping/mapping.csv", "timeseries/2013/part-0000.csv", "timeseries/2013/part-0001.csv"] {
+        let mut body = std::fs::read(Path::new(FIXTURES).join("sample-data").join(key)).unwrap();
+        body.extend_from_slice(b"\n\n");
+        let o = h.put_and_ingest(key, body).await;
+        assert_eq!(o.disposition, Disposition::Done);
+    }
+    let after = (snapshot(&h.measurements, MEAS).await, snapshot(&h.mapping, SENS).await);
+    assert_eq!(before, after);
+    let ledger = h.ledger(&h.measurements).await;
+    assert_eq!(ledger.len(), 7, "one entry per object version: {ledger:?}");
+    assert_sample_end_state_values_only(&h).await;
+}
+
+/// The readings of the sample (ledger aside, which gained versions).
+/// Row identities including their physical version (`xmin`, `ctid`): unchanged iff never rewritten.
+async fn snapshot(client: &tokio_postgres::Client, sql: &str) -> Vec<String> {
+    client.query(sql, &[]).await.unwrap().iter().map(|r| r.get(0)).collect()
+}
+
+async fn assert_sample_end_state_values_only(h: &Harness) {
+    assert_eq!(h.count(&h.measurements, "measurements").await, 203);
+    assert_eq!(h.count(&h.mapping, "sensors").await, 5);
+}
+
+#[tokio::test]
+async fn timestamp_forms_and_time_zones() {
+    let h = Harness::new().await;
+    let csv = format!(
+        "timestamp;sensor_uuid;sensor_value\n\
+         2013-01-20T08:00:00Z;{U1};1\n\
+         2013-01-20 08:01:00+00;{U1};2\n\
+         2013-01-20T09:02:00+0100;{U1};3\n\
+         2013-01-20T09:03:00+01:00;{U1};4\n\
+         2013-01-20T09:04:00.1234567;{U1};5\n\
+         2013-07-20T10:05:00;{U1};6\n\
+         2013-01-20t03:06:00-05:00;{U1};7\n"
+    );
+    let o = h.put_and_ingest("timeseries/tz.csv", csv).await;
+    assert_done(&o, 7, 0);
+    assert_eq!(
+        h.readings().await,
+        vec![
+            reading(U1, "2013-01-20T08:00:00.000000Z", 1.0),
+            reading(U1, "2013-01-20T08:01:00.000000Z", 2.0),
+            reading(U1, "2013-01-20T08:02:00.000000Z", 3.0),
+            reading(U1, "2013-01-20T08:03:00.000000Z", 4.0),
+            reading(U1, "2013-01-20T08:04:00.123456Z", 5.0),
+            reading(U1, "2013-01-20T08:06:00.000000Z", 7.0),
+            reading(U1, "2013-07-20T08:05:00.000000Z", 6.0),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn daylight_saving_ambiguous_and_nonexistent_hours() {
+    let h = Harness::new().await;
+    let csv = format!(
+        "timestamp;sensor_uuid;sensor_value\n\
+         2013-10-27T02:30:00;{U1};1\n\
+         2013-03-31T02:30:00;{U1};2\n\
+         2013-03-31T03:30:00;{U1};3\n"
+    );
+    let o = h.put_and_ingest("timeseries/dst.csv", csv).await;
+    assert_done(&o, 2, 1);
+    assert_eq!(
+        h.readings().await,
+        vec![
+            reading(U1, "2013-03-31T01:30:00.000000Z", 3.0),
+            reading(U1, "2013-10-27T00:30:00.000000Z", 1.0),
+        ]
+    );
+    assert_eq!(
+        h.quarantine(&h.measurements).await,
+        vec![(
+            "timeseries/dst.csv".into(),
+            3,
+            format!("2013-03-31T02:30:00;{U1};2"),
+            "timestamp \"2013-03-31T02:30:00\" does not exist in Europe/Berlin (skipped by the daylight-saving change)"
+                .into()
+        )]
+    );
+}
+
+#[tokio::test]
+async fn decimal_comma_signs_and_exponents() {
+    let h = Harness::new().await;
+    let csv = format!(
+        "timestamp;sensor_uuid;sensor_value\n\
+         2013-01-20T08:00:00Z;{U1};21,75\n\
+         2013-01-20T08:01:00Z;{U1};-1,5e2\n\
+         2013-01-20T08:02:00Z;{U1};+0.25\n\
+         2013-01-20T08:03:00Z;{U1};1.234,5\n\
+         2013-01-20T08:04:00Z;{U1};inf\n"
+    );
+    let o = h.put_and_ingest("timeseries/num.csv", csv).await;
+    assert_done(&o, 3, 2);
+    let values: Vec<f64> = h.readings().await.into_iter().map(|r| r.2).collect();
+    assert_eq!(values, vec![21.75, -150.0, 0.25]);
+    let reasons: Vec<String> = h.quarantine(&h.measurements).await.into_iter().map(|q| q.3).collect();
+    assert_eq!(
+        reasons,
+        vec![
+            "sensor_value \"1.234,5\" is not a decimal number",
+            "sensor_value \"inf\" is not a decimal number"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn uuid_forms_are_stored_canonical() {
+    let h = Harness::new().await;
+    let csv = format!(
+        "timestamp;sensor_uuid;sensor_value\n\
+         2013-01-20T08:00:00Z;{};1\n\
+         2013-01-20T08:01:00Z;{};2\n\
+         2013-01-20T08:02:00Z;{{{U1}}};3\n\
+         2013-01-20T08:03:00Z;urn:uuid:{U1};4\n\
+         2013-01-20T08:04:00Z;{}x;5\n",
+        U1.to_uppercase(),
+        U1.replace('-', ""),
+        U1
+    );
+    let o = h.put_and_ingest("timeseries/uuid.csv", csv).await;
+    assert_done(&o, 4, 1);
+    let uuids: Vec<String> = h.readings().await.into_iter().map(|r| r.0).collect();
+    assert_eq!(uuids, vec![U1; 4]);
+}
+
+#[tokio::test]
+async fn bom_crlf_quoted_fields_and_blank_lines() {
+    let h = Harness::new().await;
+    let csv = format!(
+        "\u{feff}\"timestamp\";\"sensor_uuid\";\"sensor_value\";\"note\"\r\n\
+         \r\n\
+         \"2013-01-20T08:00:00Z\";\"{U1}\";\"1,5\";\"a;b\"\r\n\
+         \r\n\
+         2013-01-20T08:01:00Z;{U1};2;\"multi\r\nline \"\"quoted\"\"\"\r\n\
+         \r\n\
+         2013-01-20T08:02:00Z;{U1};x;\"\"\r\n"
+    );
+    let o = h.put_and_ingest("timeseries/dialect.csv", csv).await;
+    assert_done(&o, 2, 1);
+    assert_eq!(
+        h.readings().await,
+        vec![
+            reading(U1, "2013-01-20T08:00:00.000000Z", 1.5),
+            reading(U1, "2013-01-20T08:01:00.000000Z", 2.0)
+        ]
+    );
+    // Line numbers count physical lines, including blank ones and the quoted line break.
+    assert_eq!(
+        h.quarantine(&h.measurements).await,
+        vec![(
+            "timeseries/dialect.csv".into(),
+            8,
+            format!("2013-01-20T08:02:00Z;{U1};x;\"\""),
+            "sensor_value \"x\" is not a decimal number".into()
+        )]
+    );
+}
+
+#[tokio::test]
+async fn reordered_and_extra_columns() {
+    let h = Harness::new().await;
+    let csv = format!("site;SENSOR_VALUE; Sensor_UUID ;unit;TimeStamp\nplant-1;3,5;{U1};C;2013-01-20T08:00:00Z\n");
+    let o = h.put_and_ingest("timeseries/cols.csv", csv).await;
+    assert_done(&o, 1, 0);
+    assert_eq!(h.readings().await, vec![reading(U1, "2013-01-20T08:00:00.000000Z", 3.5)]);
+    let mapping = format!("location;Sensor_Name;sensor_uuid\nhall-1;  boiler  ;{U1}\n");
+    let o = h.put_and_ingest("mapping/m.csv", mapping).await;
+    assert_done(&o, 1, 0);
+    let name: String = h.mapping.query_one("SELECT sensor_name FROM sensors", &[]).await.unwrap().get(0);
+    assert_eq!(name, "boiler");
+}
+
+#[tokio::test]
+async fn short_and_long_rows_are_quarantined() {
+    let h = Harness::new().await;
+    let csv = format!(
+        "timestamp;sensor_uuid;sensor_value\n\
+         2013-01-20T08:00:00Z;{U1}\n\
+         2013-01-20T08:01:00Z;{U1};1;extra\n\
+         2013-01-20T08:02:00Z;{U1};2\n"
+    );
+    let o = h.put_and_ingest("timeseries/short.csv", csv).await;
+    assert_done(&o, 1, 2);
+    assert_eq!(
+        h.quarantine(&h.measurements).await,
+        vec![
+            (
+                "timeseries/short.csv".into(),
+                2,
+                format!("2013-01-20T08:00:00Z;{U1}"),
+                "row has 2 field(s), the header has 3".into()
+            ),
+            (
+                "timeseries/short.csv".into(),
+                3,
+                format!("2013-01-20T08:01:00Z;{U1};1;extra"),
+                "row has 4 field(s), the header has 3".into()
+            ),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn non_utf8_field_is_quarantined_with_its_raw_bytes() {
+    let h = Harness::new().await;
+    let mut csv = b"timestamp;sensor_uuid;sensor_value\n2013-01-20T08:00:00Z;".to_vec();
+    csv.extend_from_slice(U1.as_bytes());
+    csv.extend_from_slice(b";1\xff\n");
+    let o = h.put_and_ingest("timeseries/latin1.csv", csv).await;
+    assert_done(&o, 0, 1);
+    let row = h
+        .measurements
+        .query_one("SELECT raw, reason FROM ingest_quarantine", &[])
+        .await
+        .unwrap();
+    let raw: Vec<u8> = row.get(0);
+    let mut want = format!("2013-01-20T08:00:00Z;{U1};1").into_bytes();
+    want.push(0xff);
+    assert_eq!(raw, want);
+    assert_eq!(row.get::<_, String>(1), "sensor_value is not valid UTF-8");
+}
+
+#[tokio::test]
+async fn duplicate_keys_in_one_file_last_line_wins() {
+    let h = Harness::new().await;
+    let csv = format!(
+        "timestamp;sensor_uuid;sensor_value\n\
+         2013-01-20T08:00:00Z;{U1};1\n\
+         2013-01-20T09:00:00+01:00;{U1};2\n\
+         2013-01-20T08:00:00Z;{U2};5\n\
+         2013-01-20T10:00:00+02:00;{U1};3\n"
+    );
+    let o = h.put_and_ingest("timeseries/dup.csv", csv).await;
+    // Every valid line counts, including the ones a later line overwrote.
+    assert_done(&o, 4, 0);
+    assert_eq!(
+        h.readings().await,
+        vec![
+            reading(U2, "2013-01-20T08:00:00.000000Z", 5.0),
+            reading(U1, "2013-01-20T08:00:00.000000Z", 3.0),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn later_object_wins_and_mapping_name_is_replaced() {
+    let h = Harness::new().await;
+    h.put_and_ingest("timeseries/a.csv", format!("timestamp;sensor_uuid;sensor_value\n2013-01-20T08:00:00Z;{U1};1\n"))
+        .await;
+    h.put_and_ingest("timeseries/b.csv", format!("timestamp;sensor_uuid;sensor_value\n2013-01-20T08:00:00Z;{U1};2\n"))
+        .await;
+    assert_eq!(h.readings().await, vec![reading(U1, "2013-01-20T08:00:00.000000Z", 2.0)]);
+    h.put_and_ingest("mapping/a.csv", format!("sensor_uuid;sensor_name\n{U1};old\n")).await;
+    h.put_and_ingest("mapping/b.csv", format!("sensor_uuid;sensor_name\n{U1};new\n{U1};newer\n")).await;
+    let name: String = h.mapping.query_one("SELECT sensor_name FROM sensors", &[]).await.unwrap().get(0);
+    assert_eq!(name, "newer");
+}
+
+#[tokio::test]
+async fn gzip_objects() {
+    let h = Harness::new().await;
+    let csv = format!("timestamp;sensor_uuid;sensor_value\n2013-01-20T08:00:00Z;{U1};1\n2013-01-20T08:01:00Z;{U1};2\n");
+    let o = h.put_and_ingest("timeseries/2013/a.csv.gz", gzip(csv.as_bytes())).await;
+    assert_done(&o, 2, 0);
+    // Concatenated gzip members are one stream.
+    let mut two = gzip(b"timestamp;sensor_uuid;sensor_value\n");
+    two.extend(gzip(format!("2013-01-20T08:02:00Z;{U1};3\n").as_bytes()));
+    let o = h.put_and_ingest("timeseries/2013/b.csv.gz", two).await;
+    assert_done(&o, 1, 0);
+    assert_eq!(h.count(&h.measurements, "measurements").await, 3);
+}
+
+#[tokio::test]
+async fn corrupt_gzip_fails_the_object_and_stores_nothing() {
+    let h = Harness::new().await;
+    // Enough rows that the corruption sits well after the first rows were staged.
+    let mut csv = String::from("timestamp;sensor_uuid;sensor_value\n");
+    for i in 0..20_000 {
+        csv.push_str(&format!("2013-01-20T08:00:00.{i:06}Z;{U1};{i}\n"));
+    }
+    let mut gz = gzip(csv.as_bytes());
+    let mid = gz.len() / 2;
+    for b in &mut gz[mid..mid + 64] {
+        *b ^= 0x5a;
+    }
+    let o = h.put_and_ingest("timeseries/bad.csv.gz", gz).await;
+    let Disposition::Failed(reason) = &o.disposition else { panic!("{o:?}") };
+    assert!(reason.starts_with("corrupt gzip data: "), "{reason}");
+    assert_eq!(h.count(&h.measurements, "measurements").await, 0);
+    assert_eq!(h.count(&h.measurements, "ingest_quarantine").await, 0);
+    let ledger = h.ledger(&h.measurements).await;
+    assert_eq!(ledger.len(), 1);
+    assert_eq!((ledger[0].1.as_str(), ledger[0].2, ledger[0].3), ("failed", 0, 0));
+    assert_eq!(ledger[0].4.as_deref(), Some(reason.as_str()));
+    // Not gzip at all, and truncated gzip: failed too.
+    let o = h.put_and_ingest("timeseries/plain.csv.gz", csv.clone()).await;
+    assert!(matches!(o.disposition, Disposition::Failed(ref r) if r.starts_with("corrupt gzip data")), "{o:?}");
+    let gz = gzip(csv.as_bytes());
+    let o = h.put_and_ingest("timeseries/truncated.csv.gz", gz[..gz.len() - 100].to_vec()).await;
+    assert!(matches!(o.disposition, Disposition::Failed(ref r) if r.starts_with("corrupt gzip data")), "{o:?}");
+    assert_eq!(h.count(&h.measurements, "measurements").await, 0);
+}
+
+#[tokio::test]
+async fn missing_column_or_header_fails_the_object() {
+    let h = Harness::new().await;
+    let o = h
+        .put_and_ingest("timeseries/nocol.csv", format!("timestamp;sensor_uuid\n2013-01-20T08:00:00Z;{U1}\n"))
+        .await;
+    assert_eq!(
+        o.disposition,
+        Disposition::Failed("the header lacks required column(s) sensor_value; it has: timestamp, sensor_uuid".into())
+    );
+    let o = h.put_and_ingest("timeseries/empty.csv", "").await;
+    assert_eq!(o.disposition, Disposition::Failed("the file has no header row".into()));
+    let o = h.put_and_ingest("mapping/bad.csv", b"sensor_uuid;sensor_\xffname\n".to_vec()).await;
+    assert_eq!(o.disposition, Disposition::Failed("the header row is not valid UTF-8".into()));
+    assert_eq!(h.count(&h.measurements, "measurements").await, 0);
+    assert_eq!(h.count(&h.mapping, "sensors").await, 0);
+    let ledger = h.ledger(&h.mapping).await;
+    let statuses: Vec<(&str, &str)> = ledger.iter().map(|l| (l.0.as_str(), l.1.as_str())).collect();
+    assert_eq!(
+        statuses,
+        vec![("mapping/bad.csv", "failed"), ("timeseries/empty.csv", "failed"), ("timeseries/nocol.csv", "failed")]
+    );
+    // Trying the same version again records another attempt and still stores nothing.
+    let o = h.ingestor.ingest("timeseries/nocol.csv", None).await.unwrap();
+    assert!(matches!(o.disposition, Disposition::Failed(_)));
+    let attempts: i32 = h
+        .mapping
+        .query_one("SELECT attempts FROM ingest_ledger WHERE object_key = 'timeseries/nocol.csv'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(attempts, 2);
+}
+
+#[tokio::test]
+async fn ignored_keys_are_recorded_not_ingested() {
+    let h = Harness::new().await;
+    let csv = format!("timestamp;sensor_uuid;sensor_value\n2013-01-20T08:00:00Z;{U1};1\n");
+    for key in ["other/a.csv", "timeseries/a.txt", "timeseries/a.csv.zip", "README.md"] {
+        let o = h.put_and_ingest(key, csv.clone()).await;
+        assert!(matches!(o.disposition, Disposition::Ignored(_)), "{key}: {o:?}");
+    }
+    assert_eq!(h.count(&h.measurements, "measurements").await, 0);
+    let ledger = h.ledger(&h.mapping).await;
+    let got: Vec<(&str, &str, Option<&str>)> = ledger.iter().map(|l| (l.0.as_str(), l.1.as_str(), l.4.as_deref())).collect();
+    assert_eq!(
+        got,
+        vec![
+            ("README.md", "ignored", Some("key is outside the mapping/ and timeseries/ prefixes")),
+            ("other/a.csv", "ignored", Some("key is outside the mapping/ and timeseries/ prefixes")),
+            ("timeseries/a.csv.zip", "ignored", Some("key does not end in .csv or .csv.gz")),
+            ("timeseries/a.txt", "ignored", Some("key does not end in .csv or .csv.gz")),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn object_deleted_before_it_is_read() {
+    let h = Harness::new().await;
+    let etag = h.env.s3.put("timeseries/gone.csv", "timestamp;sensor_uuid;sensor_value\n").await.unwrap();
+    h.env.s3.delete("timeseries/gone.csv").await.unwrap();
+    let o = h.ingestor.ingest("timeseries/gone.csv", Some(&etag)).await.unwrap();
+    assert_eq!(o.disposition, Disposition::Ignored("object was deleted before it could be read".into()));
+    let ledger = h.ledger(&h.measurements).await;
+    assert_eq!(ledger.len(), 1);
+    assert_eq!(ledger[0].1, "ignored");
+}
+
+#[tokio::test]
+async fn unknown_sensors_are_kept_and_mapping_may_come_later() {
+    let h = Harness::new().await;
+    h.put_and_ingest("timeseries/a.csv", format!("timestamp;sensor_uuid;sensor_value\n2013-01-20T08:00:00Z;{U2};1\n"))
+        .await;
+    assert_eq!(h.count(&h.measurements, "measurements").await, 1);
+    h.put_and_ingest("mapping/m.csv", format!("sensor_uuid;sensor_name\n{U2};late\n")).await;
+    assert_eq!(h.count(&h.mapping, "sensors").await, 1);
+}
+
+#[tokio::test]
+async fn migrations_are_idempotent() {
+    let env = TestEnv::new().await.unwrap();
+    let db = env.database_settings();
+    let first = migrate(&db).await.unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!(
+        first[0].applied,
+        vec!["ledger/V1__ledger_and_quarantine", "mapping/V1__sensors", "measurements/V1__measurements"]
+    );
+    assert_eq!(first[0].hypertable, Some(false));
+    let second = migrate(&db).await.unwrap();
+    assert!(second[0].applied.is_empty());
+    // Concurrent runs serialise on the advisory lock.
+    let env2 = TestEnv::with_two_databases().await.unwrap();
+    let db2 = env2.database_settings();
+    let (a, b) = tokio::join!(migrate(&db2), migrate(&db2));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let applied: usize = a.iter().chain(&b).map(|r| r.applied.len()).sum();
+    assert_eq!(applied, 4, "{a:?} {b:?}");
+}
+
+#[tokio::test]
+async fn concurrent_ingestion_of_one_version_ingests_once() {
+    let h = Harness::new().await;
+    let csv = format!("timestamp;sensor_uuid;sensor_value\n2013-01-20T08:00:00Z;{U1};1\n");
+    h.env.s3.put("timeseries/race.csv", csv).await.unwrap();
+    let (a, b) = tokio::join!(
+        h.ingestor.ingest("timeseries/race.csv", None),
+        h.ingestor.ingest("timeseries/race.csv", None)
+    );
+    let mut d = [a.unwrap().disposition, b.unwrap().disposition];
+    d.sort_by_key(|d| format!("{d:?}"));
+    assert_eq!(d, [Disposition::AlreadyDone, Disposition::Done]);
+    let attempts: i32 = h.mapping.query_one("SELECT attempts FROM ingest_ledger", &[]).await.unwrap().get(0);
+    assert_eq!(attempts, 1);
+}

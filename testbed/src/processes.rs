@@ -1,0 +1,238 @@
+//! PostgreSQL and NATS server processes, one of each per test process, stopped at exit.
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{ChildStdin, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+/// A PostgreSQL server to create test databases in.
+pub struct Postgres {
+    /// Superuser URL of the `postgres` database, e.g. `postgres://postgres@127.0.0.1:5432/postgres`.
+    admin_url: String,
+    _watchdog: Option<ChildStdin>,
+}
+
+/// A NATS server with JetStream.
+pub struct Nats {
+    pub url: String,
+    _watchdog: Option<ChildStdin>,
+}
+
+/// The process-wide PostgreSQL server (started on first use, or `TEST_DATABASE_URL`).
+pub fn postgres() -> Result<&'static Postgres> {
+    static PG: OnceLock<std::result::Result<Postgres, String>> = OnceLock::new();
+    PG.get_or_init(|| start_postgres().map_err(|e| format!("{e:#}")))
+        .as_ref()
+        .map_err(|e| anyhow!("{e}"))
+}
+
+/// The process-wide NATS server (started on first use, or `TEST_NATS_URL`).
+pub fn nats() -> Result<&'static Nats> {
+    static NATS: OnceLock<std::result::Result<Nats, String>> = OnceLock::new();
+    NATS.get_or_init(|| start_nats().map_err(|e| format!("{e:#}")))
+        .as_ref()
+        .map_err(|e| anyhow!("{e}"))
+}
+
+impl Postgres {
+    /// Creates an empty database and returns its URL.
+    pub async fn create_database(&self) -> Result<String> {
+        let name = crate::unique_name("t");
+        let admin = crate::connect(&self.admin_url).await?;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .with_context(|| format!("creating database {name}"))?;
+        Ok(self.url_of(&name))
+    }
+
+    /// The URL of database `name` on this server.
+    pub fn url_of(&self, name: &str) -> String {
+        let base = self.admin_url.rsplit_once('/').map_or(self.admin_url.as_str(), |(b, _)| b);
+        format!("{base}/{name}")
+    }
+
+    pub fn admin_url(&self) -> &str {
+        &self.admin_url
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (free when asked; servers are started right after).
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind(("127.0.0.1", 0))?.local_addr()?.port())
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// Finds a PostgreSQL server binary on PATH or in Debian's versioned folders.
+fn pg_binary(name: &str) -> Result<PathBuf> {
+    if let Some(p) = which(name) {
+        return Ok(p);
+    }
+    let mut candidates: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("bin").join(name))
+        .filter(|p| p.exists())
+        .collect();
+    candidates.sort();
+    candidates.pop().ok_or_else(|| {
+        anyhow!(
+            "PostgreSQL server binaries ({name}) not found: install PostgreSQL (apt-get install postgresql) \
+             or set TEST_DATABASE_URL to a superuser connection URL"
+        )
+    })
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
+fn start_postgres() -> Result<Postgres> {
+    if let Ok(url) = std::env::var("TEST_DATABASE_URL") {
+        return Ok(Postgres {
+            admin_url: url,
+            _watchdog: None,
+        });
+    }
+    let initdb = pg_binary("initdb")?;
+    let postgres = pg_binary("postgres")?;
+    let dir = tempfile::Builder::new().prefix("testbed-pg-").tempdir()?.keep();
+    let data = dir.join("data");
+    let root = is_root();
+    // PostgreSQL refuses to run as root: run it as the `postgres` user then.
+    let as_user = |cmd: &Path| -> Command {
+        if root {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(cmd);
+            c
+        } else {
+            Command::new(cmd)
+        }
+    };
+    if root {
+        let status = Command::new("chown").args(["-R", "postgres"]).arg(&dir).status()?;
+        if !status.success() {
+            bail!("chown postgres {} failed (is there a postgres user?)", dir.display());
+        }
+    }
+    let out = as_user(&initdb)
+        .arg("-D")
+        .arg(&data)
+        .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync"])
+        .output()
+        .context("running initdb")?;
+    if !out.status.success() {
+        bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let port = free_port()?;
+    let server = format!(
+        "{} -D {} -p {port} -h 127.0.0.1 -k {} -c fsync=off -c synchronous_commit=off \
+         -c full_page_writes=off -c max_connections=400 -c shared_buffers=256MB \
+         -c max_wal_size=4GB -c log_min_messages=warning",
+        shell_quote(&postgres),
+        shell_quote(&data),
+        shell_quote(&dir),
+    );
+    let server = if root {
+        format!("runuser -u postgres -- {server}")
+    } else {
+        server
+    };
+    // Stop the postmaster itself (not the runuser wrapper) with a fast shutdown.
+    let stop = format!(
+        "kill -INT $(head -n 1 {}) 2>/dev/null",
+        shell_quote(&data.join("postmaster.pid"))
+    );
+    let watchdog = spawn_watchdog(&server, &dir, &stop, &dir.join("postgres.log"))?;
+    wait_until(Duration::from_secs(60), "PostgreSQL to accept connections", || {
+        std::fs::read_to_string(data.join("postmaster.pid"))
+            .map(|s| s.lines().nth(7).is_some_and(|l| l.trim() == "ready"))
+            .unwrap_or(false)
+    })
+    .with_context(|| format!("see {}", dir.join("postgres.log").display()))?;
+    Ok(Postgres {
+        admin_url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+        _watchdog: Some(watchdog),
+    })
+}
+
+fn start_nats() -> Result<Nats> {
+    if let Ok(url) = std::env::var("TEST_NATS_URL") {
+        return Ok(Nats { url, _watchdog: None });
+    }
+    let bin = which("nats-server").ok_or_else(|| {
+        anyhow!("nats-server not found: install it (apt-get install nats-server) or set TEST_NATS_URL")
+    })?;
+    let dir = tempfile::Builder::new().prefix("testbed-nats-").tempdir()?.keep();
+    let port = free_port()?;
+    let server = format!(
+        "{} -js -a 127.0.0.1 -p {port} -sd {}",
+        shell_quote(&bin),
+        shell_quote(&dir.join("jetstream"))
+    );
+    let watchdog = spawn_watchdog(&server, &dir, "kill -TERM $pid 2>/dev/null", &dir.join("nats.log"))?;
+    wait_until(Duration::from_secs(30), "nats-server to listen", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })
+    .with_context(|| format!("see {}", dir.join("nats.log").display()))?;
+    Ok(Nats {
+        url: format!("nats://127.0.0.1:{port}"),
+        _watchdog: Some(watchdog),
+    })
+}
+
+/// Runs `server` in the background under a shell that, when its stdin closes (this process
+/// exited), runs `stop` (which may use `$pid`), waits for the server, and removes `dir`.
+fn spawn_watchdog(server: &str, dir: &Path, stop: &str, log: &Path) -> Result<ChildStdin> {
+    let script = format!(
+        "{server} >{log} 2>&1 & pid=$!\n\
+         cat >/dev/null\n\
+         {stop}; wait $pid\n\
+         rm -rf {dir}\n",
+        log = shell_quote(log),
+        dir = shell_quote(dir),
+    );
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting the watchdog shell")?;
+    let mut stdin = child.stdin.take().context("watchdog stdin")?;
+    stdin.flush()?;
+    Ok(stdin)
+}
+
+fn shell_quote(p: &Path) -> String {
+    format!("'{}'", p.display().to_string().replace('\'', r"'\''"))
+}
+
+/// Polls `ready` every 20 ms until it holds or `limit` passes.
+pub fn wait_until(limit: Duration, what: &str, mut ready: impl FnMut() -> bool) -> Result<()> {
+    let start = Instant::now();
+    while !ready() {
+        if start.elapsed() > limit {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
