@@ -19,7 +19,9 @@ pub const DEFAULT_ENV_FILE: &str = "config/.env";
 /// What went wrong while reading configuration; every variant names the variable or file.
 #[derive(Debug, Error)]
 pub enum ConfigError {
-    #[error("missing required setting {0}: set it in the environment, in config/.env, or as {0}_FILE")]
+    #[error(
+        "missing required setting {0}: set it in the environment, in config/.env, or as {0}_FILE"
+    )]
     Missing(&'static str),
     #[error("invalid value for {name}: {reason}")]
     Invalid { name: &'static str, reason: String },
@@ -88,9 +90,15 @@ impl Env {
     }
 
     /// A fixed set of variables, ignoring the process environment.
-    pub fn from_map<K: Into<String>, V: Into<String>>(vars: impl IntoIterator<Item = (K, V)>) -> Self {
+    pub fn from_map<K: Into<String>, V: Into<String>>(
+        vars: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
         Self {
-            fixed: Some(vars.into_iter().map(|(k, v)| (k.into(), v.into())).collect()),
+            fixed: Some(
+                vars.into_iter()
+                    .map(|(k, v)| (k.into(), v.into()))
+                    .collect(),
+            ),
         }
     }
 
@@ -136,7 +144,8 @@ impl Env {
     }
 
     pub fn required_secret(&self, name: &'static str) -> Result<Secret, ConfigError> {
-        self.optional_secret(name)?.ok_or(ConfigError::Missing(name))
+        self.optional_secret(name)?
+            .ok_or(ConfigError::Missing(name))
     }
 
     fn parsed<T>(&self, name: &'static str, default: T) -> Result<T, ConfigError>
@@ -156,8 +165,16 @@ impl Env {
     fn flag(&self, name: &'static str, default: bool) -> Result<bool, ConfigError> {
         match self.optional(name).as_deref().map(str::trim) {
             None => Ok(default),
-            Some(v) if v.eq_ignore_ascii_case("true") || v == "1" || v.eq_ignore_ascii_case("yes") => Ok(true),
-            Some(v) if v.eq_ignore_ascii_case("false") || v == "0" || v.eq_ignore_ascii_case("no") => Ok(false),
+            Some(v)
+                if v.eq_ignore_ascii_case("true") || v == "1" || v.eq_ignore_ascii_case("yes") =>
+            {
+                Ok(true)
+            }
+            Some(v)
+                if v.eq_ignore_ascii_case("false") || v == "0" || v.eq_ignore_ascii_case("no") =>
+            {
+                Ok(false)
+            }
             Some(v) => Err(ConfigError::Invalid {
                 name,
                 reason: format!("{v:?} is not true or false"),
@@ -191,7 +208,9 @@ impl ObjectStoreSettings {
             access_key: env.required_secret("MINIO_ACCESS_KEY")?,
             secret_key: env.required_secret("MINIO_SECRET_KEY")?,
             https: env.flag("MINIO_HTTPS_PROTOCOL", false)?,
-            bucket: env.optional("MINIO_BUCKET").unwrap_or_else(|| "code-challenge-data".into()),
+            bucket: env
+                .optional("MINIO_BUCKET")
+                .unwrap_or_else(|| "code-challenge-data".into()),
         })
     }
 
@@ -215,7 +234,10 @@ impl DatabaseSettings {
         let measurements_url = env
             .optional_secret("TIMESCALE_DATABASE_URL")?
             .unwrap_or_else(|| mapping_url.clone());
-        for (name, url) in [("DATABASE_URL", &mapping_url), ("TIMESCALE_DATABASE_URL", &measurements_url)] {
+        for (name, url) in [
+            ("DATABASE_URL", &mapping_url),
+            ("TIMESCALE_DATABASE_URL", &measurements_url),
+        ] {
             url.expose()
                 .parse::<tokio_postgres::Config>()
                 .map_err(|e| ConfigError::Invalid {
@@ -251,10 +273,18 @@ impl NatsSettings {
             url: env
                 .optional_secret("NATS_URL")?
                 .unwrap_or_else(|| Secret::new("nats://127.0.0.1:4222")),
-            subject: env.optional("NATS_SUBJECT").unwrap_or_else(|| "minio.events".into()),
-            stream: env.optional("NATS_STREAM").unwrap_or_else(|| "SENSOR_EVENTS".into()),
-            consumer: env.optional("NATS_CONSUMER").unwrap_or_else(|| "sensor-ingest".into()),
-            dlq_subject: env.optional("NATS_DLQ_SUBJECT").unwrap_or_else(|| "sensors.dlq".into()),
+            subject: env
+                .optional("NATS_SUBJECT")
+                .unwrap_or_else(|| "minio.events".into()),
+            stream: env
+                .optional("NATS_STREAM")
+                .unwrap_or_else(|| "SENSOR_EVENTS".into()),
+            consumer: env
+                .optional("NATS_CONSUMER")
+                .unwrap_or_else(|| "sensor-ingest".into()),
+            dlq_subject: env
+                .optional("NATS_DLQ_SUBJECT")
+                .unwrap_or_else(|| "sensors.dlq".into()),
         })
     }
 }
@@ -282,13 +312,19 @@ impl ContractSettings {
         let delimiter = match env.optional("CSV_DELIMITER") {
             None => b';',
             Some(d) if d == "\\t" || d == "\t" => b'\t',
-            Some(d) if d.len() == 1 && d.is_ascii() && !matches!(d.as_bytes()[0], b'"' | b'\r' | b'\n') => {
+            Some(d)
+                if d.len() == 1
+                    && d.is_ascii()
+                    && !matches!(d.as_bytes()[0], b'"' | b'\r' | b'\n') =>
+            {
                 d.as_bytes()[0]
             }
             Some(d) => {
                 return Err(ConfigError::Invalid {
                     name: "CSV_DELIMITER",
-                    reason: format!("{d:?}: expected one ASCII character other than a quote or newline"),
+                    reason: format!(
+                        "{d:?}: expected one ASCII character other than a quote or newline"
+                    ),
                 })
             }
         };
@@ -296,7 +332,9 @@ impl ContractSettings {
             None => chrono_tz::Europe::Berlin,
             Some(tz) => tz.trim().parse().map_err(|_| ConfigError::Invalid {
                 name: "NAIVE_TIMEZONE",
-                reason: format!("{tz:?} is not an IANA time zone name such as Europe/Berlin or UTC"),
+                reason: format!(
+                    "{tz:?} is not an IANA time zone name such as Europe/Berlin or UTC"
+                ),
             })?,
         };
         Ok(Self {
@@ -375,19 +413,33 @@ mod tests {
 
     #[test]
     fn secret_given_twice_is_an_error() {
-        let env = Env::from_map([("DATABASE_URL", "postgres://a/b"), ("DATABASE_URL_FILE", "/x")]);
+        let env = Env::from_map([
+            ("DATABASE_URL", "postgres://a/b"),
+            ("DATABASE_URL_FILE", "/x"),
+        ]);
         let err = DatabaseSettings::from_env(&env).unwrap_err();
-        assert_eq!(err.to_string(), "both DATABASE_URL and DATABASE_URL_FILE are set: set only one");
+        assert_eq!(
+            err.to_string(),
+            "both DATABASE_URL and DATABASE_URL_FILE are set: set only one"
+        );
     }
 
     #[test]
     fn invalid_values_are_named() {
         let env = Env::from_map([("NAIVE_TIMEZONE", "Mars/Olympus")]);
         let err = ContractSettings::from_env(&env).unwrap_err();
-        assert!(err.to_string().starts_with("invalid value for NAIVE_TIMEZONE"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("invalid value for NAIVE_TIMEZONE"),
+            "{err}"
+        );
         let env = Env::from_map([("WORKER_CONCURRENCY", "many")]);
         let err = WorkerSettings::from_env(&env).unwrap_err();
-        assert!(err.to_string().starts_with("invalid value for WORKER_CONCURRENCY"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("invalid value for WORKER_CONCURRENCY"),
+            "{err}"
+        );
         let env = Env::from_map([
             ("MINIO_ENDPOINT", "http://minio:9000"),
             ("MINIO_ACCESS_KEY", "a"),

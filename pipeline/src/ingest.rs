@@ -124,7 +124,11 @@ pub struct Ingestor {
 
 impl Ingestor {
     pub fn new(store: ObjectStore, dbs: Databases, contract: ContractSettings) -> Self {
-        Self { store, dbs, contract }
+        Self {
+            store,
+            dbs,
+            contract,
+        }
     }
 
     pub fn store(&self) -> &ObjectStore {
@@ -138,7 +142,11 @@ impl Ingestor {
     /// Ingests the current version of `key`. `known_etag` (from an event) lets a version that is
     /// already done be skipped without reading it; the version recorded is always the one read.
     #[tracing::instrument(name = "object", skip_all, fields(key = %key, etag = tracing::field::Empty))]
-    pub async fn ingest(&self, key: &str, known_etag: Option<&str>) -> Result<Outcome, IngestError> {
+    pub async fn ingest(
+        &self,
+        key: &str,
+        known_etag: Option<&str>,
+    ) -> Result<Outcome, IngestError> {
         let t0 = Instant::now();
         let started_at = Utc::now();
         let bucket = self.store.bucket().to_string();
@@ -151,13 +159,22 @@ impl Ingestor {
             Route::Data(d, c) => (d, c),
             Route::Ignored(reason) => {
                 let v = version(known_etag.unwrap_or_default());
-                return self.settle_ignored(v, None, reason.to_string(), started_at, t0).await;
+                return self
+                    .settle_ignored(v, None, reason.to_string(), started_at, t0)
+                    .await;
             }
         };
 
         if let Some(etag) = known_etag.filter(|e| !e.is_empty()) {
             if self.is_done(dataset, &version(etag)).await? {
-                return Ok(self.outcome(version(etag), dataset, Disposition::AlreadyDone, Counts::default(), 0, t0));
+                return Ok(self.outcome(
+                    version(etag),
+                    dataset,
+                    Disposition::AlreadyDone,
+                    Counts::default(),
+                    0,
+                    t0,
+                ));
             }
         }
 
@@ -166,7 +183,9 @@ impl Ingestor {
             Err(ObjectStoreError::NotFound { .. }) => {
                 let v = version(known_etag.unwrap_or_default());
                 let reason = "object was deleted before it could be read".to_string();
-                return self.settle_ignored(v, Some(dataset), reason, started_at, t0).await;
+                return self
+                    .settle_ignored(v, Some(dataset), reason, started_at, t0)
+                    .await;
             }
             Err(e) => return Err(e.into()),
         };
@@ -180,7 +199,14 @@ impl Ingestor {
             ledger::lock(&tx, &v).await.db(dataset)?;
             if ledger::status(&tx, &v).await.db(dataset)? == Some(Status::Done) {
                 tx.commit().await.db(dataset)?;
-                return Ok(self.outcome(v, dataset, Disposition::AlreadyDone, Counts::default(), size, t0));
+                return Ok(self.outcome(
+                    v,
+                    dataset,
+                    Disposition::AlreadyDone,
+                    Counts::default(),
+                    size,
+                    t0,
+                ));
             }
             let body: Box<dyn AsyncRead + Send + Unpin> = match compression {
                 Compression::None => Box::new(object.body),
@@ -191,7 +217,10 @@ impl Ingestor {
                 }
             };
             let mut reader = RecordReader::new(body, self.contract.delimiter);
-            match self.stream_rows(&tx, &mut reader, dataset, compression, key).await {
+            match self
+                .stream_rows(&tx, &mut reader, dataset, compression, key)
+                .await
+            {
                 Ok(counts) => {
                     let entry = Entry {
                         version: &v,
@@ -228,7 +257,14 @@ impl Ingestor {
         ledger::lock(&tx, &v).await.db(dataset)?;
         if ledger::status(&tx, &v).await.db(dataset)? == Some(Status::Done) {
             tx.commit().await.db(dataset)?;
-            return Ok(self.outcome(v, dataset, Disposition::AlreadyDone, Counts::default(), size, t0));
+            return Ok(self.outcome(
+                v,
+                dataset,
+                Disposition::AlreadyDone,
+                Counts::default(),
+                size,
+                t0,
+            ));
         }
         let entry = Entry {
             version: &v,
@@ -242,7 +278,14 @@ impl Ingestor {
         };
         ledger::record(&tx, &entry).await.db(dataset)?;
         tx.commit().await.db(dataset)?;
-        Ok(self.outcome(v, dataset, Disposition::Failed(reason), Counts::default(), size, t0))
+        Ok(self.outcome(
+            v,
+            dataset,
+            Disposition::Failed(reason),
+            Counts::default(),
+            size,
+            t0,
+        ))
     }
 
     /// Reads the header and every row into the staging table; returns the row counts.
@@ -256,10 +299,12 @@ impl Ingestor {
     ) -> Result<Counts, StreamError> {
         let read_error = |e: RecordError| match e {
             RecordError::TooLarge { .. } => StreamError::File(FileError::Unreadable(e.to_string())),
-            RecordError::Io(io) if is_transport_error(&io) => StreamError::Transient(IngestError::Read {
-                key: key.to_string(),
-                source: io,
-            }),
+            RecordError::Io(io) if is_transport_error(&io) => {
+                StreamError::Transient(IngestError::Read {
+                    key: key.to_string(),
+                    source: io,
+                })
+            }
             RecordError::Io(io) if compression == Compression::Gzip => {
                 StreamError::File(FileError::CorruptGzip(io.to_string()))
             }
@@ -387,12 +432,18 @@ mod tests {
 
     #[test]
     fn routes_by_prefix_and_suffix() {
-        assert_eq!(route("mapping/mapping.csv"), Route::Data(Dataset::Mapping, Compression::None));
+        assert_eq!(
+            route("mapping/mapping.csv"),
+            Route::Data(Dataset::Mapping, Compression::None)
+        );
         assert_eq!(
             route("timeseries/2013/01/x.csv.gz"),
             Route::Data(Dataset::Measurements, Compression::Gzip)
         );
-        assert_eq!(route("timeseries/a.csv"), Route::Data(Dataset::Measurements, Compression::None));
+        assert_eq!(
+            route("timeseries/a.csv"),
+            Route::Data(Dataset::Measurements, Compression::None)
+        );
         assert!(matches!(route("other/a.csv"), Route::Ignored(_)));
         assert!(matches!(route("timeseries/a.json"), Route::Ignored(_)));
         assert!(matches!(route("timeseries/"), Route::Ignored(_)));

@@ -24,7 +24,10 @@ pub enum ObjectStoreError {
     #[error("bucket {bucket:?} does not exist")]
     NoSuchBucket { bucket: String },
     #[error("object store request {operation} failed: {message}")]
-    Request { operation: &'static str, message: String },
+    Request {
+        operation: &'static str,
+        message: String,
+    },
 }
 
 /// Marks an I/O error as coming from the connection to the object store (not from the data).
@@ -34,7 +37,8 @@ pub struct TransportError(#[source] pub std::io::Error);
 
 /// True when `err` (possibly wrapped by a decoder) is a [`TransportError`].
 pub fn is_transport_error(err: &std::io::Error) -> bool {
-    err.get_ref().is_some_and(|inner| inner.is::<TransportError>())
+    err.get_ref()
+        .is_some_and(|inner| inner.is::<TransportError>())
 }
 
 /// One object of a listing.
@@ -63,7 +67,9 @@ pub struct ObjectStore {
 impl ObjectStore {
     pub fn new(settings: &ObjectStoreSettings) -> Self {
         let http = aws_smithy_http_client::Builder::new()
-            .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::Ring))
+            .tls_provider(tls::Provider::Rustls(
+                tls::rustls_provider::CryptoMode::Ring,
+            ))
             .build_https();
         let config = aws_sdk_s3::Config::builder()
             .behavior_version(BehaviorVersion::latest())
@@ -127,7 +133,10 @@ impl ObjectStore {
             .send()
             .await
             .map_err(|e| self.error("GetObject", Some(key), e))?;
-        let etag = resp.e_tag().map(|t| t.trim_matches('"').to_string()).unwrap_or_default();
+        let etag = resp
+            .e_tag()
+            .map(|t| t.trim_matches('"').to_string())
+            .unwrap_or_default();
         let size = resp.content_length();
         let body = TransportRead(resp.body.into_async_read());
         Ok(OpenedObject {
@@ -137,12 +146,20 @@ impl ObjectStore {
         })
     }
 
-    fn error<E, R>(&self, operation: &'static str, key: Option<&str>, err: SdkError<E, R>) -> ObjectStoreError
+    fn error<E, R>(
+        &self,
+        operation: &'static str,
+        key: Option<&str>,
+        err: SdkError<E, R>,
+    ) -> ObjectStoreError
     where
         E: ProvideErrorMetadata + std::error::Error + 'static,
         R: std::fmt::Debug,
     {
-        let code = err.as_service_error().and_then(|e| e.code()).map(str::to_string);
+        let code = err
+            .as_service_error()
+            .and_then(|e| e.code())
+            .map(str::to_string);
         match (code.as_deref(), key) {
             (Some("NoSuchKey"), Some(key)) => {
                 return ObjectStoreError::NotFound {
@@ -183,7 +200,11 @@ fn error_chain(err: &dyn std::error::Error) -> String {
 struct TransportRead<R>(R);
 
 impl<R: AsyncBufRead + Unpin> AsyncRead for TransportRead<R> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.0)
             .poll_read(cx, buf)
             .map_err(|e| std::io::Error::other(TransportError(e)))

@@ -61,7 +61,10 @@ impl Harness {
             .collect()
     }
 
-    async fn quarantine(&self, client: &tokio_postgres::Client) -> Vec<(String, i64, String, String)> {
+    async fn quarantine(
+        &self,
+        client: &tokio_postgres::Client,
+    ) -> Vec<(String, i64, String, String)> {
         client
             .query(
                 "SELECT object_key, line, convert_from(raw, 'UTF8'), reason FROM ingest_quarantine ORDER BY object_key, line",
@@ -75,7 +78,10 @@ impl Harness {
     }
 
     /// (key, status, rows_ok, rows_rejected, reason) of every ledger entry in `client`'s database.
-    async fn ledger(&self, client: &tokio_postgres::Client) -> Vec<(String, String, i64, i64, Option<String>)> {
+    async fn ledger(
+        &self,
+        client: &tokio_postgres::Client,
+    ) -> Vec<(String, String, i64, i64, Option<String>)> {
         client
             .query(
                 "SELECT object_key, status, rows_ok, rows_rejected, reason FROM ingest_ledger ORDER BY object_key, id",
@@ -113,10 +119,19 @@ fn assert_done(o: &Outcome, ok: u64, rejected: u64) {
 }
 
 async fn ingest_sample_data(h: &Harness) -> Vec<Outcome> {
-    let keys = h.env.s3.put_tree(&Path::new(FIXTURES).join("sample-data")).await.unwrap();
+    let keys = h
+        .env
+        .s3
+        .put_tree(&Path::new(FIXTURES).join("sample-data"))
+        .await
+        .unwrap();
     let mut outcomes = Vec::new();
     // Mapping first, as `ingest --all` does (the order does not change the end state).
-    for key in keys.iter().filter(|k| k.starts_with("mapping/")).chain(keys.iter().filter(|k| !k.starts_with("mapping/"))) {
+    for key in keys
+        .iter()
+        .filter(|k| k.starts_with("mapping/"))
+        .chain(keys.iter().filter(|k| !k.starts_with("mapping/")))
+    {
         outcomes.push(h.ingestor.ingest(key, None).await.unwrap());
     }
     outcomes
@@ -125,15 +140,20 @@ async fn ingest_sample_data(h: &Harness) -> Vec<Outcome> {
 async fn assert_sample_end_state(h: &Harness) {
     let expected_dir = Path::new(FIXTURES).join("sample-expected");
     // Measurements, exactly.
-    let want: Vec<(String, i64, f64)> = std::fs::read_to_string(expected_dir.join("measurements.csv"))
-        .unwrap()
-        .lines()
-        .skip(1)
-        .map(|l| {
-            let f: Vec<&str> = l.split(',').collect();
-            (f[0].to_string(), f[1].parse().unwrap(), f[2].parse().unwrap())
-        })
-        .collect();
+    let want: Vec<(String, i64, f64)> =
+        std::fs::read_to_string(expected_dir.join("measurements.csv"))
+            .unwrap()
+            .lines()
+            .skip(1)
+            .map(|l| {
+                let f: Vec<&str> = l.split(',').collect();
+                (
+                    f[0].to_string(),
+                    f[1].parse().unwrap(),
+                    f[2].parse().unwrap(),
+                )
+            })
+            .collect();
     let got: Vec<(String, i64, f64)> = h
         .measurements
         .query(
@@ -160,7 +180,10 @@ async fn assert_sample_end_state(h: &Harness) {
     want.sort();
     let got: Vec<(String, String)> = h
         .mapping
-        .query("SELECT sensor_uuid::text, sensor_name FROM sensors ORDER BY 1", &[])
+        .query(
+            "SELECT sensor_uuid::text, sensor_name FROM sensors ORDER BY 1",
+            &[],
+        )
         .await
         .unwrap()
         .iter()
@@ -169,7 +192,8 @@ async fn assert_sample_end_state(h: &Harness) {
     assert_eq!(got, want);
     // Per-object statuses and counts, from both ledgers.
     let objects: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(expected_dir.join("objects.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(expected_dir.join("objects.json")).unwrap())
+            .unwrap();
     let want: BTreeMap<String, (String, i64, i64)> = objects
         .as_object()
         .unwrap()
@@ -204,7 +228,10 @@ async fn assert_sample_end_state(h: &Harness) {
 async fn sample_data_produces_the_expected_end_state() {
     let h = Harness::new().await;
     let outcomes = ingest_sample_data(&h).await;
-    assert!(outcomes.iter().all(|o| o.disposition == Disposition::Done), "{outcomes:?}");
+    assert!(
+        outcomes.iter().all(|o| o.disposition == Disposition::Done),
+        "{outcomes:?}"
+    );
     assert_sample_end_state(&h).await;
     // The two quarantined rows of rules-sample.csv, with line, raw line and reason.
     assert_eq!(
@@ -235,7 +262,10 @@ async fn sample_data_with_mapping_and_measurements_in_two_databases() {
     assert_eq!(h.ledger(&h.mapping).await.len(), 1);
     assert_eq!(h.ledger(&h.measurements).await.len(), 3);
     async fn exists(c: &tokio_postgres::Client, table: &str) -> bool {
-        c.query_one("SELECT to_regclass($1) IS NOT NULL", &[&table]).await.unwrap().get(0)
+        c.query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+            .await
+            .unwrap()
+            .get(0)
     }
     assert!(!exists(&h.mapping, "measurements").await);
     assert!(!exists(&h.measurements, "sensors").await);
@@ -247,21 +277,37 @@ async fn ingesting_everything_twice_changes_no_row() {
     let h = Harness::new().await;
     ingest_sample_data(&h).await;
     const MEAS: &str = "SELECT sensor_uuid::text || ts::text || xmin::text || ctid::text FROM measurements ORDER BY 1";
-    const SENS: &str = "SELECT sensor_uuid::text || xmin::text || ctid::text FROM sensors ORDER BY 1";
-    let before = (snapshot(&h.measurements, MEAS).await, snapshot(&h.mapping, SENS).await);
+    const SENS: &str =
+        "SELECT sensor_uuid::text || xmin::text || ctid::text FROM sensors ORDER BY 1";
+    let before = (
+        snapshot(&h.measurements, MEAS).await,
+        snapshot(&h.mapping, SENS).await,
+    );
 
     // Same versions again: skipped through the ledger.
     let again = ingest_sample_data(&h).await;
-    assert!(again.iter().all(|o| o.disposition == Disposition::AlreadyDone), "{again:?}");
+    assert!(
+        again
+            .iter()
+            .all(|o| o.disposition == Disposition::AlreadyDone),
+        "{again:?}"
+    );
     // New versions with the same rows (a trailing blank line changes the ETag): merged, but no row
     // is rewritten.
-    for key in ["mapping/mapping.csv", "timeseries/2013/part-0000.csv", "timeseries/2013/part-0001.csv"] {
+    for key in [
+        "mapping/mapping.csv",
+        "timeseries/2013/part-0000.csv",
+        "timeseries/2013/part-0001.csv",
+    ] {
         let mut body = std::fs::read(Path::new(FIXTURES).join("sample-data").join(key)).unwrap();
         body.extend_from_slice(b"\n\n");
         let o = h.put_and_ingest(key, body).await;
         assert_eq!(o.disposition, Disposition::Done);
     }
-    let after = (snapshot(&h.measurements, MEAS).await, snapshot(&h.mapping, SENS).await);
+    let after = (
+        snapshot(&h.measurements, MEAS).await,
+        snapshot(&h.mapping, SENS).await,
+    );
     assert_eq!(before, after);
     let ledger = h.ledger(&h.measurements).await;
     assert_eq!(ledger.len(), 7, "one entry per object version: {ledger:?}");
@@ -271,7 +317,13 @@ async fn ingesting_everything_twice_changes_no_row() {
 /// The readings of the sample (ledger aside, which gained versions).
 /// Row identities including their physical version (`xmin`, `ctid`): unchanged iff never rewritten.
 async fn snapshot(client: &tokio_postgres::Client, sql: &str) -> Vec<String> {
-    client.query(sql, &[]).await.unwrap().iter().map(|r| r.get(0)).collect()
+    client
+        .query(sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
 }
 
 async fn assert_sample_end_state_values_only(h: &Harness) {
@@ -353,7 +405,12 @@ async fn decimal_comma_signs_and_exponents() {
     assert_done(&o, 3, 2);
     let values: Vec<f64> = h.readings().await.into_iter().map(|r| r.2).collect();
     assert_eq!(values, vec![21.75, -150.0, 0.25]);
-    let reasons: Vec<String> = h.quarantine(&h.measurements).await.into_iter().map(|q| q.3).collect();
+    let reasons: Vec<String> = h
+        .quarantine(&h.measurements)
+        .await
+        .into_iter()
+        .map(|q| q.3)
+        .collect();
     assert_eq!(
         reasons,
         vec![
@@ -419,14 +476,24 @@ async fn bom_crlf_quoted_fields_and_blank_lines() {
 #[tokio::test]
 async fn reordered_and_extra_columns() {
     let h = Harness::new().await;
-    let csv = format!("site;SENSOR_VALUE; Sensor_UUID ;unit;TimeStamp\nplant-1;3,5;{U1};C;2013-01-20T08:00:00Z\n");
+    let csv = format!(
+        "site;SENSOR_VALUE; Sensor_UUID ;unit;TimeStamp\nplant-1;3,5;{U1};C;2013-01-20T08:00:00Z\n"
+    );
     let o = h.put_and_ingest("timeseries/cols.csv", csv).await;
     assert_done(&o, 1, 0);
-    assert_eq!(h.readings().await, vec![reading(U1, "2013-01-20T08:00:00.000000Z", 3.5)]);
+    assert_eq!(
+        h.readings().await,
+        vec![reading(U1, "2013-01-20T08:00:00.000000Z", 3.5)]
+    );
     let mapping = format!("location;Sensor_Name;sensor_uuid\nhall-1;  boiler  ;{U1}\n");
     let o = h.put_and_ingest("mapping/m.csv", mapping).await;
     assert_done(&o, 1, 0);
-    let name: String = h.mapping.query_one("SELECT sensor_name FROM sensors", &[]).await.unwrap().get(0);
+    let name: String = h
+        .mapping
+        .query_one("SELECT sensor_name FROM sensors", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(name, "boiler");
 }
 
@@ -505,14 +572,36 @@ async fn duplicate_keys_in_one_file_last_line_wins() {
 #[tokio::test]
 async fn later_object_wins_and_mapping_name_is_replaced() {
     let h = Harness::new().await;
-    h.put_and_ingest("timeseries/a.csv", format!("timestamp;sensor_uuid;sensor_value\n2013-01-20T08:00:00Z;{U1};1\n"))
-        .await;
-    h.put_and_ingest("timeseries/b.csv", format!("timestamp;sensor_uuid;sensor_value\n2013-01-20T08:00:00Z;{U1};2\n"))
-        .await;
-    assert_eq!(h.readings().await, vec![reading(U1, "2013-01-20T08:00:00.000000Z", 2.0)]);
-    h.put_and_ingest("mapping/a.csv", format!("sensor_uuid;sensor_name\n{U1};old\n")).await;
-    h.put_and_ingest("mapping/b.csv", format!("sensor_uuid;sensor_name\n{U1};new\n{U1};newer\n")).await;
-    let name: String = h.mapping.query_one("SELECT sensor_name FROM sensors", &[]).await.unwrap().get(0);
+    h.put_and_ingest(
+        "timeseries/a.csv",
+        format!("timestamp;sensor_uuid;sensor_value\n2013-01-20T08:00:00Z;{U1};1\n"),
+    )
+    .await;
+    h.put_and_ingest(
+        "timeseries/b.csv",
+        format!("timestamp;sensor_uuid;sensor_value\n2013-01-20T08:00:00Z;{U1};2\n"),
+    )
+    .await;
+    assert_eq!(
+        h.readings().await,
+        vec![reading(U1, "2013-01-20T08:00:00.000000Z", 2.0)]
+    );
+    h.put_and_ingest(
+        "mapping/a.csv",
+        format!("sensor_uuid;sensor_name\n{U1};old\n"),
+    )
+    .await;
+    h.put_and_ingest(
+        "mapping/b.csv",
+        format!("sensor_uuid;sensor_name\n{U1};new\n{U1};newer\n"),
+    )
+    .await;
+    let name: String = h
+        .mapping
+        .query_one("SELECT sensor_name FROM sensors", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(name, "newer");
 }
 
@@ -520,7 +609,9 @@ async fn later_object_wins_and_mapping_name_is_replaced() {
 async fn gzip_objects() {
     let h = Harness::new().await;
     let csv = format!("timestamp;sensor_uuid;sensor_value\n2013-01-20T08:00:00Z;{U1};1\n2013-01-20T08:01:00Z;{U1};2\n");
-    let o = h.put_and_ingest("timeseries/2013/a.csv.gz", gzip(csv.as_bytes())).await;
+    let o = h
+        .put_and_ingest("timeseries/2013/a.csv.gz", gzip(csv.as_bytes()))
+        .await;
     assert_done(&o, 2, 0);
     // Concatenated gzip members are one stream.
     let mut two = gzip(b"timestamp;sensor_uuid;sensor_value\n");
@@ -544,20 +635,35 @@ async fn corrupt_gzip_fails_the_object_and_stores_nothing() {
         *b ^= 0x5a;
     }
     let o = h.put_and_ingest("timeseries/bad.csv.gz", gz).await;
-    let Disposition::Failed(reason) = &o.disposition else { panic!("{o:?}") };
+    let Disposition::Failed(reason) = &o.disposition else {
+        panic!("{o:?}")
+    };
     assert!(reason.starts_with("corrupt gzip data: "), "{reason}");
     assert_eq!(h.count(&h.measurements, "measurements").await, 0);
     assert_eq!(h.count(&h.measurements, "ingest_quarantine").await, 0);
     let ledger = h.ledger(&h.measurements).await;
     assert_eq!(ledger.len(), 1);
-    assert_eq!((ledger[0].1.as_str(), ledger[0].2, ledger[0].3), ("failed", 0, 0));
+    assert_eq!(
+        (ledger[0].1.as_str(), ledger[0].2, ledger[0].3),
+        ("failed", 0, 0)
+    );
     assert_eq!(ledger[0].4.as_deref(), Some(reason.as_str()));
     // Not gzip at all, and truncated gzip: failed too.
-    let o = h.put_and_ingest("timeseries/plain.csv.gz", csv.clone()).await;
-    assert!(matches!(o.disposition, Disposition::Failed(ref r) if r.starts_with("corrupt gzip data")), "{o:?}");
+    let o = h
+        .put_and_ingest("timeseries/plain.csv.gz", csv.clone())
+        .await;
+    assert!(
+        matches!(o.disposition, Disposition::Failed(ref r) if r.starts_with("corrupt gzip data")),
+        "{o:?}"
+    );
     let gz = gzip(csv.as_bytes());
-    let o = h.put_and_ingest("timeseries/truncated.csv.gz", gz[..gz.len() - 100].to_vec()).await;
-    assert!(matches!(o.disposition, Disposition::Failed(ref r) if r.starts_with("corrupt gzip data")), "{o:?}");
+    let o = h
+        .put_and_ingest("timeseries/truncated.csv.gz", gz[..gz.len() - 100].to_vec())
+        .await;
+    assert!(
+        matches!(o.disposition, Disposition::Failed(ref r) if r.starts_with("corrupt gzip data")),
+        "{o:?}"
+    );
     assert_eq!(h.count(&h.measurements, "measurements").await, 0);
 }
 
@@ -565,30 +671,58 @@ async fn corrupt_gzip_fails_the_object_and_stores_nothing() {
 async fn missing_column_or_header_fails_the_object() {
     let h = Harness::new().await;
     let o = h
-        .put_and_ingest("timeseries/nocol.csv", format!("timestamp;sensor_uuid\n2013-01-20T08:00:00Z;{U1}\n"))
+        .put_and_ingest(
+            "timeseries/nocol.csv",
+            format!("timestamp;sensor_uuid\n2013-01-20T08:00:00Z;{U1}\n"),
+        )
         .await;
     assert_eq!(
         o.disposition,
-        Disposition::Failed("the header lacks required column(s) sensor_value; it has: timestamp, sensor_uuid".into())
+        Disposition::Failed(
+            "the header lacks required column(s) sensor_value; it has: timestamp, sensor_uuid"
+                .into()
+        )
     );
     let o = h.put_and_ingest("timeseries/empty.csv", "").await;
-    assert_eq!(o.disposition, Disposition::Failed("the file has no header row".into()));
-    let o = h.put_and_ingest("mapping/bad.csv", b"sensor_uuid;sensor_\xffname\n".to_vec()).await;
-    assert_eq!(o.disposition, Disposition::Failed("the header row is not valid UTF-8".into()));
+    assert_eq!(
+        o.disposition,
+        Disposition::Failed("the file has no header row".into())
+    );
+    let o = h
+        .put_and_ingest("mapping/bad.csv", b"sensor_uuid;sensor_\xffname\n".to_vec())
+        .await;
+    assert_eq!(
+        o.disposition,
+        Disposition::Failed("the header row is not valid UTF-8".into())
+    );
     assert_eq!(h.count(&h.measurements, "measurements").await, 0);
     assert_eq!(h.count(&h.mapping, "sensors").await, 0);
     let ledger = h.ledger(&h.mapping).await;
-    let statuses: Vec<(&str, &str)> = ledger.iter().map(|l| (l.0.as_str(), l.1.as_str())).collect();
+    let statuses: Vec<(&str, &str)> = ledger
+        .iter()
+        .map(|l| (l.0.as_str(), l.1.as_str()))
+        .collect();
     assert_eq!(
         statuses,
-        vec![("mapping/bad.csv", "failed"), ("timeseries/empty.csv", "failed"), ("timeseries/nocol.csv", "failed")]
+        vec![
+            ("mapping/bad.csv", "failed"),
+            ("timeseries/empty.csv", "failed"),
+            ("timeseries/nocol.csv", "failed")
+        ]
     );
     // Trying the same version again records another attempt and still stores nothing.
-    let o = h.ingestor.ingest("timeseries/nocol.csv", None).await.unwrap();
+    let o = h
+        .ingestor
+        .ingest("timeseries/nocol.csv", None)
+        .await
+        .unwrap();
     assert!(matches!(o.disposition, Disposition::Failed(_)));
     let attempts: i32 = h
         .mapping
-        .query_one("SELECT attempts FROM ingest_ledger WHERE object_key = 'timeseries/nocol.csv'", &[])
+        .query_one(
+            "SELECT attempts FROM ingest_ledger WHERE object_key = 'timeseries/nocol.csv'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -599,20 +733,47 @@ async fn missing_column_or_header_fails_the_object() {
 async fn ignored_keys_are_recorded_not_ingested() {
     let h = Harness::new().await;
     let csv = format!("timestamp;sensor_uuid;sensor_value\n2013-01-20T08:00:00Z;{U1};1\n");
-    for key in ["other/a.csv", "timeseries/a.txt", "timeseries/a.csv.zip", "README.md"] {
+    for key in [
+        "other/a.csv",
+        "timeseries/a.txt",
+        "timeseries/a.csv.zip",
+        "README.md",
+    ] {
         let o = h.put_and_ingest(key, csv.clone()).await;
-        assert!(matches!(o.disposition, Disposition::Ignored(_)), "{key}: {o:?}");
+        assert!(
+            matches!(o.disposition, Disposition::Ignored(_)),
+            "{key}: {o:?}"
+        );
     }
     assert_eq!(h.count(&h.measurements, "measurements").await, 0);
     let ledger = h.ledger(&h.mapping).await;
-    let got: Vec<(&str, &str, Option<&str>)> = ledger.iter().map(|l| (l.0.as_str(), l.1.as_str(), l.4.as_deref())).collect();
+    let got: Vec<(&str, &str, Option<&str>)> = ledger
+        .iter()
+        .map(|l| (l.0.as_str(), l.1.as_str(), l.4.as_deref()))
+        .collect();
     assert_eq!(
         got,
         vec![
-            ("README.md", "ignored", Some("key is outside the mapping/ and timeseries/ prefixes")),
-            ("other/a.csv", "ignored", Some("key is outside the mapping/ and timeseries/ prefixes")),
-            ("timeseries/a.csv.zip", "ignored", Some("key does not end in .csv or .csv.gz")),
-            ("timeseries/a.txt", "ignored", Some("key does not end in .csv or .csv.gz")),
+            (
+                "README.md",
+                "ignored",
+                Some("key is outside the mapping/ and timeseries/ prefixes")
+            ),
+            (
+                "other/a.csv",
+                "ignored",
+                Some("key is outside the mapping/ and timeseries/ prefixes")
+            ),
+            (
+                "timeseries/a.csv.zip",
+                "ignored",
+                Some("key does not end in .csv or .csv.gz")
+            ),
+            (
+                "timeseries/a.txt",
+                "ignored",
+                Some("key does not end in .csv or .csv.gz")
+            ),
         ]
     );
 }
@@ -620,10 +781,25 @@ async fn ignored_keys_are_recorded_not_ingested() {
 #[tokio::test]
 async fn object_deleted_before_it_is_read() {
     let h = Harness::new().await;
-    let etag = h.env.s3.put("timeseries/gone.csv", "timestamp;sensor_uuid;sensor_value\n").await.unwrap();
+    let etag = h
+        .env
+        .s3
+        .put(
+            "timeseries/gone.csv",
+            "timestamp;sensor_uuid;sensor_value\n",
+        )
+        .await
+        .unwrap();
     h.env.s3.delete("timeseries/gone.csv").await.unwrap();
-    let o = h.ingestor.ingest("timeseries/gone.csv", Some(&etag)).await.unwrap();
-    assert_eq!(o.disposition, Disposition::Ignored("object was deleted before it could be read".into()));
+    let o = h
+        .ingestor
+        .ingest("timeseries/gone.csv", Some(&etag))
+        .await
+        .unwrap();
+    assert_eq!(
+        o.disposition,
+        Disposition::Ignored("object was deleted before it could be read".into())
+    );
     let ledger = h.ledger(&h.measurements).await;
     assert_eq!(ledger.len(), 1);
     assert_eq!(ledger[0].1, "ignored");
@@ -632,10 +808,17 @@ async fn object_deleted_before_it_is_read() {
 #[tokio::test]
 async fn unknown_sensors_are_kept_and_mapping_may_come_later() {
     let h = Harness::new().await;
-    h.put_and_ingest("timeseries/a.csv", format!("timestamp;sensor_uuid;sensor_value\n2013-01-20T08:00:00Z;{U2};1\n"))
-        .await;
+    h.put_and_ingest(
+        "timeseries/a.csv",
+        format!("timestamp;sensor_uuid;sensor_value\n2013-01-20T08:00:00Z;{U2};1\n"),
+    )
+    .await;
     assert_eq!(h.count(&h.measurements, "measurements").await, 1);
-    h.put_and_ingest("mapping/m.csv", format!("sensor_uuid;sensor_name\n{U2};late\n")).await;
+    h.put_and_ingest(
+        "mapping/m.csv",
+        format!("sensor_uuid;sensor_name\n{U2};late\n"),
+    )
+    .await;
     assert_eq!(h.count(&h.mapping, "sensors").await, 1);
 }
 
@@ -647,7 +830,11 @@ async fn migrations_are_idempotent() {
     assert_eq!(first.len(), 1);
     assert_eq!(
         first[0].applied,
-        vec!["ledger/V1__ledger_and_quarantine", "mapping/V1__sensors", "measurements/V1__measurements"]
+        vec![
+            "ledger/V1__ledger_and_quarantine",
+            "mapping/V1__sensors",
+            "measurements/V1__measurements"
+        ]
     );
     assert_eq!(first[0].hypertable, Some(false));
     let second = migrate(&db).await.unwrap();
@@ -673,6 +860,11 @@ async fn concurrent_ingestion_of_one_version_ingests_once() {
     let mut d = [a.unwrap().disposition, b.unwrap().disposition];
     d.sort_by_key(|d| format!("{d:?}"));
     assert_eq!(d, [Disposition::AlreadyDone, Disposition::Done]);
-    let attempts: i32 = h.mapping.query_one("SELECT attempts FROM ingest_ledger", &[]).await.unwrap().get(0);
+    let attempts: i32 = h
+        .mapping
+        .query_one("SELECT attempts FROM ingest_ledger", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(attempts, 1);
 }

@@ -58,7 +58,10 @@ impl TestEnv {
             ("MINIO_SECRET_KEY".into(), self.s3.secret_key.clone()),
             ("MINIO_BUCKET".into(), self.s3.bucket.clone()),
             ("DATABASE_URL".into(), self.mapping_db.clone()),
-            ("TIMESCALE_DATABASE_URL".into(), self.measurements_db.clone()),
+            (
+                "TIMESCALE_DATABASE_URL".into(),
+                self.measurements_db.clone(),
+            ),
             ("NAIVE_TIMEZONE".into(), "Europe/Berlin".into()),
         ];
         v.sort();

@@ -52,7 +52,10 @@ impl Postgres {
 
     /// The URL of database `name` on this server.
     pub fn url_of(&self, name: &str) -> String {
-        let base = self.admin_url.rsplit_once('/').map_or(self.admin_url.as_str(), |(b, _)| b);
+        let base = self
+            .admin_url
+            .rsplit_once('/')
+            .map_or(self.admin_url.as_str(), |(b, _)| b);
         format!("{base}/{name}")
     }
 
@@ -112,7 +115,10 @@ fn start_postgres() -> Result<Postgres> {
     }
     let initdb = pg_binary("initdb")?;
     let postgres = pg_binary("postgres")?;
-    let dir = tempfile::Builder::new().prefix("testbed-pg-").tempdir()?.keep();
+    let dir = tempfile::Builder::new()
+        .prefix("testbed-pg-")
+        .tempdir()?
+        .keep();
     let data = dir.join("data");
     let root = is_root();
     // PostgreSQL refuses to run as root: run it as the `postgres` user then.
@@ -126,15 +132,30 @@ fn start_postgres() -> Result<Postgres> {
         }
     };
     if root {
-        let status = Command::new("chown").args(["-R", "postgres"]).arg(&dir).status()?;
+        let status = Command::new("chown")
+            .args(["-R", "postgres"])
+            .arg(&dir)
+            .status()?;
         if !status.success() {
-            bail!("chown postgres {} failed (is there a postgres user?)", dir.display());
+            bail!(
+                "chown postgres {} failed (is there a postgres user?)",
+                dir.display()
+            );
         }
     }
     let out = as_user(&initdb)
         .arg("-D")
         .arg(&data)
-        .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync"])
+        .args([
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--no-sync",
+        ])
         .output()
         .context("running initdb")?;
     if !out.status.success() {
@@ -160,11 +181,15 @@ fn start_postgres() -> Result<Postgres> {
         shell_quote(&data.join("postmaster.pid"))
     );
     let watchdog = spawn_watchdog(&server, &dir, &stop, &dir.join("postgres.log"))?;
-    wait_until(Duration::from_secs(60), "PostgreSQL to accept connections", || {
-        std::fs::read_to_string(data.join("postmaster.pid"))
-            .map(|s| s.lines().nth(7).is_some_and(|l| l.trim() == "ready"))
-            .unwrap_or(false)
-    })
+    wait_until(
+        Duration::from_secs(60),
+        "PostgreSQL to accept connections",
+        || {
+            std::fs::read_to_string(data.join("postmaster.pid"))
+                .map(|s| s.lines().nth(7).is_some_and(|l| l.trim() == "ready"))
+                .unwrap_or(false)
+        },
+    )
     .with_context(|| format!("see {}", dir.join("postgres.log").display()))?;
     Ok(Postgres {
         admin_url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
@@ -174,19 +199,32 @@ fn start_postgres() -> Result<Postgres> {
 
 fn start_nats() -> Result<Nats> {
     if let Ok(url) = std::env::var("TEST_NATS_URL") {
-        return Ok(Nats { url, _watchdog: None });
+        return Ok(Nats {
+            url,
+            _watchdog: None,
+        });
     }
     let bin = which("nats-server").ok_or_else(|| {
-        anyhow!("nats-server not found: install it (apt-get install nats-server) or set TEST_NATS_URL")
+        anyhow!(
+            "nats-server not found: install it (apt-get install nats-server) or set TEST_NATS_URL"
+        )
     })?;
-    let dir = tempfile::Builder::new().prefix("testbed-nats-").tempdir()?.keep();
+    let dir = tempfile::Builder::new()
+        .prefix("testbed-nats-")
+        .tempdir()?
+        .keep();
     let port = free_port()?;
     let server = format!(
         "{} -js -a 127.0.0.1 -p {port} -sd {}",
         shell_quote(&bin),
         shell_quote(&dir.join("jetstream"))
     );
-    let watchdog = spawn_watchdog(&server, &dir, "kill -TERM $pid 2>/dev/null", &dir.join("nats.log"))?;
+    let watchdog = spawn_watchdog(
+        &server,
+        &dir,
+        "kill -TERM $pid 2>/dev/null",
+        &dir.join("nats.log"),
+    )?;
     wait_until(Duration::from_secs(30), "nats-server to listen", || {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     })

@@ -36,8 +36,10 @@ impl S3Server {
     /// uniquely named bucket on that server).
     pub async fn start(bucket: &str) -> Result<Self> {
         if let Ok(endpoint) = std::env::var("TEST_S3_ENDPOINT") {
-            let access_key = std::env::var("TEST_S3_ACCESS_KEY").unwrap_or_else(|_| "minioadmin".into());
-            let secret_key = std::env::var("TEST_S3_SECRET_KEY").unwrap_or_else(|_| "minioadmin".into());
+            let access_key =
+                std::env::var("TEST_S3_ACCESS_KEY").unwrap_or_else(|_| "minioadmin".into());
+            let secret_key =
+                std::env::var("TEST_S3_SECRET_KEY").unwrap_or_else(|_| "minioadmin".into());
             let bucket = crate::unique_name(bucket).replace('_', "-");
             let server = Self::connect(endpoint, access_key, secret_key, bucket, None, None);
             server
@@ -52,18 +54,29 @@ impl S3Server {
         }
         let root = tempfile::Builder::new().prefix("testbed-s3-").tempdir()?;
         std::fs::create_dir(root.path().join(bucket))?;
-        let (access_key, secret_key) = ("testbed-access".to_string(), "testbed-secret-key".to_string());
-        let fs = s3s_fs::FileSystem::new(root.path()).map_err(|e| anyhow::anyhow!("s3s-fs: {e:?}"))?;
+        let (access_key, secret_key) = (
+            "testbed-access".to_string(),
+            "testbed-secret-key".to_string(),
+        );
+        let fs =
+            s3s_fs::FileSystem::new(root.path()).map_err(|e| anyhow::anyhow!("s3s-fs: {e:?}"))?;
         let mut builder = S3ServiceBuilder::new(fs);
-        builder.set_auth(SimpleAuth::from_single(access_key.clone(), secret_key.clone()));
+        builder.set_auth(SimpleAuth::from_single(
+            access_key.clone(),
+            secret_key.clone(),
+        ));
         let service = builder.build();
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let endpoint = listener.local_addr()?.to_string();
         let task = tokio::spawn(async move {
             let http = ConnBuilder::new(TokioExecutor::new());
             loop {
-                let Ok((socket, _)) = listener.accept().await else { continue };
-                let conn = http.serve_connection(TokioIo::new(socket), service.clone()).into_owned();
+                let Ok((socket, _)) = listener.accept().await else {
+                    continue;
+                };
+                let conn = http
+                    .serve_connection(TokioIo::new(socket), service.clone())
+                    .into_owned();
                 tokio::spawn(async move {
                     let _ = conn.await;
                 });
@@ -122,7 +135,11 @@ impl S3Server {
             .send()
             .await
             .with_context(|| format!("uploading {key}"))?;
-        Ok(resp.e_tag().unwrap_or_default().trim_matches('"').to_string())
+        Ok(resp
+            .e_tag()
+            .unwrap_or_default()
+            .trim_matches('"')
+            .to_string())
     }
 
     /// Deletes `key`.
@@ -143,7 +160,9 @@ impl S3Server {
         let mut keys = Vec::new();
         let mut stack = vec![dir.to_path_buf()];
         while let Some(d) = stack.pop() {
-            for entry in std::fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))? {
+            for entry in
+                std::fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))?
+            {
                 let path = entry?.path();
                 if path.is_dir() {
                     stack.push(path);

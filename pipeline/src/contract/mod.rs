@@ -50,7 +50,10 @@ pub enum FileError {
     #[error("the header row is not valid UTF-8")]
     HeaderNotUtf8,
     #[error("the header lacks required column(s) {}; it has: {}", .missing.join(", "), .found.join(", "))]
-    MissingColumns { missing: Vec<&'static str>, found: Vec<String> },
+    MissingColumns {
+        missing: Vec<&'static str>,
+        found: Vec<String>,
+    },
     #[error("the header names column {0} more than once")]
     DuplicateColumn(&'static str),
     #[error("corrupt gzip data: {0}")]
@@ -80,7 +83,10 @@ impl Columns {
         let mut index = [usize::MAX; 3];
         let mut missing = Vec::new();
         for (slot, want) in required.iter().enumerate() {
-            let mut hits = names.iter().enumerate().filter(|(_, n)| n.eq_ignore_ascii_case(want));
+            let mut hits = names
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| n.eq_ignore_ascii_case(want));
             match (hits.next(), hits.next()) {
                 (Some((i, _)), None) => index[slot] = i,
                 (Some(_), Some(_)) => return Err(FileError::DuplicateColumn(want)),
@@ -107,9 +113,18 @@ impl Columns {
 /// Why one row was rejected: the reason stored with it in quarantine.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rejection {
-    FieldCount { found: usize, expected: usize },
-    NotUtf8 { column: &'static str },
-    Invalid { column: &'static str, value: String, problem: String },
+    FieldCount {
+        found: usize,
+        expected: usize,
+    },
+    NotUtf8 {
+        column: &'static str,
+    },
+    Invalid {
+        column: &'static str,
+        value: String,
+        problem: String,
+    },
 }
 
 impl fmt::Display for Rejection {
@@ -119,7 +134,11 @@ impl fmt::Display for Rejection {
                 write!(f, "row has {found} field(s), the header has {expected}")
             }
             Rejection::NotUtf8 { column } => write!(f, "{column} is not valid UTF-8"),
-            Rejection::Invalid { column, value, problem } => write!(f, "{column} {value:?} {problem}"),
+            Rejection::Invalid {
+                column,
+                value,
+                problem,
+            } => write!(f, "{column} {value:?} {problem}"),
         }
     }
 }
@@ -170,7 +189,12 @@ fn check_width(rec: &Record<'_>, cols: &Columns) -> Result<(), Rejection> {
 }
 
 /// Field `slot` of the required columns, as trimmed text.
-fn text<'a>(rec: &Record<'a>, cols: &Columns, dataset: Dataset, slot: usize) -> Result<&'a str, Rejection> {
+fn text<'a>(
+    rec: &Record<'a>,
+    cols: &Columns,
+    dataset: Dataset,
+    slot: usize,
+) -> Result<&'a str, Rejection> {
     let column = dataset.required_columns()[slot];
     let bytes = rec.field(cols.index[slot]).unwrap_or_default();
     let s = std::str::from_utf8(bytes).map_err(|_| Rejection::NotUtf8 { column })?;
@@ -188,7 +212,11 @@ fn sensor_uuid(s: &str) -> Result<Uuid, Rejection> {
 }
 
 /// Validates one measurement row.
-pub fn reading(rec: &Record<'_>, cols: &Columns, zone: chrono_tz::Tz) -> Result<Reading, Rejection> {
+pub fn reading(
+    rec: &Record<'_>,
+    cols: &Columns,
+    zone: chrono_tz::Tz,
+) -> Result<Reading, Rejection> {
     const D: Dataset = Dataset::Measurements;
     check_width(rec, cols)?;
     let ts = text(rec, cols, D, 0)?;
@@ -198,7 +226,8 @@ pub fn reading(rec: &Record<'_>, cols: &Columns, zone: chrono_tz::Tz) -> Result<
         .and_then(|t| t.resolve(zone))
         .map_err(|e| Rejection::invalid("timestamp", ts, e))?;
     let sensor_uuid = sensor_uuid(uuid)?;
-    let value = number::parse_decimal(value.as_bytes()).map_err(|e| Rejection::invalid("sensor_value", value, e))?;
+    let value = number::parse_decimal(value.as_bytes())
+        .map_err(|e| Rejection::invalid("sensor_value", value, e))?;
     Ok(Reading {
         sensor_uuid,
         unix_micros,
@@ -232,8 +261,14 @@ mod tests {
     use super::*;
 
     /// Runs `f` on every record after the header of `csv`.
-    fn with_rows<T>(csv: &[u8], dataset: Dataset, mut f: impl FnMut(&Record<'_>, &Columns) -> T) -> Result<Vec<T>, FileError> {
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    fn with_rows<T>(
+        csv: &[u8],
+        dataset: Dataset,
+        mut f: impl FnMut(&Record<'_>, &Columns) -> T,
+    ) -> Result<Vec<T>, FileError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         rt.block_on(async {
             let mut r = RecordReader::new(csv, b';');
             let header = r.next_record().await.unwrap().ok_or(FileError::NoHeader)?;
@@ -257,7 +292,9 @@ mod tests {
 
     #[test]
     fn columns_by_name_in_any_order_case_and_space_insensitive() {
-        let got = readings(&format!(" Sensor_Value ;unit; TIMESTAMP;sensor_uuid\n1,5;C;2013-01-20T08:00:00Z;{U}\n"));
+        let got = readings(&format!(
+            " Sensor_Value ;unit; TIMESTAMP;sensor_uuid\n1,5;C;2013-01-20T08:00:00Z;{U}\n"
+        ));
         assert_eq!(
             got,
             vec![Ok(Reading {
@@ -270,16 +307,30 @@ mod tests {
 
     #[test]
     fn file_errors() {
-        let err = with_rows(b"timestamp;sensor_uuid\n", Dataset::Measurements, |_, _| ()).unwrap_err();
+        let err =
+            with_rows(b"timestamp;sensor_uuid\n", Dataset::Measurements, |_, _| ()).unwrap_err();
         assert_eq!(
             err.to_string(),
             "the header lacks required column(s) sensor_value; it has: timestamp, sensor_uuid"
         );
         let err = with_rows(b"\n\n", Dataset::Measurements, |_, _| ()).unwrap_err();
         assert_eq!(err, FileError::NoHeader);
-        let err = with_rows(b"sensor_uuid;sensor_name;SENSOR_NAME\n", Dataset::Mapping, |_, _| ()).unwrap_err();
-        assert_eq!(err.to_string(), "the header names column sensor_name more than once");
-        let err = with_rows(b"sensor_uuid;sensor_\xffname\n", Dataset::Mapping, |_, _| ()).unwrap_err();
+        let err = with_rows(
+            b"sensor_uuid;sensor_name;SENSOR_NAME\n",
+            Dataset::Mapping,
+            |_, _| (),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the header names column sensor_name more than once"
+        );
+        let err = with_rows(
+            b"sensor_uuid;sensor_\xffname\n",
+            Dataset::Mapping,
+            |_, _| (),
+        )
+        .unwrap_err();
         assert_eq!(err, FileError::HeaderNotUtf8);
     }
 
@@ -312,7 +363,9 @@ mod tests {
 
     #[test]
     fn non_utf8_fields_are_rejected_only_when_read() {
-        let mut bytes = format!("timestamp;sensor_uuid;sensor_value;note\n2013-01-20T08:00:00Z;{U};1;").into_bytes();
+        let mut bytes =
+            format!("timestamp;sensor_uuid;sensor_value;note\n2013-01-20T08:00:00Z;{U};1;")
+                .into_bytes();
         bytes.push(0xff);
         bytes.extend_from_slice(format!("\n2013-01-20T08:00:00Z;{U};").as_bytes());
         bytes.push(0xff);
@@ -335,8 +388,14 @@ mod tests {
             "urn:uuid:cd613e30-d8f1-4adf-91b7-584a2265b1f5",
             " cd613e30-d8f1-4adf-91b7-584a2265b1f5 ",
         ] {
-            let got = readings(&format!("timestamp;sensor_uuid;sensor_value\n2013-01-20T08:00:00Z;{form};1\n"));
-            assert_eq!(got[0].as_ref().unwrap().sensor_uuid.to_string(), U, "{form}");
+            let got = readings(&format!(
+                "timestamp;sensor_uuid;sensor_value\n2013-01-20T08:00:00Z;{form};1\n"
+            ));
+            assert_eq!(
+                got[0].as_ref().unwrap().sensor_uuid.to_string(),
+                U,
+                "{form}"
+            );
         }
     }
 
@@ -344,16 +403,23 @@ mod tests {
     fn sensor_names() {
         let long = "x".repeat(101);
         let ok100 = "é".repeat(100);
-        let csv = format!("sensor_uuid;sensor_name\n{U};  boiler 1  \n{U};   \n{U};{long}\n{U};{ok100}\n");
+        let csv = format!(
+            "sensor_uuid;sensor_name\n{U};  boiler 1  \n{U};   \n{U};{long}\n{U};{ok100}\n"
+        );
         let got = with_rows(csv.as_bytes(), Dataset::Mapping, |r, c| {
-            sensor_name(r, c).map(|s| s.name.to_string()).map_err(|e| e.to_string())
+            sensor_name(r, c)
+                .map(|s| s.name.to_string())
+                .map_err(|e| e.to_string())
         })
         .unwrap();
         assert_eq!(got[0], Ok("boiler 1".to_string()));
         assert_eq!(got[1], Err("sensor_name \"\" is empty".to_string()));
         assert_eq!(
             got[2],
-            Err(format!("sensor_name \"{}…\" is 101 characters long (at most 100)", "x".repeat(80)))
+            Err(format!(
+                "sensor_name \"{}…\" is 101 characters long (at most 100)",
+                "x".repeat(80)
+            ))
         );
         assert_eq!(got[3], Ok(ok100));
     }

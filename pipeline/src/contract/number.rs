@@ -126,8 +126,26 @@ mod tests {
     fn rejected_forms() {
         assert_eq!(p(""), Err(NumberError::Empty));
         for s in [
-            "NaN", "nan", "inf", "-inf", "Infinity", "abc", "1.2.3", "1,2,3", "1.234,5", "1e", "e5", ".", "-", "+", "1 000",
-            "0x10", "12a", "1e5.5", "--1", "not-a-number",
+            "NaN",
+            "nan",
+            "inf",
+            "-inf",
+            "Infinity",
+            "abc",
+            "1.2.3",
+            "1,2,3",
+            "1.234,5",
+            "1e",
+            "e5",
+            ".",
+            "-",
+            "+",
+            "1 000",
+            "0x10",
+            "12a",
+            "1e5.5",
+            "--1",
+            "not-a-number",
         ] {
             assert_eq!(p(s), Err(NumberError::Syntax), "{s}");
         }

@@ -56,7 +56,6 @@ impl<'a> Record<'a> {
     pub fn iter(&self) -> impl Iterator<Item = &'a [u8]> + '_ {
         (0..self.len()).filter_map(|i| self.field(i))
     }
-
 }
 
 /// Async CSV record reader over any byte source.
@@ -111,7 +110,10 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
             };
             let raw_all = &self.buf[start..end];
             // The engine skips empty lines itself; they show up as terminators before the record.
-            let lead = raw_all.iter().take_while(|b| matches!(b, b'\r' | b'\n')).count();
+            let lead = raw_all
+                .iter()
+                .take_while(|b| matches!(b, b'\r' | b'\n'))
+                .count();
             let line = self.newlines + 1 + count_newlines(&raw_all[..lead]);
             self.newlines += count_newlines(raw_all);
             let raw_start = start + lead;
@@ -121,7 +123,10 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
             }
             // A record of only spaces and tabs carries nothing: it is treated like an empty line.
             let blank = raw_start == raw_end
-                || (nends == 1 && self.fields[..nout].iter().all(|b| matches!(b, b' ' | b'\t')));
+                || (nends == 1
+                    && self.fields[..nout]
+                        .iter()
+                        .all(|b| matches!(b, b' ' | b'\t')));
             if blank {
                 continue;
             }
@@ -165,7 +170,9 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
             nout += o;
             nends += e;
             match res {
-                csv_core::ReadRecordResult::Record => return Ok(Some((start, self.pos, nout, nends))),
+                csv_core::ReadRecordResult::Record => {
+                    return Ok(Some((start, self.pos, nout, nends)))
+                }
                 csv_core::ReadRecordResult::End => return Ok(None),
                 csv_core::ReadRecordResult::OutputFull => {
                     let len = self.fields.len();
@@ -211,16 +218,24 @@ mod tests {
 
     /// Reads every record as (line, raw, fields) from `input`, fed through in `chunk`-byte reads.
     fn read_all(input: &[u8], chunk: usize) -> Vec<(u64, String, Vec<String>)> {
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         rt.block_on(async {
-            let src = Chunked { data: input.to_vec(), at: 0, chunk };
+            let src = Chunked {
+                data: input.to_vec(),
+                at: 0,
+                chunk,
+            };
             let mut r = RecordReader::new(src, b';');
             let mut out = Vec::new();
             while let Some(rec) = r.next_record().await.unwrap() {
                 out.push((
                     rec.line,
                     String::from_utf8_lossy(rec.raw).into_owned(),
-                    rec.iter().map(|f| String::from_utf8_lossy(f).into_owned()).collect(),
+                    rec.iter()
+                        .map(|f| String::from_utf8_lossy(f).into_owned())
+                        .collect(),
                 ));
             }
             out
@@ -239,7 +254,10 @@ mod tests {
             _: &mut std::task::Context<'_>,
             buf: &mut tokio::io::ReadBuf<'_>,
         ) -> std::task::Poll<std::io::Result<()>> {
-            let n = self.chunk.min(self.data.len() - self.at).min(buf.remaining());
+            let n = self
+                .chunk
+                .min(self.data.len() - self.at)
+                .min(buf.remaining());
             let at = self.at;
             buf.put_slice(&self.data[at..at + n]);
             self.at += n;
@@ -285,7 +303,9 @@ mod tests {
     fn oversized_record_is_an_error() {
         let mut input = b"a;b\n\"".to_vec();
         input.extend(std::iter::repeat_n(b'x', MAX_RECORD_BYTES + 10));
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         let err = rt.block_on(async {
             let mut r = RecordReader::new(&input[..], b';');
             r.next_record().await.unwrap();

@@ -43,7 +43,9 @@ impl Timestamp {
             Timestamp::Naive(local) => match zone.from_local_datetime(&local) {
                 chrono::LocalResult::Single(t) => Ok(t.timestamp_micros()),
                 // The hour that occurs twice: the earlier instant (still summer time).
-                chrono::LocalResult::Ambiguous(a, b) => Ok(a.timestamp_micros().min(b.timestamp_micros())),
+                chrono::LocalResult::Ambiguous(a, b) => {
+                    Ok(a.timestamp_micros().min(b.timestamp_micros()))
+                }
                 chrono::LocalResult::None => Err(TimestampError::Nonexistent(zone)),
             },
         }
@@ -154,7 +156,8 @@ impl Cursor<'_> {
                 }
             }
         }
-        NaiveTime::from_hms_micro_opt(hour, minute, second, micros).ok_or(TimestampError::OutOfRange)
+        NaiveTime::from_hms_micro_opt(hour, minute, second, micros)
+            .ok_or(TimestampError::OutOfRange)
     }
 
     /// `Z`, `±HH`, `±HHMM`, `±HH:MM`, or nothing; in seconds east of UTC.
@@ -192,7 +195,9 @@ mod tests {
     use chrono_tz::Europe::Berlin;
 
     fn utc(s: &str) -> i64 {
-        chrono::DateTime::parse_from_rfc3339(s).unwrap().timestamp_micros()
+        chrono::DateTime::parse_from_rfc3339(s)
+            .unwrap()
+            .timestamp_micros()
     }
 
     fn parse(s: &str) -> Result<i64, TimestampError> {
@@ -222,47 +227,90 @@ mod tests {
 
     #[test]
     fn fractions_are_kept_to_the_microsecond() {
-        assert_eq!(parse("2013-01-20T08:00:00.5Z"), Ok(utc("2013-01-20T08:00:00.5Z")));
-        assert_eq!(parse("2013-01-20T08:00:00,123456Z"), Ok(utc("2013-01-20T08:00:00.123456Z")));
-        assert_eq!(parse("2013-01-20T08:00:00.1234567899Z"), Ok(utc("2013-01-20T08:00:00.123456Z")));
+        assert_eq!(
+            parse("2013-01-20T08:00:00.5Z"),
+            Ok(utc("2013-01-20T08:00:00.5Z"))
+        );
+        assert_eq!(
+            parse("2013-01-20T08:00:00,123456Z"),
+            Ok(utc("2013-01-20T08:00:00.123456Z"))
+        );
+        assert_eq!(
+            parse("2013-01-20T08:00:00.1234567899Z"),
+            Ok(utc("2013-01-20T08:00:00.123456Z"))
+        );
         assert_eq!(parse("2013-01-20T08:00:00.Z"), Err(TimestampError::Syntax));
     }
 
     #[test]
     fn naive_times_keep_fractions() {
-        assert_eq!(parse("2013-01-20T10:00:00.25"), Ok(utc("2013-01-20T09:00:00.25Z")));
+        assert_eq!(
+            parse("2013-01-20T10:00:00.25"),
+            Ok(utc("2013-01-20T09:00:00.25Z"))
+        );
     }
 
     #[test]
     fn naive_times_are_local_to_the_zone() {
         // Winter: UTC+1; summer: UTC+2.
-        assert_eq!(parse("2013-01-20T10:00:00"), Ok(utc("2013-01-20T09:00:00Z")));
-        assert_eq!(parse("2013-07-20 10:00:00"), Ok(utc("2013-07-20T08:00:00Z")));
-        let ny = parse_datetime(b"2013-01-20T10:00:00").unwrap().resolve(chrono_tz::America::New_York);
+        assert_eq!(
+            parse("2013-01-20T10:00:00"),
+            Ok(utc("2013-01-20T09:00:00Z"))
+        );
+        assert_eq!(
+            parse("2013-07-20 10:00:00"),
+            Ok(utc("2013-07-20T08:00:00Z"))
+        );
+        let ny = parse_datetime(b"2013-01-20T10:00:00")
+            .unwrap()
+            .resolve(chrono_tz::America::New_York);
         assert_eq!(ny, Ok(utc("2013-01-20T15:00:00Z")));
     }
 
     #[test]
     fn ambiguous_autumn_hour_is_the_earlier_instant() {
         // 2013-10-27 02:30 happens at 00:30 UTC (CEST) and again at 01:30 UTC (CET).
-        assert_eq!(parse("2013-10-27T02:30:00"), Ok(utc("2013-10-27T00:30:00Z")));
-        assert_eq!(parse("2013-10-27T03:00:00"), Ok(utc("2013-10-27T02:00:00Z")));
+        assert_eq!(
+            parse("2013-10-27T02:30:00"),
+            Ok(utc("2013-10-27T00:30:00Z"))
+        );
+        assert_eq!(
+            parse("2013-10-27T03:00:00"),
+            Ok(utc("2013-10-27T02:00:00Z"))
+        );
     }
 
     #[test]
     fn spring_gap_does_not_exist() {
-        assert_eq!(parse("2013-03-31T02:30:00"), Err(TimestampError::Nonexistent(Berlin)));
-        assert_eq!(parse("2013-03-31T03:00:00"), Ok(utc("2013-03-31T01:00:00Z")));
+        assert_eq!(
+            parse("2013-03-31T02:30:00"),
+            Err(TimestampError::Nonexistent(Berlin))
+        );
+        assert_eq!(
+            parse("2013-03-31T03:00:00"),
+            Ok(utc("2013-03-31T01:00:00Z"))
+        );
         // With an explicit offset the same wall-clock time is fine.
-        assert_eq!(parse("2013-03-31T02:30:00+01:00"), Ok(utc("2013-03-31T01:30:00Z")));
+        assert_eq!(
+            parse("2013-03-31T02:30:00+01:00"),
+            Ok(utc("2013-03-31T01:30:00Z"))
+        );
     }
 
     #[test]
     fn rejects_invalid_dates_and_other_forms() {
-        for s in ["2013-02-30T00:00:00Z", "2013-13-01T00:00:00Z", "2013-01-01T24:00:00Z", "2013-01-01T23:60:00Z"] {
+        for s in [
+            "2013-02-30T00:00:00Z",
+            "2013-13-01T00:00:00Z",
+            "2013-01-01T24:00:00Z",
+            "2013-01-01T23:60:00Z",
+        ] {
             assert_eq!(parse(s), Err(TimestampError::OutOfRange), "{s}");
         }
-        assert_eq!(parse("2013-01-01T23:00:60Z"), Err(TimestampError::OutOfRange));
+        assert_eq!(
+            parse("2013-01-01T23:00:60Z"),
+            Err(TimestampError::OutOfRange)
+        );
         for s in [
             "",
             "2013-01-20",
@@ -279,13 +327,22 @@ mod tests {
         ] {
             assert_eq!(parse(s), Err(TimestampError::Syntax), "{s}");
         }
-        assert_eq!(parse("2013-01-20T08:00:00+24:00"), Err(TimestampError::Offset));
-        assert_eq!(parse("2013-01-20T08:00:00+01:60"), Err(TimestampError::Offset));
+        assert_eq!(
+            parse("2013-01-20T08:00:00+24:00"),
+            Err(TimestampError::Offset)
+        );
+        assert_eq!(
+            parse("2013-01-20T08:00:00+01:60"),
+            Err(TimestampError::Offset)
+        );
     }
 
     #[test]
     fn bare_dates() {
-        assert_eq!(parse_date(b"2013-02-16"), Ok(NaiveDate::from_ymd_opt(2013, 2, 16).unwrap()));
+        assert_eq!(
+            parse_date(b"2013-02-16"),
+            Ok(NaiveDate::from_ymd_opt(2013, 2, 16).unwrap())
+        );
         assert_eq!(parse_date(b"2013-02-30"), Err(TimestampError::OutOfRange));
         assert_eq!(parse_date(b"2013-02-16T"), Err(TimestampError::Syntax));
     }

@@ -68,13 +68,19 @@ pub struct Entry<'a> {
 pub async fn lock(tx: &Transaction<'_>, v: &ObjectVersion) -> Result<(), tokio_postgres::Error> {
     // Collisions of the 64-bit hash only serialise two unrelated objects; they never merge them.
     let name = format!("{}\n{}\n{}", v.bucket, v.key, v.etag);
-    tx.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", &[&name])
-        .await
-        .map(drop)
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+        &[&name],
+    )
+    .await
+    .map(drop)
 }
 
 /// The recorded status of a version, if any.
-pub async fn status(tx: &Transaction<'_>, v: &ObjectVersion) -> Result<Option<Status>, tokio_postgres::Error> {
+pub async fn status(
+    tx: &Transaction<'_>,
+    v: &ObjectVersion,
+) -> Result<Option<Status>, tokio_postgres::Error> {
     let row = tx
         .query_opt(
             "SELECT status FROM ingest_ledger WHERE bucket = $1 AND object_key = $2 AND etag = $3",
@@ -123,7 +129,8 @@ pub async fn record(tx: &Transaction<'_>, e: &Entry<'_>) -> Result<i64, tokio_po
     let id: i64 = row.get(0);
     let attempts: i32 = row.get(1);
     if attempts > 1 {
-        tx.execute("DELETE FROM ingest_quarantine WHERE ledger_id = $1", &[&id]).await?;
+        tx.execute("DELETE FROM ingest_quarantine WHERE ledger_id = $1", &[&id])
+            .await?;
     }
     Ok(id)
 }

@@ -63,7 +63,11 @@ pub struct MigrationReport {
 pub async fn migrate(settings: &DatabaseSettings) -> Result<Vec<MigrationReport>, StoreError> {
     let mut reports = Vec::new();
     if settings.same_database() {
-        let sets = [MigrationSet::Ledger, MigrationSet::Mapping, MigrationSet::Measurements];
+        let sets = [
+            MigrationSet::Ledger,
+            MigrationSet::Mapping,
+            MigrationSet::Measurements,
+        ];
         reports.push(apply(settings.mapping_url.expose(), "mapping+measurement", &sets).await?);
     } else {
         let sets = [MigrationSet::Ledger, MigrationSet::Mapping];
@@ -129,7 +133,9 @@ async fn apply(
     } else {
         None
     };
-    let unlock = client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]).await;
+    let unlock = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+        .await;
     drop(client);
     let _ = conn_task.await;
     result?;

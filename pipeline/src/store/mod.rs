@@ -35,7 +35,10 @@ pub enum StoreError {
         source: deadpool_postgres::PoolError,
     },
     #[error("invalid connection string for the {database} database: {reason}")]
-    Config { database: &'static str, reason: String },
+    Config {
+        database: &'static str,
+        reason: String,
+    },
     #[error("migrating the {database} database: {source}")]
     Migration {
         database: &'static str,
@@ -53,14 +56,24 @@ pub struct Databases {
 
 impl Databases {
     /// Creates the pools (connections are opened lazily, up to `max_connections` per database).
-    pub fn connect(settings: &DatabaseSettings, max_connections: usize) -> Result<Self, StoreError> {
+    pub fn connect(
+        settings: &DatabaseSettings,
+        max_connections: usize,
+    ) -> Result<Self, StoreError> {
         let mapping = pool(settings.mapping_url.expose(), "mapping", max_connections)?;
         let measurements = if settings.same_database() {
             mapping.clone()
         } else {
-            pool(settings.measurements_url.expose(), "measurements", max_connections)?
+            pool(
+                settings.measurements_url.expose(),
+                "measurements",
+                max_connections,
+            )?
         };
-        Ok(Self { mapping, measurements })
+        Ok(Self {
+            mapping,
+            measurements,
+        })
     }
 
     /// The pool of the database that holds `dataset` (and its ledger and quarantine).
@@ -72,10 +85,13 @@ impl Databases {
     }
 
     pub async fn client(&self, dataset: Dataset) -> Result<deadpool_postgres::Object, StoreError> {
-        self.pool(dataset).get().await.map_err(|source| StoreError::Pool {
-            database: database_name(dataset),
-            source,
-        })
+        self.pool(dataset)
+            .get()
+            .await
+            .map_err(|source| StoreError::Pool {
+                database: database_name(dataset),
+                source,
+            })
     }
 }
 
@@ -89,10 +105,12 @@ pub fn database_name(dataset: Dataset) -> &'static str {
 
 /// Parses a connection string, adding a connect timeout if it has none.
 pub fn pg_config(url: &str, database: &'static str) -> Result<tokio_postgres::Config, StoreError> {
-    let mut config: tokio_postgres::Config = url.parse().map_err(|e: tokio_postgres::Error| StoreError::Config {
-        database,
-        reason: e.to_string(),
-    })?;
+    let mut config: tokio_postgres::Config =
+        url.parse()
+            .map_err(|e: tokio_postgres::Error| StoreError::Config {
+                database,
+                reason: e.to_string(),
+            })?;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(Duration::from_secs(10));
     }

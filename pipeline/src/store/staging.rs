@@ -32,7 +32,8 @@ const MERGE_MEASUREMENTS: &str = "INSERT INTO measurements AS m (sensor_uuid, ts
 const CREATE_MAPPING: &str = "CREATE TEMP TABLE staging_rows (
         line bigint NOT NULL, sensor_uuid uuid, sensor_name text, raw bytea, reason text
     ) ON COMMIT DROP";
-const COPY_MAPPING: &str = "COPY staging_rows (line, sensor_uuid, sensor_name, raw, reason) FROM STDIN (FORMAT binary)";
+const COPY_MAPPING: &str =
+    "COPY staging_rows (line, sensor_uuid, sensor_name, raw, reason) FROM STDIN (FORMAT binary)";
 const MERGE_MAPPING: &str = "INSERT INTO sensors AS s (sensor_uuid, sensor_name)
     SELECT DISTINCT ON (sensor_uuid) sensor_uuid, sensor_name
     FROM staging_rows WHERE reason IS NULL
@@ -52,7 +53,10 @@ pub struct Staging {
 
 impl Staging {
     /// Creates the staging table and starts the `COPY`.
-    pub async fn open(tx: &Transaction<'_>, dataset: Dataset) -> Result<Self, tokio_postgres::Error> {
+    pub async fn open(
+        tx: &Transaction<'_>,
+        dataset: Dataset,
+    ) -> Result<Self, tokio_postgres::Error> {
         let (create, copy) = match dataset {
             Dataset::Measurements => (CREATE_MEASUREMENTS, COPY_MEASUREMENTS),
             Dataset::Mapping => (CREATE_MAPPING, COPY_MAPPING),

@@ -1,0 +1,131 @@
+//! `sensors-worker ingest`: ingest a list of objects directly, concurrently, with a progress bar and
+//! a summary. Mapping objects are ingested before all others so names exist when readings land
+//! (readings never depend on it: unmapped sensors are kept).
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use backon::{ExponentialBuilder, Retryable};
+use futures_util::stream::{self, StreamExt};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use sensor_pipeline::ingest::{Disposition, IngestError, Ingestor, Outcome};
+use tracing::warn;
+
+/// Transient failures (database, object store, network) are retried this way before the object is
+/// reported as an error.
+fn retry_policy() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(10))
+        .with_max_times(6)
+        .with_jitter()
+}
+
+/// What an `ingest` run did.
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub done: u64,
+    pub already_done: u64,
+    pub ignored: u64,
+    /// (key, reason) of failed objects.
+    pub failed: Vec<(String, String)>,
+    /// (key, error) of objects that could not be settled (transient errors, retries exhausted).
+    pub errors: Vec<(String, String)>,
+    pub rows_ok: u64,
+    pub rows_rejected: u64,
+    pub elapsed: Duration,
+}
+
+impl Summary {
+    pub fn all_settled_ok(&self) -> bool {
+        self.failed.is_empty() && self.errors.is_empty()
+    }
+
+    fn add(&mut self, key: &str, result: Result<Outcome, IngestError>) {
+        match result {
+            Ok(o) => {
+                self.rows_ok += o.rows_ok;
+                self.rows_rejected += o.rows_rejected;
+                match o.disposition {
+                    Disposition::Done => self.done += 1,
+                    Disposition::AlreadyDone => self.already_done += 1,
+                    Disposition::Ignored(_) => self.ignored += 1,
+                    Disposition::Failed(reason) => self.failed.push((key.to_string(), reason)),
+                }
+            }
+            Err(e) => self.errors.push((key.to_string(), format!("{e}"))),
+        }
+    }
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let secs = self.elapsed.as_secs_f64();
+        let rate = if secs > 0.0 {
+            self.rows_ok as f64 / secs
+        } else {
+            0.0
+        };
+        writeln!(
+            f,
+            "objects: {} done, {} already done, {} failed, {} ignored, {} errors",
+            self.done,
+            self.already_done,
+            self.failed.len(),
+            self.ignored,
+            self.errors.len()
+        )?;
+        writeln!(
+            f,
+            "rows:    {} ok, {} rejected",
+            self.rows_ok, self.rows_rejected
+        )?;
+        writeln!(f, "time:    {secs:.2} s ({rate:.0} rows/s)")?;
+        for (key, reason) in &self.failed {
+            writeln!(f, "failed:  {key}: {reason}")?;
+        }
+        for (key, error) in &self.errors {
+            writeln!(f, "error:   {key}: {error}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Ingests `keys` (mapping objects first), `concurrency` at a time.
+pub async fn ingest_all(ingestor: &Ingestor, keys: Vec<String>, concurrency: usize) -> Summary {
+    let t0 = Instant::now();
+    let (mapping, rest): (Vec<String>, Vec<String>) =
+        keys.into_iter().partition(|k| k.starts_with("mapping/"));
+    let bar = progress_bar((mapping.len() + rest.len()) as u64);
+    let mut summary = Summary::default();
+    for phase in [mapping, rest] {
+        let mut results = stream::iter(phase)
+            .map(|key| async move {
+                let result = (|| ingestor.ingest(&key, None))
+                    .retry(retry_policy())
+                    .notify(|e, wait| warn!(%key, error = %e, "transient failure, retrying in {wait:?}"))
+                    .await;
+                (key, result)
+            })
+            .buffer_unordered(concurrency.max(1));
+        while let Some((key, result)) = results.next().await {
+            summary.add(&key, result);
+            bar.inc(1);
+            bar.set_message(format!("{} rows", summary.rows_ok));
+        }
+    }
+    bar.finish_and_clear();
+    summary.elapsed = t0.elapsed();
+    summary
+}
+
+/// A bar on a terminal (stderr); nothing otherwise.
+fn progress_bar(total: u64) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+    if let Ok(style) = ProgressStyle::with_template(
+        "{elapsed_precise} [{bar:40}] {pos}/{len} objects, {msg} ({eta})",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
+}

@@ -1,0 +1,179 @@
+//! `sensors-worker migrate` and `ingest` as a user runs them, against real PostgreSQL and S3.
+
+use std::path::Path;
+use std::process::Output;
+
+use testbed::TestEnv;
+
+const SAMPLE_DATA: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../pipeline/tests/fixtures/sample-data"
+);
+
+async fn worker(env: &[(String, String)], args: &[&str]) -> Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_sensors-worker"))
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        // No config/.env lookup surprises: run from an empty folder.
+        .current_dir(std::env::temp_dir())
+        .output()
+        .await
+        .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// The summary without its timing line (which varies).
+fn summary(out: &Output) -> String {
+    text(&out.stdout)
+        .lines()
+        .filter(|l| !l.starts_with("time:"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+async fn count(url: &str, sql: &str) -> i64 {
+    testbed::connect(url)
+        .await
+        .unwrap()
+        .query_one(sql, &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn migrate_then_ingest_all_then_again() {
+    let env = TestEnv::new().await.unwrap();
+    env.s3.put_tree(Path::new(SAMPLE_DATA)).await.unwrap();
+    let vars = env.vars();
+
+    let out = worker(&vars, &["migrate"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "mapping+measurement database: applied ledger/V1__ledger_and_quarantine, mapping/V1__sensors, \
+         measurements/V1__measurements; measurements is a plain table (TimescaleDB not available)\n"
+    );
+    let out = worker(&vars, &["migrate"]).await;
+    assert_eq!(
+        text(&out.stdout),
+        "mapping+measurement database: already up to date; measurements is a plain table (TimescaleDB not available)\n"
+    );
+
+    let out = worker(&vars, &["ingest", "--all"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        summary(&out),
+        "objects: 4 done, 0 already done, 0 failed, 0 ignored, 0 errors\nrows:    209 ok, 2 rejected"
+    );
+    assert_eq!(
+        count(&env.measurements_db, "SELECT count(*) FROM measurements").await,
+        203
+    );
+    assert_eq!(
+        count(&env.mapping_db, "SELECT count(*) FROM sensors").await,
+        5
+    );
+
+    let out = worker(&vars, &["ingest", "--all"]).await;
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        summary(&out),
+        "objects: 0 done, 4 already done, 0 failed, 0 ignored, 0 errors\nrows:    0 ok, 0 rejected"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_object_makes_ingest_exit_1_and_the_rest_is_stored() {
+    let env = TestEnv::new().await.unwrap();
+    env.s3
+        .put("timeseries/good.csv", "timestamp;sensor_uuid;sensor_value\n2013-01-20T08:00:00Z;cd613e30-d8f1-4adf-91b7-584a2265b1f5;1\n")
+        .await
+        .unwrap();
+    env.s3
+        .put("timeseries/bad.csv", "timestamp;sensor_value\n")
+        .await
+        .unwrap();
+    env.s3.put("notes/readme.txt", "hello").await.unwrap();
+    let vars = env.vars();
+    assert!(worker(&vars, &["migrate"]).await.status.success());
+    let out = worker(&vars, &["ingest", "--all"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        summary(&out),
+        "objects: 1 done, 0 already done, 1 failed, 1 ignored, 0 errors\n\
+         rows:    1 ok, 0 rejected\n\
+         failed:  timeseries/bad.csv: the header lacks required column(s) sensor_uuid; it has: timestamp, sensor_value"
+    );
+    assert_eq!(
+        count(&env.measurements_db, "SELECT count(*) FROM measurements").await,
+        1
+    );
+
+    // Named keys work too.
+    let out = worker(&vars, &["ingest", "timeseries/good.csv"]).await;
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        summary(&out),
+        "objects: 0 done, 1 already done, 0 failed, 0 ignored, 0 errors\nrows:    0 ok, 0 rejected"
+    );
+}
+
+#[tokio::test]
+async fn configuration_errors_are_one_line_naming_the_variable() {
+    let out = worker(&[], &["migrate"]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        text(&out.stderr),
+        "error: missing required setting DATABASE_URL: set it in the environment, in config/.env, or as DATABASE_URL_FILE\n"
+    );
+    let out = worker(
+        &[("DATABASE_URL".into(), "postgres://x@127.0.0.1:1/db".into())],
+        &["ingest", "--all"],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        text(&out.stderr),
+        "error: missing required setting MINIO_ENDPOINT: set it in the environment, in config/.env, or as MINIO_ENDPOINT_FILE\n"
+    );
+    let out = worker(&[], &["ingest"]).await;
+    assert_eq!(out.status.code(), Some(2), "clap usage error");
+    assert!(text(&out.stderr).contains("--all"), "{}", text(&out.stderr));
+    let out = worker(&[], &["--env-file", "/nonexistent/.env", "migrate"]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).starts_with("error: cannot read env file /nonexistent/.env"));
+}
+
+#[tokio::test]
+async fn settings_from_an_env_file_and_secret_files() {
+    let env = TestEnv::new().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("db-url");
+    std::fs::write(&secret, format!("{}\n", env.mapping_db)).unwrap();
+    let env_file = dir.path().join("worker.env");
+    std::fs::write(
+        &env_file,
+        format!("DATABASE_URL_FILE={}\n", secret.display()),
+    )
+    .unwrap();
+    let out = worker(&[], &["--env-file", env_file.to_str().unwrap(), "migrate"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        !text(&out.stderr).contains(&env.mapping_db),
+        "no secret in logs"
+    );
+    assert_eq!(
+        count(
+            &env.mapping_db,
+            "SELECT count(*) FROM schema_history_ledger"
+        )
+        .await,
+        1
+    );
+}
