@@ -167,14 +167,7 @@ impl Ingestor {
 
         if let Some(etag) = known_etag.filter(|e| !e.is_empty()) {
             if self.is_done(dataset, &version(etag)).await? {
-                return Ok(self.outcome(
-                    version(etag),
-                    dataset,
-                    Disposition::AlreadyDone,
-                    Counts::default(),
-                    0,
-                    t0,
-                ));
+                return Ok(self.already_done(version(etag), dataset, 0, t0));
             }
         }
 
@@ -195,19 +188,9 @@ impl Ingestor {
 
         let mut client = self.dbs.client(dataset).await?;
         let failure = {
-            let tx = client.transaction().await.db(dataset)?;
-            ledger::lock(&tx, &v).await.db(dataset)?;
-            if ledger::status(&tx, &v).await.db(dataset)? == Some(Status::Done) {
-                tx.commit().await.db(dataset)?;
-                return Ok(self.outcome(
-                    v,
-                    dataset,
-                    Disposition::AlreadyDone,
-                    Counts::default(),
-                    size,
-                    t0,
-                ));
-            }
+            let Some(tx) = ledger::begin(&mut client, &v).await.db(dataset)? else {
+                return Ok(self.already_done(v, dataset, size, t0));
+            };
             let body: Box<dyn AsyncRead + Send + Unpin> = match compression {
                 Compression::None => Box::new(object.body),
                 Compression::Gzip => {
@@ -253,19 +236,9 @@ impl Ingestor {
         // A failed object: record it, in a transaction of its own, under the same lock.
         let reason = failure.to_string();
         warn!(%reason, "object failed");
-        let tx = client.transaction().await.db(dataset)?;
-        ledger::lock(&tx, &v).await.db(dataset)?;
-        if ledger::status(&tx, &v).await.db(dataset)? == Some(Status::Done) {
-            tx.commit().await.db(dataset)?;
-            return Ok(self.outcome(
-                v,
-                dataset,
-                Disposition::AlreadyDone,
-                Counts::default(),
-                size,
-                t0,
-            ));
-        }
+        let Some(tx) = ledger::begin(&mut client, &v).await.db(dataset)? else {
+            return Ok(self.already_done(v, dataset, size, t0));
+        };
         let entry = Entry {
             version: &v,
             dataset: dataset.as_str(),
@@ -378,9 +351,7 @@ impl Ingestor {
         info!(%reason, "object ignored");
         let db = dataset.unwrap_or(Dataset::Mapping);
         let mut client = self.dbs.client(db).await?;
-        let tx = client.transaction().await.db(db)?;
-        ledger::lock(&tx, &v).await.db(db)?;
-        if ledger::status(&tx, &v).await.db(db)? != Some(Status::Done) {
+        if let Some(tx) = ledger::begin(&mut client, &v).await.db(db)? {
             let entry = Entry {
                 version: &v,
                 dataset: dataset.map_or("none", Dataset::as_str),
@@ -392,8 +363,8 @@ impl Ingestor {
                 started_at,
             };
             ledger::record(&tx, &entry).await.db(db)?;
+            tx.commit().await.db(db)?;
         }
-        tx.commit().await.db(db)?;
         Ok(Outcome {
             version: v,
             dataset,
@@ -403,6 +374,17 @@ impl Ingestor {
             size_bytes: 0,
             elapsed: t0.elapsed(),
         })
+    }
+
+    fn already_done(&self, v: ObjectVersion, dataset: Dataset, size: u64, t0: Instant) -> Outcome {
+        self.outcome(
+            v,
+            dataset,
+            Disposition::AlreadyDone,
+            Counts::default(),
+            size,
+            t0,
+        )
     }
 
     fn outcome(

@@ -64,6 +64,21 @@ pub struct Entry<'a> {
     pub started_at: DateTime<Utc>,
 }
 
+/// Opens a transaction that holds the lock of version `v`, unless `v` is already `done` (then
+/// `None`: there is nothing to do).
+pub async fn begin<'c>(
+    client: &'c mut tokio_postgres::Client,
+    v: &ObjectVersion,
+) -> Result<Option<Transaction<'c>>, tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    lock(&tx, v).await?;
+    if status(&tx, v).await? == Some(Status::Done) {
+        tx.commit().await?;
+        return Ok(None);
+    }
+    Ok(Some(tx))
+}
+
 /// Takes the per-version lock for the rest of the transaction (waits while another holds it).
 pub async fn lock(tx: &Transaction<'_>, v: &ObjectVersion) -> Result<(), tokio_postgres::Error> {
     // Collisions of the 64-bit hash only serialise two unrelated objects; they never merge them.
