@@ -62,12 +62,12 @@ fn file_csv(f: usize, rows: usize, sensors: &[uuid::Uuid]) -> String {
 #[tokio::main]
 async fn main() -> Result<()> {
     let a = args()?;
-    if !a.worker.exists() {
-        bail!(
+    let worker = std::fs::canonicalize(&a.worker).with_context(|| {
+        format!(
             "{} not found: cargo build --release -p sensors-worker",
             a.worker.display()
-        );
-    }
+        )
+    })?;
     let sensors: Vec<uuid::Uuid> = (0..100u128)
         .map(|i| uuid::Uuid::from_u128(0x5e50_0000_0000_4000_8000_0000_0000_0000 + i))
         .collect();
@@ -110,7 +110,7 @@ async fn main() -> Result<()> {
             .arg(&db)
             .args(["-v", "ON_ERROR_STOP=1", "-c"])
             .arg(format!(
-                "\\copy baseline FROM '{}' WITH (FORMAT csv, DELIMITER ';')",
+                "\\copy baseline (ts, sensor_uuid, value) FROM '{}' WITH (FORMAT csv, DELIMITER ';')",
                 baseline_file.display()
             ))
             .output()
@@ -133,8 +133,11 @@ async fn main() -> Result<()> {
                 *v = db.clone();
             }
         }
+        if let Ok(c) = std::env::var("WORKER_CONCURRENCY") {
+            vars.push(("WORKER_CONCURRENCY".into(), c));
+        }
         let run_worker = |args: &[&str]| {
-            std::process::Command::new(&a.worker)
+            std::process::Command::new(&worker)
                 .args(args)
                 .env_clear()
                 .envs(vars.iter().map(|(k, v)| (k, v)))
