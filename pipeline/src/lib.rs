@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod contract;
+pub mod events;
 pub mod ingest;
 pub mod object_store;
 pub mod store;
