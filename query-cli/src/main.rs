@@ -1,13 +1,176 @@
 //! `query-cli`: reads readings, sensors and ingestion status back from the pipeline's databases.
 //!
-//! Not built yet: the commands of SPEC §5 (`readings`, `sensors`, `status`) land with their own
-//! issue. Until then the binary says so instead of pretending to succeed.
+//! It shares the schema and the configuration with the worker, nothing else: sensor names are
+//! resolved in the mapping database (`DATABASE_URL`), readings come from the measurement database
+//! (`TIMESCALE_DATABASE_URL`, defaulting to `DATABASE_URL`).
 
+mod db;
+mod output;
+mod range;
+mod readings;
+mod sensors;
+mod status;
+
+use std::io::Write;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::{Args, Parser, Subcommand};
+use sensor_pipeline::config::{DatabaseSettings, Env};
+
+use crate::output::Format;
+
+const EXIT_CODES: &str = "Exit codes:\n  \
+    0  success (also a page past the end: no rows)\n  \
+    1  nothing to show: unknown sensor, a name mapped to several UUIDs, unknown object\n  \
+    2  usage error: bad or missing flag, unparsable timestamp, start after end, page below 1\n  \
+    3  configuration or infrastructure error: missing setting, database unreachable";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "query-cli",
+    version,
+    about = "Reads sensor readings, sensors and ingestion status from the pipeline's databases.",
+    after_help = format!(
+        "Configuration comes from the environment (DATABASE_URL, TIMESCALE_DATABASE_URL), \
+         optionally loaded from config/.env (or --env-file). Secrets may be given as NAME_FILE.\n\n{EXIT_CODES}"
+    )
+)]
+struct Cli {
+    /// Load settings from this file instead of config/.env (the environment still wins).
+    #[arg(long, global = true, value_name = "PATH")]
+    env_file: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Readings of one sensor in [start, end] (both inclusive), in time order.
+    ///
+    /// Without page flags every reading in the range is streamed, in bounded memory. With
+    /// --page-number P --page-size S, page P of size S (a page past the end prints no rows).
+    ///
+    /// Timestamps: YYYY-MM-DD (midnight), or YYYY-MM-DD then T or a space then HH:MM[:SS[.ffffff]],
+    /// optionally followed by Z, ±HH, ±HHMM or ±HH:MM. Without an offset: UTC.
+    #[command(after_help = format!(
+        "Example:\n  query-cli readings --sensor-name sensor_00007 \
+         --start-timestamp \"2012-12-31T23:07:00+00\" --end-timestamp \"2013-02-16T11:03:00+00\" \
+         --page-number 2 --page-size 10\n\n{EXIT_CODES}"
+    ))]
+    Readings(readings::ReadingsArgs),
+    /// Every sensor (mapped or not) with its reading count and first/last timestamp.
+    #[command(after_help = format!("Example:\n  query-cli sensors --format csv\n\n{EXIT_CODES}"))]
+    Sensors(FormatArg),
+    /// Ingestion status per object version (key, ETag, status, rows, reason), with totals; or the
+    /// rejected rows of one object (--object KEY).
+    #[command(after_help = format!(
+        "Examples:\n  query-cli status\n  query-cli status --failed\n  \
+         query-cli status --object timeseries/2013/part-0000.csv\n\n{EXIT_CODES}"
+    ))]
+    Status(status::StatusArgs),
+}
+
+#[derive(Debug, Args)]
+struct FormatArg {
+    /// Output format: an aligned table for people, CSV, or one JSON object per line.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    format: Format,
+}
+
+/// What went wrong, and so which exit code.
+#[derive(Debug)]
+pub enum Failure {
+    /// Nothing to show for the request (exit 1).
+    NotFound(String),
+    /// The command line is wrong (exit 2).
+    Usage(String),
+    /// Configuration or infrastructure (exit 3).
+    Infrastructure(String),
+    /// Writing to stdout failed; a closed pipe (`| head`) is not an error.
+    Output(std::io::Error),
+}
+
+impl Failure {
+    fn exit(self) -> ExitCode {
+        let (code, message) = match self {
+            Failure::NotFound(m) => (1, m),
+            Failure::Usage(m) => (2, m),
+            Failure::Infrastructure(m) => (3, m),
+            Failure::Output(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                return ExitCode::SUCCESS
+            }
+            Failure::Output(e) => (3, format!("cannot write the output: {e}")),
+        };
+        eprintln!("error: {message}");
+        ExitCode::from(code)
+    }
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(e: std::io::Error) -> Self {
+        Failure::Output(e)
+    }
+}
+
 fn main() -> ExitCode {
-    eprintln!(
-        "error: query-cli is not available yet (readings, sensors and status are being built)"
-    );
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return Failure::Infrastructure(format!("cannot start the runtime: {e}")).exit(),
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => failure.exit(),
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let settings = Env::load(cli.env_file.as_deref())
+        .and_then(|env| DatabaseSettings::from_env(&env))
+        .map_err(|e| Failure::Infrastructure(e.to_string()))?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, stdout.lock());
+    match cli.command {
+        Command::Readings(args) => {
+            let request = args.request()?;
+            readings::run(&settings, &request, &mut out).await?;
+        }
+        Command::Sensors(args) => sensors::run(&settings, args.format, &mut out).await?,
+        Command::Status(args) => status::run(&settings, &args, &mut out).await?,
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// Help and version go to stdout with exit 0; anything else is one line on stderr, exit 2.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        let _ = e.print();
+        return ExitCode::SUCCESS;
+    }
+    if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+        let _ = e.print();
+        return ExitCode::from(2);
+    }
+    // clap renders several lines (the error, a tip, the usage); keep the error itself on one line.
+    let rendered = e.render().to_string();
+    let message: Vec<&str> = rendered
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .filter(|l| !l.is_empty() && !l.starts_with("tip:"))
+        .collect();
+    let message = message.join(" ");
+    let message = message.strip_prefix("error: ").unwrap_or(&message);
+    eprintln!("error: {message} (see --help)");
     ExitCode::from(2)
 }

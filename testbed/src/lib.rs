@@ -19,7 +19,7 @@ use std::sync::OnceLock;
 use anyhow::{Context, Result};
 use sensor_pipeline::config::{DatabaseSettings, Env, ObjectStoreSettings, Secret};
 
-pub use processes::{nats, postgres, Nats, Postgres};
+pub use processes::{free_port, nats, postgres, wait_until, Nats, Postgres};
 pub use s3::S3Server;
 
 /// A fresh, isolated set of services for one test: its own database(s), its own bucket.

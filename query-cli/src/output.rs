@@ -1,0 +1,173 @@
+//! Output formats shared by the commands: an aligned table for people, CSV, and JSON lines.
+//!
+//! Timestamps are RFC 3339 in UTC (`2013-01-01T00:07:00Z`, with `.fff` or `.ffffff` only when the
+//! instant has a fraction). Numbers are printed in their shortest form that reads back as the same
+//! `f64` (`21.5`, `1`, `-0.001`).
+
+use std::io::Write;
+
+use chrono::{DateTime, Datelike, Timelike, Utc};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Csv,
+    Json,
+}
+
+/// Appends `t` as RFC 3339 UTC. Hand-rolled because the readings stream prints one per row.
+pub fn push_timestamp(buf: &mut Vec<u8>, t: DateTime<Utc>) {
+    let year = t.year();
+    if !(0..=9999).contains(&year) {
+        buf.extend_from_slice(
+            t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+                .as_bytes(),
+        );
+        return;
+    }
+    push_digits(buf, year as u32, 4);
+    buf.push(b'-');
+    push_digits(buf, t.month(), 2);
+    buf.push(b'-');
+    push_digits(buf, t.day(), 2);
+    buf.push(b'T');
+    push_digits(buf, t.hour(), 2);
+    buf.push(b':');
+    push_digits(buf, t.minute(), 2);
+    buf.push(b':');
+    push_digits(buf, t.second(), 2);
+    let micros = t.timestamp_subsec_micros();
+    if micros != 0 {
+        buf.push(b'.');
+        if micros.is_multiple_of(1000) {
+            push_digits(buf, micros / 1000, 3);
+        } else {
+            push_digits(buf, micros, 6);
+        }
+    }
+    buf.push(b'Z');
+}
+
+pub fn timestamp(t: DateTime<Utc>) -> String {
+    let mut buf = Vec::with_capacity(27);
+    push_timestamp(&mut buf, t);
+    String::from_utf8(buf).expect("ASCII")
+}
+
+fn push_digits(buf: &mut Vec<u8>, mut n: u32, width: usize) {
+    let start = buf.len();
+    buf.resize(start + width, b'0');
+    for slot in buf[start..].iter_mut().rev() {
+        *slot = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+}
+
+/// Appends the shortest decimal form of `v` that parses back to the same value.
+pub fn push_value(buf: &mut Vec<u8>, v: f64) {
+    // `Display` for f64 is shortest-round-trip (never exponent notation).
+    let _ = write!(buf, "{v}");
+}
+
+/// Quotes a CSV field when it needs it (RFC 4180).
+pub fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+/// Column alignment in tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Align {
+    Left,
+    Right,
+}
+
+/// Writes rows as a table with a header, each column as wide as its widest cell.
+pub fn write_table(
+    out: &mut impl Write,
+    columns: &[(&str, Align)],
+    rows: &[Vec<String>],
+) -> std::io::Result<()> {
+    let mut widths: Vec<usize> = columns.iter().map(|(h, _)| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let header: Vec<String> = columns.iter().map(|(h, _)| h.to_string()).collect();
+    for row in std::iter::once(&header).chain(rows) {
+        let mut line = String::new();
+        for (i, ((cell, (_, align)), width)) in row.iter().zip(columns).zip(&widths).enumerate() {
+            if i > 0 {
+                line.push_str("  ");
+            }
+            let pad = width - cell.chars().count();
+            match align {
+                Align::Left => {
+                    line.push_str(cell);
+                    line.extend(std::iter::repeat_n(' ', pad));
+                }
+                Align::Right => {
+                    line.extend(std::iter::repeat_n(' ', pad));
+                    line.push_str(cell);
+                }
+            }
+        }
+        writeln!(out, "{}", line.trim_end())?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ts(us: i64) -> String {
+        timestamp(DateTime::from_timestamp_micros(us).unwrap())
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        assert_eq!(ts(1_356_995_220_000_000), "2012-12-31T23:07:00Z");
+        assert_eq!(ts(1_356_995_220_500_000), "2012-12-31T23:07:00.500Z");
+        assert_eq!(ts(1_356_995_220_000_001), "2012-12-31T23:07:00.000001Z");
+        assert_eq!(ts(0), "1970-01-01T00:00:00Z");
+        assert_eq!(ts(-1), "1969-12-31T23:59:59.999999Z");
+    }
+
+    #[test]
+    fn values_round_trip_shortest() {
+        for (v, s) in [
+            (21.5, "21.5"),
+            (1.0, "1"),
+            (-0.001, "-0.001"),
+            (0.1 + 0.2, "0.30000000000000004"),
+        ] {
+            let mut buf = Vec::new();
+            push_value(&mut buf, v);
+            assert_eq!(String::from_utf8(buf).unwrap(), s);
+            assert_eq!(s.parse::<f64>().unwrap(), v);
+        }
+    }
+
+    #[test]
+    fn table_aligns() {
+        let mut out = Vec::new();
+        write_table(
+            &mut out,
+            &[("name", Align::Left), ("n", Align::Right)],
+            &[
+                vec!["a".into(), "100".into()],
+                vec!["long name".into(), "2".into()],
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "name         n\na          100\nlong name    2\n"
+        );
+    }
+}

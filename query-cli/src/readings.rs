@@ -1,0 +1,309 @@
+//! `query-cli readings`: one sensor's readings in a closed time range, in time order.
+//!
+//! Without page flags the whole range is streamed in keyset batches on `(sensor_uuid, ts)` — the
+//! measurements table's primary key — so memory stays flat however long the range is, and the
+//! first row is printed as soon as the first batch starts arriving. With page flags, page P of size
+//! S is `OFFSET (P-1)*S LIMIT S` over the same index, streamed the same way.
+
+use std::io::Write;
+use std::pin::pin;
+
+use chrono::{DateTime, Duration, Utc};
+use clap::Args;
+use futures_util::TryStreamExt;
+use postgres_types::ToSql;
+use sensor_pipeline::config::DatabaseSettings;
+use tokio_postgres::Client;
+use uuid::Uuid;
+
+use crate::db::{failed, Databases};
+use crate::output::{push_timestamp, push_value, Format};
+use crate::{range, Failure};
+
+/// Rows fetched per keyset batch when streaming a whole range.
+const BATCH: i64 = 50_000;
+
+#[derive(Debug, Args)]
+#[group(skip)]
+#[command(group(clap::ArgGroup::new("sensor").required(true).multiple(false)))]
+pub struct ReadingsArgs {
+    /// The sensor's name, as in the mapping (exact match).
+    #[arg(long, value_name = "NAME", group = "sensor")]
+    sensor_name: Option<String>,
+    /// The sensor's UUID (any UUID text form); works for sensors not in the mapping too.
+    #[arg(long, value_name = "UUID", value_parser = parse_uuid, group = "sensor")]
+    sensor_uuid: Option<Uuid>,
+    /// First instant of the range (inclusive).
+    #[arg(long, value_name = "T", value_parser = range::flag)]
+    start_timestamp: DateTime<Utc>,
+    /// Last instant of the range (inclusive).
+    #[arg(long, value_name = "T", value_parser = range::flag)]
+    end_timestamp: DateTime<Utc>,
+    /// Page to print, from 1 (needs --page-size).
+    #[arg(long, value_name = "P", requires = "page_size", value_parser = page)]
+    page_number: Option<u64>,
+    /// Readings per page (needs --page-number).
+    #[arg(long, value_name = "S", requires = "page_number", value_parser = page)]
+    page_size: Option<u64>,
+    /// Output format: an aligned table for people, CSV (`timestamp,sensor_value`), or JSON lines.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    format: Format,
+}
+
+fn parse_uuid(s: &str) -> Result<Uuid, String> {
+    Uuid::parse_str(s.trim()).map_err(|_| {
+        "is not a UUID; accepted: hyphenated, simple, braced or urn form, any case".to_string()
+    })
+}
+
+fn page(s: &str) -> Result<u64, String> {
+    match s.trim().parse::<u64>() {
+        Ok(0) => Err("pages and page sizes start at 1".into()),
+        Ok(n) if n <= i64::MAX as u64 => Ok(n),
+        _ => Err("is not a whole number of at least 1".into()),
+    }
+}
+
+pub enum Sensor {
+    Name(String),
+    Uuid(Uuid),
+}
+
+/// A validated request.
+pub struct Request {
+    sensor: Sensor,
+    start: DateTime<Utc>,
+    end: DateTime<Utc>,
+    /// (offset, limit) when a page was asked for.
+    page: Option<(i64, i64)>,
+    format: Format,
+}
+
+impl ReadingsArgs {
+    pub fn request(self) -> Result<Request, Failure> {
+        if self.start_timestamp > self.end_timestamp {
+            return Err(Failure::Usage(format!(
+                "--start-timestamp ({}) is after --end-timestamp ({}); the range is [start, end], both inclusive",
+                crate::output::timestamp(self.start_timestamp),
+                crate::output::timestamp(self.end_timestamp)
+            )));
+        }
+        let page = match (self.page_number, self.page_size) {
+            (Some(number), Some(size)) => {
+                // A page beyond i64 offsets is simply past the end.
+                let offset = (number - 1).saturating_mul(size).min(i64::MAX as u64);
+                Some((offset as i64, size as i64))
+            }
+            _ => None, // clap makes each page flag require the other
+        };
+        let sensor = match (self.sensor_name, self.sensor_uuid) {
+            (_, Some(uuid)) => Sensor::Uuid(uuid),
+            (Some(name), None) => Sensor::Name(name),
+            (None, None) => unreachable!("clap requires one of the sensor flags"),
+        };
+        Ok(Request {
+            sensor,
+            start: self.start_timestamp,
+            end: self.end_timestamp,
+            page,
+            format: self.format,
+        })
+    }
+}
+
+pub async fn run(
+    settings: &DatabaseSettings,
+    request: &Request,
+    out: &mut impl Write,
+) -> Result<(), Failure> {
+    let dbs = Databases::connect(settings).await?;
+    let uuid = resolve(&dbs, &request.sensor).await?;
+    let mut printer = Printer::new(request.format);
+    printer.header(out)?;
+    let client = &dbs.measurements;
+    match request.page {
+        Some((offset, limit)) => {
+            let stmt = client
+                .prepare(
+                    "SELECT ts, value FROM measurements \
+                     WHERE sensor_uuid = $1 AND ts >= $2 AND ts <= $3 \
+                     ORDER BY ts LIMIT $4 OFFSET $5",
+                )
+                .await
+                .map_err(failed("measurement"))?;
+            let params: [&(dyn ToSql + Sync); 5] =
+                [&uuid, &request.start, &request.end, &limit, &offset];
+            stream(client, &stmt, &params, &mut printer, out).await?;
+        }
+        None => {
+            let stmt = client
+                .prepare(
+                    "SELECT ts, value FROM measurements \
+                     WHERE sensor_uuid = $1 AND ts > $2 AND ts <= $3 \
+                     ORDER BY ts LIMIT $4",
+                )
+                .await
+                .map_err(failed("measurement"))?;
+            // Timestamps are stored to the microsecond: `> start - 1µs` is `>= start`.
+            let mut after = request.start - Duration::microseconds(1);
+            loop {
+                let params: [&(dyn ToSql + Sync); 4] = [&uuid, &after, &request.end, &BATCH];
+                let (rows, last) = stream(client, &stmt, &params, &mut printer, out).await?;
+                match last {
+                    Some(last) if rows == BATCH => after = last,
+                    _ => break,
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs one query and prints its rows as they arrive; returns how many and the last timestamp.
+async fn stream(
+    client: &Client,
+    stmt: &tokio_postgres::Statement,
+    params: &[&(dyn ToSql + Sync)],
+    printer: &mut Printer,
+    out: &mut impl Write,
+) -> Result<(i64, Option<DateTime<Utc>>), Failure> {
+    let rows = client
+        .query_raw(stmt, params.iter().copied())
+        .await
+        .map_err(failed("measurement"))?;
+    let mut rows = pin!(rows);
+    let mut count = 0;
+    let mut last = None;
+    while let Some(row) = rows.try_next().await.map_err(failed("measurement"))? {
+        let ts: DateTime<Utc> = row.try_get(0).map_err(failed("measurement"))?;
+        let value: f64 = row.try_get(1).map_err(failed("measurement"))?;
+        printer.row(out, ts, value)?;
+        count += 1;
+        last = Some(ts);
+    }
+    Ok((count, last))
+}
+
+/// The UUID to read: a name must map to exactly one; a UUID must be known to either database.
+async fn resolve(dbs: &Databases, sensor: &Sensor) -> Result<Uuid, Failure> {
+    match sensor {
+        Sensor::Name(name) => {
+            let rows = dbs
+                .mapping
+                .query(
+                    "SELECT sensor_uuid FROM sensors WHERE sensor_name = $1 ORDER BY sensor_uuid",
+                    &[&name.trim()],
+                )
+                .await
+                .map_err(failed("mapping"))?;
+            let uuids: Vec<Uuid> = rows
+                .iter()
+                .map(|r| r.try_get(0))
+                .collect::<Result<_, _>>()
+                .map_err(failed("mapping"))?;
+            match uuids.as_slice() {
+                [one] => Ok(*one),
+                [] => Err(Failure::NotFound(format!(
+                    "unknown sensor name {name:?}: no sensor in the mapping has it \
+                     (`query-cli sensors` lists them; --sensor-uuid reads unmapped sensors)"
+                ))),
+                many => Err(Failure::NotFound(format!(
+                    "sensor name {name:?} is mapped to {} UUIDs: {}; use --sensor-uuid",
+                    many.len(),
+                    many.iter()
+                        .map(Uuid::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))),
+            }
+        }
+        Sensor::Uuid(uuid) => {
+            let mapped = dbs
+                .mapping
+                .query_opt("SELECT 1 FROM sensors WHERE sensor_uuid = $1", &[uuid])
+                .await
+                .map_err(failed("mapping"))?
+                .is_some();
+            let measured = mapped
+                || dbs
+                    .measurements
+                    .query_opt(
+                        "SELECT 1 FROM measurements WHERE sensor_uuid = $1 LIMIT 1",
+                        &[uuid],
+                    )
+                    .await
+                    .map_err(failed("measurement"))?
+                    .is_some();
+            if measured {
+                Ok(*uuid)
+            } else {
+                Err(Failure::NotFound(format!(
+                    "unknown sensor UUID {uuid}: neither mapped nor with any reading"
+                )))
+            }
+        }
+    }
+}
+
+/// Formats readings one line at a time into a reused buffer.
+struct Printer {
+    format: Format,
+    line: Vec<u8>,
+}
+
+/// Table column widths: the longest RFC 3339 UTC timestamp with microseconds, and a value.
+const TS_WIDTH: usize = 27;
+const VALUE_WIDTH: usize = 14;
+
+impl Printer {
+    fn new(format: Format) -> Self {
+        Self {
+            format,
+            line: Vec::with_capacity(64),
+        }
+    }
+
+    fn header(&self, out: &mut impl Write) -> std::io::Result<()> {
+        match self.format {
+            Format::Csv => out.write_all(b"timestamp,sensor_value\n"),
+            Format::Table => writeln!(
+                out,
+                "{:<TS_WIDTH$}  {:>VALUE_WIDTH$}",
+                "timestamp", "sensor_value"
+            ),
+            Format::Json => Ok(()),
+        }
+    }
+
+    fn row(&mut self, out: &mut impl Write, ts: DateTime<Utc>, value: f64) -> std::io::Result<()> {
+        let line = &mut self.line;
+        line.clear();
+        match self.format {
+            Format::Csv => {
+                push_timestamp(line, ts);
+                line.push(b',');
+                push_value(line, value);
+            }
+            Format::Json => {
+                line.extend_from_slice(b"{\"timestamp\":\"");
+                push_timestamp(line, ts);
+                line.extend_from_slice(b"\",\"sensor_value\":");
+                push_value(line, value);
+                line.push(b'}');
+            }
+            Format::Table => {
+                push_timestamp(line, ts);
+                let pad = TS_WIDTH.saturating_sub(line.len()) + 2;
+                line.extend(std::iter::repeat_n(b' ', pad));
+                let at = line.len();
+                push_value(line, value);
+                let width = line.len() - at;
+                if width < VALUE_WIDTH {
+                    line.splice(at..at, std::iter::repeat_n(b' ', VALUE_WIDTH - width));
+                }
+            }
+        }
+        line.push(b'\n');
+        out.write_all(line)
+    }
+}

@@ -1,0 +1,264 @@
+//! `query-cli status`: what the pipeline did with every object version (from the ledgers of both
+//! databases), with totals; or, with `--object KEY`, the rejected rows of one object — line number,
+//! reason and the raw line — so an operator sees exactly what was dropped and why.
+
+use std::io::Write;
+
+use chrono::{DateTime, Utc};
+use clap::Args;
+use sensor_pipeline::config::DatabaseSettings;
+use serde_json::json;
+use tokio_postgres::Client;
+
+use crate::db::{failed, Databases};
+use crate::output::{csv_field, timestamp, write_table, Align, Format};
+use crate::Failure;
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Only object versions that failed.
+    #[arg(long, conflicts_with = "object")]
+    failed: bool,
+    /// Show the rejected rows of this object (every version of it) instead.
+    #[arg(long, value_name = "KEY")]
+    object: Option<String>,
+    /// Output format: an aligned table for people, CSV, or one JSON object per line.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    format: Format,
+}
+
+struct Version {
+    key: String,
+    etag: String,
+    status: String,
+    rows_ok: i64,
+    rows_rejected: i64,
+    reason: Option<String>,
+    attempts: i32,
+    finished: DateTime<Utc>,
+}
+
+struct Rejected {
+    etag: String,
+    line: i64,
+    reason: String,
+    raw: String,
+}
+
+pub async fn run(
+    settings: &DatabaseSettings,
+    args: &StatusArgs,
+    out: &mut impl Write,
+) -> Result<(), Failure> {
+    let dbs = Databases::connect(settings).await?;
+    let mut clients: Vec<(&Client, &'static str)> = vec![(&dbs.mapping, "mapping")];
+    if !dbs.same {
+        clients.push((&dbs.measurements, "measurement"));
+    }
+    match &args.object {
+        Some(key) => rejected_rows(&clients, key, args.format, out).await,
+        None => versions(&clients, args.failed, args.format, out).await,
+    }
+}
+
+async fn versions(
+    clients: &[(&Client, &'static str)],
+    only_failed: bool,
+    format: Format,
+    out: &mut impl Write,
+) -> Result<(), Failure> {
+    let mut versions = Vec::new();
+    for (client, database) in clients {
+        let rows = client
+            .query(
+                "SELECT object_key, etag, status, rows_ok, rows_rejected, reason, attempts, finished_at \
+                 FROM ingest_ledger WHERE status = 'failed' OR NOT $1",
+                &[&only_failed],
+            )
+            .await
+            .map_err(failed(database))?;
+        for r in rows {
+            let get = |e| failed(database)(e);
+            versions.push(Version {
+                key: r.try_get(0).map_err(get)?,
+                etag: r.try_get(1).map_err(get)?,
+                status: r.try_get(2).map_err(get)?,
+                rows_ok: r.try_get(3).map_err(get)?,
+                rows_rejected: r.try_get(4).map_err(get)?,
+                reason: r.try_get(5).map_err(get)?,
+                attempts: r.try_get(6).map_err(get)?,
+                finished: r.try_get(7).map_err(get)?,
+            });
+        }
+    }
+    versions.sort_by(|a, b| (&a.key, a.finished, &a.etag).cmp(&(&b.key, b.finished, &b.etag)));
+
+    match format {
+        Format::Json => {
+            for v in &versions {
+                let line = json!({
+                    "key": v.key, "etag": v.etag, "status": v.status,
+                    "rows_ok": v.rows_ok, "rows_rejected": v.rows_rejected, "reason": v.reason,
+                    "attempts": v.attempts, "finished_at": timestamp(v.finished),
+                });
+                writeln!(out, "{line}")?;
+            }
+        }
+        Format::Csv => {
+            writeln!(
+                out,
+                "key,etag,status,rows_ok,rows_rejected,reason,attempts,finished_at"
+            )?;
+            for v in &versions {
+                writeln!(
+                    out,
+                    "{},{},{},{},{},{},{},{}",
+                    csv_field(&v.key),
+                    csv_field(&v.etag),
+                    v.status,
+                    v.rows_ok,
+                    v.rows_rejected,
+                    csv_field(v.reason.as_deref().unwrap_or("")),
+                    v.attempts,
+                    timestamp(v.finished)
+                )?;
+            }
+        }
+        Format::Table => {
+            let rows: Vec<Vec<String>> = versions
+                .iter()
+                .map(|v| {
+                    vec![
+                        v.key.clone(),
+                        v.etag.clone(),
+                        v.status.clone(),
+                        v.rows_ok.to_string(),
+                        v.rows_rejected.to_string(),
+                        v.attempts.to_string(),
+                        timestamp(v.finished),
+                        v.reason.clone().unwrap_or_default(),
+                    ]
+                })
+                .collect();
+            write_table(
+                out,
+                &[
+                    ("key", Align::Left),
+                    ("etag", Align::Left),
+                    ("status", Align::Left),
+                    ("rows_ok", Align::Right),
+                    ("rows_rejected", Align::Right),
+                    ("attempts", Align::Right),
+                    ("finished_at", Align::Left),
+                    ("reason", Align::Left),
+                ],
+                &rows,
+            )?;
+            let count = |s: &str| versions.iter().filter(|v| v.status == s).count();
+            writeln!(
+                out,
+                "\ntotal: {} object versions ({} done, {} failed, {} ignored); rows: {} ok, {} rejected",
+                versions.len(),
+                count("done"),
+                count("failed"),
+                count("ignored"),
+                versions.iter().map(|v| v.rows_ok).sum::<i64>(),
+                versions.iter().map(|v| v.rows_rejected).sum::<i64>(),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+async fn rejected_rows(
+    clients: &[(&Client, &'static str)],
+    key: &str,
+    format: Format,
+    out: &mut impl Write,
+) -> Result<(), Failure> {
+    let mut known = false;
+    let mut rejected = Vec::new();
+    for (client, database) in clients {
+        known |= client
+            .query_opt(
+                "SELECT 1 FROM ingest_ledger WHERE object_key = $1 LIMIT 1",
+                &[&key],
+            )
+            .await
+            .map_err(failed(database))?
+            .is_some();
+        let rows = client
+            .query(
+                "SELECT l.etag, q.line, q.reason, q.raw \
+                 FROM ingest_quarantine q JOIN ingest_ledger l ON l.id = q.ledger_id \
+                 WHERE l.object_key = $1 ORDER BY l.finished_at, l.etag, q.line",
+                &[&key],
+            )
+            .await
+            .map_err(failed(database))?;
+        for r in rows {
+            let get = |e| failed(database)(e);
+            let raw: Vec<u8> = r.try_get(3).map_err(get)?;
+            rejected.push(Rejected {
+                etag: r.try_get(0).map_err(get)?,
+                line: r.try_get(1).map_err(get)?,
+                reason: r.try_get(2).map_err(get)?,
+                raw: String::from_utf8_lossy(&raw).into_owned(),
+            });
+        }
+    }
+    if !known {
+        return Err(Failure::NotFound(format!(
+            "no object {key:?} in the ledger (`query-cli status` lists every object version)"
+        )));
+    }
+    match format {
+        Format::Json => {
+            for r in &rejected {
+                let line = json!({
+                    "key": key, "etag": r.etag, "line": r.line, "reason": r.reason, "raw": r.raw,
+                });
+                writeln!(out, "{line}")?;
+            }
+        }
+        Format::Csv => {
+            writeln!(out, "key,etag,line,reason,raw")?;
+            for r in &rejected {
+                writeln!(
+                    out,
+                    "{},{},{},{},{}",
+                    csv_field(key),
+                    csv_field(&r.etag),
+                    r.line,
+                    csv_field(&r.reason),
+                    csv_field(&r.raw)
+                )?;
+            }
+        }
+        Format::Table => {
+            let rows: Vec<Vec<String>> = rejected
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.etag.clone(),
+                        r.line.to_string(),
+                        r.reason.clone(),
+                        r.raw.escape_debug().to_string(),
+                    ]
+                })
+                .collect();
+            write_table(
+                out,
+                &[
+                    ("etag", Align::Left),
+                    ("line", Align::Right),
+                    ("reason", Align::Left),
+                    ("raw", Align::Left),
+                ],
+                &rows,
+            )?;
+            writeln!(out, "\n{} rejected rows in {key}", rejected.len())?;
+        }
+    }
+    Ok(())
+}
