@@ -47,7 +47,21 @@ impl Harness {
     }
 
     /// All readings as (uuid, RFC 3339 UTC with microseconds, value), ordered.
+    /// Also checks that the page index (`measurement_days`) counts exactly the stored rows.
     async fn readings(&self) -> Vec<(String, String, f64)> {
+        let drift: i64 = self
+            .measurements
+            .query_one(
+                "SELECT count(*) FROM measurement_days h
+                 FULL JOIN (SELECT sensor_uuid, date_trunc('day', ts, 'UTC') AS day, count(*) AS n
+                            FROM measurements GROUP BY 1, 2) c USING (sensor_uuid, day)
+                 WHERE h.readings IS DISTINCT FROM c.n",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(drift, 0, "measurement_days disagrees with measurements");
         self.measurements
             .query(
                 "SELECT sensor_uuid::text, to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), value
@@ -830,7 +844,8 @@ async fn migrations_are_idempotent() {
         vec![
             "ledger/V1__ledger_and_quarantine",
             "mapping/V1__sensors",
-            "measurements/V1__measurements"
+            "measurements/V1__measurements",
+            "measurements/V2__measurement_days"
         ]
     );
     assert_eq!(first[0].hypertable, Some(false));
@@ -842,7 +857,7 @@ async fn migrations_are_idempotent() {
     let (a, b) = tokio::join!(migrate(&db2), migrate(&db2));
     let (a, b) = (a.unwrap(), b.unwrap());
     let applied: usize = a.iter().chain(&b).map(|r| r.applied.len()).sum();
-    assert_eq!(applied, 4, "{a:?} {b:?}");
+    assert_eq!(applied, 5, "{a:?} {b:?}");
 }
 
 #[tokio::test]

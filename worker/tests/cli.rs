@@ -57,7 +57,7 @@ async fn migrate_then_ingest_all_then_again() {
     assert_eq!(
         text(&out.stdout),
         "mapping+measurement database: applied ledger/V1__ledger_and_quarantine, mapping/V1__sensors, \
-         measurements/V1__measurements; measurements is a plain table (TimescaleDB not available)\n"
+         measurements/V1__measurements, measurements/V2__measurement_days; measurements is a plain table (TimescaleDB not available)\n"
     );
     let out = worker(&vars, &["migrate"]).await;
     assert_eq!(

@@ -22,12 +22,25 @@ const CREATE_MEASUREMENTS: &str = "CREATE TEMP TABLE staging_rows (
     ) ON COMMIT DROP";
 const COPY_MEASUREMENTS: &str =
     "COPY staging_rows (line, sensor_uuid, ts, value, raw, reason) FROM STDIN (FORMAT binary)";
-const MERGE_MEASUREMENTS: &str = "INSERT INTO measurements AS m (sensor_uuid, ts, value)
-    SELECT DISTINCT ON (sensor_uuid, ts) sensor_uuid, ts, value
-    FROM staging_rows WHERE reason IS NULL
-    ORDER BY sensor_uuid, ts, line DESC
-    ON CONFLICT (sensor_uuid, ts) DO UPDATE SET value = EXCLUDED.value
-    WHERE m.value IS DISTINCT FROM EXCLUDED.value";
+/// Upserts the last line of every key, then adds the rows that were new (not overwrites: `xmax`
+/// is 0 only for a freshly inserted row version) to the page index `measurement_days`, in
+/// (sensor, day) order so concurrent ingestions lock its rows in one order.
+const MERGE_MEASUREMENTS: &str = "WITH merged AS (
+        INSERT INTO measurements AS m (sensor_uuid, ts, value)
+        SELECT DISTINCT ON (sensor_uuid, ts) sensor_uuid, ts, value
+        FROM staging_rows WHERE reason IS NULL
+        ORDER BY sensor_uuid, ts, line DESC
+        ON CONFLICT (sensor_uuid, ts) DO UPDATE SET value = EXCLUDED.value
+        WHERE m.value IS DISTINCT FROM EXCLUDED.value
+        RETURNING m.sensor_uuid, m.ts, m.xmax = 0 AS inserted
+    ), days AS (
+        INSERT INTO measurement_days AS d (sensor_uuid, day, readings)
+        SELECT sensor_uuid, date_trunc('day', ts, 'UTC'), count(*)
+        FROM merged WHERE inserted
+        GROUP BY 1, 2 ORDER BY 1, 2
+        ON CONFLICT (sensor_uuid, day) DO UPDATE SET readings = d.readings + EXCLUDED.readings
+    )
+    SELECT count(*) FROM merged";
 
 const CREATE_MAPPING: &str = "CREATE TEMP TABLE staging_rows (
         line bigint NOT NULL, sensor_uuid uuid, sensor_name text, raw bytea, reason text
@@ -133,9 +146,11 @@ pub async fn merge(
     key: &str,
 ) -> Result<u64, tokio_postgres::Error> {
     tx.execute(QUARANTINE, &[&ledger_id, &key]).await?;
-    let merge = match dataset {
-        Dataset::Measurements => MERGE_MEASUREMENTS,
-        Dataset::Mapping => MERGE_MAPPING,
-    };
-    tx.execute(merge, &[]).await
+    match dataset {
+        Dataset::Measurements => {
+            let changed: i64 = tx.query_one(MERGE_MEASUREMENTS, &[]).await?.get(0);
+            Ok(changed as u64)
+        }
+        Dataset::Mapping => tx.execute(MERGE_MAPPING, &[]).await,
+    }
 }

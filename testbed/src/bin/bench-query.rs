@@ -1,0 +1,159 @@
+//! Benchmark (not a test): `query-cli` against 10 million stored readings.
+//!
+//! ```text
+//! cargo build --release -p query-cli -p testbed
+//! target/release/bench-query [--sensors 10] [--readings-per-sensor 1000000] [--query-cli target/release/query-cli]
+//! ```
+//!
+//! Measures, as a user sees it (median of `--runs`): a page of 100 at page 1 and at page 10,000,
+//! with the process start (`query-cli --version`) reported apart so it can be subtracted; and the
+//! full-range CSV stream of one sensor to /dev/null in rows/s.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+
+struct Args {
+    sensors: i64,
+    per_sensor: i64,
+    query_cli: PathBuf,
+    runs: usize,
+}
+
+fn args() -> Result<Args> {
+    let mut a = Args {
+        sensors: 10,
+        per_sensor: 1_000_000,
+        query_cli: PathBuf::from("target/release/query-cli"),
+        runs: 7,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value = it.next().with_context(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--sensors" => a.sensors = value.parse()?,
+            "--readings-per-sensor" => a.per_sensor = value.parse()?,
+            "--query-cli" => a.query_cli = value.into(),
+            "--runs" => a.runs = value.parse()?,
+            _ => bail!("unknown flag {flag}"),
+        }
+    }
+    Ok(a)
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// Runs the CLI `runs` times with stdout to /dev/null; the median wall time.
+async fn time(
+    cli: &PathBuf,
+    vars: &[(String, String)],
+    args: &[&str],
+    runs: usize,
+) -> Result<Duration> {
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let started = Instant::now();
+        let status = tokio::process::Command::new(cli)
+            .args(args)
+            .env_clear()
+            .envs(vars.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null())
+            .status()
+            .await?;
+        times.push(started.elapsed());
+        ensure!(status.success(), "query-cli {args:?} failed: {status}");
+    }
+    Ok(median(times))
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let a = args()?;
+    let cli = std::fs::canonicalize(&a.query_cli).with_context(|| {
+        format!(
+            "{} not found: cargo build --release -p query-cli",
+            a.query_cli.display()
+        )
+    })?;
+    let env = testbed::TestEnv::new().await?;
+    sensor_pipeline::store::migrate::migrate(&env.database_settings()).await?;
+    let db = testbed::connect(&env.measurements_db).await?;
+    let total = a.sensors * a.per_sensor;
+    eprintln!(
+        "storing {total} readings ({} sensors × {})",
+        a.sensors, a.per_sensor
+    );
+    let started = Instant::now();
+    db.batch_execute(&format!(
+        "INSERT INTO sensors SELECT ('5e500000-0000-4000-8000-' || lpad(s::text, 12, '0'))::uuid, \
+                'sensor_' || lpad(s::text, 5, '0') FROM generate_series(1, {s}) s;
+         INSERT INTO measurements \
+         SELECT ('5e500000-0000-4000-8000-' || lpad(s::text, 12, '0'))::uuid, \
+                timestamptz '2013-01-01T00:00:00Z' + make_interval(mins => i::int), \
+                20 + (i % 1000) / 100.0 \
+         FROM generate_series(1, {s}) s, generate_series(0, {n} - 1) i",
+        s = a.sensors,
+        n = a.per_sensor
+    ))
+    .await?;
+    // Rows written directly, not by ingestion: build the page index the way migration V2 does.
+    db.batch_execute(
+        "INSERT INTO measurement_days \
+         SELECT sensor_uuid, date_trunc('day', ts, 'UTC'), count(*) FROM measurements GROUP BY 1, 2",
+    )
+    .await?;
+    // Statistics, as autovacuum would gather on a live database (VACUUM cannot run inside a
+    // multi-statement batch).
+    db.batch_execute("VACUUM ANALYZE measurements").await?;
+    db.batch_execute("VACUUM ANALYZE measurement_days").await?;
+    eprintln!("stored in {:.1} s", started.elapsed().as_secs_f64());
+
+    let vars = env.vars();
+    let start = "2013-01-01";
+    let end = "2100-01-01";
+    let base = [
+        "readings",
+        "--sensor-name",
+        "sensor_00003",
+        "--start-timestamp",
+        start,
+        "--end-timestamp",
+        end,
+        "--format",
+        "csv",
+    ];
+    let page = |n: &'static str| {
+        let mut v = base.to_vec();
+        v.extend(["--page-number", n, "--page-size", "100"]);
+        v
+    };
+    let startup = time(&cli, &vars, &["--version"], a.runs).await?;
+    let page1 = time(&cli, &vars, &page("1"), a.runs).await?;
+    let page10k = time(&cli, &vars, &page("10000"), a.runs).await?;
+    let full = time(&cli, &vars, &base, 3).await?;
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    println!("readings stored:           {total}");
+    println!("process start (--version): {:.1} ms", ms(startup));
+    println!(
+        "page 1 of 100:             {:.1} ms end to end ({:.1} ms without process start)",
+        ms(page1),
+        ms(page1 - startup)
+    );
+    println!(
+        "page 10,000 of 100:        {:.1} ms end to end ({:.1} ms without process start)",
+        ms(page10k),
+        ms(page10k - startup)
+    );
+    println!(
+        "full range, one sensor:    {} rows in {:.2} s = {:.0} rows/s (CSV to /dev/null)",
+        a.per_sensor,
+        full.as_secs_f64(),
+        a.per_sensor as f64 / full.as_secs_f64()
+    );
+    Ok(())
+}
