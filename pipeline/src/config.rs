@@ -265,6 +265,11 @@ pub struct NatsSettings {
     pub stream: String,
     pub consumer: String,
     pub dlq_subject: String,
+    /// How long a delivered event may go without an ack or progress before JetStream redelivers
+    /// it, `NATS_ACK_WAIT_SECS`, default 30.
+    pub ack_wait: std::time::Duration,
+    /// Deliveries of one event before it is dead-lettered, `NATS_MAX_DELIVER`, default 5.
+    pub max_deliver: i64,
 }
 
 impl NatsSettings {
@@ -285,7 +290,26 @@ impl NatsSettings {
             dlq_subject: env
                 .optional("NATS_DLQ_SUBJECT")
                 .unwrap_or_else(|| "sensors.dlq".into()),
+            ack_wait: std::time::Duration::from_secs(positive(env, "NATS_ACK_WAIT_SECS", 30)?),
+            max_deliver: positive(env, "NATS_MAX_DELIVER", 5)? as i64,
         })
+    }
+}
+
+fn positive(env: &Env, name: &'static str, default: u64) -> Result<u64, ConfigError> {
+    match env.parsed(name, default)? {
+        0 => Err(ConfigError::Invalid {
+            name,
+            reason: "must be at least 1".into(),
+        }),
+        n => Ok(n),
+    }
+}
+
+impl NatsSettings {
+    /// The stream that keeps dead letters: the events stream's name with `_DLQ`.
+    pub fn dlq_stream(&self) -> String {
+        format!("{}_DLQ", self.stream)
     }
 }
 
@@ -351,6 +375,8 @@ pub struct WorkerSettings {
     pub concurrency: usize,
     /// Prometheus endpoint, `METRICS_ADDR`.
     pub metrics_addr: SocketAddr,
+    /// How long `run` lets in-flight objects finish after SIGTERM, `SHUTDOWN_GRACE_SECS`, default 25.
+    pub shutdown_grace: std::time::Duration,
 }
 
 impl WorkerSettings {
@@ -367,6 +393,7 @@ impl WorkerSettings {
         Ok(Self {
             concurrency,
             metrics_addr: env.parsed("METRICS_ADDR", default_addr)?,
+            shutdown_grace: std::time::Duration::from_secs(env.parsed("SHUTDOWN_GRACE_SECS", 25)?),
         })
     }
 }

@@ -125,9 +125,69 @@ pub fn encode_key(key: &str) -> String {
         .replace("%20", "+")
 }
 
+/// A notification in MinIO's format for one new object version, as MinIO's NATS target would
+/// publish it (used by backfill and by the test harness's stand-in for MinIO).
+pub fn object_created(event_name: &str, bucket: &str, key: &str, etag: &str, size: i64) -> Vec<u8> {
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    serde_json::json!({
+        "EventName": event_name,
+        "Key": format!("{bucket}/{key}"),
+        "Records": [{
+            "eventVersion": "2.0",
+            "eventSource": "minio:s3",
+            "awsRegion": "",
+            "eventTime": now,
+            "eventName": event_name,
+            "userIdentity": {"principalId": "sensor-pipeline"},
+            "requestParameters": {"principalId": "sensor-pipeline", "region": "", "sourceIPAddress": ""},
+            "responseElements": {},
+            "s3": {
+                "s3SchemaVersion": "1.0",
+                "configurationId": "Config",
+                "bucket": {
+                    "name": bucket,
+                    "ownerIdentity": {"principalId": "sensor-pipeline"},
+                    "arn": format!("arn:aws:s3:::{bucket}"),
+                },
+                "object": {
+                    "key": encode_key(key),
+                    "size": size,
+                    "eTag": etag,
+                    "contentType": "text/csv",
+                    "userMetadata": {},
+                    "sequencer": "",
+                },
+            },
+            "source": {"host": "", "port": "", "userAgent": "sensor-pipeline"},
+        }],
+    })
+    .to_string()
+    .into_bytes()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn object_created_round_trips() {
+        let key = "timeseries/2013/plant A/Messung Nr. 7 (ü).csv";
+        let payload = object_created("s3:ObjectCreated:Put", "b", key, "abc", 913);
+        let events = decode(&payload).unwrap();
+        assert_eq!(
+            events,
+            vec![ObjectEvent {
+                name: "s3:ObjectCreated:Put".into(),
+                bucket: "b".into(),
+                key: key.into(),
+                etag: Some("abc".into()),
+                size: Some(913),
+            }]
+        );
+        let text = String::from_utf8(payload).unwrap();
+        assert!(text
+            .contains(r#""key":"timeseries%2F2013%2Fplant+A%2FMessung+Nr.+7+%28%C3%BC%29.csv""#));
+    }
 
     #[test]
     fn go_query_escape_compatible() {

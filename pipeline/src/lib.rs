@@ -11,4 +11,5 @@ pub mod contract;
 pub mod events;
 pub mod ingest;
 pub mod object_store;
+pub mod queue;
 pub mod store;

@@ -123,6 +123,23 @@ impl ObjectStore {
         Ok(out)
     }
 
+    /// The current version of an object: (ETag without quotes, size).
+    pub async fn head(&self, key: &str) -> Result<(String, i64), ObjectStoreError> {
+        let resp = self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| self.error("HeadObject", Some(key), e))?;
+        let etag = resp
+            .e_tag()
+            .map(|t| t.trim_matches('"').to_string())
+            .unwrap_or_default();
+        Ok((etag, resp.content_length().unwrap_or(0)))
+    }
+
     /// Starts reading an object.
     pub async fn open(&self, key: &str) -> Result<OpenedObject, ObjectStoreError> {
         let resp = self
@@ -161,7 +178,7 @@ impl ObjectStore {
             .and_then(|e| e.code())
             .map(str::to_string);
         match (code.as_deref(), key) {
-            (Some("NoSuchKey"), Some(key)) => {
+            (Some("NoSuchKey" | "NotFound"), Some(key)) => {
                 return ObjectStoreError::NotFound {
                     bucket: self.bucket.clone(),
                     key: key.to_string(),

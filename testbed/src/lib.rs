@@ -17,16 +17,20 @@ mod s3;
 use std::sync::OnceLock;
 
 use anyhow::{Context, Result};
-use sensor_pipeline::config::{DatabaseSettings, Env, ObjectStoreSettings, Secret};
+use sensor_pipeline::config::{DatabaseSettings, Env, NatsSettings, ObjectStoreSettings, Secret};
 
-pub use processes::{free_port, nats, postgres, wait_until, Nats, Postgres};
-pub use s3::S3Server;
+pub use processes::{
+    free_port, nats, owned_nats, owned_postgres, postgres, wait_until, Nats, OwnedServer, Postgres,
+};
+pub use s3::{NotifyTarget, S3Server};
 
-/// A fresh, isolated set of services for one test: its own database(s), its own bucket.
+/// A fresh, isolated set of services for one test: its own database(s), its own bucket, and with
+/// [`TestEnv::with_events`] its own JetStream streams and consumer.
 pub struct TestEnv {
     pub s3: S3Server,
     pub mapping_db: String,
     pub measurements_db: String,
+    pub events: Option<NatsSettings>,
 }
 
 impl TestEnv {
@@ -37,6 +41,46 @@ impl TestEnv {
             s3: S3Server::start("code-challenge-data").await?,
             mapping_db: db.clone(),
             measurements_db: db,
+            events: None,
+        })
+    }
+
+    /// One database, NATS JetStream with the test's own stream, consumer and dead-letter names
+    /// (provisioned), and an S3 server that publishes MinIO notifications to the stream.
+    pub async fn with_events() -> Result<Self> {
+        let db = postgres()?.create_database().await?;
+        Self::with_events_at(&nats()?.url, db).await
+    }
+
+    /// [`TestEnv::with_events`] on a given NATS server and database.
+    pub async fn with_events_at(nats_url: &str, database_url: String) -> Result<Self> {
+        let id = unique_name("e");
+        let settings = NatsSettings {
+            url: Secret::new(nats_url),
+            subject: format!("{id}.minio"),
+            stream: id.to_uppercase(),
+            consumer: format!("{id}-ingest"),
+            dlq_subject: format!("{id}.dlq"),
+            ack_wait: std::time::Duration::from_secs(2),
+            max_deliver: 5,
+        };
+        sensor_pipeline::queue::Queue::connect(&settings, "testbed")
+            .await?
+            .provision()
+            .await?;
+        let s3 = S3Server::start_notifying(
+            "code-challenge-data",
+            NotifyTarget {
+                nats_url: nats_url.to_string(),
+                subject: settings.subject.clone(),
+            },
+        )
+        .await?;
+        Ok(Self {
+            s3,
+            mapping_db: database_url.clone(),
+            measurements_db: database_url,
+            events: Some(settings),
         })
     }
 
@@ -47,6 +91,7 @@ impl TestEnv {
             s3: S3Server::start("code-challenge-data").await?,
             mapping_db: pg.create_database().await?,
             measurements_db: pg.create_database().await?,
+            events: None,
         })
     }
 
@@ -64,6 +109,20 @@ impl TestEnv {
             ),
             ("NAIVE_TIMEZONE".into(), "Europe/Berlin".into()),
         ];
+        if let Some(e) = &self.events {
+            v.extend([
+                ("NATS_URL".to_string(), e.url.expose().to_string()),
+                ("NATS_SUBJECT".into(), e.subject.clone()),
+                ("NATS_STREAM".into(), e.stream.clone()),
+                ("NATS_CONSUMER".into(), e.consumer.clone()),
+                ("NATS_DLQ_SUBJECT".into(), e.dlq_subject.clone()),
+                (
+                    "NATS_ACK_WAIT_SECS".into(),
+                    e.ack_wait.as_secs().to_string(),
+                ),
+                ("NATS_MAX_DELIVER".into(), e.max_deliver.to_string()),
+            ]);
+        }
         v.sort();
         v
     }

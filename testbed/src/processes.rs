@@ -238,13 +238,25 @@ fn start_nats() -> Result<Nats> {
 /// Runs `server` in the background under a shell that, when its stdin closes (this process
 /// exited), runs `stop` (which may use `$pid`), waits for the server, and removes `dir`.
 fn spawn_watchdog(server: &str, dir: &Path, stop: &str, log: &Path) -> Result<ChildStdin> {
+    spawn_watchdog_with(server, Some(dir), stop, log)
+}
+
+/// [`spawn_watchdog`], removing `dir` afterwards only when given.
+fn spawn_watchdog_with(
+    server: &str,
+    dir: Option<&Path>,
+    stop: &str,
+    log: &Path,
+) -> Result<ChildStdin> {
+    let cleanup = dir
+        .map(|d| format!("rm -rf {}", shell_quote(d)))
+        .unwrap_or_default();
     let script = format!(
-        "{server} >{log} 2>&1 & pid=$!\n\
+        "{server} >>{log} 2>&1 & pid=$!\n\
          cat >/dev/null\n\
          {stop}; wait $pid\n\
-         rm -rf {dir}\n",
+         {cleanup}\n",
         log = shell_quote(log),
-        dir = shell_quote(dir),
     );
     let mut child = Command::new("sh")
         .arg("-c")
@@ -273,4 +285,161 @@ pub fn wait_until(limit: Duration, what: &str, mut ready: impl FnMut() -> bool) 
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(())
+}
+
+/// A server of its own for one test, which the test can stop and start again (to simulate an
+/// outage) with its data kept. Stopped, and its data removed, when dropped.
+pub struct OwnedServer {
+    pub port: u16,
+    dir: PathBuf,
+    command: String,
+    stop: String,
+    log: PathBuf,
+    ready: Box<dyn Fn() -> bool + Send + Sync>,
+    watchdog: Option<ChildStdin>,
+}
+
+impl OwnedServer {
+    /// Stops the server and waits until it no longer accepts connections.
+    pub fn stop(&mut self) -> Result<()> {
+        drop(self.watchdog.take());
+        let port = self.port;
+        wait_until(Duration::from_secs(30), "the server to stop", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
+        })
+    }
+
+    /// Starts it (again) and waits until it is ready.
+    pub fn start(&mut self) -> Result<()> {
+        if self.watchdog.is_some() {
+            return Ok(());
+        }
+        self.watchdog = Some(spawn_watchdog_with(
+            &self.command,
+            None,
+            &self.stop,
+            &self.log,
+        )?);
+        wait_until(Duration::from_secs(60), "the server to start", || {
+            (self.ready)()
+        })
+        .with_context(|| format!("see {}", self.log.display()))
+    }
+}
+
+impl Drop for OwnedServer {
+    fn drop(&mut self) {
+        let _ = self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A NATS server with JetStream of the test's own (file storage kept across restarts).
+pub fn owned_nats() -> Result<(OwnedServer, String)> {
+    let bin = which("nats-server")
+        .ok_or_else(|| anyhow!("nats-server not found: apt-get install nats-server"))?;
+    let dir = tempfile::Builder::new()
+        .prefix("testbed-nats-")
+        .tempdir()?
+        .keep();
+    let port = free_port()?;
+    let command = format!(
+        "{} -js -a 127.0.0.1 -p {port} -sd {}",
+        shell_quote(&bin),
+        shell_quote(&dir.join("jetstream"))
+    );
+    let mut server = OwnedServer {
+        port,
+        log: dir.join("nats.log"),
+        dir,
+        command,
+        stop: "kill -TERM $pid 2>/dev/null".into(),
+        ready: Box::new(move || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()),
+        watchdog: None,
+    };
+    server.start()?;
+    Ok((server, format!("nats://127.0.0.1:{port}")))
+}
+
+/// A PostgreSQL server of the test's own; returns it and the superuser URL of `postgres`.
+pub fn owned_postgres() -> Result<(OwnedServer, String)> {
+    let initdb = pg_binary("initdb")?;
+    let postgres = pg_binary("postgres")?;
+    let dir = tempfile::Builder::new()
+        .prefix("testbed-pg-")
+        .tempdir()?
+        .keep();
+    let data = dir.join("data");
+    let root = is_root();
+    if root {
+        let status = Command::new("chown")
+            .args(["-R", "postgres"])
+            .arg(&dir)
+            .status()?;
+        if !status.success() {
+            bail!("chown postgres {} failed", dir.display());
+        }
+    }
+    let mut init = if root {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(&initdb);
+        c
+    } else {
+        Command::new(&initdb)
+    };
+    let out = init
+        .arg("-D")
+        .arg(&data)
+        .args([
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--no-sync",
+        ])
+        .output()
+        .context("running initdb")?;
+    if !out.status.success() {
+        bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let port = free_port()?;
+    let command = format!(
+        "{} -D {} -p {port} -h 127.0.0.1 -k {} -c fsync=off -c synchronous_commit=off \
+         -c max_connections=100 -c log_min_messages=warning",
+        shell_quote(&postgres),
+        shell_quote(&data),
+        shell_quote(&dir),
+    );
+    let command = if root {
+        format!("runuser -u postgres -- {command}")
+    } else {
+        command
+    };
+    let pid_file = data.join("postmaster.pid");
+    let stop = format!(
+        "kill -INT $(head -n 1 {}) 2>/dev/null",
+        shell_quote(&pid_file)
+    );
+    let mut server = OwnedServer {
+        port,
+        log: dir.join("postgres.log"),
+        dir,
+        command,
+        stop,
+        ready: Box::new(move || {
+            std::fs::read_to_string(&pid_file)
+                .map(|s| s.lines().nth(7).is_some_and(|l| l.trim() == "ready"))
+                .unwrap_or(false)
+                && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        }),
+        watchdog: None,
+    };
+    server.start()?;
+    Ok((
+        server,
+        format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+    ))
 }

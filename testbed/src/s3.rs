@@ -1,4 +1,9 @@
 //! An S3 server over a temporary folder (`s3s-fs`), served from the caller's runtime.
+//!
+//! It can stand in for MinIO with its NATS target too ([`S3Server::start_notifying`]): after each
+//! successful PUT, multipart completion or copy it publishes, to the events subject, the same
+//! notification MinIO would (see `sensor_pipeline::events::object_created`), through JetStream,
+//! before the S3 response is sent — so when an upload returns, its event is stored.
 
 use anyhow::{Context, Result};
 use aws_sdk_s3::primitives::ByteStream;
@@ -11,6 +16,13 @@ use sensor_pipeline::object_store::ObjectStore;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+/// Where the stand-in publishes notifications.
+#[derive(Clone, Debug)]
+pub struct NotifyTarget {
+    pub nats_url: String,
+    pub subject: String,
+}
+
 /// A running S3 server with one bucket. Stops when dropped.
 pub struct S3Server {
     /// `host:port`, no scheme.
@@ -19,6 +31,7 @@ pub struct S3Server {
     pub secret_key: String,
     pub bucket: String,
     store: ObjectStore,
+    notifier: Option<std::sync::Arc<notify::Notifier>>,
     _root: Option<tempfile::TempDir>,
     task: Option<JoinHandle<()>>,
 }
@@ -35,6 +48,16 @@ impl S3Server {
     /// Starts a server with an empty bucket `bucket` (or, with `TEST_S3_ENDPOINT`, creates a
     /// uniquely named bucket on that server).
     pub async fn start(bucket: &str) -> Result<Self> {
+        Self::start_with(bucket, None).await
+    }
+
+    /// Starts a server that publishes MinIO-format notifications to `target` (the stream must
+    /// exist, as with MinIO's JetStream mode).
+    pub async fn start_notifying(bucket: &str, target: NotifyTarget) -> Result<Self> {
+        Self::start_with(bucket, Some(target)).await
+    }
+
+    async fn start_with(bucket: &str, target: Option<NotifyTarget>) -> Result<Self> {
         if let Ok(endpoint) = std::env::var("TEST_S3_ENDPOINT") {
             let access_key =
                 std::env::var("TEST_S3_ACCESS_KEY").unwrap_or_else(|_| "minioadmin".into());
@@ -65,9 +88,24 @@ impl S3Server {
             access_key.clone(),
             secret_key.clone(),
         ));
-        let service = builder.build();
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let endpoint = listener.local_addr()?.to_string();
+        let notifier = match target {
+            None => None,
+            Some(t) => Some(std::sync::Arc::new(
+                notify::Notifier::connect(
+                    t,
+                    bucket.to_string(),
+                    Self::store_for(&endpoint, &access_key, &secret_key, bucket),
+                )
+                .await?,
+            )),
+        };
+        let service = notify::Notifying {
+            inner: builder.build(),
+            notifier: notifier.clone(),
+            bucket: bucket.to_string(),
+        };
         let task = tokio::spawn(async move {
             let http = ConnBuilder::new(TokioExecutor::new());
             loop {
@@ -82,14 +120,34 @@ impl S3Server {
                 });
             }
         });
-        Ok(Self::connect(
+        let mut server = Self::connect(
             endpoint,
             access_key,
             secret_key,
             bucket.to_string(),
             Some(root),
             Some(task),
-        ))
+        );
+        server.notifier = notifier;
+        Ok(server)
+    }
+
+    /// Stops (true) or resumes (false) publishing notifications, e.g. to put objects that only
+    /// a backfill should announce.
+    pub fn mute(&self, muted: bool) {
+        if let Some(n) = &self.notifier {
+            n.muted.store(muted, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    fn store_for(endpoint: &str, access_key: &str, secret_key: &str, bucket: &str) -> ObjectStore {
+        ObjectStore::new(&ObjectStoreSettings {
+            endpoint: endpoint.to_string(),
+            access_key: Secret::new(access_key),
+            secret_key: Secret::new(secret_key),
+            https: false,
+            bucket: bucket.to_string(),
+        })
     }
 
     fn connect(
@@ -100,15 +158,9 @@ impl S3Server {
         root: Option<tempfile::TempDir>,
         task: Option<JoinHandle<()>>,
     ) -> Self {
-        let settings = ObjectStoreSettings {
-            endpoint: endpoint.clone(),
-            access_key: Secret::new(access_key.clone()),
-            secret_key: Secret::new(secret_key.clone()),
-            https: false,
-            bucket: bucket.clone(),
-        };
         Self {
-            store: ObjectStore::new(&settings),
+            store: Self::store_for(&endpoint, &access_key, &secret_key, &bucket),
+            notifier: None,
             endpoint,
             access_key,
             secret_key,
@@ -180,5 +232,130 @@ impl S3Server {
         }
         keys.sort();
         Ok(keys)
+    }
+}
+
+mod notify {
+    //! The MinIO-notification hop: a wrapper around the S3 service.
+
+    use std::sync::Arc;
+
+    use anyhow::{Context, Result};
+    use hyper::body::Incoming;
+    use hyper::service::Service;
+    use hyper::{Method, Request};
+    use s3s::service::S3Service;
+    use sensor_pipeline::object_store::ObjectStore;
+
+    use super::NotifyTarget;
+
+    pub struct Notifier {
+        pub muted: std::sync::atomic::AtomicBool,
+        js: async_nats::jetstream::Context,
+        subject: String,
+        bucket: String,
+        store: ObjectStore,
+    }
+
+    impl Notifier {
+        pub async fn connect(
+            target: NotifyTarget,
+            bucket: String,
+            store: ObjectStore,
+        ) -> Result<Self> {
+            let client = async_nats::connect(&target.nats_url)
+                .await
+                .context("connecting the S3 stand-in to NATS")?;
+            Ok(Self {
+                muted: std::sync::atomic::AtomicBool::new(false),
+                js: async_nats::jetstream::new(client),
+                subject: target.subject,
+                bucket,
+                store,
+            })
+        }
+
+        /// Publishes the notification MinIO would for the object's current version.
+        async fn publish(&self, event_name: &str, key: &str) -> Result<()> {
+            if self.muted.load(std::sync::atomic::Ordering::SeqCst) {
+                return Ok(());
+            }
+            let (etag, size) = self.store.head(key).await?;
+            let payload =
+                sensor_pipeline::events::object_created(event_name, &self.bucket, key, &etag, size);
+            self.js
+                .publish(self.subject.clone(), payload.into())
+                .await?
+                .await
+                .context("publishing the notification")?;
+            Ok(())
+        }
+    }
+
+    #[derive(Clone)]
+    pub struct Notifying {
+        pub inner: S3Service,
+        pub notifier: Option<Arc<Notifier>>,
+        pub bucket: String,
+    }
+
+    impl Service<Request<Incoming>> for Notifying {
+        type Response = <S3Service as Service<Request<Incoming>>>::Response;
+        type Error = <S3Service as Service<Request<Incoming>>>::Error;
+        type Future = <S3Service as Service<Request<Incoming>>>::Future;
+
+        fn call(&self, req: Request<Incoming>) -> Self::Future {
+            let event = self
+                .notifier
+                .as_ref()
+                .and_then(|n| classify(&req, &self.bucket).map(|e| (n.clone(), e)));
+            let response = Service::call(&self.inner, req);
+            Box::pin(async move {
+                let response = response.await?;
+                if let Some((notifier, (name, key))) = event {
+                    if response.status().is_success() {
+                        if let Err(e) = notifier.publish(name, &key).await {
+                            eprintln!(
+                                "testbed S3: cannot publish the notification for {key}: {e:#}"
+                            );
+                        }
+                    }
+                }
+                Ok(response)
+            })
+        }
+    }
+
+    /// Which MinIO event a request makes, if it succeeds: (event name, object key).
+    fn classify<B>(req: &Request<B>, bucket: &str) -> Option<(&'static str, String)> {
+        let path = req.uri().path();
+        let key = path
+            .strip_prefix('/')?
+            .strip_prefix(bucket)?
+            .strip_prefix('/')?;
+        if key.is_empty() {
+            return None;
+        }
+        let key = percent_encoding::percent_decode_str(key)
+            .decode_utf8()
+            .ok()?
+            .into_owned();
+        let query = req.uri().query().unwrap_or("");
+        let has = |name: &str| {
+            query
+                .split('&')
+                .any(|p| p == name || p.starts_with(&format!("{name}=")))
+        };
+        match *req.method() {
+            Method::PUT if has("partNumber") || has("uploadId") => None,
+            Method::PUT if req.headers().contains_key("x-amz-copy-source") => {
+                Some(("s3:ObjectCreated:Copy", key))
+            }
+            Method::PUT => Some(("s3:ObjectCreated:Put", key)),
+            Method::POST if has("uploadId") => {
+                Some(("s3:ObjectCreated:CompleteMultipartUpload", key))
+            }
+            _ => None,
+        }
     }
 }

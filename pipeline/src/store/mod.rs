@@ -52,6 +52,7 @@ pub enum StoreError {
 pub struct Databases {
     mapping: Pool,
     measurements: Pool,
+    same: bool,
 }
 
 impl Databases {
@@ -73,7 +74,25 @@ impl Databases {
         Ok(Self {
             mapping,
             measurements,
+            same: settings.same_database(),
         })
+    }
+
+    /// Whether mapping and measurements are one database (one ledger to read, not two).
+    pub fn same_database(&self) -> bool {
+        self.same
+    }
+
+    /// Checks that both databases answer (for readiness probes).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        for dataset in [Dataset::Mapping, Dataset::Measurements] {
+            self.client(dataset)
+                .await?
+                .simple_query("SELECT 1")
+                .await
+                .db(dataset)?;
+        }
+        Ok(())
     }
 
     /// The pool of the database that holds `dataset` (and its ledger and quarantine).

@@ -1,0 +1,226 @@
+//! NATS JetStream: the events stream MinIO publishes to, the durable pull consumer every worker
+//! shares, and the dead-letter stream (SPEC §4).
+//!
+//! [`Queue::provision`] creates or updates all three, idempotently; `sensors-worker run` calls it
+//! at start and `sensors-worker provision` lets a deployment do it up front. The same definitions
+//! are in `nats/` as JSON for the `nats` CLI; a test keeps the two in step.
+
+pub mod dead_letters;
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::pull, message::PublishMessage as Publish, stream};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use thiserror::Error;
+
+use crate::config::NatsSettings;
+
+/// How long JetStream remembers message ids to drop duplicates (backfill publishes with ids).
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(60 * 60);
+/// How long dead letters are kept.
+pub const DEAD_LETTER_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 60 * 60);
+/// Events waiting for a worker this long are dropped by JetStream (a week of outage).
+pub const EVENT_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+
+/// NATS could not be reached or refused a request.
+#[derive(Debug, Error)]
+#[error("NATS: {what}: {source}")]
+pub struct QueueError {
+    pub what: String,
+    #[source]
+    pub source: async_nats::Error,
+}
+
+impl QueueError {
+    pub fn new(what: impl Into<String>, source: impl Into<async_nats::Error>) -> Self {
+        Self {
+            what: what.into(),
+            source: source.into(),
+        }
+    }
+}
+
+/// A connection to NATS with the pipeline's JetStream names.
+#[derive(Clone)]
+pub struct Queue {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    settings: NatsSettings,
+}
+
+impl Queue {
+    /// Connects (waiting for the server if it is not up yet) and keeps reconnecting forever.
+    pub async fn connect(settings: &NatsSettings, name: &str) -> Result<Self, QueueError> {
+        let client = async_nats::ConnectOptions::new()
+            .name(name)
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(5))
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                    async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
+                    other => tracing::debug!(event = %other, "NATS"),
+                }
+            })
+            .connect(settings.url.expose())
+            .await
+            .map_err(|e| QueueError::new("connecting", e))?;
+        let js = jetstream::new(client.clone());
+        Ok(Self {
+            client,
+            js,
+            settings: settings.clone(),
+        })
+    }
+
+    pub fn settings(&self) -> &NatsSettings {
+        &self.settings
+    }
+
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    /// Whether the connection is up right now (for `/readyz`).
+    pub fn is_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// The events stream: work-queue retention (an acked event is gone), file storage, and a
+    /// duplicate window for the message ids backfill sets.
+    pub fn events_stream_config(&self) -> stream::Config {
+        stream::Config {
+            name: self.settings.stream.clone(),
+            description: Some("MinIO object notifications for the sensor pipeline".into()),
+            subjects: vec![self.settings.subject.clone()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            duplicate_window: DUPLICATE_WINDOW,
+            max_age: EVENT_MAX_AGE,
+            discard: stream::DiscardPolicy::Old,
+            ..Default::default()
+        }
+    }
+
+    /// The dead-letter stream: kept (limits retention) until replayed or aged out.
+    pub fn dead_letter_stream_config(&self) -> stream::Config {
+        stream::Config {
+            name: self.settings.dlq_stream(),
+            description: Some("Sensor pipeline events that could not be ingested".into()),
+            subjects: vec![self.settings.dlq_subject.clone()],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            duplicate_window: Duration::from_secs(2 * 60),
+            max_age: DEAD_LETTER_MAX_AGE,
+            ..Default::default()
+        }
+    }
+
+    /// The durable pull consumer every worker shares. Redeliveries back off: the n-th waits
+    /// `ack_wait × 2^(n-1)` (the server's `backoff`), capped by `max_deliver`.
+    pub fn consumer_config(&self) -> pull::Config {
+        let s = &self.settings;
+        let backoff = (0..(s.max_deliver - 1).clamp(1, 4))
+            .map(|n| s.ack_wait * 2u32.pow(n as u32))
+            .collect();
+        pull::Config {
+            durable_name: Some(s.consumer.clone()),
+            description: Some("Sensor pipeline workers".into()),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: s.ack_wait,
+            max_deliver: s.max_deliver,
+            backoff,
+            max_ack_pending: 1024,
+            filter_subject: s.subject.clone(),
+            ..Default::default()
+        }
+    }
+
+    /// Creates or updates the events stream, the dead-letter stream and the consumer.
+    pub async fn provision(&self) -> Result<(), QueueError> {
+        for config in [
+            self.events_stream_config(),
+            self.dead_letter_stream_config(),
+        ] {
+            let name = config.name.clone();
+            self.js
+                .create_or_update_stream(config)
+                .await
+                .map_err(|e| QueueError::new(format!("creating stream {name}"), e))?;
+        }
+        self.consumer().await.map(|_| ())
+    }
+
+    /// The shared consumer (created, or updated to the current settings, on the way).
+    pub async fn consumer(&self) -> Result<jetstream::consumer::PullConsumer, QueueError> {
+        let stream = self
+            .js
+            .get_stream(&self.settings.stream)
+            .await
+            .map_err(|e| QueueError::new(format!("opening stream {}", self.settings.stream), e))?;
+        stream
+            .create_consumer(self.consumer_config())
+            .await
+            .map_err(|e| {
+                QueueError::new(format!("creating consumer {}", self.settings.consumer), e)
+            })
+    }
+
+    /// Publishes an event to the events subject and waits for JetStream to store it. With a
+    /// message id, a repeat within the duplicate window is dropped; returns whether it was.
+    pub async fn publish_event(
+        &self,
+        payload: Vec<u8>,
+        message_id: Option<&str>,
+    ) -> Result<bool, QueueError> {
+        let mut publish = Publish::build().payload(Bytes::from(payload));
+        if let Some(id) = message_id {
+            publish = publish.message_id(id);
+        }
+        self.publish(self.settings.subject.clone(), publish).await
+    }
+
+    async fn publish(&self, subject: String, publish: Publish) -> Result<bool, QueueError> {
+        let ack = self
+            .js
+            .send_publish(subject.clone(), publish)
+            .await
+            .map_err(|e| QueueError::new(format!("publishing to {subject}"), e))?
+            .await
+            .map_err(|e| QueueError::new(format!("publishing to {subject}"), e))?;
+        Ok(ack.duplicate)
+    }
+
+    /// Messages waiting for a worker plus those being worked on (for metrics).
+    pub async fn pending(&self) -> Result<u64, QueueError> {
+        let mut consumer = self.consumer_handle().await?;
+        let info = consumer
+            .info()
+            .await
+            .map_err(|e| QueueError::new("reading consumer info", e))?;
+        Ok(info.num_pending + info.num_ack_pending as u64)
+    }
+
+    async fn consumer_handle(&self) -> Result<jetstream::consumer::PullConsumer, QueueError> {
+        self.js
+            .get_consumer_from_stream(&self.settings.consumer, &self.settings.stream)
+            .await
+            .map_err(|e| QueueError::new("opening consumer", e))
+    }
+}
+
+/// Header names and values as NATS carries them (values on one line).
+pub(crate) fn header_value(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
+pub(crate) fn headers(pairs: &[(&'static str, String)]) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for (name, value) in pairs {
+        h.insert(*name, header_value(value).as_str());
+    }
+    h
+}

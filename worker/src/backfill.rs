@@ -1,0 +1,248 @@
+//! `sensors-worker backfill`: enqueues objects that already exist, as if MinIO had just announced
+//! them, so the running workers ingest them.
+//!
+//! Every object (of the given prefixes, or the whole bucket) becomes one event in MinIO's format
+//! whose JetStream message id is derived from bucket, key and ETag: running backfill again within
+//! the stream's duplicate window enqueues nothing twice, and a version already ingested is a no-op
+//! for the workers anyway. Mapping objects are enqueued first. The ETag comes from a HEAD request,
+//! not the listing (not every S3 server lists ETags). With `--wait` it follows the ledgers (and the
+//! dead letters) until every enqueued object is settled.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use futures_util::stream::{self, StreamExt, TryStreamExt};
+use indicatif::{ProgressBar, ProgressStyle};
+use sensor_pipeline::contract::Dataset;
+use sensor_pipeline::events::{encode_key, object_created};
+use sensor_pipeline::object_store::{ObjectStore, ObjectStoreError};
+use sensor_pipeline::queue::Queue;
+use sensor_pipeline::store::Databases;
+
+/// (etag, status, reason, finished_at) of one ledger entry.
+type LedgerEntry = (String, String, Option<String>, DateTime<Utc>);
+
+/// An enqueued object version.
+struct Enqueued {
+    key: String,
+    etag: String,
+}
+
+/// How an enqueued object ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Settled {
+    Done,
+    Ignored,
+    Failed(String),
+    DeadLettered(String),
+}
+
+pub async fn backfill(
+    store: &ObjectStore,
+    queue: &Queue,
+    dbs: &Databases,
+    prefixes: &[String],
+    wait: bool,
+) -> anyhow::Result<bool> {
+    let since = database_now(dbs).await?;
+    let mut keys = Vec::new();
+    if prefixes.is_empty() {
+        keys.extend(store.list(None).await.context("listing the bucket")?);
+    } else {
+        for prefix in prefixes {
+            keys.extend(
+                store
+                    .list(Some(prefix))
+                    .await
+                    .with_context(|| format!("listing prefix {prefix:?}"))?,
+            );
+        }
+    }
+    let mut keys: Vec<String> = keys.into_iter().map(|o| o.key).collect();
+    keys.sort_by(|a, b| (!a.starts_with("mapping/"), a).cmp(&(!b.starts_with("mapping/"), b)));
+    keys.dedup();
+
+    let bucket = store.bucket().to_string();
+    // Mapping objects strictly first: their events are stored before any other is published.
+    let mapping_count = keys.iter().filter(|k| k.starts_with("mapping/")).count();
+    let (mapping, rest) = keys.split_at(mapping_count);
+    let mut enqueued = Vec::with_capacity(keys.len());
+    let mut duplicates = 0;
+    for group in [mapping, rest] {
+        let results: Vec<Option<(Enqueued, bool)>> = stream::iter(group.iter().cloned())
+            .map(|key| enqueue(store, queue, &bucket, key))
+            .buffered(32)
+            .try_collect()
+            .await?;
+        for (e, duplicate) in results.into_iter().flatten() {
+            duplicates += usize::from(duplicate);
+            enqueued.push(e);
+        }
+    }
+    println!(
+        "enqueued {} objects ({} already enqueued within the duplicate window)",
+        enqueued.len() - duplicates,
+        duplicates
+    );
+    if !wait {
+        return Ok(true);
+    }
+    follow(queue, dbs, &bucket, &enqueued, since).await
+}
+
+/// HEADs and publishes one object; None if it vanished meanwhile. Returns whether the publish
+/// was a duplicate.
+async fn enqueue(
+    store: &ObjectStore,
+    queue: &Queue,
+    bucket: &str,
+    key: String,
+) -> anyhow::Result<Option<(Enqueued, bool)>> {
+    let (etag, size) = match store.head(&key).await {
+        Ok(v) => v,
+        Err(ObjectStoreError::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading the ETag of {key:?}")),
+    };
+    let payload = object_created("s3:ObjectCreated:Put", bucket, &key, &etag, size);
+    let id = format!("backfill/{bucket}/{}/{etag}", encode_key(&key));
+    let duplicate = queue.publish_event(payload, Some(&id)).await?;
+    Ok(Some((Enqueued { key, etag }, duplicate)))
+}
+
+async fn database_now(dbs: &Databases) -> anyhow::Result<DateTime<Utc>> {
+    let client = dbs.client(Dataset::Mapping).await?;
+    Ok(client
+        .query_one("SELECT now()", &[])
+        .await
+        .context("reading the database clock")?
+        .get(0))
+}
+
+/// Polls the ledgers and the dead letters until every enqueued object is settled. A version
+/// counts as settled when the ledger has it, or has another version of the key settled since the
+/// backfill started (the object changed between HEAD and GET).
+async fn follow(
+    queue: &Queue,
+    dbs: &Databases,
+    bucket: &str,
+    enqueued: &[Enqueued],
+    since: DateTime<Utc>,
+) -> anyhow::Result<bool> {
+    let total = enqueued.len() as u64;
+    let bar = if std::io::stderr().is_terminal() {
+        let bar = ProgressBar::new(total);
+        bar.set_style(
+            ProgressStyle::with_template("{bar:40} {pos}/{len} settled  {elapsed_precise}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+    let keys: Vec<String> = enqueued.iter().map(|e| e.key.clone()).collect();
+    let started = Instant::now();
+    let mut last_log = Instant::now();
+    let settled = loop {
+        let settled = settled(queue, dbs, bucket, enqueued, &keys, since).await?;
+        bar.set_position(settled.len() as u64);
+        if settled.len() == enqueued.len() {
+            break settled;
+        }
+        if bar.is_hidden() && last_log.elapsed() >= Duration::from_secs(5) {
+            eprintln!(
+                "settled {}/{} after {:.0} s",
+                settled.len(),
+                total,
+                started.elapsed().as_secs_f64()
+            );
+            last_log = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    bar.finish_and_clear();
+    let count = |f: fn(&Settled) -> bool| settled.values().filter(|s| f(s)).count();
+    println!(
+        "settled: {} done, {} ignored, {} failed, {} dead-lettered",
+        count(|s| *s == Settled::Done),
+        count(|s| *s == Settled::Ignored),
+        count(|s| matches!(s, Settled::Failed(_))),
+        count(|s| matches!(s, Settled::DeadLettered(_))),
+    );
+    let mut ok = true;
+    for (key, s) in &settled {
+        match s {
+            Settled::Failed(reason) => println!("failed: {key}: {reason}"),
+            Settled::DeadLettered(reason) => println!("dead-lettered: {key}: {reason}"),
+            _ => continue,
+        }
+        ok = false;
+    }
+    Ok(ok)
+}
+
+async fn settled(
+    queue: &Queue,
+    dbs: &Databases,
+    bucket: &str,
+    enqueued: &[Enqueued],
+    keys: &[String],
+    since: DateTime<Utc>,
+) -> anyhow::Result<BTreeMap<String, Settled>> {
+    let mut ledger: HashMap<String, Vec<LedgerEntry>> = HashMap::new();
+    let mut datasets = vec![Dataset::Mapping];
+    if !dbs.same_database() {
+        datasets.push(Dataset::Measurements);
+    }
+    for dataset in datasets {
+        let client = dbs.client(dataset).await?;
+        for row in client
+            .query(
+                "SELECT object_key, etag, status, reason, finished_at FROM ingest_ledger \
+                 WHERE bucket = $1 AND object_key = ANY($2)",
+                &[&bucket, &keys],
+            )
+            .await
+            .context("reading the ledger")?
+        {
+            ledger.entry(row.get(0)).or_default().push((
+                row.get(1),
+                row.get(2),
+                row.get(3),
+                row.get(4),
+            ));
+        }
+    }
+    let mut dead: HashMap<String, String> = HashMap::new();
+    for letter in queue.dead_letters().await? {
+        if letter.failed_at.is_some_and(|t| t >= since) {
+            for key in letter.keys {
+                dead.insert(key, letter.reason.clone());
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    for e in enqueued {
+        let entry = ledger.get(&e.key).and_then(|versions| {
+            versions
+                .iter()
+                .find(|(etag, ..)| *etag == e.etag)
+                .or_else(|| versions.iter().find(|(.., at)| *at >= since))
+        });
+        let state = match entry {
+            Some((_, status, reason, _)) => match status.as_str() {
+                "done" => Settled::Done,
+                "ignored" => Settled::Ignored,
+                _ => Settled::Failed(reason.clone().unwrap_or_default()),
+            },
+            None => match dead.get(&e.key) {
+                Some(reason) => Settled::DeadLettered(reason.clone()),
+                None => continue,
+            },
+        };
+        out.insert(e.key.clone(), state);
+    }
+    Ok(out)
+}

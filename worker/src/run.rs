@@ -1,0 +1,297 @@
+//! `sensors-worker run`: consumes MinIO events from the shared JetStream consumer and ingests
+//! every object they name.
+//!
+//! One event message is one unit of work: it is acknowledged only after every object version it
+//! names has been settled (its transaction committed, or recorded as failed/ignored). While an
+//! object is being ingested the message gets an in-progress ack every third of the ack wait, so
+//! JetStream does not hand it to another worker; if this process dies, JetStream redelivers it
+//! after the ack wait and the ledger makes the second attempt exact (a version already `done` is
+//! a no-op; a half-written one was rolled back).
+//!
+//! Failures: an undecodable event or a failed object is permanent — dead-lettered with the
+//! reason, then acked. Anything else (database, object store, network) is transient — nak'ed with
+//! a growing delay so JetStream redelivers it, and dead-lettered once `NATS_MAX_DELIVER`
+//! deliveries are used up. Shutdown (SIGINT/SIGTERM) stops fetching, lets in-flight objects finish
+//! within the grace period, and naks what is still unfinished so another worker takes it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind};
+use futures_util::StreamExt;
+use sensor_pipeline::events::{self, ObjectEvent};
+use sensor_pipeline::ingest::{Disposition, IngestError, Ingestor, Outcome};
+use sensor_pipeline::queue::dead_letters::Filing;
+use sensor_pipeline::queue::Queue;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn, Instrument};
+
+use crate::telemetry;
+
+/// How long one fetch waits for events before the loop looks at the shutdown signal again.
+const FETCH_WAIT: Duration = Duration::from_secs(1);
+
+pub struct Worker {
+    pub ingestor: Ingestor,
+    pub queue: Queue,
+    pub concurrency: usize,
+    /// How long in-flight objects may take to finish after a shutdown signal.
+    pub grace: Duration,
+}
+
+/// What to tell JetStream about a message.
+enum Verdict {
+    Ack,
+    /// Transient: try again later (or dead-letter once deliveries are used up).
+    Retry(String),
+    /// Permanent: file it with the reason and ack.
+    DeadLetter {
+        reason: String,
+        keys: Vec<String>,
+    },
+    /// Shutdown deadline: give it back for another worker, now.
+    HandBack,
+}
+
+impl Worker {
+    /// Consumes until `shutdown` fires, then drains (see the module docs). Returns when done.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let consumer = self.queue.consumer().await?;
+        let worker = Arc::new(self);
+        let slots = Arc::new(Semaphore::new(worker.concurrency));
+        let abort = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        info!(
+            concurrency = worker.concurrency,
+            consumer = %worker.queue.settings().consumer,
+            "consuming events"
+        );
+        while !shutdown.is_cancelled() {
+            // Wait for a free slot, then ask for as many events as there are free slots.
+            let slot = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                slot = slots.clone().acquire_owned() => slot?,
+            };
+            drop(slot);
+            let wanted = slots.available_permits().max(1);
+            let batch = consumer
+                .fetch()
+                .max_messages(wanted)
+                .expires(FETCH_WAIT)
+                .messages()
+                .await;
+            let mut batch = match batch {
+                Ok(batch) => batch,
+                Err(e) => {
+                    warn!(error = %e, "cannot fetch events; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            };
+            // Read the batch to its end even when stopping: events already sent to us are handed
+            // back at once instead of waiting out the ack wait.
+            while let Some(message) = batch.next().await {
+                let message = match message {
+                    Ok(m) => m,
+                    Err(e) => {
+                        warn!(error = %e, "event fetch interrupted");
+                        break;
+                    }
+                };
+                if shutdown.is_cancelled() {
+                    let _ = message.ack_with(AckKind::Nak(None)).await;
+                    continue;
+                }
+                let slot = slots.clone().acquire_owned().await?;
+                let (worker, abort) = (worker.clone(), abort.clone());
+                tasks.spawn(async move {
+                    worker.handle(message, &abort).await;
+                    drop(slot);
+                });
+            }
+            while tasks.try_join_next().is_some() {}
+        }
+
+        info!(in_flight = tasks.len(), grace = ?worker.grace, "stopping: finishing in-flight objects");
+        let deadline = tokio::time::sleep(worker.grace);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                next = tasks.join_next() => if next.is_none() { break },
+                _ = &mut deadline => {
+                    warn!(unfinished = tasks.len(), "grace period over: handing unfinished objects back");
+                    abort.cancel();
+                    while tasks.join_next().await.is_some() {}
+                    break;
+                }
+            }
+        }
+        info!("stopped");
+        Ok(())
+    }
+
+    async fn handle(&self, message: jetstream::Message, abort: &CancellationToken) {
+        let (delivered, sequence) = match message.info() {
+            Ok(i) => (i.delivered, i.stream_sequence),
+            Err(_) => (1, 0),
+        };
+        metrics::gauge!(telemetry::IN_FLIGHT).increment(1.0);
+        let verdict = self.process(&message, abort).await;
+        metrics::gauge!(telemetry::IN_FLIGHT).decrement(1.0);
+
+        let settings = self.queue.settings();
+        let (reason, keys) = match verdict {
+            Verdict::Ack => {
+                ack(&message).await;
+                return;
+            }
+            Verdict::HandBack => {
+                let _ = message.ack_with(AckKind::Nak(None)).await;
+                return;
+            }
+            Verdict::Retry(reason) if delivered < settings.max_deliver => {
+                let delay = Duration::from_secs(1 << (delivered.clamp(1, 7) - 1));
+                warn!(%reason, delivered, retry_in = ?delay, "transient failure; the event will be redelivered");
+                metrics::counter!(telemetry::OBJECTS, "outcome" => "retried").increment(1);
+                let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+                return;
+            }
+            Verdict::Retry(reason) => (
+                format!("gave up after {delivered} deliveries: {reason}"),
+                event_keys(&message.payload),
+            ),
+            Verdict::DeadLetter { reason, keys } => (reason, keys),
+        };
+        let filing = Filing {
+            payload: &message.payload,
+            reason: &reason,
+            keys: &keys,
+            attempts: delivered,
+            event_sequence: sequence,
+        };
+        match self.queue.dead_letter(&filing).await {
+            Ok(()) => {
+                warn!(%reason, ?keys, "event dead-lettered");
+                metrics::counter!(telemetry::OBJECTS, "outcome" => "dead_lettered").increment(1);
+                ack(&message).await;
+            }
+            Err(e) => {
+                // Not filed: keep the event; it comes back after a delay.
+                warn!(error = %e, "cannot dead-letter the event; it will be redelivered");
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
+                    .await;
+            }
+        }
+    }
+
+    async fn process(&self, message: &jetstream::Message, abort: &CancellationToken) -> Verdict {
+        let events = match events::decode(&message.payload) {
+            Ok(events) => events,
+            Err(e) => {
+                metrics::counter!(telemetry::EVENTS, "kind" => "undecodable").increment(1);
+                return Verdict::DeadLetter {
+                    reason: e.to_string(),
+                    keys: Vec::new(),
+                };
+            }
+        };
+        let mut failed = Vec::new();
+        for event in events {
+            if !event.is_created() {
+                metrics::counter!(telemetry::EVENTS, "kind" => "not_created").increment(1);
+                info!(event = %event.name, key = %event.key, "ignoring event (not an object creation)");
+                continue;
+            }
+            if event.bucket != self.ingestor.store().bucket() {
+                metrics::counter!(telemetry::EVENTS, "kind" => "other_bucket").increment(1);
+                warn!(bucket = %event.bucket, key = %event.key, "ignoring event for another bucket");
+                continue;
+            }
+            metrics::counter!(telemetry::EVENTS, "kind" => "object_created").increment(1);
+            let span = tracing::info_span!("object", key = %event.key, etag = event.etag.as_deref().unwrap_or(""));
+            let result = self
+                .ingest(message, &event, abort)
+                .instrument(span.clone())
+                .await;
+            let _entered = span.enter();
+            match result {
+                None => return Verdict::HandBack,
+                Some(Err(e)) => return Verdict::Retry(format!("{}: {e}", event.key)),
+                Some(Ok(outcome)) => {
+                    telemetry::record(&outcome);
+                    log_outcome(&outcome);
+                    if let Disposition::Failed(reason) = outcome.disposition {
+                        failed.push((event.key, reason));
+                    }
+                }
+            }
+        }
+        if failed.is_empty() {
+            return Verdict::Ack;
+        }
+        Verdict::DeadLetter {
+            reason: failed
+                .iter()
+                .map(|(k, r)| format!("{k}: {r}"))
+                .collect::<Vec<_>>()
+                .join("; "),
+            keys: failed.into_iter().map(|(k, _)| k).collect(),
+        }
+    }
+
+    /// Ingests one object, sending in-progress acks meanwhile. `None` if aborted.
+    async fn ingest(
+        &self,
+        message: &jetstream::Message,
+        event: &ObjectEvent,
+        abort: &CancellationToken,
+    ) -> Option<Result<Outcome, IngestError>> {
+        let ingest = self.ingestor.ingest(&event.key, event.etag.as_deref());
+        tokio::pin!(ingest);
+        let mut progress = tokio::time::interval(self.queue.settings().ack_wait / 3);
+        progress.tick().await; // the first tick is immediate
+        loop {
+            tokio::select! {
+                result = &mut ingest => return Some(result),
+                _ = progress.tick() => {
+                    if let Err(e) = message.ack_with(AckKind::Progress).await {
+                        warn!(error = %e, "cannot send an in-progress ack");
+                    }
+                }
+                _ = abort.cancelled() => return None,
+            }
+        }
+    }
+}
+
+async fn ack(message: &jetstream::Message) {
+    // A double ack waits for the server's confirmation, so an ack lost on the way is noticed.
+    if let Err(e) = message.double_ack().await {
+        warn!(error = %e, "ack not confirmed; the event may be redelivered (and then be a no-op)");
+    }
+}
+
+fn log_outcome(o: &Outcome) {
+    let ms = o.elapsed.as_millis() as u64;
+    match &o.disposition {
+        Disposition::Done => info!(
+            etag = %o.version.etag, rows_ok = o.rows_ok, rows_rejected = o.rows_rejected,
+            elapsed_ms = ms, "ingested"
+        ),
+        Disposition::AlreadyDone => info!(etag = %o.version.etag, "already ingested"),
+        Disposition::Ignored(reason) => info!(%reason, "ignored"),
+        Disposition::Failed(reason) => warn!(%reason, "object failed"),
+    }
+}
+
+/// The keys an event names, for dead letters of events that could be decoded.
+fn event_keys(payload: &[u8]) -> Vec<String> {
+    events::decode(payload)
+        .map(|evs| evs.into_iter().map(|e| e.key).collect())
+        .unwrap_or_default()
+}

@@ -1,0 +1,682 @@
+//! `sensors-worker run`, `backfill` and `dlq` against real NATS JetStream, PostgreSQL and an S3
+//! server that publishes MinIO's notifications (SPEC §4, §6).
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use sensor_pipeline::queue::Queue;
+use testbed::TestEnv;
+use tokio::process::{Child, Command};
+
+const SAMPLE_DATA: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../pipeline/tests/fixtures/sample-data"
+);
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../pipeline/tests/fixtures");
+const U1: &str = "cd613e30-d8f1-4adf-91b7-584a2265b1f5";
+
+/// A test's services plus handles to look at them.
+struct Pipeline {
+    env: TestEnv,
+    queue: Queue,
+    db: tokio_postgres::Client,
+    logs: tempfile::TempDir,
+}
+
+impl Pipeline {
+    async fn new() -> Self {
+        Self::from_env(TestEnv::with_events().await.unwrap()).await
+    }
+
+    async fn from_env(env: TestEnv) -> Self {
+        sensor_pipeline::store::migrate::migrate(&env.database_settings())
+            .await
+            .unwrap();
+        let queue = Queue::connect(env.events.as_ref().unwrap(), "test")
+            .await
+            .unwrap();
+        let db = testbed::connect(&env.mapping_db).await.unwrap();
+        Self {
+            env,
+            queue,
+            db,
+            logs: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn vars(&self) -> Vec<(String, String)> {
+        self.env.vars()
+    }
+
+    /// Starts `sensors-worker run`; its log goes to a file in `logs` (printed if a wait fails).
+    fn worker(&self, name: &str, extra: &[(&str, &str)]) -> Worker {
+        let port = testbed::free_port().unwrap();
+        let log = self.logs.path().join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_sensors-worker"))
+            .arg("run")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(self.vars())
+            .env("METRICS_ADDR", format!("127.0.0.1:{port}"))
+            .env("WORKER_CONCURRENCY", "2")
+            .env("RUST_LOG", "info")
+            .envs(extra.iter().copied())
+            .current_dir(std::env::temp_dir())
+            .stdout(Stdio::null())
+            .stderr(file)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        Worker {
+            child,
+            metrics: format!("127.0.0.1:{port}"),
+            log,
+        }
+    }
+
+    async fn status(&self, key: &str) -> Option<(String, i64, i32)> {
+        self.db
+            .query_opt(
+                "SELECT status, rows_ok, attempts FROM ingest_ledger WHERE object_key = $1 \
+                 ORDER BY finished_at DESC LIMIT 1",
+                &[&key],
+            )
+            .await
+            .unwrap()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+    }
+
+    async fn count(&self, sql: &str) -> i64 {
+        self.db.query_one(sql, &[]).await.unwrap().get(0)
+    }
+
+    /// Waits until `key`'s latest ledger entry has `status`.
+    async fn settled(&self, key: &str, status: &str, workers: &[&Worker]) {
+        let what = format!("{key} to be {status}");
+        wait_for(&what, Duration::from_secs(60), workers, || async {
+            self.status(key).await.is_some_and(|(s, ..)| s == status)
+        })
+        .await;
+    }
+
+    async fn dead_letters(&self) -> Vec<sensor_pipeline::queue::dead_letters::DeadLetter> {
+        self.queue.dead_letters().await.unwrap()
+    }
+
+    async fn worker_cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_sensors-worker"))
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(self.vars())
+            .current_dir(std::env::temp_dir())
+            .output()
+            .await
+            .unwrap()
+    }
+}
+
+struct Worker {
+    child: Child,
+    metrics: String,
+    log: std::path::PathBuf,
+}
+
+impl Worker {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.id().expect("running").to_string();
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    async fn exit_code(&mut self, limit: Duration) -> Option<i32> {
+        tokio::time::timeout(limit, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("worker did not exit in {limit:?}:\n{}", self.log()))
+            .unwrap()
+            .code()
+    }
+
+    async fn get(&self, path: &str) -> (u16, String) {
+        http_get(&self.metrics, path).await
+    }
+}
+
+/// Polls `ready` every 50 ms until it holds, or fails after `limit` showing the workers' logs.
+async fn wait_for<F, Fut>(what: &str, limit: Duration, workers: &[&Worker], mut ready: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !ready().await {
+        if start.elapsed() > limit {
+            let logs: Vec<String> = workers.iter().map(|w| w.log()).collect();
+            panic!(
+                "timed out after {limit:?} waiting for {what}; worker logs:\n{}",
+                logs.join("\n---\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A minimal HTTP/1.0 GET (status, body), retried until the endpoint listens.
+async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let start = Instant::now();
+    let mut stream = loop {
+        match tokio::net::TcpStream::connect(addr).await {
+            Ok(s) => break s,
+            Err(e) if start.elapsed() < Duration::from_secs(30) => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("{addr}: {e}"),
+        }
+    };
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The value of one Prometheus sample line, e.g. `sensors_objects_total{outcome="done"}`.
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// A clean measurement file of `rows` readings of sensor U1.
+fn big_file(rows: usize) -> String {
+    let mut s = String::with_capacity(rows * 70);
+    s.push_str("timestamp;sensor_uuid;sensor_value\n");
+    for i in 0..rows {
+        let t = chrono::DateTime::from_timestamp(1_356_998_400 + i as i64, 0).unwrap();
+        s.push_str(&format!(
+            "{};{U1};{}.5\n",
+            t.format("%Y-%m-%dT%H:%M:%SZ"),
+            i % 1000
+        ));
+    }
+    s
+}
+
+#[tokio::test]
+async fn uploads_drive_ingestion_to_the_sample_end_state_and_metrics_show_it() {
+    let p = Pipeline::new().await;
+    let mut worker = p.worker("w1", &[]);
+    assert_eq!(worker.get("/healthz").await, (200, "ok\n".to_string()));
+
+    p.env.s3.put_tree(Path::new(SAMPLE_DATA)).await.unwrap();
+    for key in [
+        "mapping/mapping.csv",
+        "timeseries/2013/part-0000.csv",
+        "timeseries/2013/part-0001.csv",
+        "timeseries/2013/rules-sample.csv",
+    ] {
+        p.settled(key, "done", &[&worker]).await;
+    }
+    assert_eq!(p.count("SELECT count(*) FROM measurements").await, 203);
+    assert_eq!(p.count("SELECT count(*) FROM sensors").await, 5);
+    assert_eq!(p.count("SELECT count(*) FROM ingest_quarantine").await, 2);
+    // Exactly the expected readings.
+    let expected =
+        std::fs::read_to_string(format!("{FIXTURES}/sample-expected/measurements.csv")).unwrap();
+    let mut want: Vec<(String, i64, f64)> = expected
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            (
+                f[0].to_string(),
+                f[1].parse().unwrap(),
+                f[2].parse().unwrap(),
+            )
+        })
+        .collect();
+    want.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+    let got: Vec<(String, i64, f64)> =
+        p.db.query(
+            "SELECT sensor_uuid::text, (extract(epoch FROM ts) * 1000000)::bigint, value \
+             FROM measurements ORDER BY sensor_uuid::text, ts",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert!(got == want, "stored readings differ from sample-expected");
+
+    // Every event acknowledged; nothing dead-lettered.
+    wait_for(
+        "the consumer to drain",
+        Duration::from_secs(10),
+        &[&worker],
+        || async { p.queue.pending().await.unwrap() == 0 },
+    )
+    .await;
+    assert!(p.dead_letters().await.is_empty());
+
+    let (status, metrics) = worker.get("/metrics").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        metric(&metrics, r#"sensors_objects_total{outcome="done"}"#),
+        Some(4.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, r#"sensors_rows_total{outcome="ok"}"#),
+        Some(209.0)
+    );
+    assert_eq!(
+        metric(&metrics, r#"sensors_rows_total{outcome="rejected"}"#),
+        Some(2.0)
+    );
+    assert_eq!(
+        metric(&metrics, r#"sensors_events_total{kind="object_created"}"#),
+        Some(4.0)
+    );
+    assert_eq!(
+        metric(&metrics, "sensors_ingest_duration_seconds_count"),
+        Some(4.0)
+    );
+    assert_eq!(metric(&metrics, "sensors_in_flight"), Some(0.0));
+    assert_eq!(worker.get("/readyz").await, (200, "ready\n".to_string()));
+
+    worker.signal("TERM");
+    assert_eq!(worker.exit_code(Duration::from_secs(30)).await, Some(0));
+}
+
+/// Waits until the worker is in the middle of writing an object (its COPY is running).
+async fn mid_copy(p: &Pipeline, workers: &[&Worker]) {
+    wait_for("a COPY in progress", Duration::from_secs(60), workers, || async {
+        p.count(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND query LIKE 'COPY staging_rows%' AND state = 'active'",
+        )
+        .await
+            > 0
+    })
+    .await;
+}
+
+async fn wait_drained(p: &Pipeline, workers: &[&Worker]) {
+    wait_for(
+        "every event to be acknowledged",
+        Duration::from_secs(60),
+        workers,
+        || async { p.queue.pending().await.is_ok_and(|n| n == 0) },
+    )
+    .await;
+}
+
+/// Sum of the values of sensor U1 as stored and as `big_file(rows)` has them.
+async fn assert_big_file_stored(p: &Pipeline, rows: usize) {
+    assert_eq!(
+        p.count("SELECT count(*) FROM measurements").await,
+        rows as i64
+    );
+    let sum: f64 =
+        p.db.query_one("SELECT sum(value) FROM measurements", &[])
+            .await
+            .unwrap()
+            .get(0);
+    let want: f64 = (0..rows).map(|i| (i % 1000) as f64 + 0.5).sum();
+    assert_eq!(sum, want);
+}
+
+#[tokio::test]
+async fn the_same_event_twice_and_to_two_workers_is_ingested_once() {
+    let p = Pipeline::new().await;
+    p.env.s3.mute(true);
+    let key = "timeseries/twice.csv";
+    p.env.s3.put(key, big_file(20_000)).await.unwrap();
+    let (etag, size) = p.env.s3.store().head(key).await.unwrap();
+    let payload = sensor_pipeline::events::object_created(
+        "s3:ObjectCreated:Put",
+        &p.env.s3.bucket,
+        key,
+        &etag,
+        size,
+    );
+    for _ in 0..4 {
+        p.queue.publish_event(payload.clone(), None).await.unwrap();
+    }
+    let (w1, w2) = (p.worker("w1", &[]), p.worker("w2", &[]));
+    wait_drained(&p, &[&w1, &w2]).await;
+    assert_eq!(p.status(key).await, Some(("done".to_string(), 20_000, 1)));
+    assert_big_file_stored(&p, 20_000).await;
+    let mut done = 0.0;
+    let mut already = 0.0;
+    for w in [&w1, &w2] {
+        let (_, m) = w.get("/metrics").await;
+        done += metric(&m, r#"sensors_objects_total{outcome="done"}"#).unwrap_or(0.0);
+        already += metric(&m, r#"sensors_objects_total{outcome="already_done"}"#).unwrap_or(0.0);
+    }
+    assert_eq!((done, already), (1.0, 3.0));
+}
+
+#[tokio::test]
+async fn poison_events_and_failed_objects_are_dead_lettered_and_a_replay_after_the_fix_ends_done() {
+    let p = Pipeline::new().await;
+    let worker = p.worker("w1", &[]);
+    p.queue
+        .publish_event(b"not json at all".to_vec(), None)
+        .await
+        .unwrap();
+    p.queue
+        .publish_event(br#"{"hello":"world"}"#.to_vec(), None)
+        .await
+        .unwrap();
+    let key = "timeseries/broken.csv";
+    p.env
+        .s3
+        .put(
+            key,
+            format!("timestamp;sensor_uuid\n2013-01-01T00:00:00Z;{U1}\n"),
+        )
+        .await
+        .unwrap();
+    wait_for(
+        "three dead letters",
+        Duration::from_secs(30),
+        &[&worker],
+        || async { p.queue.dead_letters().await.map(|l| l.len()).unwrap_or(0) == 3 },
+    )
+    .await;
+    // Acknowledged, so never redelivered: no retry storm.
+    wait_drained(&p, &[&worker]).await;
+    assert_eq!(p.status(key).await, Some(("failed".to_string(), 0, 1)));
+
+    let letters = p.dead_letters().await;
+    assert_eq!(letters[0].payload.as_ref(), b"not json at all");
+    assert!(
+        letters[0].reason.starts_with("payload is not JSON: "),
+        "{}",
+        letters[0].reason
+    );
+    assert!(letters[0].keys.is_empty());
+    assert_eq!(letters[1].payload.as_ref(), br#"{"hello":"world"}"#);
+    assert_eq!(
+        letters[1].reason,
+        "payload is not a MinIO bucket notification: missing field `Records`"
+    );
+    let reason = format!(
+        "{key}: the header lacks required column(s) sensor_value; it has: timestamp, sensor_uuid"
+    );
+    assert_eq!(letters[2].reason, reason);
+    assert_eq!(letters[2].keys, vec![key.to_string()]);
+    assert_eq!(letters[2].attempts, 1);
+    assert!(sensor_pipeline::events::decode(&letters[2].payload).is_ok());
+
+    let list = p.worker_cli(&["dlq", "list"]).await;
+    assert_eq!(list.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&list.stdout).to_string();
+    assert!(text.ends_with("3 dead letters\n"), "{text}");
+    assert!(
+        text.contains(&format!("attempts 1  {key}  {reason}")),
+        "{text}"
+    );
+
+    // Fix the object (without a new event), then replay its dead letter.
+    p.env.s3.mute(true);
+    p.env
+        .s3
+        .put(
+            key,
+            format!("timestamp;sensor_uuid;sensor_value\n2013-01-01T00:00:00Z;{U1};1.5\n"),
+        )
+        .await
+        .unwrap();
+    let id = letters[2].id.to_string();
+    let replay = p.worker_cli(&["dlq", "replay", &id]).await;
+    assert_eq!(
+        replay.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&replay.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&replay.stdout),
+        "replayed 1 dead letters\n"
+    );
+    p.settled(key, "done", &[&worker]).await;
+    assert_eq!(p.count("SELECT count(*) FROM measurements").await, 1);
+    assert_eq!(p.dead_letters().await.len(), 2);
+    let missing = p.worker_cli(&["dlq", "replay", &id]).await;
+    assert_eq!(missing.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&missing.stderr),
+        format!("error: no dead letter with id {id}\n")
+    );
+}
+
+#[tokio::test]
+async fn removals_other_buckets_and_keys_outside_the_prefixes_are_acknowledged_and_ignored() {
+    let p = Pipeline::new().await;
+    let worker = p.worker("w1", &[]);
+    let removed = std::fs::read(format!("{FIXTURES}/minio-events/removed.json")).unwrap();
+    p.queue.publish_event(removed, None).await.unwrap();
+    let other = sensor_pipeline::events::object_created(
+        "s3:ObjectCreated:Put",
+        "another-bucket",
+        "timeseries/x.csv",
+        "e",
+        1,
+    );
+    p.queue.publish_event(other, None).await.unwrap();
+    p.env.s3.put("notes/readme.txt", "hello").await.unwrap();
+    p.settled("notes/readme.txt", "ignored", &[&worker]).await;
+    wait_drained(&p, &[&worker]).await;
+    assert!(p.dead_letters().await.is_empty());
+    assert_eq!(p.count("SELECT count(*) FROM ingest_ledger").await, 1);
+    let (_, m) = worker.get("/metrics").await;
+    assert_eq!(
+        metric(&m, r#"sensors_events_total{kind="not_created"}"#),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, r#"sensors_events_total{kind="other_bucket"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&m, r#"sensors_objects_total{outcome="ignored"}"#),
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn backfill_enqueues_every_object_once_and_wait_reports_the_outcome() {
+    let p = Pipeline::new().await;
+    p.env.s3.mute(true);
+    p.env.s3.put_tree(Path::new(SAMPLE_DATA)).await.unwrap();
+    p.env
+        .s3
+        .put("timeseries/broken.csv", "timestamp;sensor_uuid\n")
+        .await
+        .unwrap();
+    let worker = p.worker("w1", &[]);
+    let out = p.worker_cli(&["backfill", "--wait"]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout,
+        "enqueued 5 objects (0 already enqueued within the duplicate window)\n\
+         settled: 4 done, 0 ignored, 1 failed, 0 dead-lettered\n\
+         failed: timeseries/broken.csv: the header lacks required column(s) sensor_value; it has: timestamp, sensor_uuid\n"
+    );
+    assert_eq!(p.count("SELECT count(*) FROM measurements").await, 203);
+
+    // Again, within the duplicate window: nothing is enqueued twice.
+    let again = p.worker_cli(&["backfill"]).await;
+    assert_eq!(again.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&again.stdout),
+        "enqueued 0 objects (5 already enqueued within the duplicate window)\n"
+    );
+    let mapping = p
+        .worker_cli(&["backfill", "--prefix", "mapping/", "--wait"])
+        .await;
+    assert_eq!(mapping.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&mapping.stdout),
+        "enqueued 0 objects (1 already enqueued within the duplicate window)\n\
+         settled: 1 done, 0 ignored, 0 failed, 0 dead-lettered\n"
+    );
+    wait_drained(&p, &[&worker]).await;
+    assert_eq!(p.count("SELECT max(attempts)::bigint FROM ingest_ledger").await, 1);
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_object_is_replaced_without_loss_or_duplicates() {
+    let p = Pipeline::new().await;
+    let rows = 300_000;
+    let mut w1 = p.worker("w1", &[("WORKER_CONCURRENCY", "1")]);
+    p.env
+        .s3
+        .put("timeseries/big.csv", big_file(rows))
+        .await
+        .unwrap();
+    mid_copy(&p, &[&w1]).await;
+    w1.signal("KILL");
+    assert_eq!(w1.exit_code(Duration::from_secs(10)).await, None);
+    assert_eq!(p.status("timeseries/big.csv").await, None);
+    let w2 = p.worker("w2", &[]);
+    p.settled("timeseries/big.csv", "done", &[&w2]).await;
+    assert_big_file_stored(&p, rows).await;
+    assert_eq!(
+        p.status("timeseries/big.csv").await,
+        Some(("done".to_string(), rows as i64, 1))
+    );
+}
+
+#[tokio::test]
+async fn sigterm_finishes_in_flight_work_and_exits_0() {
+    let p = Pipeline::new().await;
+    let rows = 200_000;
+    let mut w1 = p.worker("w1", &[]);
+    p.env
+        .s3
+        .put("timeseries/big.csv", big_file(rows))
+        .await
+        .unwrap();
+    mid_copy(&p, &[&w1]).await;
+    w1.signal("TERM");
+    assert_eq!(w1.exit_code(Duration::from_secs(60)).await, Some(0));
+    assert_eq!(
+        p.status("timeseries/big.csv").await,
+        Some(("done".to_string(), rows as i64, 1))
+    );
+    wait_drained(&p, &[]).await;
+    assert_big_file_stored(&p, rows).await;
+}
+
+#[tokio::test]
+async fn sigterm_past_the_grace_period_hands_the_object_back() {
+    let p = Pipeline::new().await;
+    let rows = 200_000;
+    let mut w1 = p.worker("w1", &[("SHUTDOWN_GRACE_SECS", "0")]);
+    p.env
+        .s3
+        .put("timeseries/big.csv", big_file(rows))
+        .await
+        .unwrap();
+    mid_copy(&p, &[&w1]).await;
+    w1.signal("TERM");
+    assert_eq!(w1.exit_code(Duration::from_secs(30)).await, Some(0));
+    assert_eq!(p.status("timeseries/big.csv").await, None);
+    let w2 = p.worker("w2", &[]);
+    p.settled("timeseries/big.csv", "done", &[&w2]).await;
+    assert_big_file_stored(&p, rows).await;
+}
+
+#[tokio::test]
+async fn a_postgres_outage_mid_object_is_retried_until_it_completes() {
+    let (mut pg, admin) = testbed::owned_postgres().unwrap();
+    let admin_client = testbed::connect(&admin).await.unwrap();
+    admin_client
+        .batch_execute("CREATE DATABASE outage")
+        .await
+        .unwrap();
+    let db = format!("{}/outage", admin.rsplit_once('/').unwrap().0);
+    let nats = testbed::nats().unwrap().url.clone();
+    let mut p = Pipeline::from_env(TestEnv::with_events_at(&nats, db).await.unwrap()).await;
+    let rows = 200_000;
+    let w1 = p.worker("w1", &[]);
+    p.env
+        .s3
+        .put("timeseries/big.csv", big_file(rows))
+        .await
+        .unwrap();
+    mid_copy(&p, &[&w1]).await;
+    pg.stop().unwrap();
+    wait_for(
+        "the worker to notice",
+        Duration::from_secs(30),
+        &[&w1],
+        || async { w1.log().contains("transient failure") },
+    )
+    .await;
+    pg.start().unwrap();
+    p.db = testbed::connect(&p.env.mapping_db).await.unwrap();
+    p.settled("timeseries/big.csv", "done", &[&w1]).await;
+    assert_big_file_stored(&p, rows).await;
+}
+
+#[tokio::test]
+async fn the_worker_reconnects_after_a_nats_restart() {
+    let (mut nats, url) = testbed::owned_nats().unwrap();
+    let db = testbed::postgres()
+        .unwrap()
+        .create_database()
+        .await
+        .unwrap();
+    let p = Pipeline::from_env(TestEnv::with_events_at(&url, db).await.unwrap()).await;
+    let worker = p.worker("w1", &[]);
+    p.env
+        .s3
+        .put("timeseries/a.csv", big_file(10))
+        .await
+        .unwrap();
+    p.settled("timeseries/a.csv", "done", &[&worker]).await;
+    nats.stop().unwrap();
+    nats.start().unwrap();
+    p.env
+        .s3
+        .put("timeseries/b.csv", big_file(20))
+        .await
+        .unwrap();
+    p.settled("timeseries/b.csv", "done", &[&worker]).await;
+    assert_eq!(p.count("SELECT count(*) FROM measurements").await, 20);
+}
