@@ -555,7 +555,11 @@ async fn backfill_enqueues_every_object_once_and_wait_reports_the_outcome() {
          settled: 1 done, 0 ignored, 0 failed, 0 dead-lettered\n"
     );
     wait_drained(&p, &[&worker]).await;
-    assert_eq!(p.count("SELECT max(attempts)::bigint FROM ingest_ledger").await, 1);
+    assert_eq!(
+        p.count("SELECT max(attempts)::bigint FROM ingest_ledger")
+            .await,
+        1
+    );
 }
 
 #[tokio::test]
@@ -648,6 +652,9 @@ async fn a_postgres_outage_mid_object_is_retried_until_it_completes() {
         || async { w1.log().contains("transient failure") },
     )
     .await;
+    let (status, body) = w1.get("/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.starts_with("not ready: "), "{body}");
     pg.start().unwrap();
     p.db = testbed::connect(&p.env.mapping_db).await.unwrap();
     p.settled("timeseries/big.csv", "done", &[&w1]).await;

@@ -87,61 +87,11 @@ impl Queue {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
 
-    /// The events stream: work-queue retention (an acked event is gone), file storage, and a
-    /// duplicate window for the message ids backfill sets.
-    pub fn events_stream_config(&self) -> stream::Config {
-        stream::Config {
-            name: self.settings.stream.clone(),
-            description: Some("MinIO object notifications for the sensor pipeline".into()),
-            subjects: vec![self.settings.subject.clone()],
-            retention: stream::RetentionPolicy::WorkQueue,
-            storage: stream::StorageType::File,
-            duplicate_window: DUPLICATE_WINDOW,
-            max_age: EVENT_MAX_AGE,
-            discard: stream::DiscardPolicy::Old,
-            ..Default::default()
-        }
-    }
-
-    /// The dead-letter stream: kept (limits retention) until replayed or aged out.
-    pub fn dead_letter_stream_config(&self) -> stream::Config {
-        stream::Config {
-            name: self.settings.dlq_stream(),
-            description: Some("Sensor pipeline events that could not be ingested".into()),
-            subjects: vec![self.settings.dlq_subject.clone()],
-            retention: stream::RetentionPolicy::Limits,
-            storage: stream::StorageType::File,
-            duplicate_window: Duration::from_secs(2 * 60),
-            max_age: DEAD_LETTER_MAX_AGE,
-            ..Default::default()
-        }
-    }
-
-    /// The durable pull consumer every worker shares. Redeliveries back off: the n-th waits
-    /// `ack_wait × 2^(n-1)` (the server's `backoff`), capped by `max_deliver`.
-    pub fn consumer_config(&self) -> pull::Config {
-        let s = &self.settings;
-        let backoff = (0..(s.max_deliver - 1).clamp(1, 4))
-            .map(|n| s.ack_wait * 2u32.pow(n as u32))
-            .collect();
-        pull::Config {
-            durable_name: Some(s.consumer.clone()),
-            description: Some("Sensor pipeline workers".into()),
-            ack_policy: jetstream::consumer::AckPolicy::Explicit,
-            ack_wait: s.ack_wait,
-            max_deliver: s.max_deliver,
-            backoff,
-            max_ack_pending: 1024,
-            filter_subject: s.subject.clone(),
-            ..Default::default()
-        }
-    }
-
     /// Creates or updates the events stream, the dead-letter stream and the consumer.
     pub async fn provision(&self) -> Result<(), QueueError> {
         for config in [
-            self.events_stream_config(),
-            self.dead_letter_stream_config(),
+            events_stream_config(&self.settings),
+            dead_letter_stream_config(&self.settings),
         ] {
             let name = config.name.clone();
             self.js
@@ -160,7 +110,7 @@ impl Queue {
             .await
             .map_err(|e| QueueError::new(format!("opening stream {}", self.settings.stream), e))?;
         stream
-            .create_consumer(self.consumer_config())
+            .create_consumer(consumer_config(&self.settings))
             .await
             .map_err(|e| {
                 QueueError::new(format!("creating consumer {}", self.settings.consumer), e)
@@ -207,6 +157,57 @@ impl Queue {
             .get_consumer_from_stream(&self.settings.consumer, &self.settings.stream)
             .await
             .map_err(|e| QueueError::new("opening consumer", e))
+    }
+}
+
+/// The events stream: work-queue retention (an acked event is gone), file storage, and a
+/// duplicate window for the message ids backfill sets.
+pub fn events_stream_config(settings: &NatsSettings) -> stream::Config {
+    stream::Config {
+        name: settings.stream.clone(),
+        description: Some("MinIO object notifications for the sensor pipeline".into()),
+        subjects: vec![settings.subject.clone()],
+        retention: stream::RetentionPolicy::WorkQueue,
+        storage: stream::StorageType::File,
+        duplicate_window: DUPLICATE_WINDOW,
+        max_age: EVENT_MAX_AGE,
+        discard: stream::DiscardPolicy::Old,
+        ..Default::default()
+    }
+}
+
+/// The dead-letter stream: kept (limits retention) until replayed or aged out.
+pub fn dead_letter_stream_config(settings: &NatsSettings) -> stream::Config {
+    stream::Config {
+        name: settings.dlq_stream(),
+        description: Some("Sensor pipeline events that could not be ingested".into()),
+        subjects: vec![settings.dlq_subject.clone()],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        duplicate_window: Duration::from_secs(2 * 60),
+        max_age: DEAD_LETTER_MAX_AGE,
+        ..Default::default()
+    }
+}
+
+/// The durable pull consumer every worker shares. Redeliveries after a missed ack back off: the
+/// n-th waits `ack_wait × 2^(n-1)` (the server's `backoff`, at most 4 steps, fewer than
+/// `max_deliver`).
+pub fn consumer_config(settings: &NatsSettings) -> pull::Config {
+    let s = settings;
+    let backoff = (0..(s.max_deliver - 1).clamp(0, 4))
+        .map(|n| s.ack_wait * 2u32.pow(n as u32))
+        .collect();
+    pull::Config {
+        durable_name: Some(s.consumer.clone()),
+        description: Some("Sensor pipeline workers".into()),
+        ack_policy: jetstream::consumer::AckPolicy::Explicit,
+        ack_wait: s.ack_wait,
+        max_deliver: s.max_deliver,
+        backoff,
+        max_ack_pending: 1024,
+        filter_subject: s.subject.clone(),
+        ..Default::default()
     }
 }
 
