@@ -29,9 +29,18 @@ fn assert_file_matches(file: &str, code: serde_json::Value) {
 fn nats_definitions_match_the_code() {
     if std::env::var_os("PRINT_NATS_CONFIG").is_some() {
         let s = defaults();
-        println!("{}", serde_json::to_string_pretty(&queue::events_stream_config(&s)).unwrap());
-        println!("{}", serde_json::to_string_pretty(&queue::dead_letter_stream_config(&s)).unwrap());
-        println!("{}", serde_json::to_string_pretty(&queue::consumer_config(&s)).unwrap());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&queue::events_stream_config(&s)).unwrap()
+        );
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&queue::dead_letter_stream_config(&s)).unwrap()
+        );
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&queue::consumer_config(&s)).unwrap()
+        );
     }
     let s = defaults();
     assert_file_matches(
