@@ -76,19 +76,41 @@ impl S3Server {
             return Ok(server);
         }
         let root = tempfile::Builder::new().prefix("testbed-s3-").tempdir()?;
-        std::fs::create_dir(root.path().join(bucket))?;
-        let (access_key, secret_key) = (
-            "testbed-access".to_string(),
-            "testbed-secret-key".to_string(),
-        );
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        let path = root.path().to_path_buf();
+        Self::serve(&path, listener, bucket, target, Some(root)).await
+    }
+
+    /// Serves the folder `root` (kept: for the demo) on `listener`, with the fixed credentials
+    /// [`S3Server::ACCESS_KEY`]/[`S3Server::SECRET_KEY`].
+    pub async fn serve_folder(
+        root: &std::path::Path,
+        listener: TcpListener,
+        bucket: &str,
+        target: Option<NotifyTarget>,
+    ) -> Result<Self> {
+        Self::serve(root, listener, bucket, target, None).await
+    }
+
+    pub const ACCESS_KEY: &str = "testbed-access";
+    pub const SECRET_KEY: &str = "testbed-secret-key";
+
+    async fn serve(
+        root_path: &std::path::Path,
+        listener: TcpListener,
+        bucket: &str,
+        target: Option<NotifyTarget>,
+        root: Option<tempfile::TempDir>,
+    ) -> Result<Self> {
+        std::fs::create_dir_all(root_path.join(bucket))?;
+        let (access_key, secret_key) = (Self::ACCESS_KEY.to_string(), Self::SECRET_KEY.to_string());
         let fs =
-            s3s_fs::FileSystem::new(root.path()).map_err(|e| anyhow::anyhow!("s3s-fs: {e:?}"))?;
+            s3s_fs::FileSystem::new(root_path).map_err(|e| anyhow::anyhow!("s3s-fs: {e:?}"))?;
         let mut builder = S3ServiceBuilder::new(fs);
         builder.set_auth(SimpleAuth::from_single(
             access_key.clone(),
             secret_key.clone(),
         ));
-        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let endpoint = listener.local_addr()?.to_string();
         let notifier = match target {
             None => None,
@@ -125,7 +147,7 @@ impl S3Server {
             access_key,
             secret_key,
             bucket.to_string(),
-            Some(root),
+            root,
             Some(task),
         );
         server.notifier = notifier;
