@@ -257,6 +257,32 @@ impl DatabaseSettings {
     }
 }
 
+/// Every setting the binaries read, and whether it is required (by the commands that need its
+/// group). Deployment files are checked against this list.
+pub const SETTINGS: &[(&str, bool)] = &[
+    ("MINIO_ENDPOINT", true),
+    ("MINIO_ACCESS_KEY", true),
+    ("MINIO_SECRET_KEY", true),
+    ("MINIO_HTTPS_PROTOCOL", false),
+    ("MINIO_BUCKET", false),
+    ("DATABASE_URL", true),
+    ("TIMESCALE_DATABASE_URL", false),
+    ("NATS_URL", false),
+    ("NATS_SUBJECT", false),
+    ("NATS_STREAM", false),
+    ("NATS_CONSUMER", false),
+    ("NATS_DLQ_SUBJECT", false),
+    ("NATS_ACK_WAIT_SECS", false),
+    ("NATS_MAX_DELIVER", false),
+    ("WORKER_CONCURRENCY", false),
+    ("NAIVE_TIMEZONE", false),
+    ("CSV_DELIMITER", false),
+    ("METRICS_ADDR", false),
+    ("SHUTDOWN_GRACE_SECS", false),
+    ("LOG_FORMAT", false),
+    ("RUST_LOG", false),
+];
+
 /// NATS JetStream names (used by `sensors-worker run` and `backfill`).
 #[derive(Debug, Clone)]
 pub struct NatsSettings {
