@@ -687,3 +687,41 @@ async fn the_worker_reconnects_after_a_nats_restart() {
     p.settled("timeseries/b.csv", "done", &[&worker]).await;
     assert_eq!(p.count("SELECT count(*) FROM measurements").await, 20);
 }
+
+#[tokio::test]
+async fn in_progress_acks_keep_a_long_object_from_being_redelivered() {
+    // An ack wait of 1 s, and an object that takes longer than that to ingest.
+    let mut env = TestEnv::with_events().await.unwrap();
+    if let Some(e) = env.events.as_mut() {
+        e.ack_wait = Duration::from_secs(1);
+    }
+    let p = Pipeline::from_env(env).await;
+    p.queue.provision().await.unwrap();
+    let rows = 400_000;
+    let (w1, w2) = (p.worker("w1", &[]), p.worker("w2", &[]));
+    let started = Instant::now();
+    p.env
+        .s3
+        .put("timeseries/long.csv", big_file(rows))
+        .await
+        .unwrap();
+    p.settled("timeseries/long.csv", "done", &[&w1, &w2]).await;
+    assert!(
+        started.elapsed() > Duration::from_secs(2),
+        "the object must take longer than the ack wait for this test to mean anything"
+    );
+    wait_drained(&p, &[&w1, &w2]).await;
+    let mut outcomes = Vec::new();
+    for w in [&w1, &w2] {
+        let (_, m) = w.get("/metrics").await;
+        outcomes.push((
+            metric(&m, r#"sensors_objects_total{outcome="done"}"#).unwrap_or(0.0),
+            metric(&m, r#"sensors_objects_total{outcome="already_done"}"#).unwrap_or(0.0),
+        ));
+    }
+    // Delivered once: no worker saw it a second time.
+    let done: f64 = outcomes.iter().map(|o| o.0).sum();
+    let again: f64 = outcomes.iter().map(|o| o.1).sum();
+    assert_eq!((done, again), (1.0, 0.0), "{outcomes:?}");
+    assert_big_file_stored(&p, rows).await;
+}

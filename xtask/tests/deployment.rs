@@ -21,7 +21,15 @@ fn known() -> BTreeSet<&'static str> {
 /// of a source file.
 fn setting_literals(source: &str) -> BTreeSet<String> {
     let code = source.split("#[cfg(test)]").next().unwrap_or(source);
-    let readers = ["optional(", "required(", "parsed(", "flag(", "_secret(", "positive(env,", "env.optional"];
+    let readers = [
+        "optional(",
+        "required(",
+        "parsed(",
+        "flag(",
+        "_secret(",
+        "positive(env,",
+        "env.optional",
+    ];
     let reading: String = code
         .lines()
         .filter(|l| readers.iter().any(|r| l.contains(r)))
@@ -34,7 +42,8 @@ fn setting_literals(source: &str) -> BTreeSet<String> {
         .filter(|s| {
             s.contains('_')
                 && s.len() >= 5
-                && s.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+                && s.chars()
+                    .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
         })
         .map(str::to_string)
         .collect()
@@ -54,7 +63,10 @@ fn the_settings_list_is_what_the_code_reads() {
 fn env_example_documents_every_setting() {
     let example = read("config/.env.example");
     for (name, _) in SETTINGS {
-        assert!(example.contains(name), "config/.env.example does not mention {name}");
+        assert!(
+            example.contains(name),
+            "config/.env.example does not mention {name}"
+        );
     }
 }
 
@@ -103,7 +115,10 @@ fn compose_passes_known_settings_and_every_required_one() {
         let passed: BTreeSet<&str> = env.keys().filter_map(Yaml::as_str).collect();
         for key in &passed {
             let base = key.strip_suffix("_FILE").unwrap_or(key);
-            assert!(known.contains(base), "{name} passes {key}, which no binary reads");
+            assert!(
+                known.contains(base),
+                "{name} passes {key}, which no binary reads"
+            );
         }
         for (required, _) in SETTINGS.iter().filter(|(_, r)| *r) {
             assert!(
