@@ -20,7 +20,8 @@ use anyhow::{Context, Result};
 use sensor_pipeline::config::{DatabaseSettings, Env, NatsSettings, ObjectStoreSettings, Secret};
 
 pub use processes::{
-    free_port, nats, owned_nats, owned_postgres, postgres, wait_until, Nats, OwnedServer, Postgres,
+    find_pg_binary, free_port, init_cluster, is_root, nats, owned_nats, owned_postgres, postgres,
+    postgres_command, wait_until, which, Nats, OwnedServer, Postgres,
 };
 pub use s3::{NotifyTarget, S3Server};
 

@@ -69,7 +69,17 @@ pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind(("127.0.0.1", 0))?.local_addr()?.port())
 }
 
-fn is_root() -> bool {
+/// A program on PATH.
+pub fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
+/// Whether this process runs as root (PostgreSQL then has to run as the `postgres` user).
+pub fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()
@@ -77,10 +87,10 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// Finds a PostgreSQL server binary on PATH or in Debian's versioned folders.
-fn pg_binary(name: &str) -> Result<PathBuf> {
+/// A PostgreSQL server binary on PATH or in Debian's versioned folders.
+pub fn find_pg_binary(name: &str) -> Option<PathBuf> {
     if let Some(p) = which(name) {
-        return Ok(p);
+        return Some(p);
     }
     let mut candidates: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
         .into_iter()
@@ -90,7 +100,11 @@ fn pg_binary(name: &str) -> Result<PathBuf> {
         .filter(|p| p.exists())
         .collect();
     candidates.sort();
-    candidates.pop().ok_or_else(|| {
+    candidates.pop()
+}
+
+fn pg_binary(name: &str) -> Result<PathBuf> {
+    find_pg_binary(name).ok_or_else(|| {
         anyhow!(
             "PostgreSQL server binaries ({name}) not found: install PostgreSQL (apt-get install postgresql) \
              or set TEST_DATABASE_URL to a superuser connection URL"
@@ -98,43 +112,25 @@ fn pg_binary(name: &str) -> Result<PathBuf> {
     })
 }
 
-fn which(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join(name))
-            .find(|p| p.is_file())
-    })
+/// A command for a PostgreSQL program, run as the `postgres` user when this process is root.
+pub fn postgres_command(program: &Path) -> Command {
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
 }
 
-fn start_postgres() -> Result<Postgres> {
-    if let Ok(url) = std::env::var("TEST_DATABASE_URL") {
-        return Ok(Postgres {
-            admin_url: url,
-            _watchdog: None,
-        });
-    }
+/// Creates a cluster in `dir/data` (superuser `postgres`, trust authentication, UTF-8), handing
+/// `dir` to the `postgres` user first when running as root. Returns the data folder.
+pub fn init_cluster(dir: &Path) -> Result<PathBuf> {
     let initdb = pg_binary("initdb")?;
-    let postgres = pg_binary("postgres")?;
-    let dir = tempfile::Builder::new()
-        .prefix("testbed-pg-")
-        .tempdir()?
-        .keep();
-    let data = dir.join("data");
-    let root = is_root();
-    // PostgreSQL refuses to run as root: run it as the `postgres` user then.
-    let as_user = |cmd: &Path| -> Command {
-        if root {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(cmd);
-            c
-        } else {
-            Command::new(cmd)
-        }
-    };
-    if root {
+    if is_root() {
         let status = Command::new("chown")
             .args(["-R", "postgres"])
-            .arg(&dir)
+            .arg(dir)
             .status()?;
         if !status.success() {
             bail!(
@@ -143,7 +139,8 @@ fn start_postgres() -> Result<Postgres> {
             );
         }
     }
-    let out = as_user(&initdb)
+    let data = dir.join("data");
+    let out = postgres_command(&initdb)
         .arg("-D")
         .arg(&data)
         .args([
@@ -161,6 +158,23 @@ fn start_postgres() -> Result<Postgres> {
     if !out.status.success() {
         bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
     }
+    Ok(data)
+}
+
+fn start_postgres() -> Result<Postgres> {
+    if let Ok(url) = std::env::var("TEST_DATABASE_URL") {
+        return Ok(Postgres {
+            admin_url: url,
+            _watchdog: None,
+        });
+    }
+    let postgres = pg_binary("postgres")?;
+    let dir = tempfile::Builder::new()
+        .prefix("testbed-pg-")
+        .tempdir()?
+        .keep();
+    let data = init_cluster(&dir)?;
+    let root = is_root();
     let port = free_port()?;
     let server = format!(
         "{} -D {} -p {port} -h 127.0.0.1 -k {} -c fsync=off -c synchronous_commit=off \
@@ -363,48 +377,13 @@ pub fn owned_nats() -> Result<(OwnedServer, String)> {
 
 /// A PostgreSQL server of the test's own; returns it and the superuser URL of `postgres`.
 pub fn owned_postgres() -> Result<(OwnedServer, String)> {
-    let initdb = pg_binary("initdb")?;
     let postgres = pg_binary("postgres")?;
     let dir = tempfile::Builder::new()
         .prefix("testbed-pg-")
         .tempdir()?
         .keep();
-    let data = dir.join("data");
+    let data = init_cluster(&dir)?;
     let root = is_root();
-    if root {
-        let status = Command::new("chown")
-            .args(["-R", "postgres"])
-            .arg(&dir)
-            .status()?;
-        if !status.success() {
-            bail!("chown postgres {} failed", dir.display());
-        }
-    }
-    let mut init = if root {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(&initdb);
-        c
-    } else {
-        Command::new(&initdb)
-    };
-    let out = init
-        .arg("-D")
-        .arg(&data)
-        .args([
-            "-U",
-            "postgres",
-            "-A",
-            "trust",
-            "-E",
-            "UTF8",
-            "--locale=C",
-            "--no-sync",
-        ])
-        .output()
-        .context("running initdb")?;
-    if !out.status.success() {
-        bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
     let port = free_port()?;
     let command = format!(
         "{} -D {} -p {port} -h 127.0.0.1 -k {} -c fsync=off -c synchronous_commit=off \

@@ -320,7 +320,10 @@ async fn run_worker(env: &Env) -> anyhow::Result<ExitCode> {
         })
     });
     let server = telemetry::serve(worker.metrics_addr, handle, ready, stop.clone()).await?;
-    provision_with_retries(&queue, &stop).await?;
+    if !provision_with_retries(&queue, &stop).await? {
+        tracing::info!("stopped before NATS was reachable");
+        return Ok(ExitCode::SUCCESS);
+    }
     let observer = tokio::spawn(telemetry::observe(queue.clone(), stop.clone()));
     run::Worker {
         ingestor,
@@ -335,11 +338,12 @@ async fn run_worker(env: &Env) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// NATS may come up after the worker: keep trying (with backoff) until it answers or we stop.
+/// NATS may come up after the worker: keep trying (with backoff) until it answers (true) or we
+/// are told to stop (false).
 async fn provision_with_retries(
     queue: &Queue,
     stop: &tokio_util::sync::CancellationToken,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     use backon::{ExponentialBuilder, Retryable};
     let attempt = || async { queue.provision().await };
     let retried = attempt
@@ -351,8 +355,8 @@ async fn provision_with_retries(
         )
         .notify(|e, delay| tracing::warn!(error = %e, retry_in = ?delay, "cannot provision JetStream yet"));
     tokio::select! {
-        r = retried => Ok(r?),
-        _ = stop.cancelled() => anyhow::bail!("stopped before NATS was reachable"),
+        r = retried => r.map(|()| true).map_err(Into::into),
+        _ = stop.cancelled() => Ok(false),
     }
 }
 

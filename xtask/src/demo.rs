@@ -453,88 +453,36 @@ fn build_binaries() -> Result<Binaries> {
     })
 }
 
-/// The server binaries the demo needs.
+/// The server binaries the demo needs (found the way the test harness finds them).
 struct Tools {
-    initdb: PathBuf,
     pg_ctl: PathBuf,
     nats_server: PathBuf,
-    as_postgres: bool,
 }
 
 impl Tools {
     fn find() -> Result<Self> {
-        let pg = |name: &str| {
-            which(name).or_else(|| {
-                let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-                    .into_iter()
-                    .flatten()
-                    .flatten()
-                    .map(|e| e.path().join("bin").join(name))
-                    .filter(|p| p.is_file())
-                    .collect();
-                found.sort();
-                found.pop()
-            })
-        };
         let missing = "PostgreSQL server binaries (initdb, pg_ctl) not found: install PostgreSQL \
                        (apt-get install postgresql) or use `docker compose up` instead";
+        if testbed::find_pg_binary("initdb").is_none() {
+            bail!(missing);
+        }
         Ok(Self {
-            initdb: pg("initdb").ok_or_else(|| anyhow!(missing))?,
-            pg_ctl: pg("pg_ctl").ok_or_else(|| anyhow!(missing))?,
-            nats_server: which("nats-server").ok_or_else(|| {
+            pg_ctl: testbed::find_pg_binary("pg_ctl").ok_or_else(|| anyhow!(missing))?,
+            nats_server: testbed::which("nats-server").ok_or_else(|| {
                 anyhow!(
                     "nats-server not found: install it (apt-get install nats-server) or use \
                      `docker compose up` instead"
                 )
             })?,
-            // PostgreSQL refuses to run as root.
-            as_postgres: Command::new("id")
-                .arg("-u")
-                .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-                .unwrap_or(false),
         })
-    }
-
-    fn pg_command(&self, program: &Path) -> Command {
-        if self.as_postgres {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(program);
-            c
-        } else {
-            Command::new(program)
-        }
     }
 
     fn start_postgres(&self, dir: &Path, port: u16) -> Result<()> {
         let pg_dir = dir.join("pg");
         std::fs::create_dir_all(&pg_dir)?;
-        if self.as_postgres {
-            let ok = Command::new("chown")
-                .args(["-R", "postgres"])
-                .arg(&pg_dir)
-                .status()?
-                .success();
-            if !ok {
-                bail!(
-                    "chown postgres {} failed (is there a postgres user?)",
-                    pg_dir.display()
-                );
-            }
-        }
-        let data = pg_dir.join("data");
-        output_of(self.pg_command(&self.initdb).arg("-D").arg(&data).args([
-            "-U",
-            "postgres",
-            "-A",
-            "trust",
-            "-E",
-            "UTF8",
-            "--locale=C",
-            "--no-sync",
-        ]))?;
+        let data = testbed::init_cluster(&pg_dir)?;
         output_of(
-            self.pg_command(&self.pg_ctl)
+            testbed::postgres_command(&self.pg_ctl)
                 .arg("-D")
                 .arg(&data)
                 .arg("-o")
@@ -553,7 +501,7 @@ impl Tools {
         let data = dir.join("pg/data");
         if data.join("postmaster.pid").exists() {
             output_of(
-                self.pg_command(&self.pg_ctl)
+                testbed::postgres_command(&self.pg_ctl)
                     .arg("-D")
                     .arg(&data)
                     .args(["-m", "fast", "-w", "stop"]),
@@ -561,12 +509,4 @@ impl Tools {
         }
         Ok(())
     }
-}
-
-fn which(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join(name))
-            .find(|p| p.is_file())
-    })
 }

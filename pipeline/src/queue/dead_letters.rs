@@ -66,13 +66,18 @@ impl Queue {
             .map(|_| ())
     }
 
-    /// How many dead letters there are.
-    pub async fn dead_letter_count(&self) -> Result<u64, QueueError> {
-        let mut stream = self
-            .js
+    async fn dead_letter_stream(
+        &self,
+    ) -> Result<async_nats::jetstream::stream::Stream, QueueError> {
+        self.js
             .get_stream(self.settings.dlq_stream())
             .await
-            .map_err(|e| QueueError::new("opening the dead-letter stream", e))?;
+            .map_err(|e| QueueError::new("opening the dead-letter stream", e))
+    }
+
+    /// How many dead letters there are.
+    pub async fn dead_letter_count(&self) -> Result<u64, QueueError> {
+        let mut stream = self.dead_letter_stream().await?;
         let info = stream
             .info()
             .await
@@ -82,11 +87,7 @@ impl Queue {
 
     /// Every dead letter, oldest first.
     pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>, QueueError> {
-        let mut stream = self
-            .js
-            .get_stream(self.settings.dlq_stream())
-            .await
-            .map_err(|e| QueueError::new("opening the dead-letter stream", e))?;
+        let mut stream = self.dead_letter_stream().await?;
         let state = stream
             .info()
             .await
@@ -113,11 +114,7 @@ impl Queue {
     /// Publishes dead letter `id`'s original event to the events subject again and removes the
     /// letter. Returns false when there is no such letter.
     pub async fn replay(&self, id: u64) -> Result<bool, QueueError> {
-        let stream = self
-            .js
-            .get_stream(self.settings.dlq_stream())
-            .await
-            .map_err(|e| QueueError::new("opening the dead-letter stream", e))?;
+        let stream = self.dead_letter_stream().await?;
         let message = match stream.get_raw_message(id).await {
             Ok(m) => m,
             Err(e)
