@@ -32,6 +32,7 @@ pub struct S3Server {
     pub bucket: String,
     store: ObjectStore,
     notifier: Option<std::sync::Arc<notify::Notifier>>,
+    down: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     _root: Option<tempfile::TempDir>,
     task: Option<JoinHandle<()>>,
 }
@@ -123,10 +124,12 @@ impl S3Server {
                 .await?,
             )),
         };
+        let down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let service = notify::Notifying {
             inner: builder.build(),
             notifier: notifier.clone(),
             bucket: bucket.to_string(),
+            down: down.clone(),
         };
         let task = tokio::spawn(async move {
             let http = ConnBuilder::new(TokioExecutor::new());
@@ -151,7 +154,15 @@ impl S3Server {
             Some(task),
         );
         server.notifier = notifier;
+        server.down = Some(down);
         Ok(server)
+    }
+
+    /// Simulates an outage: while `down`, every request is answered `503 Service Unavailable`.
+    pub fn set_down(&self, down: bool) {
+        if let Some(d) = &self.down {
+            d.store(down, std::sync::atomic::Ordering::SeqCst);
+        }
     }
 
     /// Stops (true) or resumes (false) publishing notifications, e.g. to put objects that only
@@ -183,6 +194,7 @@ impl S3Server {
         Self {
             store: Self::store_for(&endpoint, &access_key, &secret_key, &bucket),
             notifier: None,
+            down: None,
             endpoint,
             access_key,
             secret_key,
@@ -319,6 +331,8 @@ mod notify {
         pub inner: S3Service,
         pub notifier: Option<Arc<Notifier>>,
         pub bucket: String,
+        /// While set, every request gets `503 Service Unavailable` (an outage).
+        pub down: Arc<std::sync::atomic::AtomicBool>,
     }
 
     impl Service<Request<Incoming>> for Notifying {
@@ -327,6 +341,14 @@ mod notify {
         type Future = <S3Service as Service<Request<Incoming>>>::Future;
 
         fn call(&self, req: Request<Incoming>) -> Self::Future {
+            if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+                let mut response = s3s::HttpResponse::new(s3s::Body::from(
+                    "<Error><Code>ServiceUnavailable</Code><Message>testbed outage</Message></Error>"
+                        .to_string(),
+                ));
+                *response.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+                return Box::pin(async move { Ok(response) });
+            }
             let event = self
                 .notifier
                 .as_ref()

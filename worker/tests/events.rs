@@ -725,3 +725,35 @@ async fn in_progress_acks_keep_a_long_object_from_being_redelivered() {
     assert_eq!((done, again), (1.0, 0.0), "{outcomes:?}");
     assert_big_file_stored(&p, rows).await;
 }
+
+#[tokio::test]
+async fn an_object_store_outage_is_retried_until_the_object_can_be_read() {
+    let p = Pipeline::new().await;
+    let worker = p.worker("w1", &[]);
+    let key = "timeseries/during-outage.csv";
+    p.env.s3.mute(true);
+    p.env.s3.put(key, big_file(100)).await.unwrap();
+    let (etag, size) = p.env.s3.store().head(key).await.unwrap();
+    p.env.s3.set_down(true);
+    let event = sensor_pipeline::events::object_created(
+        "s3:ObjectCreated:Put",
+        &p.env.s3.bucket,
+        key,
+        &etag,
+        size,
+    );
+    p.queue.publish_event(event, None).await.unwrap();
+    wait_for(
+        "the worker to notice",
+        Duration::from_secs(30),
+        &[&worker],
+        || async { worker.log().contains("transient failure") },
+    )
+    .await;
+    assert_eq!(p.status(key).await, None);
+    p.env.s3.set_down(false);
+    p.settled(key, "done", &[&worker]).await;
+    assert_big_file_stored(&p, 100).await;
+    wait_drained(&p, &[&worker]).await;
+    assert!(p.dead_letters().await.is_empty());
+}
