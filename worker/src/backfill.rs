@@ -215,14 +215,6 @@ async fn settled(
             ));
         }
     }
-    let mut dead: HashMap<String, String> = HashMap::new();
-    for letter in queue.dead_letters().await? {
-        if letter.failed_at.is_some_and(|t| t >= since) {
-            for key in letter.keys {
-                dead.insert(key, letter.reason.clone());
-            }
-        }
-    }
     let mut out = BTreeMap::new();
     for e in enqueued {
         let entry = ledger.get(&e.key).and_then(|versions| {
@@ -231,18 +223,28 @@ async fn settled(
                 .find(|(etag, ..)| *etag == e.etag)
                 .or_else(|| versions.iter().find(|(.., at)| *at >= since))
         });
-        let state = match entry {
-            Some((_, status, reason, _)) => match status.as_str() {
+        if let Some((_, status, reason, _)) = entry {
+            let state = match status.as_str() {
                 "done" => Settled::Done,
                 "ignored" => Settled::Ignored,
                 _ => Settled::Failed(reason.clone().unwrap_or_default()),
-            },
-            None => match dead.get(&e.key) {
-                Some(reason) => Settled::DeadLettered(reason.clone()),
-                None => continue,
-            },
-        };
-        out.insert(e.key.clone(), state);
+            };
+            out.insert(e.key.clone(), state);
+        }
+    }
+    // Dead letters only matter for versions the ledgers do not have (retries exhausted).
+    if out.len() < enqueued.len() {
+        let wanted: std::collections::HashSet<&str> = keys.iter().map(String::as_str).collect();
+        for letter in queue.dead_letters().await? {
+            if letter.failed_at.is_some_and(|t| t >= since) {
+                for key in letter.keys {
+                    if wanted.contains(key.as_str()) {
+                        out.entry(key)
+                            .or_insert_with(|| Settled::DeadLettered(letter.reason.clone()));
+                    }
+                }
+            }
+        }
     }
     Ok(out)
 }
