@@ -218,21 +218,7 @@ fn start_nats() -> Result<Nats> {
             _watchdog: None,
         });
     }
-    let bin = which("nats-server").ok_or_else(|| {
-        anyhow!(
-            "nats-server not found: install it (apt-get install nats-server) or set TEST_NATS_URL"
-        )
-    })?;
-    let dir = tempfile::Builder::new()
-        .prefix("testbed-nats-")
-        .tempdir()?
-        .keep();
-    let port = free_port()?;
-    let server = format!(
-        "{} -js -a 127.0.0.1 -p {port} -sd {}",
-        shell_quote(&bin),
-        shell_quote(&dir.join("jetstream"))
-    );
+    let (dir, port, server) = nats_server_command()?;
     let watchdog = spawn_watchdog(
         &server,
         &dir,
@@ -348,10 +334,13 @@ impl Drop for OwnedServer {
     }
 }
 
-/// A NATS server with JetStream of the test's own (file storage kept across restarts).
-pub fn owned_nats() -> Result<(OwnedServer, String)> {
-    let bin = which("nats-server")
-        .ok_or_else(|| anyhow!("nats-server not found: apt-get install nats-server"))?;
+/// A folder, a free port and the shell command for a nats-server with JetStream storing there.
+fn nats_server_command() -> Result<(PathBuf, u16, String)> {
+    let bin = which("nats-server").ok_or_else(|| {
+        anyhow!(
+            "nats-server not found: install it (apt-get install nats-server) or set TEST_NATS_URL"
+        )
+    })?;
     let dir = tempfile::Builder::new()
         .prefix("testbed-nats-")
         .tempdir()?
@@ -362,6 +351,12 @@ pub fn owned_nats() -> Result<(OwnedServer, String)> {
         shell_quote(&bin),
         shell_quote(&dir.join("jetstream"))
     );
+    Ok((dir, port, command))
+}
+
+/// A NATS server with JetStream of the test's own (file storage kept across restarts).
+pub fn owned_nats() -> Result<(OwnedServer, String)> {
+    let (dir, port, command) = nats_server_command()?;
     let mut server = OwnedServer {
         port,
         log: dir.join("nats.log"),
