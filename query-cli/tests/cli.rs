@@ -100,15 +100,7 @@ fn assert_same_lines(actual: &str, expected: &str, what: &str) {
 }
 
 async fn query(env: &[(String, String)], args: &[&str]) -> Output {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_query-cli"))
-        .args(args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .current_dir(std::env::temp_dir())
-        .output()
-        .await
-        .unwrap()
+    testbed::run_binary(env!("CARGO_BIN_EXE_query-cli"), env, args).await
 }
 
 fn text(b: &[u8]) -> String {

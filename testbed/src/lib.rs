@@ -160,3 +160,21 @@ pub fn unique_name(prefix: &str) -> String {
     let id = uuid::Uuid::new_v4().simple().to_string();
     format!("{prefix}_{pid}_{}", &id[..12])
 }
+
+/// Runs one of the project's binaries as a user would: only `PATH` and `env` in its environment,
+/// from an empty folder (so no `config/.env` is picked up), and returns its output.
+pub async fn run_binary(
+    program: &str,
+    env: &[(String, String)],
+    args: &[&str],
+) -> std::process::Output {
+    tokio::process::Command::new(program)
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .current_dir(std::env::temp_dir())
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("running {program}: {e}"))
+}

@@ -11,16 +11,7 @@ const SAMPLE_DATA: &str = concat!(
 );
 
 async fn worker(env: &[(String, String)], args: &[&str]) -> Output {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_sensors-worker"))
-        .args(args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        // No config/.env lookup surprises: run from an empty folder.
-        .current_dir(std::env::temp_dir())
-        .output()
-        .await
-        .unwrap()
+    testbed::run_binary(env!("CARGO_BIN_EXE_sensors-worker"), env, args).await
 }
 
 fn text(b: &[u8]) -> String {

@@ -106,15 +106,7 @@ impl Pipeline {
     }
 
     async fn worker_cli(&self, args: &[&str]) -> std::process::Output {
-        Command::new(env!("CARGO_BIN_EXE_sensors-worker"))
-            .args(args)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .envs(self.vars())
-            .current_dir(std::env::temp_dir())
-            .output()
-            .await
-            .unwrap()
+        testbed::run_binary(env!("CARGO_BIN_EXE_sensors-worker"), &self.vars(), args).await
     }
 }
 
