@@ -15,6 +15,14 @@ BEGIN
         RAISE NOTICE 'timescaledb is not available: measurements is a plain table';
         RETURN;
     END IF;
+    -- CREATE EXTENSION on a server that has the extension installed but not preloaded ends the
+    -- session with a FATAL error that no exception handler can catch: look before creating it.
+    IF NOT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')
+       AND NOT 'timescaledb' = ANY (string_to_array(
+               replace(current_setting('shared_preload_libraries'), ' ', ''), ',')) THEN
+        RAISE NOTICE 'timescaledb is installed but not in shared_preload_libraries: measurements is a plain table';
+        RETURN;
+    END IF;
     BEGIN
         CREATE EXTENSION IF NOT EXISTS timescaledb;
     EXCEPTION WHEN OTHERS THEN

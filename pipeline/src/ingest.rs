@@ -8,16 +8,17 @@
 use std::time::{Duration, Instant};
 
 use async_compression::tokio::bufread::GzipDecoder;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use thiserror::Error;
 use tokio::io::AsyncRead;
 use tracing::{info, warn};
 
 use crate::config::ContractSettings;
 use crate::contract::{self, Columns, Dataset, FileError, RecordError, RecordReader};
-use crate::object_store::{is_transport_error, ObjectStore, ObjectStoreError};
+use crate::object_store::{is_transport_error, ObjectStore, ObjectStoreError, OpenedObject};
 use crate::store::ledger::{self, Entry, ObjectVersion, Status};
 use crate::store::staging::{self, Staging};
+use crate::store::versions;
 use crate::store::{Databases, PgResultExt, StoreError};
 
 /// How an object's bytes are encoded, from its key's suffix.
@@ -139,8 +140,9 @@ impl Ingestor {
         &self.dbs
     }
 
-    /// Ingests the current version of `key`. `known_etag` (from an event) lets a version that is
-    /// already done be skipped without reading it; the version recorded is always the one read.
+    /// Ingests the current version of `key`. `known_etag` (from an event) names the version in
+    /// the ledger entry of a key that is not read (ignored, or gone); the version recorded for an
+    /// object that is read is always the one read (ETag and write time of the GET response).
     #[tracing::instrument(name = "object", skip_all, fields(key = %key, etag = tracing::field::Empty))]
     pub async fn ingest(
         &self,
@@ -149,44 +151,88 @@ impl Ingestor {
     ) -> Result<Outcome, IngestError> {
         let t0 = Instant::now();
         let started_at = Utc::now();
-        let bucket = self.store.bucket().to_string();
-        let version = |etag: &str| ObjectVersion {
-            bucket: bucket.clone(),
-            key: key.to_string(),
-            etag: etag.to_string(),
-        };
+        let unread = || self.version(key, known_etag.unwrap_or_default(), None);
         let (dataset, compression) = match route(key) {
             Route::Data(d, c) => (d, c),
             Route::Ignored(reason) => {
-                let v = version(known_etag.unwrap_or_default());
                 return self
-                    .settle_ignored(v, None, reason.to_string(), started_at, t0)
+                    .settle_ignored(unread(), None, reason.to_string(), started_at, t0)
                     .await;
             }
         };
-
-        if let Some(etag) = known_etag.filter(|e| !e.is_empty()) {
-            if self.is_done(dataset, &version(etag)).await? {
-                return Ok(self.already_done(version(etag), dataset, 0, t0));
-            }
-        }
-
         let object = match self.store.open(key).await {
             Ok(o) => o,
             Err(ObjectStoreError::NotFound { .. }) => {
-                let v = version(known_etag.unwrap_or_default());
                 let reason = "object was deleted before it could be read".to_string();
                 return self
-                    .settle_ignored(v, Some(dataset), reason, started_at, t0)
+                    .settle_ignored(unread(), Some(dataset), reason, started_at, t0)
                     .await;
             }
             Err(e) => return Err(e.into()),
         };
-        let v = version(&object.etag);
+        self.ingest_read(key, dataset, compression, object, started_at, t0)
+            .await
+    }
+
+    /// Ingests the version of `key` that `object` is reading (whose bytes may since have been
+    /// overwritten in the store): what [`Ingestor::ingest`] does after its GET.
+    #[tracing::instrument(name = "object", skip_all, fields(key = %key, etag = tracing::field::Empty))]
+    pub async fn ingest_object(
+        &self,
+        key: &str,
+        object: OpenedObject,
+    ) -> Result<Outcome, IngestError> {
+        let t0 = Instant::now();
+        let started_at = Utc::now();
+        match route(key) {
+            Route::Data(dataset, compression) => {
+                self.ingest_read(key, dataset, compression, object, started_at, t0)
+                    .await
+            }
+            Route::Ignored(reason) => {
+                let v = self.version(key, &object.etag, None);
+                self.settle_ignored(v, None, reason.to_string(), started_at, t0)
+                    .await
+            }
+        }
+    }
+
+    fn version(&self, key: &str, etag: &str, written_at: Option<DateTime<Utc>>) -> ObjectVersion {
+        ObjectVersion {
+            bucket: self.store.bucket().to_string(),
+            key: key.to_string(),
+            etag: etag.to_string(),
+            written_at,
+        }
+    }
+
+    /// One object version, read: in one transaction under the version's lock, its rows, rejected
+    /// rows and `done` entry; or, if the file is unusable, only its `failed` entry.
+    async fn ingest_read(
+        &self,
+        key: &str,
+        dataset: Dataset,
+        compression: Compression,
+        object: OpenedObject,
+        started_at: DateTime<Utc>,
+        t0: Instant,
+    ) -> Result<Outcome, IngestError> {
+        let v = self.version(key, &object.etag, Some(object.written_at));
         tracing::Span::current().record("etag", v.etag.as_str());
         let size = object.size.unwrap_or(0).max(0) as u64;
 
         let mut client = self.dbs.client(dataset).await?;
+        let number = versions::register(&client, &v).await.db(dataset)?;
+        let entry = |status, counts: Counts, reason| Entry {
+            version: &v,
+            dataset: dataset.as_str(),
+            status,
+            size_bytes: Some(size as i64),
+            rows_ok: counts.ok as i64,
+            rows_rejected: counts.rejected as i64,
+            reason,
+            started_at,
+        };
         let failure = {
             let Some(tx) = ledger::begin(&mut client, &v).await.db(dataset)? else {
                 return Ok(self.already_done(v, dataset, size, t0));
@@ -205,18 +251,12 @@ impl Ingestor {
                 .await
             {
                 Ok(counts) => {
-                    let entry = Entry {
-                        version: &v,
-                        dataset: dataset.as_str(),
-                        status: Status::Done,
-                        size_bytes: Some(size as i64),
-                        rows_ok: counts.ok as i64,
-                        rows_rejected: counts.rejected as i64,
-                        reason: None,
-                        started_at,
-                    };
-                    let id = ledger::record(&tx, &entry).await.db(dataset)?;
-                    staging::merge(&tx, dataset, id, key).await.db(dataset)?;
+                    let id = ledger::record(&tx, &entry(Status::Done, counts, None))
+                        .await
+                        .db(dataset)?;
+                    staging::merge(&tx, dataset, id, key, number)
+                        .await
+                        .db(dataset)?;
                     tx.commit().await.db(dataset)?;
                     let outcome = self.outcome(v, dataset, Disposition::Done, counts, size, t0);
                     info!(
@@ -239,17 +279,12 @@ impl Ingestor {
         let Some(tx) = ledger::begin(&mut client, &v).await.db(dataset)? else {
             return Ok(self.already_done(v, dataset, size, t0));
         };
-        let entry = Entry {
-            version: &v,
-            dataset: dataset.as_str(),
-            status: Status::Failed,
-            size_bytes: Some(size as i64),
-            rows_ok: 0,
-            rows_rejected: 0,
-            reason: Some(&reason),
-            started_at,
-        };
-        ledger::record(&tx, &entry).await.db(dataset)?;
+        ledger::record(
+            &tx,
+            &entry(Status::Failed, Counts::default(), Some(&reason)),
+        )
+        .await
+        .db(dataset)?;
         tx.commit().await.db(dataset)?;
         Ok(self.outcome(
             v,
@@ -327,25 +362,13 @@ impl Ingestor {
         Ok(counts)
     }
 
-    async fn is_done(&self, dataset: Dataset, v: &ObjectVersion) -> Result<bool, IngestError> {
-        let client = self.dbs.client(dataset).await?;
-        let row = client
-            .query_opt(
-                "SELECT 1 FROM ingest_ledger WHERE bucket = $1 AND object_key = $2 AND etag = $3 AND status = 'done'",
-                &[&v.bucket, &v.key, &v.etag],
-            )
-            .await
-            .db(dataset)?;
-        Ok(row.is_some())
-    }
-
     /// Records an ignored key (in the database of its dataset, or the mapping database).
     async fn settle_ignored(
         &self,
         v: ObjectVersion,
         dataset: Option<Dataset>,
         reason: String,
-        started_at: chrono::DateTime<Utc>,
+        started_at: DateTime<Utc>,
         t0: Instant,
     ) -> Result<Outcome, IngestError> {
         info!(%reason, "object ignored");

@@ -11,6 +11,7 @@ use std::task::{Context, Poll};
 use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_smithy_http_client::tls;
+use chrono::{DateTime, Utc};
 use thiserror::Error;
 use tokio::io::{AsyncBufRead, AsyncRead, ReadBuf};
 
@@ -48,10 +49,23 @@ pub struct ListedObject {
     pub size: i64,
 }
 
+/// What a HEAD request tells about an object's current version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectHead {
+    /// Without quotes.
+    pub etag: String,
+    pub size: i64,
+    /// Last-Modified, when the store reports it.
+    pub written_at: Option<DateTime<Utc>>,
+}
+
 /// An object being read.
 pub struct OpenedObject {
     /// The ETag of the bytes being read, without quotes.
     pub etag: String,
+    /// Their write time: Last-Modified as the store reports it (whole seconds over HTTP). A store
+    /// that reports none gets the time of the read, so the version read counts as the newest.
+    pub written_at: DateTime<Utc>,
     pub size: Option<i64>,
     /// The raw (possibly compressed) bytes.
     pub body: Box<dyn AsyncBufRead + Send + Unpin>,
@@ -123,8 +137,8 @@ impl ObjectStore {
         Ok(out)
     }
 
-    /// The current version of an object: (ETag without quotes, size).
-    pub async fn head(&self, key: &str) -> Result<(String, i64), ObjectStoreError> {
+    /// The current version of an object.
+    pub async fn head(&self, key: &str) -> Result<ObjectHead, ObjectStoreError> {
         let resp = self
             .client
             .head_object()
@@ -137,7 +151,11 @@ impl ObjectStore {
             .e_tag()
             .map(|t| t.trim_matches('"').to_string())
             .unwrap_or_default();
-        Ok((etag, resp.content_length().unwrap_or(0)))
+        Ok(ObjectHead {
+            etag,
+            size: resp.content_length().unwrap_or(0),
+            written_at: resp.last_modified().and_then(to_chrono),
+        })
     }
 
     /// Starts reading an object.
@@ -155,9 +173,14 @@ impl ObjectStore {
             .map(|t| t.trim_matches('"').to_string())
             .unwrap_or_default();
         let size = resp.content_length();
+        let written_at = resp
+            .last_modified()
+            .and_then(to_chrono)
+            .unwrap_or_else(Utc::now);
         let body = TransportRead(resp.body.into_async_read());
         Ok(OpenedObject {
             etag,
+            written_at,
             size,
             body: Box::new(body),
         })
@@ -196,6 +219,10 @@ impl ObjectStore {
             message: error_chain(&err),
         }
     }
+}
+
+fn to_chrono(t: &aws_sdk_s3::primitives::DateTime) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp(t.secs(), t.subsec_nanos())
 }
 
 /// `err` and its sources, joined by ": ".

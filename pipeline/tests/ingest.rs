@@ -6,7 +6,8 @@ use std::path::Path;
 
 use sensor_pipeline::config::ContractSettings;
 use sensor_pipeline::ingest::{Disposition, Ingestor, Outcome};
-use sensor_pipeline::store::{migrate::migrate, Databases};
+use sensor_pipeline::store::migrate::{migrate, MeasurementsTable};
+use sensor_pipeline::store::Databases;
 use testbed::TestEnv;
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
@@ -126,6 +127,15 @@ impl Harness {
     }
 }
 
+/// A write time `secs` seconds from now (whole seconds, as Last-Modified has them).
+fn later(secs: u64) -> std::time::SystemTime {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    std::time::UNIX_EPOCH + std::time::Duration::from_secs(now + secs)
+}
+
 fn gzip(data: &[u8]) -> Vec<u8> {
     let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     enc.write_all(data).unwrap();
@@ -160,59 +170,10 @@ async fn ingest_sample_data(h: &Harness) -> Vec<Outcome> {
     outcomes
 }
 
+/// Readings and mapping equal `sample-expected/`, exactly, and so do the ledgers.
 async fn assert_sample_end_state(h: &Harness) {
+    assert_sample_end_state_values_only(h).await;
     let expected_dir = Path::new(FIXTURES).join("sample-expected");
-    // Measurements, exactly.
-    let want: Vec<(String, i64, f64)> =
-        std::fs::read_to_string(expected_dir.join("measurements.csv"))
-            .unwrap()
-            .lines()
-            .skip(1)
-            .map(|l| {
-                let f: Vec<&str> = l.split(',').collect();
-                (
-                    f[0].to_string(),
-                    f[1].parse().unwrap(),
-                    f[2].parse().unwrap(),
-                )
-            })
-            .collect();
-    let got: Vec<(String, i64, f64)> = h
-        .measurements
-        .query(
-            "SELECT sensor_uuid::text, (extract(epoch FROM ts) * 1000000)::bigint, value FROM measurements ORDER BY 1, 2",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect();
-    assert_eq!(got.len(), want.len());
-    assert_eq!(got, want);
-    // Mapping, exactly.
-    let mut want: Vec<(String, String)> = std::fs::read_to_string(expected_dir.join("sensors.csv"))
-        .unwrap()
-        .lines()
-        .skip(1)
-        .map(|l| {
-            let (u, n) = l.split_once(',').unwrap();
-            (u.to_string(), n.to_string())
-        })
-        .collect();
-    want.sort();
-    let got: Vec<(String, String)> = h
-        .mapping
-        .query(
-            "SELECT sensor_uuid::text, sensor_name FROM sensors ORDER BY 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    assert_eq!(got, want);
     // Per-object statuses and counts, from both ledgers.
     let objects: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(expected_dir.join("objects.json")).unwrap())
@@ -315,8 +276,32 @@ async fn ingesting_everything_twice_changes_no_row() {
             .all(|o| o.disposition == Disposition::AlreadyDone),
         "{again:?}"
     );
-    // New versions with the same rows (a trailing blank line changes the ETag): merged, but no row
-    // is rewritten.
+    // Same versions again with the ledger forgotten: merged, and still no row is rewritten (a row
+    // is only overwritten by a version that beats the one it came from).
+    h.measurements
+        .execute("DELETE FROM ingest_ledger", &[])
+        .await
+        .unwrap();
+    let again = ingest_sample_data(&h).await;
+    assert!(
+        again.iter().all(|o| o.disposition == Disposition::Done),
+        "{again:?}"
+    );
+    let after = (
+        snapshot(&h.measurements, MEAS).await,
+        snapshot(&h.mapping, SENS).await,
+    );
+    assert_eq!(before, after);
+    assert_sample_end_state_values_only(&h).await;
+}
+
+#[tokio::test]
+async fn a_newer_version_with_the_same_rows_takes_them_over() {
+    let h = Harness::new().await;
+    ingest_sample_data(&h).await;
+    // New versions with the same rows (a trailing blank line changes the ETag), written later:
+    // every row they hold now comes from them, so that a version written between the two cannot
+    // win over them later.
     for key in [
         "mapping/mapping.csv",
         "timeseries/2013/part-0000.csv",
@@ -324,20 +309,41 @@ async fn ingesting_everything_twice_changes_no_row() {
     ] {
         let mut body = std::fs::read(Path::new(FIXTURES).join("sample-data").join(key)).unwrap();
         body.extend_from_slice(b"\n\n");
-        let o = h.put_and_ingest(key, body).await;
+        h.env.s3.put(key, body).await.unwrap();
+        h.env.s3.set_written_at(key, later(60)).unwrap();
+        let o = h.ingestor.ingest(key, None).await.unwrap();
         assert_eq!(o.disposition, Disposition::Done);
     }
-    let after = (
-        snapshot(&h.measurements, MEAS).await,
-        snapshot(&h.mapping, SENS).await,
-    );
-    assert_eq!(before, after);
     let ledger = h.ledger(&h.measurements).await;
     assert_eq!(ledger.len(), 7, "one entry per object version: {ledger:?}");
     assert_sample_end_state_values_only(&h).await;
+    // Every reading and name comes from the newest version of its key.
+    for (client, table) in [(&h.measurements, "measurements"), (&h.mapping, "sensors")] {
+        let by_source: Vec<(String, bool, i64)> = client
+            .query(
+                &format!(
+                    "SELECT v.object_key,
+                            v.written_at = (SELECT max(written_at) FROM object_versions w
+                                            WHERE w.object_key = v.object_key),
+                            count(*)
+                     FROM {table} JOIN object_versions v USING (version) GROUP BY 1, 2 ORDER BY 1, 2"
+                ),
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect();
+        let total: i64 = by_source.iter().map(|(.., n)| n).sum();
+        assert_eq!(total, h.count(client, table).await, "{by_source:?}");
+        assert!(
+            by_source.iter().all(|(_, newest, _)| *newest),
+            "{by_source:?}"
+        );
+    }
 }
 
-/// The readings of the sample (ledger aside, which gained versions).
 /// Row identities including their physical version (`xmin`, `ctid`): unchanged iff never rewritten.
 async fn snapshot(client: &tokio_postgres::Client, sql: &str) -> Vec<String> {
     client
@@ -349,9 +355,61 @@ async fn snapshot(client: &tokio_postgres::Client, sql: &str) -> Vec<String> {
         .collect()
 }
 
+/// Readings and mapping equal `sample-expected/`, exactly (the ledgers aside, which may hold more
+/// versions).
 async fn assert_sample_end_state_values_only(h: &Harness) {
-    assert_eq!(h.count(&h.measurements, "measurements").await, 203);
-    assert_eq!(h.count(&h.mapping, "sensors").await, 5);
+    let expected_dir = Path::new(FIXTURES).join("sample-expected");
+    // Measurements, exactly.
+    let want: Vec<(String, i64, f64)> =
+        std::fs::read_to_string(expected_dir.join("measurements.csv"))
+            .unwrap()
+            .lines()
+            .skip(1)
+            .map(|l| {
+                let f: Vec<&str> = l.split(',').collect();
+                (
+                    f[0].to_string(),
+                    f[1].parse().unwrap(),
+                    f[2].parse().unwrap(),
+                )
+            })
+            .collect();
+    let got: Vec<(String, i64, f64)> = h
+        .measurements
+        .query(
+            "SELECT sensor_uuid::text, (extract(epoch FROM ts) * 1000000)::bigint, value FROM measurements ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(got.len(), want.len());
+    assert_eq!(got, want);
+    // Mapping, exactly.
+    let mut want: Vec<(String, String)> = std::fs::read_to_string(expected_dir.join("sensors.csv"))
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let (u, n) = l.split_once(',').unwrap();
+            (u.to_string(), n.to_string())
+        })
+        .collect();
+    want.sort();
+    let got: Vec<(String, String)> = h
+        .mapping
+        .query(
+            "SELECT sensor_uuid::text, sensor_name FROM sensors ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(got, want);
 }
 
 #[tokio::test]
@@ -843,12 +901,18 @@ async fn migrations_are_idempotent() {
         first[0].applied,
         vec![
             "ledger/V1__ledger_and_quarantine",
+            "ledger/V2__object_versions",
             "mapping/V1__sensors",
+            "mapping/V2__sensor_versions",
             "measurements/V1__measurements",
-            "measurements/V2__measurement_days"
+            "measurements/V2__measurement_days",
+            "measurements/V3__measurement_versions"
         ]
     );
-    assert_eq!(first[0].hypertable, Some(false));
+    assert_eq!(
+        first[0].measurements,
+        Some(MeasurementsTable::PlainNotAvailable)
+    );
     let second = migrate(&db).await.unwrap();
     assert!(second[0].applied.is_empty());
     // Concurrent runs serialise on the advisory lock.
@@ -857,7 +921,8 @@ async fn migrations_are_idempotent() {
     let (a, b) = tokio::join!(migrate(&db2), migrate(&db2));
     let (a, b) = (a.unwrap(), b.unwrap());
     let applied: usize = a.iter().chain(&b).map(|r| r.applied.len()).sum();
-    assert_eq!(applied, 5, "{a:?} {b:?}");
+    // ledger/ on both databases, mapping/ on one, measurements/ on the other.
+    assert_eq!(applied, 2 + 2 + 2 + 3, "{a:?} {b:?}");
 }
 
 #[tokio::test]

@@ -33,6 +33,8 @@ pub struct S3Server {
     store: ObjectStore,
     notifier: Option<std::sync::Arc<notify::Notifier>>,
     down: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// The served folder (built-in server only).
+    root_path: Option<std::path::PathBuf>,
     _root: Option<tempfile::TempDir>,
     task: Option<JoinHandle<()>>,
 }
@@ -155,6 +157,7 @@ impl S3Server {
         );
         server.notifier = notifier;
         server.down = Some(down);
+        server.root_path = Some(root_path.to_path_buf());
         Ok(server)
     }
 
@@ -195,6 +198,7 @@ impl S3Server {
             store: Self::store_for(&endpoint, &access_key, &secret_key, &bucket),
             notifier: None,
             down: None,
+            root_path: None,
             endpoint,
             access_key,
             secret_key,
@@ -202,6 +206,31 @@ impl S3Server {
             _root: root,
             task,
         }
+    }
+
+    /// Sets the write time (Last-Modified) the server reports for `key`'s current version, so a
+    /// test decides which version is the newest instead of depending on the clock. Needs the
+    /// built-in server (it sets the stored file's modification time).
+    pub fn set_written_at(&self, key: &str, at: std::time::SystemTime) -> Result<()> {
+        let root = self.root_path.as_ref().context(
+            "set_written_at needs the built-in S3 server (unset TEST_S3_ENDPOINT for this test)",
+        )?;
+        let path = root.join(&self.bucket).join(key);
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_modified(at))
+            .with_context(|| format!("setting the modification time of {}", path.display()))
+    }
+
+    /// Publishes the notification MinIO would for `key`'s current version (also while muted):
+    /// with [`S3Server::mute`], a test can change a version (its write time) before announcing it.
+    pub async fn announce(&self, key: &str) -> Result<()> {
+        let notifier = self
+            .notifier
+            .as_ref()
+            .context("announce needs a notifying S3 server (S3Server::start_notifying)")?;
+        notifier.publish_now("s3:ObjectCreated:Put", key).await
     }
 
     /// A client for the bucket.
@@ -314,7 +343,13 @@ mod notify {
             if self.muted.load(std::sync::atomic::Ordering::SeqCst) {
                 return Ok(());
             }
-            let (etag, size) = self.store.head(key).await?;
+            self.publish_now(event_name, key).await
+        }
+
+        /// [`Notifier::publish`], muted or not.
+        pub async fn publish_now(&self, event_name: &str, key: &str) -> Result<()> {
+            let sensor_pipeline::object_store::ObjectHead { etag, size, .. } =
+                self.store.head(key).await?;
             let payload =
                 sensor_pipeline::events::object_created(event_name, &self.bucket, key, &etag, size);
             self.js

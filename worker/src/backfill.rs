@@ -2,10 +2,12 @@
 //! them, so the running workers ingest them.
 //!
 //! Every object (of the given prefixes, or the whole bucket) becomes one event in MinIO's format
-//! whose JetStream message id is derived from bucket, key and ETag: running backfill again within
-//! the stream's duplicate window enqueues nothing twice, and a version already ingested is a no-op
-//! for the workers anyway. Mapping objects are enqueued first. The ETag comes from a HEAD request,
-//! not the listing (not every S3 server lists ETags). With `--wait` it follows the ledgers (and the
+//! whose JetStream message id is derived from bucket, key, ETag and write time (the version's
+//! identity): running backfill again within the stream's duplicate window enqueues nothing twice,
+//! and a version already ingested is a no-op for the workers anyway. Mapping objects are enqueued
+//! first (not needed for the end state, which does not depend on the order, but the names are
+//! there sooner). ETag and write time come from a HEAD request, not the listing (not every S3
+//! server lists ETags). With `--wait` it follows the ledgers (and the
 //! dead letters) until every enqueued object is settled.
 
 use std::collections::{BTreeMap, HashMap};
@@ -22,13 +24,20 @@ use sensor_pipeline::object_store::{ObjectStore, ObjectStoreError};
 use sensor_pipeline::queue::Queue;
 use sensor_pipeline::store::Databases;
 
-/// (etag, status, reason, finished_at) of one ledger entry.
-type LedgerEntry = (String, String, Option<String>, DateTime<Utc>);
+/// One ledger entry of an enqueued key.
+struct LedgerEntry {
+    etag: String,
+    written_at: Option<DateTime<Utc>>,
+    status: String,
+    reason: Option<String>,
+    finished_at: DateTime<Utc>,
+}
 
 /// An enqueued object version.
 struct Enqueued {
     key: String,
     etag: String,
+    written_at: Option<DateTime<Utc>>,
 }
 
 /// How an enqueued object ended.
@@ -101,15 +110,28 @@ async fn enqueue(
     bucket: &str,
     key: String,
 ) -> anyhow::Result<Option<(Enqueued, bool)>> {
-    let (etag, size) = match store.head(&key).await {
+    let head = match store.head(&key).await {
         Ok(v) => v,
         Err(ObjectStoreError::NotFound { .. }) => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("reading the ETag of {key:?}")),
     };
-    let payload = object_created("s3:ObjectCreated:Put", bucket, &key, &etag, size);
-    let id = format!("backfill/{bucket}/{}/{etag}", encode_key(&key));
+    let payload = object_created("s3:ObjectCreated:Put", bucket, &key, &head.etag, head.size);
+    let written = head
+        .written_at
+        .map(|t| t.timestamp_micros().to_string())
+        .unwrap_or_default();
+    let id = format!(
+        "backfill/{bucket}/{}/{}/{written}",
+        encode_key(&key),
+        head.etag
+    );
     let duplicate = queue.publish_event(payload, Some(&id)).await?;
-    Ok(Some((Enqueued { key, etag }, duplicate)))
+    let enqueued = Enqueued {
+        key,
+        etag: head.etag,
+        written_at: head.written_at,
+    };
+    Ok(Some((enqueued, duplicate)))
 }
 
 async fn database_now(dbs: &Databases) -> anyhow::Result<DateTime<Utc>> {
@@ -122,8 +144,8 @@ async fn database_now(dbs: &Databases) -> anyhow::Result<DateTime<Utc>> {
 }
 
 /// Polls the ledgers and the dead letters until every enqueued object is settled. A version
-/// counts as settled when the ledger has it, or has another version of the key settled since the
-/// backfill started (the object changed between HEAD and GET).
+/// counts as settled when the ledger has it (ETag and write time), or has another version of the
+/// key settled since the backfill started (the object changed between HEAD and GET).
 async fn follow(
     queue: &Queue,
     dbs: &Databases,
@@ -200,19 +222,22 @@ async fn settled(
         let client = dbs.client(dataset).await?;
         for row in client
             .query(
-                "SELECT object_key, etag, status, reason, finished_at FROM ingest_ledger \
+                "SELECT object_key, etag, \
+                        CASE WHEN written_at = '-infinity' THEN NULL ELSE written_at END, \
+                        status, reason, finished_at FROM ingest_ledger \
                  WHERE bucket = $1 AND object_key = ANY($2)",
                 &[&bucket, &keys],
             )
             .await
             .context("reading the ledger")?
         {
-            ledger.entry(row.get(0)).or_default().push((
-                row.get(1),
-                row.get(2),
-                row.get(3),
-                row.get(4),
-            ));
+            ledger.entry(row.get(0)).or_default().push(LedgerEntry {
+                etag: row.get(1),
+                written_at: row.get(2),
+                status: row.get(3),
+                reason: row.get(4),
+                finished_at: row.get(5),
+            });
         }
     }
     let mut out = BTreeMap::new();
@@ -220,14 +245,14 @@ async fn settled(
         let entry = ledger.get(&e.key).and_then(|versions| {
             versions
                 .iter()
-                .find(|(etag, ..)| *etag == e.etag)
-                .or_else(|| versions.iter().find(|(.., at)| *at >= since))
+                .find(|l| l.etag == e.etag && l.written_at == e.written_at)
+                .or_else(|| versions.iter().find(|l| l.finished_at >= since))
         });
-        if let Some((_, status, reason, _)) = entry {
-            let state = match status.as_str() {
+        if let Some(l) = entry {
+            let state = match l.status.as_str() {
                 "done" => Settled::Done,
                 "ignored" => Settled::Ignored,
-                _ => Settled::Failed(reason.clone().unwrap_or_default()),
+                _ => Settled::Failed(l.reason.clone().unwrap_or_default()),
             };
             out.insert(e.key.clone(), state);
         }

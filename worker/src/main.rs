@@ -164,11 +164,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 } else {
                     format!("applied {}", report.applied.join(", "))
                 };
-                let table = match report.hypertable {
-                    Some(true) => "; measurements is a TimescaleDB hypertable",
-                    Some(false) => "; measurements is a plain table (TimescaleDB not available)",
-                    None => "",
-                };
+                let table = report
+                    .measurements
+                    .map(|t| format!("; measurements is {t}"))
+                    .unwrap_or_default();
                 println!("{} database: {applied}{table}", report.database);
             }
             Ok(ExitCode::SUCCESS)

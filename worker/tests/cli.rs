@@ -47,8 +47,10 @@ async fn migrate_then_ingest_all_then_again() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(
         text(&out.stdout),
-        "mapping+measurement database: applied ledger/V1__ledger_and_quarantine, mapping/V1__sensors, \
-         measurements/V1__measurements, measurements/V2__measurement_days; measurements is a plain table (TimescaleDB not available)\n"
+        "mapping+measurement database: applied ledger/V1__ledger_and_quarantine, ledger/V2__object_versions, \
+         mapping/V1__sensors, mapping/V2__sensor_versions, measurements/V1__measurements, \
+         measurements/V2__measurement_days, measurements/V3__measurement_versions; \
+         measurements is a plain table (TimescaleDB not available)\n"
     );
     let out = worker(&vars, &["migrate"]).await;
     assert_eq!(

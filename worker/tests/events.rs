@@ -348,7 +348,8 @@ async fn the_same_event_twice_and_to_two_workers_is_ingested_once() {
     p.env.s3.mute(true);
     let key = "timeseries/twice.csv";
     p.env.s3.put(key, big_file(20_000)).await.unwrap();
-    let (etag, size) = p.env.s3.store().head(key).await.unwrap();
+    let sensor_pipeline::object_store::ObjectHead { etag, size, .. } =
+        p.env.s3.store().head(key).await.unwrap();
     let payload = sensor_pipeline::events::object_created(
         "s3:ObjectCreated:Put",
         &p.env.s3.bucket,
@@ -725,7 +726,8 @@ async fn an_object_store_outage_is_retried_until_the_object_can_be_read() {
     let key = "timeseries/during-outage.csv";
     p.env.s3.mute(true);
     p.env.s3.put(key, big_file(100)).await.unwrap();
-    let (etag, size) = p.env.s3.store().head(key).await.unwrap();
+    let sensor_pipeline::object_store::ObjectHead { etag, size, .. } =
+        p.env.s3.store().head(key).await.unwrap();
     p.env.s3.set_down(true);
     let event = sensor_pipeline::events::object_created(
         "s3:ObjectCreated:Put",

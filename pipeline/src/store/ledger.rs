@@ -1,4 +1,4 @@
-//! The ingestion ledger: one record per object version (bucket, key, ETag).
+//! The ingestion ledger: one record per object version (bucket, key, ETag, write time).
 //!
 //! A version whose record says `done` is never ingested again. Every attempt on a version happens
 //! inside a transaction that first takes a transaction-level advisory lock on that version, so two
@@ -35,20 +35,31 @@ impl Status {
     }
 }
 
-/// Identifies one version of one object.
+/// Identifies one version of one object: a key that goes back to earlier content (ETag A, then B,
+/// then A again) has three versions, told apart by their write times.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ObjectVersion {
     pub bucket: String,
     pub key: String,
-    /// Without quotes; empty when the version is unknown (e.g. the object vanished before it was read).
+    /// Without quotes; empty when the store gave none or the object was never read.
     pub etag: String,
+    /// The write time (Last-Modified) the store reported for the bytes read; `None` for a key
+    /// that was not read (ignored, or gone before it could be read).
+    pub written_at: Option<DateTime<Utc>>,
 }
 
 impl std::fmt::Display for ObjectVersion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{} (ETag {})", self.bucket, self.key, self.etag)
+        write!(f, "{}/{} (ETag {}", self.bucket, self.key, self.etag)?;
+        match self.written_at {
+            Some(t) => write!(f, ", written {})", t.to_rfc3339()),
+            None => write!(f, ")"),
+        }
     }
 }
+
+/// How the ledger stores "no write time": `-infinity`, so that the identity stays NOT NULL.
+const NO_WRITE_TIME: &str = "coalesce($4::timestamptz, '-infinity')";
 
 /// The ledger entry to write for an attempt.
 #[derive(Debug, Clone)]
@@ -81,14 +92,20 @@ pub async fn begin<'c>(
 
 /// Takes the per-version lock for the rest of the transaction (waits while another holds it).
 pub async fn lock(tx: &Transaction<'_>, v: &ObjectVersion) -> Result<(), tokio_postgres::Error> {
-    // Collisions of the 64-bit hash only serialise two unrelated objects; they never merge them.
-    let name = format!("{}\n{}\n{}", v.bucket, v.key, v.etag);
     tx.execute(
         "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-        &[&name],
+        &[&lock_name(v)],
     )
     .await
     .map(drop)
+}
+
+/// The text whose hash names the advisory lock of version `v` (a test may hold it to stall an
+/// ingestion). Collisions of the 64-bit hash only serialise two unrelated versions; they never
+/// merge them.
+pub fn lock_name(v: &ObjectVersion) -> String {
+    let written = v.written_at.map(|t| t.to_rfc3339()).unwrap_or_default();
+    format!("{}\n{}\n{}\n{}", v.bucket, v.key, v.etag, written)
 }
 
 /// The recorded status of a version, if any.
@@ -98,8 +115,11 @@ pub async fn status(
 ) -> Result<Option<Status>, tokio_postgres::Error> {
     let row = tx
         .query_opt(
-            "SELECT status FROM ingest_ledger WHERE bucket = $1 AND object_key = $2 AND etag = $3",
-            &[&v.bucket, &v.key, &v.etag],
+            &format!(
+                "SELECT status FROM ingest_ledger
+                 WHERE bucket = $1 AND object_key = $2 AND etag = $3 AND written_at = {NO_WRITE_TIME}"
+            ),
+            &[&v.bucket, &v.key, &v.etag, &v.written_at],
         )
         .await?;
     Ok(row.and_then(|r| Status::parse(r.get(0))))
@@ -112,11 +132,12 @@ pub async fn status(
 pub async fn record(tx: &Transaction<'_>, e: &Entry<'_>) -> Result<i64, tokio_postgres::Error> {
     let row = tx
         .query_one(
-            "INSERT INTO ingest_ledger AS l
-                 (bucket, object_key, etag, dataset, status, size_bytes, rows_ok, rows_rejected,
-                  reason, started_at, finished_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, clock_timestamp())
-             ON CONFLICT (bucket, object_key, etag) DO UPDATE SET
+            &format!(
+                "INSERT INTO ingest_ledger AS l
+                 (bucket, object_key, etag, written_at, dataset, status, size_bytes, rows_ok,
+                  rows_rejected, reason, started_at, finished_at)
+             VALUES ($1, $2, $3, {NO_WRITE_TIME}, $5, $6, $7, $8, $9, $10, $11, clock_timestamp())
+             ON CONFLICT (bucket, object_key, etag, written_at) DO UPDATE SET
                  dataset = EXCLUDED.dataset,
                  status = EXCLUDED.status,
                  size_bytes = EXCLUDED.size_bytes,
@@ -126,11 +147,13 @@ pub async fn record(tx: &Transaction<'_>, e: &Entry<'_>) -> Result<i64, tokio_po
                  started_at = EXCLUDED.started_at,
                  finished_at = EXCLUDED.finished_at,
                  attempts = l.attempts + 1
-             RETURNING id, attempts",
+             RETURNING id, attempts"
+            ),
             &[
                 &e.version.bucket,
                 &e.version.key,
                 &e.version.etag,
+                &e.version.written_at,
                 &e.dataset,
                 &e.status.as_str(),
                 &e.size_bytes,

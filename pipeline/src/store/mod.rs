@@ -9,6 +9,7 @@ pub mod copy;
 pub mod ledger;
 pub mod migrate;
 pub mod staging;
+pub mod versions;
 
 use std::time::Duration;
 

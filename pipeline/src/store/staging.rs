@@ -4,8 +4,8 @@
 //! table that lives only as long as the transaction: valid rows with their fields, rejected rows
 //! with their raw bytes and reason. Memory stays bounded however large the object is. The merge
 //! then moves rejected rows into quarantine and upserts the valid ones, collapsing repeated keys
-//! within the object to the last line and rewriting a stored row only when its value changed (so an
-//! unchanged object writes no new row versions).
+//! within the object to the last line and overwriting a stored row only with a version that beats
+//! the one it came from (see [`super::versions`]); the same version ingested again writes nothing.
 
 use std::pin::Pin;
 
@@ -14,6 +14,7 @@ use futures_util::SinkExt;
 use tokio_postgres::{CopyInSink, Transaction};
 
 use super::copy::CopyEncoder;
+use super::versions::incoming_beats_stored;
 use crate::contract::{Dataset, Reading, SensorName};
 
 const CREATE_MEASUREMENTS: &str = "CREATE TEMP TABLE staging_rows (
@@ -22,17 +23,21 @@ const CREATE_MEASUREMENTS: &str = "CREATE TEMP TABLE staging_rows (
     ) ON COMMIT DROP";
 const COPY_MEASUREMENTS: &str =
     "COPY staging_rows (line, sensor_uuid, ts, value, raw, reason) FROM STDIN (FORMAT binary)";
-/// Upserts the last line of every key, then adds the rows that were new (not overwrites: `xmax`
-/// is 0 only for a freshly inserted row version) to the page index `measurement_days`, in
-/// (sensor, day) order so concurrent ingestions lock its rows in one order.
-const MERGE_MEASUREMENTS: &str = "WITH merged AS (
-        INSERT INTO measurements AS m (sensor_uuid, ts, value)
-        SELECT DISTINCT ON (sensor_uuid, ts) sensor_uuid, ts, value
+/// Upserts the last line of every key where this version beats the stored row's, then adds the
+/// rows that were new (not overwrites: `xmax` is 0 only for a freshly inserted row version) to the
+/// page index `measurement_days`, in (sensor, day) order so concurrent ingestions lock its rows in
+/// one order. `$1` is the version.
+const MERGE_MEASUREMENTS: &str = concat!(
+    "WITH merged AS (
+        INSERT INTO measurements AS target (sensor_uuid, ts, value, version)
+        SELECT DISTINCT ON (sensor_uuid, ts) sensor_uuid, ts, value, $1::bigint
         FROM staging_rows WHERE reason IS NULL
         ORDER BY sensor_uuid, ts, line DESC
-        ON CONFLICT (sensor_uuid, ts) DO UPDATE SET value = EXCLUDED.value
-        WHERE m.value IS DISTINCT FROM EXCLUDED.value
-        RETURNING m.sensor_uuid, m.ts, m.xmax = 0 AS inserted
+        ON CONFLICT (sensor_uuid, ts) DO UPDATE SET value = EXCLUDED.value, version = EXCLUDED.version
+        WHERE ",
+    incoming_beats_stored!(),
+    "
+        RETURNING target.sensor_uuid, target.ts, target.xmax = 0 AS inserted
     ), days AS (
         INSERT INTO measurement_days AS d (sensor_uuid, day, readings)
         SELECT sensor_uuid, date_trunc('day', ts, 'UTC'), count(*)
@@ -40,19 +45,24 @@ const MERGE_MEASUREMENTS: &str = "WITH merged AS (
         GROUP BY 1, 2 ORDER BY 1, 2
         ON CONFLICT (sensor_uuid, day) DO UPDATE SET readings = d.readings + EXCLUDED.readings
     )
-    SELECT count(*) FROM merged";
+    SELECT count(*) FROM merged"
+);
 
 const CREATE_MAPPING: &str = "CREATE TEMP TABLE staging_rows (
         line bigint NOT NULL, sensor_uuid uuid, sensor_name text, raw bytea, reason text
     ) ON COMMIT DROP";
 const COPY_MAPPING: &str =
     "COPY staging_rows (line, sensor_uuid, sensor_name, raw, reason) FROM STDIN (FORMAT binary)";
-const MERGE_MAPPING: &str = "INSERT INTO sensors AS s (sensor_uuid, sensor_name)
-    SELECT DISTINCT ON (sensor_uuid) sensor_uuid, sensor_name
+const MERGE_MAPPING: &str = concat!(
+    "INSERT INTO sensors AS target (sensor_uuid, sensor_name, version)
+    SELECT DISTINCT ON (sensor_uuid) sensor_uuid, sensor_name, $1::bigint
     FROM staging_rows WHERE reason IS NULL
     ORDER BY sensor_uuid, line DESC
-    ON CONFLICT (sensor_uuid) DO UPDATE SET sensor_name = EXCLUDED.sensor_name, updated_at = now()
-    WHERE s.sensor_name IS DISTINCT FROM EXCLUDED.sensor_name";
+    ON CONFLICT (sensor_uuid) DO UPDATE
+        SET sensor_name = EXCLUDED.sensor_name, version = EXCLUDED.version, updated_at = now()
+    WHERE ",
+    incoming_beats_stored!()
+);
 
 const QUARANTINE: &str = "INSERT INTO ingest_quarantine (ledger_id, object_key, line, raw, reason)
     SELECT $1, $2, line, raw, reason FROM staging_rows WHERE reason IS NOT NULL";
@@ -137,20 +147,21 @@ impl Staging {
     }
 }
 
-/// Moves the staged rejected rows into quarantine under `ledger_id` and upserts the valid rows.
-/// Returns how many stored rows were inserted or changed.
+/// Moves the staged rejected rows into quarantine under `ledger_id` and upserts the valid rows of
+/// object version number `version`. Returns how many stored rows were inserted or overwritten.
 pub async fn merge(
     tx: &Transaction<'_>,
     dataset: Dataset,
     ledger_id: i64,
     key: &str,
+    version: i64,
 ) -> Result<u64, tokio_postgres::Error> {
     tx.execute(QUARANTINE, &[&ledger_id, &key]).await?;
     match dataset {
         Dataset::Measurements => {
-            let changed: i64 = tx.query_one(MERGE_MEASUREMENTS, &[]).await?.get(0);
+            let changed: i64 = tx.query_one(MERGE_MEASUREMENTS, &[&version]).await?.get(0);
             Ok(changed as u64)
         }
-        Dataset::Mapping => tx.execute(MERGE_MAPPING, &[]).await,
+        Dataset::Mapping => tx.execute(MERGE_MAPPING, &[&version]).await,
     }
 }

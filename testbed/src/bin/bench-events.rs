@@ -211,7 +211,8 @@ async fn main() -> Result<()> {
                 let workers = spawn_workers(&worker, &event_vars, 2)?;
                 let started = Instant::now();
                 for key in &keys {
-                    let (etag, size) = env.s3.store().head(key).await?;
+                    let sensor_pipeline::object_store::ObjectHead { etag, size, .. } =
+                        env.s3.store().head(key).await?;
                     let event = sensor_pipeline::events::object_created(
                         "s3:ObjectCreated:Put",
                         &env.s3.bucket,

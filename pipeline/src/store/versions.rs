@@ -1,0 +1,60 @@
+//! Who wins (SPEC §3): the newest write, never the last to be processed.
+//!
+//! Every object version that is read is registered in its database before its transaction begins
+//! and gets a number (`sensors_register_version`, `migrations/ledger/V2__object_versions.sql`):
+//! the whole seconds of its write time in the high bits, a per-second counter in the low 24. Every
+//! stored row carries the number of the version it came from, and the merge overwrites a row only
+//! with a version that beats it:
+//!
+//! - different seconds: the later second wins, decided from the two numbers alone;
+//! - the same second: `sensors_version_beats` compares write time, then key (byte order), then
+//!   ETag, then bucket, in `object_versions`.
+//!
+//! So the end state is a function of the versions ingested, whatever the order or concurrency.
+//! The check runs inside `ON CONFLICT … DO UPDATE … WHERE`, which PostgreSQL evaluates against the
+//! newest committed row version (waiting for a concurrent writer of the same row to finish), so a
+//! version that commits late cannot overwrite a newer one that committed first.
+//!
+//! Why a number per row and not the write time and key: the key is text of any length, and
+//! measurements are most of the database. An 8-byte column costs the same as a 4-byte one after
+//! alignment (a row goes from 56 to 64 bytes), and the per-row comparison stays two shifts. Write
+//! times are whole seconds (the HTTP `Last-Modified` header), so same-second ties do happen (a bulk
+//! upload) and are resolved by the function, only for the rows they concern.
+//!
+//! Registration is its own short statement because its per-second lock must not be held for the
+//! duration of an ingestion. A version registered by an attempt that then fails is harmless.
+
+use super::ledger::ObjectVersion;
+
+/// Rows stored before versions existed: every version beats it.
+pub const UNVERSIONED: i64 = 0;
+
+/// Registers `v` (a version that was read, so it has a write time) and returns its number.
+pub async fn register(
+    client: &tokio_postgres::Client,
+    v: &ObjectVersion,
+) -> Result<i64, tokio_postgres::Error> {
+    let written_at = v
+        .written_at
+        .expect("only versions that were read are registered");
+    let row = client
+        .query_one(
+            "SELECT sensors_register_version($1, $2, $3, $4)",
+            &[&v.bucket, &v.key, &v.etag, &written_at],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// The `WHERE` of an upsert into a versioned table aliased `target`: true when the incoming row's
+/// version (`EXCLUDED.version`) beats the stored one. A macro so that `concat!` can build the
+/// statements at compile time.
+macro_rules! incoming_beats_stored {
+    () => {
+        "((EXCLUDED.version >> 24) > (target.version >> 24)
+          OR ((EXCLUDED.version >> 24) = (target.version >> 24)
+              AND EXCLUDED.version <> target.version
+              AND sensors_version_beats(EXCLUDED.version, target.version)))"
+    };
+}
+pub(crate) use incoming_beats_stored;
