@@ -333,6 +333,10 @@ impl Ingestor {
         let mut staging = Staging::open(tx, dataset).await.db(dataset)?;
         let mut counts = Counts::default();
         while let Some(rec) = reader.next_record().await.map_err(read_error)? {
+            // Records that are already buffered never make this loop wait: give the runtime its
+            // turn now and then, so that the tasks beside it (the consumer's in-progress acks)
+            // are not starved while a large object streams in.
+            tokio::task::consume_budget().await;
             let rejection = match dataset {
                 Dataset::Measurements => match contract::reading(&rec, &columns, zone) {
                     Ok(r) => {

@@ -81,6 +81,66 @@ async fn migrate_then_ingest_all_then_again() {
     );
 }
 
+/// `rows` readings of one sensor, one a second from 2013-01-01T00:00:00Z, all with `value`.
+fn readings(rows: usize, value: f64) -> String {
+    let mut s = String::from("timestamp;sensor_uuid;sensor_value\n");
+    for i in 0..rows {
+        let t = chrono::DateTime::from_timestamp(1_356_998_400 + i as i64, 0).unwrap();
+        s.push_str(&format!(
+            "{};cd613e30-d8f1-4adf-91b7-584a2265b1f5;{value}\n",
+            t.format("%Y-%m-%dT%H:%M:%SZ")
+        ));
+    }
+    s
+}
+
+#[tokio::test]
+async fn a_correction_written_later_wins_although_ingest_all_reads_it_first() {
+    let env = TestEnv::new().await.unwrap();
+    // The correction sorts first, so `ingest --all` ingests it before the object it corrects.
+    env.s3
+        .put("timeseries/2013/part-0000.csv", readings(50_000, 1.0))
+        .await
+        .unwrap();
+    env.s3
+        .put("timeseries/2013/0-correction.csv", readings(1_000, 2.0))
+        .await
+        .unwrap();
+    let written = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_767_225_600);
+    env.s3
+        .set_written_at("timeseries/2013/part-0000.csv", written)
+        .unwrap();
+    env.s3
+        .set_written_at(
+            "timeseries/2013/0-correction.csv",
+            written + std::time::Duration::from_secs(2),
+        )
+        .unwrap();
+    let vars = env.vars();
+    assert!(worker(&vars, &["migrate"]).await.status.success());
+    let out = worker(&vars, &["ingest", "--all"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let by_value: Vec<(f64, i64)> = testbed::connect(&env.measurements_db)
+        .await
+        .unwrap()
+        .query(
+            "SELECT value, count(*) FROM measurements GROUP BY 1 ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(by_value, vec![(1.0, 49_000), (2.0, 1_000)]);
+    let corrected = count(
+        &env.measurements_db,
+        "SELECT count(*) FROM measurements WHERE value = 2 AND ts < '2013-01-01T00:16:40Z'",
+    )
+    .await;
+    assert_eq!(corrected, 1_000);
+}
+
 #[tokio::test]
 async fn a_failed_object_makes_ingest_exit_1_and_the_rest_is_stored() {
     let env = TestEnv::new().await.unwrap();
@@ -167,6 +227,6 @@ async fn settings_from_an_env_file_and_secret_files() {
             "SELECT count(*) FROM schema_history_ledger"
         )
         .await,
-        1
+        2
     );
 }

@@ -374,6 +374,121 @@ async fn the_same_event_twice_and_to_two_workers_is_ingested_once() {
     assert_eq!((done, already), (1.0, 3.0));
 }
 
+/// `rows` readings of U1, one a second from 2013-01-01T00:00:00Z, all with `value`.
+fn constant_file(rows: usize, value: f64) -> String {
+    let mut s = String::from("timestamp;sensor_uuid;sensor_value\n");
+    for i in 0..rows {
+        let t = chrono::DateTime::from_timestamp(1_356_998_400 + i as i64, 0).unwrap();
+        s.push_str(&format!(
+            "{};{U1};{value}\n",
+            t.format("%Y-%m-%dT%H:%M:%SZ")
+        ));
+    }
+    s
+}
+
+#[tokio::test]
+async fn an_older_version_that_commits_last_does_not_overwrite_the_newer_one() {
+    let p = Pipeline::new().await;
+    let (w1, w2) = (p.worker("w1", &[]), p.worker("w2", &[]));
+    let key = "timeseries/2013/live.csv";
+    // Version 1: 100,000 readings at 1.0, written a minute ago.
+    p.env.s3.mute(true);
+    p.env
+        .s3
+        .put(key, constant_file(100_000, 1.0))
+        .await
+        .unwrap();
+    let a_minute_ago = std::time::SystemTime::now() - Duration::from_secs(60);
+    p.env.s3.set_written_at(key, a_minute_ago).unwrap();
+    let v1 = p.env.s3.store().head(key).await.unwrap();
+    // The test holds version 1's ingestion lock: the worker that reads it waits before writing.
+    let holder = testbed::connect(&p.env.mapping_db).await.unwrap();
+    let lock =
+        sensor_pipeline::store::ledger::lock_name(&sensor_pipeline::store::ledger::ObjectVersion {
+            bucket: p.env.s3.bucket.clone(),
+            key: key.to_string(),
+            etag: v1.etag.clone(),
+            written_at: v1.written_at,
+        });
+    holder
+        .execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", &[&lock])
+        .await
+        .unwrap();
+    p.env.s3.announce(key).await.unwrap();
+    p.env.s3.mute(false);
+    wait_for(
+        "a worker to wait for version 1's lock",
+        Duration::from_secs(60),
+        &[&w1, &w2],
+        || async {
+            p.count("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+                .await
+                == 1
+        },
+    )
+    .await;
+    // Version 2, written now, 1,000 readings at 3.0: ingested and committed while version 1
+    // (whose bytes are already being read) waits.
+    p.env.s3.put(key, constant_file(1_000, 3.0)).await.unwrap();
+    let v2 = p.env.s3.store().head(key).await.unwrap();
+    let done = |etag: String| {
+        let db = &p.db;
+        async move {
+            db.query_opt(
+                "SELECT rows_ok, attempts FROM ingest_ledger WHERE object_key = $1 AND etag = $2 AND status = 'done'",
+                &[&key, &etag],
+            )
+            .await
+            .unwrap()
+            .map(|r| (r.get::<_, i64>(0), r.get::<_, i32>(1)))
+        }
+    };
+    wait_for(
+        "version 2 to be done",
+        Duration::from_secs(60),
+        &[&w1, &w2],
+        || async { done(v2.etag.clone()).await.is_some() },
+    )
+    .await;
+    // Now version 1 goes on and commits last.
+    holder
+        .execute(
+            "SELECT pg_advisory_unlock(hashtextextended($1, 0))",
+            &[&lock],
+        )
+        .await
+        .unwrap();
+    wait_for(
+        "version 1 to be done",
+        Duration::from_secs(60),
+        &[&w1, &w2],
+        || async { done(v1.etag.clone()).await.is_some() },
+    )
+    .await;
+    assert_eq!(done(v1.etag.clone()).await, Some((100_000, 1)));
+    assert_eq!(done(v2.etag.clone()).await, Some((1_000, 1)));
+    let by_value: Vec<(f64, i64, String)> = p
+        .db
+        .query(
+            "SELECT value, count(*), max(ts AT TIME ZONE 'UTC')::text FROM measurements GROUP BY 1 ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        by_value,
+        vec![
+            (1.0, 99_000, "2013-01-02 03:46:39".to_string()),
+            (3.0, 1_000, "2013-01-01 00:16:39".to_string()),
+        ]
+    );
+    wait_drained(&p, &[&w1, &w2]).await;
+}
+
 #[tokio::test]
 async fn poison_events_and_failed_objects_are_dead_lettered_and_a_replay_after_the_fix_ends_done() {
     let p = Pipeline::new().await;
@@ -715,7 +830,13 @@ async fn in_progress_acks_keep_a_long_object_from_being_redelivered() {
     // Delivered once: no worker saw it a second time.
     let done: f64 = outcomes.iter().map(|o| o.0).sum();
     let again: f64 = outcomes.iter().map(|o| o.1).sum();
-    assert_eq!((done, again), (1.0, 0.0), "{outcomes:?}");
+    assert_eq!(
+        (done, again),
+        (1.0, 0.0),
+        "{outcomes:?}\n{}\n---\n{}",
+        w1.log(),
+        w2.log()
+    );
     assert_big_file_stored(&p, rows).await;
 }
 
