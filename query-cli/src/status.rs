@@ -36,6 +36,8 @@ struct Version {
     reason: Option<String>,
     attempts: i32,
     finished: DateTime<Utc>,
+    /// The version's write time (Last-Modified); none for keys that were never read.
+    written: Option<DateTime<Utc>>,
 }
 
 struct Rejected {
@@ -71,7 +73,8 @@ async fn versions(
     for (client, database) in clients {
         let rows = client
             .query(
-                "SELECT object_key, etag, status, rows_ok, rows_rejected, reason, attempts, finished_at \
+                "SELECT object_key, etag, status, rows_ok, rows_rejected, reason, attempts, finished_at, \
+                        CASE WHEN written_at = '-infinity' THEN NULL ELSE written_at END \
                  FROM ingest_ledger WHERE status = 'failed' OR NOT $1",
                 &[&only_failed],
             )
@@ -88,6 +91,7 @@ async fn versions(
                 reason: r.try_get(5).map_err(get)?,
                 attempts: r.try_get(6).map_err(get)?,
                 finished: r.try_get(7).map_err(get)?,
+                written: r.try_get(8).map_err(get)?,
             });
         }
     }
@@ -100,6 +104,7 @@ async fn versions(
                     "key": v.key, "etag": v.etag, "status": v.status,
                     "rows_ok": v.rows_ok, "rows_rejected": v.rows_rejected, "reason": v.reason,
                     "attempts": v.attempts, "finished_at": timestamp(v.finished),
+                    "written_at": v.written.map(timestamp),
                 });
                 writeln!(out, "{line}")?;
             }
@@ -107,12 +112,12 @@ async fn versions(
         Format::Csv => {
             writeln!(
                 out,
-                "key,etag,status,rows_ok,rows_rejected,reason,attempts,finished_at"
+                "key,etag,status,rows_ok,rows_rejected,reason,attempts,finished_at,written_at"
             )?;
             for v in &versions {
                 writeln!(
                     out,
-                    "{},{},{},{},{},{},{},{}",
+                    "{},{},{},{},{},{},{},{},{}",
                     csv_field(&v.key),
                     csv_field(&v.etag),
                     v.status,
@@ -120,7 +125,8 @@ async fn versions(
                     v.rows_rejected,
                     csv_field(v.reason.as_deref().unwrap_or("")),
                     v.attempts,
-                    timestamp(v.finished)
+                    timestamp(v.finished),
+                    v.written.map(timestamp).unwrap_or_default()
                 )?;
             }
         }

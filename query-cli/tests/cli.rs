@@ -609,6 +609,20 @@ async fn sensors_and_status(env: TestEnv) {
         ]
     );
     assert_eq!(rows[0]["etag"], etag(&env, "mapping/mapping.csv").await);
+    // The version's write time: the object's Last-Modified; none for a key that was never read.
+    let written = env
+        .s3
+        .store()
+        .head("mapping/mapping.csv")
+        .await
+        .unwrap()
+        .written_at
+        .unwrap();
+    assert_eq!(
+        rows[0]["written_at"],
+        written.format("%Y-%m-%dT%H:%M:%SZ").to_string()
+    );
+    assert_eq!(rows[1]["written_at"], serde_json::Value::Null);
 
     let failed = ok(&vars, &["status", "--failed", "--format", "csv"]).await;
     let no_value_etag = etag(&env, "timeseries/2013/no-value.csv").await;
@@ -616,7 +630,7 @@ async fn sensors_and_status(env: TestEnv) {
     assert_eq!(failed_lines.len(), 2);
     assert_eq!(
         failed_lines[0],
-        "key,etag,status,rows_ok,rows_rejected,reason,attempts,finished_at"
+        "key,etag,status,rows_ok,rows_rejected,reason,attempts,finished_at,written_at"
     );
     assert!(
         failed_lines[1].starts_with(&format!(

@@ -124,7 +124,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     )?;
 
     step("migrating and provisioning");
-    bin.worker(&env_file, &["migrate"])?;
+    // Says what the measurements table is (a TimescaleDB hypertable or a plain table, and why).
+    print!("{}", bin.worker(&env_file, &["migrate"])?);
     bin.worker(&env_file, &["provision"])?;
 
     step("generating the dataset");
