@@ -303,16 +303,26 @@ async fn harness() -> (TestEnv, Ingestor, tokio_postgres::Client) {
     (env, ingestor, db)
 }
 
+/// The rows of a two-column query.
+async fn pairs<A, B>(db: &tokio_postgres::Client, sql: &str) -> Vec<(A, B)>
+where
+    A: for<'a> tokio_postgres::types::FromSql<'a>,
+    B: for<'a> tokio_postgres::types::FromSql<'a>,
+{
+    db.query(sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
 async fn names(db: &tokio_postgres::Client) -> Vec<(String, String)> {
-    db.query(
+    pairs(
+        db,
         "SELECT sensor_uuid::text, sensor_name FROM sensors ORDER BY 1",
-        &[],
     )
     .await
-    .unwrap()
-    .iter()
-    .map(|r| (r.get(0), r.get(1)))
-    .collect()
 }
 
 #[tokio::test]
@@ -384,16 +394,7 @@ async fn a_key_that_goes_back_to_earlier_content_ends_with_it() {
         .unwrap()
         .get(0);
     assert_eq!(value, 1.0);
-    let ledger: Vec<(String, i64)> = db
-        .query(
-            "SELECT status, extract(epoch FROM written_at)::bigint FROM ingest_ledger ORDER BY written_at",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let ledger: Vec<(String, i64)> = pairs(&db, "SELECT status, extract(epoch FROM written_at)::bigint FROM ingest_ledger ORDER BY written_at").await;
     assert_eq!(
         ledger,
         vec![
@@ -489,16 +490,11 @@ async fn upgrade_from_the_previous_schema_keeps_the_data_and_any_new_write_beats
         let o = ingestor.ingest(key, None).await.unwrap();
         assert_eq!(o.disposition, Disposition::Done);
     }
-    let readings: Vec<(String, f64)> = db
-        .query(
-            "SELECT to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD'), value FROM measurements ORDER BY ts",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let readings: Vec<(String, f64)> = pairs(
+        &db,
+        "SELECT to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD'), value FROM measurements ORDER BY ts",
+    )
+    .await;
     assert_eq!(
         readings,
         vec![
@@ -509,16 +505,7 @@ async fn upgrade_from_the_previous_schema_keeps_the_data_and_any_new_write_beats
     );
     assert_eq!(names(&db).await, vec![(U1.to_string(), "new".to_string())]);
     // The page index still counts every stored row.
-    let days: Vec<(String, i64)> = db
-        .query(
-            "SELECT to_char(day AT TIME ZONE 'UTC', 'YYYY-MM-DD'), readings FROM measurement_days ORDER BY day",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let days: Vec<(String, i64)> = pairs(&db, "SELECT to_char(day AT TIME ZONE 'UTC', 'YYYY-MM-DD'), readings FROM measurement_days ORDER BY day").await;
     assert_eq!(
         days,
         vec![
@@ -528,16 +515,11 @@ async fn upgrade_from_the_previous_schema_keeps_the_data_and_any_new_write_beats
         ]
     );
     // The earlier ledger entry is kept, without a write time.
-    let ledger: Vec<(String, bool)> = db
-        .query(
-            "SELECT object_key, written_at = '-infinity' FROM ingest_ledger ORDER BY object_key",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let ledger: Vec<(String, bool)> = pairs(
+        &db,
+        "SELECT object_key, written_at = '-infinity' FROM ingest_ledger ORDER BY object_key",
+    )
+    .await;
     assert_eq!(
         ledger,
         vec![

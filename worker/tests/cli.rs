@@ -81,17 +81,8 @@ async fn migrate_then_ingest_all_then_again() {
     );
 }
 
-/// `rows` readings of one sensor, one a second from 2013-01-01T00:00:00Z, all with `value`.
 fn readings(rows: usize, value: f64) -> String {
-    let mut s = String::from("timestamp;sensor_uuid;sensor_value\n");
-    for i in 0..rows {
-        let t = chrono::DateTime::from_timestamp(1_356_998_400 + i as i64, 0).unwrap();
-        s.push_str(&format!(
-            "{};cd613e30-d8f1-4adf-91b7-584a2265b1f5;{value}\n",
-            t.format("%Y-%m-%dT%H:%M:%SZ")
-        ));
-    }
-    s
+    testbed::data::steady_readings("cd613e30-d8f1-4adf-91b7-584a2265b1f5", rows, value)
 }
 
 #[tokio::test]

@@ -374,17 +374,8 @@ async fn the_same_event_twice_and_to_two_workers_is_ingested_once() {
     assert_eq!((done, already), (1.0, 3.0));
 }
 
-/// `rows` readings of U1, one a second from 2013-01-01T00:00:00Z, all with `value`.
 fn constant_file(rows: usize, value: f64) -> String {
-    let mut s = String::from("timestamp;sensor_uuid;sensor_value\n");
-    for i in 0..rows {
-        let t = chrono::DateTime::from_timestamp(1_356_998_400 + i as i64, 0).unwrap();
-        s.push_str(&format!(
-            "{};{U1};{value}\n",
-            t.format("%Y-%m-%dT%H:%M:%SZ")
-        ));
-    }
-    s
+    testbed::data::steady_readings(U1, rows, value)
 }
 
 #[tokio::test]
