@@ -40,10 +40,10 @@ pub struct ReadingsArgs {
     #[arg(long, value_name = "T", value_parser = range::flag)]
     end_timestamp: DateTime<Utc>,
     /// Page to print, from 1 (needs --page-size).
-    #[arg(long, value_name = "P", requires = "page_size", value_parser = page)]
+    #[arg(long, value_name = "P", requires = "page_size", value_parser = page, allow_negative_numbers = true)]
     page_number: Option<u64>,
     /// Readings per page (needs --page-number).
-    #[arg(long, value_name = "S", requires = "page_number", value_parser = page)]
+    #[arg(long, value_name = "S", requires = "page_number", value_parser = page, allow_negative_numbers = true)]
     page_size: Option<u64>,
     /// Output format: an aligned table for people, CSV (`timestamp,sensor_value`), or JSON lines.
     #[arg(long, value_enum, default_value_t = Format::Table)]
@@ -59,6 +59,9 @@ fn parse_uuid(s: &str) -> Result<Uuid, String> {
 fn page(s: &str) -> Result<u64, String> {
     match s.trim().parse::<u64>() {
         Ok(0) => Err("pages and page sizes start at 1".into()),
+        _ if s.trim().parse::<i64>().is_ok_and(|n| n < 0) => {
+            Err("pages and page sizes start at 1".into())
+        }
         Ok(n) if n <= i64::MAX as u64 => Ok(n),
         _ => Err("is not a whole number of at least 1".into()),
     }

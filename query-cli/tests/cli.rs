@@ -435,8 +435,17 @@ async fn errors_say_what_is_wrong_with_distinct_exit_codes() {
         "error: invalid value '0' for '--page-number <P>': pages and page sizes start at 1 (see --help)"
     );
     let mut size_zero = readings("sensor_00007", "2013-01-01", "2013-01-02");
-    size_zero.extend(["--page-number", "1", "--page-size", "-3"]);
-    assert!(fails(&vars, &size_zero, 2).await.starts_with("error: "),);
+    size_zero.extend(["--page-number", "1", "--page-size", "0"]);
+    assert_eq!(
+        fails(&vars, &size_zero, 2).await,
+        "error: invalid value '0' for '--page-size <S>': pages and page sizes start at 1 (see --help)"
+    );
+    let mut size_negative = readings("sensor_00007", "2013-01-01", "2013-01-02");
+    size_negative.extend(["--page-number", "1", "--page-size", "-3"]);
+    assert_eq!(
+        fails(&vars, &size_negative, 2).await,
+        "error: invalid value '-3' for '--page-size <S>': pages and page sizes start at 1 (see --help)"
+    );
     assert_eq!(
         fails(&vars, &["readings", "--start-timestamp", "2013-01-01", "--end-timestamp", "2013-01-02"], 2).await,
         "error: the following required arguments were not provided: <--sensor-name <NAME>|--sensor-uuid <UUID>> (see --help)"
