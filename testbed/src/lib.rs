@@ -22,7 +22,7 @@ use sensor_pipeline::config::{DatabaseSettings, Env, NatsSettings, ObjectStoreSe
 
 pub use processes::{
     find_pg_binary, free_port, init_cluster, is_root, nats, owned_nats, owned_postgres, postgres,
-    postgres_command, wait_until, which, Nats, OwnedServer, Postgres,
+    postgres_command, wait_until, wait_until_async, which, Nats, OwnedServer, Postgres,
 };
 pub use s3::{NotifyTarget, S3Server};
 

@@ -287,6 +287,23 @@ pub fn wait_until(limit: Duration, what: &str, mut ready: impl FnMut() -> bool) 
     Ok(())
 }
 
+/// Polls `ready` every 20 ms until it holds or `limit` passes, without blocking the runtime (an
+/// async test's runtime also serves the in-process S3 server).
+pub async fn wait_until_async(
+    limit: Duration,
+    what: &str,
+    mut ready: impl FnMut() -> bool,
+) -> Result<()> {
+    let start = Instant::now();
+    while !ready() {
+        if start.elapsed() > limit {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
 /// A server of its own for one test, which the test can stop and start again (to simulate an
 /// outage) with its data kept. Stopped, and its data removed, when dropped.
 pub struct OwnedServer {
@@ -301,16 +318,17 @@ pub struct OwnedServer {
 
 impl OwnedServer {
     /// Stops the server and waits until it no longer accepts connections.
-    pub fn stop(&mut self) -> Result<()> {
+    pub async fn stop(&mut self) -> Result<()> {
         drop(self.watchdog.take());
         let port = self.port;
-        wait_until(Duration::from_secs(30), "the server to stop", || {
+        wait_until_async(Duration::from_secs(30), "the server to stop", || {
             std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
         })
+        .await
     }
 
     /// Starts it (again) and waits until it is ready.
-    pub fn start(&mut self) -> Result<()> {
+    pub async fn start(&mut self) -> Result<()> {
         if self.watchdog.is_some() {
             return Ok(());
         }
@@ -320,16 +338,23 @@ impl OwnedServer {
             &self.stop,
             &self.log,
         )?);
-        wait_until(Duration::from_secs(60), "the server to start", || {
+        wait_until_async(Duration::from_secs(60), "the server to start", || {
             (self.ready)()
         })
+        .await
         .with_context(|| format!("see {}", self.log.display()))
     }
 }
 
 impl Drop for OwnedServer {
     fn drop(&mut self) {
-        let _ = self.stop();
+        // The watchdog stops the server when its stdin closes; wait for that before removing
+        // the data (a test is over by now, so blocking is fine).
+        drop(self.watchdog.take());
+        let port = self.port;
+        let _ = wait_until(Duration::from_secs(30), "the server to stop", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
+        });
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -355,7 +380,7 @@ fn nats_server_command() -> Result<(PathBuf, u16, String)> {
 }
 
 /// A NATS server with JetStream of the test's own (file storage kept across restarts).
-pub fn owned_nats() -> Result<(OwnedServer, String)> {
+pub async fn owned_nats() -> Result<(OwnedServer, String)> {
     let (dir, port, command) = nats_server_command()?;
     let mut server = OwnedServer {
         port,
@@ -366,18 +391,22 @@ pub fn owned_nats() -> Result<(OwnedServer, String)> {
         ready: Box::new(move || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()),
         watchdog: None,
     };
-    server.start()?;
+    server.start().await?;
     Ok((server, format!("nats://127.0.0.1:{port}")))
 }
 
 /// A PostgreSQL server of the test's own; returns it and the superuser URL of `postgres`.
-pub fn owned_postgres() -> Result<(OwnedServer, String)> {
+pub async fn owned_postgres() -> Result<(OwnedServer, String)> {
     let postgres = pg_binary("postgres")?;
     let dir = tempfile::Builder::new()
         .prefix("testbed-pg-")
         .tempdir()?
         .keep();
-    let data = init_cluster(&dir)?;
+    // initdb takes a second or two: off the runtime's threads.
+    let data = {
+        let dir = dir.clone();
+        tokio::task::spawn_blocking(move || init_cluster(&dir)).await??
+    };
     let root = is_root();
     let port = free_port()?;
     let command = format!(
@@ -411,7 +440,7 @@ pub fn owned_postgres() -> Result<(OwnedServer, String)> {
         }),
         watchdog: None,
     };
-    server.start()?;
+    server.start().await?;
     Ok((
         server,
         format!("postgres://postgres@127.0.0.1:{port}/postgres"),

@@ -62,6 +62,12 @@ impl S3Server {
 
     async fn start_with(bucket: &str, target: Option<NotifyTarget>) -> Result<Self> {
         if let Ok(endpoint) = std::env::var("TEST_S3_ENDPOINT") {
+            if target.is_some() {
+                anyhow::bail!(
+                    "this test needs the built-in S3 server, which announces uploads like MinIO \
+                     (unset TEST_S3_ENDPOINT for it)"
+                );
+            }
             let access_key =
                 std::env::var("TEST_S3_ACCESS_KEY").unwrap_or_else(|_| "minioadmin".into());
             let secret_key =
@@ -162,18 +168,23 @@ impl S3Server {
     }
 
     /// Simulates an outage: while `down`, every request is answered `503 Service Unavailable`.
-    pub fn set_down(&self, down: bool) {
-        if let Some(d) = &self.down {
-            d.store(down, std::sync::atomic::Ordering::SeqCst);
-        }
+    /// Needs the built-in server (an error with `TEST_S3_ENDPOINT`, never a silent no-op).
+    pub fn set_down(&self, down: bool) -> Result<()> {
+        let d = self.down.as_ref().context(
+            "set_down needs the built-in S3 server (unset TEST_S3_ENDPOINT for this test)",
+        )?;
+        d.store(down, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
     }
 
     /// Stops (true) or resumes (false) publishing notifications, e.g. to put objects that only
-    /// a backfill should announce.
-    pub fn mute(&self, muted: bool) {
-        if let Some(n) = &self.notifier {
-            n.muted.store(muted, std::sync::atomic::Ordering::SeqCst);
-        }
+    /// a backfill should announce. Needs a notifying server ([`S3Server::start_notifying`]).
+    pub fn mute(&self, muted: bool) -> Result<()> {
+        let n = self.notifier.as_ref().context(
+            "mute needs a notifying built-in S3 server (S3Server::start_notifying; unset TEST_S3_ENDPOINT)",
+        )?;
+        n.muted.store(muted, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
     }
 
     fn store_for(endpoint: &str, access_key: &str, secret_key: &str, bucket: &str) -> ObjectStore {

@@ -80,7 +80,8 @@ pub fn record(outcome: &Outcome) {
 pub type Readiness =
     Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
 
-/// Binds `addr` now (so a taken port is an error at start) and serves until `stop`.
+/// Binds `addr` now (so a taken port is an error at start) and serves until `stop`. The address
+/// bound is logged (port 0 picks a free port: the log line says which).
 pub async fn serve(
     addr: SocketAddr,
     handle: PrometheusHandle,
@@ -90,6 +91,7 @@ pub async fn serve(
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding METRICS_ADDR {addr}"))?;
+    let addr = listener.local_addr().unwrap_or(addr);
     tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
     Ok(tokio::spawn(async move {
         loop {

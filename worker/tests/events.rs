@@ -51,7 +51,6 @@ impl Pipeline {
 
     /// Starts `sensors-worker run`; its log goes to a file in `logs` (printed if a wait fails).
     fn worker(&self, name: &str, extra: &[(&str, &str)]) -> Worker {
-        let port = testbed::free_port().unwrap();
         let log = self.logs.path().join(format!("{name}.log"));
         let file = std::fs::File::create(&log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_sensors-worker"))
@@ -59,7 +58,8 @@ impl Pipeline {
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .envs(self.vars())
-            .env("METRICS_ADDR", format!("127.0.0.1:{port}"))
+            // Port 0: the worker binds a free port and logs which (see `Worker::metrics_addr`).
+            .env("METRICS_ADDR", "127.0.0.1:0")
             .env("WORKER_CONCURRENCY", "2")
             .env("RUST_LOG", "info")
             .envs(extra.iter().copied())
@@ -69,11 +69,7 @@ impl Pipeline {
             .kill_on_drop(true)
             .spawn()
             .unwrap();
-        Worker {
-            child,
-            metrics: format!("127.0.0.1:{port}"),
-            log,
-        }
+        Worker { child, log }
     }
 
     async fn status(&self, key: &str) -> Option<(String, i64, i32)> {
@@ -112,13 +108,28 @@ impl Pipeline {
 
 struct Worker {
     child: Child,
-    metrics: String,
     log: std::path::PathBuf,
 }
 
 impl Worker {
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The address the worker's metrics server bound, from its log line (waits for it).
+    async fn metrics_addr(&self) -> String {
+        let mut found = None;
+        wait_for(
+            "the metrics address in the log",
+            Duration::from_secs(60),
+            &[self],
+            || {
+                found = metrics_addr_in(&self.log());
+                std::future::ready(found.is_some())
+            },
+        )
+        .await;
+        found.expect("found")
     }
 
     fn signal(&self, signal: &str) {
@@ -139,7 +150,7 @@ impl Worker {
     }
 
     async fn get(&self, path: &str) -> (u16, String) {
-        http_get(&self.metrics, path).await
+        http_get(&self.metrics_addr().await, path).await
     }
 }
 
@@ -160,6 +171,27 @@ where
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The `addr=` of the worker's "serving /metrics" log line (colours removed).
+fn metrics_addr_in(log: &str) -> Option<String> {
+    let line = log.lines().find(|l| l.contains("serving /metrics"))?;
+    let mut plain = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // An ANSI escape: skip to its final letter.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    let addr = plain.split("addr=").nth(1)?.split_whitespace().next()?;
+    Some(addr.to_string())
 }
 
 /// A minimal HTTP/1.0 GET (status, body), retried until the endpoint listens.
@@ -262,7 +294,7 @@ async fn uploads_drive_ingestion_to_the_sample_end_state_and_metrics_show_it() {
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
-    assert!(got == want, "stored readings differ from sample-expected");
+    assert_eq!(got, want, "stored readings differ from sample-expected");
 
     // Every event acknowledged; nothing dead-lettered.
     wait_for(
@@ -305,16 +337,35 @@ async fn uploads_drive_ingestion_to_the_sample_end_state_and_metrics_show_it() {
 }
 
 /// Waits until the worker is in the middle of writing an object (its COPY is running).
-async fn mid_copy(p: &Pipeline, workers: &[&Worker]) {
-    wait_for("a COPY in progress", Duration::from_secs(60), workers, || async {
-        p.count(
-            "SELECT count(*) FROM pg_stat_activity \
-             WHERE datname = current_database() AND query LIKE 'COPY staging_rows%' AND state = 'active'",
-        )
-        .await
-            > 0
-    })
-    .await;
+/// Holds the worker's transaction open half-way: the test locks `ingest_ledger` against writes,
+/// so a worker that has staged every row of an object waits at its ledger entry, uncommitted, for
+/// as long as the test wants. Dropping the hold (or `release`) lets it go on.
+struct MidObject {
+    client: tokio_postgres::Client,
+}
+
+impl MidObject {
+    /// Takes the lock, then waits until a worker is blocked on it.
+    async fn hold(p: &Pipeline, workers: &[&Worker]) -> Self {
+        let client = testbed::connect(&p.env.mapping_db).await.unwrap();
+        client
+            .batch_execute("BEGIN; LOCK TABLE ingest_ledger IN SHARE MODE")
+            .await
+            .unwrap();
+        wait_for("a worker to wait mid-object", Duration::from_secs(60), workers, || async {
+            p.count(
+                "SELECT count(*) FROM pg_locks WHERE relation = 'ingest_ledger'::regclass AND NOT granted",
+            )
+            .await
+                > 0
+        })
+        .await;
+        Self { client }
+    }
+
+    async fn release(self) {
+        self.client.batch_execute("COMMIT").await.unwrap();
+    }
 }
 
 async fn wait_drained(p: &Pipeline, workers: &[&Worker]) {
@@ -345,7 +396,7 @@ async fn assert_big_file_stored(p: &Pipeline, rows: usize) {
 #[tokio::test]
 async fn the_same_event_twice_and_to_two_workers_is_ingested_once() {
     let p = Pipeline::new().await;
-    p.env.s3.mute(true);
+    p.env.s3.mute(true).unwrap();
     let key = "timeseries/twice.csv";
     p.env.s3.put(key, big_file(20_000)).await.unwrap();
     let sensor_pipeline::object_store::ObjectHead { etag, size, .. } =
@@ -384,7 +435,7 @@ async fn an_older_version_that_commits_last_does_not_overwrite_the_newer_one() {
     let (w1, w2) = (p.worker("w1", &[]), p.worker("w2", &[]));
     let key = "timeseries/2013/live.csv";
     // Version 1: 100,000 readings at 1.0, written a minute ago.
-    p.env.s3.mute(true);
+    p.env.s3.mute(true).unwrap();
     p.env
         .s3
         .put(key, constant_file(100_000, 1.0))
@@ -407,7 +458,7 @@ async fn an_older_version_that_commits_last_does_not_overwrite_the_newer_one() {
         .await
         .unwrap();
     p.env.s3.announce(key).await.unwrap();
-    p.env.s3.mute(false);
+    p.env.s3.mute(false).unwrap();
     wait_for(
         "a worker to wait for version 1's lock",
         Duration::from_secs(60),
@@ -543,7 +594,7 @@ async fn poison_events_and_failed_objects_are_dead_lettered_and_a_replay_after_t
     );
 
     // Fix the object (without a new event), then replay its dead letter.
-    p.env.s3.mute(true);
+    p.env.s3.mute(true).unwrap();
     p.env
         .s3
         .put(
@@ -613,7 +664,7 @@ async fn removals_other_buckets_and_keys_outside_the_prefixes_are_acknowledged_a
 #[tokio::test]
 async fn backfill_enqueues_every_object_once_and_wait_reports_the_outcome() {
     let p = Pipeline::new().await;
-    p.env.s3.mute(true);
+    p.env.s3.mute(true).unwrap();
     p.env.s3.put_tree(Path::new(SAMPLE_DATA)).await.unwrap();
     p.env
         .s3
@@ -671,9 +722,10 @@ async fn a_worker_killed_mid_object_is_replaced_without_loss_or_duplicates() {
         .put("timeseries/big.csv", big_file(rows))
         .await
         .unwrap();
-    mid_copy(&p, &[&w1]).await;
+    let hold = MidObject::hold(&p, &[&w1]).await;
     w1.signal("KILL");
     assert_eq!(w1.exit_code(Duration::from_secs(10)).await, None);
+    hold.release().await;
     assert_eq!(p.status("timeseries/big.csv").await, None);
     let w2 = p.worker("w2", &[]);
     p.settled("timeseries/big.csv", "done", &[&w2]).await;
@@ -694,8 +746,10 @@ async fn sigterm_finishes_in_flight_work_and_exits_0() {
         .put("timeseries/big.csv", big_file(rows))
         .await
         .unwrap();
-    mid_copy(&p, &[&w1]).await;
+    let hold = MidObject::hold(&p, &[&w1]).await;
     w1.signal("TERM");
+    // The worker stops fetching but finishes the object it holds, once the test lets it.
+    hold.release().await;
     assert_eq!(w1.exit_code(Duration::from_secs(60)).await, Some(0));
     assert_eq!(
         p.status("timeseries/big.csv").await,
@@ -715,9 +769,11 @@ async fn sigterm_past_the_grace_period_hands_the_object_back() {
         .put("timeseries/big.csv", big_file(rows))
         .await
         .unwrap();
-    mid_copy(&p, &[&w1]).await;
+    let hold = MidObject::hold(&p, &[&w1]).await;
     w1.signal("TERM");
+    // No grace: the worker hands the object back and exits while it is still held.
     assert_eq!(w1.exit_code(Duration::from_secs(30)).await, Some(0));
+    hold.release().await;
     assert_eq!(p.status("timeseries/big.csv").await, None);
     let w2 = p.worker("w2", &[]);
     p.settled("timeseries/big.csv", "done", &[&w2]).await;
@@ -726,7 +782,7 @@ async fn sigterm_past_the_grace_period_hands_the_object_back() {
 
 #[tokio::test]
 async fn a_postgres_outage_mid_object_is_retried_until_it_completes() {
-    let (mut pg, admin) = testbed::owned_postgres().unwrap();
+    let (mut pg, admin) = testbed::owned_postgres().await.unwrap();
     let admin_client = testbed::connect(&admin).await.unwrap();
     admin_client
         .batch_execute("CREATE DATABASE outage")
@@ -742,8 +798,9 @@ async fn a_postgres_outage_mid_object_is_retried_until_it_completes() {
         .put("timeseries/big.csv", big_file(rows))
         .await
         .unwrap();
-    mid_copy(&p, &[&w1]).await;
-    pg.stop().unwrap();
+    // Mid-object (its transaction open), the server goes away; the test's lock goes with it.
+    let _hold = MidObject::hold(&p, &[&w1]).await;
+    pg.stop().await.unwrap();
     wait_for(
         "the worker to notice",
         Duration::from_secs(30),
@@ -754,7 +811,7 @@ async fn a_postgres_outage_mid_object_is_retried_until_it_completes() {
     let (status, body) = w1.get("/readyz").await;
     assert_eq!(status, 503, "{body}");
     assert!(body.starts_with("not ready: "), "{body}");
-    pg.start().unwrap();
+    pg.start().await.unwrap();
     p.db = testbed::connect(&p.env.mapping_db).await.unwrap();
     p.settled("timeseries/big.csv", "done", &[&w1]).await;
     assert_big_file_stored(&p, rows).await;
@@ -762,7 +819,7 @@ async fn a_postgres_outage_mid_object_is_retried_until_it_completes() {
 
 #[tokio::test]
 async fn the_worker_reconnects_after_a_nats_restart() {
-    let (mut nats, url) = testbed::owned_nats().unwrap();
+    let (mut nats, url) = testbed::owned_nats().await.unwrap();
     let db = testbed::postgres()
         .unwrap()
         .create_database()
@@ -776,8 +833,8 @@ async fn the_worker_reconnects_after_a_nats_restart() {
         .await
         .unwrap();
     p.settled("timeseries/a.csv", "done", &[&worker]).await;
-    nats.stop().unwrap();
-    nats.start().unwrap();
+    nats.stop().await.unwrap();
+    nats.start().await.unwrap();
     p.env
         .s3
         .put("timeseries/b.csv", big_file(20))
@@ -789,26 +846,25 @@ async fn the_worker_reconnects_after_a_nats_restart() {
 
 #[tokio::test]
 async fn in_progress_acks_keep_a_long_object_from_being_redelivered() {
-    // An ack wait of 1 s, and an object that takes longer than that to ingest.
+    // An ack wait of 1 s, and an object held mid-way for several ack waits.
     let mut env = TestEnv::with_events().await.unwrap();
     if let Some(e) = env.events.as_mut() {
         e.ack_wait = Duration::from_secs(1);
     }
     let p = Pipeline::from_env(env).await;
     p.queue.provision().await.unwrap();
-    let rows = 400_000;
+    let rows = 100_000;
     let (w1, w2) = (p.worker("w1", &[]), p.worker("w2", &[]));
-    let started = Instant::now();
     p.env
         .s3
         .put("timeseries/long.csv", big_file(rows))
         .await
         .unwrap();
+    let hold = MidObject::hold(&p, &[&w1, &w2]).await;
+    // Without in-progress acks JetStream would hand the event to the other worker after 1 s.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    hold.release().await;
     p.settled("timeseries/long.csv", "done", &[&w1, &w2]).await;
-    assert!(
-        started.elapsed() > Duration::from_secs(2),
-        "the object must take longer than the ack wait for this test to mean anything"
-    );
     wait_drained(&p, &[&w1, &w2]).await;
     let mut outcomes = Vec::new();
     for w in [&w1, &w2] {
@@ -836,11 +892,11 @@ async fn an_object_store_outage_is_retried_until_the_object_can_be_read() {
     let p = Pipeline::new().await;
     let worker = p.worker("w1", &[]);
     let key = "timeseries/during-outage.csv";
-    p.env.s3.mute(true);
+    p.env.s3.mute(true).unwrap();
     p.env.s3.put(key, big_file(100)).await.unwrap();
     let sensor_pipeline::object_store::ObjectHead { etag, size, .. } =
         p.env.s3.store().head(key).await.unwrap();
-    p.env.s3.set_down(true);
+    p.env.s3.set_down(true).unwrap();
     let event = sensor_pipeline::events::object_created(
         "s3:ObjectCreated:Put",
         &p.env.s3.bucket,
@@ -857,7 +913,7 @@ async fn an_object_store_outage_is_retried_until_the_object_can_be_read() {
     )
     .await;
     assert_eq!(p.status(key).await, None);
-    p.env.s3.set_down(false);
+    p.env.s3.set_down(false).unwrap();
     p.settled(key, "done", &[&worker]).await;
     assert_big_file_stored(&p, 100).await;
     wait_drained(&p, &[&worker]).await;

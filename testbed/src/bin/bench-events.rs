@@ -162,7 +162,7 @@ async fn main() -> Result<()> {
     // database, alternating which goes first, median of `RUNS`.
     const RUNS: usize = 3;
     let env = testbed::TestEnv::with_events().await?;
-    env.s3.mute(true);
+    env.s3.mute(true)?;
     let mut keys = Vec::new();
     for f in 0..a.files {
         let key = format!("timeseries/bench/part-{f:04}.csv");
