@@ -110,19 +110,21 @@ impl Env {
     }
 
     /// A plain setting; empty counts as unset.
-    pub fn optional(&self, name: &'static str) -> Option<String> {
-        self.raw(name).filter(|v| !v.is_empty())
+    pub fn optional(&self, setting: Setting) -> Option<String> {
+        self.raw(setting.name()).filter(|v| !v.is_empty())
     }
 
-    pub fn required(&self, name: &'static str) -> Result<String, ConfigError> {
-        self.optional(name).ok_or(ConfigError::Missing(name))
+    pub fn required(&self, setting: Setting) -> Result<String, ConfigError> {
+        self.optional(setting)
+            .ok_or(ConfigError::Missing(setting.name()))
     }
 
     /// A setting that may also be given as `NAME_FILE` (a path whose content is the value; one
     /// trailing newline is removed).
-    pub fn optional_secret(&self, name: &'static str) -> Result<Option<Secret>, ConfigError> {
+    pub fn optional_secret(&self, setting: Setting) -> Result<Option<Secret>, ConfigError> {
+        let name = setting.name();
         let file_var = format!("{name}_FILE");
-        let direct = self.optional(name);
+        let direct = self.optional(setting);
         let file = self.raw(&file_var).filter(|v| !v.is_empty());
         match (direct, file) {
             (Some(_), Some(_)) => Err(ConfigError::Ambiguous(name)),
@@ -143,17 +145,18 @@ impl Env {
         }
     }
 
-    pub fn required_secret(&self, name: &'static str) -> Result<Secret, ConfigError> {
-        self.optional_secret(name)?
-            .ok_or(ConfigError::Missing(name))
+    pub fn required_secret(&self, setting: Setting) -> Result<Secret, ConfigError> {
+        self.optional_secret(setting)?
+            .ok_or(ConfigError::Missing(setting.name()))
     }
 
-    fn parsed<T>(&self, name: &'static str, default: T) -> Result<T, ConfigError>
+    fn parsed<T>(&self, setting: Setting, default: T) -> Result<T, ConfigError>
     where
         T: std::str::FromStr,
         T::Err: fmt::Display,
     {
-        match self.optional(name) {
+        let name = setting.name();
+        match self.optional(setting) {
             None => Ok(default),
             Some(v) => v.trim().parse().map_err(|e: T::Err| ConfigError::Invalid {
                 name,
@@ -162,8 +165,9 @@ impl Env {
         }
     }
 
-    fn flag(&self, name: &'static str, default: bool) -> Result<bool, ConfigError> {
-        match self.optional(name).as_deref().map(str::trim) {
+    fn flag(&self, setting: Setting, default: bool) -> Result<bool, ConfigError> {
+        let name = setting.name();
+        match self.optional(setting).as_deref().map(str::trim) {
             None => Ok(default),
             Some(v)
                 if v.eq_ignore_ascii_case("true") || v == "1" || v.eq_ignore_ascii_case("yes") =>
@@ -196,20 +200,20 @@ pub struct ObjectStoreSettings {
 
 impl ObjectStoreSettings {
     pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
-        let endpoint = env.required("MINIO_ENDPOINT")?.trim().to_string();
+        let endpoint = env.required(Setting::MinioEndpoint)?.trim().to_string();
         if endpoint.contains("://") {
             return Err(ConfigError::Invalid {
-                name: "MINIO_ENDPOINT",
+                name: Setting::MinioEndpoint.name(),
                 reason: format!("{endpoint:?}: give host:port without a scheme (use MINIO_HTTPS_PROTOCOL for https)"),
             });
         }
         Ok(Self {
             endpoint,
-            access_key: env.required_secret("MINIO_ACCESS_KEY")?,
-            secret_key: env.required_secret("MINIO_SECRET_KEY")?,
-            https: env.flag("MINIO_HTTPS_PROTOCOL", false)?,
+            access_key: env.required_secret(Setting::MinioAccessKey)?,
+            secret_key: env.required_secret(Setting::MinioSecretKey)?,
+            https: env.flag(Setting::MinioHttpsProtocol, false)?,
             bucket: env
-                .optional("MINIO_BUCKET")
+                .optional(Setting::MinioBucket)
                 .unwrap_or_else(|| "code-challenge-data".into()),
         })
     }
@@ -230,18 +234,18 @@ pub struct DatabaseSettings {
 
 impl DatabaseSettings {
     pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
-        let mapping_url = env.required_secret("DATABASE_URL")?;
+        let mapping_url = env.required_secret(Setting::DatabaseUrl)?;
         let measurements_url = env
-            .optional_secret("TIMESCALE_DATABASE_URL")?
+            .optional_secret(Setting::TimescaleDatabaseUrl)?
             .unwrap_or_else(|| mapping_url.clone());
-        for (name, url) in [
-            ("DATABASE_URL", &mapping_url),
-            ("TIMESCALE_DATABASE_URL", &measurements_url),
+        for (setting, url) in [
+            (Setting::DatabaseUrl, &mapping_url),
+            (Setting::TimescaleDatabaseUrl, &measurements_url),
         ] {
             url.expose()
                 .parse::<tokio_postgres::Config>()
                 .map_err(|e| ConfigError::Invalid {
-                    name,
+                    name: setting.name(),
                     reason: format!("not a PostgreSQL connection string ({e})"),
                 })?;
         }
@@ -257,31 +261,105 @@ impl DatabaseSettings {
     }
 }
 
-/// Every setting the binaries read, and whether it is required (by the commands that need its
-/// group). Deployment files are checked against this list.
-pub const SETTINGS: &[(&str, bool)] = &[
-    ("MINIO_ENDPOINT", true),
-    ("MINIO_ACCESS_KEY", true),
-    ("MINIO_SECRET_KEY", true),
-    ("MINIO_HTTPS_PROTOCOL", false),
-    ("MINIO_BUCKET", false),
-    ("DATABASE_URL", true),
-    ("TIMESCALE_DATABASE_URL", false),
-    ("NATS_URL", false),
-    ("NATS_SUBJECT", false),
-    ("NATS_STREAM", false),
-    ("NATS_CONSUMER", false),
-    ("NATS_DLQ_SUBJECT", false),
-    ("NATS_ACK_WAIT_SECS", false),
-    ("NATS_MAX_DELIVER", false),
-    ("WORKER_CONCURRENCY", false),
-    ("NAIVE_TIMEZONE", false),
-    ("CSV_DELIMITER", false),
-    ("METRICS_ADDR", false),
-    ("SHUTDOWN_GRACE_SECS", false),
-    ("LOG_FORMAT", false),
-    ("RUST_LOG", false),
-];
+/// Every setting the binaries read. The code reads settings only through these names ([`Env`]
+/// takes a `Setting`), so the list that deployment files are checked against cannot fall behind
+/// what the code reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Setting {
+    MinioEndpoint,
+    MinioAccessKey,
+    MinioSecretKey,
+    MinioHttpsProtocol,
+    MinioBucket,
+    DatabaseUrl,
+    TimescaleDatabaseUrl,
+    NatsUrl,
+    NatsSubject,
+    NatsStream,
+    NatsConsumer,
+    NatsDlqSubject,
+    NatsAckWaitSecs,
+    NatsMaxDeliver,
+    WorkerConcurrency,
+    NaiveTimezone,
+    CsvDelimiter,
+    MetricsAddr,
+    ShutdownGraceSecs,
+    LogFormat,
+    /// Read by the log filter (`tracing-subscriber`) from the process environment, which an env
+    /// file also fills.
+    RustLog,
+}
+
+impl Setting {
+    pub const ALL: [Setting; 21] = [
+        Setting::MinioEndpoint,
+        Setting::MinioAccessKey,
+        Setting::MinioSecretKey,
+        Setting::MinioHttpsProtocol,
+        Setting::MinioBucket,
+        Setting::DatabaseUrl,
+        Setting::TimescaleDatabaseUrl,
+        Setting::NatsUrl,
+        Setting::NatsSubject,
+        Setting::NatsStream,
+        Setting::NatsConsumer,
+        Setting::NatsDlqSubject,
+        Setting::NatsAckWaitSecs,
+        Setting::NatsMaxDeliver,
+        Setting::WorkerConcurrency,
+        Setting::NaiveTimezone,
+        Setting::CsvDelimiter,
+        Setting::MetricsAddr,
+        Setting::ShutdownGraceSecs,
+        Setting::LogFormat,
+        Setting::RustLog,
+    ];
+
+    /// The environment variable.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Setting::MinioEndpoint => "MINIO_ENDPOINT",
+            Setting::MinioAccessKey => "MINIO_ACCESS_KEY",
+            Setting::MinioSecretKey => "MINIO_SECRET_KEY",
+            Setting::MinioHttpsProtocol => "MINIO_HTTPS_PROTOCOL",
+            Setting::MinioBucket => "MINIO_BUCKET",
+            Setting::DatabaseUrl => "DATABASE_URL",
+            Setting::TimescaleDatabaseUrl => "TIMESCALE_DATABASE_URL",
+            Setting::NatsUrl => "NATS_URL",
+            Setting::NatsSubject => "NATS_SUBJECT",
+            Setting::NatsStream => "NATS_STREAM",
+            Setting::NatsConsumer => "NATS_CONSUMER",
+            Setting::NatsDlqSubject => "NATS_DLQ_SUBJECT",
+            Setting::NatsAckWaitSecs => "NATS_ACK_WAIT_SECS",
+            Setting::NatsMaxDeliver => "NATS_MAX_DELIVER",
+            Setting::WorkerConcurrency => "WORKER_CONCURRENCY",
+            Setting::NaiveTimezone => "NAIVE_TIMEZONE",
+            Setting::CsvDelimiter => "CSV_DELIMITER",
+            Setting::MetricsAddr => "METRICS_ADDR",
+            Setting::ShutdownGraceSecs => "SHUTDOWN_GRACE_SECS",
+            Setting::LogFormat => "LOG_FORMAT",
+            Setting::RustLog => "RUST_LOG",
+        }
+    }
+
+    /// Whether the commands that read its group cannot do without it.
+    pub const fn required(self) -> bool {
+        matches!(
+            self,
+            Setting::MinioEndpoint
+                | Setting::MinioAccessKey
+                | Setting::MinioSecretKey
+                | Setting::DatabaseUrl
+        )
+    }
+}
+
+impl fmt::Display for Setting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// NATS JetStream names (used by `sensors-worker run` and `backfill`).
 #[derive(Debug, Clone)]
@@ -302,30 +380,30 @@ impl NatsSettings {
     pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
         Ok(Self {
             url: env
-                .optional_secret("NATS_URL")?
+                .optional_secret(Setting::NatsUrl)?
                 .unwrap_or_else(|| Secret::new("nats://127.0.0.1:4222")),
             subject: env
-                .optional("NATS_SUBJECT")
+                .optional(Setting::NatsSubject)
                 .unwrap_or_else(|| "minio.events".into()),
             stream: env
-                .optional("NATS_STREAM")
+                .optional(Setting::NatsStream)
                 .unwrap_or_else(|| "SENSOR_EVENTS".into()),
             consumer: env
-                .optional("NATS_CONSUMER")
+                .optional(Setting::NatsConsumer)
                 .unwrap_or_else(|| "sensor-ingest".into()),
             dlq_subject: env
-                .optional("NATS_DLQ_SUBJECT")
+                .optional(Setting::NatsDlqSubject)
                 .unwrap_or_else(|| "sensors.dlq".into()),
-            ack_wait: std::time::Duration::from_secs(positive(env, "NATS_ACK_WAIT_SECS", 30)?),
-            max_deliver: positive(env, "NATS_MAX_DELIVER", 5)? as i64,
+            ack_wait: std::time::Duration::from_secs(positive(env, Setting::NatsAckWaitSecs, 30)?),
+            max_deliver: positive(env, Setting::NatsMaxDeliver, 5)? as i64,
         })
     }
 }
 
-fn positive(env: &Env, name: &'static str, default: u64) -> Result<u64, ConfigError> {
-    match env.parsed(name, default)? {
+fn positive(env: &Env, setting: Setting, default: u64) -> Result<u64, ConfigError> {
+    match env.parsed(setting, default)? {
         0 => Err(ConfigError::Invalid {
-            name,
+            name: setting.name(),
             reason: "must be at least 1".into(),
         }),
         n => Ok(n),
@@ -359,7 +437,7 @@ impl Default for ContractSettings {
 
 impl ContractSettings {
     pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
-        let delimiter = match env.optional("CSV_DELIMITER") {
+        let delimiter = match env.optional(Setting::CsvDelimiter) {
             None => b';',
             Some(d) if d == "\\t" || d == "\t" => b'\t',
             Some(d)
@@ -371,17 +449,17 @@ impl ContractSettings {
             }
             Some(d) => {
                 return Err(ConfigError::Invalid {
-                    name: "CSV_DELIMITER",
+                    name: Setting::CsvDelimiter.name(),
                     reason: format!(
                         "{d:?}: expected one ASCII character other than a quote or newline"
                     ),
                 })
             }
         };
-        let naive_timezone = match env.optional("NAIVE_TIMEZONE") {
+        let naive_timezone = match env.optional(Setting::NaiveTimezone) {
             None => chrono_tz::Europe::Berlin,
             Some(tz) => tz.trim().parse().map_err(|_| ConfigError::Invalid {
-                name: "NAIVE_TIMEZONE",
+                name: Setting::NaiveTimezone.name(),
                 reason: format!(
                     "{tz:?} is not an IANA time zone name such as Europe/Berlin or UTC"
                 ),
@@ -408,18 +486,20 @@ pub struct WorkerSettings {
 impl WorkerSettings {
     pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
         let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let concurrency = env.parsed("WORKER_CONCURRENCY", cpus)?;
+        let concurrency = env.parsed(Setting::WorkerConcurrency, cpus)?;
         if concurrency == 0 {
             return Err(ConfigError::Invalid {
-                name: "WORKER_CONCURRENCY",
+                name: Setting::WorkerConcurrency.name(),
                 reason: "must be at least 1".into(),
             });
         }
         let default_addr: SocketAddr = ([127, 0, 0, 1], 9184).into();
         Ok(Self {
             concurrency,
-            metrics_addr: env.parsed("METRICS_ADDR", default_addr)?,
-            shutdown_grace: std::time::Duration::from_secs(env.parsed("SHUTDOWN_GRACE_SECS", 25)?),
+            metrics_addr: env.parsed(Setting::MetricsAddr, default_addr)?,
+            shutdown_grace: std::time::Duration::from_secs(
+                env.parsed(Setting::ShutdownGraceSecs, 25)?,
+            ),
         })
     }
 }

@@ -1,7 +1,7 @@
 //! Structured logs on stderr: human-readable text, or JSON lines with `LOG_FORMAT=json`.
 //! `RUST_LOG` overrides the default level.
 
-use sensor_pipeline::config::{ConfigError, Env};
+use sensor_pipeline::config::{ConfigError, Env, Setting};
 use tracing_subscriber::EnvFilter;
 
 pub fn init(env: &Env, default_level: &str) -> Result<(), ConfigError> {
@@ -10,12 +10,12 @@ pub fn init(env: &Env, default_level: &str) -> Result<(), ConfigError> {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    match env.optional("LOG_FORMAT").as_deref() {
+    match env.optional(Setting::LogFormat).as_deref() {
         None | Some("text") => builder.init(),
         Some("json") => builder.json().init(),
         Some(other) => {
             return Err(ConfigError::Invalid {
-                name: "LOG_FORMAT",
+                name: Setting::LogFormat.name(),
                 reason: format!("{other:?}: expected text or json"),
             })
         }

@@ -1,10 +1,11 @@
 //! The deployment files agree with the configuration the code reads: `docker-compose.yml` passes
 //! only settings the binaries know, and every required one; `config/.env.example` documents every
-//! setting; the list of settings is the one the code reads.
+//! setting. (That the list is what the code reads, the compiler checks: settings are read only
+//! through `Setting`.)
 
 use std::collections::BTreeSet;
 
-use sensor_pipeline::config::SETTINGS;
+use sensor_pipeline::config::Setting;
 use yaml_rust2::{Yaml, YamlLoader};
 
 const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
@@ -14,55 +15,13 @@ fn read(path: &str) -> String {
 }
 
 fn known() -> BTreeSet<&'static str> {
-    SETTINGS.iter().map(|(name, _)| *name).collect()
-}
-
-/// Upper-case `"NAME_LIKE_THIS"` literals on the lines that read a setting, in the non-test part
-/// of a source file.
-fn setting_literals(source: &str) -> BTreeSet<String> {
-    let code = source.split("#[cfg(test)]").next().unwrap_or(source);
-    let readers = [
-        "optional(",
-        "required(",
-        "parsed(",
-        "flag(",
-        "_secret(",
-        "positive(env,",
-        "env.optional",
-    ];
-    let reading: String = code
-        .lines()
-        .filter(|l| readers.iter().any(|r| l.contains(r)))
-        .collect::<Vec<_>>()
-        .join("\n");
-    reading
-        .split('"')
-        .skip(1)
-        .step_by(2)
-        .filter(|s| {
-            s.contains('_')
-                && s.len() >= 5
-                && s.chars()
-                    .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
-        })
-        .map(str::to_string)
-        .collect()
-}
-
-#[test]
-fn the_settings_list_is_what_the_code_reads() {
-    let mut read_by_code = setting_literals(&read("pipeline/src/config.rs"));
-    read_by_code.extend(setting_literals(&read("worker/src/logging.rs")));
-    // RUST_LOG is read by tracing-subscriber's EnvFilter::try_from_default_env.
-    read_by_code.insert("RUST_LOG".into());
-    let listed: BTreeSet<String> = known().into_iter().map(str::to_string).collect();
-    assert_eq!(read_by_code, listed);
+    Setting::ALL.iter().map(|s| s.name()).collect()
 }
 
 #[test]
 fn env_example_documents_every_setting() {
     let example = read("config/.env.example");
-    for (name, _) in SETTINGS {
+    for name in known() {
         assert!(
             example.contains(name),
             "config/.env.example does not mention {name}"
@@ -120,7 +79,11 @@ fn compose_passes_known_settings_and_every_required_one() {
                 "{name} passes {key}, which no binary reads"
             );
         }
-        for (required, _) in SETTINGS.iter().filter(|(_, r)| *r) {
+        for required in Setting::ALL
+            .iter()
+            .filter(|s| s.required())
+            .map(|s| s.name())
+        {
             assert!(
                 passed.contains(required) || passed.contains(format!("{required}_FILE").as_str()),
                 "{name} lacks the required {required}"
