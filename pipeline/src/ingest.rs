@@ -54,7 +54,8 @@ pub fn route(key: &str) -> Route {
     }
 }
 
-/// How an object was settled.
+/// How an attempt on an object ended. Every disposition but `AlreadyDone` wrote the ledger entry
+/// of its [`Disposition::status`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Disposition {
     /// Ingested now.
@@ -65,6 +66,25 @@ pub enum Disposition {
     Failed(String),
     /// Not a data file, or gone before it could be read; the reason is recorded.
     Ignored(String),
+}
+
+impl Disposition {
+    /// The ledger status of the version after this attempt.
+    pub fn status(&self) -> Status {
+        match self {
+            Disposition::Done | Disposition::AlreadyDone => Status::Done,
+            Disposition::Failed(_) => Status::Failed,
+            Disposition::Ignored(_) => Status::Ignored,
+        }
+    }
+
+    /// A name for metrics and logs: the status, or `already_done`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Disposition::AlreadyDone => "already_done",
+            other => other.status().as_str(),
+        }
+    }
 }
 
 /// The result of ingesting one object.

@@ -13,6 +13,7 @@ use tokio_postgres::Client;
 use crate::db::{failed, Databases};
 use crate::output::{csv_field, timestamp, write_table, Align, Format};
 use crate::Failure;
+use sensor_pipeline::store::ledger::Status;
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
@@ -160,14 +161,19 @@ async fn versions(
                 ],
                 &rows,
             )?;
-            let count = |s: &str| versions.iter().filter(|v| v.status == s).count();
+            let count = |s: Status| {
+                versions
+                    .iter()
+                    .filter(|v| Status::parse(&v.status) == Some(s))
+                    .count()
+            };
             writeln!(
                 out,
                 "\ntotal: {} object versions ({} done, {} failed, {} ignored); rows: {} ok, {} rejected",
                 versions.len(),
-                count("done"),
-                count("failed"),
-                count("ignored"),
+                count(Status::Done),
+                count(Status::Failed),
+                count(Status::Ignored),
                 versions.iter().map(|v| v.rows_ok).sum::<i64>(),
                 versions.iter().map(|v| v.rows_rejected).sum::<i64>(),
             )?;

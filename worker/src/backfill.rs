@@ -22,6 +22,7 @@ use sensor_pipeline::contract::Dataset;
 use sensor_pipeline::events::{encode_key, object_created};
 use sensor_pipeline::object_store::{ObjectStore, ObjectStoreError};
 use sensor_pipeline::queue::Queue;
+use sensor_pipeline::store::ledger::Status;
 use sensor_pipeline::store::Databases;
 
 /// One ledger entry of an enqueued key.
@@ -40,13 +41,21 @@ struct Enqueued {
     written_at: Option<DateTime<Utc>>,
 }
 
-/// How an enqueued object ended.
+/// How an enqueued object ended: its ledger entry, or a dead letter (retries exhausted before
+/// any ledger entry was written).
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Settled {
-    Done,
-    Ignored,
-    Failed(String),
+    Ledger {
+        status: Status,
+        reason: Option<String>,
+    },
     DeadLettered(String),
+}
+
+impl Settled {
+    fn is(&self, status: Status) -> bool {
+        matches!(self, Settled::Ledger { status: s, .. } if *s == status)
+    }
 }
 
 pub async fn backfill(
@@ -188,17 +197,20 @@ async fn follow(
     let count = |f: fn(&Settled) -> bool| settled.values().filter(|s| f(s)).count();
     println!(
         "settled: {} done, {} ignored, {} failed, {} dead-lettered",
-        count(|s| *s == Settled::Done),
-        count(|s| *s == Settled::Ignored),
-        count(|s| matches!(s, Settled::Failed(_))),
+        count(|s| s.is(Status::Done)),
+        count(|s| s.is(Status::Ignored)),
+        count(|s| s.is(Status::Failed)),
         count(|s| matches!(s, Settled::DeadLettered(_))),
     );
     let mut ok = true;
     for (key, s) in &settled {
         match s {
-            Settled::Failed(reason) => println!("failed: {key}: {reason}"),
+            Settled::Ledger {
+                status: Status::Failed,
+                reason,
+            } => println!("failed: {key}: {}", reason.as_deref().unwrap_or("")),
             Settled::DeadLettered(reason) => println!("dead-lettered: {key}: {reason}"),
-            _ => continue,
+            Settled::Ledger { .. } => continue,
         }
         ok = false;
     }
@@ -249,10 +261,10 @@ async fn settled(
                 .or_else(|| versions.iter().find(|l| l.finished_at >= since))
         });
         if let Some(l) = entry {
-            let state = match l.status.as_str() {
-                "done" => Settled::Done,
-                "ignored" => Settled::Ignored,
-                _ => Settled::Failed(l.reason.clone().unwrap_or_default()),
+            let state = Settled::Ledger {
+                // The ledger's CHECK constraint allows only the statuses `Status` knows.
+                status: Status::parse(&l.status).unwrap_or(Status::Failed),
+                reason: l.reason.clone(),
             };
             out.insert(e.key.clone(), state);
         }

@@ -62,13 +62,7 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
 
 /// Counts one ingestion outcome.
 pub fn record(outcome: &Outcome) {
-    let label = match &outcome.disposition {
-        Disposition::Done => "done",
-        Disposition::AlreadyDone => "already_done",
-        Disposition::Failed(_) => "failed",
-        Disposition::Ignored(_) => "ignored",
-    };
-    metrics::counter!(OBJECTS, "outcome" => label).increment(1);
+    metrics::counter!(OBJECTS, "outcome" => outcome.disposition.label()).increment(1);
     if outcome.disposition == Disposition::Done {
         metrics::counter!(ROWS, "outcome" => "ok").increment(outcome.rows_ok);
         metrics::counter!(ROWS, "outcome" => "rejected").increment(outcome.rows_rejected);
