@@ -6,6 +6,7 @@
 
 mod backfill;
 mod batch;
+mod dlq;
 mod logging;
 mod run;
 mod shutdown;
@@ -78,7 +79,7 @@ enum Command {
     Backfill(BackfillArgs),
     /// Dead letters: events the pipeline gave up on, with the reason.
     #[command(subcommand)]
-    Dlq(DlqCommand),
+    Dlq(dlq::DlqCommand),
 }
 
 #[derive(Debug, Args)]
@@ -89,35 +90,6 @@ struct BackfillArgs {
     /// Follow progress until every enqueued object is settled; exit 1 if any failed.
     #[arg(long)]
     wait: bool,
-}
-
-#[derive(Debug, Subcommand)]
-enum DlqCommand {
-    /// List dead letters: id, when, attempts, objects and reason.
-    ///
-    /// Example: sensors-worker dlq list
-    List {
-        /// One JSON object per line instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Send dead letters back through the pipeline (after fixing the cause) and remove them.
-    ///
-    /// Examples:
-    ///   sensors-worker dlq replay --all
-    ///   sensors-worker dlq replay 3 7
-    Replay(ReplayArgs),
-}
-
-#[derive(Debug, Args)]
-#[group(required = true, multiple = false)]
-struct ReplayArgs {
-    /// Replay every dead letter.
-    #[arg(long)]
-    all: bool,
-    /// Ids as `dlq list` shows them.
-    #[arg(value_name = "ID")]
-    ids: Vec<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -196,7 +168,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Run => {
             logging::init(&env, "info")?;
-            run_worker(&env).await
+            run::run(&env).await
         }
         Command::Provision => {
             logging::init(&env, "warn")?;
@@ -236,130 +208,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             logging::init(&env, "warn")?;
             let queue = queue(&env).await?;
             queue.provision().await?;
-            dead_letters(&queue, command).await
+            dlq::run(&queue, command).await
         }
     }
 }
 
-async fn dead_letters(queue: &Queue, command: DlqCommand) -> anyhow::Result<ExitCode> {
-    let letters = queue.dead_letters().await?;
-    match command {
-        DlqCommand::List { json } => {
-            for l in &letters {
-                let when = l
-                    .failed_at
-                    .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
-                    .unwrap_or_default();
-                if json {
-                    let line = serde_json::json!({
-                        "id": l.id, "failed_at": when, "attempts": l.attempts,
-                        "keys": l.keys, "reason": l.reason,
-                        "payload": String::from_utf8_lossy(&l.payload),
-                    });
-                    println!("{line}");
-                } else {
-                    let keys = if l.keys.is_empty() {
-                        "-".to_string()
-                    } else {
-                        l.keys.join(", ")
-                    };
-                    println!(
-                        "{:>6}  {when}  attempts {}  {keys}  {}",
-                        l.id, l.attempts, l.reason
-                    );
-                }
-            }
-            if !json {
-                println!("{} dead letters", letters.len());
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        DlqCommand::Replay(args) => {
-            let ids: Vec<u64> = if args.all {
-                letters.iter().map(|l| l.id).collect()
-            } else {
-                args.ids
-            };
-            let mut missing = Vec::new();
-            for id in &ids {
-                if !queue.replay(*id).await? {
-                    missing.push(id.to_string());
-                }
-            }
-            println!("replayed {} dead letters", ids.len() - missing.len());
-            if missing.is_empty() {
-                Ok(ExitCode::SUCCESS)
-            } else {
-                eprintln!("error: no dead letter with id {}", missing.join(", "));
-                Ok(ExitCode::from(1))
-            }
-        }
-    }
-}
-
-async fn queue(env: &Env) -> anyhow::Result<Queue> {
+/// A NATS connection with the configured names.
+pub(crate) async fn queue(env: &Env) -> anyhow::Result<Queue> {
     let settings = NatsSettings::from_env(env)?;
     Ok(Queue::connect(&settings, "sensors-worker").await?)
 }
 
-async fn run_worker(env: &Env) -> anyhow::Result<ExitCode> {
-    let worker = WorkerSettings::from_env(env)?;
-    let stop = shutdown::on_signal()?;
-    let handle = telemetry::install()?;
-    let ingestor = ingestor(env, worker.concurrency + 2)?;
-    let queue = queue(env).await?;
-    let (probe_queue, probe_dbs) = (queue.clone(), ingestor.databases().clone());
-    let ready: telemetry::Readiness = std::sync::Arc::new(move || {
-        let (q, dbs) = (probe_queue.clone(), probe_dbs.clone());
-        Box::pin(async move {
-            if !q.is_connected() {
-                return Err("NATS is not connected".to_string());
-            }
-            dbs.ping().await.map_err(|e| e.to_string())
-        })
-    });
-    let server = telemetry::serve(worker.metrics_addr, handle, ready, stop.clone()).await?;
-    if !provision_with_retries(&queue, &stop).await? {
-        tracing::info!("stopped before NATS was reachable");
-        return Ok(ExitCode::SUCCESS);
-    }
-    let observer = tokio::spawn(telemetry::observe(queue.clone(), stop.clone()));
-    run::Worker {
-        ingestor,
-        queue,
-        concurrency: worker.concurrency,
-        grace: worker.shutdown_grace,
-    }
-    .run(stop.clone())
-    .await?;
-    stop.cancel();
-    let _ = tokio::join!(server, observer);
-    Ok(ExitCode::SUCCESS)
-}
-
-/// NATS may come up after the worker: keep trying (with backoff) until it answers (true) or we
-/// are told to stop (false).
-async fn provision_with_retries(
-    queue: &Queue,
-    stop: &tokio_util::sync::CancellationToken,
-) -> anyhow::Result<bool> {
-    use backon::{ExponentialBuilder, Retryable};
-    let attempt = || async { queue.provision().await };
-    let retried = attempt
-        .retry(
-            ExponentialBuilder::default()
-                .with_min_delay(std::time::Duration::from_millis(500))
-                .with_max_delay(std::time::Duration::from_secs(10))
-                .without_max_times(),
-        )
-        .notify(|e, delay| tracing::warn!(error = %e, retry_in = ?delay, "cannot provision JetStream yet"));
-    tokio::select! {
-        r = retried => r.map(|()| true).map_err(Into::into),
-        _ = stop.cancelled() => Ok(false),
-    }
-}
-
-fn ingestor(env: &Env, connections: usize) -> anyhow::Result<Ingestor> {
+/// An ingestor for the configured bucket and databases, with up to `connections` per database.
+pub(crate) fn ingestor(env: &Env, connections: usize) -> anyhow::Result<Ingestor> {
     let store = ObjectStore::new(&ObjectStoreSettings::from_env(env)?);
     let dbs = Databases::connect(&DatabaseSettings::from_env(env)?, connections)?;
     Ok(Ingestor::new(store, dbs, ContractSettings::from_env(env)?))

@@ -14,11 +14,13 @@
 //! deliveries are used up. Shutdown (SIGINT/SIGTERM) stops fetching, lets in-flight objects finish
 //! within the grace period, and naks what is still unfinished so another worker takes it.
 
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
 use futures_util::StreamExt;
+use sensor_pipeline::config::{Env, WorkerSettings};
 use sensor_pipeline::events::{self, ObjectEvent};
 use sensor_pipeline::ingest::{Disposition, IngestError, Ingestor, Outcome};
 use sensor_pipeline::queue::dead_letters::Filing;
@@ -28,7 +30,66 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
-use crate::telemetry;
+use crate::{shutdown, telemetry};
+
+/// `sensors-worker run`: the metrics server, JetStream provisioning (retried until NATS answers),
+/// the consumer loop, and a clean stop on SIGINT/SIGTERM.
+pub async fn run(env: &Env) -> anyhow::Result<ExitCode> {
+    let worker = WorkerSettings::from_env(env)?;
+    let stop = shutdown::on_signal()?;
+    let handle = telemetry::install()?;
+    let ingestor = crate::ingestor(env, worker.concurrency + 2)?;
+    let queue = crate::queue(env).await?;
+    let (probe_queue, probe_dbs) = (queue.clone(), ingestor.databases().clone());
+    let ready: telemetry::Readiness = std::sync::Arc::new(move || {
+        let (q, dbs) = (probe_queue.clone(), probe_dbs.clone());
+        Box::pin(async move {
+            if !q.is_connected() {
+                return Err("NATS is not connected".to_string());
+            }
+            dbs.ping().await.map_err(|e| e.to_string())
+        })
+    });
+    let server = telemetry::serve(worker.metrics_addr, handle, ready, stop.clone()).await?;
+    if !provision_with_retries(&queue, &stop).await? {
+        tracing::info!("stopped before NATS was reachable");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let observer = tokio::spawn(telemetry::observe(queue.clone(), stop.clone()));
+    Worker {
+        ingestor,
+        queue,
+        concurrency: worker.concurrency,
+        grace: worker.shutdown_grace,
+    }
+    .run(stop.clone())
+    .await?;
+    stop.cancel();
+    let _ = tokio::join!(server, observer);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// NATS may come up after the worker: keep trying (with backoff) until it answers (true) or we
+/// are told to stop (false).
+async fn provision_with_retries(
+    queue: &Queue,
+    stop: &tokio_util::sync::CancellationToken,
+) -> anyhow::Result<bool> {
+    use backon::{ExponentialBuilder, Retryable};
+    let attempt = || async { queue.provision().await };
+    let retried = attempt
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(std::time::Duration::from_millis(500))
+                .with_max_delay(std::time::Duration::from_secs(10))
+                .without_max_times(),
+        )
+        .notify(|e, delay| tracing::warn!(error = %e, retry_in = ?delay, "cannot provision JetStream yet"));
+    tokio::select! {
+        r = retried => r.map(|()| true).map_err(Into::into),
+        _ = stop.cancelled() => Ok(false),
+    }
+}
 
 /// How long one fetch waits for events before the loop looks at the shutdown signal again.
 const FETCH_WAIT: Duration = Duration::from_secs(1);

@@ -1,6 +1,10 @@
-//! Metrics and health for `sensors-worker run`: a Prometheus recorder and a small HTTP endpoint on
-//! `METRICS_ADDR` serving `/metrics`, `/healthz` (the process is up) and `/readyz` (NATS and both
-//! databases answer).
+//! The HTTP endpoint on `METRICS_ADDR`: `/metrics` (Prometheus text), `/healthz` (the process is
+//! up) and `/readyz` (NATS connected and both databases answer).
+//!
+//! Written on hyper directly, on purpose: the exporter's own listener
+//! (`metrics-exporter-prometheus`'s `http-listener`) serves `/metrics` only, not probes that run
+//! our own checks, and a router crate (axum and its tower stack) would add far more to the build
+//! than these three GET routes need. hyper is in the tree already (the S3 client).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -15,60 +19,9 @@ use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use sensor_pipeline::ingest::{Disposition, Outcome};
+use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-
-pub const EVENTS: &str = "sensors_events_total";
-pub const OBJECTS: &str = "sensors_objects_total";
-pub const ROWS: &str = "sensors_rows_total";
-pub const INGEST_SECONDS: &str = "sensors_ingest_duration_seconds";
-pub const IN_FLIGHT: &str = "sensors_in_flight";
-pub const CONSUMER_PENDING: &str = "sensors_consumer_pending";
-pub const DEAD_LETTERS: &str = "sensors_dead_letters";
-
-/// Installs the process-wide recorder and describes every metric.
-pub fn install() -> anyhow::Result<PrometheusHandle> {
-    let handle = PrometheusBuilder::new()
-        .set_buckets_for_metric(
-            Matcher::Full(INGEST_SECONDS.into()),
-            &[
-                0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
-            ],
-        )
-        .context("configuring metrics")?
-        .install_recorder()
-        .context("installing the metrics recorder")?;
-    metrics::describe_counter!(EVENTS, "Object events received, by kind");
-    metrics::describe_counter!(OBJECTS, "Object versions handled, by outcome");
-    metrics::describe_counter!(
-        ROWS,
-        "CSV rows of ingested objects, by outcome (ok, rejected)"
-    );
-    metrics::describe_histogram!(
-        INGEST_SECONDS,
-        metrics::Unit::Seconds,
-        "Time to ingest one object"
-    );
-    metrics::describe_gauge!(IN_FLIGHT, "Objects being ingested now");
-    metrics::describe_gauge!(
-        CONSUMER_PENDING,
-        "Events waiting for or being worked on by a worker"
-    );
-    metrics::describe_gauge!(DEAD_LETTERS, "Events in the dead-letter stream");
-    Ok(handle)
-}
-
-/// Counts one ingestion outcome.
-pub fn record(outcome: &Outcome) {
-    metrics::counter!(OBJECTS, "outcome" => outcome.disposition.label()).increment(1);
-    if outcome.disposition == Disposition::Done {
-        metrics::counter!(ROWS, "outcome" => "ok").increment(outcome.rows_ok);
-        metrics::counter!(ROWS, "outcome" => "rejected").increment(outcome.rows_rejected);
-        metrics::histogram!(INGEST_SECONDS).record(outcome.elapsed.as_secs_f64());
-    }
-}
 
 /// A readiness probe: Ok when every dependency answers, else what does not.
 pub type Readiness =
@@ -146,22 +99,5 @@ async fn respond<B>(
             StatusCode::NOT_FOUND,
             "not found: try /metrics, /healthz, /readyz\n".into(),
         ),
-    }
-}
-
-/// Keeps the queue gauges (consumer pending, dead letters) current until `stop`.
-pub async fn observe(queue: sensor_pipeline::queue::Queue, stop: CancellationToken) {
-    let mut every = tokio::time::interval(Duration::from_secs(5));
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = every.tick() => {}
-        }
-        if let Ok(pending) = queue.pending().await {
-            metrics::gauge!(CONSUMER_PENDING).set(pending as f64);
-        }
-        if let Ok(letters) = queue.dead_letter_count().await {
-            metrics::gauge!(DEAD_LETTERS).set(letters as f64);
-        }
     }
 }
