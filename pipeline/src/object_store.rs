@@ -225,7 +225,9 @@ fn to_chrono(t: &aws_sdk_s3::primitives::DateTime) -> Option<DateTime<Utc>> {
     DateTime::from_timestamp(t.secs(), t.subsec_nanos())
 }
 
-/// `err` and its sources, joined by ": ".
+/// `err` and its sources, joined by ": ", each said once. (The SDK's `DisplayErrorContext` also
+/// appends the whole error's `Debug` form: too long for the one-line reasons that end up in the
+/// ledger, logs and dead letters.)
 fn error_chain(err: &dyn std::error::Error) -> String {
     let mut msg = err.to_string();
     let mut cur = err.source();

@@ -71,20 +71,12 @@ pub fn free_port() -> Result<u16> {
 
 /// A program on PATH.
 pub fn which(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join(name))
-            .find(|p| p.is_file())
-    })
+    which::which(name).ok()
 }
 
 /// Whether this process runs as root (PostgreSQL then has to run as the `postgres` user).
 pub fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
+    rustix::process::geteuid().is_root()
 }
 
 /// A PostgreSQL server binary on PATH or in Debian's versioned folders.
@@ -271,8 +263,11 @@ fn spawn_watchdog_with(
     Ok(stdin)
 }
 
+/// A path as one word of a POSIX shell command.
 fn shell_quote(p: &Path) -> String {
-    format!("'{}'", p.display().to_string().replace('\'', r"'\''"))
+    shlex::try_quote(&p.to_string_lossy())
+        .expect("only a NUL byte cannot be quoted, and a Unix path holds none")
+        .into_owned()
 }
 
 /// Polls `ready` every 20 ms until it holds or `limit` passes.
