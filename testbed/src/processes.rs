@@ -160,47 +160,84 @@ fn start_postgres() -> Result<Postgres> {
             _watchdog: None,
         });
     }
-    let postgres = pg_binary("postgres")?;
-    let dir = tempfile::Builder::new()
-        .prefix("testbed-pg-")
-        .tempdir()?
-        .keep();
-    let data = init_cluster(&dir)?;
-    let root = is_root();
-    let port = free_port()?;
-    let server = format!(
-        "{} -D {} -p {port} -h 127.0.0.1 -k {} -c fsync=off -c synchronous_commit=off \
-         -c full_page_writes=off -c max_connections=400 -c shared_buffers=256MB \
-         -c max_wal_size=4GB -c log_min_messages=warning",
-        shell_quote(&postgres),
-        shell_quote(&data),
-        shell_quote(&dir),
-    );
-    let server = if root {
-        format!("runuser -u postgres -- {server}")
-    } else {
-        server
-    };
-    // Stop the postmaster itself (not the runuser wrapper) with a fast shutdown.
-    let stop = format!(
-        "kill -INT $(head -n 1 {}) 2>/dev/null",
-        shell_quote(&data.join("postmaster.pid"))
-    );
+    let PgServer {
+        dir,
+        data,
+        port,
+        command: server,
+        stop,
+    } = pg_server(&[
+        "full_page_writes=off",
+        "max_connections=400",
+        "shared_buffers=256MB",
+        "max_wal_size=4GB",
+    ])?;
     let watchdog = spawn_watchdog(&server, &dir, &stop, &dir.join("postgres.log"))?;
     wait_until(
         Duration::from_secs(60),
         "PostgreSQL to accept connections",
-        || {
-            std::fs::read_to_string(data.join("postmaster.pid"))
-                .map(|s| s.lines().nth(7).is_some_and(|l| l.trim() == "ready"))
-                .unwrap_or(false)
-        },
+        || pg_ready(&data),
     )
     .with_context(|| format!("see {}", dir.join("postgres.log").display()))?;
     Ok(Postgres {
         admin_url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
         _watchdog: Some(watchdog),
     })
+}
+
+/// A fresh PostgreSQL cluster in a folder of its own (initdb done), and how to run and stop it.
+struct PgServer {
+    dir: PathBuf,
+    data: PathBuf,
+    port: u16,
+    /// The shell command that runs the postmaster (as `postgres` when we are root).
+    command: String,
+    /// Stops the postmaster itself (not the runuser wrapper) with a fast shutdown.
+    stop: String,
+}
+
+/// Creates a cluster and the command that serves it on a free loopback port, durability off
+/// (throwaway data), with `settings` (`name=value`) on top.
+fn pg_server(settings: &[&str]) -> Result<PgServer> {
+    let postgres = pg_binary("postgres")?;
+    let dir = tempfile::Builder::new()
+        .prefix("testbed-pg-")
+        .tempdir()?
+        .keep();
+    let data = init_cluster(&dir)?;
+    let port = free_port()?;
+    let mut command = format!(
+        "{} -D {} -p {port} -h 127.0.0.1 -k {} -c fsync=off -c synchronous_commit=off \
+         -c log_min_messages=warning",
+        shell_quote(&postgres),
+        shell_quote(&data),
+        shell_quote(&dir),
+    );
+    for setting in settings {
+        command.push_str(" -c ");
+        command.push_str(setting);
+    }
+    if is_root() {
+        command = format!("runuser -u postgres -- {command}");
+    }
+    let stop = format!(
+        "kill -INT $(head -n 1 {}) 2>/dev/null",
+        shell_quote(&data.join("postmaster.pid"))
+    );
+    Ok(PgServer {
+        dir,
+        data,
+        port,
+        command,
+        stop,
+    })
+}
+
+/// Whether the postmaster of `data` says it is ready.
+fn pg_ready(data: &Path) -> bool {
+    std::fs::read_to_string(data.join("postmaster.pid"))
+        .map(|s| s.lines().nth(7).is_some_and(|l| l.trim() == "ready"))
+        .unwrap_or(false)
 }
 
 fn start_nats() -> Result<Nats> {
@@ -392,35 +429,14 @@ pub async fn owned_nats() -> Result<(OwnedServer, String)> {
 
 /// A PostgreSQL server of the test's own; returns it and the superuser URL of `postgres`.
 pub async fn owned_postgres() -> Result<(OwnedServer, String)> {
-    let postgres = pg_binary("postgres")?;
-    let dir = tempfile::Builder::new()
-        .prefix("testbed-pg-")
-        .tempdir()?
-        .keep();
     // initdb takes a second or two: off the runtime's threads.
-    let data = {
-        let dir = dir.clone();
-        tokio::task::spawn_blocking(move || init_cluster(&dir)).await??
-    };
-    let root = is_root();
-    let port = free_port()?;
-    let command = format!(
-        "{} -D {} -p {port} -h 127.0.0.1 -k {} -c fsync=off -c synchronous_commit=off \
-         -c max_connections=100 -c log_min_messages=warning",
-        shell_quote(&postgres),
-        shell_quote(&data),
-        shell_quote(&dir),
-    );
-    let command = if root {
-        format!("runuser -u postgres -- {command}")
-    } else {
-        command
-    };
-    let pid_file = data.join("postmaster.pid");
-    let stop = format!(
-        "kill -INT $(head -n 1 {}) 2>/dev/null",
-        shell_quote(&pid_file)
-    );
+    let PgServer {
+        dir,
+        data,
+        port,
+        command,
+        stop,
+    } = tokio::task::spawn_blocking(|| pg_server(&["max_connections=100"])).await??;
     let mut server = OwnedServer {
         port,
         log: dir.join("postgres.log"),
@@ -428,10 +444,7 @@ pub async fn owned_postgres() -> Result<(OwnedServer, String)> {
         command,
         stop,
         ready: Box::new(move || {
-            std::fs::read_to_string(&pid_file)
-                .map(|s| s.lines().nth(7).is_some_and(|l| l.trim() == "ready"))
-                .unwrap_or(false)
-                && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            pg_ready(&data) && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
         }),
         watchdog: None,
     };
