@@ -1,6 +1,12 @@
 //! Throwaway services for tests, benchmarks and the demo: PostgreSQL, NATS with JetStream, and an
 //! S3 server (`s3s-fs`), all on free loopback ports.
 //!
+//! What this crate is: the project's local stack, for everything that runs the pipeline on one
+//! machine without a deployment — the integration tests (as a dev-dependency), the `bench-*`
+//! binaries, and `cargo xtask demo` (which links it to start the S3 stand-in and reuse the
+//! PostgreSQL helpers). It is never a dependency of `sensors-worker` or `query-cli`, and it is not
+//! in the container image; nothing here is meant for production.
+//!
 //! PostgreSQL and NATS are started once per process (the first test that asks starts them) and
 //! stopped when the process exits, however it exits: each runs under a small shell watchdog that
 //! stops the server and deletes its data as soon as its stdin — a pipe held by this process —
