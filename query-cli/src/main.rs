@@ -161,16 +161,64 @@ fn usage_error(e: clap::Error) -> ExitCode {
         let _ = e.print();
         return ExitCode::from(2);
     }
-    // clap renders several lines (the error, a tip, the usage); keep the error itself on one line.
-    let rendered = e.render().to_string();
-    let message: Vec<&str> = rendered
-        .lines()
-        .map(str::trim)
-        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
-        .filter(|l| !l.is_empty() && !l.starts_with("tip:"))
-        .collect();
-    let message = message.join(" ");
-    let message = message.strip_prefix("error: ").unwrap_or(&message);
-    eprintln!("error: {message} (see --help)");
+    eprintln!("error: {} (see --help)", one_line(&e));
     ExitCode::from(2)
+}
+
+/// A usage error in one line, from clap's error kind and context (clap's own rendering spans
+/// several lines: the error, a tip, the usage).
+fn one_line(e: &clap::Error) -> String {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let context = |kind, separator: &str| {
+        e.get(kind).map(|v| match v {
+            ContextValue::Strings(all) => all.join(separator),
+            other => other.to_string(),
+        })
+    };
+    let arg = context(ContextKind::InvalidArg, " ").unwrap_or_default();
+    match e.kind() {
+        ErrorKind::MissingRequiredArgument => {
+            format!("the following required arguments were not provided: {arg}")
+        }
+        ErrorKind::InvalidValue | ErrorKind::ValueValidation => {
+            let value = context(ContextKind::InvalidValue, " ").unwrap_or_default();
+            let mut line = format!("invalid value '{value}' for '{arg}'");
+            if let Some(why) = std::error::Error::source(e) {
+                line.push_str(&format!(": {why}"));
+            } else if let Some(valid) = context(ContextKind::ValidValue, ", ") {
+                line.push_str(&format!(" (possible values: {valid})"));
+            }
+            line
+        }
+        ErrorKind::UnknownArgument => format!("unexpected argument '{arg}' found"),
+        ErrorKind::InvalidSubcommand => format!(
+            "unrecognized subcommand '{}'",
+            context(ContextKind::InvalidSubcommand, " ").unwrap_or_default()
+        ),
+        kind if arg.is_empty() => kind.as_str().unwrap_or("invalid usage").to_string(),
+        kind => format!("{}: {arg}", kind.as_str().unwrap_or("invalid usage")),
+    }
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn usage(args: &[&str]) -> String {
+        let mut argv = vec!["query-cli"];
+        argv.extend(args);
+        one_line(&Cli::try_parse_from(argv).unwrap_err())
+    }
+
+    #[test]
+    fn usage_errors_are_one_line_from_their_kind_and_context() {
+        assert_eq!(
+            usage(&["sensors", "--format", "xml"]),
+            "invalid value 'xml' for '--format <FORMAT>' (possible values: table, csv, json)"
+        );
+        assert_eq!(
+            usage(&["sensors", "--bogus"]),
+            "unexpected argument '--bogus' found"
+        );
+        assert_eq!(usage(&["nope"]), "unrecognized subcommand 'nope'");
+    }
 }
