@@ -69,13 +69,46 @@ pub fn push_value(buf: &mut Vec<u8>, v: f64) {
     let _ = write!(buf, "{v}");
 }
 
-/// Quotes a CSV field when it needs it (RFC 4180).
-pub fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_string()
+/// One record of a command's output. CSV and JSON serialise it as it is (`None` is an empty CSV
+/// field and a JSON `null`); the table picks and formats cells for people.
+pub trait Record: serde::Serialize {
+    /// The CSV header: the record's field names, in order.
+    const FIELDS: &'static [&'static str];
+    /// Table columns: header and alignment.
+    const TABLE: &'static [(&'static str, Align)];
+    fn table_cells(&self) -> Vec<String>;
+}
+
+/// Writes `records` in `format`: CSV with a header row (also when there are no records), JSON one
+/// object per line, or an aligned table.
+pub fn render<R: Record>(
+    out: &mut impl Write,
+    format: Format,
+    records: &[R],
+) -> std::io::Result<()> {
+    match format {
+        Format::Json => {
+            for r in records {
+                serde_json::to_writer(&mut *out, r)?;
+                out.write_all(b"\n")?;
+            }
+        }
+        Format::Csv => {
+            let mut csv = csv::WriterBuilder::new()
+                .has_headers(false)
+                .from_writer(&mut *out);
+            csv.write_record(R::FIELDS)?;
+            for r in records {
+                csv.serialize(r)?;
+            }
+            csv.flush()?;
+        }
+        Format::Table => {
+            let rows: Vec<Vec<String>> = records.iter().map(R::table_cells).collect();
+            write_table(out, R::TABLE, &rows)?;
+        }
     }
+    Ok(())
 }
 
 /// Column alignment in tables.
@@ -119,6 +152,15 @@ pub fn write_table(
         writeln!(out, "{}", line.trim_end())?;
     }
     Ok(())
+}
+
+/// The header serde gives a record (tests check it equals [`Record::FIELDS`]).
+#[cfg(test)]
+pub fn serde_header<R: Record>(r: &R) -> String {
+    let mut csv = csv::Writer::from_writer(Vec::new());
+    csv.serialize(r).expect("serialisable");
+    let text = String::from_utf8(csv.into_inner().expect("flushed")).expect("UTF-8");
+    text.lines().next().unwrap_or_default().to_string()
 }
 
 #[cfg(test)]

@@ -8,11 +8,10 @@ use std::io::Write;
 
 use chrono::{DateTime, Utc};
 use sensor_pipeline::config::DatabaseSettings;
-use serde_json::json;
 use uuid::Uuid;
 
 use crate::db::{failed, Databases};
-use crate::output::{csv_field, timestamp, write_table, Align, Format};
+use crate::output::{render, timestamp, Align, Format, Record};
 use crate::Failure;
 
 #[derive(Default)]
@@ -21,6 +20,40 @@ struct Sensor {
     readings: i64,
     first: Option<DateTime<Utc>>,
     last: Option<DateTime<Utc>>,
+}
+
+/// One line of `query-cli sensors` (SPEC §5 field names).
+#[derive(serde::Serialize)]
+struct SensorRecord {
+    sensor_uuid: String,
+    /// `None` for a sensor seen only in readings.
+    sensor_name: Option<String>,
+    readings: i64,
+    first: Option<String>,
+    last: Option<String>,
+}
+
+impl Record for SensorRecord {
+    const FIELDS: &'static [&'static str] =
+        &["sensor_uuid", "sensor_name", "readings", "first", "last"];
+    const TABLE: &'static [(&'static str, Align)] = &[
+        ("sensor_uuid", Align::Left),
+        ("sensor_name", Align::Left),
+        ("readings", Align::Right),
+        ("first", Align::Left),
+        ("last", Align::Left),
+    ];
+
+    fn table_cells(&self) -> Vec<String> {
+        let or = |v: &Option<String>, none: &str| v.clone().unwrap_or_else(|| none.to_string());
+        vec![
+            self.sensor_uuid.clone(),
+            or(&self.sensor_name, "(unmapped)"),
+            self.readings.to_string(),
+            or(&self.first, "-"),
+            or(&self.last, "-"),
+        ]
+    }
 }
 
 pub async fn run(
@@ -68,58 +101,34 @@ pub async fn run(
         (a.name.is_none(), &a.name, ua).cmp(&(b.name.is_none(), &b.name, ub))
     });
 
-    let ts = |t: Option<DateTime<Utc>>| t.map(timestamp);
-    match format {
-        Format::Json => {
-            for (uuid, s) in &sensors {
-                let line = json!({
-                    "sensor_uuid": uuid.to_string(),
-                    "sensor_name": s.name,
-                    "readings": s.readings,
-                    "first": ts(s.first),
-                    "last": ts(s.last),
-                });
-                writeln!(out, "{line}")?;
-            }
-        }
-        Format::Csv => {
-            writeln!(out, "sensor_uuid,sensor_name,readings,first,last")?;
-            for (uuid, s) in &sensors {
-                writeln!(
-                    out,
-                    "{uuid},{},{},{},{}",
-                    csv_field(s.name.as_deref().unwrap_or("")),
-                    s.readings,
-                    ts(s.first).unwrap_or_default(),
-                    ts(s.last).unwrap_or_default()
-                )?;
-            }
-        }
-        Format::Table => {
-            let rows: Vec<Vec<String>> = sensors
-                .iter()
-                .map(|(uuid, s)| {
-                    vec![
-                        uuid.to_string(),
-                        s.name.clone().unwrap_or_else(|| "(unmapped)".into()),
-                        s.readings.to_string(),
-                        ts(s.first).unwrap_or_else(|| "-".into()),
-                        ts(s.last).unwrap_or_else(|| "-".into()),
-                    ]
-                })
-                .collect();
-            write_table(
-                out,
-                &[
-                    ("sensor_uuid", Align::Left),
-                    ("sensor_name", Align::Left),
-                    ("readings", Align::Right),
-                    ("first", Align::Left),
-                    ("last", Align::Left),
-                ],
-                &rows,
-            )?;
-        }
-    }
+    let records: Vec<SensorRecord> = sensors
+        .into_iter()
+        .map(|(uuid, s)| SensorRecord {
+            sensor_uuid: uuid.to_string(),
+            sensor_name: s.name,
+            readings: s.readings,
+            first: s.first.map(timestamp),
+            last: s.last.map(timestamp),
+        })
+        .collect();
+    render(out, format, &records)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::output::serde_header;
+
+    #[test]
+    fn csv_header_is_the_field_names() {
+        let s = SensorRecord {
+            sensor_uuid: "u".into(),
+            sensor_name: None,
+            readings: 0,
+            first: None,
+            last: None,
+        };
+        assert_eq!(serde_header(&s), SensorRecord::FIELDS.join(","));
+    }
 }

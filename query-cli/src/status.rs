@@ -7,11 +7,10 @@ use std::io::Write;
 use chrono::{DateTime, Utc};
 use clap::Args;
 use sensor_pipeline::config::DatabaseSettings;
-use serde_json::json;
 use tokio_postgres::Client;
 
 use crate::db::{failed, Databases};
-use crate::output::{csv_field, timestamp, write_table, Align, Format};
+use crate::output::{render, timestamp, Align, Format, Record};
 use crate::Failure;
 use sensor_pipeline::store::ledger::Status;
 
@@ -39,6 +38,103 @@ struct Version {
     finished: DateTime<Utc>,
     /// The version's write time (Last-Modified); none for keys that were never read.
     written: Option<DateTime<Utc>>,
+}
+
+/// One line of `query-cli status` (SPEC §5 field names, then attempts and times).
+#[derive(serde::Serialize)]
+struct VersionRecord {
+    key: String,
+    etag: String,
+    status: String,
+    rows_ok: i64,
+    rows_rejected: i64,
+    reason: Option<String>,
+    attempts: i32,
+    finished_at: String,
+    /// The version's write time; `None` for keys that were never read.
+    written_at: Option<String>,
+}
+
+impl From<&Version> for VersionRecord {
+    fn from(v: &Version) -> Self {
+        Self {
+            key: v.key.clone(),
+            etag: v.etag.clone(),
+            status: v.status.clone(),
+            rows_ok: v.rows_ok,
+            rows_rejected: v.rows_rejected,
+            reason: v.reason.clone(),
+            attempts: v.attempts,
+            finished_at: timestamp(v.finished),
+            written_at: v.written.map(timestamp),
+        }
+    }
+}
+
+impl Record for VersionRecord {
+    const FIELDS: &'static [&'static str] = &[
+        "key",
+        "etag",
+        "status",
+        "rows_ok",
+        "rows_rejected",
+        "reason",
+        "attempts",
+        "finished_at",
+        "written_at",
+    ];
+    const TABLE: &'static [(&'static str, Align)] = &[
+        ("key", Align::Left),
+        ("etag", Align::Left),
+        ("status", Align::Left),
+        ("rows_ok", Align::Right),
+        ("rows_rejected", Align::Right),
+        ("attempts", Align::Right),
+        ("finished_at", Align::Left),
+        ("reason", Align::Left),
+    ];
+
+    fn table_cells(&self) -> Vec<String> {
+        vec![
+            self.key.clone(),
+            self.etag.clone(),
+            self.status.clone(),
+            self.rows_ok.to_string(),
+            self.rows_rejected.to_string(),
+            self.attempts.to_string(),
+            self.finished_at.clone(),
+            self.reason.clone().unwrap_or_default(),
+        ]
+    }
+}
+
+/// One line of `query-cli status --object KEY`: a rejected row.
+#[derive(serde::Serialize)]
+struct RejectedRecord {
+    key: String,
+    etag: String,
+    line: i64,
+    reason: String,
+    raw: String,
+}
+
+impl Record for RejectedRecord {
+    const FIELDS: &'static [&'static str] = &["key", "etag", "line", "reason", "raw"];
+    const TABLE: &'static [(&'static str, Align)] = &[
+        ("etag", Align::Left),
+        ("line", Align::Right),
+        ("reason", Align::Left),
+        ("raw", Align::Left),
+    ];
+
+    fn table_cells(&self) -> Vec<String> {
+        vec![
+            self.etag.clone(),
+            self.line.to_string(),
+            self.reason.clone(),
+            self.raw.escape_debug().to_string(),
+        ]
+    }
 }
 
 struct Rejected {
@@ -98,76 +194,16 @@ async fn versions(
     }
     versions.sort_by(|a, b| (&a.key, a.finished, &a.etag).cmp(&(&b.key, b.finished, &b.etag)));
 
-    match format {
-        Format::Json => {
-            for v in &versions {
-                let line = json!({
-                    "key": v.key, "etag": v.etag, "status": v.status,
-                    "rows_ok": v.rows_ok, "rows_rejected": v.rows_rejected, "reason": v.reason,
-                    "attempts": v.attempts, "finished_at": timestamp(v.finished),
-                    "written_at": v.written.map(timestamp),
-                });
-                writeln!(out, "{line}")?;
-            }
-        }
-        Format::Csv => {
-            writeln!(
-                out,
-                "key,etag,status,rows_ok,rows_rejected,reason,attempts,finished_at,written_at"
-            )?;
-            for v in &versions {
-                writeln!(
-                    out,
-                    "{},{},{},{},{},{},{},{},{}",
-                    csv_field(&v.key),
-                    csv_field(&v.etag),
-                    v.status,
-                    v.rows_ok,
-                    v.rows_rejected,
-                    csv_field(v.reason.as_deref().unwrap_or("")),
-                    v.attempts,
-                    timestamp(v.finished),
-                    v.written.map(timestamp).unwrap_or_default()
-                )?;
-            }
-        }
-        Format::Table => {
-            let rows: Vec<Vec<String>> = versions
+    let records: Vec<VersionRecord> = versions.iter().map(VersionRecord::from).collect();
+    render(out, format, &records)?;
+    if format == Format::Table {
+        let count = |s: Status| {
+            versions
                 .iter()
-                .map(|v| {
-                    vec![
-                        v.key.clone(),
-                        v.etag.clone(),
-                        v.status.clone(),
-                        v.rows_ok.to_string(),
-                        v.rows_rejected.to_string(),
-                        v.attempts.to_string(),
-                        timestamp(v.finished),
-                        v.reason.clone().unwrap_or_default(),
-                    ]
-                })
-                .collect();
-            write_table(
-                out,
-                &[
-                    ("key", Align::Left),
-                    ("etag", Align::Left),
-                    ("status", Align::Left),
-                    ("rows_ok", Align::Right),
-                    ("rows_rejected", Align::Right),
-                    ("attempts", Align::Right),
-                    ("finished_at", Align::Left),
-                    ("reason", Align::Left),
-                ],
-                &rows,
-            )?;
-            let count = |s: Status| {
-                versions
-                    .iter()
-                    .filter(|v| Status::parse(&v.status) == Some(s))
-                    .count()
-            };
-            writeln!(
+                .filter(|v| Status::parse(&v.status) == Some(s))
+                .count()
+        };
+        writeln!(
                 out,
                 "\ntotal: {} object versions ({} done, {} failed, {} ignored); rows: {} ok, {} rejected",
                 versions.len(),
@@ -177,7 +213,6 @@ async fn versions(
                 versions.iter().map(|v| v.rows_ok).sum::<i64>(),
                 versions.iter().map(|v| v.rows_rejected).sum::<i64>(),
             )?;
-        }
     }
     Ok(())
 }
@@ -224,53 +259,49 @@ async fn rejected_rows(
             "no object {key:?} in the ledger (`query-cli status` lists every object version)"
         )));
     }
-    match format {
-        Format::Json => {
-            for r in &rejected {
-                let line = json!({
-                    "key": key, "etag": r.etag, "line": r.line, "reason": r.reason, "raw": r.raw,
-                });
-                writeln!(out, "{line}")?;
-            }
-        }
-        Format::Csv => {
-            writeln!(out, "key,etag,line,reason,raw")?;
-            for r in &rejected {
-                writeln!(
-                    out,
-                    "{},{},{},{},{}",
-                    csv_field(key),
-                    csv_field(&r.etag),
-                    r.line,
-                    csv_field(&r.reason),
-                    csv_field(&r.raw)
-                )?;
-            }
-        }
-        Format::Table => {
-            let rows: Vec<Vec<String>> = rejected
-                .iter()
-                .map(|r| {
-                    vec![
-                        r.etag.clone(),
-                        r.line.to_string(),
-                        r.reason.clone(),
-                        r.raw.escape_debug().to_string(),
-                    ]
-                })
-                .collect();
-            write_table(
-                out,
-                &[
-                    ("etag", Align::Left),
-                    ("line", Align::Right),
-                    ("reason", Align::Left),
-                    ("raw", Align::Left),
-                ],
-                &rows,
-            )?;
-            writeln!(out, "\n{} rejected rows in {key}", rejected.len())?;
-        }
+    let records: Vec<RejectedRecord> = rejected
+        .into_iter()
+        .map(|r| RejectedRecord {
+            key: key.to_string(),
+            etag: r.etag,
+            line: r.line,
+            reason: r.reason,
+            raw: r.raw,
+        })
+        .collect();
+    render(out, format, &records)?;
+    if format == Format::Table {
+        writeln!(out, "\n{} rejected rows in {key}", records.len())?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::output::serde_header;
+
+    #[test]
+    fn csv_headers_are_the_field_names() {
+        let v = VersionRecord {
+            key: "k".into(),
+            etag: "e".into(),
+            status: "done".into(),
+            rows_ok: 1,
+            rows_rejected: 0,
+            reason: None,
+            attempts: 1,
+            finished_at: "t".into(),
+            written_at: None,
+        };
+        assert_eq!(serde_header(&v), VersionRecord::FIELDS.join(","));
+        let r = RejectedRecord {
+            key: "k".into(),
+            etag: "e".into(),
+            line: 2,
+            reason: "r".into(),
+            raw: "x".into(),
+        };
+        assert_eq!(serde_header(&r), RejectedRecord::FIELDS.join(","));
+    }
 }

@@ -660,11 +660,12 @@ async fn sensors_and_status(env: TestEnv) {
     assert_eq!(
         ok(&vars, &["status", "--object", "timeseries/2013/rules-sample.csv", "--format", "json"]).await,
         format!(
-            "{{\"etag\":\"{rules_etag}\",\"key\":\"timeseries/2013/rules-sample.csv\",\"line\":5,\
-             \"raw\":\"not-a-number;2013-01-20T11:00:00Z;C;cd613e30-d8f1-4adf-91b7-584a2265b1f5\",\
-             \"reason\":\"sensor_value \\\"not-a-number\\\" is not a decimal number\"}}\n\
-             {{\"etag\":\"{rules_etag}\",\"key\":\"timeseries/2013/rules-sample.csv\",\"line\":6,\
-             \"raw\":\"23.0;2013-01-20T12:00:00Z;C;not-a-uuid\",\"reason\":\"sensor_uuid \\\"not-a-uuid\\\" is not a UUID (expected e.g. cd613e30-d8f1-4adf-91b7-584a2265b1f5)\"}}\n"
+            "{{\"key\":\"timeseries/2013/rules-sample.csv\",\"etag\":\"{rules_etag}\",\"line\":5,\
+             \"reason\":\"sensor_value \\\"not-a-number\\\" is not a decimal number\",\
+             \"raw\":\"not-a-number;2013-01-20T11:00:00Z;C;cd613e30-d8f1-4adf-91b7-584a2265b1f5\"}}\n\
+             {{\"key\":\"timeseries/2013/rules-sample.csv\",\"etag\":\"{rules_etag}\",\"line\":6,\
+             \"reason\":\"sensor_uuid \\\"not-a-uuid\\\" is not a UUID (expected e.g. cd613e30-d8f1-4adf-91b7-584a2265b1f5)\",\
+             \"raw\":\"23.0;2013-01-20T12:00:00Z;C;not-a-uuid\"}}\n"
         )
     );
     let table = ok(
