@@ -17,6 +17,7 @@
 //! `TEST_DATABASE_URL` (a superuser connection to an existing server), `TEST_NATS_URL` and
 //! `TEST_S3_ENDPOINT` (with `TEST_S3_ACCESS_KEY`/`TEST_S3_SECRET_KEY`) use existing services instead.
 
+pub mod bench;
 pub mod data;
 mod processes;
 mod s3;

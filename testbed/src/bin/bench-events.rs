@@ -18,55 +18,28 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use sensor_pipeline::queue::Queue;
 
+#[derive(clap::Parser)]
+#[command(about = "The event-driven path with real worker processes: latency and throughput")]
 struct Args {
+    /// Small uploads timed for the latency figures.
+    #[arg(long, default_value_t = 30)]
     uploads: usize,
+    /// Objects of the throughput run.
+    #[arg(long, default_value_t = 24)]
     files: usize,
+    /// Readings per object of the throughput run.
+    #[arg(long, default_value_t = 100_000)]
     rows_per_file: usize,
+    /// The sensors-worker binary to time.
+    #[arg(long, default_value = "target/release/sensors-worker")]
     worker: PathBuf,
-    /// WORKER_CONCURRENCY of each event worker (default: the worker's own default, the CPU count).
+    /// WORKER_CONCURRENCY of each event worker (default: the worker's own, the CPU count).
+    #[arg(long)]
     worker_concurrency: Option<String>,
 }
 
-fn args() -> Result<Args> {
-    let mut a = Args {
-        uploads: 30,
-        files: 24,
-        rows_per_file: 100_000,
-        worker: PathBuf::from("target/release/sensors-worker"),
-        worker_concurrency: None,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let value = it.next().with_context(|| format!("{flag} needs a value"))?;
-        match flag.as_str() {
-            "--uploads" => a.uploads = value.parse()?,
-            "--files" => a.files = value.parse()?,
-            "--rows-per-file" => a.rows_per_file = value.parse()?,
-            "--worker" => a.worker = value.into(),
-            "--worker-concurrency" => a.worker_concurrency = Some(value),
-            _ => bail!("unknown flag {flag}"),
-        }
-    }
-    Ok(a)
-}
-
-/// `rows` clean readings over 100 sensors, starting `offset` seconds after 2013-01-01.
 fn csv(offset: usize, rows: usize) -> String {
-    let mut out = String::with_capacity(rows * 70);
-    out.push_str("timestamp;sensor_uuid;sensor_value\n");
-    for r in 0..rows {
-        let i = offset + r;
-        let sensor =
-            uuid::Uuid::from_u128(0x5e50_0000_0000_4000_8000_0000_0000_0000 + (i % 100) as u128);
-        let ts = chrono::DateTime::from_timestamp(1_356_998_400 + (i / 100) as i64, 0)
-            .expect("in range");
-        let value = 20.0 + ((i * 7919) % 10_000) as f64 / 1000.0;
-        out.push_str(&format!(
-            "{};{sensor};{value}\n",
-            ts.format("%Y-%m-%dT%H:%M:%SZ")
-        ));
-    }
-    out
+    testbed::bench::fleet_readings(offset, rows)
 }
 
 struct Workers(Vec<Child>);
@@ -112,13 +85,8 @@ async fn done_count(db: &tokio_postgres::Client) -> Result<i64> {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let a = args()?;
-    let worker = std::fs::canonicalize(&a.worker).with_context(|| {
-        format!(
-            "{} not found: cargo build --release -p sensors-worker",
-            a.worker.display()
-        )
-    })?;
+    let a = <Args as clap::Parser>::parse();
+    let worker = testbed::bench::binary(&a.worker, "sensors-worker")?;
 
     // 1. Latency of one small upload with idle workers.
     let env = testbed::TestEnv::with_events().await?;
@@ -177,15 +145,7 @@ async fn main() -> Result<()> {
     let events_settings = env.events.clone().expect("events");
     let queue = Queue::connect(&events_settings, "bench").await?;
     let pg = testbed::postgres()?;
-    let vars_for = |db: &str| {
-        let mut vars = env.vars();
-        for (k, v) in vars.iter_mut() {
-            if k == "DATABASE_URL" || k == "TIMESCALE_DATABASE_URL" {
-                *v = db.to_string();
-            }
-        }
-        vars
-    };
+    let vars_for = |db: &str| testbed::bench::with_database(&env.vars(), db);
     let (mut event_times, mut direct_times) = (Vec::new(), Vec::new());
     for run in 0..RUNS {
         for events_first in [run % 2 == 0, run % 2 != 0] {
@@ -250,9 +210,8 @@ async fn main() -> Result<()> {
             direct_times[run].as_secs_f64()
         );
     }
-    event_times.sort();
-    direct_times.sort();
-    let (events, direct) = (event_times[RUNS / 2], direct_times[RUNS / 2]);
+    let median = testbed::bench::median;
+    let (events, direct) = (median(&event_times), median(&direct_times));
     println!(
         "{total} rows in {} files: two worker processes {:.2} s ({:.0} rows/s); ingest --all {:.2} s ({:.0} rows/s)",
         a.files,

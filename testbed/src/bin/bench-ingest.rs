@@ -9,68 +9,32 @@
 //! The rows are clean and in UTC (the baseline cannot validate or convert anything), spread over
 //! 100 sensors at one-second steps, so every (sensor, timestamp) is unique.
 
-use std::fmt::Write as _;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
+#[derive(clap::Parser)]
+#[command(about = "ingest --all against psql \\copy of the same rows, side by side")]
 struct Args {
+    /// Objects to ingest.
+    #[arg(long, default_value_t = 24)]
     files: usize,
+    /// Readings per object.
+    #[arg(long, default_value_t = 100_000)]
     rows_per_file: usize,
+    /// The sensors-worker binary to time.
+    #[arg(long, default_value = "target/release/sensors-worker")]
     worker: PathBuf,
+    /// Runs of each side; the median is reported.
+    #[arg(long, default_value_t = 3)]
     runs: usize,
-}
-
-fn args() -> Result<Args> {
-    let mut a = Args {
-        files: 24,
-        rows_per_file: 100_000,
-        worker: PathBuf::from("target/release/sensors-worker"),
-        runs: 3,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let value = it.next().with_context(|| format!("{flag} needs a value"))?;
-        match flag.as_str() {
-            "--files" => a.files = value.parse()?,
-            "--rows-per-file" => a.rows_per_file = value.parse()?,
-            "--worker" => a.worker = value.into(),
-            "--runs" => a.runs = value.parse()?,
-            _ => bail!("unknown flag {flag}"),
-        }
-    }
-    Ok(a)
-}
-
-/// Deterministic readings: file `f`, row `r`.
-fn file_csv(f: usize, rows: usize, sensors: &[uuid::Uuid]) -> String {
-    let base = 1_356_998_400i64; // 2013-01-01T00:00:00Z
-    let mut out = String::with_capacity(rows * 70);
-    out.push_str("timestamp;sensor_uuid;sensor_value\n");
-    for r in 0..rows {
-        let i = f * rows + r;
-        let sensor = &sensors[i % sensors.len()];
-        let t = base + (i / sensors.len()) as i64;
-        let ts = chrono::DateTime::from_timestamp(t, 0).expect("in range");
-        let value = 20.0 + ((i * 7919) % 10_000) as f64 / 1000.0;
-        let _ = writeln!(out, "{};{sensor};{value}", ts.format("%Y-%m-%dT%H:%M:%SZ"));
-    }
-    out
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let a = args()?;
-    let worker = std::fs::canonicalize(&a.worker).with_context(|| {
-        format!(
-            "{} not found: cargo build --release -p sensors-worker",
-            a.worker.display()
-        )
-    })?;
-    let sensors: Vec<uuid::Uuid> = (0..100u128)
-        .map(|i| uuid::Uuid::from_u128(0x5e50_0000_0000_4000_8000_0000_0000_0000 + i))
-        .collect();
+    let a = <Args as clap::Parser>::parse();
+    let worker = testbed::bench::binary(&a.worker, "sensors-worker")?;
     let env = testbed::TestEnv::new().await?;
     let dir = tempfile::tempdir()?;
     let baseline_file = dir.path().join("all.csv");
@@ -80,7 +44,7 @@ async fn main() -> Result<()> {
         a.files, a.rows_per_file
     );
     for f in 0..a.files {
-        let csv = file_csv(f, a.rows_per_file, &sensors);
+        let csv = testbed::bench::fleet_readings(f * a.rows_per_file, a.rows_per_file);
         env.s3
             .put(&format!("timeseries/bench/part-{f:04}.csv"), csv.clone())
             .await?;
@@ -127,12 +91,7 @@ async fn main() -> Result<()> {
 
         // The pipeline: migrate a fresh database, then `ingest --all` end to end.
         let db = pg.create_database().await?;
-        let mut vars = env.vars();
-        for (k, v) in vars.iter_mut() {
-            if k == "DATABASE_URL" || k == "TIMESCALE_DATABASE_URL" {
-                *v = db.clone();
-            }
-        }
+        let mut vars = testbed::bench::with_database(&env.vars(), &db);
         if let Ok(c) = std::env::var("WORKER_CONCURRENCY") {
             vars.push(("WORKER_CONCURRENCY".into(), c));
         }
@@ -175,11 +134,8 @@ async fn main() -> Result<()> {
         copy_times.push(copy);
         ingest_times.push(ingest);
     }
-    let median = |v: &mut Vec<Duration>| {
-        v.sort();
-        v[v.len() / 2]
-    };
-    let (copy, ingest) = (median(&mut copy_times), median(&mut ingest_times));
+    let median = testbed::bench::median;
+    let (copy, ingest) = (median(&copy_times), median(&ingest_times));
     println!(
         "{total_rows} rows in {} files: psql \\copy {:.2} s ({:.0} rows/s); ingest --all {:.2} s ({:.0} rows/s); ratio {:.2}",
         a.files,

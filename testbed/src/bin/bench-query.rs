@@ -13,39 +13,23 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Result};
 
+#[derive(clap::Parser)]
+#[command(about = "query-cli as a user sees it: pages, a whole range, memory")]
 struct Args {
+    /// Sensors to store.
+    #[arg(long, default_value_t = 10)]
     sensors: i64,
+    /// Readings per sensor.
+    #[arg(long = "readings-per-sensor", default_value_t = 1_000_000)]
     per_sensor: i64,
+    /// The query-cli binary to time.
+    #[arg(long, default_value = "target/release/query-cli")]
     query_cli: PathBuf,
+    /// Runs of each measurement; the median is reported.
+    #[arg(long, default_value_t = 7)]
     runs: usize,
-}
-
-fn args() -> Result<Args> {
-    let mut a = Args {
-        sensors: 10,
-        per_sensor: 1_000_000,
-        query_cli: PathBuf::from("target/release/query-cli"),
-        runs: 7,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let value = it.next().with_context(|| format!("{flag} needs a value"))?;
-        match flag.as_str() {
-            "--sensors" => a.sensors = value.parse()?,
-            "--readings-per-sensor" => a.per_sensor = value.parse()?,
-            "--query-cli" => a.query_cli = value.into(),
-            "--runs" => a.runs = value.parse()?,
-            _ => bail!("unknown flag {flag}"),
-        }
-    }
-    Ok(a)
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
 }
 
 /// Runs the CLI `runs` times with stdout to /dev/null; the median wall time.
@@ -68,18 +52,13 @@ async fn time(
         times.push(started.elapsed());
         ensure!(status.success(), "query-cli {args:?} failed: {status}");
     }
-    Ok(median(times))
+    Ok(testbed::bench::median(&times))
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let a = args()?;
-    let cli = std::fs::canonicalize(&a.query_cli).with_context(|| {
-        format!(
-            "{} not found: cargo build --release -p query-cli",
-            a.query_cli.display()
-        )
-    })?;
+    let a = <Args as clap::Parser>::parse();
+    let cli = testbed::bench::binary(&a.query_cli, "query-cli")?;
     let env = testbed::TestEnv::new().await?;
     sensor_pipeline::store::migrate::migrate(&env.database_settings()).await?;
     let db = testbed::connect(&env.measurements_db).await?;

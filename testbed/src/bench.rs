@@ -1,0 +1,60 @@
+//! What the `bench-*` binaries share: the release binary they time, the dataset, the database
+//! switch, the median.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+/// The sensors of [`fleet_readings`]: 100 UUIDs `5e500000-0000-4000-8000-0000000000NN`.
+pub fn fleet_sensor(i: usize) -> uuid::Uuid {
+    uuid::Uuid::from_u128(0x5e50_0000_0000_4000_8000_0000_0000_0000 + (i % 100) as u128)
+}
+
+/// `rows` clean UTC readings spread over 100 sensors at one-second steps from 2013-01-01,
+/// starting at reading number `offset` (so files with disjoint offsets hold disjoint readings).
+pub fn fleet_readings(offset: usize, rows: usize) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(rows * 70);
+    out.push_str("timestamp;sensor_uuid;sensor_value\n");
+    for r in 0..rows {
+        let i = offset + r;
+        let ts = chrono::DateTime::from_timestamp(crate::data::FIRST_READING + (i / 100) as i64, 0)
+            .expect("in range");
+        let value = 20.0 + ((i * 7919) % 10_000) as f64 / 1000.0;
+        let _ = writeln!(
+            out,
+            "{};{};{value}",
+            ts.format("%Y-%m-%dT%H:%M:%SZ"),
+            fleet_sensor(i)
+        );
+    }
+    out
+}
+
+/// The absolute path of a binary to time, or what to build when it is missing.
+pub fn binary(path: &Path, package: &str) -> Result<PathBuf> {
+    std::fs::canonicalize(path).with_context(|| {
+        format!(
+            "{} not found: cargo build --release -p {package}",
+            path.display()
+        )
+    })
+}
+
+/// `vars` with both database URLs pointing at `db`.
+pub fn with_database(vars: &[(String, String)], db: &str) -> Vec<(String, String)> {
+    vars.iter()
+        .map(|(k, v)| match k.as_str() {
+            "DATABASE_URL" | "TIMESCALE_DATABASE_URL" => (k.clone(), db.to_string()),
+            _ => (k.clone(), v.clone()),
+        })
+        .collect()
+}
+
+/// The median (the upper one of an even count).
+pub fn median(times: &[Duration]) -> Duration {
+    let mut sorted = times.to_vec();
+    sorted.sort();
+    sorted[sorted.len() / 2]
+}
