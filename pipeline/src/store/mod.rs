@@ -5,18 +5,25 @@
 //! which may be the same). Each database carries its own ledger and quarantine, so an object's rows,
 //! rejected rows and ledger entry always commit in one transaction.
 
+#[cfg(feature = "ingest")]
 pub mod copy;
 pub mod ledger;
+#[cfg(feature = "ingest")]
 pub mod migrate;
+#[cfg(feature = "ingest")]
 pub mod staging;
+#[cfg(feature = "ingest")]
 pub mod versions;
 
 use std::time::Duration;
 
+#[cfg(feature = "ingest")]
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use thiserror::Error;
+#[cfg(feature = "ingest")]
 use tokio_postgres::NoTls;
 
+#[cfg(feature = "ingest")]
 use crate::config::DatabaseSettings;
 use crate::contract::Dataset;
 
@@ -29,6 +36,7 @@ pub enum StoreError {
         #[source]
         source: tokio_postgres::Error,
     },
+    #[cfg(feature = "ingest")]
     #[error("{database} database: no connection available: {source}")]
     Pool {
         database: &'static str,
@@ -40,6 +48,7 @@ pub enum StoreError {
         database: &'static str,
         reason: String,
     },
+    #[cfg(feature = "ingest")]
     #[error("migrating the {database} database: {source}")]
     Migration {
         database: &'static str,
@@ -49,6 +58,7 @@ pub enum StoreError {
 }
 
 /// Connection pools for the mapping and the measurement database.
+#[cfg(feature = "ingest")]
 #[derive(Clone)]
 pub struct Databases {
     mapping: Pool,
@@ -56,6 +66,7 @@ pub struct Databases {
     same: bool,
 }
 
+#[cfg(feature = "ingest")]
 impl Databases {
     /// Creates the pools (connections are opened lazily, up to `max_connections` per database).
     pub fn connect(
@@ -140,6 +151,7 @@ pub fn pg_config(url: &str, database: &'static str) -> Result<tokio_postgres::Co
     Ok(config)
 }
 
+#[cfg(feature = "ingest")]
 fn pool(url: &str, database: &'static str, max: usize) -> Result<Pool, StoreError> {
     let config = pg_config(url, database)?;
     let manager = Manager::from_config(
@@ -162,10 +174,12 @@ fn pool(url: &str, database: &'static str, max: usize) -> Result<Pool, StoreErro
 }
 
 /// Extension to attach the database name to driver errors.
+#[cfg(feature = "ingest")]
 pub(crate) trait PgResultExt<T> {
     fn db(self, dataset: Dataset) -> Result<T, StoreError>;
 }
 
+#[cfg(feature = "ingest")]
 impl<T> PgResultExt<T> for Result<T, tokio_postgres::Error> {
     fn db(self, dataset: Dataset) -> Result<T, StoreError> {
         self.map_err(|source| StoreError::Postgres {
