@@ -365,31 +365,8 @@ async fn snapshot(client: &tokio_postgres::Client, sql: &str) -> Vec<String> {
 async fn assert_sample_end_state_values_only(h: &Harness) {
     let expected_dir = Path::new(FIXTURES).join("sample-expected");
     // Measurements, exactly.
-    let want: Vec<(String, i64, f64)> =
-        std::fs::read_to_string(expected_dir.join("measurements.csv"))
-            .unwrap()
-            .lines()
-            .skip(1)
-            .map(|l| {
-                let f: Vec<&str> = l.split(',').collect();
-                (
-                    f[0].to_string(),
-                    f[1].parse().unwrap(),
-                    f[2].parse().unwrap(),
-                )
-            })
-            .collect();
-    let got: Vec<(String, i64, f64)> = h
-        .measurements
-        .query(
-            "SELECT sensor_uuid::text, (extract(epoch FROM ts) * 1000000)::bigint, value FROM measurements ORDER BY 1, 2",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect();
+    let want = testbed::data::expected_readings(&expected_dir.join("measurements.csv"));
+    let got = testbed::data::stored_readings(&h.measurements).await;
     assert_eq!(got.len(), want.len());
     assert_eq!(got, want);
     // Mapping, exactly.

@@ -16,3 +16,44 @@ pub fn steady_readings(sensor: &str, rows: usize, value: f64) -> String {
     }
     s
 }
+
+/// A reading as the sample fixtures describe it: (sensor UUID, microseconds since the Unix epoch,
+/// value), ordered by UUID text and time.
+pub type Reading = (String, i64, f64);
+
+/// The readings of a `sample-expected/measurements.csv` (`sensor_uuid,ts_us,value`), ordered.
+pub fn expected_readings(csv: &std::path::Path) -> Vec<Reading> {
+    let text =
+        std::fs::read_to_string(csv).unwrap_or_else(|e| panic!("reading {}: {e}", csv.display()));
+    let mut rows: Vec<Reading> = text
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            let bad = |e: &dyn std::fmt::Display| -> ! {
+                panic!("{}: bad line {l:?}: {e}", csv.display())
+            };
+            (
+                f[0].to_string(),
+                f[1].parse().unwrap_or_else(|e| bad(&e)),
+                f[2].parse().unwrap_or_else(|e| bad(&e)),
+            )
+        })
+        .collect();
+    rows.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+    rows
+}
+
+/// Every stored reading in the same form and order as [`expected_readings`].
+pub async fn stored_readings(db: &tokio_postgres::Client) -> Vec<Reading> {
+    db.query(
+        "SELECT sensor_uuid::text, (extract(epoch FROM ts) * 1000000)::bigint, value \
+         FROM measurements ORDER BY sensor_uuid::text, ts",
+        &[],
+    )
+    .await
+    .expect("reading the stored measurements")
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2)))
+    .collect()
+}

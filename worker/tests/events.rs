@@ -268,32 +268,10 @@ async fn uploads_drive_ingestion_to_the_sample_end_state_and_metrics_show_it() {
     assert_eq!(p.count("SELECT count(*) FROM sensors").await, 5);
     assert_eq!(p.count("SELECT count(*) FROM ingest_quarantine").await, 2);
     // Exactly the expected readings.
-    let expected =
-        std::fs::read_to_string(format!("{FIXTURES}/sample-expected/measurements.csv")).unwrap();
-    let mut want: Vec<(String, i64, f64)> = expected
-        .lines()
-        .skip(1)
-        .map(|l| {
-            let f: Vec<&str> = l.split(',').collect();
-            (
-                f[0].to_string(),
-                f[1].parse().unwrap(),
-                f[2].parse().unwrap(),
-            )
-        })
-        .collect();
-    want.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
-    let got: Vec<(String, i64, f64)> =
-        p.db.query(
-            "SELECT sensor_uuid::text, (extract(epoch FROM ts) * 1000000)::bigint, value \
-             FROM measurements ORDER BY sensor_uuid::text, ts",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect();
+    let want = testbed::data::expected_readings(Path::new(&format!(
+        "{FIXTURES}/sample-expected/measurements.csv"
+    )));
+    let got = testbed::data::stored_readings(&p.db).await;
     assert_eq!(got, want, "stored readings differ from sample-expected");
 
     // Every event acknowledged; nothing dead-lettered.
