@@ -183,6 +183,7 @@ async fn the_end_state_is_the_newest_write_whatever_the_order_and_concurrency() 
     for seed in 0..CASES {
         let mut rng = Rng(seed);
         let db = testbed::postgres()
+            .await
             .unwrap()
             .create_database()
             .await

@@ -45,7 +45,7 @@ pub struct TestEnv {
 impl TestEnv {
     /// One database for mapping and measurements.
     pub async fn new() -> Result<Self> {
-        let db = postgres()?.create_database().await?;
+        let db = postgres().await?.create_database().await?;
         Ok(Self {
             s3: S3Server::start("code-challenge-data").await?,
             mapping_db: db.clone(),
@@ -57,8 +57,8 @@ impl TestEnv {
     /// One database, NATS JetStream with the test's own stream, consumer and dead-letter names
     /// (provisioned), and an S3 server that publishes MinIO notifications to the stream.
     pub async fn with_events() -> Result<Self> {
-        let db = postgres()?.create_database().await?;
-        Self::with_events_at(&nats()?.url, db).await
+        let db = postgres().await?.create_database().await?;
+        Self::with_events_at(&nats().await?.url, db).await
     }
 
     /// [`TestEnv::with_events`] on a given NATS server and database.
@@ -95,7 +95,7 @@ impl TestEnv {
 
     /// Two databases: mapping and measurements apart.
     pub async fn with_two_databases() -> Result<Self> {
-        let pg = postgres()?;
+        let pg = postgres().await?;
         Ok(Self {
             s3: S3Server::start("code-challenge-data").await?,
             mapping_db: pg.create_database().await?,

@@ -4,7 +4,6 @@ use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{ChildStdin, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -23,19 +22,34 @@ pub struct Nats {
 }
 
 /// The process-wide PostgreSQL server (started on first use, or `TEST_DATABASE_URL`).
-pub fn postgres() -> Result<&'static Postgres> {
-    static PG: OnceLock<std::result::Result<Postgres, String>> = OnceLock::new();
-    PG.get_or_init(|| start_postgres().map_err(|e| format!("{e:#}")))
+///
+/// The first caller starts it on a blocking thread (initdb takes seconds), so an async test's
+/// runtime, which may also serve the in-process S3 server, keeps running; other callers wait.
+pub async fn postgres() -> Result<&'static Postgres> {
+    static PG: tokio::sync::OnceCell<std::result::Result<Postgres, String>> =
+        tokio::sync::OnceCell::const_new();
+    PG.get_or_init(|| started(start_postgres))
+        .await
         .as_ref()
         .map_err(|e| anyhow!("{e}"))
 }
 
-/// The process-wide NATS server (started on first use, or `TEST_NATS_URL`).
-pub fn nats() -> Result<&'static Nats> {
-    static NATS: OnceLock<std::result::Result<Nats, String>> = OnceLock::new();
-    NATS.get_or_init(|| start_nats().map_err(|e| format!("{e:#}")))
+/// The process-wide NATS server (started on first use, or `TEST_NATS_URL`); see [`postgres`].
+pub async fn nats() -> Result<&'static Nats> {
+    static NATS: tokio::sync::OnceCell<std::result::Result<Nats, String>> =
+        tokio::sync::OnceCell::const_new();
+    NATS.get_or_init(|| started(start_nats))
+        .await
         .as_ref()
         .map_err(|e| anyhow!("{e}"))
+}
+
+/// Runs a blocking server start off the runtime's threads; the error as text, to be kept.
+async fn started<T: Send + 'static>(start: fn() -> Result<T>) -> std::result::Result<T, String> {
+    match tokio::task::spawn_blocking(start).await {
+        Ok(result) => result.map_err(|e| format!("{e:#}")),
+        Err(e) => Err(format!("starting the server panicked: {e}")),
+    }
 }
 
 impl Postgres {

@@ -1,21 +1,21 @@
 //! The harness starts real services that answer on loopback.
 
-use std::io::{BufRead, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader};
 
-#[test]
-fn nats_server_runs_with_jetstream() {
-    let nats = testbed::nats().unwrap();
+#[tokio::test]
+async fn nats_server_runs_with_jetstream() {
+    let nats = testbed::nats().await.unwrap();
     let addr = nats.url.trim_start_matches("nats://");
-    let stream = std::net::TcpStream::connect(addr).unwrap();
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut info = String::new();
-    BufReader::new(stream).read_line(&mut info).unwrap();
+    BufReader::new(stream).read_line(&mut info).await.unwrap();
     assert!(info.starts_with("INFO {"), "{info}");
     assert!(info.contains("\"jetstream\":true"), "{info}");
 }
 
 #[tokio::test]
 async fn postgres_gives_each_test_its_own_database() {
-    let pg = testbed::postgres().unwrap();
+    let pg = testbed::postgres().await.unwrap();
     let a = pg.create_database().await.unwrap();
     let b = pg.create_database().await.unwrap();
     assert_ne!(a, b);

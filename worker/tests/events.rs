@@ -778,7 +778,7 @@ async fn a_postgres_outage_mid_object_is_retried_until_it_completes() {
         .await
         .unwrap();
     let db = format!("{}/outage", admin.rsplit_once('/').unwrap().0);
-    let nats = testbed::nats().unwrap().url.clone();
+    let nats = testbed::nats().await.unwrap().url.clone();
     let mut p = Pipeline::from_env(TestEnv::with_events_at(&nats, db).await.unwrap()).await;
     let rows = 200_000;
     let w1 = p.worker("w1", &[]);
@@ -810,6 +810,7 @@ async fn a_postgres_outage_mid_object_is_retried_until_it_completes() {
 async fn the_worker_reconnects_after_a_nats_restart() {
     let (mut nats, url) = testbed::owned_nats().await.unwrap();
     let db = testbed::postgres()
+        .await
         .unwrap()
         .create_database()
         .await

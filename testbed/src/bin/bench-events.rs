@@ -144,7 +144,7 @@ async fn main() -> Result<()> {
     let total = a.files * a.rows_per_file;
     let events_settings = env.events.clone().expect("events");
     let queue = Queue::connect(&events_settings, "bench").await?;
-    let pg = testbed::postgres()?;
+    let pg = testbed::postgres().await?;
     let vars_for = |db: &str| testbed::bench::with_database(&env.vars(), db);
     let (mut event_times, mut direct_times) = (Vec::new(), Vec::new());
     for run in 0..RUNS {

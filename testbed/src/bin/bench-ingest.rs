@@ -54,7 +54,7 @@ async fn main() -> Result<()> {
     let total_rows = a.files * a.rows_per_file;
     drop(all);
 
-    let pg = testbed::postgres()?;
+    let pg = testbed::postgres().await?;
     let admin = testbed::connect(pg.admin_url()).await?;
     let mut copy_times = Vec::new();
     let mut ingest_times = Vec::new();
