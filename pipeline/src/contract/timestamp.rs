@@ -6,7 +6,12 @@
 //! autumn hour that occurs twice it is the earlier instant, in the spring gap it does not exist.
 //!
 //! This is a hand-written byte parser because it runs once per row: it allocates nothing and
-//! touches each byte once.
+//! touches each byte once. Kept over chrono's parsers by measurement (`cargo bench -p
+//! sensor-pipeline --bench hand_code -- timestamp`, medians per 100,000 timestamps, 2-core VM):
+//! RFC 3339 with `Z` or an offset **3.1 ms** vs 4.2 ms for `DateTime::parse_from_rfc3339`; naive
+//! `YYYY-MM-DDTHH:MM:SS.fff` **3.7 ms** vs 29.1 ms for `NaiveDateTime::parse_from_str`. Neither
+//! chrono parser takes the whole grammar either (`±HH` offsets, `,` fractions, one entry point
+//! for both forms). jiff was not tried: it would be a second date-time crate next to chrono.
 
 use chrono::{NaiveDate, NaiveDateTime, NaiveTime, TimeZone};
 use thiserror::Error;

@@ -3,6 +3,14 @@
 //! Rows are encoded straight into one reusable buffer that is shipped to the server in large
 //! chunks: no per-row allocation, no per-row `await`, no dynamic dispatch. The format is
 //! documented in the PostgreSQL manual ("COPY", section "Binary Format").
+//!
+//! Kept over tokio-postgres's `BinaryCopyInWriter` by measurement (`cargo bench -p
+//! sensor-pipeline --bench hand_code -- copy`, 100,000 staging rows into a real server, 2-core
+//! VM): the wall time of the `COPY` is the server's and equal for both (median 42.9 ms vs 42.7
+//! ms), but the client spends **9.3 ms CPU** here against **16.0 ms** with the writer (medians of
+//! 31 alternating runs), which encodes each field through `dyn ToSql`, needs a `DateTime` per
+//! timestamp and awaits a send every 4 KiB. On a machine where the worker shares the cores with
+//! PostgreSQL that CPU is throughput. Encoding alone: 2.2 ms per 100,000 rows (22 ns a row).
 
 use bytes::{BufMut, Bytes, BytesMut};
 
