@@ -145,6 +145,9 @@ impl S3Server {
                 let Ok((socket, _)) = listener.accept().await else {
                     continue;
                 };
+                // As MinIO (Go's net package) does: without it, a small body written after the
+                // headers waits for the client's delayed ACK (Nagle), 40 ms per GET.
+                let _ = socket.set_nodelay(true);
                 let conn = http
                     .serve_connection(TokioIo::new(socket), service.clone())
                     .into_owned();

@@ -9,7 +9,14 @@
 //! 1. Latency: with two idle `sensors-worker run` processes, upload a 1,000-row file and time
 //!    until its ledger entry says `done` (so its rows are queryable); p50/p95/max over `--uploads`.
 //! 2. Throughput: 24 files × 100,000 rows, announced as MinIO events at once to two worker
-//!    processes, against `sensors-worker ingest --all` of the same files into a fresh database.
+//!    processes, against `sensors-worker ingest --all` of the same files into a fresh database;
+//!    objects/s, rows/s and the workers' peak RSS.
+//!
+//! Small objects (a fleet writing one file per device every few minutes), throughput only:
+//!
+//! ```text
+//! target/release/bench-events --uploads 0 --files 20000 --rows-per-file 100
+//! ```
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -21,7 +28,7 @@ use sensor_pipeline::queue::Queue;
 #[derive(clap::Parser)]
 #[command(about = "The event-driven path with real worker processes: latency and throughput")]
 struct Args {
-    /// Small uploads timed for the latency figures.
+    /// Small uploads timed for the latency figures (0: skip the latency part).
     #[arg(long, default_value_t = 30)]
     uploads: usize,
     /// Objects of the throughput run.
@@ -30,6 +37,9 @@ struct Args {
     /// Readings per object of the throughput run.
     #[arg(long, default_value_t = 100_000)]
     rows_per_file: usize,
+    /// Throughput runs (each mode once per run; the median is reported).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
     /// The sensors-worker binary to time.
     #[arg(long, default_value = "target/release/sensors-worker")]
     worker: PathBuf,
@@ -73,6 +83,20 @@ fn spawn_workers(worker: &PathBuf, vars: &[(String, String)], n: usize) -> Resul
     Ok(Workers(children))
 }
 
+/// The peak resident set size of a running process, from `/proc` (Linux).
+fn peak_rss_mib(child: &Child) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).ok()?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
+}
+
 async fn done_count(db: &tokio_postgres::Client) -> Result<i64> {
     Ok(db
         .query_one(
@@ -88,12 +112,19 @@ async fn main() -> Result<()> {
     let a = <Args as clap::Parser>::parse();
     let worker = testbed::bench::binary(&a.worker, "sensors-worker")?;
 
-    // 1. Latency of one small upload with idle workers.
+    if a.uploads > 0 {
+        latency(&worker, a.uploads).await?;
+    }
+    throughput(&worker, &a).await
+}
+
+/// Part 1, latency of one small upload with idle workers.
+async fn latency(worker: &PathBuf, uploads: usize) -> Result<()> {
     let env = testbed::TestEnv::with_events().await?;
     sensor_pipeline::store::migrate::migrate(&env.database_settings()).await?;
     let db = testbed::connect(&env.mapping_db).await?;
     let vars = env.vars();
-    let workers = spawn_workers(&worker, &vars, 2)?;
+    let workers = spawn_workers(worker, &vars, 2)?;
     // Warm-up: the first object also waits for the workers to start.
     env.s3
         .put("timeseries/latency/warmup.csv", csv(0, 1000))
@@ -102,7 +133,7 @@ async fn main() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let mut latencies = Vec::new();
-    for i in 0..a.uploads {
+    for i in 0..uploads {
         let body = csv((i + 1) * 1000, 1000);
         let started = Instant::now();
         env.s3
@@ -120,25 +151,49 @@ async fn main() -> Result<()> {
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     println!(
         "upload -> queryable, 1,000 rows, two idle workers ({} uploads): p50 {:.0} ms, p95 {:.0} ms, max {:.0} ms",
-        a.uploads,
+        uploads,
         ms(latencies[latencies.len() / 2]),
         ms(latencies[latencies.len() * 95 / 100]),
         ms(latencies[latencies.len() - 1])
     );
+    Ok(())
+}
 
-    // 2. Throughput: two worker processes vs `ingest --all`, same files, each on a fresh
-    // database, alternating which goes first, median of `RUNS`.
-    const RUNS: usize = 3;
+/// Part 2, throughput: two worker processes vs `ingest --all`, same files, each on a fresh
+/// database, alternating which goes first, median of `--runs`.
+async fn throughput(worker: &PathBuf, a: &Args) -> Result<()> {
+    use futures_util::stream::{self, StreamExt, TryStreamExt};
     let env = testbed::TestEnv::with_events().await?;
     env.s3.mute(true)?;
-    let mut keys = Vec::new();
-    for f in 0..a.files {
-        let key = format!("timeseries/bench/part-{f:04}.csv");
-        env.s3
-            .put(&key, csv(f * a.rows_per_file, a.rows_per_file))
-            .await?;
-        keys.push(key);
-    }
+    let keys: Vec<String> = (0..a.files)
+        .map(|f| format!("timeseries/bench/part-{f:05}.csv"))
+        .collect();
+    stream::iter(keys.iter().enumerate())
+        .map(|(f, key)| {
+            let s3 = &env.s3;
+            async move { s3.put(key, csv(f * a.rows_per_file, a.rows_per_file)).await }
+        })
+        .buffer_unordered(16)
+        .try_collect::<Vec<_>>()
+        .await?;
+    // The events as MinIO would publish them, made before anything is timed.
+    let events: Vec<Vec<u8>> = stream::iter(&keys)
+        .map(|key| {
+            let s3 = &env.s3;
+            async move {
+                let head = s3.store().head(key).await?;
+                anyhow::Ok(sensor_pipeline::events::object_created(
+                    "s3:ObjectCreated:Put",
+                    &s3.bucket,
+                    key,
+                    &head.etag,
+                    head.size,
+                ))
+            }
+        })
+        .buffered(16)
+        .try_collect()
+        .await?;
     // Let the uploaded files reach the disk before anything is timed.
     Command::new("sync").status()?;
     let total = a.files * a.rows_per_file;
@@ -147,11 +202,12 @@ async fn main() -> Result<()> {
     let pg = testbed::postgres().await?;
     let vars_for = |db: &str| testbed::bench::with_database(&env.vars(), db);
     let (mut event_times, mut direct_times) = (Vec::new(), Vec::new());
-    for run in 0..RUNS {
+    let mut peak_rss: f64 = 0.0;
+    for run in 0..a.runs {
         for events_first in [run % 2 == 0, run % 2 != 0] {
             let db = pg.create_database().await?;
             let vars = vars_for(&db);
-            let migrate = Command::new(&worker)
+            let migrate = Command::new(worker)
                 .arg("migrate")
                 .env_clear()
                 .envs(vars.iter().map(|(k, v)| (k, v)))
@@ -168,28 +224,24 @@ async fn main() -> Result<()> {
                 if let Some(c) = &a.worker_concurrency {
                     event_vars.push(("WORKER_CONCURRENCY".into(), c.clone()));
                 }
-                let workers = spawn_workers(&worker, &event_vars, 2)?;
+                let workers = spawn_workers(worker, &event_vars, 2)?;
                 let started = Instant::now();
-                for key in &keys {
-                    let sensor_pipeline::object_store::ObjectHead { etag, size, .. } =
-                        env.s3.store().head(key).await?;
-                    let event = sensor_pipeline::events::object_created(
-                        "s3:ObjectCreated:Put",
-                        &env.s3.bucket,
-                        key,
-                        &etag,
-                        size,
-                    );
-                    queue.publish_event(event, None).await?;
-                }
+                stream::iter(&events)
+                    .map(|event| queue.publish_event(event.clone(), None))
+                    .buffer_unordered(256)
+                    .try_collect::<Vec<_>>()
+                    .await?;
                 while done_count(&client).await? < a.files as i64 {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
                 event_times.push(started.elapsed());
+                for w in &workers.0 {
+                    peak_rss = peak_rss.max(peak_rss_mib(w).unwrap_or(0.0));
+                }
                 drop(workers);
             } else {
                 let started = Instant::now();
-                let out = Command::new(&worker)
+                let out = Command::new(worker)
                     .args(["ingest", "--all"])
                     .env_clear()
                     .envs(vars.iter().map(|(k, v)| (k, v)))
@@ -212,13 +264,20 @@ async fn main() -> Result<()> {
     }
     let median = testbed::bench::median;
     let (events, direct) = (median(&event_times), median(&direct_times));
+    let line = |name: &str, d: Duration| {
+        let secs = d.as_secs_f64();
+        format!(
+            "{name} {secs:.2} s ({:.0} objects/s, {:.0} rows/s)",
+            a.files as f64 / secs,
+            total as f64 / secs
+        )
+    };
     println!(
-        "{total} rows in {} files: two worker processes {:.2} s ({:.0} rows/s); ingest --all {:.2} s ({:.0} rows/s)",
+        "{total} rows in {} files of {} rows: {}; {}; worker peak RSS {peak_rss:.0} MiB",
         a.files,
-        events.as_secs_f64(),
-        total as f64 / events.as_secs_f64(),
-        direct.as_secs_f64(),
-        total as f64 / direct.as_secs_f64()
+        a.rows_per_file,
+        line("two worker processes", events),
+        line("ingest --all", direct),
     );
     Ok(())
 }
