@@ -32,6 +32,22 @@ pub fn fleet_readings(offset: usize, rows: usize) -> String {
     out
 }
 
+/// File number `file` of a fleet that writes one file per device: `rows` clean UTC readings of
+/// sensor [`fleet_sensor`]`(file)` at one-second steps, disjoint from every other file's.
+pub fn device_readings(file: usize, rows: usize) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(rows * 70);
+    out.push_str("timestamp;sensor_uuid;sensor_value\n");
+    let sensor = fleet_sensor(file);
+    let first = crate::data::FIRST_READING + ((file / 100) * rows) as i64;
+    for r in 0..rows {
+        let ts = chrono::DateTime::from_timestamp(first + r as i64, 0).expect("in range");
+        let value = 20.0 + ((file * 7919 + r) % 10_000) as f64 / 1000.0;
+        let _ = writeln!(out, "{};{sensor};{value}", ts.format("%Y-%m-%dT%H:%M:%SZ"));
+    }
+    out
+}
+
 /// The absolute path of a binary to time, or what to build when it is missing.
 pub fn binary(path: &Path, package: &str) -> Result<PathBuf> {
     std::fs::canonicalize(path).with_context(|| {

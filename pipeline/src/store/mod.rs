@@ -162,6 +162,14 @@ fn pool(url: &str, database: &'static str, max: usize) -> Result<Pool, StoreErro
         },
     );
     Pool::builder(manager)
+        .post_create(deadpool_postgres::Hook::async_fn(|client, _| {
+            Box::pin(async move {
+                client
+                    .batch_execute(staging::CREATE_STAGING)
+                    .await
+                    .map_err(deadpool_postgres::HookError::Backend)
+            })
+        }))
         .max_size(max.max(1))
         .runtime(Runtime::Tokio1)
         .wait_timeout(Some(Duration::from_secs(60)))

@@ -1,8 +1,11 @@
 //! Writing one object's rows: binary `COPY` into a temporary staging table, then one set-based merge.
 //!
 //! Every line of the object, valid or rejected, goes through a single `COPY` stream into a staging
-//! table that lives only as long as the transaction: valid rows with their fields, rejected rows
-//! with their raw bytes and reason. Memory stays bounded however large the object is. The merge
+//! table whose rows live only as long as the transaction: valid rows with their fields, rejected
+//! rows with their raw bytes and reason. The staging tables are temporary tables created once per
+//! connection ([`CREATE_STAGING`], run when the pool opens a connection) with `ON COMMIT DELETE
+//! ROWS`: creating and dropping a table per object cost 1 ms of catalog writes, the most of any
+//! statement for a small object. Memory stays bounded however large the object is. The merge
 //! then moves rejected rows into quarantine and upserts the valid ones, collapsing repeated keys
 //! within the object to the last line and overwriting a stored row only with a version that beats
 //! the one it came from (see [`super::versions`]); the same version ingested again writes nothing.
@@ -17,12 +20,18 @@ use super::copy::CopyEncoder;
 use super::versions::incoming_beats_stored;
 use crate::contract::{Dataset, Reading, SensorName};
 
-const CREATE_MEASUREMENTS: &str = "CREATE TEMP TABLE staging_rows (
+/// The session's staging tables (one per dataset), emptied at every commit; an aborted transaction
+/// leaves its rows dead until the next commit on the connection truncates the table.
+pub const CREATE_STAGING: &str = "
+    CREATE TEMP TABLE staging_readings (
         line bigint NOT NULL, sensor_uuid uuid, ts timestamptz, value double precision,
         raw bytea, reason text
-    ) ON COMMIT DROP";
+    ) ON COMMIT DELETE ROWS;
+    CREATE TEMP TABLE staging_sensors (
+        line bigint NOT NULL, sensor_uuid uuid, sensor_name text, raw bytea, reason text
+    ) ON COMMIT DELETE ROWS";
 const COPY_MEASUREMENTS: &str =
-    "COPY staging_rows (line, sensor_uuid, ts, value, raw, reason) FROM STDIN (FORMAT binary)";
+    "COPY staging_readings (line, sensor_uuid, ts, value, raw, reason) FROM STDIN (FORMAT binary)";
 /// Upserts the last line of every key where this version beats the stored row's, then adds the
 /// rows that were new (not overwrites: `xmax` is 0 only for a freshly inserted row version) to the
 /// page index `measurement_days`, in (sensor, day) order so concurrent ingestions lock its rows in
@@ -31,7 +40,7 @@ const MERGE_MEASUREMENTS: &str = concat!(
     "WITH merged AS (
         INSERT INTO measurements AS target (sensor_uuid, ts, value, version)
         SELECT DISTINCT ON (sensor_uuid, ts) sensor_uuid, ts, value, $1::bigint
-        FROM staging_rows WHERE reason IS NULL
+        FROM staging_readings WHERE reason IS NULL
         ORDER BY sensor_uuid, ts, line DESC
         ON CONFLICT (sensor_uuid, ts) DO UPDATE SET value = EXCLUDED.value, version = EXCLUDED.version
         WHERE ",
@@ -48,15 +57,12 @@ const MERGE_MEASUREMENTS: &str = concat!(
     SELECT count(*) FROM merged"
 );
 
-const CREATE_MAPPING: &str = "CREATE TEMP TABLE staging_rows (
-        line bigint NOT NULL, sensor_uuid uuid, sensor_name text, raw bytea, reason text
-    ) ON COMMIT DROP";
 const COPY_MAPPING: &str =
-    "COPY staging_rows (line, sensor_uuid, sensor_name, raw, reason) FROM STDIN (FORMAT binary)";
+    "COPY staging_sensors (line, sensor_uuid, sensor_name, raw, reason) FROM STDIN (FORMAT binary)";
 const MERGE_MAPPING: &str = concat!(
     "INSERT INTO sensors AS target (sensor_uuid, sensor_name, version)
     SELECT DISTINCT ON (sensor_uuid) sensor_uuid, sensor_name, $1::bigint
-    FROM staging_rows WHERE reason IS NULL
+    FROM staging_sensors WHERE reason IS NULL
     ORDER BY sensor_uuid, line DESC
     ON CONFLICT (sensor_uuid) DO UPDATE
         SET sensor_name = EXCLUDED.sensor_name, version = EXCLUDED.version, updated_at = now()
@@ -64,8 +70,12 @@ const MERGE_MAPPING: &str = concat!(
     incoming_beats_stored!()
 );
 
-const QUARANTINE: &str = "INSERT INTO ingest_quarantine (ledger_id, object_key, line, raw, reason)
-    SELECT $1, $2, line, raw, reason FROM staging_rows WHERE reason IS NOT NULL";
+const QUARANTINE_READINGS: &str =
+    "INSERT INTO ingest_quarantine (ledger_id, object_key, line, raw, reason)
+    SELECT $1, $2, line, raw, reason FROM staging_readings WHERE reason IS NOT NULL";
+const QUARANTINE_SENSORS: &str =
+    "INSERT INTO ingest_quarantine (ledger_id, object_key, line, raw, reason)
+    SELECT $1, $2, line, raw, reason FROM staging_sensors WHERE reason IS NOT NULL";
 
 /// An open `COPY` into the staging table of one transaction.
 pub struct Staging {
@@ -75,16 +85,15 @@ pub struct Staging {
 }
 
 impl Staging {
-    /// Creates the staging table and starts the `COPY`.
+    /// Starts the `COPY` into the session's staging table.
     pub async fn open(
         tx: &Transaction<'_>,
         dataset: Dataset,
     ) -> Result<Self, tokio_postgres::Error> {
-        let (create, copy) = match dataset {
-            Dataset::Measurements => (CREATE_MEASUREMENTS, COPY_MEASUREMENTS),
-            Dataset::Mapping => (CREATE_MAPPING, COPY_MAPPING),
+        let copy = match dataset {
+            Dataset::Measurements => COPY_MEASUREMENTS,
+            Dataset::Mapping => COPY_MAPPING,
         };
-        tx.batch_execute(create).await?;
         let sink = tx.copy_in(copy).await?;
         Ok(Self {
             dataset,
@@ -156,12 +165,15 @@ pub async fn merge(
     key: &str,
     version: i64,
 ) -> Result<u64, tokio_postgres::Error> {
-    tx.execute(QUARANTINE, &[&ledger_id, &key]).await?;
     match dataset {
         Dataset::Measurements => {
+            tx.execute(QUARANTINE_READINGS, &[&ledger_id, &key]).await?;
             let changed: i64 = tx.query_one(MERGE_MEASUREMENTS, &[&version]).await?.get(0);
             Ok(changed as u64)
         }
-        Dataset::Mapping => tx.execute(MERGE_MAPPING, &[&version]).await,
+        Dataset::Mapping => {
+            tx.execute(QUARANTINE_SENSORS, &[&ledger_id, &key]).await?;
+            tx.execute(MERGE_MAPPING, &[&version]).await
+        }
     }
 }

@@ -15,8 +15,11 @@
 //! Small objects (a fleet writing one file per device every few minutes), throughput only:
 //!
 //! ```text
-//! target/release/bench-events --uploads 0 --files 20000 --rows-per-file 100
+//! target/release/bench-events --uploads 0 --files 20000 --rows-per-file 100 --per-device
 //! ```
+//!
+//! (`--per-device`: each file holds one sensor's readings, as a device writes them; without it
+//! every file spreads its rows over 100 sensors.)
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -37,6 +40,9 @@ struct Args {
     /// Readings per object of the throughput run.
     #[arg(long, default_value_t = 100_000)]
     rows_per_file: usize,
+    /// One sensor per file (a device's upload) instead of 100 sensors per file.
+    #[arg(long)]
+    per_device: bool,
     /// Throughput runs (each mode once per run; the median is reported).
     #[arg(long, default_value_t = 3)]
     runs: usize,
@@ -171,7 +177,12 @@ async fn throughput(worker: &PathBuf, a: &Args) -> Result<()> {
     stream::iter(keys.iter().enumerate())
         .map(|(f, key)| {
             let s3 = &env.s3;
-            async move { s3.put(key, csv(f * a.rows_per_file, a.rows_per_file)).await }
+            let body = if a.per_device {
+                testbed::bench::device_readings(f, a.rows_per_file)
+            } else {
+                csv(f * a.rows_per_file, a.rows_per_file)
+            };
+            async move { s3.put(key, body).await }
         })
         .buffer_unordered(16)
         .try_collect::<Vec<_>>()
