@@ -6,7 +6,8 @@
 //! `done` and does nothing.
 
 use chrono::{DateTime, Utc};
-use tokio_postgres::Transaction;
+#[cfg(feature = "ingest")]
+use deadpool_postgres::{ClientWrapper, Transaction};
 
 /// How an object version was settled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -59,6 +60,7 @@ impl std::fmt::Display for ObjectVersion {
 }
 
 /// How the ledger stores "no write time": `-infinity`, so that the identity stays NOT NULL.
+#[cfg(feature = "ingest")]
 const NO_WRITE_TIME: &str = "coalesce($4::timestamptz, '-infinity')";
 
 /// The ledger entry to write for an attempt.
@@ -77,8 +79,12 @@ pub struct Entry<'a> {
 
 /// Opens a transaction that holds the lock of version `v`, unless `v` is already `done` (then
 /// `None`: there is nothing to do).
+///
+/// The ledger's statements, like every statement an ingestion repeats, are prepared once per
+/// connection (the pool's statement cache): one round trip each instead of two, no parsing.
+#[cfg(feature = "ingest")]
 pub async fn begin<'c>(
-    client: &'c mut tokio_postgres::Client,
+    client: &'c mut ClientWrapper,
     v: &ObjectVersion,
 ) -> Result<Option<Transaction<'c>>, tokio_postgres::Error> {
     let tx = client.transaction().await?;
@@ -91,13 +97,12 @@ pub async fn begin<'c>(
 }
 
 /// Takes the per-version lock for the rest of the transaction (waits while another holds it).
+#[cfg(feature = "ingest")]
 pub async fn lock(tx: &Transaction<'_>, v: &ObjectVersion) -> Result<(), tokio_postgres::Error> {
-    tx.execute(
-        "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-        &[&lock_name(v)],
-    )
-    .await
-    .map(drop)
+    let statement = tx
+        .prepare_cached("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .await?;
+    tx.execute(&statement, &[&lock_name(v)]).await.map(drop)
 }
 
 /// The text whose hash names the advisory lock of version `v` (a test may hold it to stall an
@@ -109,18 +114,19 @@ pub fn lock_name(v: &ObjectVersion) -> String {
 }
 
 /// The recorded status of a version, if any.
+#[cfg(feature = "ingest")]
 pub async fn status(
     tx: &Transaction<'_>,
     v: &ObjectVersion,
 ) -> Result<Option<Status>, tokio_postgres::Error> {
+    let statement = tx
+        .prepare_cached(&format!(
+            "SELECT status FROM ingest_ledger
+             WHERE bucket = $1 AND object_key = $2 AND etag = $3 AND written_at = {NO_WRITE_TIME}"
+        ))
+        .await?;
     let row = tx
-        .query_opt(
-            &format!(
-                "SELECT status FROM ingest_ledger
-                 WHERE bucket = $1 AND object_key = $2 AND etag = $3 AND written_at = {NO_WRITE_TIME}"
-            ),
-            &[&v.bucket, &v.key, &v.etag, &v.written_at],
-        )
+        .query_opt(&statement, &[&v.bucket, &v.key, &v.etag, &v.written_at])
         .await?;
     Ok(row.and_then(|r| Status::parse(r.get(0))))
 }
@@ -129,11 +135,11 @@ pub async fn status(
 ///
 /// Quarantine rows of an earlier attempt on the same version are removed: the caller writes the
 /// ones of this attempt.
+#[cfg(feature = "ingest")]
 pub async fn record(tx: &Transaction<'_>, e: &Entry<'_>) -> Result<i64, tokio_postgres::Error> {
-    let row = tx
-        .query_one(
-            &format!(
-                "INSERT INTO ingest_ledger AS l
+    let statement = tx
+        .prepare_cached(&format!(
+            "INSERT INTO ingest_ledger AS l
                  (bucket, object_key, etag, written_at, dataset, status, size_bytes, rows_ok,
                   rows_rejected, reason, started_at, finished_at)
              VALUES ($1, $2, $3, {NO_WRITE_TIME}, $5, $6, $7, $8, $9, $10, $11, clock_timestamp())
@@ -148,7 +154,11 @@ pub async fn record(tx: &Transaction<'_>, e: &Entry<'_>) -> Result<i64, tokio_po
                  finished_at = EXCLUDED.finished_at,
                  attempts = l.attempts + 1
              RETURNING id, attempts"
-            ),
+        ))
+        .await?;
+    let row = tx
+        .query_one(
+            &statement,
             &[
                 &e.version.bucket,
                 &e.version.key,

@@ -159,21 +159,25 @@ impl Staging {
 /// Moves the staged rejected rows into quarantine under `ledger_id` and upserts the valid rows of
 /// object version number `version`. Returns how many stored rows were inserted or overwritten.
 pub async fn merge(
-    tx: &Transaction<'_>,
+    tx: &deadpool_postgres::Transaction<'_>,
     dataset: Dataset,
     ledger_id: i64,
     key: &str,
     version: i64,
 ) -> Result<u64, tokio_postgres::Error> {
+    let (quarantine, merge) = match dataset {
+        Dataset::Measurements => (QUARANTINE_READINGS, MERGE_MEASUREMENTS),
+        Dataset::Mapping => (QUARANTINE_SENSORS, MERGE_MAPPING),
+    };
+    // Prepared once per connection: the staging tables live as long as the connection.
+    let quarantine = tx.prepare_cached(quarantine).await?;
+    let merge = tx.prepare_cached(merge).await?;
+    tx.execute(&quarantine, &[&ledger_id, &key]).await?;
     match dataset {
         Dataset::Measurements => {
-            tx.execute(QUARANTINE_READINGS, &[&ledger_id, &key]).await?;
-            let changed: i64 = tx.query_one(MERGE_MEASUREMENTS, &[&version]).await?.get(0);
+            let changed: i64 = tx.query_one(&merge, &[&version]).await?.get(0);
             Ok(changed as u64)
         }
-        Dataset::Mapping => {
-            tx.execute(QUARANTINE_SENSORS, &[&ledger_id, &key]).await?;
-            tx.execute(MERGE_MAPPING, &[&version]).await
-        }
+        Dataset::Mapping => tx.execute(&merge, &[&version]).await,
     }
 }

@@ -31,17 +31,17 @@ pub const UNVERSIONED: i64 = 0;
 
 /// Registers `v` (a version that was read, so it has a write time) and returns its number.
 pub async fn register(
-    client: &tokio_postgres::Client,
+    client: &deadpool_postgres::ClientWrapper,
     v: &ObjectVersion,
 ) -> Result<i64, tokio_postgres::Error> {
     let written_at = v
         .written_at
         .expect("only versions that were read are registered");
+    let statement = client
+        .prepare_cached("SELECT sensors_register_version($1, $2, $3, $4)")
+        .await?;
     let row = client
-        .query_one(
-            "SELECT sensors_register_version($1, $2, $3, $4)",
-            &[&v.bucket, &v.key, &v.etag, &written_at],
-        )
+        .query_one(&statement, &[&v.bucket, &v.key, &v.etag, &written_at])
         .await?;
     Ok(row.get(0))
 }
