@@ -8,6 +8,11 @@
 //!
 //! The rows are clean and in UTC (the baseline cannot validate or convert anything), spread over
 //! 100 sensors at one-second steps, so every (sensor, timestamp) is unique.
+//!
+//! `--conflict` adds the full-conflict case: after the files are ingested (untimed), a newer
+//! version of every file — same rows, every value changed, under its own key — is ingested and
+//! timed: every row conflicts with a stored one and takes it over. Its ratio is against the same
+//! `psql \copy` baseline.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -29,6 +34,28 @@ struct Args {
     /// Runs of each side; the median is reported.
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Also time a re-upload with every value changed (every row conflicts).
+    #[arg(long)]
+    conflict: bool,
+}
+
+/// The same readings with every value raised by 1000 (a correction of the whole file).
+fn changed(csv: &str) -> String {
+    let mut out = String::with_capacity(csv.len() + csv.len() / 8);
+    let mut lines = csv.lines();
+    if let Some(header) = lines.next() {
+        out.push_str(header);
+        out.push('\n');
+    }
+    for line in lines {
+        let (rest, value) = line.rsplit_once(';').expect("three fields");
+        let value: f64 = value.parse().expect("a number");
+        out.push_str(rest);
+        out.push(';');
+        out.push_str(&(value + 1000.0).to_string());
+        out.push('\n');
+    }
+    out
 }
 
 #[tokio::main]
@@ -43,11 +70,20 @@ async fn main() -> Result<()> {
         "generating and uploading {} files × {} rows",
         a.files, a.rows_per_file
     );
+    let (mut keys, mut conflict_keys) = (Vec::new(), Vec::new());
+    // Written later than the originals whatever the clock does while uploading.
+    let later = std::time::SystemTime::now() + std::time::Duration::from_secs(60);
     for f in 0..a.files {
         let csv = testbed::bench::fleet_readings(f * a.rows_per_file, a.rows_per_file);
-        env.s3
-            .put(&format!("timeseries/bench/part-{f:04}.csv"), csv.clone())
-            .await?;
+        let key = format!("timeseries/bench/part-{f:04}.csv");
+        env.s3.put(&key, csv.clone()).await?;
+        keys.push(key);
+        if a.conflict {
+            let key = format!("timeseries/bench-correction/part-{f:04}.csv");
+            env.s3.put(&key, changed(&csv)).await?;
+            env.s3.set_written_at(&key, later)?;
+            conflict_keys.push(key);
+        }
         all.push_str(csv.split_once('\n').map_or("", |(_, rows)| rows));
     }
     std::fs::write(&baseline_file, &all)?;
@@ -58,6 +94,7 @@ async fn main() -> Result<()> {
     let admin = testbed::connect(pg.admin_url()).await?;
     let mut copy_times = Vec::new();
     let mut ingest_times = Vec::new();
+    let mut conflict_times = Vec::new();
     for run in 0..a.runs {
         // Baseline: psql \copy into a fresh table with the same primary key.
         let db = pg.create_database().await?;
@@ -108,8 +145,15 @@ async fn main() -> Result<()> {
             bail!("migrate failed: {}", String::from_utf8_lossy(&out.stderr));
         }
         admin.batch_execute("CHECKPOINT").await?;
+        // `--all`, unless the corrections are in the bucket too: then the originals by name.
+        let mut ingest_args = vec!["ingest"];
+        if a.conflict {
+            ingest_args.extend(keys.iter().map(String::as_str));
+        } else {
+            ingest_args.push("--all");
+        }
         let t = Instant::now();
-        let out = run_worker(&["ingest", "--all"])?;
+        let out = run_worker(&ingest_args)?;
         let ingest = t.elapsed();
         if !out.status.success() {
             bail!(
@@ -124,6 +168,32 @@ async fn main() -> Result<()> {
             .await?
             .get(0);
         assert_eq!(n as usize, total_rows);
+        if a.conflict {
+            admin.batch_execute("CHECKPOINT").await?;
+            let mut args = vec!["ingest"];
+            args.extend(conflict_keys.iter().map(String::as_str));
+            let t = Instant::now();
+            let out = run_worker(&args)?;
+            let took = t.elapsed();
+            if !out.status.success() {
+                bail!(
+                    "ingest of the changed versions failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            let changed: i64 = client
+                .query_one("SELECT count(*) FROM measurements WHERE value >= 1000", &[])
+                .await?
+                .get(0);
+            assert_eq!(changed as usize, total_rows, "every row taken over");
+            eprintln!(
+                "run {}: every row conflicting: ingest {:.2} s ({:.2}× psql \\copy)",
+                run + 1,
+                took.as_secs_f64(),
+                took.as_secs_f64() / copy.as_secs_f64()
+            );
+            conflict_times.push(took);
+        }
         eprintln!(
             "run {}: psql \\copy {:.2} s, ingest --all {:.2} s ({:.2}×)",
             run + 1,
@@ -145,5 +215,14 @@ async fn main() -> Result<()> {
         total_rows as f64 / ingest.as_secs_f64(),
         ingest.as_secs_f64() / copy.as_secs_f64()
     );
+    if a.conflict {
+        let took = median(&conflict_times);
+        println!(
+            "every row conflicting (a newer version of every file, all values changed): {:.2} s ({:.0} rows/s); ratio {:.2}",
+            took.as_secs_f64(),
+            total_rows as f64 / took.as_secs_f64(),
+            took.as_secs_f64() / copy.as_secs_f64()
+        );
+    }
     Ok(())
 }
