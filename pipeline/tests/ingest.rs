@@ -927,3 +927,81 @@ async fn concurrent_ingestion_of_one_version_ingests_once() {
         .get(0);
     assert_eq!(attempts, 1);
 }
+
+/// A NUL byte is valid UTF-8 but PostgreSQL's text cannot hold it: in a name it rejects that row
+/// (the rest of the file is stored, at the first attempt), and wherever input is echoed into a
+/// reason it is escaped, so the reason can be stored.
+#[tokio::test]
+async fn nul_bytes_reject_their_row_and_are_escaped_in_reasons() {
+    let h = Harness::new().await;
+    let o = h
+        .put_and_ingest(
+            "mapping/nul.csv",
+            format!("sensor_uuid;sensor_name\n{U1};boi\0ler\n{U2};pump\n"),
+        )
+        .await;
+    assert_done(&o, 1, 1);
+    assert_eq!(h.sensor_names().await, vec!["pump"]);
+    // (The raw line is bytea and keeps its NUL.)
+    let rejected: Vec<(i64, Vec<u8>, String)> = h
+        .mapping
+        .query("SELECT line, raw, reason FROM ingest_quarantine", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        rejected,
+        vec![(
+            2,
+            format!("{U1};boi\0ler").into_bytes(),
+            "sensor_name \"boi\\0ler\" contains a NUL character, which a name cannot hold"
+                .to_string()
+        )]
+    );
+
+    let o = h
+        .put_and_ingest(
+            "timeseries/nul.csv",
+            format!("timestamp;sensor_uuid;sensor_value\n2013-01-20T08:00:00Z;{U1}\0;1\n"),
+        )
+        .await;
+    assert_done(&o, 0, 1);
+    let reasons: Vec<String> = h
+        .measurements
+        .query(
+            "SELECT reason FROM ingest_quarantine WHERE object_key = 'timeseries/nul.csv'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        reasons,
+        vec![format!(
+            "sensor_uuid \"{U1}\\0\" is not a UUID (expected e.g. cd613e30-d8f1-4adf-91b7-584a2265b1f5)"
+        )]
+    );
+
+    let o = h
+        .put_and_ingest(
+            "timeseries/nul-header.csv",
+            format!("timestamp;sensor\0uuid;sensor_value\n2013-01-20T08:00:00Z;{U1};1\n"),
+        )
+        .await;
+    let reason =
+        "the header lacks required column(s) sensor_uuid; it has: timestamp, sensor\\0uuid, sensor_value";
+    assert_eq!(o.disposition, Disposition::Failed(reason.into()));
+    let ledger = h.ledger(&h.measurements).await;
+    let entry = ledger
+        .iter()
+        .find(|l| l.0 == "timeseries/nul-header.csv")
+        .expect("a ledger entry");
+    assert_eq!(
+        (entry.1.as_str(), entry.4.as_deref()),
+        ("failed", Some(reason))
+    );
+}

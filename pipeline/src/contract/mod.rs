@@ -96,7 +96,7 @@ impl Columns {
         if !missing.is_empty() {
             return Err(FileError::MissingColumns {
                 missing,
-                found: names.iter().map(|n| n.to_string()).collect(),
+                found: names.iter().map(|n| printable(n)).collect(),
             });
         }
         Ok(Self {
@@ -108,6 +108,23 @@ impl Columns {
     pub fn width(&self) -> usize {
         self.width
     }
+}
+
+/// `s` with control characters escaped (`\0`, `\u{1b}`, …): a header name echoed into a reason
+/// must be storable as text (PostgreSQL refuses NUL) and readable in a log line.
+fn printable(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_string();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_debug().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// Why one row was rejected: the reason stored with it in quarantine.
@@ -244,6 +261,14 @@ pub fn sensor_name<'a>(rec: &Record<'a>, cols: &Columns) -> Result<SensorName<'a
     let sensor_uuid = sensor_uuid(uuid)?;
     if name.is_empty() {
         return Err(Rejection::invalid("sensor_name", name, "is empty"));
+    }
+    if name.contains('\0') {
+        // Valid UTF-8, but PostgreSQL's text cannot hold it: the row, not the file, is at fault.
+        return Err(Rejection::invalid(
+            "sensor_name",
+            name,
+            "contains a NUL character, which a name cannot hold",
+        ));
     }
     let chars = name.chars().count();
     if chars > MAX_NAME_CHARS {
