@@ -615,6 +615,54 @@ async fn poison_events_and_failed_objects_are_dead_lettered_and_a_replay_after_t
     );
 }
 
+/// A reason can echo input: cut for the dead letter (a message over NATS's `max_payload` could not
+/// be published, and the event would loop until stranded), whole in the ledger.
+#[tokio::test]
+async fn a_huge_failure_reason_is_bounded_in_the_dead_letter_and_whole_in_the_ledger() {
+    use sensor_pipeline::queue::dead_letters::{bounded_reason, MAX_REASON_BYTES};
+    let p = Pipeline::new().await;
+    let worker = p.worker("w1", &[]);
+    let key = "timeseries/huge-header.csv";
+    // 200,000 control characters in a column name: escaped (`\u{1}` each), 1.2 MB of reason.
+    let header = format!("timestamp;sensor_uuid;{}\n", "\u{1}".repeat(200_000));
+    p.env.s3.put(key, header).await.unwrap();
+    wait_for(
+        "a dead letter",
+        Duration::from_secs(30),
+        &[&worker],
+        || async { p.queue.dead_letters().await.map(|l| l.len()).unwrap_or(0) == 1 },
+    )
+    .await;
+    wait_drained(&p, &[&worker]).await;
+    let reason = format!(
+        "the header lacks required column(s) sensor_value; it has: timestamp, sensor_uuid, {}",
+        "\\u{1}".repeat(200_000)
+    );
+    let stored: String =
+        p.db.query_one(
+            "SELECT reason FROM ingest_ledger WHERE object_key = $1 AND status = 'failed'",
+            &[&key],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stored.len(), reason.len());
+    assert_eq!(stored, reason);
+    let letters = p.dead_letters().await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].attempts, 1);
+    assert_eq!(letters[0].keys, vec![key.to_string()]);
+    assert_eq!(
+        letters[0].reason,
+        bounded_reason(&format!("{key}: {reason}"))
+    );
+    assert!(
+        letters[0].reason.len() <= MAX_REASON_BYTES,
+        "{}",
+        letters[0].reason.len()
+    );
+}
+
 #[tokio::test]
 async fn removals_other_buckets_and_keys_outside_the_prefixes_are_acknowledged_and_ignored() {
     let p = Pipeline::new().await;

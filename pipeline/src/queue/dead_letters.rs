@@ -34,6 +34,24 @@ pub struct DeadLetter {
     pub payload: Bytes,
 }
 
+/// The most of a reason a dead letter carries in its header: a reason can echo input (a header of
+/// up to 1 MiB, escaped), and a message over the server's `max_payload` (1 MB by default) cannot be
+/// published at all, which would leave the event looping. The ledger keeps the whole reason.
+pub const MAX_REASON_BYTES: usize = 4096;
+
+/// `reason` cut to at most [`MAX_REASON_BYTES`] (on a character boundary), saying so.
+pub fn bounded_reason(reason: &str) -> std::borrow::Cow<'_, str> {
+    const MARK: &str = " … (truncated; the object's ledger entry has the whole reason)";
+    if reason.len() <= MAX_REASON_BYTES {
+        return reason.into();
+    }
+    let mut cut = MAX_REASON_BYTES - MARK.len();
+    while !reason.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}{MARK}", &reason[..cut]).into()
+}
+
 /// Why an event is being dead-lettered, and what it was.
 pub struct Filing<'a> {
     pub payload: &'a [u8],
@@ -48,7 +66,7 @@ impl Queue {
     pub async fn dead_letter(&self, filing: &Filing<'_>) -> Result<(), QueueError> {
         let keys: Vec<String> = filing.keys.iter().map(|k| encode_key(k)).collect();
         let headers = headers(&[
-            (REASON, filing.reason.to_string()),
+            (REASON, bounded_reason(filing.reason).into_owned()),
             (KEYS, keys.join(",")),
             (ATTEMPTS, filing.attempts.to_string()),
             (FAILED_AT, Utc::now().to_rfc3339()),
@@ -152,5 +170,25 @@ fn read(id: u64, headers: &async_nats::HeaderMap, payload: Bytes) -> DeadLetter 
             .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
             .map(|t| t.to_utc()),
         payload,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_are_bounded_on_a_character_boundary() {
+        assert_eq!(bounded_reason("short"), "short");
+        let exact = "x".repeat(MAX_REASON_BYTES);
+        assert_eq!(bounded_reason(&exact), exact);
+        let long = "é".repeat(MAX_REASON_BYTES);
+        let cut = bounded_reason(&long);
+        assert!(cut.len() <= MAX_REASON_BYTES, "{}", cut.len());
+        assert!(
+            cut.ends_with(" … (truncated; the object's ledger entry has the whole reason)"),
+            "{cut}"
+        );
+        assert!(cut.starts_with("éé"));
     }
 }
