@@ -7,6 +7,7 @@
 //! `migrations/`, not the ingestion internals — and its build says so: without the `ingest`
 //! feature (on by default) the library has no object store, NATS, pool or migration code.
 
+pub mod anomaly;
 pub mod config;
 pub mod contract;
 pub mod events;

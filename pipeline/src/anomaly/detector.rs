@@ -1,0 +1,414 @@
+//! The streaming detector: one per sensor, fed readings in time order. See the module doc of
+//! [`crate::anomaly`] for the method.
+
+use super::window::{median_in_place, Ring, SortedRing};
+use super::{Anomaly, Kind};
+
+/// Readings in each half of the local-level window.
+const HALF: usize = 16;
+/// Accepted residuals the noise scale is the median of.
+const RESIDUALS: usize = 256;
+/// Residuals needed before anything is reported.
+const MIN_RESIDUALS: usize = 128;
+/// Threshold in robust standard deviations of the residual.
+const Z: f64 = 6.0;
+/// The detector's memory of what the sensor does now and then is kept per epoch: the largest
+/// residual, the highest and lowest value and the longest run of one value in each of the last
+/// `EPOCHS` epochs of `EPOCH_MICROS` (epochs are aligned to the Unix epoch, so two runs over the
+/// same readings agree on them wherever they started).
+const EPOCH_MICROS: i64 = 3_600_000_000;
+const EPOCHS: usize = 128;
+/// What is exceeded in `NOVELTY_RANK` epochs of the memory is not news.
+const NOVELTY_RANK: usize = 2;
+/// Threshold as a multiple of the residual exceeded in `NOVELTY_RANK` epochs.
+const NOVELTY: f64 = 2.0;
+/// A reading is new ground when it is beyond the remembered range of values (the `NOVELTY_RANK`-th
+/// highest epoch maximum, lowest epoch minimum) by this share of that range.
+const NEW_GROUND: f64 = 0.1;
+/// A reading back within this share of the threshold ends an excursion.
+const HYSTERESIS: f64 = 0.5;
+/// Readings away from the level that make an excursion a level shift rather than a spike.
+const CONFIRM: usize = 6;
+/// Shortest run of one value that can count as stuck.
+const STUCK_MIN: u32 = 12;
+/// A run is stuck when it is this many times longer than the run length exceeded in
+/// `NOVELTY_RANK` epochs.
+const STUCK_FACTOR: f64 = 3.0;
+/// Intervals the typical interval is the median of.
+const INTERVALS: usize = 256;
+/// Intervals needed before a gap is reported.
+const MIN_INTERVALS: usize = 32;
+/// A silence is a gap when it is this many times the typical interval …
+const GAP_FACTOR: f64 = 8.0;
+/// … and this many times the second-longest of the recent intervals.
+const GAP_MAX_FACTOR: f64 = 2.0;
+
+/// How far before a window's start the detector must begin reading for its state at the start to
+/// be that of a run from the beginning of time: its epoch memory (at least) …
+pub const WARM_UP_MICROS: i64 = (EPOCHS as i64 + 1) * EPOCH_MICROS;
+/// … and its windows counted in readings.
+pub const WARM_UP_READINGS: usize = 2 * RESIDUALS;
+
+/// A streaming detector for one sensor's readings.
+#[derive(Debug, Clone)]
+pub struct Detector {
+    sensitivity: f64,
+    /// Older and newer halves of the local-level window, and the window's timestamps.
+    older: SortedRing,
+    newer: SortedRing,
+    level_ts: Ring<i64>,
+    /// |residual| of the last accepted readings.
+    residuals: SortedRing,
+    /// The residual scale (robust standard deviation) and the novelty scale.
+    sigma: f64,
+    novelty: f64,
+    pending: Option<Excursion>,
+    /// The largest |residual| of the current epoch, its readings, and the maxima of past epochs.
+    epoch: i64,
+    epoch_max: f64,
+    epoch_maxima: SortedRing,
+    /// The highest and lowest value of the current epoch, and of past epochs (lows negated).
+    epoch_high: f64,
+    epoch_low: f64,
+    highs: SortedRing,
+    lows: SortedRing,
+    /// The last intervals between readings (gaps excluded).
+    intervals: SortedRing,
+    last: Option<(i64, f64)>,
+    /// The run of equal values ending at the last reading; the longest run that ended in this
+    /// epoch, and those of past epochs.
+    run: Run,
+    epoch_run: f64,
+    epoch_runs: SortedRing,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    start: i64,
+    end: i64,
+    value: f64,
+    len: u32,
+    expected: f64,
+}
+
+/// Readings away from the local level, not yet known to be a spike or a level shift.
+#[derive(Debug, Clone)]
+struct Excursion {
+    start: i64,
+    end: i64,
+    expected: f64,
+    side: f64,
+    threshold: f64,
+    unit: f64,
+    extreme: f64,
+    values: Vec<(i64, f64)>,
+}
+
+impl Default for Detector {
+    fn default() -> Self {
+        Self::new(1.0)
+    }
+}
+
+impl Detector {
+    /// A detector; `sensitivity` divides every threshold (1 is the default, 2 reports deviations
+    /// half as large, 0.5 only those twice as large).
+    pub fn new(sensitivity: f64) -> Self {
+        Self {
+            sensitivity: if sensitivity > 0.0 { sensitivity } else { 1.0 },
+            older: SortedRing::new(HALF),
+            newer: SortedRing::new(HALF),
+            level_ts: Ring::new(2 * HALF),
+            residuals: SortedRing::new(RESIDUALS),
+            sigma: 0.0,
+            novelty: 0.0,
+            pending: None,
+            epoch: i64::MIN,
+            epoch_max: 0.0,
+            epoch_maxima: SortedRing::new(EPOCHS),
+            epoch_high: f64::NEG_INFINITY,
+            epoch_low: f64::INFINITY,
+            highs: SortedRing::new(EPOCHS),
+            lows: SortedRing::new(EPOCHS),
+            intervals: SortedRing::new(INTERVALS),
+            last: None,
+            run: Run {
+                start: 0,
+                end: 0,
+                value: f64::NAN,
+                len: 0,
+                expected: f64::NAN,
+            },
+            epoch_run: 0.0,
+            epoch_runs: SortedRing::new(EPOCHS),
+        }
+    }
+
+    /// Feeds the next reading (`at` in microseconds since the epoch, strictly after the previous
+    /// one); appends what it completes to `found`.
+    pub fn push(&mut self, at: i64, value: f64, found: &mut Vec<Anomaly>) {
+        if let Some((previous, last_value)) = self.last {
+            self.interval(previous, at, found);
+            if value == last_value {
+                self.run.len += 1;
+                self.run.end = at;
+            } else {
+                self.end_run(found);
+            }
+        }
+        if self.run.len == 0 {
+            self.run = Run {
+                start: at,
+                end: at,
+                value,
+                len: 1,
+                expected: self.expected(at),
+            };
+        }
+        let expected = self.pending.as_ref().map_or_else(|| self.expected(at), |e| e.expected);
+        self.level(at, value, found);
+        self.epoch(at, value, value - expected);
+        self.last = Some((at, value));
+    }
+
+    /// Ends the series: reports what is still open (an excursion as a spike, a stuck run).
+    pub fn finish(&mut self, found: &mut Vec<Anomaly>) {
+        if let Some(e) = self.pending.take() {
+            found.push(e.spike());
+        }
+        self.end_run(found);
+    }
+
+    fn interval(&mut self, previous: i64, at: i64, found: &mut Vec<Anomaly>) {
+        let dt = (at - previous) as f64;
+        if self.intervals.len() >= MIN_INTERVALS {
+            let typical = self.intervals.median();
+            let threshold = (GAP_FACTOR * typical).max(GAP_MAX_FACTOR * self.intervals.largest(2));
+            if dt > threshold / self.sensitivity {
+                found.push(Anomaly {
+                    kind: Kind::Gap,
+                    start: previous,
+                    end: at,
+                    value: None,
+                    expected: None,
+                    score: dt / typical.max(1.0),
+                });
+                return;
+            }
+        }
+        self.intervals.push(dt);
+    }
+
+    fn end_run(&mut self, found: &mut Vec<Anomaly>) {
+        let run = self.run;
+        if run.len == 0 {
+            return;
+        }
+        self.run.len = 0;
+        let stuck = self.is_stuck(run.len);
+        self.epoch_run = self.epoch_run.max(run.len as f64);
+        if stuck {
+            let typical = self.epoch_runs.largest(2).max(1.0);
+            found.push(Anomaly {
+                kind: Kind::Stuck,
+                start: run.start,
+                end: run.end,
+                value: Some(run.value),
+                expected: Some(run.expected).filter(|e| e.is_finite()),
+                score: run.len as f64 / typical,
+            });
+        }
+    }
+
+    fn is_stuck(&self, len: u32) -> bool {
+        self.epoch_runs.len() >= NOVELTY_RANK && {
+            let threshold = (STUCK_FACTOR * self.epoch_runs.largest(NOVELTY_RANK)).max(STUCK_MIN as f64);
+            len as f64 > threshold / self.sensitivity
+        }
+    }
+
+    /// The local level at `at`: the median of the newer half, moved along the slope between the
+    /// two halves' medians.
+    fn expected(&self, at: i64) -> f64 {
+        let newer = self.newer.median();
+        if self.older.len() < HALF {
+            return newer;
+        }
+        let older = self.older.median();
+        let t_old = self.level_ts.get(HALF / 2) as f64;
+        let t_new = self.level_ts.get(HALF + HALF / 2) as f64;
+        if t_new <= t_old {
+            return newer;
+        }
+        let moved = newer + (newer - older) / (t_new - t_old) * (at as f64 - t_new);
+        moved.clamp(
+            self.older.smallest().min(self.newer.smallest()),
+            self.older.largest(1).max(self.newer.largest(1)),
+        )
+    }
+
+    /// The residual size that counts as a deviation, before sensitivity.
+    fn unit(&self, expected: f64) -> f64 {
+        (Z * self.sigma)
+            .max(NOVELTY * self.novelty)
+            .max(1e-9 * expected.abs().max(1e-6))
+    }
+
+    fn ready(&self) -> bool {
+        self.older.is_full() && self.residuals.len() >= MIN_RESIDUALS
+    }
+
+    fn level(&mut self, at: i64, value: f64, found: &mut Vec<Anomaly>) {
+        if let Some(mut e) = self.pending.take() {
+            let away = (value - e.expected) * e.side;
+            if away > e.threshold * HYSTERESIS {
+                e.end = at;
+                if away > (e.extreme - e.expected) * e.side {
+                    e.extreme = value;
+                }
+                e.values.push((at, value));
+                if e.values.len() >= CONFIRM {
+                    found.push(e.level_shift());
+                    self.restart_level(&e.values);
+                } else {
+                    self.pending = Some(e);
+                }
+                return;
+            }
+            found.push(e.spike());
+        }
+        let expected = self.expected(at);
+        let residual = value - expected;
+        if self.ready() && !self.stuck_now() {
+            let unit = self.unit(expected);
+            let threshold = unit / self.sensitivity;
+            let beyond = self.new_ground(value);
+            if residual.abs() > threshold || beyond != 0.0 {
+                let side = if beyond != 0.0 { beyond } else { residual.signum() };
+                self.pending = Some(Excursion {
+                    start: at,
+                    end: at,
+                    expected,
+                    side,
+                    threshold: threshold.min(residual.abs()).max(unit * 1e-3),
+                    unit,
+                    extreme: value,
+                    values: vec![(at, value)],
+                });
+                return;
+            }
+        }
+        self.accept(at, value, residual);
+    }
+
+    /// +1 when `value` is above the recent range of values by a clear margin, -1 below, else 0.
+    fn new_ground(&self, value: f64) -> f64 {
+        let high = self.highs.largest(NOVELTY_RANK).max(self.epoch_high);
+        let low = (-self.lows.largest(NOVELTY_RANK)).min(self.epoch_low);
+        if self.highs.len() < NOVELTY_RANK || !(high - low).is_finite() {
+            return 0.0;
+        }
+        let margin = NEW_GROUND * (high - low) / self.sensitivity;
+        if value > high + margin {
+            1.0
+        } else if value < low - margin {
+            -1.0
+        } else {
+            0.0
+        }
+    }
+
+    /// Whether the current run is already long enough to be stuck (its readings then teach the
+    /// detector nothing about the sensor's noise).
+    fn stuck_now(&self) -> bool {
+        self.run.len > STUCK_MIN && self.is_stuck(self.run.len)
+    }
+
+    fn accept(&mut self, at: i64, value: f64, residual: f64) {
+        self.add_to_level(at, value);
+        if self.stuck_now() || !residual.is_finite() {
+            return;
+        }
+        self.residuals.push(residual.abs());
+        self.sigma = 1.4826 * self.residuals.median();
+    }
+
+    /// Adds a reading to the epoch memory (first closing the current epoch if `at` is past it).
+    fn epoch(&mut self, at: i64, value: f64, residual: f64) {
+        let epoch = at.div_euclid(EPOCH_MICROS);
+        if epoch != self.epoch {
+            if self.epoch != i64::MIN {
+                self.close_epoch(epoch);
+            }
+            self.epoch = epoch;
+        }
+        if residual.is_finite() {
+            self.epoch_max = self.epoch_max.max(residual.abs());
+        }
+        self.epoch_high = self.epoch_high.max(value);
+        self.epoch_low = self.epoch_low.min(value);
+    }
+
+    /// Stores the current epoch; epochs without readings between it and `next` count as quiet
+    /// ones (nothing exceeded, no range).
+    fn close_epoch(&mut self, next: i64) {
+        self.epoch_maxima.push(self.epoch_max);
+        self.epoch_runs.push(self.epoch_run);
+        self.highs.push(self.epoch_high);
+        self.lows.push(-self.epoch_low);
+        let quiet = (next - self.epoch - 1).clamp(0, EPOCHS as i64);
+        for _ in 0..quiet {
+            self.epoch_maxima.push(0.0);
+            self.epoch_runs.push(0.0);
+            self.highs.push(f64::NEG_INFINITY);
+            self.lows.push(f64::NEG_INFINITY);
+        }
+        self.novelty = self.epoch_maxima.largest(NOVELTY_RANK);
+        self.epoch_max = 0.0;
+        self.epoch_run = 0.0;
+        self.epoch_high = f64::NEG_INFINITY;
+        self.epoch_low = f64::INFINITY;
+    }
+
+    fn add_to_level(&mut self, at: i64, value: f64) {
+        if let Some(out) = self.newer.push(value) {
+            self.older.push(out);
+        }
+        self.level_ts.push(at);
+    }
+
+    fn restart_level(&mut self, values: &[(i64, f64)]) {
+        self.older.clear();
+        self.newer.clear();
+        self.level_ts.clear();
+        for &(at, value) in values {
+            self.add_to_level(at, value);
+        }
+    }
+}
+
+impl Excursion {
+    fn spike(&self) -> Anomaly {
+        Anomaly {
+            kind: Kind::Spike,
+            start: self.start,
+            end: self.end,
+            value: Some(self.extreme),
+            expected: Some(self.expected),
+            score: (self.extreme - self.expected).abs() / self.unit,
+        }
+    }
+
+    fn level_shift(&self) -> Anomaly {
+        let mut values: Vec<f64> = self.values.iter().map(|&(_, v)| v).collect();
+        let level = median_in_place(&mut values);
+        Anomaly {
+            kind: Kind::LevelShift,
+            start: self.start,
+            end: self.end,
+            value: Some(self.extreme),
+            expected: Some(self.expected),
+            score: (level - self.expected).abs() / self.unit,
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! Bounded rolling windows the detector keeps: a ring of the last N values, and a ring that also
+//! keeps its values sorted (median and any order statistic in O(1), an update in O(log N) plus a
+//! move of at most N values — N is at most a few dozen here, so that move is one cache line or two).
+
+/// The last `capacity` values, oldest first.
+#[derive(Debug, Clone)]
+pub(crate) struct Ring<T> {
+    values: Vec<T>,
+    next: usize,
+    capacity: usize,
+}
+
+impl<T: Copy> Ring<T> {
+    pub(crate) fn new(capacity: usize) -> Self {
+        Self {
+            values: Vec::with_capacity(capacity),
+            next: 0,
+            capacity,
+        }
+    }
+
+    /// Adds a value; returns the one it pushed out, if the ring was full.
+    pub(crate) fn push(&mut self, value: T) -> Option<T> {
+        if self.values.len() < self.capacity {
+            self.values.push(value);
+            None
+        } else {
+            let old = std::mem::replace(&mut self.values[self.next], value);
+            self.next = (self.next + 1) % self.capacity;
+            Some(old)
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    pub(crate) fn is_full(&self) -> bool {
+        self.values.len() == self.capacity
+    }
+
+    /// The `i`-th oldest value.
+    pub(crate) fn get(&self, i: usize) -> T {
+        if self.values.len() < self.capacity {
+            self.values[i]
+        } else {
+            self.values[(self.next + i) % self.capacity]
+        }
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.values.clear();
+        self.next = 0;
+    }
+}
+
+/// The last `capacity` values, also kept in sorted order.
+#[derive(Debug, Clone)]
+pub(crate) struct SortedRing {
+    ring: Ring<f64>,
+    sorted: Vec<f64>,
+}
+
+impl SortedRing {
+    pub(crate) fn new(capacity: usize) -> Self {
+        Self {
+            ring: Ring::new(capacity),
+            sorted: Vec::with_capacity(capacity),
+        }
+    }
+
+    /// Adds a value; returns the one it pushed out, if the ring was full.
+    pub(crate) fn push(&mut self, value: f64) -> Option<f64> {
+        let old = self.ring.push(value);
+        if let Some(old) = old {
+            let at = self.sorted.partition_point(|x| x.total_cmp(&old).is_lt());
+            self.sorted.remove(at);
+        }
+        let at = self.sorted.partition_point(|x| x.total_cmp(&value).is_lt());
+        self.sorted.insert(at, value);
+        old
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.ring.len()
+    }
+
+    pub(crate) fn is_full(&self) -> bool {
+        self.ring.is_full()
+    }
+
+    /// The median (the mean of the two middle values for an even count); NaN when empty.
+    pub(crate) fn median(&self) -> f64 {
+        median_of_sorted(&self.sorted)
+    }
+
+    /// The `k`-th largest value (k = 1: the maximum), or the smallest when fewer are held.
+    pub(crate) fn largest(&self, k: usize) -> f64 {
+        let n = self.sorted.len();
+        if n == 0 {
+            f64::NAN
+        } else {
+            self.sorted[n.saturating_sub(k)]
+        }
+    }
+
+    /// The smallest value; NaN when empty.
+    pub(crate) fn smallest(&self) -> f64 {
+        self.sorted.first().copied().unwrap_or(f64::NAN)
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.ring.clear();
+        self.sorted.clear();
+    }
+}
+
+/// The median of sorted values; NaN when there are none.
+pub(crate) fn median_of_sorted(sorted: &[f64]) -> f64 {
+    let n = sorted.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => sorted[n / 2],
+        _ => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
+/// The median of values in any order (they are reordered).
+pub(crate) fn median_in_place(values: &mut [f64]) -> f64 {
+    let n = values.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    let (_, upper, _) = values.select_nth_unstable_by(n / 2, f64::total_cmp);
+    let upper = *upper;
+    if n % 2 == 1 {
+        upper
+    } else {
+        let lower = values[..n / 2]
+            .iter()
+            .copied()
+            .fold(f64::NEG_INFINITY, f64::max);
+        (lower + upper) / 2.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sorted_ring_keeps_the_last_values_in_order() {
+        let mut r = SortedRing::new(3);
+        assert!(r.median().is_nan());
+        assert_eq!(r.push(5.0), None);
+        assert_eq!(r.push(1.0), None);
+        assert_eq!(r.median(), 3.0);
+        assert_eq!(r.push(3.0), None);
+        assert_eq!(r.median(), 3.0);
+        assert_eq!(r.push(10.0), Some(5.0));
+        assert_eq!(r.sorted, vec![1.0, 3.0, 10.0]);
+        assert_eq!(r.largest(1), 10.0);
+        assert_eq!(r.largest(2), 3.0);
+        assert_eq!(r.largest(9), 1.0);
+    }
+
+    #[test]
+    fn medians_of_odd_and_even_counts() {
+        assert_eq!(median_in_place(&mut [4.0, 1.0, 3.0]), 3.0);
+        assert_eq!(median_in_place(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median_in_place(&mut []).is_nan());
+        let mut ring = Ring::new(2);
+        ring.push(1);
+        ring.push(2);
+        assert_eq!(ring.push(3), Some(1));
+        assert_eq!((ring.get(0), ring.get(1)), (2, 3));
+    }
+}
