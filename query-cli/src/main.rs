@@ -4,11 +4,14 @@
 //! resolved in the mapping database (`DATABASE_URL`), readings come from the measurement database
 //! (`TIMESCALE_DATABASE_URL`, defaulting to `DATABASE_URL`).
 
+mod anomalies;
 mod db;
 mod output;
+mod plot;
 mod range;
 mod readings;
 mod sensors;
+mod series;
 mod status;
 
 use std::io::Write;
@@ -69,6 +72,30 @@ enum Command {
          query-cli status --object timeseries/2013/part-0000.csv\n\n{EXIT_CODES}"
     ))]
     Status(status::StatusArgs),
+    /// Anomalies in one sensor's readings (or every sensor's, --all) whose first reading lies in
+    /// [start, end]: spikes, level shifts, stuck values and gaps, in time order (SPEC §7).
+    ///
+    /// Detection is unsupervised: it adapts to each sensor's level, noise and sampling interval,
+    /// and what a sensor does now and then (in two separate hours of the last five days) is not
+    /// reported as news. It reads readings from before the start to warm up, so a window's
+    /// anomalies do not depend on where the window begins.
+    #[command(after_help = format!(
+        "Examples:\n  query-cli anomalies --sensor-name sensor_00007 \
+         --start-timestamp 2013-01-01 --end-timestamp 2013-02-01\n  \
+         query-cli anomalies --all --start-timestamp 2013-01-01 --end-timestamp 2013-02-01 \
+         --kind spike --format json\n\n{EXIT_CODES}"
+    ))]
+    Anomalies(anomalies::AnomaliesArgs),
+    /// A line chart of sensors' readings in [start, end] with their anomalies marked, as SVG or
+    /// PNG (by the extension of --output); several sensors are drawn one panel each.
+    ///
+    /// Millions of readings are reduced while streaming to the first, lowest, highest and last
+    /// reading per pixel column, so every spike stays visible. Times on the axis are UTC.
+    #[command(after_help = format!(
+        "Example:\n  query-cli plot --sensor-name sensor_00007 --sensor-name sensor_00008 \
+         --start-timestamp 2013-01-01 --end-timestamp 2013-02-01 --output sensors.png\n\n{EXIT_CODES}"
+    ))]
+    Plot(plot::PlotArgs),
 }
 
 #[derive(Debug, Args)]
@@ -145,6 +172,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Sensors(args) => sensors::run(&settings, args.format, &mut out).await?,
         Command::Status(args) => status::run(&settings, &args, &mut out).await?,
+        Command::Anomalies(args) => anomalies::run(&settings, args, &mut out).await?,
+        Command::Plot(args) => plot::run(&settings, args).await?,
     }
     out.flush()?;
     Ok(())

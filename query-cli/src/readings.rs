@@ -50,7 +50,7 @@ pub struct ReadingsArgs {
     format: Format,
 }
 
-fn parse_uuid(s: &str) -> Result<Uuid, String> {
+pub fn parse_uuid(s: &str) -> Result<Uuid, String> {
     Uuid::parse_str(s.trim()).map_err(|_| {
         "is not a UUID; accepted: hyphenated, simple, braced or urn form, any case".to_string()
     })
@@ -261,7 +261,7 @@ async fn stream(
 }
 
 /// The UUID to read: a name must map to exactly one; a UUID must be known to either database.
-async fn resolve(dbs: &Databases, sensor: &Sensor) -> Result<Uuid, Failure> {
+pub async fn resolve(dbs: &Databases, sensor: &Sensor) -> Result<Uuid, Failure> {
     match sensor {
         Sensor::Name(name) => {
             let rows = dbs

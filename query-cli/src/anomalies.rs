@@ -1,0 +1,270 @@
+//! `query-cli anomalies`: runs the library's detector ([`sensor_pipeline::anomaly`]) over stored
+//! readings, sensor by sensor.
+//!
+//! The detector reads from well before `--start-timestamp` (its whole memory: the earlier of
+//! [`WARM_UP_MICROS`] and [`WARM_UP_READINGS`] readings before the start), so what is reported
+//! for a window does not depend on where the window begins; anomalies are those whose first
+//! reading lies in `[start, end]`.
+
+use std::io::{IsTerminal, Write};
+
+use chrono::{DateTime, Duration, Utc};
+use clap::Args;
+use sensor_pipeline::anomaly::{Anomaly, Detector, Kind, WARM_UP_MICROS, WARM_UP_READINGS};
+use sensor_pipeline::config::DatabaseSettings;
+use uuid::Uuid;
+
+use crate::db::{failed, Databases};
+use crate::output::{render, timestamp, Align, Format, Record};
+use crate::readings::{parse_uuid, resolve, Sensor};
+use crate::{range, series, Failure};
+
+#[derive(Debug, Args)]
+#[group(skip)]
+#[command(group(clap::ArgGroup::new("sensor").required(true).multiple(false)))]
+pub struct AnomaliesArgs {
+    /// The sensor's name, as in the mapping (exact match).
+    #[arg(long, value_name = "NAME", group = "sensor")]
+    sensor_name: Option<String>,
+    /// The sensor's UUID (any UUID text form); works for sensors not in the mapping too.
+    #[arg(long, value_name = "UUID", value_parser = parse_uuid, group = "sensor")]
+    sensor_uuid: Option<Uuid>,
+    /// Every sensor with readings, one after the other (progress on stderr when it is a terminal).
+    #[arg(long, group = "sensor")]
+    all: bool,
+    /// First instant of the range (inclusive).
+    #[arg(long, value_name = "T", value_parser = range::flag)]
+    start_timestamp: DateTime<Utc>,
+    /// Last instant of the range (inclusive).
+    #[arg(long, value_name = "T", value_parser = range::flag)]
+    end_timestamp: DateTime<Utc>,
+    /// Only these kinds (repeatable): spike, level_shift, stuck, gap.
+    #[arg(long = "kind", value_name = "K", value_parser = parse_kind)]
+    kinds: Vec<Kind>,
+    /// Divides every threshold: 2 reports deviations half as large as the default does, 0.5
+    /// only those twice as large. The default, 1, needs no tuning.
+    #[arg(long, value_name = "S", default_value_t = 1.0, value_parser = sensitivity)]
+    sensitivity: f64,
+    /// Output format: an aligned table for people, CSV, or one JSON object per line.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    format: Format,
+}
+
+fn parse_kind(s: &str) -> Result<Kind, String> {
+    s.trim().parse()
+}
+
+fn sensitivity(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err("is not a number above 0 (1 is the default; 2 reports more, 0.5 less)".into()),
+    }
+}
+
+/// One line of `query-cli anomalies` (SPEC §7 field names).
+#[derive(Debug, serde::Serialize)]
+pub struct AnomalyRecord {
+    pub sensor_uuid: String,
+    pub sensor_name: Option<String>,
+    pub kind: &'static str,
+    pub start: String,
+    pub end: String,
+    pub value: Option<f64>,
+    pub expected: Option<f64>,
+    pub score: f64,
+}
+
+impl Record for AnomalyRecord {
+    const FIELDS: &'static [&'static str] = &[
+        "sensor_uuid",
+        "sensor_name",
+        "kind",
+        "start",
+        "end",
+        "value",
+        "expected",
+        "score",
+    ];
+    const TABLE: &'static [(&'static str, Align)] = &[
+        ("sensor", Align::Left),
+        ("kind", Align::Left),
+        ("start", Align::Left),
+        ("end", Align::Left),
+        ("value", Align::Right),
+        ("expected", Align::Right),
+        ("score", Align::Right),
+    ];
+
+    fn table_cells(&self) -> Vec<String> {
+        let number = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.6}"));
+        vec![
+            self.sensor_name.clone().unwrap_or_else(|| self.sensor_uuid.clone()),
+            self.kind.to_string(),
+            self.start.clone(),
+            self.end.clone(),
+            number(self.value),
+            number(self.expected),
+            format!("{:.1}", self.score),
+        ]
+    }
+}
+
+fn time(us: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(us).unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
+impl AnomalyRecord {
+    fn new(uuid: Uuid, name: Option<String>, a: &Anomaly) -> Self {
+        Self {
+            sensor_uuid: uuid.to_string(),
+            sensor_name: name,
+            kind: a.kind.as_str(),
+            start: timestamp(time(a.start)),
+            end: timestamp(time(a.end)),
+            value: a.value,
+            expected: a.expected,
+            score: (a.score * 1000.0).round() / 1000.0,
+        }
+    }
+}
+
+/// The anomalies of one sensor whose first reading lies in `[start, end]`, in time order.
+pub async fn detect(
+    dbs: &Databases,
+    uuid: Uuid,
+    start: DateTime<Utc>,
+    end: DateTime<Utc>,
+    sensitivity: f64,
+) -> Result<Vec<Anomaly>, Failure> {
+    let client = &dbs.measurements;
+    let from = series::warm_up_from(
+        client,
+        uuid,
+        start,
+        Duration::microseconds(WARM_UP_MICROS),
+        WARM_UP_READINGS,
+    )
+    .await?;
+    let mut detector = Detector::new(sensitivity);
+    let mut found = Vec::new();
+    series::each_reading(client, uuid, from, end, |at, value| {
+        detector.push(at, value, &mut found)
+    })
+    .await?;
+    detector.finish(&mut found);
+    let (start, end) = (start.timestamp_micros(), end.timestamp_micros());
+    found.retain(|a| a.start >= start && a.start <= end);
+    found.sort_by(|a, b| a.start.cmp(&b.start).then(a.kind.cmp(&b.kind)));
+    Ok(found)
+}
+
+pub async fn run(
+    settings: &DatabaseSettings,
+    args: AnomaliesArgs,
+    out: &mut impl Write,
+) -> Result<(), Failure> {
+    if args.start_timestamp > args.end_timestamp {
+        return Err(Failure::Usage(format!(
+            "--start-timestamp ({}) is after --end-timestamp ({}); the range is [start, end], both inclusive",
+            timestamp(args.start_timestamp),
+            timestamp(args.end_timestamp)
+        )));
+    }
+    let dbs = Databases::connect(settings).await?;
+    let sensors: Vec<(Uuid, Option<String>)> = if args.all {
+        every_sensor(&dbs).await?
+    } else {
+        let sensor = match (args.sensor_name, args.sensor_uuid) {
+            (_, Some(uuid)) => Sensor::Uuid(uuid),
+            (Some(name), None) => Sensor::Name(name),
+            (None, None) => unreachable!("clap requires one of the sensor flags"),
+        };
+        let uuid = resolve(&dbs, &sensor).await?;
+        vec![(uuid, series::name_of(&dbs.mapping, uuid).await?)]
+    };
+    let progress = args.all && std::io::stderr().is_terminal();
+    let mut records = Vec::new();
+    for (i, (uuid, name)) in sensors.iter().enumerate() {
+        if progress {
+            let label = name.clone().unwrap_or_else(|| uuid.to_string());
+            eprint!("\r\x1b[2K[{}/{}] {label}", i + 1, sensors.len());
+        }
+        let found = detect(
+            &dbs,
+            *uuid,
+            args.start_timestamp,
+            args.end_timestamp,
+            args.sensitivity,
+        )
+        .await?;
+        records.extend(
+            found
+                .iter()
+                .filter(|a| args.kinds.is_empty() || args.kinds.contains(&a.kind))
+                .map(|a| AnomalyRecord::new(*uuid, name.clone(), a)),
+        );
+    }
+    if progress {
+        eprintln!("\r\x1b[2K{} sensors, {} anomalies", sensors.len(), records.len());
+    }
+    render(out, args.format, &records)?;
+    Ok(())
+}
+
+/// Every sensor with readings: mapped ones by name, then the unmapped by UUID.
+async fn every_sensor(dbs: &Databases) -> Result<Vec<(Uuid, Option<String>)>, Failure> {
+    let names: std::collections::HashMap<Uuid, String> = dbs
+        .mapping
+        .query("SELECT sensor_uuid, sensor_name FROM sensors", &[])
+        .await
+        .map_err(failed("mapping"))?
+        .iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .collect::<Result<_, tokio_postgres::Error>>()
+        .map_err(failed("mapping"))?;
+    let mut sensors: Vec<(Uuid, Option<String>)> = dbs
+        .measurements
+        .query("SELECT DISTINCT sensor_uuid FROM measurement_days", &[])
+        .await
+        .map_err(failed("measurement"))?
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<Result<Vec<Uuid>, _>>()
+        .map_err(failed("measurement"))?
+        .into_iter()
+        .map(|u| (u, names.get(&u).cloned()))
+        .collect();
+    sensors.sort_by(|(ua, a), (ub, b)| (a.is_none(), a, ua).cmp(&(b.is_none(), b, ub)));
+    Ok(sensors)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::output::serde_header;
+
+    #[test]
+    fn csv_header_is_the_field_names() {
+        let r = AnomalyRecord::new(
+            Uuid::nil(),
+            None,
+            &Anomaly {
+                kind: Kind::Gap,
+                start: 0,
+                end: 1,
+                value: None,
+                expected: None,
+                score: 2.0,
+            },
+        );
+        assert_eq!(serde_header(&r), AnomalyRecord::FIELDS.join(","));
+    }
+
+    #[test]
+    fn sensitivity_must_be_positive() {
+        assert_eq!(sensitivity("2"), Ok(2.0));
+        assert!(sensitivity("0").is_err());
+        assert!(sensitivity("-1").is_err());
+        assert!(sensitivity("NaN").is_err());
+    }
+}

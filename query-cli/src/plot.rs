@@ -1,0 +1,516 @@
+//! `query-cli plot`: a line chart of one or more sensors' readings with their anomalies marked,
+//! as SVG or PNG (by the output's extension).
+//!
+//! Readings stream through the detector and, inside the window, into [`Columns`]: per pixel
+//! column the first, lowest, highest and last reading. The line visits those in time order, so
+//! the picture is the one every reading would draw — a one-reading spike is always there — while
+//! memory and drawing time depend on the width, not on how many readings there are. The line
+//! breaks across gaps the detector found. Text is drawn with DejaVu Sans from the `dejavu` crate
+//! through `plotters`' ab_glyph back end: no system font is needed (CI and containers have none).
+
+use std::path::{Path, PathBuf};
+use std::sync::Once;
+
+use chrono::{DateTime, Duration, Utc};
+use clap::Args;
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use sensor_pipeline::anomaly::{Anomaly, Detector, Kind, WARM_UP_MICROS, WARM_UP_READINGS};
+use sensor_pipeline::config::DatabaseSettings;
+use uuid::Uuid;
+
+use crate::db::Databases;
+use crate::output::timestamp;
+use crate::readings::{parse_uuid, resolve, Sensor};
+use crate::{range, series, Failure};
+
+/// Default picture width, and height per sensor panel.
+const WIDTH: u32 = 1400;
+const PANEL_HEIGHT: u32 = 380;
+/// Layout in pixels: outer margin, the band for the y labels, the band for the x labels, the
+/// caption band. The plot area of a panel spans x from `MARGIN + Y_LABELS` to `width - MARGIN`.
+const MARGIN: u32 = 14;
+const Y_LABELS: u32 = 80;
+const X_LABELS: u32 = 44;
+
+#[derive(Debug, Args)]
+#[group(skip)]
+#[command(group(clap::ArgGroup::new("sensor").required(true).multiple(true)))]
+pub struct PlotArgs {
+    /// A sensor's name, as in the mapping (repeatable: one panel each).
+    #[arg(long = "sensor-name", value_name = "NAME", group = "sensor")]
+    sensor_names: Vec<String>,
+    /// A sensor's UUID (repeatable: one panel each, after the named ones).
+    #[arg(long = "sensor-uuid", value_name = "UUID", value_parser = parse_uuid, group = "sensor")]
+    sensor_uuids: Vec<Uuid>,
+    /// First instant of the range (inclusive).
+    #[arg(long, value_name = "T", value_parser = range::flag)]
+    start_timestamp: DateTime<Utc>,
+    /// Last instant of the range (inclusive).
+    #[arg(long, value_name = "T", value_parser = range::flag)]
+    end_timestamp: DateTime<Utc>,
+    /// The picture to write: FILE.svg or FILE.png.
+    #[arg(long, value_name = "FILE")]
+    output: PathBuf,
+    /// Width in pixels (default 1400).
+    #[arg(long, value_name = "W", value_parser = clap::value_parser!(u32).range(200..=20_000))]
+    width: Option<u32>,
+    /// Height in pixels (default 380 per sensor).
+    #[arg(long, value_name = "H", value_parser = clap::value_parser!(u32).range(120..=20_000))]
+    height: Option<u32>,
+    /// As for `anomalies`: divides every detection threshold (default 1).
+    #[arg(long, value_name = "S", default_value_t = 1.0)]
+    sensitivity: f64,
+}
+
+/// The picture format, from the output's extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Picture {
+    Svg,
+    Png,
+}
+
+fn picture(path: &Path) -> Result<Picture, Failure> {
+    match path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        Some("svg") => Ok(Picture::Svg),
+        Some("png") => Ok(Picture::Png),
+        _ => Err(Failure::Usage(format!(
+            "--output {}: the file name must end in .svg or .png",
+            path.display()
+        ))),
+    }
+}
+
+/// One sensor's panel: its title, its readings reduced to columns, its anomalies in the window.
+pub struct Panel {
+    pub title: String,
+    pub columns: Columns,
+    pub anomalies: Vec<Anomaly>,
+}
+
+pub async fn run(settings: &DatabaseSettings, args: PlotArgs) -> Result<(), Failure> {
+    let format = picture(&args.output)?;
+    if args.start_timestamp >= args.end_timestamp {
+        return Err(Failure::Usage(format!(
+            "--start-timestamp ({}) must be before --end-timestamp ({}) for a plot",
+            timestamp(args.start_timestamp),
+            timestamp(args.end_timestamp)
+        )));
+    }
+    if !(args.sensitivity.is_finite() && args.sensitivity > 0.0) {
+        return Err(Failure::Usage("--sensitivity must be a number above 0".into()));
+    }
+    let width = args.width.unwrap_or(WIDTH);
+    let sensors: Vec<Sensor> = args
+        .sensor_names
+        .iter()
+        .cloned()
+        .map(Sensor::Name)
+        .chain(args.sensor_uuids.iter().copied().map(Sensor::Uuid))
+        .collect();
+    let height = args
+        .height
+        .unwrap_or(PANEL_HEIGHT * sensors.len().max(1) as u32);
+    let dbs = Databases::connect(settings).await?;
+    let (start, end) = (args.start_timestamp, args.end_timestamp);
+    let mut panels = Vec::new();
+    for sensor in &sensors {
+        let uuid = resolve(&dbs, sensor).await?;
+        let name = series::name_of(&dbs.mapping, uuid).await?;
+        let from = series::warm_up_from(
+            &dbs.measurements,
+            uuid,
+            start,
+            Duration::microseconds(WARM_UP_MICROS),
+            WARM_UP_READINGS,
+        )
+        .await?;
+        let (s, e) = (start.timestamp_micros(), end.timestamp_micros());
+        let mut columns = Columns::new(s, e, plot_width(width) as usize);
+        let mut detector = Detector::new(args.sensitivity);
+        let mut anomalies = Vec::new();
+        series::each_reading(&dbs.measurements, uuid, from, end, |at, value| {
+            detector.push(at, value, &mut anomalies);
+            if at >= s {
+                columns.push(at, value);
+            }
+        })
+        .await?;
+        detector.finish(&mut anomalies);
+        anomalies.retain(|a| a.start >= s && a.start <= e);
+        anomalies.sort_by_key(|a| a.start);
+        panels.push(Panel {
+            title: name.unwrap_or_else(|| uuid.to_string()),
+            columns,
+            anomalies,
+        });
+    }
+    render(&panels, &args.output, format, (width, height))
+        .map_err(|e| Failure::Infrastructure(format!("cannot write {}: {e}", args.output.display())))
+}
+
+fn plot_width(width: u32) -> u32 {
+    width.saturating_sub(2 * MARGIN + Y_LABELS).max(1)
+}
+
+/// The x pixel (in the whole picture) at which instant `at` is drawn in a `width`-wide picture
+/// of `[start, end]`.
+#[cfg(test)]
+fn x_pixel(width: u32, start: i64, end: i64, at: i64) -> f64 {
+    let left = (MARGIN + Y_LABELS) as f64;
+    left + (at - start) as f64 / (end - start) as f64 * plot_width(width) as f64
+}
+
+/// Readings reduced to pixel columns: per column the first, lowest, highest and last reading.
+pub struct Columns {
+    start: i64,
+    end: i64,
+    buckets: Vec<Bucket>,
+    readings: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Bucket {
+    n: u32,
+    first: (i64, f64),
+    low: (i64, f64),
+    high: (i64, f64),
+    last: (i64, f64),
+}
+
+impl Columns {
+    pub fn new(start: i64, end: i64, columns: usize) -> Self {
+        Self {
+            start,
+            end: end.max(start + 1),
+            buckets: vec![Bucket::default(); columns.max(1)],
+            readings: 0,
+        }
+    }
+
+    /// Adds a reading (in time order) inside `[start, end]`; others are ignored.
+    pub fn push(&mut self, at: i64, value: f64) {
+        if at < self.start || at > self.end || !value.is_finite() {
+            return;
+        }
+        let n = self.buckets.len();
+        let i = ((at - self.start) as i128 * n as i128 / (self.end - self.start + 1) as i128)
+            as usize;
+        let b = &mut self.buckets[i.min(n - 1)];
+        if b.n == 0 {
+            *b = Bucket {
+                n: 1,
+                first: (at, value),
+                low: (at, value),
+                high: (at, value),
+                last: (at, value),
+            };
+        } else {
+            b.n += 1;
+            b.last = (at, value);
+            if value < b.low.1 {
+                b.low = (at, value);
+            }
+            if value > b.high.1 {
+                b.high = (at, value);
+            }
+        }
+        self.readings += 1;
+    }
+
+    /// The points the line visits, in time order (at most four per column).
+    pub fn points(&self) -> Vec<(i64, f64)> {
+        let mut points = Vec::new();
+        for b in self.buckets.iter().filter(|b| b.n > 0) {
+            let (a, c) = if b.low.0 <= b.high.0 {
+                (b.low, b.high)
+            } else {
+                (b.high, b.low)
+            };
+            for p in [b.first, a, c, b.last] {
+                if points.last() != Some(&p) {
+                    points.push(p);
+                }
+            }
+        }
+        points
+    }
+
+    /// The lowest and highest value, if there are readings.
+    pub fn value_range(&self) -> Option<(f64, f64)> {
+        self.buckets
+            .iter()
+            .filter(|b| b.n > 0)
+            .map(|b| (b.low.1, b.high.1))
+            .reduce(|(l, h), (a, b)| (l.min(a), h.max(b)))
+    }
+
+    pub fn readings(&self) -> u64 {
+        self.readings
+    }
+}
+
+/// Colours per kind (a colour-blind-safe set), and the line's.
+fn colour(kind: Kind) -> RGBColor {
+    match kind {
+        Kind::Spike => RGBColor(213, 36, 36),
+        Kind::LevelShift => RGBColor(230, 130, 0),
+        Kind::Stuck => RGBColor(136, 64, 170),
+        Kind::Gap => RGBColor(90, 90, 90),
+    }
+}
+const LINE: RGBColor = RGBColor(31, 100, 170);
+
+fn register_font() {
+    static FONT: Once = Once::new();
+    FONT.call_once(|| {
+        // The bytes are a valid TrueType font shipped by the crate; failure is not possible.
+        let _ = plotters::style::register_font(
+            "sans-serif",
+            FontStyle::Normal,
+            dejavu::sans::regular(),
+        );
+    });
+}
+
+/// Draws `panels` one above the other into `path`.
+fn render(
+    panels: &[Panel],
+    path: &Path,
+    format: Picture,
+    size: (u32, u32),
+) -> Result<(), String> {
+    register_font();
+    match format {
+        Picture::Svg => {
+            let root = SVGBackend::new(path, size).into_drawing_area();
+            draw(&root, panels)?;
+            root.present().map_err(|e| e.to_string())
+        }
+        Picture::Png => {
+            let root = BitMapBackend::new(path, size).into_drawing_area();
+            draw(&root, panels)?;
+            root.present().map_err(|e| e.to_string())
+        }
+    }
+}
+
+/// Draws into an RGB buffer (what the PNG holds), for tests.
+#[cfg(test)]
+fn render_rgb(panels: &[Panel], size: (u32, u32)) -> Vec<u8> {
+    register_font();
+    let mut buffer = vec![0u8; (size.0 * size.1 * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut buffer, size).into_drawing_area();
+        draw(&root, panels).unwrap();
+        root.present().unwrap();
+    }
+    buffer
+}
+
+fn time_label(us: i64, span: i64) -> String {
+    let t = DateTime::from_timestamp_micros(us).unwrap_or_default();
+    if span <= 2 * 86_400_000_000 {
+        t.format("%m-%d %H:%M").to_string()
+    } else if span <= 120 * 86_400_000_000 {
+        t.format("%Y-%m-%d %H:%M").to_string()
+    } else {
+        t.format("%Y-%m-%d").to_string()
+    }
+}
+
+fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, panels: &[Panel]) -> Result<(), String> {
+    let err = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
+    root.fill(&WHITE).map_err(err)?;
+    let areas = root.split_evenly((panels.len().max(1), 1));
+    for (panel, area) in panels.iter().zip(&areas) {
+        let (start, end) = (panel.columns.start, panel.columns.end);
+        let (mut low, mut high) = panel.columns.value_range().unwrap_or((0.0, 1.0));
+        for v in panel.anomalies.iter().filter_map(|a| a.value) {
+            low = low.min(v);
+            high = high.max(v);
+        }
+        let pad = if high > low { (high - low) * 0.06 } else { 1.0 };
+        let (low, high) = (low - pad, high + pad);
+        let count = panel.anomalies.len();
+        let title = format!(
+            "{} — {} readings, {} {}",
+            panel.title,
+            panel.columns.readings(),
+            count,
+            if count == 1 { "anomaly" } else { "anomalies" }
+        );
+        let mut chart = ChartBuilder::on(area)
+            .caption(title, ("sans-serif", 20))
+            .margin(MARGIN)
+            .x_label_area_size(X_LABELS)
+            .y_label_area_size(Y_LABELS)
+            .build_cartesian_2d(start..end, low..high)
+            .map_err(err)?;
+        let span = end - start;
+        chart
+            .configure_mesh()
+            .x_labels(7)
+            .y_labels(6)
+            .x_label_formatter(&|x| time_label(*x, span))
+            .x_desc("time (UTC)")
+            .y_desc("value")
+            .label_style(("sans-serif", 13))
+            .axis_desc_style(("sans-serif", 14))
+            .light_line_style(RGBColor(242, 242, 242))
+            .bold_line_style(RGBColor(222, 222, 222))
+            .draw()
+            .map_err(err)?;
+
+        // Spans first (under the line): stuck stretches and gaps.
+        for a in &panel.anomalies {
+            if matches!(a.kind, Kind::Stuck | Kind::Gap) {
+                let c = colour(a.kind).mix(0.18);
+                chart
+                    .draw_series(std::iter::once(Rectangle::new(
+                        [(a.start, low), (a.end.max(a.start + 1), high)],
+                        c.filled(),
+                    )))
+                    .map_err(err)?;
+            }
+        }
+        // The line, broken across gaps.
+        let gaps: Vec<(i64, i64)> = panel
+            .anomalies
+            .iter()
+            .filter(|a| a.kind == Kind::Gap)
+            .map(|a| (a.start, a.end))
+            .collect();
+        let points = panel.columns.points();
+        let mut segments: Vec<Vec<(i64, f64)>> = vec![Vec::new()];
+        for (i, &p) in points.iter().enumerate() {
+            if i > 0 {
+                let previous = points[i - 1].0;
+                if gaps.iter().any(|&(s, e)| previous <= s && p.0 >= e) {
+                    segments.push(Vec::new());
+                }
+            }
+            segments.last_mut().expect("one segment").push(p);
+        }
+        for (i, segment) in segments.into_iter().enumerate() {
+            let series = chart
+                .draw_series(LineSeries::new(segment, LINE.stroke_width(1)))
+                .map_err(err)?;
+            if i == 0 {
+                series.label("readings").legend(|(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 16, y)], LINE.stroke_width(2))
+                });
+            }
+        }
+        // Level shifts: a thin line where the new level starts.
+        for a in panel.anomalies.iter().filter(|a| a.kind == Kind::LevelShift) {
+            chart
+                .draw_series(std::iter::once(PathElement::new(
+                    vec![(a.start, low), (a.start, high)],
+                    colour(a.kind).mix(0.55).stroke_width(1),
+                )))
+                .map_err(err)?;
+        }
+        // One marker per anomaly, a legend entry per kind present.
+        for kind in Kind::ALL {
+            let markers: Vec<(i64, f64)> = panel
+                .anomalies
+                .iter()
+                .filter(|a| a.kind == kind)
+                .map(|a| (a.start, a.value.unwrap_or(low + pad / 2.0)))
+                .collect();
+            if markers.is_empty() {
+                continue;
+            }
+            let c = colour(kind);
+            chart
+                .draw_series(
+                    markers
+                        .into_iter()
+                        .map(|p| Circle::new(p, 5, c.filled())),
+                )
+                .map_err(err)?
+                .label(kind.as_str())
+                .legend(move |(x, y)| Rectangle::new([(x + 3, y - 5), (x + 13, y + 5)], c.filled()));
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .label_font(("sans-serif", 13))
+            .background_style(WHITE.mix(0.85))
+            .border_style(RGBColor(190, 190, 190))
+            .draw()
+            .map_err(err)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOUR: i64 = 3_600_000_000;
+
+    #[test]
+    fn columns_keep_every_extreme_in_time_order() {
+        let mut c = Columns::new(0, 99, 10);
+        for t in 0..100 {
+            c.push(t, if t == 37 { 50.0 } else { (t % 3) as f64 });
+        }
+        c.push(100, 1e9); // outside
+        let points = c.points();
+        assert!(points.contains(&(37, 50.0)));
+        assert!(points.windows(2).all(|w| w[0].0 < w[1].0));
+        assert!(points.len() <= 40);
+        assert_eq!(c.value_range(), Some((0.0, 50.0)));
+        assert_eq!(c.readings(), 100);
+    }
+
+    #[test]
+    fn a_spike_marker_is_drawn_at_its_time() {
+        let (start, end) = (0, 100 * HOUR);
+        let mut columns = Columns::new(start, end, plot_width(800) as usize);
+        for h in 0..=100 {
+            columns.push(h * HOUR, if h == 70 { 40.0 } else { (h % 5) as f64 });
+        }
+        let spike = Anomaly {
+            kind: Kind::Spike,
+            start: 70 * HOUR,
+            end: 70 * HOUR,
+            value: Some(40.0),
+            expected: Some(2.0),
+            score: 9.0,
+        };
+        let (w, h) = (800, 300);
+        let rgb = render_rgb(
+            &[Panel {
+                title: "t".into(),
+                columns,
+                anomalies: vec![spike],
+            }],
+            (w, h),
+        );
+        let red = colour(Kind::Spike);
+        let xs: Vec<u32> = (0..w * h)
+            .filter(|i| rgb[(i * 3) as usize..(i * 3 + 3) as usize] == [red.0, red.1, red.2])
+            .map(|i| i % w)
+            .filter(|&x| x < w - 200) // not the legend
+            .collect();
+        assert!(!xs.is_empty(), "no marker pixels");
+        let mid = (xs.iter().min().unwrap() + xs.iter().max().unwrap()) as f64 / 2.0;
+        let expected = x_pixel(w, start, end, 70 * HOUR);
+        assert!((mid - expected).abs() <= 1.5, "marker at {mid}, expected {expected}");
+    }
+
+    #[test]
+    fn the_extension_chooses_the_format() {
+        assert_eq!(picture(Path::new("a.SVG")).unwrap(), Picture::Svg);
+        assert_eq!(picture(Path::new("a/b.png")).unwrap(), Picture::Png);
+        assert!(picture(Path::new("a.jpg")).is_err());
+    }
+}
