@@ -98,7 +98,9 @@ impl Record for AnomalyRecord {
     fn table_cells(&self) -> Vec<String> {
         let number = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.6}"));
         vec![
-            self.sensor_name.clone().unwrap_or_else(|| self.sensor_uuid.clone()),
+            self.sensor_name
+                .clone()
+                .unwrap_or_else(|| self.sensor_uuid.clone()),
             self.kind.to_string(),
             self.start.clone(),
             self.end.clone(),
@@ -205,7 +207,11 @@ pub async fn run(
         );
     }
     if progress {
-        eprintln!("\r\x1b[2K{} sensors, {} anomalies", sensors.len(), records.len());
+        eprintln!(
+            "\r\x1b[2K{} sensors, {} anomalies",
+            sensors.len(),
+            records.len()
+        );
     }
     render(out, args.format, &records)?;
     Ok(())

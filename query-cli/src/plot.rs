@@ -103,7 +103,9 @@ pub async fn run(settings: &DatabaseSettings, args: PlotArgs) -> Result<(), Fail
         )));
     }
     if !(args.sensitivity.is_finite() && args.sensitivity > 0.0) {
-        return Err(Failure::Usage("--sensitivity must be a number above 0".into()));
+        return Err(Failure::Usage(
+            "--sensitivity must be a number above 0".into(),
+        ));
     }
     let width = args.width.unwrap_or(WIDTH);
     let sensors: Vec<Sensor> = args
@@ -150,8 +152,9 @@ pub async fn run(settings: &DatabaseSettings, args: PlotArgs) -> Result<(), Fail
             anomalies,
         });
     }
-    render(&panels, &args.output, format, (width, height))
-        .map_err(|e| Failure::Infrastructure(format!("cannot write {}: {e}", args.output.display())))
+    render(&panels, &args.output, format, (width, height)).map_err(|e| {
+        Failure::Infrastructure(format!("cannot write {}: {e}", args.output.display()))
+    })
 }
 
 fn plot_width(width: u32) -> u32 {
@@ -199,8 +202,8 @@ impl Columns {
             return;
         }
         let n = self.buckets.len();
-        let i = ((at - self.start) as i128 * n as i128 / (self.end - self.start + 1) as i128)
-            as usize;
+        let i =
+            ((at - self.start) as i128 * n as i128 / (self.end - self.start + 1) as i128) as usize;
         let b = &mut self.buckets[i.min(n - 1)];
         if b.n == 0 {
             *b = Bucket {
@@ -279,12 +282,7 @@ fn register_font() {
 }
 
 /// Draws `panels` one above the other into `path`.
-fn render(
-    panels: &[Panel],
-    path: &Path,
-    format: Picture,
-    size: (u32, u32),
-) -> Result<(), String> {
+fn render(panels: &[Panel], path: &Path, format: Picture, size: (u32, u32)) -> Result<(), String> {
     register_font();
     match format {
         Picture::Svg => {
@@ -408,7 +406,11 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, panels: &[Panel]) -> 
             }
         }
         // Level shifts: a thin line where the new level starts.
-        for a in panel.anomalies.iter().filter(|a| a.kind == Kind::LevelShift) {
+        for a in panel
+            .anomalies
+            .iter()
+            .filter(|a| a.kind == Kind::LevelShift)
+        {
             chart
                 .draw_series(std::iter::once(PathElement::new(
                     vec![(a.start, low), (a.start, high)],
@@ -429,14 +431,12 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, panels: &[Panel]) -> 
             }
             let c = colour(kind);
             chart
-                .draw_series(
-                    markers
-                        .into_iter()
-                        .map(|p| Circle::new(p, 5, c.filled())),
-                )
+                .draw_series(markers.into_iter().map(|p| Circle::new(p, 5, c.filled())))
                 .map_err(err)?
                 .label(kind.as_str())
-                .legend(move |(x, y)| Rectangle::new([(x + 3, y - 5), (x + 13, y + 5)], c.filled()));
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x + 3, y - 5), (x + 13, y + 5)], c.filled())
+                });
         }
         chart
             .configure_series_labels()
@@ -504,7 +504,10 @@ mod tests {
         assert!(!xs.is_empty(), "no marker pixels");
         let mid = (xs.iter().min().unwrap() + xs.iter().max().unwrap()) as f64 / 2.0;
         let expected = x_pixel(w, start, end, 70 * HOUR);
-        assert!((mid - expected).abs() <= 1.5, "marker at {mid}, expected {expected}");
+        assert!(
+            (mid - expected).abs() <= 1.5,
+            "marker at {mid}, expected {expected}"
+        );
     }
 
     #[test]

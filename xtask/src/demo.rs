@@ -233,12 +233,55 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     );
     check_page(&answer)?;
 
+    // Task 4: what the detector finds in one sensor, against what the generator injected.
+    let range_end = (data.start + chrono::Duration::days(data.days)).to_rfc3339();
+    let range_start = data.start.to_rfc3339();
+    let anomalies = [
+        "anomalies",
+        "--sensor-name",
+        "sensor_00007",
+        "--start-timestamp",
+        range_start.as_str(),
+        "--end-timestamp",
+        range_end.as_str(),
+    ];
+    let answer = bin.query(&env_file, &anomalies)?;
+    let injected = generated
+        .truth
+        .as_ref()
+        .and_then(|t| std::fs::read_to_string(t).ok())
+        .map_or(0, |t| t.matches("\"sensor_00007\"").count());
+    println!(
+        "\n$ query-cli {}\n{answer}({} found; the generator injected {injected}, listed in {})",
+        anomalies.join(" "),
+        answer.lines().count().saturating_sub(1),
+        data.out.join("anomalies.json").display()
+    );
+    let picture = dir.join("sensor_00007.png");
+    let picture_arg = picture.display().to_string();
+    let mut plot = vec![
+        "plot",
+        "--sensor-name",
+        "sensor_00007",
+        "--sensor-name",
+        "sensor_00003",
+    ];
+    plot.extend(&anomalies[3..]);
+    plot.extend(["--output", picture_arg.as_str()]);
+    bin.query(&env_file, &plot)?;
+    println!(
+        "Readings with their anomalies marked: {}",
+        picture.display()
+    );
+
     let bin_dir = bin.dir.display();
     println!(
         "The pipeline is running. Keep exploring:\n\n  \
          {bin_dir}/query-cli --env-file .demo/env sensors\n  \
          {bin_dir}/query-cli --env-file .demo/env status --failed\n  \
          {bin_dir}/query-cli --env-file .demo/env readings --sensor-name sensor_00001 --start-timestamp 2013-01-01 --end-timestamp 2013-01-02 --format csv\n  \
+         {bin_dir}/query-cli --env-file .demo/env anomalies --all --start-timestamp 2012-12-01 --end-timestamp 2013-03-01\n  \
+         {bin_dir}/query-cli --env-file .demo/env plot --sensor-name sensor_00001 --start-timestamp 2013-01-01 --end-timestamp 2013-01-08 --output .demo/week.svg\n  \
          {bin_dir}/sensors-worker --env-file .demo/env dlq list\n  \
          curl -s {}\n\n\
          Upload more files with any S3 client (endpoint http://127.0.0.1:{s3_port}, keys in .demo/env); \

@@ -1,8 +1,11 @@
 //! `cargo xtask gen`: a realistic, deterministic dataset in the bucket layout.
 //!
 //! N sensors × readings every `interval` over `days`, from `start`: a daily cycle per sensor
-//! (own base, amplitude and phase), Gaussian-ish noise, rare spikes, and an occasional lasting level
-//! shift. A configurable share of the messiness the data contract allows or rejects: timestamps
+//! (own base, amplitude and phase) and Gaussian-ish noise, with anomalies injected on a schedule
+//! of nine-day slots from day 4 — a spike in each slot, and in the first three slots a lasting
+//! level shift, a stuck stretch (one value repeated for 6 hours) and a gap (12 hours without
+//! readings), each on its own day. What was injected is written to `anomalies.json` beside the
+//! objects (sensor, kind, start, end: what `query-cli anomalies` should find). A configurable share of the messiness the data contract allows or rejects: timestamps
 //! without offset (Berlin wall time) or with `+01:00`, decimal commas, duplicate keys (the later
 //! line wins), and bad rows (not a number, not a UUID, a missing field). The same seed gives the
 //! same bytes; the random generator is SplitMix64, written out here so that stays true forever.
@@ -52,6 +55,8 @@ pub struct Generated {
     pub readings: u64,
     pub duplicates: u64,
     pub bad_rows: u64,
+    /// `anomalies.json`: what was injected.
+    pub truth: Option<PathBuf>,
 }
 
 /// SplitMix64: tiny, fast, and its sequence never changes.
@@ -83,8 +88,73 @@ struct Sensor {
     amplitude: f64,
     phase: f64,
     noise: f64,
-    shift_at: i64,
-    shift: f64,
+    plan: Plan,
+}
+
+/// The anomalies injected into one sensor's readings, in steps (reading numbers).
+#[derive(Debug, Default)]
+struct Plan {
+    /// (step, amount added).
+    spikes: Vec<(i64, f64)>,
+    /// (first step at the new level, amount added from there on).
+    shift: Option<(i64, f64)>,
+    /// (first step, steps) repeating the first step's value.
+    stuck: Option<(i64, i64)>,
+    /// (first missing step, steps missing).
+    gap: Option<(i64, i64)>,
+}
+
+impl Plan {
+    fn new(rng: &mut Rng, steps: i64, interval_secs: i64, amplitude: f64, noise: f64) -> Self {
+        let per_day = (86_400 / interval_secs).max(1);
+        let at = |rng: &mut Rng, day: i64| {
+            day * per_day + ((2.0 + rng.unit() * 18.0) / 24.0 * per_day as f64) as i64
+        };
+        let mut plan = Plan::default();
+        let mut slot = 0;
+        while 4 + 9 * slot + 9 <= steps / per_day {
+            let first = 4 + 9 * slot;
+            let up = rng.unit() < 0.7;
+            let size = amplitude + 6.0 + rng.unit() * 10.0;
+            let spike_day = first + (rng.unit() * 3.0) as i64;
+            plan.spikes
+                .push((at(rng, spike_day), if up { size } else { -size }));
+            let other_day = first + 5 + (rng.unit() * 2.0) as i64;
+            let other = at(rng, other_day);
+            match slot {
+                0 => {
+                    let size = 3.0 + 12.0 * noise + rng.unit() * 2.0;
+                    plan.shift = Some((other, if rng.unit() < 0.5 { size } else { -size }));
+                }
+                1 => plan.stuck = Some((other, (21_600 / interval_secs).max(24))),
+                2 => plan.gap = Some((other, (43_200 / interval_secs).max(40))),
+                _ => {}
+            }
+            slot += 1;
+        }
+        plan
+    }
+
+    fn missing(&self, step: i64) -> bool {
+        self.gap.is_some_and(|(g, n)| step >= g && step < g + n)
+    }
+
+    fn stuck(&self, step: i64) -> Option<i64> {
+        self.stuck
+            .filter(|&(s, n)| step >= s && step < s + n)
+            .map(|(s, _)| s)
+    }
+
+    /// Whether the reading at `step` must be written as a clean reading (it is part of an
+    /// anomaly or borders one), never replaced by a bad row.
+    fn keep(&self, step: i64) -> bool {
+        self.spikes.iter().any(|&(s, _)| s == step)
+            || self.shift.is_some_and(|(s, _)| s == step)
+            || self.stuck(step).is_some()
+            || self
+                .gap
+                .is_some_and(|(g, n)| step == g - 1 || step == g + n)
+    }
 }
 
 pub fn generate(args: &GenArgs) -> Result<Generated> {
@@ -103,10 +173,13 @@ pub fn generate(args: &GenArgs) -> Result<Generated> {
             amplitude: 2.0 + rng.unit() * 6.0,
             phase: rng.unit() * std::f64::consts::TAU,
             noise: 0.1 + rng.unit() * 0.5,
-            shift_at: (rng.unit() * steps as f64) as i64,
-            shift: (rng.unit() - 0.5) * 8.0,
+            plan: Plan::default(),
         })
         .collect();
+    let mut sensors = sensors;
+    for s in &mut sensors {
+        s.plan = Plan::new(&mut rng, steps, args.interval_secs, s.amplitude, s.noise);
+    }
 
     if args.out.exists() {
         std::fs::remove_dir_all(&args.out)
@@ -127,10 +200,14 @@ pub fn generate(args: &GenArgs) -> Result<Generated> {
     let mut lines_in_file = 0;
     let mut file_no = 0;
     let mut previous: Option<String> = None;
+    let mut stuck_values: Vec<Option<f64>> = vec![None; sensors.len()];
     for step in 0..steps {
         let t = args.start + Duration::seconds(step * args.interval_secs);
         let day_fraction = (t.timestamp().rem_euclid(86_400)) as f64 / 86_400.0;
-        for s in &sensors {
+        for (n, s) in sensors.iter().enumerate() {
+            if s.plan.missing(step) {
+                continue;
+            }
             if writer.is_none() || lines_in_file >= args.rows_per_file {
                 if let Some(w) = writer.take() {
                     w.finish()?;
@@ -151,13 +228,18 @@ pub fn generate(args: &GenArgs) -> Result<Generated> {
             let mut value = s.base
                 + s.amplitude * (std::f64::consts::TAU * day_fraction + s.phase).sin()
                 + s.noise * rng.normal();
-            if step >= s.shift_at {
-                value += s.shift;
+            if let Some((at, shift)) = s.plan.shift {
+                if step >= at {
+                    value += shift;
+                }
             }
-            if rng.unit() < 0.001 {
-                value += (rng.unit() - 0.3) * 40.0; // a spike
+            if let Some(&(_, spike)) = s.plan.spikes.iter().find(|&&(at, _)| at == step) {
+                value += spike;
             }
-            let value = (value * 1000.0).round() / 1000.0;
+            let mut value = (value * 1000.0).round() / 1000.0;
+            if s.plan.stuck(step).is_some() {
+                value = *stuck_values[n].get_or_insert(value);
+            }
             let r = rng.unit();
             let m = args.mess;
             let ts = if r < m {
@@ -181,7 +263,7 @@ pub fn generate(args: &GenArgs) -> Result<Generated> {
             };
             let line = format!("{ts};{};{value_text}\n", s.uuid);
             let kind = rng.unit();
-            if kind < m / 4.0 {
+            if kind < m / 4.0 && !s.plan.keep(step) {
                 // A bad row instead of this reading.
                 let bad = match rng.next() % 3 {
                     0 => format!("{ts};{};n/a\n", s.uuid),
@@ -209,7 +291,38 @@ pub fn generate(args: &GenArgs) -> Result<Generated> {
     if let Some(w) = writer.take() {
         w.finish()?;
     }
+    let truth = args.out.join("anomalies.json");
+    std::fs::write(&truth, truth_json(&sensors, args))?;
+    out.truth = Some(truth);
     Ok(out)
+}
+
+/// `anomalies.json`: one object per injected anomaly, by sensor then start.
+fn truth_json(sensors: &[Sensor], args: &GenArgs) -> String {
+    let at = |step: i64| {
+        (args.start + Duration::seconds(step * args.interval_secs))
+            .format("%Y-%m-%dT%H:%M:%SZ")
+            .to_string()
+    };
+    let mut lines = Vec::new();
+    for (i, s) in sensors.iter().enumerate() {
+        let mut found: Vec<(i64, &str, i64)> = Vec::new();
+        found.extend(s.plan.spikes.iter().map(|&(at, _)| (at, "spike", at)));
+        found.extend(s.plan.shift.map(|(at, _)| (at, "level_shift", at)));
+        found.extend(s.plan.stuck.map(|(at, n)| (at, "stuck", at + n - 1)));
+        found.extend(s.plan.gap.map(|(at, n)| (at - 1, "gap", at + n)));
+        found.sort();
+        for (start, kind, end) in found {
+            lines.push(format!(
+                "  {{\"sensor\": \"sensor_{:05}\", \"sensor_uuid\": \"{}\", \"kind\": \"{kind}\", \"start\": \"{}\", \"end\": \"{}\"}}",
+                i + 1,
+                s.uuid,
+                at(start),
+                at(end)
+            ));
+        }
+    }
+    format!("[\n{}\n]\n", lines.join(",\n"))
 }
 
 /// A measurement file being written, plain or gzip, with its header.
@@ -292,5 +405,102 @@ mod tests {
             .lines()
             .any(|l| l.rsplit(';').next().unwrap().contains(',')));
         assert!(all.lines().any(|l| l.len() > 19 && &l[10..11] == " "));
+    }
+
+    /// Every reading in the generated files, per sensor in time order (later lines win, bad rows
+    /// and the mapping skipped), read the way the data contract reads them.
+    fn readings_of(g: &Generated) -> std::collections::BTreeMap<String, Vec<(i64, f64)>> {
+        use sensor_pipeline::contract::{number::parse_decimal, timestamp::parse_datetime};
+        let mut all: std::collections::BTreeMap<String, std::collections::BTreeMap<i64, f64>> =
+            Default::default();
+        for (key, path) in g.files.iter().filter(|(k, _)| k.starts_with("timeseries/")) {
+            assert!(key.ends_with(".csv"));
+            for line in std::fs::read_to_string(path).unwrap().lines().skip(1) {
+                let f: Vec<&str> = line.split(';').collect();
+                if f.len() != 3 || uuid::Uuid::parse_str(f[1]).is_err() {
+                    continue;
+                }
+                let (Ok(ts), Ok(v)) = (
+                    parse_datetime(f[0].as_bytes()),
+                    parse_decimal(f[2].as_bytes()),
+                ) else {
+                    continue;
+                };
+                let at = ts.resolve(chrono_tz::Europe::Berlin).unwrap();
+                all.entry(f[1].to_string()).or_default().insert(at, v);
+            }
+        }
+        all.into_iter()
+            .map(|(k, v)| (k, v.into_iter().collect()))
+            .collect()
+    }
+
+    #[test]
+    fn the_detector_finds_what_was_injected() {
+        let dir = std::env::temp_dir().join(format!("xtask-truth-{}", std::process::id()));
+        let g = generate(&GenArgs {
+            out: dir.clone(),
+            sensors: 12,
+            start: "2013-01-01T00:00:00Z".parse().unwrap(),
+            days: 60,
+            interval_secs: 300,
+            rows_per_file: 50_000,
+            gzip: false,
+            mess: 0.01,
+            seed: 42,
+        })
+        .unwrap();
+        let truth: Vec<serde_json::Value> =
+            serde_json::from_str(&std::fs::read_to_string(g.truth.as_ref().unwrap()).unwrap())
+                .unwrap();
+        let readings = readings_of(&g);
+        std::fs::remove_dir_all(&dir).unwrap();
+        let micros = |s: &str| s.parse::<DateTime<Utc>>().unwrap().timestamp_micros();
+        let mut per_kind: std::collections::BTreeMap<&str, (usize, usize, usize)> =
+            Default::default(); // kind -> (truth, found, matched)
+        let mut unmatched = Vec::new();
+        for (sensor, series) in &readings {
+            let found = sensor_pipeline::anomaly::detect(series.iter().copied(), 1.0);
+            let expected: Vec<&serde_json::Value> = truth
+                .iter()
+                .filter(|t| t["sensor_uuid"] == sensor.as_str())
+                .collect();
+            for t in &expected {
+                per_kind.entry(t["kind"].as_str().unwrap()).or_default().0 += 1;
+            }
+            for a in &found {
+                let e = per_kind.entry(a.kind.as_str()).or_default();
+                e.1 += 1;
+                let hit = expected.iter().any(|t| {
+                    t["kind"] == a.kind.as_str()
+                        && (micros(t["start"].as_str().unwrap()) - a.start).abs() <= 600_000_000
+                });
+                if hit {
+                    e.2 += 1;
+                } else {
+                    unmatched.push(format!("{sensor} {a:?}"));
+                }
+            }
+        }
+        for (kind, (truth, found, matched)) in &per_kind {
+            let precision = *matched as f64 / (*found).max(1) as f64;
+            let recall = *matched as f64 / (*truth).max(1) as f64;
+            eprintln!("{kind}: truth {truth}, found {found}, matched {matched}: precision {precision:.3}, recall {recall:.3}");
+        }
+        eprintln!("unmatched detections: {unmatched:#?}");
+        assert_eq!(
+            per_kind.keys().copied().collect::<Vec<_>>(),
+            ["gap", "level_shift", "spike", "stuck"]
+        );
+        for (kind, (truth, found, matched)) in per_kind {
+            assert!(
+                matched as f64 >= 0.95 * truth as f64,
+                "{kind}: recall {matched}/{truth}"
+            );
+            assert!(
+                matched as f64 >= 0.95 * found as f64,
+                "{kind}: precision {matched}/{found}"
+            );
+        }
     }
 }

@@ -25,6 +25,10 @@ const NOVELTY: f64 = 2.0;
 /// A reading is new ground when it is beyond the remembered range of values (the `NOVELTY_RANK`-th
 /// highest epoch maximum, lowest epoch minimum) by this share of that range.
 const NEW_GROUND: f64 = 0.1;
+/// … and when the reading is this many robust standard deviations off the local level.
+const NEW_GROUND_Z: f64 = 5.0;
+/// Epochs remembered before new ground is reported (a day: the range of a daily cycle).
+const NEW_GROUND_EPOCHS: usize = 24;
 /// A reading back within this share of the threshold ends an excursion.
 const HYSTERESIS: f64 = 0.5;
 /// Readings away from the level that make an excursion a level shift rather than a spike.
@@ -89,6 +93,8 @@ struct Run {
     value: f64,
     len: u32,
     expected: f64,
+    /// Whether there was a history of runs when this one began (else nothing says what usual is).
+    judged: bool,
 }
 
 /// Readings away from the local level, not yet known to be a spike or a level shift.
@@ -138,6 +144,7 @@ impl Detector {
                 value: f64::NAN,
                 len: 0,
                 expected: f64::NAN,
+                judged: false,
             },
             epoch_run: 0.0,
             epoch_runs: SortedRing::new(EPOCHS),
@@ -163,9 +170,13 @@ impl Detector {
                 value,
                 len: 1,
                 expected: self.expected(at),
+                judged: self.epoch_runs.len() >= NOVELTY_RANK,
             };
         }
-        let expected = self.pending.as_ref().map_or_else(|| self.expected(at), |e| e.expected);
+        let expected = self
+            .pending
+            .as_ref()
+            .map_or_else(|| self.expected(at), |e| e.expected);
         self.level(at, value, found);
         self.epoch(at, value, value - expected);
         self.last = Some((at, value));
@@ -193,6 +204,7 @@ impl Detector {
                     expected: None,
                     score: dt / typical.max(1.0),
                 });
+                self.relearn(found);
                 return;
             }
         }
@@ -205,7 +217,7 @@ impl Detector {
             return;
         }
         self.run.len = 0;
-        let stuck = self.is_stuck(run.len);
+        let stuck = run.judged && self.is_stuck(run.len);
         self.epoch_run = self.epoch_run.max(run.len as f64);
         if stuck {
             let typical = self.epoch_runs.largest(2).max(1.0);
@@ -217,12 +229,23 @@ impl Detector {
                 expected: Some(run.expected).filter(|e| e.is_finite()),
                 score: run.len as f64 / typical,
             });
+            self.relearn(found);
         }
+    }
+
+    /// Forgets the local level (after a gap or a stuck stretch the sensor's level is elsewhere,
+    /// and a jump back to it is part of that anomaly, not a level shift of its own).
+    fn relearn(&mut self, found: &mut Vec<Anomaly>) {
+        if let Some(e) = self.pending.take() {
+            found.push(e.spike());
+        }
+        self.restart_level(&[]);
     }
 
     fn is_stuck(&self, len: u32) -> bool {
         self.epoch_runs.len() >= NOVELTY_RANK && {
-            let threshold = (STUCK_FACTOR * self.epoch_runs.largest(NOVELTY_RANK)).max(STUCK_MIN as f64);
+            let threshold =
+                (STUCK_FACTOR * self.epoch_runs.largest(NOVELTY_RANK)).max(STUCK_MIN as f64);
             len as f64 > threshold / self.sensitivity
         }
     }
@@ -282,9 +305,19 @@ impl Detector {
         if self.ready() && !self.stuck_now() {
             let unit = self.unit(expected);
             let threshold = unit / self.sensitivity;
-            let beyond = self.new_ground(value);
+            // New ground counts when the reading also stands out from the local level (a noisy
+            // sensor sets a new high now and then without anything happening).
+            let beyond = if residual.abs() > NEW_GROUND_Z * self.sigma / self.sensitivity {
+                self.new_ground(value)
+            } else {
+                0.0
+            };
             if residual.abs() > threshold || beyond != 0.0 {
-                let side = if beyond != 0.0 { beyond } else { residual.signum() };
+                let side = if beyond != 0.0 {
+                    beyond
+                } else {
+                    residual.signum()
+                };
                 self.pending = Some(Excursion {
                     start: at,
                     end: at,
@@ -305,7 +338,7 @@ impl Detector {
     fn new_ground(&self, value: f64) -> f64 {
         let high = self.highs.largest(NOVELTY_RANK).max(self.epoch_high);
         let low = (-self.lows.largest(NOVELTY_RANK)).min(self.epoch_low);
-        if self.highs.len() < NOVELTY_RANK || !(high - low).is_finite() {
+        if self.highs.len() < NEW_GROUND_EPOCHS || !(high - low).is_finite() {
             return 0.0;
         }
         let margin = NEW_GROUND * (high - low) / self.sensitivity;
@@ -321,7 +354,7 @@ impl Detector {
     /// Whether the current run is already long enough to be stuck (its readings then teach the
     /// detector nothing about the sensor's noise).
     fn stuck_now(&self) -> bool {
-        self.run.len > STUCK_MIN && self.is_stuck(self.run.len)
+        self.run.judged && self.run.len > STUCK_MIN && self.is_stuck(self.run.len)
     }
 
     fn accept(&mut self, at: i64, value: f64, residual: f64) {
@@ -352,6 +385,11 @@ impl Detector {
     /// Stores the current epoch; epochs without readings between it and `next` count as quiet
     /// ones (nothing exceeded, no range).
     fn close_epoch(&mut self, next: i64) {
+        if !self.run.judged {
+            // A run that began before there was any history is how this sensor is (a constant
+            // one is not stuck); a judged run counts when it ends.
+            self.epoch_run = self.epoch_run.max(self.run.len as f64);
+        }
         self.epoch_maxima.push(self.epoch_max);
         self.epoch_runs.push(self.epoch_run);
         self.highs.push(self.epoch_high);

@@ -77,3 +77,6 @@ pub fn detect(readings: impl IntoIterator<Item = (i64, f64)>, sensitivity: f64) 
     found.sort_by(|a, b| a.start.cmp(&b.start).then(a.kind.cmp(&b.kind)));
     found
 }
+
+#[cfg(test)]
+mod tests;

@@ -113,7 +113,11 @@ fn measure(binary: &Path, vars: &[(String, String)], args: &[&str]) -> Result<(D
         std::thread::sleep(Duration::from_millis(2));
     };
     let took = started.elapsed();
-    ensure!(status.success(), "{} {args:?} failed: {status}", binary.display());
+    ensure!(
+        status.success(),
+        "{} {args:?} failed: {status}",
+        binary.display()
+    );
     Ok((took, peak_kib / 1024.0))
 }
 
@@ -139,7 +143,11 @@ async fn main() -> Result<()> {
 
     // 1. Quality on the labelled series.
     let files = series_files(&a.bench.join("data"))?;
-    ensure!(!files.is_empty(), "no series in {}", a.bench.join("data").display());
+    ensure!(
+        !files.is_empty(),
+        "no series in {}",
+        a.bench.join("data").display()
+    );
     let mut mapping = String::from("sensor_uuid;sensor_name\n");
     let mut ranges = Vec::new();
     for (name, path) in &files {
@@ -259,16 +267,27 @@ async fn main() -> Result<()> {
              SELECT '{uuid}', timestamptz '2013-01-01T00:00:00Z' + make_interval(secs => i), \
                     20 + 5 * sin(i * 2 * pi() / 86400) + (i * 7919 % 1000) / 1000.0 \
                        + CASE WHEN i % 500000 = 250000 THEN 40 ELSE 0 END \
-             FROM generate_series(0, {count} - 1) i"
+             FROM generate_series(0::bigint, {count} - 1) i"
         ))
         .await?;
     }
     db.batch_execute("VACUUM ANALYZE measurements").await?;
-    let range = ["--start-timestamp", "2013-01-01", "--end-timestamp", "2014-01-01"];
+    let range = [
+        "--start-timestamp",
+        "2013-01-01",
+        "--end-timestamp",
+        "2014-01-01",
+    ];
     let mut args = vec!["anomalies", "--sensor-name", "speed_1m", "--format", "json"];
     args.extend(range);
     let (t1, rss1) = median_of(&cli, &vars, &args)?;
-    let mut args = vec!["anomalies", "--sensor-name", "speed_10m", "--format", "json"];
+    let mut args = vec![
+        "anomalies",
+        "--sensor-name",
+        "speed_10m",
+        "--format",
+        "json",
+    ];
     args.extend(range);
     let (t10, rss10) = median_of(&cli, &vars, &args)?;
     println!(

@@ -1,0 +1,202 @@
+//! The detector on synthetic series: exact detections where the truth is unambiguous, (almost)
+//! nothing on pure noise of any scale, and the same result wherever the window begins.
+
+use super::{detect, Anomaly, Detector, Kind, WARM_UP_MICROS, WARM_UP_READINGS};
+
+/// SplitMix64: a fixed sequence, so every run sees the same series.
+struct Rng(u64);
+
+impl Rng {
+    fn unit(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Approximately standard normal (sum of twelve uniforms).
+    fn normal(&mut self) -> f64 {
+        (0..12).map(|_| self.unit()).sum::<f64>() - 6.0
+    }
+}
+
+const T0: i64 = 1_356_998_400_000_000; // 2013-01-01T00:00:00Z
+const MINUTE: i64 = 60_000_000;
+
+/// `n` readings every `step`, from `f(i, rng)`.
+fn series(n: usize, step: i64, seed: u64, f: impl Fn(usize, &mut Rng) -> f64) -> Vec<(i64, f64)> {
+    let mut rng = Rng(seed);
+    (0..n)
+        .map(|i| (T0 + i as i64 * step, f(i, &mut rng)))
+        .collect()
+}
+
+fn kinds(found: &[Anomaly]) -> Vec<(Kind, i64, i64)> {
+    found.iter().map(|a| (a.kind, a.start, a.end)).collect()
+}
+
+fn at(i: usize, step: i64) -> i64 {
+    T0 + i as i64 * step
+}
+
+#[test]
+fn white_noise_of_any_scale_yields_at_most_a_handful() {
+    for (seed, scale, level) in [
+        (1, 1e-6, 0.0),
+        (2, 1.0, 20.0),
+        (3, 1e6, -5e7),
+        (4, 0.3, 1e9),
+    ] {
+        let s = series(200_000, MINUTE, seed, |_, r| level + scale * r.normal());
+        let found = detect(s, 1.0);
+        assert!(found.len() <= 3, "scale {scale}: {found:?}");
+    }
+}
+
+#[test]
+fn a_spike_on_a_clean_and_on_a_noisy_series() {
+    for (seed, noise) in [(5, 0.0), (6, 0.01), (7, 2.0)] {
+        let s = series(20_000, MINUTE, seed, |i, r| {
+            20.0 + noise * r.normal()
+                + if i == 15_000 {
+                    30.0 + 40.0 * noise
+                } else {
+                    0.0
+                }
+        });
+        let found = detect(s.clone(), 1.0);
+        assert_eq!(
+            kinds(&found),
+            [(Kind::Spike, at(15_000, MINUTE), at(15_000, MINUTE))],
+            "noise {noise}"
+        );
+        assert_eq!(found[0].value, Some(s[15_000].1));
+        let expected = found[0].expected.unwrap();
+        assert!((expected - 20.0).abs() < 0.5 + noise, "expected {expected}");
+        assert!(found[0].score > 1.0);
+    }
+}
+
+#[test]
+fn a_level_shift_starts_at_the_first_reading_at_the_new_level() {
+    let s = series(20_000, MINUTE, 8, |i, r| {
+        10.0 + 0.5 * r.normal() + if i >= 12_345 { 8.0 } else { 0.0 }
+    });
+    let found = detect(s, 1.0);
+    assert_eq!(kinds(&found).len(), 1, "{found:?}");
+    assert_eq!(found[0].kind, Kind::LevelShift);
+    assert_eq!(found[0].start, at(12_345, MINUTE));
+    assert!((found[0].expected.unwrap() - 10.0).abs() < 0.5);
+}
+
+#[test]
+fn a_stuck_stretch_and_a_gap_exactly() {
+    // A daily cycle every 5 minutes; readings 10,000..10,099 repeat one value; 10,500..10,699 missing.
+    let step = 5 * MINUTE;
+    let mut s = series(20_000, step, 9, |i, r| {
+        let day = (i % 288) as f64 / 288.0 * std::f64::consts::TAU;
+        ((15.0 + 5.0 * day.sin() + 0.2 * r.normal()) * 1000.0).round() / 1000.0
+    });
+    let frozen = s[10_000].1;
+    for r in &mut s[10_000..10_100] {
+        r.1 = frozen;
+    }
+    s.retain(|&(t, _)| !(at(10_500, step)..at(10_700, step)).contains(&t));
+    let found = detect(s, 1.0);
+    assert_eq!(
+        kinds(&found),
+        [
+            (Kind::Stuck, at(10_000, step), at(10_099, step)),
+            (Kind::Gap, at(10_499, step), at(10_700, step)),
+        ]
+    );
+    assert_eq!(found[0].value, Some(frozen));
+    assert_eq!((found[1].value, found[1].expected), (None, None));
+    assert!((found[1].score - 201.0).abs() < 1e-9, "{}", found[1].score);
+}
+
+#[test]
+fn a_daily_cycle_alone_is_not_anomalous_and_a_spike_on_it_is() {
+    let step = 5 * MINUTE;
+    let s = series(30 * 288, step, 10, |i, r| {
+        let day = (i % 288) as f64 / 288.0 * std::f64::consts::TAU;
+        20.0 + 8.0 * day.sin() + 0.3 * r.normal() + if i == 6_000 { -12.0 } else { 0.0 }
+    });
+    let found = detect(s, 1.0);
+    assert_eq!(
+        kinds(&found),
+        [(Kind::Spike, at(6_000, step), at(6_000, step))]
+    );
+}
+
+#[test]
+fn irregular_sampling_with_a_spike() {
+    let mut rng = Rng(11);
+    let mut t = T0;
+    let mut s = Vec::new();
+    for i in 0..30_000 {
+        t += 30_000_000 + (rng.unit() * 60_000_000.0) as i64; // 30 to 90 s apart
+        s.push((
+            t,
+            5.0 + 0.1 * rng.normal() + if i == 20_000 { 3.0 } else { 0.0 },
+        ));
+    }
+    let spike_at = s[20_000].0;
+    let found = detect(s, 1.0);
+    assert_eq!(kinds(&found), [(Kind::Spike, spike_at, spike_at)]);
+}
+
+#[test]
+fn sensitivity_scales_the_thresholds() {
+    let s = series(20_000, MINUTE, 12, |i, r| {
+        1.0 + 0.1 * r.normal() + if i == 15_000 { 0.9 } else { 0.0 }
+    });
+    assert_eq!(detect(s.clone(), 1.0).len(), 1);
+    assert_eq!(detect(s, 0.25).len(), 0);
+}
+
+#[test]
+fn a_window_does_not_depend_on_where_it_begins() {
+    // Three weeks of 1-minute readings with a cycle, noise, spikes, a shift, a stuck stretch.
+    let s = series(30_000, MINUTE, 13, |i, r| {
+        let day = (i % 1440) as f64 / 1440.0 * std::f64::consts::TAU;
+        let mut v = 50.0 + 10.0 * day.sin() + 0.5 * r.normal();
+        if i % 7_000 == 6_500 {
+            v += 25.0;
+        }
+        if i >= 22_000 {
+            v += 6.0;
+        }
+        if (26_000..26_200).contains(&i) {
+            v = 0.0;
+        }
+        v
+    });
+    // What the CLI does: read from the warm-up before `start`, keep anomalies starting in it.
+    let window = |start: usize| -> Vec<Anomaly> {
+        let start_at = s[start].0;
+        let from = (start_at - WARM_UP_MICROS).min(s[start.saturating_sub(WARM_UP_READINGS)].0);
+        let mut d = Detector::new(1.0);
+        let mut found = Vec::new();
+        for &(t, v) in s.iter().filter(|(t, _)| *t >= from) {
+            d.push(t, v, &mut found);
+        }
+        d.finish(&mut found);
+        found.retain(|a| a.start >= start_at);
+        found.sort_by_key(|a| (a.start, a.kind));
+        found
+    };
+    let reference = window(20_000);
+    assert!(reference.len() >= 3, "{reference:?}");
+    for earlier in [19_000, 15_000, 9_000, 0] {
+        assert_eq!(
+            window(earlier)
+                .into_iter()
+                .filter(|a| a.start >= s[20_000].0)
+                .collect::<Vec<_>>(),
+            reference,
+            "from {earlier}"
+        );
+    }
+}

@@ -1,0 +1,383 @@
+//! `query-cli anomalies` and `query-cli plot` as a user runs them, against real PostgreSQL with
+//! readings stored by ingesting objects.
+
+use std::process::Output;
+
+use sensor_pipeline::anomaly::{detect, Anomaly, Kind};
+use sensor_pipeline::config::ContractSettings;
+use sensor_pipeline::ingest::Ingestor;
+use sensor_pipeline::store::{migrate::migrate, Databases};
+use testbed::TestEnv;
+
+const PUMP: &str = "7d1c6a55-0000-4000-8000-000000000001";
+const UNMAPPED: &str = "7d1c6a55-0000-4000-8000-0000000000ff";
+/// 2013-01-01T00:00:00Z, and one reading a minute from there.
+const T0: i64 = 1_356_998_400_000_000;
+const MINUTE: i64 = 60_000_000;
+const READINGS: i64 = 8_000;
+
+fn time(us: i64) -> String {
+    chrono::DateTime::from_timestamp_micros(us)
+        .unwrap()
+        .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+}
+
+/// The pump: a level with a little deterministic noise and one spike at reading 6,000.
+fn pump() -> Vec<(i64, f64)> {
+    (0..READINGS)
+        .map(|i| {
+            let noise = ((i * 7919) % 1000) as f64 / 5000.0;
+            let spike = if i == 6_000 { 20.0 } else { 0.0 };
+            (T0 + i * MINUTE, 10.0 + noise + spike)
+        })
+        .collect()
+}
+
+/// The unmapped sensor: the same shape without the spike, and six hours missing from 5,000.
+fn unmapped() -> Vec<(i64, f64)> {
+    (0..READINGS)
+        .filter(|i| !(5_000..5_360).contains(i))
+        .map(|i| {
+            (
+                T0 + i * MINUTE,
+                3.0 + ((i * 104_729) % 1000) as f64 / 4000.0,
+            )
+        })
+        .collect()
+}
+
+async fn seeded(env: &TestEnv) {
+    migrate(&env.database_settings()).await.unwrap();
+    let mut readings = String::from("timestamp;sensor_uuid;sensor_value\n");
+    for (sensor, series) in [(PUMP, pump()), (UNMAPPED, unmapped())] {
+        for (t, v) in series {
+            readings.push_str(&format!("{};{sensor};{v}\n", time(t)));
+        }
+    }
+    env.s3
+        .put(
+            "mapping/sensors.csv",
+            format!("sensor_uuid;sensor_name\n{PUMP};pump\n"),
+        )
+        .await
+        .unwrap();
+    env.s3.put("timeseries/all.csv", readings).await.unwrap();
+    let dbs = Databases::connect(&env.database_settings(), 2).unwrap();
+    let ingestor = Ingestor::new(env.s3.store().clone(), dbs, ContractSettings::default());
+    for key in ["mapping/sensors.csv", "timeseries/all.csv"] {
+        assert_eq!(ingestor.ingest(key, None).await.unwrap().rows_rejected, 0);
+    }
+}
+
+async fn query(env: &[(String, String)], args: &[&str]) -> Output {
+    testbed::run_binary(env!("CARGO_BIN_EXE_query-cli"), env, args).await
+}
+
+async fn ok(env: &[(String, String)], args: &[&str]) -> String {
+    let out = query(env, args).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+    assert_eq!(stderr, "", "{args:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+async fn fails(env: &[(String, String)], args: &[&str], code: i32) -> String {
+    let out = query(env, args).await;
+    assert_eq!(out.status.code(), Some(code), "{args:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "", "{args:?}");
+    String::from_utf8_lossy(&out.stderr).trim_end().to_string()
+}
+
+/// What SPEC §7 says one JSON line holds, for an anomaly the library finds.
+fn spec_line(uuid: &str, name: Option<&str>, a: &Anomaly) -> serde_json::Value {
+    serde_json::json!({
+        "sensor_uuid": uuid,
+        "sensor_name": name,
+        "kind": a.kind.as_str(),
+        "start": time(a.start),
+        "end": time(a.end),
+        "value": a.value,
+        "expected": a.expected,
+        "score": (a.score * 1000.0).round() / 1000.0,
+    })
+}
+
+fn json_lines(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+const WHOLE: [&str; 4] = [
+    "--start-timestamp",
+    "2013-01-01",
+    "--end-timestamp",
+    "2013-01-07",
+];
+
+#[tokio::test]
+async fn anomalies_are_what_the_detector_finds_with_the_spec_fields() {
+    let env = TestEnv::new().await.unwrap();
+    seeded(&env).await;
+    let vars = env.vars();
+
+    // The library over the same readings: one spike in the pump, one gap in the other sensor.
+    let pump_found = detect(pump(), 1.0);
+    assert_eq!(
+        pump_found
+            .iter()
+            .map(|a| (a.kind, a.start, a.end))
+            .collect::<Vec<_>>(),
+        [(Kind::Spike, T0 + 6_000 * MINUTE, T0 + 6_000 * MINUTE)]
+    );
+    let gap_found = detect(unmapped(), 1.0);
+    assert_eq!(
+        gap_found
+            .iter()
+            .map(|a| (a.kind, a.start, a.end))
+            .collect::<Vec<_>>(),
+        [(Kind::Gap, T0 + 4_999 * MINUTE, T0 + 5_360 * MINUTE)]
+    );
+
+    let mut args = vec!["anomalies", "--sensor-name", "pump", "--format", "json"];
+    args.extend(WHOLE);
+    let raw = ok(&vars, &args).await;
+    let lines = json_lines(&raw);
+    assert_eq!(lines, [spec_line(PUMP, Some("pump"), &pump_found[0])]);
+    // The fields in SPEC §7's order.
+    let positions: Vec<usize> = [
+        "sensor_uuid",
+        "sensor_name",
+        "kind",
+        "start",
+        "end",
+        "value",
+        "expected",
+        "score",
+    ]
+    .iter()
+    .map(|f| raw.find(&format!("\"{f}\":")).unwrap())
+    .collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "{raw}");
+    assert_eq!(
+        lines[0]["value"],
+        30.0 + ((6_000 * 7919) % 1000) as f64 / 5000.0
+    );
+
+    // By UUID, and every sensor: mapped by name first, then the unmapped (name null).
+    let mut args = vec!["anomalies", "--sensor-uuid", UNMAPPED, "--format", "json"];
+    args.extend(WHOLE);
+    let gap_line = spec_line(UNMAPPED, None, &gap_found[0]);
+    assert_eq!(json_lines(&ok(&vars, &args).await), [gap_line.clone()]);
+    assert_eq!(gap_line["value"], serde_json::Value::Null);
+    let mut args = vec!["anomalies", "--all", "--format", "json"];
+    args.extend(WHOLE);
+    assert_eq!(
+        json_lines(&ok(&vars, &args).await),
+        [lines[0].clone(), gap_line.clone()]
+    );
+    args.extend(["--kind", "gap"]);
+    assert_eq!(json_lines(&ok(&vars, &args).await), [gap_line]);
+
+    // CSV and the table.
+    let mut args = vec!["anomalies", "--sensor-name", "pump", "--format", "csv"];
+    args.extend(WHOLE);
+    let csv = ok(&vars, &args).await;
+    assert_eq!(
+        csv.lines().next().unwrap(),
+        "sensor_uuid,sensor_name,kind,start,end,value,expected,score"
+    );
+    assert_eq!(csv.lines().count(), 2);
+    let mut args = vec!["anomalies", "--sensor-name", "pump"];
+    args.extend(WHOLE);
+    let table = ok(&vars, &args).await;
+    assert!(table.starts_with("sensor  kind   start"), "{table}");
+    assert!(
+        table
+            .lines()
+            .nth(1)
+            .unwrap()
+            .starts_with("pump    spike  2013-01-05T04:00:00Z"),
+        "{table}"
+    );
+
+    // A window that starts later finds the same thing: the detector warms up before it.
+    let args = [
+        "anomalies",
+        "--sensor-name",
+        "pump",
+        "--format",
+        "json",
+        "--start-timestamp",
+        "2013-01-05T03:59:00Z",
+        "--end-timestamp",
+        "2013-01-05T04:00:00Z",
+    ];
+    assert_eq!(json_lines(&ok(&vars, &args).await), lines);
+    // A window without it is empty, and a tiny sensitivity hides it.
+    let args = [
+        "anomalies",
+        "--sensor-name",
+        "pump",
+        "--format",
+        "json",
+        "--start-timestamp",
+        "2013-01-05T04:01:00Z",
+        "--end-timestamp",
+        "2013-01-07",
+    ];
+    assert_eq!(ok(&vars, &args).await, "");
+    let mut args = vec![
+        "anomalies",
+        "--sensor-name",
+        "pump",
+        "--sensitivity",
+        "0.0001",
+    ];
+    args.extend(WHOLE);
+    assert_eq!(
+        ok(&vars, &args).await.lines().count(),
+        1,
+        "the table header only"
+    );
+}
+
+#[tokio::test]
+async fn anomaly_errors_have_the_readings_exit_codes() {
+    let env = TestEnv::new().await.unwrap();
+    seeded(&env).await;
+    let vars = env.vars();
+    let mut args = vec!["anomalies", "--sensor-name", "nobody"];
+    args.extend(WHOLE);
+    assert!(fails(&vars, &args, 1)
+        .await
+        .starts_with("error: unknown sensor name \"nobody\""));
+    let args = [
+        "anomalies",
+        "--all",
+        "--start-timestamp",
+        "2013-02-01",
+        "--end-timestamp",
+        "2013-01-01",
+    ];
+    assert!(fails(&vars, &args, 2)
+        .await
+        .contains("is after --end-timestamp"));
+    let mut args = vec!["anomalies", "--all", "--kind", "wobble"];
+    args.extend(WHOLE);
+    assert!(fails(&vars, &args, 2)
+        .await
+        .contains("unknown anomaly kind \"wobble\""));
+    let mut args = vec!["anomalies", "--all", "--sensitivity", "0"];
+    args.extend(WHOLE);
+    assert!(fails(&vars, &args, 2)
+        .await
+        .contains("is not a number above 0"));
+    let mut args = vec!["anomalies", "--all", "--sensor-name", "pump"];
+    args.extend(WHOLE);
+    assert!(fails(&vars, &args, 2).await.contains("cannot be used with"));
+    let args = [
+        "anomalies",
+        "--sensor-name",
+        "pump",
+        "--start-timestamp",
+        "2013-01-01",
+    ];
+    assert!(fails(&vars, &args, 2).await.contains("--end-timestamp"));
+    let mut broken = vars.clone();
+    for (k, v) in &mut broken {
+        if k.ends_with("DATABASE_URL") {
+            *v = "postgres://nobody@127.0.0.1:1/none".into();
+        }
+    }
+    let mut args = vec!["anomalies", "--all"];
+    args.extend(WHOLE);
+    assert!(fails(&broken, &args, 3)
+        .await
+        .contains("cannot reach the mapping database"));
+}
+
+#[tokio::test]
+async fn plots_hold_one_marker_per_anomaly_and_have_the_asked_size() {
+    let env = TestEnv::new().await.unwrap();
+    seeded(&env).await;
+    let vars = env.vars();
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("two.svg");
+    let svg_arg = svg.to_string_lossy().to_string();
+    let mut args = vec![
+        "plot",
+        "--sensor-name",
+        "pump",
+        "--sensor-uuid",
+        UNMAPPED,
+        "--output",
+        &svg_arg,
+    ];
+    args.extend(WHOLE);
+    assert_eq!(ok(&vars, &args).await, "");
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(text.starts_with("<svg"), "{}", &text[..100]);
+    assert!(text.trim_end().ends_with("</svg>"));
+    // One circle per anomaly (legend entries are squares), with the kind's colour.
+    let circles: Vec<&str> = text
+        .split("<circle")
+        .skip(1)
+        .map(|c| &c[..c.find("/>").unwrap()])
+        .collect();
+    assert_eq!(circles.len(), 2, "one spike and one gap");
+    assert_eq!(
+        circles.iter().filter(|c| c.contains("#D52424")).count(),
+        1,
+        "spike red"
+    );
+    assert_eq!(
+        circles.iter().filter(|c| c.contains("#5A5A5A")).count(),
+        1,
+        "gap grey"
+    );
+    // Text elements hold their text on a line of its own.
+    assert!(
+        text.contains(">\npump — 8000 readings, 1 anomaly\n</text>"),
+        "title"
+    );
+    assert!(text.contains(&format!(
+        ">\n{UNMAPPED} — 7640 readings, 1 anomaly\n</text>"
+    )));
+    assert!(text.contains(">\ntime (UTC)\n</text>"));
+
+    let png = dir.path().join("pump.png");
+    let png_arg = png.to_string_lossy().to_string();
+    let mut args = vec![
+        "plot",
+        "--sensor-name",
+        "pump",
+        "--output",
+        &png_arg,
+        "--width",
+        "900",
+        "--height",
+        "333",
+    ];
+    args.extend(WHOLE);
+    ok(&vars, &args).await;
+    let bytes = std::fs::read(&png).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    let be32 = |at: usize| u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap());
+    assert_eq!(&bytes[12..16], b"IHDR");
+    assert_eq!((be32(16), be32(20)), (900, 333));
+
+    let bad = dir.path().join("pump.jpg");
+    let mut args = vec![
+        "plot",
+        "--sensor-name",
+        "pump",
+        "--output",
+        bad.to_str().unwrap(),
+    ];
+    args.extend(WHOLE);
+    assert!(fails(&vars, &args, 2)
+        .await
+        .contains("must end in .svg or .png"));
+    assert!(!bad.exists());
+}
