@@ -334,7 +334,8 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, panels: &[Panel]) -> 
             high = high.max(v);
         }
         let pad = if high > low { (high - low) * 0.06 } else { 1.0 };
-        let (low, high) = (low - pad, high + pad);
+        // Room at the top for the legend, so it does not hide readings.
+        let (low, high) = (low - pad, high + 4.0 * pad);
         let count = panel.anomalies.len();
         let title = format!(
             "{} — {} readings, {} {}",
@@ -353,7 +354,7 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, panels: &[Panel]) -> 
         let span = end - start;
         chart
             .configure_mesh()
-            .x_labels(7)
+            .x_labels(9)
             .y_labels(6)
             .x_label_formatter(&|x| time_label(*x, span))
             .x_desc("time (UTC)")

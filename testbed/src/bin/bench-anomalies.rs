@@ -33,6 +33,9 @@ struct Args {
     /// Only the quality part.
     #[arg(long)]
     skip_speed: bool,
+    /// Also write a PNG per labelled series into this folder (`query-cli plot`).
+    #[arg(long, value_name = "DIR")]
+    plots: Option<PathBuf>,
 }
 
 /// A stable UUID per series name (FNV-1a, 128 bits).
@@ -197,6 +200,16 @@ async fn main() -> Result<()> {
                 "json",
             ],
         )?;
+        if let Some(dir) = &a.plots {
+            std::fs::create_dir_all(dir)?;
+            let png = dir.join(format!("{}.png", name.replace('/', "__")));
+            let png = png.to_string_lossy();
+            let args = [
+                "plot", "--sensor-name", name, "--start-timestamp", first,
+                "--end-timestamp", last, "--output", &png,
+            ];
+            run(&cli, &vars, &args)?;
+        }
         let starts = detections.entry(name.clone()).or_default();
         for line in out.lines() {
             let v: serde_json::Value = serde_json::from_str(line)?;
