@@ -205,8 +205,15 @@ async fn main() -> Result<()> {
             let png = dir.join(format!("{}.png", name.replace('/', "__")));
             let png = png.to_string_lossy();
             let args = [
-                "plot", "--sensor-name", name, "--start-timestamp", first,
-                "--end-timestamp", last, "--output", &png,
+                "plot",
+                "--sensor-name",
+                name,
+                "--start-timestamp",
+                first,
+                "--end-timestamp",
+                last,
+                "--output",
+                &png,
             ];
             run(&cli, &vars, &args)?;
         }
