@@ -28,8 +28,10 @@ use crate::{range, series, Failure};
 const WIDTH: u32 = 1400;
 const PANEL_HEIGHT: u32 = 380;
 /// Layout in pixels: outer margin, the band for the y labels, the band for the x labels, the
-/// caption band. The plot area of a panel spans x from `MARGIN + Y_LABELS` to `width - MARGIN`.
+/// caption band. The plot area of a panel spans x from `MARGIN + Y_LABELS` to `width - RIGHT`
+/// (the right margin leaves room for the last time label).
 const MARGIN: u32 = 14;
+const RIGHT: u32 = 60;
 const Y_LABELS: u32 = 80;
 const X_LABELS: u32 = 44;
 
@@ -158,7 +160,7 @@ pub async fn run(settings: &DatabaseSettings, args: PlotArgs) -> Result<(), Fail
 }
 
 fn plot_width(width: u32) -> u32 {
-    width.saturating_sub(2 * MARGIN + Y_LABELS).max(1)
+    width.saturating_sub(MARGIN + RIGHT + Y_LABELS).max(1)
 }
 
 /// The x pixel (in the whole picture) at which instant `at` is drawn in a `width`-wide picture
@@ -347,6 +349,7 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, panels: &[Panel]) -> 
         let mut chart = ChartBuilder::on(area)
             .caption(title, ("sans-serif", 20))
             .margin(MARGIN)
+            .margin_right(RIGHT)
             .x_label_area_size(X_LABELS)
             .y_label_area_size(Y_LABELS)
             .build_cartesian_2d(start..end, low..high)
