@@ -130,13 +130,15 @@ impl AnomalyRecord {
     }
 }
 
-/// The anomalies of one sensor whose first reading lies in `[start, end]`, in time order.
+/// The anomalies of one sensor whose first reading lies in `[start, end]`, in time order;
+/// `in_window` sees every reading of `[start, end]` on the way (what `plot` draws).
 pub async fn detect(
     dbs: &Databases,
     uuid: Uuid,
     start: DateTime<Utc>,
     end: DateTime<Utc>,
     sensitivity: f64,
+    mut in_window: impl FnMut(i64, f64),
 ) -> Result<Vec<Anomaly>, Failure> {
     let client = &dbs.measurements;
     let from = series::warm_up_from(
@@ -149,12 +151,16 @@ pub async fn detect(
     .await?;
     let mut detector = Detector::new(sensitivity);
     let mut found = Vec::new();
+    let (first, last) = (start.timestamp_micros(), end.timestamp_micros());
     series::each_reading(client, uuid, from, end, |at, value| {
-        detector.push(at, value, &mut found)
+        detector.push(at, value, &mut found);
+        if at >= first {
+            in_window(at, value);
+        }
     })
     .await?;
     detector.finish(&mut found);
-    let (start, end) = (start.timestamp_micros(), end.timestamp_micros());
+    let (start, end) = (first, last);
     found.retain(|a| a.start >= start && a.start <= end);
     found.sort_by(|a, b| a.start.cmp(&b.start).then(a.kind.cmp(&b.kind)));
     Ok(found)
@@ -165,13 +171,7 @@ pub async fn run(
     args: AnomaliesArgs,
     out: &mut impl Write,
 ) -> Result<(), Failure> {
-    if args.start_timestamp > args.end_timestamp {
-        return Err(Failure::Usage(format!(
-            "--start-timestamp ({}) is after --end-timestamp ({}); the range is [start, end], both inclusive",
-            timestamp(args.start_timestamp),
-            timestamp(args.end_timestamp)
-        )));
-    }
+    range::check(args.start_timestamp, args.end_timestamp)?;
     let dbs = Databases::connect(settings).await?;
     let sensors: Vec<(Uuid, Option<String>)> = if args.all {
         every_sensor(&dbs).await?
@@ -197,6 +197,7 @@ pub async fn run(
             args.start_timestamp,
             args.end_timestamp,
             args.sensitivity,
+            |_, _| {},
         )
         .await?;
         records.extend(

@@ -11,18 +11,18 @@
 use std::path::{Path, PathBuf};
 use std::sync::Once;
 
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Utc};
 use clap::Args;
 use plotters::coord::Shift;
 use plotters::prelude::*;
-use sensor_pipeline::anomaly::{Anomaly, Detector, Kind, WARM_UP_MICROS, WARM_UP_READINGS};
+use sensor_pipeline::anomaly::{Anomaly, Kind};
 use sensor_pipeline::config::DatabaseSettings;
 use uuid::Uuid;
 
 use crate::db::Databases;
 use crate::output::timestamp;
 use crate::readings::{parse_uuid, resolve, Sensor};
-use crate::{range, series, Failure};
+use crate::{anomalies, range, series, Failure};
 
 /// Default picture width, and height per sensor panel.
 const WIDTH: u32 = 1400;
@@ -126,28 +126,12 @@ pub async fn run(settings: &DatabaseSettings, args: PlotArgs) -> Result<(), Fail
     for sensor in &sensors {
         let uuid = resolve(&dbs, sensor).await?;
         let name = series::name_of(&dbs.mapping, uuid).await?;
-        let from = series::warm_up_from(
-            &dbs.measurements,
-            uuid,
-            start,
-            Duration::microseconds(WARM_UP_MICROS),
-            WARM_UP_READINGS,
-        )
-        .await?;
         let (s, e) = (start.timestamp_micros(), end.timestamp_micros());
         let mut columns = Columns::new(s, e, plot_width(width) as usize);
-        let mut detector = Detector::new(args.sensitivity);
-        let mut anomalies = Vec::new();
-        series::each_reading(&dbs.measurements, uuid, from, end, |at, value| {
-            detector.push(at, value, &mut anomalies);
-            if at >= s {
-                columns.push(at, value);
-            }
+        let anomalies = anomalies::detect(&dbs, uuid, start, end, args.sensitivity, |at, v| {
+            columns.push(at, v)
         })
         .await?;
-        detector.finish(&mut anomalies);
-        anomalies.retain(|a| a.start >= s && a.start <= e);
-        anomalies.sort_by_key(|a| a.start);
         panels.push(Panel {
             title: name.unwrap_or_else(|| uuid.to_string()),
             columns,

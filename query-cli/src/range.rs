@@ -33,6 +33,18 @@ pub fn flag(text: &str) -> Result<DateTime<Utc>, String> {
     parse_instant(text).map_err(|reason| format!("{reason}; {ACCEPTED}"))
 }
 
+/// The range must not end before it starts (both ends are inclusive).
+pub fn check(start: DateTime<Utc>, end: DateTime<Utc>) -> Result<(), crate::Failure> {
+    if start > end {
+        return Err(crate::Failure::Usage(format!(
+            "--start-timestamp ({}) is after --end-timestamp ({}); the range is [start, end], both inclusive",
+            crate::output::timestamp(start),
+            crate::output::timestamp(end)
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -84,13 +84,7 @@ pub struct Request {
 
 impl ReadingsArgs {
     pub fn request(self) -> Result<Request, Failure> {
-        if self.start_timestamp > self.end_timestamp {
-            return Err(Failure::Usage(format!(
-                "--start-timestamp ({}) is after --end-timestamp ({}); the range is [start, end], both inclusive",
-                crate::output::timestamp(self.start_timestamp),
-                crate::output::timestamp(self.end_timestamp)
-            )));
-        }
+        range::check(self.start_timestamp, self.end_timestamp)?;
         let page = match (self.page_number, self.page_size) {
             (Some(number), Some(size)) => {
                 // A page beyond i64 offsets is simply past the end.
