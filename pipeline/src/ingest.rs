@@ -99,6 +99,8 @@ pub struct Outcome {
     /// Stored size of the object (compressed size for `.csv.gz`).
     pub size_bytes: u64,
     pub elapsed: Duration,
+    /// Anomaly detection this version queued (`anomaly_work` ids; see [`crate::alerts`]).
+    pub anomaly_work: Vec<i64>,
 }
 
 /// A transient failure: nothing was committed; try again later.
@@ -141,15 +143,26 @@ pub struct Ingestor {
     store: ObjectStore,
     dbs: Databases,
     contract: ContractSettings,
+    detect_anomalies: bool,
 }
 
 impl Ingestor {
+    /// An ingestor that queues anomaly detection for the readings it changes (see
+    /// [`Ingestor::detect_anomalies`]).
     pub fn new(store: ObjectStore, dbs: Databases, contract: ContractSettings) -> Self {
         Self {
             store,
             dbs,
             contract,
+            detect_anomalies: true,
         }
+    }
+
+    /// Whether each measurement object's transaction queues detection of the spans it changed
+    /// (`ANOMALY_DETECTION`).
+    pub fn detect_anomalies(mut self, on: bool) -> Self {
+        self.detect_anomalies = on;
+        self
     }
 
     pub fn store(&self) -> &ObjectStore {
@@ -274,11 +287,13 @@ impl Ingestor {
                     let id = ledger::record(&tx, &entry(Status::Done, counts, None))
                         .await
                         .db(dataset)?;
-                    staging::merge(&tx, dataset, id, key, number)
-                        .await
-                        .db(dataset)?;
+                    let merged =
+                        staging::merge(&tx, dataset, id, key, number, self.detect_anomalies)
+                            .await
+                            .db(dataset)?;
                     tx.commit().await.db(dataset)?;
-                    let outcome = self.outcome(v, dataset, Disposition::Done, counts, size, t0);
+                    let mut outcome = self.outcome(v, dataset, Disposition::Done, counts, size, t0);
+                    outcome.anomaly_work = merged.work;
                     info!(
                         rows_ok = outcome.rows_ok,
                         rows_rejected = outcome.rows_rejected,
@@ -420,6 +435,7 @@ impl Ingestor {
             rows_rejected: 0,
             size_bytes: 0,
             elapsed: t0.elapsed(),
+            anomaly_work: Vec::new(),
         })
     }
 
@@ -451,6 +467,7 @@ impl Ingestor {
             rows_rejected: counts.rejected,
             size_bytes,
             elapsed: t0.elapsed(),
+            anomaly_work: Vec::new(),
         }
     }
 }

@@ -7,6 +7,8 @@
 //! `migrations/`, not the ingestion internals — and its build says so: without the `ingest`
 //! feature (on by default) the library has no object store, NATS, pool or migration code.
 
+#[cfg(feature = "ingest")]
+pub mod alerts;
 pub mod anomaly;
 pub mod config;
 pub mod contract;

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use backon::{ExponentialBuilder, Retryable};
 use futures_util::stream::{self, StreamExt};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use sensor_pipeline::alerts::Alerts;
 use sensor_pipeline::ingest::{Disposition, IngestError, Ingestor, Outcome};
 use tracing::warn;
 
@@ -33,6 +34,10 @@ pub struct Summary {
     pub errors: Vec<(String, String)>,
     pub rows_ok: u64,
     pub rows_rejected: u64,
+    /// Anomalies opened by the detection of what was ingested (when detection is on), and
+    /// detections that failed (their work stays queued for the workers).
+    pub anomalies: Option<u64>,
+    pub detection_errors: u64,
     pub elapsed: Duration,
 }
 
@@ -80,6 +85,17 @@ impl fmt::Display for Summary {
             "rows:    {} ok, {} rejected",
             self.rows_ok, self.rows_rejected
         )?;
+        if let Some(n) = self.anomalies {
+            write!(f, "anomalies: {n} opened")?;
+            if self.detection_errors > 0 {
+                write!(
+                    f,
+                    " ({} detections failed; the workers retry them)",
+                    self.detection_errors
+                )?;
+            }
+            writeln!(f)?;
+        }
         writeln!(f, "time:    {secs:.2} s ({rate:.0} rows/s)")?;
         for (key, reason) in &self.failed {
             writeln!(f, "failed:  {key}: {reason}")?;
@@ -91,13 +107,22 @@ impl fmt::Display for Summary {
     }
 }
 
-/// Ingests `keys` (mapping objects first), `concurrency` at a time.
-pub async fn ingest_all(ingestor: &Ingestor, keys: Vec<String>, concurrency: usize) -> Summary {
+/// Ingests `keys` (mapping objects first), `concurrency` at a time; with `alerts`, detects the
+/// anomalies of what each object changed right after it commits.
+pub async fn ingest_all(
+    ingestor: &Ingestor,
+    alerts: Option<&Alerts>,
+    keys: Vec<String>,
+    concurrency: usize,
+) -> Summary {
     let t0 = Instant::now();
     let (mapping, rest): (Vec<String>, Vec<String>) =
         keys.into_iter().partition(|k| k.starts_with("mapping/"));
     let bar = progress_bar((mapping.len() + rest.len()) as u64);
-    let mut summary = Summary::default();
+    let mut summary = Summary {
+        anomalies: alerts.map(|_| 0),
+        ..Summary::default()
+    };
     for phase in [mapping, rest] {
         let mut results = stream::iter(phase)
             .map(|key| async move {
@@ -105,11 +130,25 @@ pub async fn ingest_all(ingestor: &Ingestor, keys: Vec<String>, concurrency: usi
                     .retry(retry_policy())
                     .notify(|e, wait| warn!(%key, error = %e, "transient failure, retrying in {wait:?}"))
                     .await;
-                (key, result)
+                let detected = match (alerts, &result) {
+                    (Some(alerts), Ok(o)) if !o.anomaly_work.is_empty() => {
+                        Some(alerts.detect_due(Some(&o.anomaly_work)).await)
+                    }
+                    _ => None,
+                };
+                (key, result, detected)
             })
             .buffer_unordered(concurrency.max(1));
-        while let Some((key, result)) = results.next().await {
+        while let Some((key, result, detected)) = results.next().await {
             summary.add(&key, result);
+            match detected {
+                Some(Ok(d)) => *summary.anomalies.get_or_insert(0) += d.opened.len() as u64,
+                Some(Err(e)) => {
+                    warn!(%key, error = %e, "anomaly detection failed; the workers retry it");
+                    summary.detection_errors += 1;
+                }
+                None => {}
+            }
             bar.inc(1);
             bar.set_message(format!("{} rows", summary.rows_ok));
         }

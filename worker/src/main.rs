@@ -6,6 +6,7 @@
 
 mod backfill;
 mod batch;
+mod detect;
 mod dlq;
 mod logging;
 mod run;
@@ -17,8 +18,10 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use sensor_pipeline::alerts::Alerts;
 use sensor_pipeline::config::{
-    ContractSettings, DatabaseSettings, Env, NatsSettings, ObjectStoreSettings, WorkerSettings,
+    AnomalySettings, ContractSettings, DatabaseSettings, Env, NatsSettings, ObjectStoreSettings,
+    WorkerSettings,
 };
 use sensor_pipeline::ingest::Ingestor;
 use sensor_pipeline::object_store::ObjectStore;
@@ -80,6 +83,29 @@ enum Command {
     /// Dead letters: events the pipeline gave up on, with the reason.
     #[command(subcommand)]
     Dlq(dlq::DlqCommand),
+    /// Fill the anomalies table from readings already stored (history), with a progress bar.
+    ///
+    /// Queues every sensor's readings (from --since) for detection and detects them here; an
+    /// interrupted run is resumed by running the command again. The anomalies found are not
+    /// published (history is not news) unless --publish is given.
+    ///
+    /// Examples:
+    ///   sensors-worker detect --all
+    ///   sensors-worker detect --all --since 2026-01-01T00:00:00Z --publish
+    Detect(DetectArgs),
+}
+
+#[derive(Debug, Args)]
+struct DetectArgs {
+    /// Every sensor with stored readings (the only scope there is today; required for clarity).
+    #[arg(long, required = true)]
+    all: bool,
+    /// Only readings from this instant on (RFC 3339), and the warm-up before it.
+    #[arg(long, value_name = "T")]
+    since: Option<chrono::DateTime<chrono::Utc>>,
+    /// Publish the anomalies found to NATS like live ones.
+    #[arg(long)]
+    publish: bool,
 }
 
 #[derive(Debug, Args)]
@@ -148,6 +174,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             logging::init(&env, "warn")?;
             let worker = WorkerSettings::from_env(&env)?;
             let ingestor = ingestor(&env, worker.concurrency)?;
+            let anomalies = AnomalySettings::from_env(&env)?;
+            let alerts = anomalies
+                .enabled
+                .then(|| Alerts::new(ingestor.databases().clone(), anomalies));
             let keys = if args.all {
                 let listed = ingestor
                     .store()
@@ -158,7 +188,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 args.keys
             };
-            let summary = batch::ingest_all(&ingestor, keys, worker.concurrency).await;
+            let summary =
+                batch::ingest_all(&ingestor, alerts.as_ref(), keys, worker.concurrency).await;
             print!("{summary}");
             Ok(if summary.all_settled_ok() {
                 ExitCode::SUCCESS
@@ -174,14 +205,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             logging::init(&env, "warn")?;
             let queue = queue(&env).await?;
             queue.provision().await?;
+            let anomalies = AnomalySettings::from_env(&env)?;
+            queue.provision_anomalies(&anomalies).await?;
             let s = queue.settings();
             println!(
-                "stream {} ({}), consumer {}, dead letters in stream {} ({})",
+                "stream {} ({}), consumer {}, dead letters in stream {} ({}), anomalies in stream {} ({}.>)",
                 s.stream,
                 s.subject,
                 s.consumer,
                 s.dlq_stream(),
-                s.dlq_subject
+                s.dlq_subject,
+                anomalies.stream,
+                anomalies.subject_prefix
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -204,6 +239,27 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::from(1)
             })
         }
+        Command::Detect(args) => {
+            logging::init(&env, "warn")?;
+            let dbs = Databases::connect(&DatabaseSettings::from_env(&env)?, 2)?;
+            let alerts = Alerts::new(dbs, AnomalySettings::from_env(&env)?);
+            let queue = if args.publish {
+                let queue = queue(&env).await?;
+                queue.provision_anomalies(alerts.settings()).await?;
+                Some(queue)
+            } else {
+                None
+            };
+            let _ = args.all;
+            let done = detect::history(&alerts, args.since, queue.as_ref()).await?;
+            println!(
+                "{} sensors detected: {} anomalies opened, {} resolved",
+                done.sensors,
+                done.opened.len(),
+                done.resolved.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Dlq(command) => {
             logging::init(&env, "warn")?;
             let queue = queue(&env).await?;
@@ -223,5 +279,6 @@ pub(crate) async fn queue(env: &Env) -> anyhow::Result<Queue> {
 pub(crate) fn ingestor(env: &Env, connections: usize) -> anyhow::Result<Ingestor> {
     let store = ObjectStore::new(&ObjectStoreSettings::from_env(env)?);
     let dbs = Databases::connect(&DatabaseSettings::from_env(env)?, connections)?;
-    Ok(Ingestor::new(store, dbs, ContractSettings::from_env(env)?))
+    Ok(Ingestor::new(store, dbs, ContractSettings::from_env(env)?)
+        .detect_anomalies(AnomalySettings::from_env(env)?.enabled))
 }

@@ -20,7 +20,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
 use futures_util::StreamExt;
-use sensor_pipeline::config::{Env, WorkerSettings};
+use sensor_pipeline::alerts::Alerts;
+use sensor_pipeline::config::{AnomalySettings, Env, WorkerSettings};
 use sensor_pipeline::events::{self, ObjectEvent};
 use sensor_pipeline::ingest::{Disposition, IngestError, Ingestor, Outcome};
 use sensor_pipeline::queue::dead_letters::Filing;
@@ -30,7 +31,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
-use crate::{shutdown, telemetry};
+use crate::{detect, shutdown, telemetry};
 
 /// `sensors-worker run`: the metrics server, JetStream provisioning (retried until NATS answers),
 /// the consumer loop, and a clean stop on SIGINT/SIGTERM.
@@ -39,6 +40,7 @@ pub async fn run(env: &Env) -> anyhow::Result<ExitCode> {
     let stop = shutdown::on_signal()?;
     let handle = telemetry::install()?;
     let ingestor = crate::ingestor(env, worker.concurrency + 2)?;
+    let anomalies = AnomalySettings::from_env(env)?;
     let queue = crate::queue(env).await?;
     let (probe_queue, probe_dbs) = (queue.clone(), ingestor.databases().clone());
     let ready: telemetry::Readiness = std::sync::Arc::new(move || {
@@ -51,21 +53,33 @@ pub async fn run(env: &Env) -> anyhow::Result<ExitCode> {
         })
     });
     let server = telemetry::serve(worker.metrics_addr, handle, ready, stop.clone()).await?;
-    if !provision_with_retries(&queue, &stop).await? {
+    if !provision_with_retries(&queue, &anomalies, &stop).await? {
         tracing::info!("stopped before NATS was reachable");
         return Ok(ExitCode::SUCCESS);
     }
     let observer = tokio::spawn(telemetry::observe(queue.clone(), stop.clone()));
+    let (detections, detector) = if anomalies.enabled {
+        let alerts = Alerts::new(ingestor.databases().clone(), anomalies);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(detect::run_loop(alerts, queue.clone(), rx, stop.clone()));
+        (Some(tx), Some(task))
+    } else {
+        (None, None)
+    };
     Worker {
         ingestor,
         queue,
         concurrency: worker.concurrency,
         grace: worker.shutdown_grace,
+        detections,
     }
     .run(stop.clone())
     .await?;
     stop.cancel();
     let _ = tokio::join!(server, observer);
+    if let Some(task) = detector {
+        let _ = task.await;
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -73,10 +87,17 @@ pub async fn run(env: &Env) -> anyhow::Result<ExitCode> {
 /// are told to stop (false).
 async fn provision_with_retries(
     queue: &Queue,
+    anomalies: &AnomalySettings,
     stop: &tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<bool> {
     use backon::{ExponentialBuilder, Retryable};
-    let attempt = || async { queue.provision().await };
+    let attempt = || async {
+        queue.provision().await?;
+        if anomalies.enabled {
+            queue.provision_anomalies(anomalies).await?;
+        }
+        Ok::<_, sensor_pipeline::queue::QueueError>(())
+    };
     let retried = attempt
         .retry(
             ExponentialBuilder::default()
@@ -100,6 +121,8 @@ pub struct Worker {
     pub concurrency: usize,
     /// How long in-flight objects may take to finish after a shutdown signal.
     pub grace: Duration,
+    /// Where the anomaly detection queued by ingested objects goes (none: detection is off).
+    pub detections: Option<detect::WorkSender>,
 }
 
 /// What to tell JetStream about a message.
@@ -285,6 +308,9 @@ impl Worker {
                 Some(Err(e)) => return Verdict::Retry(format!("{}: {e}", event.key)),
                 Some(Ok(outcome)) => {
                     telemetry::record(&outcome);
+                    if let (Some(tx), false) = (&self.detections, outcome.anomaly_work.is_empty()) {
+                        let _ = tx.send(outcome.anomaly_work.clone());
+                    }
                     log_outcome(&outcome);
                     if let Disposition::Failed(reason) = outcome.disposition {
                         failed.push((event.key, reason));

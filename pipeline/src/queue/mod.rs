@@ -14,7 +14,7 @@ use async_nats::HeaderMap;
 use bytes::Bytes;
 use thiserror::Error;
 
-use crate::config::NatsSettings;
+use crate::config::{AnomalySettings, NatsSettings};
 
 /// How long JetStream remembers message ids to drop duplicates (backfill publishes with ids).
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(60 * 60);
@@ -131,6 +131,29 @@ impl Queue {
         self.publish(self.settings.subject.clone(), publish).await
     }
 
+    /// Publishes `payload` to `subject` with a message id and waits for JetStream to store it;
+    /// returns whether it was a duplicate (dropped).
+    pub async fn publish_with_id(
+        &self,
+        subject: String,
+        payload: Bytes,
+        message_id: &str,
+    ) -> Result<bool, QueueError> {
+        let publish = Publish::build().payload(payload).message_id(message_id);
+        self.publish(subject, publish).await
+    }
+
+    /// Creates or updates the stream of anomaly messages.
+    pub async fn provision_anomalies(&self, settings: &AnomalySettings) -> Result<(), QueueError> {
+        let config = anomaly_stream_config(settings);
+        let name = config.name.clone();
+        self.js
+            .create_or_update_stream(config)
+            .await
+            .map_err(|e| QueueError::new(format!("creating stream {name}"), e))?;
+        Ok(())
+    }
+
     async fn publish(&self, subject: String, publish: Publish) -> Result<bool, QueueError> {
         let ack = self
             .js
@@ -185,6 +208,22 @@ pub fn dead_letter_stream_config(settings: &NatsSettings) -> stream::Config {
         retention: stream::RetentionPolicy::Limits,
         storage: stream::StorageType::File,
         duplicate_window: Duration::from_secs(2 * 60),
+        max_age: DEAD_LETTER_MAX_AGE,
+        ..Default::default()
+    }
+}
+
+/// The stream of anomaly messages (`<prefix>.<kind>`, see `crate::alerts`): kept 30 days for
+/// whoever consumes them (alert bridges), with a one-hour duplicate window for the message ids
+/// that make a repeated publication a no-op.
+pub fn anomaly_stream_config(settings: &AnomalySettings) -> stream::Config {
+    stream::Config {
+        name: settings.stream.clone(),
+        description: Some("Anomalies the sensor pipeline found (open and resolved)".into()),
+        subjects: vec![format!("{}.>", settings.subject_prefix)],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        duplicate_window: DUPLICATE_WINDOW,
         max_age: DEAD_LETTER_MAX_AGE,
         ..Default::default()
     }

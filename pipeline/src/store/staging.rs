@@ -34,7 +34,8 @@ const COPY_MEASUREMENTS: &str =
 /// Upserts the last line of every key where this version beats the stored row's, then adds the
 /// rows that were new (not overwrites: `xmax` is 0 only for a freshly inserted row version) to the
 /// page index `measurement_days`, in (sensor, day) order so concurrent ingestions lock its rows in
-/// one order. `$1` is the version.
+/// one order, and, when `$3` (anomaly detection is on), queues the span each sensor's changed rows
+/// cover for detection (`anomaly_work`, see `crate::alerts`). `$1` is the version, `$2` the key.
 const MERGE_MEASUREMENTS: &str = concat!(
     "WITH merged AS (
         INSERT INTO measurements AS target (sensor_uuid, ts, value, version)
@@ -52,8 +53,13 @@ const MERGE_MEASUREMENTS: &str = concat!(
         FROM merged WHERE inserted
         GROUP BY 1, 2 ORDER BY 1, 2
         ON CONFLICT (sensor_uuid, day) DO UPDATE SET readings = d.readings + EXCLUDED.readings
+    ), work AS (
+        INSERT INTO anomaly_work (sensor_uuid, span_start, span_end, object_key)
+        SELECT sensor_uuid, min(ts), max(ts), $2 FROM merged WHERE $3::bool
+        GROUP BY 1 ORDER BY 1
+        RETURNING id
     )
-    SELECT count(*) FROM merged"
+    SELECT (SELECT count(*) FROM merged), (SELECT coalesce(array_agg(id), '{}') FROM work)"
 );
 
 const COPY_MAPPING: &str =
@@ -151,15 +157,25 @@ impl Staging {
     }
 }
 
+/// What a merge changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Merged {
+    /// Stored rows inserted or overwritten.
+    pub changed: u64,
+    /// The `anomaly_work` entries queued (one per sensor whose readings changed).
+    pub work: Vec<i64>,
+}
+
 /// Moves the staged rejected rows into quarantine under `ledger_id` and upserts the valid rows of
-/// object version number `version`. Returns how many stored rows were inserted or overwritten.
+/// object version number `version`; with `detect`, queues anomaly detection for what changed.
 pub async fn merge(
     tx: &deadpool_postgres::Transaction<'_>,
     dataset: Dataset,
     ledger_id: i64,
     key: &str,
     version: i64,
-) -> Result<u64, tokio_postgres::Error> {
+    detect: bool,
+) -> Result<Merged, tokio_postgres::Error> {
     let merge = match dataset {
         Dataset::Measurements => MERGE_MEASUREMENTS,
         Dataset::Mapping => MERGE_MAPPING,
@@ -170,9 +186,16 @@ pub async fn merge(
     tx.execute(&quarantine, &[&ledger_id, &key]).await?;
     match dataset {
         Dataset::Measurements => {
-            let changed: i64 = tx.query_one(&merge, &[&version]).await?.get(0);
-            Ok(changed as u64)
+            let row = tx.query_one(&merge, &[&version, &key, &detect]).await?;
+            let changed: i64 = row.get(0);
+            Ok(Merged {
+                changed: changed as u64,
+                work: row.get(1),
+            })
         }
-        Dataset::Mapping => tx.execute(&merge, &[&version]).await,
+        Dataset::Mapping => Ok(Merged {
+            changed: tx.execute(&merge, &[&version]).await?,
+            work: Vec::new(),
+        }),
     }
 }

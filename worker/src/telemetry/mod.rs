@@ -20,6 +20,10 @@ pub const INGEST_SECONDS: &str = "sensors_ingest_duration_seconds";
 pub const IN_FLIGHT: &str = "sensors_in_flight";
 pub const CONSUMER_PENDING: &str = "sensors_consumer_pending";
 pub const DEAD_LETTERS: &str = "sensors_dead_letters";
+pub const ANOMALIES: &str = "sensors_anomalies_total";
+pub const ANOMALIES_RESOLVED: &str = "sensors_anomalies_resolved_total";
+pub const DETECTION_SECONDS: &str = "sensors_anomaly_detection_duration_seconds";
+pub const DETECTION_ERRORS: &str = "sensors_anomaly_detection_errors_total";
 
 /// Installs the process-wide recorder and describes every metric.
 pub fn install() -> anyhow::Result<PrometheusHandle> {
@@ -28,6 +32,13 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
             Matcher::Full(INGEST_SECONDS.into()),
             &[
                 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+            ],
+        )
+        .context("configuring metrics")?
+        .set_buckets_for_metric(
+            Matcher::Full(DETECTION_SECONDS.into()),
+            &[
+                0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0,
             ],
         )
         .context("configuring metrics")?
@@ -50,6 +61,20 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         "Events waiting for or being worked on by a worker"
     );
     metrics::describe_gauge!(DEAD_LETTERS, "Events in the dead-letter stream");
+    metrics::describe_counter!(ANOMALIES, "Anomalies opened (new or reopened), by kind");
+    metrics::describe_counter!(
+        ANOMALIES_RESOLVED,
+        "Open anomalies resolved by newer readings, by kind"
+    );
+    metrics::describe_histogram!(
+        DETECTION_SECONDS,
+        metrics::Unit::Seconds,
+        "Time to detect the queued work of one sensor"
+    );
+    metrics::describe_counter!(
+        DETECTION_ERRORS,
+        "Anomaly detections (stage detect) or publications (stage publish) that failed; retried later"
+    );
     Ok(handle)
 }
 

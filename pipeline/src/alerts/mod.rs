@@ -1,0 +1,554 @@
+//! Anomalies as data arrives: detect over what an object changed, keep the verdicts in the
+//! `anomalies` table, publish each change to NATS JetStream.
+//!
+//! # The flow
+//!
+//! 1. **Queue.** The ingest merge of a measurement object ([`crate::store::staging`]) inserts, in
+//!    the object's own transaction, one `anomaly_work` row per sensor whose readings it changed:
+//!    the sensor and the first and last instant it changed. Rows that lost to a newer version
+//!    queue nothing. So detection is never lost (the work commits with the rows) and never in the
+//!    way: it runs after the commit, and its errors cannot touch the object's outcome.
+//! 2. **Detect.** [`Alerts::detect_due`] takes one sensor's queued work at a time, in a transaction
+//!    that locks the work rows (`FOR UPDATE SKIP LOCKED`: two workers never take the same row)
+//!    and then the sensor (a transaction-level advisory lock: detections of one sensor run one
+//!    after the other, whichever worker runs them). For each span it runs the library's
+//!    [`Detector`] from a warm-up before the span to a few readings after it, reading the stored
+//!    readings (the merged truth, whatever order objects came in), and compares what it finds
+//!    whose first reading lies in the *judged range* — from [`LOOKBACK`] readings before the span
+//!    to its end — with the stored anomalies of that range: new ones are opened, stored open ones
+//!    no longer found are resolved (a newer write removed their reason), resolved ones found again
+//!    are reopened, the rest are left as they are (their end, value and score are refreshed).
+//!    The work rows are deleted in the same transaction. An error rolls it all back and the work
+//!    rows are retried later with a growing delay (`not_before`); a worker killed half-way leaves
+//!    them for the next one.
+//! 3. **Publish.** Every change of state bumps the row's `revision`; rows whose
+//!    `published_revision` is behind are the outbox. [`Alerts::publish_due`] publishes them to
+//!    `<prefix>.<kind>` with the message id `<sensor>:<kind>:<start µs>:<revision>`, then records
+//!    the revision. A publisher killed between the two publishes again with the same id, which
+//!    JetStream drops within the stream's duplicate window: one message per change.
+//!
+//! Re-ingesting, redelivered events and replays queue no work (the ledger makes them no-ops, and
+//! an older version changes no row); two workers on overlapping data are serialised per sensor
+//! and see the same stored readings, so the table has one row per (sensor, start, kind) and a
+//! verdict changes only when the readings do.
+//!
+//! # Bounds
+//!
+//! The warm-up is the one `query-cli anomalies` uses ([`WARM_UP_MICROS`] and
+//! [`WARM_UP_READINGS`]), capped at [`WARM_UP_MAX_READINGS`] for sensors that read more often
+//! than every 23 s, so one span's detection reads a bounded number of readings besides the span.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use chrono::{DateTime, SecondsFormat, Utc};
+use thiserror::Error;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::GenericClient;
+use uuid::Uuid;
+
+use crate::anomaly::{readings, Anomaly, Detector, Kind, WARM_UP_MICROS, WARM_UP_READINGS};
+use crate::config::AnomalySettings;
+use crate::contract::Dataset;
+use crate::queue::{Queue, QueueError};
+use crate::store::{Databases, PgResultExt, StoreError};
+
+/// Readings before a span whose anomalies are judged again: a new reading can change the local
+/// level (two half-windows of 16) and so the verdict on anomalies that far back.
+pub const LOOKBACK: usize = 32;
+/// Readings after a span that are read too: enough to decide an excursion that starts at its end
+/// (spike or level shift) and to end a gap.
+pub const TAIL: usize = 64;
+/// The most readings read to warm up before a span.
+pub const WARM_UP_MAX_READINGS: usize = 20_000;
+/// Outbox rows published per transaction.
+const PUBLISH_BATCH: i64 = 100;
+/// Arbitrary constant naming the per-sensor detection lock ("ANOM").
+const SENSOR_LOCK: i32 = 0x414e_4f4d;
+
+/// Detection or publication could not be done now; it is retried later.
+#[derive(Debug, Error)]
+pub enum AlertError {
+    #[error("anomaly detection: {0}")]
+    Store(#[from] StoreError),
+    #[error("publishing anomalies: {0}")]
+    Queue(#[from] QueueError),
+}
+
+/// What one [`Alerts::detect_due`] call did.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Detected {
+    /// Work rows covered.
+    pub spans: usize,
+    /// Sensors detected (one transaction each).
+    pub sensors: usize,
+    /// Anomalies opened (new or reopened) and resolved, by kind.
+    pub opened: Vec<Kind>,
+    pub resolved: Vec<Kind>,
+    /// Time each sensor's detection took.
+    pub durations: Vec<Duration>,
+}
+
+/// An anomaly as stored and published: SPEC §7's fields plus its state and the object that
+/// revealed that state.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AnomalyMessage {
+    pub sensor_uuid: String,
+    pub sensor_name: Option<String>,
+    pub kind: String,
+    pub start: String,
+    pub end: String,
+    pub value: Option<f64>,
+    pub expected: Option<f64>,
+    pub score: f64,
+    pub state: String,
+    pub object_key: String,
+}
+
+/// Stored state of an anomaly row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Open,
+    Resolved,
+}
+
+impl State {
+    fn as_str(self) -> &'static str {
+        match self {
+            State::Open => "open",
+            State::Resolved => "resolved",
+        }
+    }
+}
+
+/// Anomaly detection over the measurement database, and the outbox.
+#[derive(Clone)]
+pub struct Alerts {
+    dbs: Databases,
+    settings: AnomalySettings,
+}
+
+/// RFC 3339 UTC, with as many fractional digits as needed (as `query-cli` prints them).
+pub fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+}
+
+fn time(us: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(us).unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
+impl Alerts {
+    pub fn new(dbs: Databases, settings: AnomalySettings) -> Self {
+        Self { dbs, settings }
+    }
+
+    pub fn settings(&self) -> &AnomalySettings {
+        &self.settings
+    }
+
+    /// Detects queued work, sensor by sensor, until none is due: only the rows `only` names (and
+    /// the other queued rows of their sensors) when given, else every due row. Stops at the first
+    /// error, after recording it on the rows it was working on (retried later).
+    pub async fn detect_due(&self, only: Option<&[i64]>) -> Result<Detected, AlertError> {
+        let mut done = Detected::default();
+        while self.detect_one_sensor(only, &mut done).await? {}
+        Ok(done)
+    }
+
+    /// Detects the due work of one sensor (what [`Alerts::detect_due`] does per step); `None` when
+    /// nothing is due.
+    pub async fn detect_next(&self, only: Option<&[i64]>) -> Result<Option<Detected>, AlertError> {
+        let mut done = Detected::default();
+        Ok(self
+            .detect_one_sensor(only, &mut done)
+            .await?
+            .then_some(done))
+    }
+
+    /// One sensor's due work in one transaction; false when there was none.
+    async fn detect_one_sensor(
+        &self,
+        only: Option<&[i64]>,
+        done: &mut Detected,
+    ) -> Result<bool, AlertError> {
+        let db = Dataset::Measurements;
+        let t0 = Instant::now();
+        let mut client = self.dbs.client(db).await?;
+        let tx = client.transaction().await.db(db)?;
+        let timeout = format!(
+            "SET LOCAL lock_timeout = {}",
+            self.settings.lock_timeout.as_millis().max(1)
+        );
+        tx.batch_execute(&timeout).await.db(db)?;
+        let only: Option<Vec<i64>> = only.map(<[i64]>::to_vec);
+        let Some(first) = tx
+            .query_opt(
+                "SELECT id, sensor_uuid FROM anomaly_work
+                 WHERE ($1::bigint[] IS NULL OR id = ANY($1)) AND not_before <= now()
+                 ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED",
+                &[&only],
+            )
+            .await
+            .db(db)?
+        else {
+            return Ok(false);
+        };
+        let sensor: Uuid = first.get(1);
+        let mut ids: Vec<i64> = vec![first.get(0)];
+        let mut changes = Detected::default();
+        let result: Result<(), tokio_postgres::Error> = async {
+            tx.execute(
+                "SELECT pg_advisory_xact_lock($1, hashtext($2::uuid::text))",
+                &[&SENSOR_LOCK, &sensor],
+            )
+            .await?;
+            let work: Vec<(i64, DateTime<Utc>, DateTime<Utc>, String)> = tx
+                .query(
+                    "SELECT id, span_start, span_end, object_key FROM anomaly_work
+                     WHERE sensor_uuid = $1 ORDER BY id FOR UPDATE SKIP LOCKED",
+                    &[&sensor],
+                )
+                .await?
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+                .collect();
+            ids = work.iter().map(|w| w.0).collect();
+            for (_, from, to, key) in &work {
+                judge(&*tx, sensor, *from, *to, key, &mut changes).await?;
+            }
+            tx.execute("DELETE FROM anomaly_work WHERE id = ANY($1)", &[&ids])
+                .await?;
+            Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                tx.commit().await.db(db)?;
+                done.spans += ids.len();
+                done.sensors += 1;
+                done.opened.extend(changes.opened);
+                done.resolved.extend(changes.resolved);
+                done.durations.push(t0.elapsed());
+                Ok(true)
+            }
+            Err(e) => {
+                drop(tx);
+                let reason = e.to_string();
+                // Best effort: the rows are retried in any case (the transaction rolled back).
+                let _ = client
+                    .execute(
+                        "UPDATE anomaly_work SET attempts = attempts + 1, last_error = $2,
+                            not_before = now() + least(power(2, attempts), 60) * interval '1 second'
+                         WHERE id = ANY($1)",
+                        &[&ids, &reason],
+                    )
+                    .await;
+                Err(AlertError::Store(StoreError::Postgres {
+                    database: crate::store::database_name(db),
+                    source: e,
+                }))
+            }
+        }
+    }
+
+    /// Publishes the outbox (changes not yet published), a batch per transaction, until it is
+    /// empty; returns how many messages were published.
+    pub async fn publish_due(&self, queue: &Queue) -> Result<usize, AlertError> {
+        let mut total = 0;
+        loop {
+            let n = self.publish_batch(queue).await?;
+            total += n;
+            if n < PUBLISH_BATCH as usize {
+                return Ok(total);
+            }
+        }
+    }
+
+    async fn publish_batch(&self, queue: &Queue) -> Result<usize, AlertError> {
+        let db = Dataset::Measurements;
+        let mut client = self.dbs.client(db).await?;
+        let tx = client.transaction().await.db(db)?;
+        let timeout = format!(
+            "SET LOCAL lock_timeout = {}",
+            self.settings.lock_timeout.as_millis().max(1)
+        );
+        tx.batch_execute(&timeout).await.db(db)?;
+        let rows = tx
+            .query(
+                "SELECT sensor_uuid, kind, start_ts, end_ts, value, expected, score, state,
+                        object_key, revision
+                 FROM anomalies WHERE published_revision < revision
+                 ORDER BY updated_at, sensor_uuid, start_ts, kind
+                 LIMIT $1 FOR UPDATE SKIP LOCKED",
+                &[&PUBLISH_BATCH],
+            )
+            .await
+            .db(db)?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let sensors: Vec<Uuid> = rows.iter().map(|r| r.get(0)).collect();
+        let names = self.names(&sensors).await?;
+        for row in &rows {
+            let sensor: Uuid = row.get(0);
+            let kind: String = row.get(1);
+            let start: DateTime<Utc> = row.get(2);
+            let revision: i32 = row.get(9);
+            let message = AnomalyMessage {
+                sensor_uuid: sensor.to_string(),
+                sensor_name: names.get(&sensor).cloned(),
+                kind: kind.clone(),
+                start: rfc3339(start),
+                end: rfc3339(row.get(3)),
+                value: row.get(4),
+                expected: row.get(5),
+                score: row.get(6),
+                state: row.get(7),
+                object_key: row.get(8),
+            };
+            let id = format!("{sensor}:{kind}:{}:{revision}", start.timestamp_micros());
+            let payload = serde_json::to_vec(&message).expect("serialisable");
+            let subject = format!("{}.{kind}", self.settings.subject_prefix);
+            queue
+                .publish_with_id(subject, Bytes::from(payload), &id)
+                .await?;
+            tx.execute(
+                "UPDATE anomalies SET published_revision = $4
+                 WHERE sensor_uuid = $1 AND start_ts = $2 AND kind = $3",
+                &[&sensor, &start, &kind, &revision],
+            )
+            .await
+            .db(db)?;
+        }
+        tx.commit().await.db(db)?;
+        Ok(rows.len())
+    }
+
+    /// Mapped names of `sensors` (from the mapping database).
+    async fn names(&self, sensors: &[Uuid]) -> Result<HashMap<Uuid, String>, AlertError> {
+        let db = Dataset::Mapping;
+        let client = self.dbs.client(db).await?;
+        Ok(client
+            .query(
+                "SELECT sensor_uuid, sensor_name FROM sensors WHERE sensor_uuid = ANY($1)",
+                &[&sensors],
+            )
+            .await
+            .db(db)?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect())
+    }
+
+    /// Queues detection of every sensor's stored readings (from `since`, when given), one work
+    /// row per sensor under `key`, unless rows under `key` are still queued (an interrupted run:
+    /// those are what is left to do). Returns the rows queued now, or `None` when resuming.
+    pub async fn queue_history(
+        &self,
+        since: Option<DateTime<Utc>>,
+        key: &str,
+    ) -> Result<Option<u64>, AlertError> {
+        let db = Dataset::Measurements;
+        let client = self.dbs.client(db).await?;
+        let left: i64 = client
+            .query_one(
+                "SELECT count(*) FROM anomaly_work WHERE object_key = $1",
+                &[&key],
+            )
+            .await
+            .db(db)?
+            .get(0);
+        if left > 0 {
+            return Ok(None);
+        }
+        let since = since.unwrap_or(DateTime::<Utc>::MIN_UTC);
+        let queued = client
+            .execute(
+                "INSERT INTO anomaly_work (sensor_uuid, span_start, span_end, object_key)
+                 SELECT sensor_uuid, greatest(min(day), $1), max(day) + interval '1 day', $2
+                 FROM measurement_days WHERE day >= date_trunc('day', $1::timestamptz, 'UTC')
+                 GROUP BY sensor_uuid ORDER BY sensor_uuid",
+                &[&since, &key],
+            )
+            .await
+            .db(db)?;
+        Ok(Some(queued))
+    }
+
+    /// Work rows still queued under `key` (all of them when `None`).
+    pub async fn queued(&self, key: Option<&str>) -> Result<u64, AlertError> {
+        let db = Dataset::Measurements;
+        let client = self.dbs.client(db).await?;
+        let n: i64 = client
+            .query_one(
+                "SELECT count(*) FROM anomaly_work WHERE $1::text IS NULL OR object_key = $1",
+                &[&key],
+            )
+            .await
+            .db(db)?
+            .get(0);
+        Ok(n as u64)
+    }
+
+    /// Marks the unpublished changes that the work queued under `key` revealed as published,
+    /// without publishing them (history backfill: old anomalies are not news).
+    pub async fn mark_published(&self, key: &str) -> Result<u64, AlertError> {
+        let db = Dataset::Measurements;
+        let client = self.dbs.client(db).await?;
+        Ok(client
+            .execute(
+                "UPDATE anomalies SET published_revision = revision
+                 WHERE published_revision < revision AND object_key = $1",
+                &[&key],
+            )
+            .await
+            .db(db)?)
+    }
+}
+
+/// One stored anomaly of the judged range.
+struct Stored {
+    end: DateTime<Utc>,
+    value: Option<f64>,
+    expected: Option<f64>,
+    score: f64,
+    state: State,
+}
+
+/// Detects over one span of one sensor and brings the stored anomalies of its judged range in
+/// line with what was found.
+async fn judge(
+    tx: &impl GenericClient,
+    sensor: Uuid,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    key: &str,
+    changes: &mut Detected,
+) -> Result<(), tokio_postgres::Error> {
+    let judged_from = readings::nth_before(tx, sensor, from, LOOKBACK)
+        .await?
+        .unwrap_or(from);
+    let warm = readings::warm_up_from(
+        tx,
+        sensor,
+        judged_from,
+        chrono::Duration::microseconds(WARM_UP_MICROS),
+        WARM_UP_READINGS,
+    )
+    .await?;
+    let cap = readings::nth_before(tx, sensor, judged_from, WARM_UP_MAX_READINGS).await?;
+    let read_from = cap.map_or(warm, |c| c.max(warm));
+    let read_to = readings::nth_after(tx, sensor, to, TAIL).await?;
+    let mut detector = Detector::default();
+    let mut found = Vec::new();
+    readings::each_reading(tx, sensor, read_from, read_to, |at, value| {
+        detector.push(at, value, &mut found)
+    })
+    .await?;
+    detector.finish(&mut found);
+    let (lo, hi) = (judged_from.timestamp_micros(), to.timestamp_micros());
+    found.retain(|a| a.start >= lo && a.start <= hi);
+
+    let mut stored: HashMap<(Kind, i64), Stored> = tx
+        .query(
+            "SELECT kind, start_ts, end_ts, value, expected, score, state FROM anomalies
+             WHERE sensor_uuid = $1 AND start_ts >= $2 AND start_ts <= $3",
+            &[&sensor, &judged_from, &to],
+        )
+        .await?
+        .iter()
+        .filter_map(|r| {
+            let kind: Kind = r.get::<_, &str>(0).parse().ok()?;
+            let start: DateTime<Utc> = r.get(1);
+            let state = if r.get::<_, &str>(6) == "open" {
+                State::Open
+            } else {
+                State::Resolved
+            };
+            Some((
+                (kind, start.timestamp_micros()),
+                Stored {
+                    end: r.get(2),
+                    value: r.get(3),
+                    expected: r.get(4),
+                    score: r.get(5),
+                    state,
+                },
+            ))
+        })
+        .collect();
+
+    for a in &found {
+        let start = time(a.start);
+        let end = time(a.end);
+        let kind = a.kind.as_str();
+        let common: [&(dyn ToSql + Sync); 7] = [
+            &sensor,
+            &start,
+            &kind,
+            &end,
+            &a.value,
+            &a.expected,
+            &a.score,
+        ];
+        match stored.remove(&(a.kind, a.start)) {
+            None => {
+                tx.execute(
+                    "INSERT INTO anomalies (sensor_uuid, start_ts, kind, end_ts, value, expected,
+                         score, state, object_key)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, 'open', $8)",
+                    &[&common[..], &[&key]].concat(),
+                )
+                .await?;
+                changes.opened.push(a.kind);
+            }
+            Some(s) if s.state == State::Resolved => {
+                tx.execute(
+                    "UPDATE anomalies SET end_ts = $4, value = $5, expected = $6, score = $7,
+                         state = 'open', object_key = $8, revision = revision + 1,
+                         updated_at = now()
+                     WHERE sensor_uuid = $1 AND start_ts = $2 AND kind = $3",
+                    &[&common[..], &[&key]].concat(),
+                )
+                .await?;
+                changes.opened.push(a.kind);
+            }
+            Some(s) if !same(&s, a, end) => {
+                tx.execute(
+                    "UPDATE anomalies SET end_ts = $4, value = $5, expected = $6, score = $7,
+                         updated_at = now()
+                     WHERE sensor_uuid = $1 AND start_ts = $2 AND kind = $3",
+                    &common,
+                )
+                .await?;
+            }
+            Some(_) => {}
+        }
+    }
+    for ((kind, start), s) in stored {
+        if s.state != State::Open {
+            continue;
+        }
+        tx.execute(
+            "UPDATE anomalies SET state = $4, object_key = $5, revision = revision + 1,
+                 updated_at = now()
+             WHERE sensor_uuid = $1 AND start_ts = $2 AND kind = $3",
+            &[
+                &sensor,
+                &time(start),
+                &kind.as_str(),
+                &State::Resolved.as_str(),
+                &key,
+            ],
+        )
+        .await?;
+        changes.resolved.push(kind);
+    }
+    Ok(())
+}
+
+/// Whether a stored open anomaly already says what was found.
+fn same(s: &Stored, a: &Anomaly, end: DateTime<Utc>) -> bool {
+    s.end == end && s.value == a.value && s.expected == a.expected && s.score == a.score
+}

@@ -1,0 +1,174 @@
+//! Anomaly detection in the worker ([`sensor_pipeline::alerts`]): the background loop of
+//! `sensors-worker run`, and `sensors-worker detect --all`.
+//!
+//! The loop detects the work an object's ingestion queued as soon as the object's event has been
+//! handled (its ids come over a channel), sweeps every few seconds for work nobody is doing (a
+//! worker died after its commit, an earlier detection failed and its delay is over), and then
+//! publishes what changed. It runs beside the consumer, never in an event's way: an event is
+//! acknowledged once its rows are committed, whatever detection does.
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use sensor_pipeline::alerts::{AlertError, Alerts, Detected};
+use sensor_pipeline::queue::Queue;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::telemetry;
+
+/// How often the loop looks for work and unpublished changes nobody is handling.
+const SWEEP: Duration = Duration::from_secs(2);
+
+/// Work ids queued by objects this worker ingested, for the loop to detect now.
+pub type WorkSender = mpsc::UnboundedSender<Vec<i64>>;
+
+/// Counts what one detection step did.
+pub fn record(detected: &Detected) {
+    for kind in &detected.opened {
+        metrics::counter!(telemetry::ANOMALIES, "kind" => kind.as_str()).increment(1);
+    }
+    for kind in &detected.resolved {
+        metrics::counter!(telemetry::ANOMALIES_RESOLVED, "kind" => kind.as_str()).increment(1);
+    }
+    for d in &detected.durations {
+        metrics::histogram!(telemetry::DETECTION_SECONDS).record(d.as_secs_f64());
+    }
+}
+
+/// An error with its causes (`db error: ERROR: canceling statement due to lock timeout`).
+fn chain(e: &AlertError) -> String {
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.ends_with(&more) {
+            text = format!("{text}: {more}");
+        }
+        cause = c.source();
+    }
+    text
+}
+
+fn failed(stage: &'static str, e: &AlertError) {
+    let error = chain(e);
+    match stage {
+        "detect" => warn!(%error, "anomaly detection failed; it is retried later"),
+        _ => warn!(%error, "cannot publish anomaly changes yet; retrying later"),
+    }
+    metrics::counter!(telemetry::DETECTION_ERRORS, "stage" => stage).increment(1);
+}
+
+/// Runs detection (and publication) until `stop`.
+pub async fn run_loop(
+    alerts: Alerts,
+    queue: Queue,
+    mut work: mpsc::UnboundedReceiver<Vec<i64>>,
+    stop: CancellationToken,
+) {
+    let mut sweep = tokio::time::interval(SWEEP);
+    loop {
+        let only = tokio::select! {
+            _ = stop.cancelled() => return,
+            ids = work.recv() => match ids {
+                Some(mut ids) => {
+                    // Take whatever else has arrived meanwhile in the same pass.
+                    while let Ok(more) = work.try_recv() {
+                        ids.extend(more);
+                    }
+                    Some(ids)
+                }
+                None => return,
+            },
+            _ = sweep.tick() => None,
+        };
+        match step(&alerts, only.as_deref(), &stop).await {
+            Ok(d) if d.sensors > 0 => info!(
+                sensors = d.sensors,
+                spans = d.spans,
+                opened = d.opened.len(),
+                resolved = d.resolved.len(),
+                "anomaly detection done"
+            ),
+            Ok(_) => {}
+            Err(e) => failed("detect", &e),
+        }
+        match alerts.publish_due(&queue).await {
+            Ok(0) => {}
+            Ok(n) => info!(messages = n, "anomaly changes published"),
+            Err(e) => failed("publish", &e),
+        }
+    }
+}
+
+/// Detects due work sensor by sensor (stopping early on `stop`), counting each step.
+async fn step(
+    alerts: &Alerts,
+    only: Option<&[i64]>,
+    stop: &CancellationToken,
+) -> Result<Detected, AlertError> {
+    let mut total = Detected::default();
+    while !stop.is_cancelled() {
+        let Some(d) = alerts.detect_next(only).await? else {
+            break;
+        };
+        record(&d);
+        total.spans += d.spans;
+        total.sensors += d.sensors;
+        total.opened.extend(d.opened);
+        total.resolved.extend(d.resolved);
+    }
+    Ok(total)
+}
+
+/// The key `detect --all` queues its work under (what an interrupted run resumes).
+pub const HISTORY: &str = "(sensors-worker detect --all)";
+
+/// `sensors-worker detect --all [--since T] [--publish]`: queues every sensor's stored readings
+/// (unless an interrupted run left work to resume) and detects it here, with a progress bar.
+/// Without `--publish` the anomalies found are recorded as already published: history is not
+/// news for the alert subscribers.
+pub async fn history(
+    alerts: &Alerts,
+    since: Option<DateTime<Utc>>,
+    publish: Option<&Queue>,
+) -> anyhow::Result<Detected> {
+    match alerts.queue_history(since, HISTORY).await? {
+        Some(n) => eprintln!("queued detection of {n} sensors"),
+        None => eprintln!("resuming an interrupted run"),
+    }
+    let total = alerts.queued(Some(HISTORY)).await?;
+    let bar = if std::io::stderr().is_terminal() {
+        ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr())
+    } else {
+        ProgressBar::hidden()
+    };
+    if let Ok(style) = ProgressStyle::with_template(
+        "{elapsed_precise} [{bar:40}] {pos}/{len} sensors, {msg} ({eta})",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    let mut done = Detected::default();
+    while let Some(d) = alerts.detect_next(None).await? {
+        done.spans += d.spans;
+        done.sensors += d.sensors;
+        done.opened.extend(d.opened);
+        done.resolved.extend(d.resolved);
+        let left = alerts.queued(Some(HISTORY)).await?;
+        bar.set_position(total.saturating_sub(left));
+        bar.set_message(format!("{} anomalies", done.opened.len()));
+    }
+    bar.finish_and_clear();
+    match publish {
+        Some(queue) => {
+            alerts.publish_due(queue).await?;
+        }
+        None => {
+            alerts.mark_published(HISTORY).await?;
+        }
+    }
+    Ok(done)
+}
