@@ -22,6 +22,8 @@ CREATE TABLE IF NOT EXISTS anomalies (
     updated_at         timestamptz      NOT NULL DEFAULT now(),
     PRIMARY KEY (sensor_uuid, start_ts, kind)
 );
+-- `query-cli anomalies --stored --all` reads by time.
+CREATE INDEX IF NOT EXISTS anomalies_start ON anomalies (start_ts);
 CREATE INDEX IF NOT EXISTS anomalies_unpublished
     ON anomalies (updated_at) WHERE published_revision < revision;
 

@@ -462,7 +462,8 @@ async fn upgrade_from_the_previous_schema_keeps_the_data_and_any_new_write_beats
         vec![
             "ledger/V2__object_versions",
             "mapping/V2__sensor_versions",
-            "measurements/V3__measurement_versions"
+            "measurements/V3__measurement_versions",
+            "measurements/V4__anomalies"
         ]
     );
     let ingestor = Ingestor::new(

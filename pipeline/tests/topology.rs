@@ -1,7 +1,7 @@
 //! The JetStream definitions in `nats/` (for operators and the `nats` CLI) say exactly what the
 //! code provisions with the default settings, and provisioning is idempotent on a real server.
 
-use sensor_pipeline::config::{Env, NatsSettings};
+use sensor_pipeline::config::{AnomalySettings, Env, NatsSettings};
 use sensor_pipeline::queue::{self, Queue};
 
 const NATS_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../nats");
@@ -54,6 +54,12 @@ fn nats_definitions_match_the_code() {
     assert_file_matches(
         "consumer-sensor-ingest.json",
         serde_json::to_value(queue::consumer_config(&s)).unwrap(),
+    );
+    let anomalies =
+        AnomalySettings::from_env(&Env::from_map(Vec::<(String, String)>::new())).unwrap();
+    assert_file_matches(
+        "stream-sensor-anomalies.json",
+        serde_json::to_value(queue::anomaly_stream_config(&anomalies)).unwrap(),
     );
 }
 

@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use crate::db::{failed, Databases};
 use crate::output::{render, timestamp, Align, Format, Record};
-use crate::readings::{parse_uuid, resolve, Sensor};
+use crate::readings::{page, parse_uuid, resolve, Sensor};
 use crate::{range, series, Failure};
 
 #[derive(Debug, Args)]
@@ -43,8 +43,18 @@ pub struct AnomaliesArgs {
     kinds: Vec<Kind>,
     /// Divides every threshold: 2 reports deviations half as large as the default does, 0.5
     /// only those twice as large. The default, 1, needs no tuning.
-    #[arg(long, value_name = "S", default_value_t = 1.0, value_parser = sensitivity)]
-    sensitivity: f64,
+    #[arg(long, value_name = "S", value_parser = sensitivity)]
+    sensitivity: Option<f64>,
+    /// Read the anomalies the workers found as data arrived (the `anomalies` table: open ones)
+    /// instead of running the detector over the readings.
+    #[arg(long, conflicts_with = "sensitivity")]
+    stored: bool,
+    /// With --stored: page to print, from 1 (needs --page-size).
+    #[arg(long, value_name = "P", requires_all = ["page_size", "stored"], value_parser = page, allow_negative_numbers = true)]
+    page_number: Option<u64>,
+    /// With --stored: anomalies per page (needs --page-number).
+    #[arg(long, value_name = "S", requires_all = ["page_number", "stored"], value_parser = page, allow_negative_numbers = true)]
+    page_size: Option<u64>,
     /// Output format: an aligned table for people, CSV, or one JSON object per line.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
@@ -173,6 +183,16 @@ pub async fn run(
 ) -> Result<(), Failure> {
     range::check(args.start_timestamp, args.end_timestamp)?;
     let dbs = Databases::connect(settings).await?;
+    if args.stored {
+        let only = match (args.sensor_name.clone(), args.sensor_uuid) {
+            (_, Some(uuid)) => Some(resolve(&dbs, &Sensor::Uuid(uuid)).await?),
+            (Some(name), None) => Some(resolve(&dbs, &Sensor::Name(name)).await?),
+            (None, None) => None,
+        };
+        let records = stored(&dbs, only, &args).await?;
+        render(out, args.format, &records)?;
+        return Ok(());
+    }
     let sensors: Vec<(Uuid, Option<String>)> = if args.all {
         every_sensor(&dbs).await?
     } else {
@@ -196,7 +216,7 @@ pub async fn run(
             *uuid,
             args.start_timestamp,
             args.end_timestamp,
-            args.sensitivity,
+            args.sensitivity.unwrap_or(1.0),
             |_, _| {},
         )
         .await?;
@@ -216,6 +236,63 @@ pub async fn run(
     }
     render(out, args.format, &records)?;
     Ok(())
+}
+
+/// The open anomalies the workers stored (`--stored`): one sensor's, or every sensor's in time
+/// order; a page of them when asked.
+async fn stored(
+    dbs: &Databases,
+    only: Option<Uuid>,
+    args: &AnomaliesArgs,
+) -> Result<Vec<AnomalyRecord>, Failure> {
+    let kinds: Vec<&str> = args.kinds.iter().map(|k| k.as_str()).collect();
+    let (offset, limit) = match (args.page_number, args.page_size) {
+        (Some(n), Some(size)) => (
+            i64::try_from((n - 1).saturating_mul(size)).unwrap_or(i64::MAX),
+            i64::try_from(size).unwrap_or(i64::MAX),
+        ),
+        _ => (0, i64::MAX),
+    };
+    let rows = dbs
+        .measurements
+        .query(
+            "SELECT sensor_uuid, kind, start_ts, end_ts, value, expected, score FROM anomalies
+             WHERE ($1::uuid IS NULL OR sensor_uuid = $1) AND start_ts >= $2 AND start_ts <= $3
+               AND state = 'open' AND (cardinality($4::text[]) = 0 OR kind = ANY($4))
+             ORDER BY start_ts, sensor_uuid, kind OFFSET $5 LIMIT $6",
+            &[
+                &only,
+                &args.start_timestamp,
+                &args.end_timestamp,
+                &kinds,
+                &offset,
+                &limit,
+            ],
+        )
+        .await
+        .map_err(failed("measurement"))?;
+    let mut names = std::collections::HashMap::new();
+    let mut records = Vec::with_capacity(rows.len());
+    for row in rows {
+        let uuid: Uuid = row.get(0);
+        if !names.contains_key(&uuid) {
+            names.insert(uuid, series::name_of(&dbs.mapping, uuid).await?);
+        }
+        let kind: Kind = row
+            .get::<_, &str>(1)
+            .parse()
+            .map_err(Failure::Infrastructure)?;
+        let a = Anomaly {
+            kind,
+            start: row.get::<_, DateTime<Utc>>(2).timestamp_micros(),
+            end: row.get::<_, DateTime<Utc>>(3).timestamp_micros(),
+            value: row.get(4),
+            expected: row.get(5),
+            score: row.get(6),
+        };
+        records.push(AnomalyRecord::new(uuid, names[&uuid].clone(), &a));
+    }
+    Ok(records)
 }
 
 /// Every sensor with readings: mapped ones by name, then the unmapped by UUID.

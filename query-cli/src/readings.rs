@@ -56,7 +56,7 @@ pub fn parse_uuid(s: &str) -> Result<Uuid, String> {
     })
 }
 
-fn page(s: &str) -> Result<u64, String> {
+pub fn page(s: &str) -> Result<u64, String> {
     match s.trim().parse::<u64>() {
         Ok(0) => Err("pages and page sizes start at 1".into()),
         _ if s.trim().parse::<i64>().is_ok_and(|n| n < 0) => {

@@ -384,3 +384,78 @@ async fn plots_hold_one_marker_per_anomaly_and_have_the_asked_size() {
         .contains("must end in .svg or .png"));
     assert!(!bad.exists());
 }
+
+#[tokio::test]
+async fn stored_anomalies_are_what_the_workers_found_page_by_page() {
+    let env = TestEnv::new().await.unwrap();
+    seeded(&env).await;
+    let vars = env.vars();
+    // What a worker does after the commit: detect the work the ingestion queued.
+    let dbs = Databases::connect(&env.database_settings(), 2).unwrap();
+    let settings = sensor_pipeline::config::AnomalySettings::from_env(
+        &sensor_pipeline::config::Env::from_map(Vec::<(String, String)>::new()),
+    )
+    .unwrap();
+    let detected = sensor_pipeline::alerts::Alerts::new(dbs, settings)
+        .detect_due(None)
+        .await
+        .unwrap();
+    assert_eq!((detected.sensors, detected.spans), (2, 2));
+
+    // Per sensor, the stored anomalies are exactly what the detector finds over the readings.
+    for sensor in [["--sensor-name", "pump"], ["--sensor-uuid", UNMAPPED]] {
+        let mut computed = vec!["anomalies", "--format", "json"];
+        computed.extend(sensor);
+        computed.extend(WHOLE);
+        let mut stored = computed.clone();
+        stored.push("--stored");
+        let want = ok(&vars, &computed).await;
+        assert!(!want.is_empty());
+        assert_eq!(ok(&vars, &stored).await, want, "{sensor:?}");
+    }
+
+    // Every sensor in time order, and the same page by page.
+    let mut all = vec!["anomalies", "--all", "--stored", "--format", "json"];
+    all.extend(WHOLE);
+    let every = json_lines(&ok(&vars, &all).await);
+    let starts: Vec<&str> = every.iter().map(|l| l["start"].as_str().unwrap()).collect();
+    let mut sorted = starts.clone();
+    sorted.sort();
+    assert_eq!(starts, sorted);
+    assert_eq!(
+        every.len() as u64,
+        detected.opened.len() as u64,
+        "every opened anomaly is listed once"
+    );
+    let mut paged = Vec::new();
+    for page in 1..=every.len() + 1 {
+        let page = page.to_string();
+        let mut args = all.clone();
+        args.extend(["--page-size", "1", "--page-number", &page]);
+        paged.extend(json_lines(&ok(&vars, &args).await));
+    }
+    assert_eq!(paged, every);
+
+    let mut spikes = all.clone();
+    spikes.extend(["--kind", "spike"]);
+    let want: Vec<_> = every
+        .iter()
+        .filter(|l| l["kind"] == "spike")
+        .cloned()
+        .collect();
+    assert_eq!(json_lines(&ok(&vars, &spikes).await), want);
+
+    let mut args = all.clone();
+    args.extend(["--sensitivity", "2"]);
+    assert!(fails(&vars, &args, 2).await.contains("cannot be used with"));
+    let mut args = vec![
+        "anomalies",
+        "--all",
+        "--page-size",
+        "5",
+        "--page-number",
+        "1",
+    ];
+    args.extend(WHOLE);
+    assert!(fails(&vars, &args, 2).await.contains("--stored"));
+}

@@ -13,6 +13,10 @@
 //! a growing delay so JetStream redelivers it, and dead-lettered once `NATS_MAX_DELIVER`
 //! deliveries are used up. Shutdown (SIGINT/SIGTERM) stops fetching, lets in-flight objects finish
 //! within the grace period, and naks what is still unfinished so another worker takes it.
+//!
+//! Anomaly detection (`ANOMALY_DETECTION=on`) runs beside the consumer ([`crate::detect`]): an
+//! ingested object hands the detection work its transaction queued to the detection loop and is
+//! acknowledged without waiting for it.
 
 use std::process::ExitCode;
 use std::sync::Arc;

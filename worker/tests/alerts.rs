@@ -405,3 +405,106 @@ async fn a_locked_anomalies_table_delays_detection_not_ingestion() {
     assert_eq!(stored(&p, "open").await, want);
     assert_eq!(opened(&a.messages(&p).await, &a, key), want);
 }
+
+async fn cli(p: &Pipeline, extra: &[(&str, &str)], args: &[&str]) -> (i32, String, String) {
+    let mut vars = p.vars();
+    vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let out = testbed::run_binary(env!("CARGO_BIN_EXE_sensors-worker"), &vars, args).await;
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+async fn count(p: &Pipeline, sql: &str) -> i64 {
+    p.db.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+#[tokio::test]
+async fn detect_all_fills_the_table_from_stored_history_and_resumes() {
+    let p = Pipeline::new().await;
+    let readings = series(true);
+    let want = expected(&readings);
+    p.env.s3.mute(true).unwrap();
+    p.env
+        .s3
+        .put("timeseries/history.csv", csv(&readings))
+        .await
+        .unwrap();
+    // Ingested with detection off: nothing is queued, nothing detected.
+    let (code, out, err) = cli(&p, &[("ANOMALY_DETECTION", "off")], &["ingest", "--all"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(!out.contains("anomalies:"), "{out}");
+    assert_eq!(count(&p, "SELECT count(*) FROM anomaly_work").await, 0);
+    let (code, _, err) = cli(&p, &[("ANOMALY_DETECTION", "maybe")], &["ingest", "--all"]).await;
+    assert_eq!(code, 2);
+    assert_eq!(
+        err,
+        "error: invalid value for ANOMALY_DETECTION: \"maybe\" is neither on nor off\n"
+    );
+
+    let (code, out, err) = cli(&p, &[], &["detect", "--all"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(err, "queued detection of 1 sensors\n");
+    assert_eq!(
+        out,
+        format!(
+            "1 sensors detected: {} anomalies opened, 0 resolved\n",
+            want.len()
+        )
+    );
+    assert_eq!(stored(&p, "open").await, want);
+    // History is not news: recorded as published, nothing sent.
+    assert_eq!(unpublished(&p).await, (0, want.len() as i64));
+    assert_eq!(count(&p, "SELECT count(*) FROM anomaly_work").await, 0);
+
+    // An interrupted run left work behind: the next run resumes it instead of queueing again.
+    p.db.batch_execute(&format!(
+        "INSERT INTO anomaly_work (sensor_uuid, span_start, span_end, object_key)
+         VALUES ('{U1}', '2013-01-02T00:00:00Z', '2013-01-03T00:00:00Z', '(sensors-worker detect --all)')"
+    ))
+    .await
+    .unwrap();
+    let (code, out, err) = cli(
+        &p,
+        &[],
+        &["detect", "--all", "--since", "2013-01-02T00:00:00Z"],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(err, "resuming an interrupted run\n");
+    assert_eq!(out, "1 sensors detected: 0 anomalies opened, 0 resolved\n");
+    assert_eq!(stored(&p, "open").await, want);
+
+    // With --since, only that part of the history is judged again: nothing changes.
+    let (code, out, err) = cli(
+        &p,
+        &[],
+        &["detect", "--all", "--since", "2013-01-02T12:00:00Z"],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(err, "queued detection of 1 sensors\n");
+    assert_eq!(out, "1 sensors detected: 0 anomalies opened, 0 resolved\n");
+    assert_eq!(stored(&p, "open").await, want);
+
+    // Ingested with detection on, `ingest` detects right after each commit and says so. (A
+    // later key wins a same-second tie: this object is the newer write.)
+    p.env
+        .s3
+        .put("timeseries/later.csv", csv(&series(false)))
+        .await
+        .unwrap();
+    let (code, out, err) = cli(&p, &[], &["ingest", "--all"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("anomalies: 0 opened\n"), "{out}");
+    assert_eq!(
+        count(
+            &p,
+            "SELECT count(*) FROM anomalies WHERE kind = 'spike' AND state = 'resolved'"
+        )
+        .await,
+        1
+    );
+}

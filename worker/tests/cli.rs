@@ -49,8 +49,8 @@ async fn migrate_then_ingest_all_then_again() {
         text(&out.stdout),
         "mapping+measurement database: applied ledger/V1__ledger_and_quarantine, ledger/V2__object_versions, \
          mapping/V1__sensors, mapping/V2__sensor_versions, measurements/V1__measurements, \
-         measurements/V2__measurement_days, measurements/V3__measurement_versions; \
-         measurements is a plain table (TimescaleDB not available)\n"
+         measurements/V2__measurement_days, measurements/V3__measurement_versions, \
+         measurements/V4__anomalies; measurements is a plain table (TimescaleDB not available)\n"
     );
     let out = worker(&vars, &["migrate"]).await;
     assert_eq!(
@@ -62,7 +62,7 @@ async fn migrate_then_ingest_all_then_again() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert_eq!(
         summary(&out),
-        "objects: 4 done, 0 already done, 0 failed, 0 ignored, 0 errors\nrows:    209 ok, 2 rejected"
+        "objects: 4 done, 0 already done, 0 failed, 0 ignored, 0 errors\nrows:    209 ok, 2 rejected\nanomalies: 1 opened"
     );
     assert_eq!(
         count(&env.measurements_db, "SELECT count(*) FROM measurements").await,
@@ -77,7 +77,7 @@ async fn migrate_then_ingest_all_then_again() {
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(
         summary(&out),
-        "objects: 0 done, 4 already done, 0 failed, 0 ignored, 0 errors\nrows:    0 ok, 0 rejected"
+        "objects: 0 done, 4 already done, 0 failed, 0 ignored, 0 errors\nrows:    0 ok, 0 rejected\nanomalies: 0 opened"
     );
 }
 
@@ -152,6 +152,7 @@ async fn a_failed_object_makes_ingest_exit_1_and_the_rest_is_stored() {
         summary(&out),
         "objects: 1 done, 0 already done, 1 failed, 1 ignored, 0 errors\n\
          rows:    1 ok, 0 rejected\n\
+         anomalies: 0 opened\n\
          failed:  timeseries/bad.csv: the header lacks required column(s) sensor_uuid; it has: timestamp, sensor_value"
     );
     assert_eq!(
@@ -164,7 +165,7 @@ async fn a_failed_object_makes_ingest_exit_1_and_the_rest_is_stored() {
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(
         summary(&out),
-        "objects: 0 done, 1 already done, 0 failed, 0 ignored, 0 errors\nrows:    0 ok, 0 rejected"
+        "objects: 0 done, 1 already done, 0 failed, 0 ignored, 0 errors\nrows:    0 ok, 0 rejected\nanomalies: 0 opened"
     );
 }
 

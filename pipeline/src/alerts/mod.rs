@@ -362,12 +362,12 @@ impl Alerts {
         if left > 0 {
             return Ok(None);
         }
-        let since = since.unwrap_or(DateTime::<Utc>::MIN_UTC);
         let queued = client
             .execute(
                 "INSERT INTO anomaly_work (sensor_uuid, span_start, span_end, object_key)
                  SELECT sensor_uuid, greatest(min(day), $1), max(day) + interval '1 day', $2
-                 FROM measurement_days WHERE day >= date_trunc('day', $1::timestamptz, 'UTC')
+                 FROM measurement_days
+                 WHERE $1::timestamptz IS NULL OR day >= date_trunc('day', $1::timestamptz, 'UTC')
                  GROUP BY sensor_uuid ORDER BY sensor_uuid",
                 &[&since, &key],
             )
