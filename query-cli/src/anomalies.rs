@@ -275,8 +275,8 @@ async fn stored(
     let mut records = Vec::with_capacity(rows.len());
     for row in rows {
         let uuid: Uuid = row.get(0);
-        if !names.contains_key(&uuid) {
-            names.insert(uuid, series::name_of(&dbs.mapping, uuid).await?);
+        if let std::collections::hash_map::Entry::Vacant(e) = names.entry(uuid) {
+            e.insert(series::name_of(&dbs.mapping, uuid).await?);
         }
         let kind: Kind = row
             .get::<_, &str>(1)
