@@ -421,6 +421,14 @@ async fn count(p: &Pipeline, sql: &str) -> i64 {
     p.db.query_one(sql, &[]).await.unwrap().get(0)
 }
 
+/// `detect --all --since T` that finds nothing new, saying `queued` on stderr.
+async fn detect_all(p: &Pipeline, since: &str, queued: &str) {
+    let (code, out, err) = cli(p, &[], &["detect", "--all", "--since", since]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(err, queued);
+    assert_eq!(out, "1 sensors detected: 0 anomalies opened, 0 resolved\n");
+}
+
 #[tokio::test]
 async fn detect_all_fills_the_table_from_stored_history_and_resumes() {
     let p = Pipeline::new().await;
@@ -466,27 +474,16 @@ async fn detect_all_fills_the_table_from_stored_history_and_resumes() {
     ))
     .await
     .unwrap();
-    let (code, out, err) = cli(
-        &p,
-        &[],
-        &["detect", "--all", "--since", "2013-01-02T00:00:00Z"],
-    )
-    .await;
-    assert_eq!(code, 0, "{err}");
-    assert_eq!(err, "resuming an interrupted run\n");
-    assert_eq!(out, "1 sensors detected: 0 anomalies opened, 0 resolved\n");
+    detect_all(&p, "2013-01-02T00:00:00Z", "resuming an interrupted run\n").await;
     assert_eq!(stored(&p, "open").await, want);
 
     // With --since, only that part of the history is judged again: nothing changes.
-    let (code, out, err) = cli(
+    detect_all(
         &p,
-        &[],
-        &["detect", "--all", "--since", "2013-01-02T12:00:00Z"],
+        "2013-01-02T12:00:00Z",
+        "queued detection of 1 sensors\n",
     )
     .await;
-    assert_eq!(code, 0, "{err}");
-    assert_eq!(err, "queued detection of 1 sensors\n");
-    assert_eq!(out, "1 sensors detected: 0 anomalies opened, 0 resolved\n");
     assert_eq!(stored(&p, "open").await, want);
 
     // Ingested with detection on, `ingest` detects right after each commit and says so. (A

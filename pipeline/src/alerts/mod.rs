@@ -1,13 +1,14 @@
-//! Anomalies as data arrives: detect over what an object changed, keep the verdicts in the
+//! Anomalies as data arrives: detect over the spans an object wrote, keep the verdicts in the
 //! `anomalies` table, publish each change to NATS JetStream.
 //!
 //! # The flow
 //!
-//! 1. **Queue.** The ingest merge of a measurement object ([`crate::store::staging`]) inserts, in
-//!    the object's own transaction, one `anomaly_work` row per sensor whose readings it changed:
-//!    the sensor and the first and last instant it changed. Rows that lost to a newer version
-//!    queue nothing. So detection is never lost (the work commits with the rows) and never in the
-//!    way: it runs after the commit, and its errors cannot touch the object's outcome.
+//! 1. **Queue.** After the merge of a measurement object ([`crate::store::staging`]), in the
+//!    object's own transaction, one `anomaly_work` row per sensor with valid rows in the object:
+//!    the sensor and its first and last instant there. So detection is never lost (the work
+//!    commits with the rows) and never in the way: it runs after the commit, and its errors cannot
+//!    touch the object's outcome. (A version that lost to a newer one queues work that changes
+//!    nothing; a version already `done` queues none.)
 //! 2. **Detect.** [`Alerts::detect_due`] takes one sensor's queued work at a time, in a transaction
 //!    that locks the work rows (`FOR UPDATE SKIP LOCKED`: two workers never take the same row)
 //!    and then the sensor (a transaction-level advisory lock: detections of one sensor run one
@@ -349,19 +350,11 @@ impl Alerts {
         since: Option<DateTime<Utc>>,
         key: &str,
     ) -> Result<Option<u64>, AlertError> {
-        let db = Dataset::Measurements;
-        let client = self.dbs.client(db).await?;
-        let left: i64 = client
-            .query_one(
-                "SELECT count(*) FROM anomaly_work WHERE object_key = $1",
-                &[&key],
-            )
-            .await
-            .db(db)?
-            .get(0);
-        if left > 0 {
+        if self.queued(Some(key)).await? > 0 {
             return Ok(None);
         }
+        let db = Dataset::Measurements;
+        let client = self.dbs.client(db).await?;
         let queued = client
             .execute(
                 "INSERT INTO anomaly_work (sensor_uuid, span_start, span_end, object_key)

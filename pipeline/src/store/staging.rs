@@ -34,8 +34,7 @@ const COPY_MEASUREMENTS: &str =
 /// Upserts the last line of every key where this version beats the stored row's, then adds the
 /// rows that were new (not overwrites: `xmax` is 0 only for a freshly inserted row version) to the
 /// page index `measurement_days`, in (sensor, day) order so concurrent ingestions lock its rows in
-/// one order, and, when `$3` (anomaly detection is on), queues the span each sensor's changed rows
-/// cover for detection (`anomaly_work`, see `crate::alerts`). `$1` is the version, `$2` the key.
+/// one order. `$1` is the version.
 const MERGE_MEASUREMENTS: &str = concat!(
     "WITH merged AS (
         INSERT INTO measurements AS target (sensor_uuid, ts, value, version)
@@ -53,14 +52,17 @@ const MERGE_MEASUREMENTS: &str = concat!(
         FROM merged WHERE inserted
         GROUP BY 1, 2 ORDER BY 1, 2
         ON CONFLICT (sensor_uuid, day) DO UPDATE SET readings = d.readings + EXCLUDED.readings
-    ), work AS (
-        INSERT INTO anomaly_work (sensor_uuid, span_start, span_end, object_key)
-        SELECT sensor_uuid, min(ts), max(ts), $2 FROM merged WHERE $3::bool
-        GROUP BY 1 ORDER BY 1
-        RETURNING id
     )
-    SELECT (SELECT count(*) FROM merged), (SELECT coalesce(array_agg(id), '{}') FROM work)"
+    SELECT count(*) FROM merged"
 );
+/// Queues anomaly detection of the span each sensor's valid rows cover (`anomaly_work`, see
+/// `crate::alerts`); `$1` is the key. A statement of its own, run only when detection is on, so
+/// that with detection off the merge is exactly what it was.
+const QUEUE_DETECTION: &str = "
+    INSERT INTO anomaly_work (sensor_uuid, span_start, span_end, object_key)
+    SELECT sensor_uuid, min(ts), max(ts), $1 FROM staging_rows WHERE reason IS NULL
+    GROUP BY 1 ORDER BY 1
+    RETURNING id";
 
 const COPY_MAPPING: &str =
     "COPY staging_rows (line, sensor_uuid, sensor_name, raw, reason) FROM STDIN (FORMAT binary)";
@@ -162,7 +164,7 @@ impl Staging {
 pub struct Merged {
     /// Stored rows inserted or overwritten.
     pub changed: u64,
-    /// The `anomaly_work` entries queued (one per sensor whose readings changed).
+    /// The `anomaly_work` entries queued (one per sensor with valid rows in the object).
     pub work: Vec<i64>,
 }
 
@@ -186,11 +188,20 @@ pub async fn merge(
     tx.execute(&quarantine, &[&ledger_id, &key]).await?;
     match dataset {
         Dataset::Measurements => {
-            let row = tx.query_one(&merge, &[&version, &key, &detect]).await?;
-            let changed: i64 = row.get(0);
+            let changed: i64 = tx.query_one(&merge, &[&version]).await?.get(0);
+            let work = if detect {
+                let queue = tx.prepare_cached(QUEUE_DETECTION).await?;
+                tx.query(&queue, &[&key])
+                    .await?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect()
+            } else {
+                Vec::new()
+            };
             Ok(Merged {
                 changed: changed as u64,
-                work: row.get(1),
+                work,
             })
         }
         Dataset::Mapping => Ok(Merged {

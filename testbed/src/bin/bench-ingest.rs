@@ -9,6 +9,9 @@
 //! The rows are clean and in UTC (the baseline cannot validate or convert anything), spread over
 //! 100 sensors at one-second steps, so every (sensor, timestamp) is unique.
 //!
+//! `WORKER_CONCURRENCY` and `ANOMALY_DETECTION` (`on`, the default, or `off`) are passed on to
+//! the worker: run it once with each to see what detection costs.
+//!
 //! `--conflict` adds the full-conflict case: after the files are ingested (untimed), a newer
 //! version of every file — same rows, every value changed, under its own key — is ingested and
 //! timed: every row conflicts with a stored one and takes it over. Its ratio is against the same
@@ -129,8 +132,10 @@ async fn main() -> Result<()> {
         // The pipeline: migrate a fresh database, then `ingest --all` end to end.
         let db = pg.create_database().await?;
         let mut vars = testbed::bench::with_database(&env.vars(), &db);
-        if let Ok(c) = std::env::var("WORKER_CONCURRENCY") {
-            vars.push(("WORKER_CONCURRENCY".into(), c));
+        for name in ["WORKER_CONCURRENCY", "ANOMALY_DETECTION"] {
+            if let Ok(v) = std::env::var(name) {
+                vars.push((name.into(), v));
+            }
         }
         let run_worker = |args: &[&str]| {
             std::process::Command::new(&worker)
