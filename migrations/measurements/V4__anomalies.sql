@@ -44,3 +44,13 @@ CREATE TABLE IF NOT EXISTS anomaly_work (
     last_error  text
 );
 CREATE INDEX IF NOT EXISTS anomaly_work_sensor ON anomaly_work (sensor_uuid);
+
+-- Each sensor's detector as it was after the last reading detected (`through`): a detection of
+-- readings that come after it resumes it instead of reading a warm-up again. A few kilobytes per
+-- sensor; its layout is versioned inside `state` (a state of another version is not resumed).
+CREATE TABLE IF NOT EXISTS anomaly_detectors (
+    sensor_uuid uuid        PRIMARY KEY,
+    through     timestamptz NOT NULL,
+    state       bytea       NOT NULL,
+    updated_at  timestamptz NOT NULL DEFAULT now()
+);

@@ -33,11 +33,18 @@
 //! and see the same stored readings, so the table has one row per (sensor, start, kind) and a
 //! verdict changes only when the readings do.
 //!
-//! # Bounds
+//! # Resuming, and bounds
 //!
-//! The warm-up is the one `query-cli anomalies` uses ([`WARM_UP_MICROS`] and
-//! [`WARM_UP_READINGS`]), capped at [`WARM_UP_MAX_READINGS`] for sensors that read more often
-//! than every 23 s, so one span's detection reads a bounded number of readings besides the span.
+//! Data mostly arrives in time order, and re-reading a warm-up for every object would cost more
+//! than ingesting it. So each sensor's detector is saved after the last reading it judged
+//! (`anomaly_detectors`: a few kilobytes, see [`Detector::to_bytes`]); a span that starts after
+//! it resumes it and reads only the new readings (and the [`TAIL`]). Then only the anomalies it
+//! had not decided yet ([`Detector::provisional`]) and those after its end are judged again: what
+//! it decided before cannot change by appending. A span that does not come after the saved state
+//! (late or corrected data) starts from a warm-up before the span — the one `query-cli anomalies`
+//! uses ([`WARM_UP_MICROS`] and [`WARM_UP_READINGS`]), capped at [`WARM_UP_MAX_READINGS`] for
+//! sensors that read more often than every 23 s — reads on to the saved state's end when that is
+//! within the detector's memory, judges all of it and saves the state afresh.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -89,6 +96,8 @@ pub struct Detected {
     pub resolved: Vec<Kind>,
     /// Time each sensor's detection took.
     pub durations: Vec<Duration>,
+    /// Spans detected by resuming the sensor's saved detector (the others read a warm-up).
+    pub resumed: usize,
 }
 
 /// An anomaly as stored and published: SPEC §7's fields plus its state and the object that
@@ -230,6 +239,7 @@ impl Alerts {
                 done.sensors += 1;
                 done.opened.extend(changes.opened);
                 done.resolved.extend(changes.resolved);
+                done.resumed += changes.resumed;
                 done.durations.push(t0.elapsed());
                 Ok(true)
             }
@@ -419,29 +429,71 @@ async fn judge(
     key: &str,
     changes: &mut Detected,
 ) -> Result<(), tokio_postgres::Error> {
-    let judged_from = readings::nth_before(tx, sensor, from, LOOKBACK)
+    let saved: Option<(DateTime<Utc>, Vec<u8>)> = tx
+        .query_opt(
+            "SELECT through, state FROM anomaly_detectors WHERE sensor_uuid = $1",
+            &[&sensor],
+        )
         .await?
-        .unwrap_or(from);
-    let warm = readings::warm_up_from(
-        tx,
-        sensor,
-        judged_from,
-        chrono::Duration::microseconds(WARM_UP_MICROS),
-        WARM_UP_READINGS,
-    )
-    .await?;
-    let cap = readings::nth_before(tx, sensor, judged_from, WARM_UP_MAX_READINGS).await?;
-    let read_from = cap.map_or(warm, |c| c.max(warm));
-    let read_to = readings::nth_after(tx, sensor, to, TAIL).await?;
-    let mut detector = Detector::default();
+        .map(|r| (r.get(0), r.get(1)));
+    let through = saved.as_ref().map(|s| s.0);
+    // Resume the saved detector when the span comes after everything it has seen (the live
+    // case); else start over from a warm-up before the span.
+    let resumed = saved
+        .filter(|(through, _)| *through < from)
+        .and_then(|(through, bytes)| Some((through, Detector::from_bytes(&bytes)?)));
+    // Resumed: stored anomalies up to `through` were decided before, except the provisional ones.
+    let mut decided_through: Option<(i64, Vec<(Kind, i64)>)> = None;
+    let (mut detector, read_from, judged_from, judged_to) = match resumed {
+        Some((through, detector)) => {
+            // Nothing before what was undecided when it stopped can change.
+            let undecided = detector.unsettled_since().map_or(through, time);
+            let read_from = through + chrono::Duration::microseconds(1);
+            decided_through = Some((through.timestamp_micros(), detector.provisional()));
+            changes.resumed += 1;
+            (detector, read_from, undecided.min(from), to)
+        }
+        None => {
+            let judged_from = readings::nth_before(tx, sensor, from, LOOKBACK)
+                .await?
+                .unwrap_or(from);
+            let warm = readings::warm_up_from(
+                tx,
+                sensor,
+                judged_from,
+                chrono::Duration::microseconds(WARM_UP_MICROS),
+                WARM_UP_READINGS,
+            )
+            .await?;
+            let cap = readings::nth_before(tx, sensor, judged_from, WARM_UP_MAX_READINGS).await?;
+            let read_from = cap.map_or(warm, |c| c.max(warm));
+            // Readings before a saved state's end changed: read on to that end (when it is
+            // within the detector's memory), judge all of it and save the state there afresh.
+            let judged_to = match through {
+                Some(t) if t > to && t - to <= chrono::Duration::microseconds(WARM_UP_MICROS) => t,
+                _ => to,
+            };
+            (Detector::default(), read_from, judged_from, judged_to)
+        }
+    };
+    let read_to = readings::nth_after(tx, sensor, judged_to, TAIL).await?;
     let mut found = Vec::new();
+    // The state to save: after the last reading judged, before the tail.
+    let mut snapshot = None;
+    let last_judged = judged_to.timestamp_micros();
     readings::each_reading(tx, sensor, read_from, read_to, |at, value| {
+        if at > last_judged && snapshot.is_none() {
+            snapshot = Some(detector.clone());
+        }
         detector.push(at, value, &mut found)
     })
     .await?;
+    let snapshot = snapshot.unwrap_or_else(|| detector.clone());
     detector.finish(&mut found);
-    let (lo, hi) = (judged_from.timestamp_micros(), to.timestamp_micros());
+    save_state(tx, sensor, through, &snapshot, from).await?;
+    let (lo, hi) = (judged_from.timestamp_micros(), last_judged);
     found.retain(|a| a.start >= lo && a.start <= hi);
+    let (judged_from, to) = (judged_from, judged_to);
 
     let mut stored: HashMap<(Kind, i64), Stored> = tx
         .query(
@@ -523,6 +575,11 @@ async fn judge(
         if s.state != State::Open {
             continue;
         }
+        if let Some((through, provisional)) = &decided_through {
+            if start <= *through && !provisional.contains(&(kind, start)) {
+                continue;
+            }
+        }
         tx.execute(
             "UPDATE anomalies SET state = $4, object_key = $5, revision = revision + 1,
                  updated_at = now()
@@ -537,6 +594,43 @@ async fn judge(
         )
         .await?;
         changes.resolved.push(kind);
+    }
+    Ok(())
+}
+
+/// Saves the detector state after a detection: when it reaches at least as far as the saved one
+/// (or there is none). A detection of older readings that ends before the saved state forgets it
+/// when the readings it changed lie within the saved state's memory (its windows hold values that
+/// are no longer stored); the next detection then starts from a warm-up.
+async fn save_state(
+    tx: &impl GenericClient,
+    sensor: Uuid,
+    saved_through: Option<DateTime<Utc>>,
+    snapshot: &Detector,
+    changed_from: DateTime<Utc>,
+) -> Result<(), tokio_postgres::Error> {
+    let Some(last) = snapshot.last_reading().map(time) else {
+        return Ok(());
+    };
+    match saved_through {
+        Some(saved) if last < saved => {
+            if saved - changed_from <= chrono::Duration::microseconds(WARM_UP_MICROS) {
+                tx.execute(
+                    "DELETE FROM anomaly_detectors WHERE sensor_uuid = $1",
+                    &[&sensor],
+                )
+                .await?;
+            }
+        }
+        _ => {
+            tx.execute(
+                "INSERT INTO anomaly_detectors (sensor_uuid, through, state) VALUES ($1, $2, $3)
+                 ON CONFLICT (sensor_uuid) DO UPDATE
+                     SET through = EXCLUDED.through, state = EXCLUDED.state, updated_at = now()",
+                &[&sensor, &last, &snapshot.to_bytes()],
+            )
+            .await?;
+        }
     }
     Ok(())
 }

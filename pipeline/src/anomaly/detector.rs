@@ -1,7 +1,7 @@
 //! The streaming detector: one per sensor, fed readings in time order. See the module doc of
 //! [`crate::anomaly`] for the method.
 
-use super::window::{median_in_place, Ring, SortedRing};
+use super::window::{median_in_place, Decoder, Encoder, Ring, SortedRing};
 use super::{Anomaly, Kind};
 
 /// Readings in each half of the local-level window.
@@ -52,6 +52,10 @@ const GAP_MAX_FACTOR: f64 = 2.0;
 pub const WARM_UP_MICROS: i64 = (EPOCHS as i64 + 1) * EPOCH_MICROS;
 /// … and its windows counted in readings.
 pub const WARM_UP_READINGS: usize = 2 * RESIDUALS;
+
+/// The version of [`Detector::to_bytes`]' layout *and* of the method: bump it whenever either
+/// changes, so that states saved by another version are not resumed.
+const STATE_FORMAT: u32 = 1;
 
 /// A streaming detector for one sensor's readings.
 #[derive(Debug, Clone)]
@@ -180,6 +184,176 @@ impl Detector {
         self.level(at, value, found);
         self.epoch(at, value, value - expected);
         self.last = Some((at, value));
+    }
+
+    /// The earliest first reading of an anomaly that is still undecided (an excursion not yet
+    /// known to be a spike or a level shift, the run of equal values that may yet be stuck):
+    /// readings pushed after now can change anomalies starting there or later, and none before.
+    pub fn unsettled_since(&self) -> Option<i64> {
+        let run = (self.run.len > 0).then_some(self.run.start);
+        let excursion = self.pending.as_ref().map(|e| e.start);
+        match (run, excursion) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// What [`Detector::finish`] would report now that more readings could still change (kind and
+    /// first reading): the undecided excursion as a spike, the current run as stuck.
+    pub fn provisional(&self) -> Vec<(Kind, i64)> {
+        let mut out = Vec::new();
+        if let Some(e) = &self.pending {
+            out.push((Kind::Spike, e.start));
+        }
+        if self.run.len > 0 {
+            out.push((Kind::Stuck, self.run.start));
+        }
+        out
+    }
+
+    /// The time of the last reading pushed.
+    pub fn last_reading(&self) -> Option<i64> {
+        self.last.map(|(at, _)| at)
+    }
+
+    /// The whole state, to resume later exactly where this detector is ([`Detector::from_bytes`]):
+    /// a few kilobytes (its windows are bounded).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut e = Encoder(Vec::with_capacity(12 * 1024));
+        e.u32(STATE_FORMAT);
+        e.f64(self.sensitivity);
+        e.sorted(&self.older);
+        e.sorted(&self.newer);
+        e.ring_i64(&self.level_ts);
+        e.sorted(&self.residuals);
+        e.f64(self.sigma);
+        e.f64(self.novelty);
+        e.bool(self.pending.is_some());
+        if let Some(x) = &self.pending {
+            for v in [x.start, x.end] {
+                e.i64(v);
+            }
+            for v in [x.expected, x.side, x.threshold, x.unit, x.extreme] {
+                e.f64(v);
+            }
+            e.u32(x.values.len() as u32);
+            for &(at, v) in &x.values {
+                e.i64(at);
+                e.f64(v);
+            }
+        }
+        e.i64(self.epoch);
+        e.f64(self.epoch_max);
+        e.sorted(&self.epoch_maxima);
+        e.f64(self.epoch_high);
+        e.f64(self.epoch_low);
+        e.sorted(&self.highs);
+        e.sorted(&self.lows);
+        e.sorted(&self.intervals);
+        e.bool(self.last.is_some());
+        if let Some((at, v)) = self.last {
+            e.i64(at);
+            e.f64(v);
+        }
+        let r = &self.run;
+        e.i64(r.start);
+        e.i64(r.end);
+        e.f64(r.value);
+        e.u32(r.len);
+        e.f64(r.expected);
+        e.bool(r.judged);
+        e.f64(self.epoch_run);
+        e.sorted(&self.epoch_runs);
+        e.0
+    }
+
+    /// A detector resumed from [`Detector::to_bytes`]; `None` if the bytes are not a state of
+    /// this version of the detector (then start over from the readings).
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        let mut d = Decoder(bytes);
+        if d.u32()? != STATE_FORMAT {
+            return None;
+        }
+        let sensitivity = d.f64()?;
+        let older = d.sorted(HALF)?;
+        let newer = d.sorted(HALF)?;
+        let level_ts = d.ring_i64(2 * HALF)?;
+        let residuals = d.sorted(RESIDUALS)?;
+        let sigma = d.f64()?;
+        let novelty = d.f64()?;
+        let pending = if d.bool()? {
+            let (start, end) = (d.i64()?, d.i64()?);
+            let (expected, side, threshold, unit, extreme) =
+                (d.f64()?, d.f64()?, d.f64()?, d.f64()?, d.f64()?);
+            let n = d.u32()? as usize;
+            if n > CONFIRM {
+                return None;
+            }
+            let mut values = Vec::with_capacity(n);
+            for _ in 0..n {
+                values.push((d.i64()?, d.f64()?));
+            }
+            Some(Excursion {
+                start,
+                end,
+                expected,
+                side,
+                threshold,
+                unit,
+                extreme,
+                values,
+            })
+        } else {
+            None
+        };
+        let epoch = d.i64()?;
+        let epoch_max = d.f64()?;
+        let epoch_maxima = d.sorted(EPOCHS)?;
+        let epoch_high = d.f64()?;
+        let epoch_low = d.f64()?;
+        let highs = d.sorted(EPOCHS)?;
+        let lows = d.sorted(EPOCHS)?;
+        let intervals = d.sorted(INTERVALS)?;
+        let last = if d.bool()? {
+            Some((d.i64()?, d.f64()?))
+        } else {
+            None
+        };
+        let run = Run {
+            start: d.i64()?,
+            end: d.i64()?,
+            value: d.f64()?,
+            len: d.u32()?,
+            expected: d.f64()?,
+            judged: d.bool()?,
+        };
+        let epoch_run = d.f64()?;
+        let epoch_runs = d.sorted(EPOCHS)?;
+        if !d.0.is_empty() {
+            return None;
+        }
+        Some(Self {
+            sensitivity,
+            older,
+            newer,
+            level_ts,
+            residuals,
+            sigma,
+            novelty,
+            pending,
+            epoch,
+            epoch_max,
+            epoch_maxima,
+            epoch_high,
+            epoch_low,
+            highs,
+            lows,
+            intervals,
+            last,
+            run,
+            epoch_run,
+            epoch_runs,
+        })
     }
 
     /// Ends the series: reports what is still open (an excursion as a spike, a stuck run).

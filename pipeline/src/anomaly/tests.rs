@@ -200,3 +200,63 @@ fn a_window_does_not_depend_on_where_it_begins() {
         );
     }
 }
+
+#[test]
+fn a_resumed_state_continues_exactly_where_it_was_saved() {
+    // The same kind of series, cut at many points (inside an excursion, a stuck run, a gap).
+    let s = series(12_000, MINUTE, 17, |i, r| {
+        let day = (i % 1440) as f64 / 1440.0 * std::f64::consts::TAU;
+        let mut v = 50.0 + 10.0 * day.sin() + 0.5 * r.normal();
+        if i % 2_500 == 2_000 {
+            v += 25.0;
+        }
+        if i >= 9_000 {
+            v += 6.0;
+        }
+        if (10_000..10_200).contains(&i) {
+            v = 0.0;
+        }
+        v
+    })
+    .into_iter()
+    .enumerate()
+    .filter(|(i, _)| !(11_000..11_300).contains(i))
+    .map(|(_, r)| r)
+    .collect::<Vec<_>>();
+    let whole = detect(s.clone(), 1.0);
+    assert!(whole.len() >= 5, "{whole:?}");
+    for cut in [
+        1, 100, 2_000, 2_001, 4_500, 9_000, 9_002, 10_100, 10_990, 11_500,
+    ] {
+        let mut d = Detector::new(1.0);
+        let mut found = Vec::new();
+        for &(t, v) in &s[..cut] {
+            d.push(t, v, &mut found);
+        }
+        let bytes = d.to_bytes();
+        assert!(bytes.len() < 16 * 1024, "{} bytes", bytes.len());
+        let unsettled = d.unsettled_since();
+        let mut resumed = Detector::from_bytes(&bytes).expect("a state of this version");
+        assert_eq!(resumed.last_reading(), Some(s[cut - 1].0));
+        let mut later = Vec::new();
+        for &(t, v) in &s[cut..] {
+            resumed.push(t, v, &mut later);
+        }
+        resumed.finish(&mut later);
+        // Nothing found after the cut starts before what was unsettled at the cut.
+        let settled_before = unsettled.unwrap_or(s[cut - 1].0 + 1);
+        assert!(later.iter().all(|a| a.start >= settled_before), "cut {cut}");
+        found.extend(later);
+        found.sort_by_key(|a| (a.start, a.kind));
+        let mut want = whole.clone();
+        want.sort_by_key(|a| (a.start, a.kind));
+        assert_eq!(found, want, "cut {cut}");
+    }
+    assert!(Detector::from_bytes(&[]).is_none());
+    let mut bytes = Detector::new(1.0).to_bytes();
+    bytes[0] ^= 0xff;
+    assert!(
+        Detector::from_bytes(&bytes).is_none(),
+        "another format version"
+    );
+}

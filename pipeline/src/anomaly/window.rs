@@ -176,3 +176,93 @@ mod tests {
         assert_eq!((ring.get(0), ring.get(1)), (2, 3));
     }
 }
+
+/// A compact little-endian encoding of the detector's state (what `Detector::to_bytes` writes):
+/// fixed-width numbers, rings as a length and their values oldest first. Hand-written: a few
+/// dozen lines against a serialisation crate and its derive for one private struct.
+#[derive(Default)]
+pub(crate) struct Encoder(pub(crate) Vec<u8>);
+
+impl Encoder {
+    pub(crate) fn f64(&mut self, v: f64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+
+    pub(crate) fn i64(&mut self, v: i64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+
+    pub(crate) fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+
+    pub(crate) fn bool(&mut self, v: bool) {
+        self.0.push(u8::from(v));
+    }
+
+    pub(crate) fn ring_i64(&mut self, r: &Ring<i64>) {
+        self.u32(r.len() as u32);
+        for i in 0..r.len() {
+            self.i64(r.get(i));
+        }
+    }
+
+    pub(crate) fn sorted(&mut self, r: &SortedRing) {
+        self.u32(r.len() as u32);
+        for i in 0..r.len() {
+            self.f64(r.ring.get(i));
+        }
+    }
+}
+
+/// Reads what [`Encoder`] wrote; `None` at the first byte missing or a ring longer than its
+/// capacity.
+pub(crate) struct Decoder<'a>(pub(crate) &'a [u8]);
+
+impl Decoder<'_> {
+    fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
+        let (head, rest) = self.0.split_first_chunk::<N>()?;
+        self.0 = rest;
+        Some(*head)
+    }
+
+    pub(crate) fn f64(&mut self) -> Option<f64> {
+        self.take().map(f64::from_le_bytes)
+    }
+
+    pub(crate) fn i64(&mut self) -> Option<i64> {
+        self.take().map(i64::from_le_bytes)
+    }
+
+    pub(crate) fn u32(&mut self) -> Option<u32> {
+        self.take().map(u32::from_le_bytes)
+    }
+
+    pub(crate) fn bool(&mut self) -> Option<bool> {
+        self.take::<1>().map(|[b]| b != 0)
+    }
+
+    pub(crate) fn ring_i64(&mut self, capacity: usize) -> Option<Ring<i64>> {
+        let n = self.u32()? as usize;
+        let mut r = Ring::new(capacity);
+        if n > capacity {
+            return None;
+        }
+        for _ in 0..n {
+            r.push(self.i64()?);
+        }
+        Some(r)
+    }
+
+    pub(crate) fn sorted(&mut self, capacity: usize) -> Option<SortedRing> {
+        let n = self.u32()? as usize;
+        let mut r = SortedRing::new(capacity);
+        if n > capacity {
+            return None;
+        }
+        for _ in 0..n {
+            r.push(self.f64()?);
+        }
+        Some(r)
+    }
+}
