@@ -45,12 +45,13 @@ CREATE TABLE IF NOT EXISTS anomaly_work (
 );
 CREATE INDEX IF NOT EXISTS anomaly_work_sensor ON anomaly_work (sensor_uuid);
 
--- Each sensor's detector as it was after the last reading detected (`through`): a detection of
--- readings that come after it resumes it instead of reading a warm-up again. A few kilobytes per
--- sensor; its layout is versioned inside `state` (a state of another version is not resumed).
+-- Each sensor's detector as it was after the last reading of a detection (`through`), the newest
+-- few: a detection of readings that come after one resumes it instead of reading a warm-up again.
+-- A few kilobytes each; the layout is versioned inside `state` (another version is not resumed).
 CREATE TABLE IF NOT EXISTS anomaly_detectors (
-    sensor_uuid uuid        PRIMARY KEY,
+    sensor_uuid uuid        NOT NULL,
     through     timestamptz NOT NULL,
     state       bytea       NOT NULL,
-    updated_at  timestamptz NOT NULL DEFAULT now()
+    updated_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (sensor_uuid, through)
 );

@@ -36,15 +36,17 @@
 //! # Resuming, and bounds
 //!
 //! Data mostly arrives in time order, and re-reading a warm-up for every object would cost more
-//! than ingesting it. So each sensor's detector is saved after the last reading it judged
-//! (`anomaly_detectors`: a few kilobytes, see [`Detector::to_bytes`]); a span that starts after
-//! it resumes it and reads only the new readings (and the [`TAIL`]). Then only the anomalies it
-//! had not decided yet ([`Detector::provisional`]) and those after its end are judged again: what
-//! it decided before cannot change by appending. A span that does not come after the saved state
-//! (late or corrected data) starts from a warm-up before the span — the one `query-cli anomalies`
-//! uses ([`WARM_UP_MICROS`] and [`WARM_UP_READINGS`]), capped at [`WARM_UP_MAX_READINGS`] for
-//! sensors that read more often than every 23 s — reads on to the saved state's end when that is
-//! within the detector's memory, judges all of it and saves the state afresh.
+//! than ingesting it. So after each detection the sensor's detector is saved as it was after the
+//! last reading judged (`anomaly_detectors`, the newest [`SAVED_DETECTORS`]: a few kilobytes each,
+//! see [`Detector::to_bytes`]). A span resumes the newest one saved before it (within the
+//! detector's memory) and reads only from there; then only the anomalies that detector had not
+//! decided yet ([`Detector::provisional`]) and those after its end are judged again: what it
+//! decided cannot change by appending. Without one (the first data, late data, corrections) the
+//! detection starts from a warm-up before the span — the one `query-cli anomalies` uses
+//! ([`WARM_UP_MICROS`] and [`WARM_UP_READINGS`]), capped at [`WARM_UP_MAX_READINGS`] for sensors
+//! that read more often than every 23 s. Either way, when readings before a saved detector's end
+//! changed, the detection reads on to the newest one's end (within the memory), judges all of it,
+//! and replaces the detectors it made stale with one saved there.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -70,6 +72,9 @@ pub const LOOKBACK: usize = 32;
 pub const TAIL: usize = 64;
 /// The most readings read to warm up before a span.
 pub const WARM_UP_MAX_READINGS: usize = 20_000;
+/// Detectors saved per sensor (the newest): data that arrives a little out of order (objects
+/// committed by concurrent ingestions) resumes the one saved before it instead of a warm-up.
+pub const SAVED_DETECTORS: usize = 4;
 /// Outbox rows published per transaction.
 const PUBLISH_BATCH: i64 = 100;
 /// Arbitrary constant naming the per-sensor detection lock ("ANOM").
@@ -429,51 +434,53 @@ async fn judge(
     key: &str,
     changes: &mut Detected,
 ) -> Result<(), tokio_postgres::Error> {
-    let saved: Option<(DateTime<Utc>, Vec<u8>)> = tx
+    // The newest saved detector from before the span (to resume), and the newest of all.
+    let memory = chrono::Duration::microseconds(WARM_UP_MICROS);
+    let base: Option<(DateTime<Utc>, Vec<u8>)> = tx
         .query_opt(
-            "SELECT through, state FROM anomaly_detectors WHERE sensor_uuid = $1",
-            &[&sensor],
+            "SELECT through, state FROM anomaly_detectors
+             WHERE sensor_uuid = $1 AND through < $2 ORDER BY through DESC LIMIT 1",
+            &[&sensor, &from],
         )
         .await?
         .map(|r| (r.get(0), r.get(1)));
-    let through = saved.as_ref().map(|s| s.0);
-    // Resume the saved detector when the span comes after everything it has seen (the live
-    // case); else start over from a warm-up before the span.
-    let resumed = saved
-        .filter(|(through, _)| *through < from)
+    let latest: Option<DateTime<Utc>> = tx
+        .query_one(
+            "SELECT max(through) FROM anomaly_detectors WHERE sensor_uuid = $1",
+            &[&sensor],
+        )
+        .await?
+        .get(0);
+    // Readings before a saved detector's end changed: read on to the newest one's end (when it
+    // is within the detector's memory), judge all of it and save the detector there afresh.
+    let judged_to = match latest {
+        Some(t) if t > to && t - to <= memory => t,
+        _ => to,
+    };
+    // Resume when a saved detector ends before the span, not too long before it.
+    let resumed = base
+        .filter(|(through, _)| from - *through <= memory)
         .and_then(|(through, bytes)| Some((through, Detector::from_bytes(&bytes)?)));
     // Resumed: stored anomalies up to `through` were decided before, except the provisional ones.
     let mut decided_through: Option<(i64, Vec<(Kind, i64)>)> = None;
-    let (mut detector, read_from, judged_from, judged_to) = match resumed {
+    let (mut detector, read_from, judged_from) = match resumed {
         Some((through, detector)) => {
             // Nothing before what was undecided when it stopped can change.
             let undecided = detector.unsettled_since().map_or(through, time);
             let read_from = through + chrono::Duration::microseconds(1);
             decided_through = Some((through.timestamp_micros(), detector.provisional()));
             changes.resumed += 1;
-            (detector, read_from, undecided.min(from), to)
+            (detector, read_from, undecided.min(from))
         }
         None => {
             let judged_from = readings::nth_before(tx, sensor, from, LOOKBACK)
                 .await?
                 .unwrap_or(from);
-            let warm = readings::warm_up_from(
-                tx,
-                sensor,
-                judged_from,
-                chrono::Duration::microseconds(WARM_UP_MICROS),
-                WARM_UP_READINGS,
-            )
-            .await?;
+            let warm =
+                readings::warm_up_from(tx, sensor, judged_from, memory, WARM_UP_READINGS).await?;
             let cap = readings::nth_before(tx, sensor, judged_from, WARM_UP_MAX_READINGS).await?;
             let read_from = cap.map_or(warm, |c| c.max(warm));
-            // Readings before a saved state's end changed: read on to that end (when it is
-            // within the detector's memory), judge all of it and save the state there afresh.
-            let judged_to = match through {
-                Some(t) if t > to && t - to <= chrono::Duration::microseconds(WARM_UP_MICROS) => t,
-                _ => to,
-            };
-            (Detector::default(), read_from, judged_from, judged_to)
+            (Detector::default(), read_from, judged_from)
         }
     };
     let read_to = readings::nth_after(tx, sensor, judged_to, TAIL).await?;
@@ -490,7 +497,7 @@ async fn judge(
     .await?;
     let snapshot = snapshot.unwrap_or_else(|| detector.clone());
     detector.finish(&mut found);
-    save_state(tx, sensor, through, &snapshot, from).await?;
+    save_state(tx, sensor, &snapshot, from).await?;
     let (lo, hi) = (judged_from.timestamp_micros(), last_judged);
     found.retain(|a| a.start >= lo && a.start <= hi);
     let (judged_from, to) = (judged_from, judged_to);
@@ -598,40 +605,37 @@ async fn judge(
     Ok(())
 }
 
-/// Saves the detector state after a detection: when it reaches at least as far as the saved one
-/// (or there is none). A detection of older readings that ends before the saved state forgets it
-/// when the readings it changed lie within the saved state's memory (its windows hold values that
-/// are no longer stored); the next detection then starts from a warm-up.
+/// Saves the detector after a detection, in place of those it makes stale (saved after `changed_from`,
+/// the first reading the detected span changed: their windows may hold values no longer stored),
+/// keeping the newest [`SAVED_DETECTORS`] per sensor.
 async fn save_state(
     tx: &impl GenericClient,
     sensor: Uuid,
-    saved_through: Option<DateTime<Utc>>,
     snapshot: &Detector,
     changed_from: DateTime<Utc>,
 ) -> Result<(), tokio_postgres::Error> {
+    tx.execute(
+        "DELETE FROM anomaly_detectors WHERE sensor_uuid = $1 AND through >= $2",
+        &[&sensor, &changed_from],
+    )
+    .await?;
     let Some(last) = snapshot.last_reading().map(time) else {
         return Ok(());
     };
-    match saved_through {
-        Some(saved) if last < saved => {
-            if saved - changed_from <= chrono::Duration::microseconds(WARM_UP_MICROS) {
-                tx.execute(
-                    "DELETE FROM anomaly_detectors WHERE sensor_uuid = $1",
-                    &[&sensor],
-                )
-                .await?;
-            }
-        }
-        _ => {
-            tx.execute(
-                "INSERT INTO anomaly_detectors (sensor_uuid, through, state) VALUES ($1, $2, $3)
-                 ON CONFLICT (sensor_uuid) DO UPDATE
-                     SET through = EXCLUDED.through, state = EXCLUDED.state, updated_at = now()",
-                &[&sensor, &last, &snapshot.to_bytes()],
-            )
-            .await?;
-        }
-    }
+    tx.execute(
+        "INSERT INTO anomaly_detectors (sensor_uuid, through, state) VALUES ($1, $2, $3)
+         ON CONFLICT (sensor_uuid, through) DO UPDATE
+             SET state = EXCLUDED.state, updated_at = now()",
+        &[&sensor, &last, &snapshot.to_bytes()],
+    )
+    .await?;
+    tx.execute(
+        "DELETE FROM anomaly_detectors WHERE sensor_uuid = $1 AND through < (
+             SELECT through FROM anomaly_detectors WHERE sensor_uuid = $1
+             ORDER BY through DESC OFFSET $2 LIMIT 1)",
+        &[&sensor, &(SAVED_DETECTORS as i64 - 1)],
+    )
+    .await?;
     Ok(())
 }
 
