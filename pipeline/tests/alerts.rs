@@ -12,6 +12,8 @@ use sensor_pipeline::store::{migrate::migrate, Databases};
 use testbed::TestEnv;
 
 const SENSOR: &str = "5e500000-0000-4000-8000-00000000a1e7";
+/// A second sensor in the same objects: the series scaled, so one batch holds two sensors.
+const OTHER: &str = "5e500000-0000-4000-8000-00000000a1e8";
 const T0: i64 = 1_356_998_400; // 2013-01-01T00:00:00Z
 const READINGS: usize = 12_000;
 const PIECES: usize = 8;
@@ -43,26 +45,48 @@ fn series() -> Vec<(i64, f64)> {
         .collect()
 }
 
+fn scaled(readings: &[(i64, f64)]) -> Vec<(i64, f64)> {
+    readings
+        .iter()
+        .map(|&(at, v)| (at, 3.0 * v - 7.0))
+        .collect()
+}
+
 fn csv(readings: &[(i64, f64)]) -> String {
     let mut s = String::from("timestamp;sensor_uuid;sensor_value\n");
-    for (at, v) in readings {
-        s.push_str(&format!("{};{SENSOR};{v}\n", time(*at)));
+    for ((at, v), (_, w)) in readings.iter().zip(scaled(readings)) {
+        s.push_str(&format!(
+            "{};{SENSOR};{v}\n{};{OTHER};{w}\n",
+            time(*at),
+            time(*at)
+        ));
     }
     s
 }
 
-fn key_set(found: &[Anomaly]) -> Vec<(String, String, String)> {
-    let mut out: Vec<_> = found
-        .iter()
-        .map(|a| (a.kind.as_str().to_string(), time(a.start), time(a.end)))
-        .collect();
-    out.sort_by(|a, b| (&a.1, &a.0).cmp(&(&b.1, &b.0)));
+type Open = Vec<(String, String, String, String)>;
+
+/// What the detector finds over each sensor's whole series, as the table lists it.
+fn whole() -> Open {
+    let mut out = Vec::new();
+    for (sensor, series) in [(SENSOR, series()), (OTHER, scaled(&series()))] {
+        let found: Vec<Anomaly> = anomaly::detect(series, 1.0);
+        out.extend(found.iter().map(|a| {
+            (
+                sensor.to_string(),
+                a.kind.as_str().to_string(),
+                time(a.start),
+                time(a.end),
+            )
+        }));
+    }
+    out.sort_by(|a, b| (&a.0, &a.2, &a.1).cmp(&(&b.0, &b.2, &b.1)));
     out
 }
 
 /// Ingests the pieces in `order`, detecting after each; returns the open anomalies and how many
 /// detections resumed the saved detector.
-async fn arrive(order: &[usize]) -> (Vec<(String, String, String)>, usize) {
+async fn arrive(order: &[usize]) -> (Open, usize) {
     let env = TestEnv::new().await.unwrap();
     migrate(&env.database_settings()).await.unwrap();
     let dbs = Databases::connect(&env.database_settings(), 2).unwrap();
@@ -82,19 +106,16 @@ async fn arrive(order: &[usize]) -> (Vec<(String, String, String)>, usize) {
         let part = &s[piece * size..((piece + 1) * size).min(s.len())];
         env.s3.put(&key, csv(part)).await.unwrap();
         let outcome = ingestor.ingest(&key, None).await.unwrap();
-        assert_eq!(outcome.anomaly_work.len(), 1);
-        let done = alerts
-            .detect_due(Some(&outcome.anomaly_work))
-            .await
-            .unwrap();
-        assert_eq!(done.spans, 1);
+        assert_eq!(outcome.anomaly_work.len(), 2);
+        let done = alerts.detect_batch(&outcome.anomaly_work).await.unwrap();
+        assert_eq!((done.spans, done.sensors), (2, 2));
         resumed += done.resumed;
     }
     let db = testbed::connect(&env.mapping_db).await.unwrap();
     let rows = db
         .query(
-            "SELECT kind, start_ts, end_ts FROM anomalies WHERE state = 'open'
-             ORDER BY start_ts, kind",
+            "SELECT sensor_uuid::text, kind, start_ts, end_ts FROM anomalies
+             WHERE state = 'open' ORDER BY sensor_uuid, start_ts, kind",
             &[],
         )
         .await
@@ -103,7 +124,7 @@ async fn arrive(order: &[usize]) -> (Vec<(String, String, String)>, usize) {
         .iter()
         .map(|r| {
             let t = |i| time(r.get::<_, DateTime<Utc>>(i).timestamp_micros());
-            (r.get(0), t(1), t(2))
+            (r.get(0), r.get(1), t(2), t(3))
         })
         .collect();
     (open, resumed)
@@ -111,17 +132,17 @@ async fn arrive(order: &[usize]) -> (Vec<(String, String, String)>, usize) {
 
 #[tokio::test]
 async fn pieces_in_time_order_end_where_the_whole_series_does() {
-    let want = key_set(&anomaly::detect(series(), 1.0));
-    assert!(want.len() >= 6, "{want:?}");
+    let want = whole();
+    assert!(want.len() >= 12, "{want:?}");
     let order: Vec<usize> = (0..PIECES).collect();
-    // Every piece but the first resumes the detector the one before saved.
-    assert_eq!(arrive(&order).await, (want, PIECES - 1));
+    // Every piece but the first resumes (for both sensors) the detector the one before saved.
+    assert_eq!(arrive(&order).await, (want, 2 * (PIECES - 1)));
 }
 
 #[tokio::test]
 async fn pieces_in_any_order_end_where_the_whole_series_does() {
-    let want = key_set(&anomaly::detect(series(), 1.0));
+    let want = whole();
     // Only piece 7 comes after everything detected before it and resumes; the others start over
     // from a warm-up and judge on to the saved detector's end.
-    assert_eq!(arrive(&[3, 0, 1, 7, 2, 5, 4, 6]).await, (want, 1));
+    assert_eq!(arrive(&[3, 0, 1, 7, 2, 5, 4, 6]).await, (want, 2));
 }

@@ -71,21 +71,26 @@ pub async fn run_loop(
 ) {
     let mut sweep = tokio::time::interval(SWEEP);
     loop {
-        let only = tokio::select! {
+        let result = tokio::select! {
             _ = stop.cancelled() => return,
             ids = work.recv() => match ids {
-                Some(mut ids) => {
-                    // Take whatever else has arrived meanwhile in the same pass.
-                    while let Ok(more) = work.try_recv() {
-                        ids.extend(more);
+                // One object's work in one batch, then whatever else has arrived meanwhile.
+                Some(ids) => {
+                    let mut total = batch(&alerts, &ids).await;
+                    while let Ok(t) = total.as_mut() {
+                        let Ok(more) = work.try_recv() else { break };
+                        match batch(&alerts, &more).await {
+                            Ok(d) => add(t, d),
+                            Err(e) => total = Err(e),
+                        }
                     }
-                    Some(ids)
+                    total
                 }
                 None => return,
             },
-            _ = sweep.tick() => None,
+            _ = sweep.tick() => step(&alerts, None, &stop).await,
         };
-        match step(&alerts, only.as_deref(), &stop).await {
+        match result {
             Ok(d) if d.sensors > 0 => info!(
                 sensors = d.sensors,
                 spans = d.spans,
@@ -104,6 +109,21 @@ pub async fn run_loop(
     }
 }
 
+/// Detects one object's work (see [`Alerts::detect_batch`]), counting it.
+async fn batch(alerts: &Alerts, ids: &[i64]) -> Result<Detected, AlertError> {
+    let d = alerts.detect_batch(ids).await?;
+    record(&d);
+    Ok(d)
+}
+
+fn add(total: &mut Detected, d: Detected) {
+    total.spans += d.spans;
+    total.sensors += d.sensors;
+    total.resumed += d.resumed;
+    total.opened.extend(d.opened);
+    total.resolved.extend(d.resolved);
+}
+
 /// Detects due work sensor by sensor (stopping early on `stop`), counting each step.
 async fn step(
     alerts: &Alerts,
@@ -116,10 +136,7 @@ async fn step(
             break;
         };
         record(&d);
-        total.spans += d.spans;
-        total.sensors += d.sensors;
-        total.opened.extend(d.opened);
-        total.resolved.extend(d.resolved);
+        add(&mut total, d);
     }
     Ok(total)
 }
@@ -153,10 +170,7 @@ pub async fn history(
     }
     let mut done = Detected::default();
     while let Some(d) = alerts.detect_next(None).await? {
-        done.spans += d.spans;
-        done.sensors += d.sensors;
-        done.opened.extend(d.opened);
-        done.resolved.extend(d.resolved);
+        add(&mut done, d);
         let left = alerts.queued(Some(HISTORY)).await?;
         bar.set_position(total.saturating_sub(left));
         bar.set_message(format!("{} anomalies", done.opened.len()));

@@ -181,6 +181,100 @@ impl Alerts {
             .then_some(done))
     }
 
+    /// Detects the work rows `ids` (those of one object, typically: one per sensor) in one
+    /// transaction, the sensors that resume a saved detector together in a handful of statements
+    /// (what keeps detection cheap next to ingestion), the others one by one. Rows another
+    /// detection holds are skipped (it is doing them).
+    pub async fn detect_batch(&self, ids: &[i64]) -> Result<Detected, AlertError> {
+        let db = Dataset::Measurements;
+        let t0 = Instant::now();
+        let mut client = self.dbs.client(db).await?;
+        let tx = client.transaction().await.db(db)?;
+        let timeout = format!(
+            "SET LOCAL lock_timeout = {}",
+            self.settings.lock_timeout.as_millis().max(1)
+        );
+        tx.batch_execute(&timeout).await.db(db)?;
+        let work: Vec<Work> = tx
+            .query(
+                "SELECT id, sensor_uuid, span_start, span_end, object_key FROM anomaly_work
+                 WHERE id = ANY($1) ORDER BY sensor_uuid, id FOR UPDATE SKIP LOCKED",
+                &[&ids],
+            )
+            .await
+            .db(db)?
+            .iter()
+            .map(|r| Work {
+                id: r.get(0),
+                sensor: r.get(1),
+                from: r.get(2),
+                to: r.get(3),
+                key: r.get(4),
+            })
+            .collect();
+        if work.is_empty() {
+            return Ok(Detected::default());
+        }
+        let claimed: Vec<i64> = work.iter().map(|w| w.id).collect();
+        let mut changes = Detected::default();
+        let result: Result<(), tokio_postgres::Error> = async {
+            let mut sensors: Vec<Uuid> = work.iter().map(|w| w.sensor).collect();
+            sensors.dedup();
+            tx.execute(
+                "SELECT count(pg_advisory_xact_lock($1, hashtext(u::text)))
+                 FROM (SELECT u FROM unnest($2::uuid[]) AS u ORDER BY u) AS s",
+                &[&SENSOR_LOCK, &sensors],
+            )
+            .await?;
+            judge_batch(&*tx, &work, &mut changes).await?;
+            tx.execute("DELETE FROM anomaly_work WHERE id = ANY($1)", &[&claimed])
+                .await?;
+            Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                tx.commit().await.db(db)?;
+                changes.spans = claimed.len();
+                changes.sensors = work
+                    .iter()
+                    .map(|w| w.sensor)
+                    .collect::<std::collections::HashSet<_>>()
+                    .len();
+                changes.durations.push(t0.elapsed());
+                Ok(changes)
+            }
+            Err(e) => {
+                drop(tx);
+                Err(self.failed(&mut client, &claimed, e).await)
+            }
+        }
+    }
+
+    /// Records a failed detection on its work rows (retried after a growing delay) and returns
+    /// the error.
+    async fn failed(
+        &self,
+        client: &mut deadpool_postgres::Object,
+        ids: &[i64],
+        e: tokio_postgres::Error,
+    ) -> AlertError {
+        let reason = e.to_string();
+        // Best effort: the rows are retried in any case (the transaction rolled back).
+        let _ = client
+            .execute(
+                "UPDATE anomaly_work SET attempts = attempts + 1, last_error = $2,
+                    not_before = now() + least(power(2, attempts), 60) * interval '1 second'
+                 WHERE id = ANY($1)",
+                &[&ids, &reason],
+            )
+            .await;
+        AlertError::Store(StoreError::Postgres {
+            database: crate::store::database_name(Dataset::Measurements),
+            source: e,
+        })
+    }
+
     /// One sensor's due work in one transaction; false when there was none.
     async fn detect_one_sensor(
         &self,
@@ -250,20 +344,7 @@ impl Alerts {
             }
             Err(e) => {
                 drop(tx);
-                let reason = e.to_string();
-                // Best effort: the rows are retried in any case (the transaction rolled back).
-                let _ = client
-                    .execute(
-                        "UPDATE anomaly_work SET attempts = attempts + 1, last_error = $2,
-                            not_before = now() + least(power(2, attempts), 60) * interval '1 second'
-                         WHERE id = ANY($1)",
-                        &[&ids, &reason],
-                    )
-                    .await;
-                Err(AlertError::Store(StoreError::Postgres {
-                    database: crate::store::database_name(db),
-                    source: e,
-                }))
+                Err(self.failed(&mut client, &ids, e).await)
             }
         }
     }
@@ -415,6 +496,215 @@ impl Alerts {
     }
 }
 
+/// One queued span.
+struct Work {
+    id: i64,
+    sensor: Uuid,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    key: String,
+}
+
+/// A sensor of a batch that resumes a saved detector.
+struct Resumed<'a> {
+    work: &'a Work,
+    detector: Detector,
+    judged_from: DateTime<Utc>,
+    judged_to: DateTime<Utc>,
+    decided: (i64, Vec<(Kind, i64)>),
+    snapshot: Option<Detector>,
+    found: Vec<Anomaly>,
+}
+
+/// [`judge`] for many sensors at once: those with one span here and a saved detector to resume
+/// share each statement (saved detectors, readings, stored anomalies, saving); the rest are
+/// judged one by one.
+async fn judge_batch(
+    tx: &impl GenericClient,
+    work: &[Work],
+    changes: &mut Detected,
+) -> Result<(), tokio_postgres::Error> {
+    let memory = chrono::Duration::microseconds(WARM_UP_MICROS);
+    let mut spans: HashMap<Uuid, usize> = HashMap::new();
+    for w in work {
+        *spans.entry(w.sensor).or_default() += 1;
+    }
+    let single: Vec<&Work> = work.iter().filter(|w| spans[&w.sensor] == 1).collect();
+    let sensors: Vec<Uuid> = single.iter().map(|w| w.sensor).collect();
+    let froms: Vec<DateTime<Utc>> = single.iter().map(|w| w.from).collect();
+    // The newest saved detector before each span, and the newest of each sensor.
+    let mut bases: HashMap<Uuid, (DateTime<Utc>, Vec<u8>, DateTime<Utc>)> = tx
+        .query(
+            "SELECT DISTINCT ON (d.sensor_uuid) d.sensor_uuid, d.through, d.state,
+                    (SELECT max(e.through) FROM anomaly_detectors e
+                     WHERE e.sensor_uuid = d.sensor_uuid)
+             FROM anomaly_detectors d
+             JOIN unnest($1::uuid[], $2::timestamptz[]) AS w(u, f)
+               ON d.sensor_uuid = w.u AND d.through < w.f
+             ORDER BY d.sensor_uuid, d.through DESC",
+            &[&sensors, &froms],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3))))
+        .collect();
+    let mut resumed = Vec::new();
+    let mut alone: Vec<&Work> = work.iter().filter(|w| spans[&w.sensor] > 1).collect();
+    for w in single {
+        let plan = bases
+            .remove(&w.sensor)
+            .filter(|(through, ..)| w.from - *through <= memory)
+            .and_then(|(through, bytes, latest)| {
+                let detector = Detector::from_bytes(&bytes)?;
+                Some((through, detector, latest))
+            });
+        let Some((through, detector, latest)) = plan else {
+            alone.push(w);
+            continue;
+        };
+        let undecided = detector.unsettled_since().map_or(through, time);
+        let decided = (through.timestamp_micros(), detector.provisional());
+        resumed.push(Resumed {
+            work: w,
+            detector,
+            judged_from: undecided.min(w.from),
+            judged_to: if latest > w.to && latest - w.to <= memory {
+                latest
+            } else {
+                w.to
+            },
+            decided,
+            snapshot: None,
+            found: Vec::new(),
+        });
+    }
+    alone.sort_by_key(|w| w.id);
+    for w in alone {
+        judge(tx, w.sensor, w.from, w.to, &w.key, changes).await?;
+    }
+    if resumed.is_empty() {
+        return Ok(());
+    }
+    changes.resumed += resumed.len();
+
+    // Every resumed sensor's readings after its detector, and a tail, in one stream.
+    let index: HashMap<Uuid, usize> = resumed
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.work.sensor, i))
+        .collect();
+    let us: Vec<Uuid> = resumed.iter().map(|r| r.work.sensor).collect();
+    let afters: Vec<DateTime<Utc>> = resumed.iter().map(|r| time(r.decided.0)).collect();
+    let uptos: Vec<DateTime<Utc>> = resumed.iter().map(|r| r.judged_to).collect();
+    let tail = TAIL as i64;
+    let params: [&(dyn ToSql + Sync); 4] = [&us, &afters, &uptos, &tail];
+    let rows = tx
+        .query_raw(
+            "SELECT w.u, m.ts, m.value
+             FROM unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[]) AS w(u, after, upto)
+             CROSS JOIN LATERAL (
+                 (SELECT ts, value FROM measurements
+                  WHERE sensor_uuid = w.u AND ts > w.after AND ts <= w.upto)
+                 UNION ALL
+                 (SELECT ts, value FROM measurements
+                  WHERE sensor_uuid = w.u AND ts > w.upto ORDER BY ts LIMIT $4)
+             ) AS m
+             ORDER BY w.u, m.ts",
+            params.iter().copied(),
+        )
+        .await?;
+    let mut rows = std::pin::pin!(rows);
+    while let Some(row) = futures_util::TryStreamExt::try_next(&mut rows).await? {
+        let sensor: Uuid = row.try_get(0)?;
+        let at = row.try_get::<_, DateTime<Utc>>(1)?.timestamp_micros();
+        let value: f64 = row.try_get(2)?;
+        let r = &mut resumed[index[&sensor]];
+        if at > r.judged_to.timestamp_micros() && r.snapshot.is_none() {
+            r.snapshot = Some(r.detector.clone());
+        }
+        r.detector.push(at, value, &mut r.found);
+    }
+    for r in &mut resumed {
+        if r.snapshot.is_none() {
+            r.snapshot = Some(r.detector.clone());
+        }
+        r.detector.finish(&mut r.found);
+        let (lo, hi) = (
+            r.judged_from.timestamp_micros(),
+            r.judged_to.timestamp_micros(),
+        );
+        r.found.retain(|a| a.start >= lo && a.start <= hi);
+    }
+
+    // The stored anomalies of every judged range.
+    let los: Vec<DateTime<Utc>> = resumed.iter().map(|r| r.judged_from).collect();
+    let mut stored: HashMap<Uuid, HashMap<(Kind, i64), Stored>> = HashMap::new();
+    for row in tx
+        .query(
+            "SELECT a.sensor_uuid, a.kind, a.start_ts, a.end_ts, a.value, a.expected, a.score,
+                    a.state
+             FROM anomalies a
+             JOIN unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[]) AS w(u, lo, hi)
+               ON a.sensor_uuid = w.u AND a.start_ts >= w.lo AND a.start_ts <= w.hi",
+            &[&us, &los, &uptos],
+        )
+        .await?
+    {
+        if let Some((k, v)) = stored_row(&row, 1) {
+            stored.entry(row.get(0)).or_default().insert(k, v);
+        }
+    }
+    for r in &resumed {
+        let s = stored.remove(&r.work.sensor).unwrap_or_default();
+        reconcile(
+            tx,
+            r.work.sensor,
+            &r.found,
+            s,
+            Some(&r.decided),
+            &r.work.key,
+            changes,
+        )
+        .await?;
+    }
+
+    // Save the detectors, in place of those the spans made stale; keep the newest few.
+    let changed: Vec<DateTime<Utc>> = resumed.iter().map(|r| r.work.from).collect();
+    tx.execute(
+        "DELETE FROM anomaly_detectors d USING unnest($1::uuid[], $2::timestamptz[]) AS w(u, f)
+         WHERE d.sensor_uuid = w.u AND d.through >= w.f",
+        &[&us, &changed],
+    )
+    .await?;
+    let mut saved_us = Vec::new();
+    let mut throughs = Vec::new();
+    let mut states = Vec::new();
+    for r in &resumed {
+        let snapshot = r.snapshot.as_ref().expect("set above");
+        if let Some(last) = snapshot.last_reading() {
+            saved_us.push(r.work.sensor);
+            throughs.push(time(last));
+            states.push(snapshot.to_bytes());
+        }
+    }
+    tx.execute(
+        "INSERT INTO anomaly_detectors (sensor_uuid, through, state)
+         SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::bytea[])
+         ON CONFLICT (sensor_uuid, through) DO UPDATE
+             SET state = EXCLUDED.state, updated_at = now()",
+        &[&saved_us, &throughs, &states],
+    )
+    .await?;
+    tx.execute(
+        "DELETE FROM anomaly_detectors d WHERE d.sensor_uuid = ANY($1) AND d.through < (
+             SELECT e.through FROM anomaly_detectors e WHERE e.sensor_uuid = d.sensor_uuid
+             ORDER BY e.through DESC OFFSET $2 LIMIT 1)",
+        &[&us, &(SAVED_DETECTORS as i64 - 1)],
+    )
+    .await?;
+    Ok(())
+}
+
 /// One stored anomaly of the judged range.
 struct Stored {
     end: DateTime<Utc>,
@@ -502,7 +792,7 @@ async fn judge(
     found.retain(|a| a.start >= lo && a.start <= hi);
     let (judged_from, to) = (judged_from, judged_to);
 
-    let mut stored: HashMap<(Kind, i64), Stored> = tx
+    let stored: HashMap<(Kind, i64), Stored> = tx
         .query(
             "SELECT kind, start_ts, end_ts, value, expected, score, state FROM anomalies
              WHERE sensor_uuid = $1 AND start_ts >= $2 AND start_ts <= $3",
@@ -510,28 +800,55 @@ async fn judge(
         )
         .await?
         .iter()
-        .filter_map(|r| {
-            let kind: Kind = r.get::<_, &str>(0).parse().ok()?;
-            let start: DateTime<Utc> = r.get(1);
-            let state = if r.get::<_, &str>(6) == "open" {
-                State::Open
-            } else {
-                State::Resolved
-            };
-            Some((
-                (kind, start.timestamp_micros()),
-                Stored {
-                    end: r.get(2),
-                    value: r.get(3),
-                    expected: r.get(4),
-                    score: r.get(5),
-                    state,
-                },
-            ))
-        })
+        .filter_map(|r| stored_row(r, 0))
         .collect();
+    reconcile(
+        tx,
+        sensor,
+        &found,
+        stored,
+        decided_through.as_ref(),
+        key,
+        changes,
+    )
+    .await
+}
 
-    for a in &found {
+/// A stored anomaly from the columns `kind, start_ts, end_ts, value, expected, score, state`
+/// starting at column `at`.
+fn stored_row(r: &tokio_postgres::Row, at: usize) -> Option<((Kind, i64), Stored)> {
+    let kind: Kind = r.get::<_, &str>(at).parse().ok()?;
+    let start: DateTime<Utc> = r.get(at + 1);
+    let state = if r.get::<_, &str>(at + 6) == "open" {
+        State::Open
+    } else {
+        State::Resolved
+    };
+    Some((
+        (kind, start.timestamp_micros()),
+        Stored {
+            end: r.get(at + 2),
+            value: r.get(at + 3),
+            expected: r.get(at + 4),
+            score: r.get(at + 5),
+            state,
+        },
+    ))
+}
+
+/// Brings the stored anomalies of a judged range (`stored`) in line with what was `found` there:
+/// opens, reopens, refreshes, resolves. With `decided_through` (a resumed detector's end and what
+/// it left undecided), stored anomalies up to that end are left alone unless undecided.
+async fn reconcile(
+    tx: &impl GenericClient,
+    sensor: Uuid,
+    found: &[Anomaly],
+    mut stored: HashMap<(Kind, i64), Stored>,
+    decided_through: Option<&(i64, Vec<(Kind, i64)>)>,
+    key: &str,
+    changes: &mut Detected,
+) -> Result<(), tokio_postgres::Error> {
+    for a in found {
         let start = time(a.start);
         let end = time(a.end);
         let kind = a.kind.as_str();
@@ -582,7 +899,7 @@ async fn judge(
         if s.state != State::Open {
             continue;
         }
-        if let Some((through, provisional)) = &decided_through {
+        if let Some((through, provisional)) = decided_through {
             if start <= *through && !provisional.contains(&(kind, start)) {
                 continue;
             }
