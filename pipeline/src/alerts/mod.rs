@@ -505,6 +505,9 @@ struct Work {
     key: String,
 }
 
+/// A saved detector: its end (`through`), its state, and the end of the sensor's newest one.
+type Saved = (DateTime<Utc>, Vec<u8>, DateTime<Utc>);
+
 /// A sensor of a batch that resumes a saved detector.
 struct Resumed<'a> {
     work: &'a Work,
@@ -533,7 +536,7 @@ async fn judge_batch(
     let sensors: Vec<Uuid> = single.iter().map(|w| w.sensor).collect();
     let froms: Vec<DateTime<Utc>> = single.iter().map(|w| w.from).collect();
     // The newest saved detector before each span, and the newest of each sensor.
-    let mut bases: HashMap<Uuid, (DateTime<Utc>, Vec<u8>, DateTime<Utc>)> = tx
+    let mut bases: HashMap<Uuid, Saved> = tx
         .query(
             "SELECT DISTINCT ON (d.sensor_uuid) d.sensor_uuid, d.through, d.state,
                     (SELECT max(e.through) FROM anomaly_detectors e

@@ -69,7 +69,7 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     metrics::describe_histogram!(
         DETECTION_SECONDS,
         metrics::Unit::Seconds,
-        "Time to detect the queued work of one sensor"
+        "Time to detect the work one object queued (or, in the sweep, one sensor's)"
     );
     metrics::describe_counter!(
         DETECTION_ERRORS,
