@@ -101,6 +101,48 @@ pub struct Outcome {
     pub elapsed: Duration,
     /// Anomaly detection this version queued (`anomaly_work` ids; see [`crate::alerts`]).
     pub anomaly_work: Vec<i64>,
+    /// The readings this version stored, per sensor in time order, when they are exactly what is
+    /// stored for its keys now (the merge changed every one) and few enough to keep
+    /// ([`FRESH_MAX`]): detection reads them from here instead of the database.
+    pub fresh: Option<std::sync::Arc<Fresh>>,
+}
+
+/// The most readings of one object kept in memory for detection (24 bytes each).
+pub const FRESH_MAX: usize = 1_000_000;
+
+/// One object's valid readings per sensor, in time order, one per instant (the last line wins).
+#[derive(Debug, Default)]
+pub struct Fresh {
+    pub readings: std::collections::HashMap<uuid::Uuid, Vec<(i64, f64)>>,
+}
+
+impl Fresh {
+    fn push(&mut self, r: &contract::Reading) {
+        self.readings
+            .entry(r.sensor_uuid)
+            .or_default()
+            .push((r.unix_micros, r.value));
+    }
+
+    /// Sorts each sensor's readings by time, keeping the last line of each instant; returns how
+    /// many remain.
+    fn settle(&mut self) -> u64 {
+        let mut n = 0;
+        for v in self.readings.values_mut() {
+            // Stable: lines of one instant stay in file order, and the last one is kept.
+            v.sort_by_key(|r| r.0);
+            let mut out: Vec<(i64, f64)> = Vec::with_capacity(v.len());
+            for &r in v.iter() {
+                match out.last_mut() {
+                    Some(last) if last.0 == r.0 => *last = r,
+                    _ => out.push(r),
+                }
+            }
+            n += out.len() as u64;
+            *v = out;
+        }
+        n
+    }
 }
 
 /// A transient failure: nothing was committed; try again later.
@@ -283,7 +325,8 @@ impl Ingestor {
                 .stream_rows(&tx, &mut reader, dataset, compression, key)
                 .await
             {
-                Ok(counts) => {
+                Ok((counts, mut fresh)) => {
+                    let distinct = fresh.as_mut().map(Fresh::settle);
                     let id = ledger::record(&tx, &entry(Status::Done, counts, None))
                         .await
                         .db(dataset)?;
@@ -293,6 +336,9 @@ impl Ingestor {
                             .db(dataset)?;
                     tx.commit().await.db(dataset)?;
                     let mut outcome = self.outcome(v, dataset, Disposition::Done, counts, size, t0);
+                    if distinct == Some(merged.changed) && !merged.work.is_empty() {
+                        outcome.fresh = fresh.map(std::sync::Arc::new);
+                    }
                     outcome.anomaly_work = merged.work;
                     info!(
                         rows_ok = outcome.rows_ok,
@@ -331,7 +377,8 @@ impl Ingestor {
         ))
     }
 
-    /// Reads the header and every row into the staging table; returns the row counts.
+    /// Reads the header and every row into the staging table; returns the row counts, and the
+    /// valid readings when detection is on and there are at most [`FRESH_MAX`] of them.
     async fn stream_rows<R: AsyncRead + Unpin>(
         &self,
         tx: &tokio_postgres::Transaction<'_>,
@@ -339,7 +386,7 @@ impl Ingestor {
         dataset: Dataset,
         compression: Compression,
         key: &str,
-    ) -> Result<Counts, StreamError> {
+    ) -> Result<(Counts, Option<Fresh>), StreamError> {
         let read_error = |e: RecordError| match e {
             RecordError::TooLarge { .. } => StreamError::File(FileError::Unreadable(e.to_string())),
             RecordError::Io(io) if is_transport_error(&io) => {
@@ -367,6 +414,8 @@ impl Ingestor {
         let zone = self.contract.naive_timezone;
         let mut staging = Staging::open(tx, dataset).await.db(dataset)?;
         let mut counts = Counts::default();
+        let mut fresh =
+            (self.detect_anomalies && dataset == Dataset::Measurements).then(Fresh::default);
         while let Some(rec) = reader.next_record().await.map_err(read_error)? {
             // Records that are already buffered never make this loop wait: give the runtime its
             // turn now and then, so that the tasks beside it (the consumer's in-progress acks)
@@ -376,6 +425,13 @@ impl Ingestor {
                 Dataset::Measurements => match contract::reading(&rec, &columns, zone) {
                     Ok(r) => {
                         staging.reading(rec.line, &r);
+                        if let Some(f) = fresh.as_mut() {
+                            if counts.ok < FRESH_MAX as u64 {
+                                f.push(&r);
+                            } else {
+                                fresh = None;
+                            }
+                        }
                         None
                     }
                     Err(why) => Some(why),
@@ -398,7 +454,7 @@ impl Ingestor {
             staging.flush_if_full().await.db(dataset)?;
         }
         staging.finish().await.db(dataset)?;
-        Ok(counts)
+        Ok((counts, fresh))
     }
 
     /// Records an ignored key (in the database of its dataset, or the mapping database).
@@ -436,6 +492,7 @@ impl Ingestor {
             size_bytes: 0,
             elapsed: t0.elapsed(),
             anomaly_work: Vec::new(),
+            fresh: None,
         })
     }
 
@@ -468,6 +525,7 @@ impl Ingestor {
             size_bytes,
             elapsed: t0.elapsed(),
             anomaly_work: Vec::new(),
+            fresh: None,
         }
     }
 }
@@ -475,6 +533,21 @@ impl Ingestor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fresh_readings_are_in_time_order_with_the_last_line_of_an_instant() {
+        let u = uuid::Uuid::from_u128(7);
+        let mut f = Fresh::default();
+        for (at, value) in [(30, 1.0), (10, 2.0), (30, 3.0), (20, 4.0), (10, 5.0)] {
+            f.push(&contract::Reading {
+                sensor_uuid: u,
+                unix_micros: at,
+                value,
+            });
+        }
+        assert_eq!(f.settle(), 3);
+        assert_eq!(f.readings[&u], vec![(10, 5.0), (20, 4.0), (30, 3.0)]);
+    }
 
     #[test]
     fn routes_by_prefix_and_suffix() {

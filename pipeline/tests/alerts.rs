@@ -84,9 +84,9 @@ fn whole() -> Open {
     out
 }
 
-/// Ingests the pieces in `order`, detecting after each; returns the open anomalies and how many
-/// detections resumed the saved detector.
-async fn arrive(order: &[usize]) -> (Open, usize) {
+/// Ingests the pieces in `order`, detecting after each; returns the open anomalies, how many
+/// detections resumed a saved detector and how many of those were fed the object's own readings.
+async fn arrive(order: &[usize]) -> (Open, usize, usize) {
     let env = TestEnv::new().await.unwrap();
     migrate(&env.database_settings()).await.unwrap();
     let dbs = Databases::connect(&env.database_settings(), 2).unwrap();
@@ -100,15 +100,19 @@ async fn arrive(order: &[usize]) -> (Open, usize) {
     let alerts = Alerts::new(dbs, settings);
     let s = series();
     let size = s.len().div_ceil(PIECES);
-    let mut resumed = 0;
+    let (mut resumed, mut fed) = (0, 0);
     for &piece in order {
         let key = format!("timeseries/piece-{piece}.csv");
         let part = &s[piece * size..((piece + 1) * size).min(s.len())];
         env.s3.put(&key, csv(part)).await.unwrap();
         let outcome = ingestor.ingest(&key, None).await.unwrap();
         assert_eq!(outcome.anomaly_work.len(), 2);
-        let done = alerts.detect_batch(&outcome.anomaly_work).await.unwrap();
+        let done = alerts
+            .detect_batch(&outcome.anomaly_work, outcome.fresh.as_deref())
+            .await
+            .unwrap();
         assert_eq!((done.spans, done.sensors), (2, 2));
+        fed += done.fed;
         resumed += done.resumed;
     }
     let db = testbed::connect(&env.mapping_db).await.unwrap();
@@ -127,7 +131,7 @@ async fn arrive(order: &[usize]) -> (Open, usize) {
             (r.get(0), r.get(1), t(2), t(3))
         })
         .collect();
-    (open, resumed)
+    (open, resumed, fed)
 }
 
 #[tokio::test]
@@ -135,8 +139,12 @@ async fn pieces_in_time_order_end_where_the_whole_series_does() {
     let want = whole();
     assert!(want.len() >= 12, "{want:?}");
     let order: Vec<usize> = (0..PIECES).collect();
-    // Every piece but the first resumes (for both sensors) the detector the one before saved.
-    assert_eq!(arrive(&order).await, (want, 2 * (PIECES - 1)));
+    // Every piece but the first resumes (for both sensors) the detector the one before saved,
+    // fed from the object's own readings.
+    assert_eq!(
+        arrive(&order).await,
+        (want, 2 * (PIECES - 1), 2 * (PIECES - 1))
+    );
 }
 
 #[tokio::test]
@@ -144,5 +152,5 @@ async fn pieces_in_any_order_end_where_the_whole_series_does() {
     let want = whole();
     // Only piece 7 comes after everything detected before it and resumes; the others start over
     // from a warm-up and judge on to the saved detector's end.
-    assert_eq!(arrive(&[3, 0, 1, 7, 2, 5, 4, 6]).await, (want, 2));
+    assert_eq!(arrive(&[3, 0, 1, 7, 2, 5, 4, 6]).await, (want, 2, 2));
 }

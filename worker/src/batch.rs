@@ -132,7 +132,7 @@ pub async fn ingest_all(
                     .await;
                 let detected = match (alerts, &result) {
                     (Some(alerts), Ok(o)) if !o.anomaly_work.is_empty() => {
-                        Some(alerts.detect_batch(&o.anomaly_work).await)
+                        Some(alerts.detect_batch(&o.anomaly_work, o.fresh.as_deref()).await)
                     }
                     _ => None,
                 };

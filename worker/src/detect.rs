@@ -8,11 +8,13 @@
 //! acknowledged once its rows are committed, whatever detection does.
 
 use std::io::IsTerminal;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use sensor_pipeline::alerts::{AlertError, Alerts, Detected};
+use sensor_pipeline::ingest::Fresh;
 use sensor_pipeline::queue::Queue;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -23,8 +25,13 @@ use crate::telemetry;
 /// How often the loop looks for work and unpublished changes nobody is handling.
 const SWEEP: Duration = Duration::from_secs(2);
 
-/// Work ids queued by objects this worker ingested, for the loop to detect now.
-pub type WorkSender = mpsc::UnboundedSender<Vec<i64>>;
+/// One ingested object's queued work and its readings, for the loop to detect now.
+pub type Work = (Vec<i64>, Option<Arc<Fresh>>);
+/// Where the consumer hands ingested objects' work to the loop: bounded (readings are kept until
+/// detected), and when it is full the work is left to the sweep.
+pub type WorkSender = mpsc::Sender<Work>;
+/// Objects waiting for the loop at most.
+pub const WAITING: usize = 16;
 
 /// Counts what one detection step did.
 pub fn record(detected: &Detected) {
@@ -66,7 +73,7 @@ fn failed(stage: &'static str, e: &AlertError) {
 pub async fn run_loop(
     alerts: Alerts,
     queue: Queue,
-    mut work: mpsc::UnboundedReceiver<Vec<i64>>,
+    mut work: mpsc::Receiver<Work>,
     stop: CancellationToken,
 ) {
     let mut sweep = tokio::time::interval(SWEEP);
@@ -75,8 +82,8 @@ pub async fn run_loop(
             _ = stop.cancelled() => return,
             ids = work.recv() => match ids {
                 // One object's work in one batch, then whatever else has arrived meanwhile.
-                Some(ids) => {
-                    let mut total = batch(&alerts, &ids).await;
+                Some(first) => {
+                    let mut total = batch(&alerts, &first).await;
                     while let Ok(t) = total.as_mut() {
                         let Ok(more) = work.try_recv() else { break };
                         match batch(&alerts, &more).await {
@@ -110,8 +117,8 @@ pub async fn run_loop(
 }
 
 /// Detects one object's work (see [`Alerts::detect_batch`]), counting it.
-async fn batch(alerts: &Alerts, ids: &[i64]) -> Result<Detected, AlertError> {
-    let d = alerts.detect_batch(ids).await?;
+async fn batch(alerts: &Alerts, (ids, fresh): &Work) -> Result<Detected, AlertError> {
+    let d = alerts.detect_batch(ids, fresh.as_deref()).await?;
     record(&d);
     Ok(d)
 }
@@ -120,6 +127,7 @@ fn add(total: &mut Detected, d: Detected) {
     total.spans += d.spans;
     total.sensors += d.sensors;
     total.resumed += d.resumed;
+    total.fed += d.fed;
     total.opened.extend(d.opened);
     total.resolved.extend(d.resolved);
 }

@@ -64,7 +64,7 @@ pub async fn run(env: &Env) -> anyhow::Result<ExitCode> {
     let observer = tokio::spawn(telemetry::observe(queue.clone(), stop.clone()));
     let (detections, detector) = if anomalies.enabled {
         let alerts = Alerts::new(ingestor.databases().clone(), anomalies);
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (tx, rx) = tokio::sync::mpsc::channel(detect::WAITING);
         let task = tokio::spawn(detect::run_loop(alerts, queue.clone(), rx, stop.clone()));
         (Some(tx), Some(task))
     } else {
@@ -313,7 +313,8 @@ impl Worker {
                 Some(Ok(outcome)) => {
                     telemetry::record(&outcome);
                     if let (Some(tx), false) = (&self.detections, outcome.anomaly_work.is_empty()) {
-                        let _ = tx.send(outcome.anomaly_work.clone());
+                        // Full: the sweep finds the work in the table.
+                        let _ = tx.try_send((outcome.anomaly_work.clone(), outcome.fresh.clone()));
                     }
                     log_outcome(&outcome);
                     if let Disposition::Failed(reason) = outcome.disposition {

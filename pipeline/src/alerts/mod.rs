@@ -41,7 +41,10 @@
 //! see [`Detector::to_bytes`]). A span resumes the newest one saved before it (within the
 //! detector's memory) and reads only from there; then only the anomalies that detector had not
 //! decided yet ([`Detector::provisional`]) and those after its end are judged again: what it
-//! decided cannot change by appending. Without one (the first data, late data, corrections) the
+//! decided cannot change by appending. When the object's own readings are all that lies after
+//! that detector (it is the newest saved, no other queued work overlaps the span, and the merge
+//! stored every one of them: [`crate::ingest::Outcome::fresh`]), they are fed to it from memory
+//! and only the tail is read. Without one (the first data, late data, corrections) the
 //! detection starts from a warm-up before the span — the one `query-cli anomalies` uses
 //! ([`WARM_UP_MICROS`] and [`WARM_UP_READINGS`]), capped at [`WARM_UP_MAX_READINGS`] for sensors
 //! that read more often than every 23 s. Either way, when readings before a saved detector's end
@@ -61,6 +64,7 @@ use uuid::Uuid;
 use crate::anomaly::{readings, Anomaly, Detector, Kind, WARM_UP_MICROS, WARM_UP_READINGS};
 use crate::config::AnomalySettings;
 use crate::contract::Dataset;
+use crate::ingest::Fresh;
 use crate::queue::{Queue, QueueError};
 use crate::store::{Databases, PgResultExt, StoreError};
 
@@ -103,6 +107,8 @@ pub struct Detected {
     pub durations: Vec<Duration>,
     /// Spans detected by resuming the sensor's saved detector (the others read a warm-up).
     pub resumed: usize,
+    /// Of those, spans fed from the object's own readings (nothing read back).
+    pub fed: usize,
 }
 
 /// An anomaly as stored and published: SPEC §7's fields plus its state and the object that
@@ -185,7 +191,15 @@ impl Alerts {
     /// transaction, the sensors that resume a saved detector together in a handful of statements
     /// (what keeps detection cheap next to ingestion), the others one by one. Rows another
     /// detection holds are skipped (it is doing them).
-    pub async fn detect_batch(&self, ids: &[i64]) -> Result<Detected, AlertError> {
+    ///
+    /// `fresh`: the object's own readings (see [`Outcome::fresh`](crate::ingest::Outcome)); a
+    /// sensor whose saved detector is the newest and whose span nothing else wrote into is fed
+    /// from them instead of reading them back.
+    pub async fn detect_batch(
+        &self,
+        ids: &[i64],
+        fresh: Option<&Fresh>,
+    ) -> Result<Detected, AlertError> {
         let db = Dataset::Measurements;
         let t0 = Instant::now();
         let mut client = self.dbs.client(db).await?;
@@ -226,7 +240,7 @@ impl Alerts {
                 &[&SENSOR_LOCK, &sensors],
             )
             .await?;
-            judge_batch(&*tx, &work, &mut changes).await?;
+            judge_batch(&*tx, &work, fresh, &mut changes).await?;
             tx.execute("DELETE FROM anomaly_work WHERE id = ANY($1)", &[&claimed])
                 .await?;
             Ok(())
@@ -511,6 +525,9 @@ type Saved = (DateTime<Utc>, Vec<u8>, DateTime<Utc>);
 /// A sensor of a batch that resumes a saved detector.
 struct Resumed<'a> {
     work: &'a Work,
+    /// Readings after this are read from the database (the saved detector's end, or the span's
+    /// end when the object's own readings were fed).
+    after: DateTime<Utc>,
     detector: Detector,
     judged_from: DateTime<Utc>,
     judged_to: DateTime<Utc>,
@@ -525,6 +542,7 @@ struct Resumed<'a> {
 async fn judge_batch(
     tx: &impl GenericClient,
     work: &[Work],
+    fresh: Option<&Fresh>,
     changes: &mut Detected,
 ) -> Result<(), tokio_postgres::Error> {
     let memory = chrono::Duration::microseconds(WARM_UP_MICROS);
@@ -553,6 +571,30 @@ async fn judge_batch(
         .collect();
     let mut resumed = Vec::new();
     let mut alone: Vec<&Work> = work.iter().filter(|w| spans[&w.sensor] > 1).collect();
+    // Sensors whose span other queued work overlaps (from the saved detectors' ends on): their
+    // stored readings may not be this object's alone.
+    let crowded: std::collections::HashSet<Uuid> = match fresh {
+        None => Default::default(),
+        Some(_) => {
+            let afters: Vec<DateTime<Utc>> = single
+                .iter()
+                .map(|w| bases.get(&w.sensor).map_or(w.from, |b| b.0))
+                .collect();
+            let uptos: Vec<DateTime<Utc>> = single.iter().map(|w| w.to).collect();
+            let ours: Vec<i64> = work.iter().map(|w| w.id).collect();
+            tx.query(
+                "SELECT DISTINCT q.sensor_uuid FROM anomaly_work q
+                 JOIN unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[]) AS c(u, after, upto)
+                   ON q.sensor_uuid = c.u AND q.span_end > c.after AND q.span_start <= c.upto
+                 WHERE NOT q.id = ANY($4)",
+                &[&sensors, &afters, &uptos, &ours],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+        }
+    };
     for w in single {
         let plan = bases
             .remove(&w.sensor)
@@ -561,14 +603,31 @@ async fn judge_batch(
                 let detector = Detector::from_bytes(&bytes)?;
                 Some((through, detector, latest))
             });
-        let Some((through, detector, latest)) = plan else {
+        let Some((through, mut detector, latest)) = plan else {
             alone.push(w);
             continue;
         };
         let undecided = detector.unsettled_since().map_or(through, time);
         let decided = (through.timestamp_micros(), detector.provisional());
+        // The object's own readings are all there is after the saved detector: feed them.
+        let own = fresh
+            .filter(|_| latest == through && !crowded.contains(&w.sensor))
+            .and_then(|f| f.readings.get(&w.sensor))
+            .filter(|r| r.first().is_some_and(|f| f.0 == w.from.timestamp_micros()));
+        let mut found = Vec::new();
+        let mut snapshot = None;
+        let mut after = through;
+        if let Some(own) = own {
+            for &(at, value) in own {
+                detector.push(at, value, &mut found);
+            }
+            snapshot = Some(detector.clone());
+            after = w.to;
+            changes.fed += 1;
+        }
         resumed.push(Resumed {
             work: w,
+            after,
             detector,
             judged_from: undecided.min(w.from),
             judged_to: if latest > w.to && latest - w.to <= memory {
@@ -577,8 +636,8 @@ async fn judge_batch(
                 w.to
             },
             decided,
-            snapshot: None,
-            found: Vec::new(),
+            snapshot,
+            found,
         });
     }
     alone.sort_by_key(|w| w.id);
@@ -597,7 +656,7 @@ async fn judge_batch(
         .map(|(i, r)| (r.work.sensor, i))
         .collect();
     let us: Vec<Uuid> = resumed.iter().map(|r| r.work.sensor).collect();
-    let afters: Vec<DateTime<Utc>> = resumed.iter().map(|r| time(r.decided.0)).collect();
+    let afters: Vec<DateTime<Utc>> = resumed.iter().map(|r| r.after).collect();
     let uptos: Vec<DateTime<Utc>> = resumed.iter().map(|r| r.judged_to).collect();
     let tail = TAIL as i64;
     let params: [&(dyn ToSql + Sync); 4] = [&us, &afters, &uptos, &tail];
