@@ -203,12 +203,7 @@ impl Alerts {
         let db = Dataset::Measurements;
         let t0 = Instant::now();
         let mut client = self.dbs.client(db).await?;
-        let tx = client.transaction().await.db(db)?;
-        let timeout = format!(
-            "SET LOCAL lock_timeout = {}",
-            self.settings.lock_timeout.as_millis().max(1)
-        );
-        tx.batch_execute(&timeout).await.db(db)?;
+        let tx = self.begin(&mut client).await?;
         let work: Vec<Work> = tx
             .query(
                 "SELECT id, sensor_uuid, span_start, span_end, object_key FROM anomaly_work
@@ -265,6 +260,22 @@ impl Alerts {
         }
     }
 
+    /// A transaction on the measurement database that waits at most `ANOMALY_LOCK_TIMEOUT_MS` for
+    /// any lock.
+    async fn begin<'c>(
+        &self,
+        client: &'c mut deadpool_postgres::Object,
+    ) -> Result<deadpool_postgres::Transaction<'c>, AlertError> {
+        let db = Dataset::Measurements;
+        let tx = client.transaction().await.db(db)?;
+        let timeout = format!(
+            "SET LOCAL lock_timeout = {}",
+            self.settings.lock_timeout.as_millis().max(1)
+        );
+        tx.batch_execute(&timeout).await.db(db)?;
+        Ok(tx)
+    }
+
     /// Records a failed detection on its work rows (retried after a growing delay) and returns
     /// the error.
     async fn failed(
@@ -298,12 +309,7 @@ impl Alerts {
         let db = Dataset::Measurements;
         let t0 = Instant::now();
         let mut client = self.dbs.client(db).await?;
-        let tx = client.transaction().await.db(db)?;
-        let timeout = format!(
-            "SET LOCAL lock_timeout = {}",
-            self.settings.lock_timeout.as_millis().max(1)
-        );
-        tx.batch_execute(&timeout).await.db(db)?;
+        let tx = self.begin(&mut client).await?;
         let only: Option<Vec<i64>> = only.map(<[i64]>::to_vec);
         let Some(first) = tx
             .query_opt(
@@ -379,12 +385,7 @@ impl Alerts {
     async fn publish_batch(&self, queue: &Queue) -> Result<usize, AlertError> {
         let db = Dataset::Measurements;
         let mut client = self.dbs.client(db).await?;
-        let tx = client.transaction().await.db(db)?;
-        let timeout = format!(
-            "SET LOCAL lock_timeout = {}",
-            self.settings.lock_timeout.as_millis().max(1)
-        );
-        tx.batch_execute(&timeout).await.db(db)?;
+        let tx = self.begin(&mut client).await?;
         let rows = tx
             .query(
                 "SELECT sensor_uuid, kind, start_ts, end_ts, value, expected, score, state,
