@@ -30,8 +30,8 @@ pub type Work = (Vec<i64>, Option<Arc<Fresh>>);
 /// Where the consumer hands ingested objects' work to the loop: bounded (readings are kept until
 /// detected), and when it is full the work is left to the sweep.
 pub type WorkSender = mpsc::Sender<Work>;
-/// Objects waiting for the loop at most.
-pub const WAITING: usize = 16;
+/// Objects waiting for the loop at most (each holds up to `FRESH_MAX` readings, 24 MB).
+pub const WAITING: usize = 4;
 
 /// Counts what one detection step did.
 pub fn record(detected: &Detected) {
