@@ -300,73 +300,44 @@ impl Alerts {
         })
     }
 
-    /// One sensor's due work in one transaction; false when there was none.
+    /// One sensor's due work, detected as a batch of its work rows; false when none was due.
     async fn detect_one_sensor(
         &self,
         only: Option<&[i64]>,
         done: &mut Detected,
     ) -> Result<bool, AlertError> {
         let db = Dataset::Measurements;
-        let t0 = Instant::now();
-        let mut client = self.dbs.client(db).await?;
-        let tx = self.begin(&mut client).await?;
         let only: Option<Vec<i64>> = only.map(<[i64]>::to_vec);
-        let Some(first) = tx
-            .query_opt(
-                "SELECT id, sensor_uuid FROM anomaly_work
-                 WHERE ($1::bigint[] IS NULL OR id = ANY($1)) AND not_before <= now()
-                 ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED",
+        // The sensor of the oldest due row nobody is working on, and all its rows.
+        let ids: Vec<i64> = self
+            .dbs
+            .client(db)
+            .await?
+            .query(
+                "SELECT id FROM anomaly_work WHERE sensor_uuid = (
+                     SELECT sensor_uuid FROM anomaly_work
+                     WHERE ($1::bigint[] IS NULL OR id = ANY($1)) AND not_before <= now()
+                     ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)
+                 ORDER BY id",
                 &[&only],
             )
             .await
             .db(db)?
-        else {
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if ids.is_empty() {
             return Ok(false);
-        };
-        let sensor: Uuid = first.get(1);
-        let mut ids: Vec<i64> = vec![first.get(0)];
-        let mut changes = Detected::default();
-        let result: Result<(), tokio_postgres::Error> = async {
-            tx.execute(
-                "SELECT pg_advisory_xact_lock($1, hashtext($2::uuid::text))",
-                &[&SENSOR_LOCK, &sensor],
-            )
-            .await?;
-            let work: Vec<(i64, DateTime<Utc>, DateTime<Utc>, String)> = tx
-                .query(
-                    "SELECT id, span_start, span_end, object_key FROM anomaly_work
-                     WHERE sensor_uuid = $1 ORDER BY id FOR UPDATE SKIP LOCKED",
-                    &[&sensor],
-                )
-                .await?
-                .iter()
-                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
-                .collect();
-            ids = work.iter().map(|w| w.0).collect();
-            for (_, from, to, key) in &work {
-                judge(&*tx, sensor, *from, *to, key, &mut changes).await?;
-            }
-            tx.execute("DELETE FROM anomaly_work WHERE id = ANY($1)", &[&ids])
-                .await?;
-            Ok(())
         }
-        .await;
-        match result {
-            Ok(()) => {
-                tx.commit().await.db(db)?;
-                done.spans += ids.len();
-                done.sensors += 1;
-                done.opened.extend(changes.opened);
-                done.resolved.extend(changes.resolved);
-                done.resumed += changes.resumed;
-                done.durations.push(t0.elapsed());
-                Ok(true)
-            }
-            Err(e) => {
-                drop(tx);
-                Err(self.failed(&mut client, &ids, e).await)
-            }
-        }
+        let d = self.detect_batch(&ids, None).await?;
+        done.spans += d.spans;
+        done.sensors += d.sensors;
+        done.resumed += d.resumed;
+        done.fed += d.fed;
+        done.opened.extend(d.opened);
+        done.resolved.extend(d.resolved);
+        done.durations.extend(d.durations);
+        Ok(true)
     }
 
     /// Publishes the outbox (changes not yet published), a batch per transaction, until it is
