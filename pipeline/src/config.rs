@@ -427,6 +427,25 @@ impl NatsSettings {
     pub fn dlq_stream(&self) -> String {
         format!("{}_DLQ", self.stream)
     }
+
+    /// The stream that keeps JetStream's max-deliveries advisories for the consumer (events whose
+    /// last delivery went unsettled): the events stream's name with `_STRANDED`.
+    pub fn stranded_stream(&self) -> String {
+        format!("{}_STRANDED", self.stream)
+    }
+
+    /// The subject JetStream publishes the consumer's max-deliveries advisories on.
+    pub fn stranded_subject(&self) -> String {
+        format!(
+            "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.{}",
+            self.stream, self.consumer
+        )
+    }
+
+    /// The durable consumer every worker shares on [`Self::stranded_stream`].
+    pub fn stranded_consumer(&self) -> String {
+        format!("{}-stranded", self.consumer)
+    }
 }
 
 /// How CSV objects are read (SPEC §2).

@@ -168,7 +168,11 @@ enum StreamError {
 
 impl From<StoreError> for StreamError {
     fn from(e: StoreError) -> Self {
-        StreamError::Transient(e.into())
+        if e.is_permanent() {
+            StreamError::File(FileError::Refused(e.to_string()))
+        } else {
+            StreamError::Transient(e.into())
+        }
     }
 }
 
@@ -308,7 +312,7 @@ impl Ingestor {
             reason,
             started_at,
         };
-        let failure = {
+        let failure = 'failure: {
             let Some(tx) = ledger::begin(&mut client, &v).await.db(dataset)? else {
                 return Ok(self.already_done(v, dataset, size, t0));
             };
@@ -325,16 +329,27 @@ impl Ingestor {
                 .stream_rows(&tx, &mut reader, dataset, compression, key)
                 .await
             {
-                Ok((counts, mut fresh)) => {
+                Ok((counts, mut fresh, spans)) => {
                     let distinct = fresh.as_mut().map(Fresh::settle);
-                    let id = ledger::record(&tx, &entry(Status::Done, counts, None))
-                        .await
-                        .db(dataset)?;
-                    let merged =
-                        staging::merge(&tx, dataset, id, key, number, self.detect_anomalies)
+                    let committed = async move {
+                        let id = ledger::record(&tx, &entry(Status::Done, counts, None))
                             .await
                             .db(dataset)?;
-                    tx.commit().await.db(dataset)?;
+                        let merged = staging::merge(&tx, dataset, id, key, number, spans.as_ref())
+                            .await
+                            .db(dataset)?;
+                        tx.commit().await.db(dataset)?;
+                        Ok::<_, StoreError>(merged)
+                    }
+                    .await;
+                    let merged = match committed {
+                        Ok(merged) => merged,
+                        // Rolled back (the transaction is gone): record the failure below.
+                        Err(e) if e.is_permanent() => {
+                            break 'failure FileError::Refused(e.to_string());
+                        }
+                        Err(e) => return Err(e.into()),
+                    };
                     let mut outcome = self.outcome(v, dataset, Disposition::Done, counts, size, t0);
                     if distinct == Some(merged.changed) && !merged.work.is_empty() {
                         outcome.fresh = fresh.map(std::sync::Arc::new);
@@ -377,8 +392,9 @@ impl Ingestor {
         ))
     }
 
-    /// Reads the header and every row into the staging table; returns the row counts, and the
-    /// valid readings when detection is on and there are at most [`FRESH_MAX`] of them.
+    /// Reads the header and every row into the staging table; returns the row counts and, when
+    /// detection is on, the valid readings (if there are at most [`FRESH_MAX`] of them) and each
+    /// sensor's span.
     async fn stream_rows<R: AsyncRead + Unpin>(
         &self,
         tx: &tokio_postgres::Transaction<'_>,
@@ -386,7 +402,7 @@ impl Ingestor {
         dataset: Dataset,
         compression: Compression,
         key: &str,
-    ) -> Result<(Counts, Option<Fresh>), StreamError> {
+    ) -> Result<(Counts, Option<Fresh>, Option<staging::Spans>), StreamError> {
         let read_error = |e: RecordError| match e {
             RecordError::TooLarge { .. } => StreamError::File(FileError::Unreadable(e.to_string())),
             RecordError::Io(io) if is_transport_error(&io) => {
@@ -414,8 +430,9 @@ impl Ingestor {
         let zone = self.contract.naive_timezone;
         let mut staging = Staging::open(tx, dataset).await.db(dataset)?;
         let mut counts = Counts::default();
-        let mut fresh =
-            (self.detect_anomalies && dataset == Dataset::Measurements).then(Fresh::default);
+        let detect = self.detect_anomalies && dataset == Dataset::Measurements;
+        let mut fresh = detect.then(Fresh::default);
+        let mut spans = detect.then(staging::Spans::default);
         while let Some(rec) = reader.next_record().await.map_err(read_error)? {
             // Records that are already buffered never make this loop wait: give the runtime its
             // turn now and then, so that the tasks beside it (the consumer's in-progress acks)
@@ -425,6 +442,9 @@ impl Ingestor {
                 Dataset::Measurements => match contract::reading(&rec, &columns, zone) {
                     Ok(r) => {
                         staging.reading(rec.line, &r);
+                        if let Some(s) = spans.as_mut() {
+                            s.add(r.sensor_uuid, r.unix_micros);
+                        }
                         if let Some(f) = fresh.as_mut() {
                             if counts.ok < FRESH_MAX as u64 {
                                 f.push(&r);
@@ -454,7 +474,7 @@ impl Ingestor {
             staging.flush_if_full().await.db(dataset)?;
         }
         staging.finish().await.db(dataset)?;
-        Ok((counts, fresh))
+        Ok((counts, fresh, spans))
     }
 
     /// Records an ignored key (in the database of its dataset, or the mapping database).

@@ -137,6 +137,16 @@ impl ObjectStore {
         Ok(out)
     }
 
+    /// Whether the store answers (for health checks): any answer but a server error counts — a
+    /// missing bucket or a refused request is a misconfiguration, not an outage.
+    pub async fn ping(&self) -> Result<(), ObjectStoreError> {
+        match self.client.head_bucket().bucket(&self.bucket).send().await {
+            Ok(_) => Ok(()),
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() < 500) => Ok(()),
+            Err(e) => Err(self.error("HeadBucket", None, e)),
+        }
+    }
+
     /// The current version of an object.
     pub async fn head(&self, key: &str) -> Result<ObjectHead, ObjectStoreError> {
         let resp = self

@@ -1006,3 +1006,73 @@ async fn nul_bytes_reject_their_row_and_are_escaped_in_reasons() {
         ("failed", Some(reason))
     );
 }
+
+/// A database error that says what the data is (here a `CHECK` constraint an operator added) fails
+/// the object at once with the server's message — nothing of it stored, ledger `failed`, not
+/// retried — while an error about the database's state (a lock timeout) stays transient: nothing
+/// recorded, the next attempt succeeds.
+#[tokio::test]
+async fn a_permanent_database_error_fails_the_object_and_a_transient_one_is_retried() {
+    let h = Harness::new().await;
+    h.measurements
+        .batch_execute("ALTER TABLE measurements ADD CONSTRAINT plausible CHECK (value < 1000000)")
+        .await
+        .unwrap();
+    let key = "timeseries/implausible.csv";
+    let o = h
+        .put_and_ingest(
+            key,
+            format!(
+                "timestamp;sensor_uuid;sensor_value\n\
+                 2013-01-20T08:00:00Z;{U1};1\n2013-01-20T08:01:00Z;{U1};2000000\n"
+            ),
+        )
+        .await;
+    let reason = "the database refused the rows: measurement database: new row for relation \
+                  \"measurements\" violates check constraint \"plausible\" (SQLSTATE 23514)";
+    assert_eq!(o.disposition, Disposition::Failed(reason.into()));
+    assert_eq!(
+        h.ledger(&h.measurements).await,
+        vec![(key.into(), "failed".into(), 0, 0, Some(reason.into()))]
+    );
+    assert_eq!(h.readings().await, vec![]);
+
+    // A lock held longer than the session's lock timeout: a transient error, nothing recorded.
+    let key = "timeseries/locked.csv";
+    h.env
+        .s3
+        .put(
+            key,
+            format!("timestamp;sensor_uuid;sensor_value\n2013-01-20T08:00:00Z;{U1};1\n"),
+        )
+        .await
+        .unwrap();
+    let holder = testbed::connect(&h.env.measurements_db).await.unwrap();
+    holder
+        .batch_execute("BEGIN; LOCK TABLE measurement_days IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let db: String = h
+        .measurements
+        .query_one("SELECT current_database()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    h.measurements
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{db}\" SET lock_timeout = '100ms'"
+        ))
+        .await
+        .unwrap();
+    let dbs = Databases::connect(&h.env.database_settings(), 2).unwrap();
+    let ingestor = Ingestor::new(h.env.s3.store().clone(), dbs, ContractSettings::default());
+    let e = ingestor.ingest(key, None).await.unwrap_err();
+    assert!(
+        e.to_string()
+            .ends_with("canceling statement due to lock timeout (SQLSTATE 55P03)"),
+        "{e}"
+    );
+    assert_eq!(h.ledger(&h.measurements).await.len(), 1);
+    holder.batch_execute("COMMIT").await.unwrap();
+    assert_done(&ingestor.ingest(key, None).await.unwrap(), 1, 0);
+}

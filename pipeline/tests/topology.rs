@@ -41,6 +41,14 @@ fn nats_definitions_match_the_code() {
             "{}",
             serde_json::to_string_pretty(&queue::consumer_config(&s)).unwrap()
         );
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&queue::stranded_stream_config(&s)).unwrap()
+        );
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&queue::stranded_consumer_config(&s)).unwrap()
+        );
     }
     let s = defaults();
     assert_file_matches(
@@ -54,6 +62,14 @@ fn nats_definitions_match_the_code() {
     assert_file_matches(
         "consumer-sensor-ingest.json",
         serde_json::to_value(queue::consumer_config(&s)).unwrap(),
+    );
+    assert_file_matches(
+        "stream-sensor-events-stranded.json",
+        serde_json::to_value(queue::stranded_stream_config(&s)).unwrap(),
+    );
+    assert_file_matches(
+        "consumer-sensor-ingest-stranded.json",
+        serde_json::to_value(queue::stranded_consumer_config(&s)).unwrap(),
     );
     let anomalies =
         AnomalySettings::from_env(&Env::from_map(Vec::<(String, String)>::new())).unwrap();

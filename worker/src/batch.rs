@@ -108,7 +108,9 @@ impl fmt::Display for Summary {
 }
 
 /// Ingests `keys` (mapping objects first), `concurrency` at a time; with `alerts`, detects the
-/// anomalies of what each object changed right after it commits.
+/// anomalies of what each object changed after it commits — in a task of its own, objects in the
+/// order they committed, so that the next objects are ingested meanwhile (at most
+/// [`crate::detect::WAITING`] ingested objects wait for it with their readings).
 pub async fn ingest_all(
     ingestor: &Ingestor,
     alerts: Option<&Alerts>,
@@ -123,6 +125,16 @@ pub async fn ingest_all(
         anomalies: alerts.map(|_| 0),
         ..Summary::default()
     };
+    let (work, detection) = match alerts {
+        Some(alerts) => {
+            let (tx, rx) = tokio::sync::mpsc::channel(crate::detect::WAITING);
+            (
+                Some(tx),
+                Some(tokio::spawn(detect_in_order(alerts.clone(), rx))),
+            )
+        }
+        None => (None, None),
+    };
     for phase in [mapping, rest] {
         let mut results = stream::iter(phase)
             .map(|key| async move {
@@ -130,32 +142,59 @@ pub async fn ingest_all(
                     .retry(retry_policy())
                     .notify(|e, wait| warn!(%key, error = %e, "transient failure, retrying in {wait:?}"))
                     .await;
-                let detected = match (alerts, &result) {
-                    (Some(alerts), Ok(o)) if !o.anomaly_work.is_empty() => {
-                        Some(alerts.detect_batch(&o.anomaly_work, o.fresh.as_deref()).await)
-                    }
-                    _ => None,
-                };
-                (key, result, detected)
+                (key, result)
             })
             .buffer_unordered(concurrency.max(1));
-        while let Some((key, result, detected)) = results.next().await {
-            summary.add(&key, result);
-            match detected {
-                Some(Ok(d)) => *summary.anomalies.get_or_insert(0) += d.opened.len() as u64,
-                Some(Err(e)) => {
-                    warn!(%key, error = %e, "anomaly detection failed; the workers retry it");
-                    summary.detection_errors += 1;
+        while let Some((key, result)) = results.next().await {
+            if let (Some(tx), Ok(o)) = (&work, &result) {
+                if !o.anomaly_work.is_empty() {
+                    let queued = (key.clone(), o.anomaly_work.clone(), o.fresh.clone());
+                    // Only fails if the detection task is gone; its work stays queued.
+                    let _ = tx.send(queued).await;
                 }
-                None => {}
             }
+            summary.add(&key, result);
             bar.inc(1);
             bar.set_message(format!("{} rows", summary.rows_ok));
+        }
+    }
+    drop(work);
+    if let Some(task) = detection {
+        bar.set_message(format!("{} rows, detecting anomalies", summary.rows_ok));
+        if let Ok((opened, failed)) = task.await {
+            summary.anomalies = Some(opened);
+            summary.detection_errors = failed;
         }
     }
     bar.finish_and_clear();
     summary.elapsed = t0.elapsed();
     summary
+}
+
+/// One ingested object's detection work: its key, `anomaly_work` ids and readings.
+type Queued = (
+    String,
+    Vec<i64>,
+    Option<std::sync::Arc<sensor_pipeline::ingest::Fresh>>,
+);
+
+/// Detects what `queued` brings, one object at a time; returns the anomalies opened and the
+/// detections that failed (their work stays queued for the workers).
+async fn detect_in_order(
+    alerts: Alerts,
+    mut queued: tokio::sync::mpsc::Receiver<Queued>,
+) -> (u64, u64) {
+    let (mut opened, mut failed) = (0, 0);
+    while let Some((key, work, fresh)) = queued.recv().await {
+        match alerts.detect_batch(&work, fresh.as_deref()).await {
+            Ok(d) => opened += d.opened.len() as u64,
+            Err(e) => {
+                warn!(%key, error = %e, "anomaly detection failed; the workers retry it");
+                failed += 1;
+            }
+        }
+    }
+    (opened, failed)
 }
 
 /// A bar on a terminal (stderr); nothing otherwise.

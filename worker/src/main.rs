@@ -8,9 +8,11 @@ mod backfill;
 mod batch;
 mod detect;
 mod dlq;
+mod health;
 mod logging;
 mod run;
 mod shutdown;
+mod stranded;
 mod telemetry;
 
 use std::path::PathBuf;

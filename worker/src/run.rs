@@ -8,11 +8,17 @@
 //! after the ack wait and the ledger makes the second attempt exact (a version already `done` is
 //! a no-op; a half-written one was rolled back).
 //!
-//! Failures: an undecodable event or a failed object is permanent — dead-lettered with the
-//! reason, then acked. Anything else (database, object store, network) is transient — nak'ed with
+//! Outages: while a dependency is down ([`crate::health`]) the worker fetches nothing, and an
+//! event whose ingestion failed because of it is held with in-progress acks and tried again
+//! once the dependency is back — in the same delivery, so no outage uses up its deliveries.
+//!
+//! Failures: an undecodable event, an event for another bucket (a misconfiguration) or a failed
+//! object is permanent — dead-lettered with the reason, then acked. Anything else (database, object store, network) is transient — nak'ed with
 //! a growing delay so JetStream redelivers it, and dead-lettered once `NATS_MAX_DELIVER`
 //! deliveries are used up. Shutdown (SIGINT/SIGTERM) stops fetching, lets in-flight objects finish
-//! within the grace period, and naks what is still unfinished so another worker takes it.
+//! within the grace period, and naks what is still unfinished so another worker takes it — except
+//! at its last delivery, where it is dead-lettered instead (a nak would strand it). An event whose
+//! last delivery ends with no word at all (a crash) is dead-lettered by [`crate::stranded`].
 //!
 //! Anomaly detection (`ANOMALY_DETECTION=on`) runs beside the consumer ([`crate::detect`]): an
 //! ingested object hands the detection work its transaction queued to the detection loop and is
@@ -35,7 +41,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
-use crate::{detect, shutdown, telemetry};
+use crate::health::Health;
+use crate::{detect, shutdown, stranded, telemetry};
 
 /// `sensors-worker run`: the metrics server, JetStream provisioning (retried until NATS answers),
 /// the consumer loop, and a clean stop on SIGINT/SIGTERM.
@@ -46,14 +53,22 @@ pub async fn run(env: &Env) -> anyhow::Result<ExitCode> {
     let ingestor = crate::ingestor(env, worker.concurrency + 2)?;
     let anomalies = AnomalySettings::from_env(env)?;
     let queue = crate::queue(env).await?;
-    let (probe_queue, probe_dbs) = (queue.clone(), ingestor.databases().clone());
+    let listening = stranded::Listening::default();
+    let health = Health::new(&queue, &ingestor);
+    let (probe, probe_listening) = (health.clone(), listening.clone());
     let ready: telemetry::Readiness = std::sync::Arc::new(move || {
-        let (q, dbs) = (probe_queue.clone(), probe_dbs.clone());
+        let probe = probe.clone();
+        let listening = probe_listening.load(std::sync::atomic::Ordering::Relaxed);
         Box::pin(async move {
-            if !q.is_connected() {
-                return Err("NATS is not connected".to_string());
+            probe.check().await?;
+            if !listening {
+                return Err(
+                    "not reading the max-deliveries advisories yet (an event whose last \
+                            delivery fails would not be dead-lettered)"
+                        .to_string(),
+                );
             }
-            dbs.ping().await.map_err(|e| e.to_string())
+            Ok(())
         })
     });
     let server = telemetry::serve(worker.metrics_addr, handle, ready, stop.clone()).await?;
@@ -62,6 +77,7 @@ pub async fn run(env: &Env) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let observer = tokio::spawn(telemetry::observe(queue.clone(), stop.clone()));
+    let advisories = tokio::spawn(stranded::run_loop(queue.clone(), listening, stop.clone()));
     let (detections, detector) = if anomalies.enabled {
         let alerts = Alerts::new(ingestor.databases().clone(), anomalies);
         let (tx, rx) = tokio::sync::mpsc::channel(detect::WAITING);
@@ -73,6 +89,7 @@ pub async fn run(env: &Env) -> anyhow::Result<ExitCode> {
     Worker {
         ingestor,
         queue,
+        health,
         concurrency: worker.concurrency,
         grace: worker.shutdown_grace,
         detections,
@@ -80,7 +97,7 @@ pub async fn run(env: &Env) -> anyhow::Result<ExitCode> {
     .run(stop.clone())
     .await?;
     stop.cancel();
-    let _ = tokio::join!(server, observer);
+    let _ = tokio::join!(server, observer, advisories);
     if let Some(task) = detector {
         let _ = task.await;
     }
@@ -118,10 +135,14 @@ async fn provision_with_retries(
 
 /// How long one fetch waits for events before the loop looks at the shutdown signal again.
 const FETCH_WAIT: Duration = Duration::from_secs(1);
+/// How often a worker waiting for a dependency checks whether it is back.
+const HOLD_POLL: Duration = Duration::from_secs(1);
 
 pub struct Worker {
     pub ingestor: Ingestor,
     pub queue: Queue,
+    /// What is checked before fetching, and while an event waits out an outage.
+    pub health: Health,
     pub concurrency: usize,
     /// How long in-flight objects may take to finish after a shutdown signal.
     pub grace: Duration,
@@ -151,6 +172,8 @@ impl Worker {
         let slots = Arc::new(Semaphore::new(worker.concurrency));
         let abort = CancellationToken::new();
         let mut tasks = JoinSet::new();
+        let mut waiting = false;
+        let mut checked = None;
         info!(
             concurrency = worker.concurrency,
             consumer = %worker.queue.settings().consumer,
@@ -163,6 +186,35 @@ impl Worker {
                 slot = slots.clone().acquire_owned() => slot?,
             };
             drop(slot);
+            // A dependency down: fetch nothing until it is back (what is in flight is held).
+            // Checked at most every HOLD_POLL while it answers.
+            let due = checked.is_none_or(|at: std::time::Instant| at.elapsed() >= HOLD_POLL);
+            let health = if due {
+                worker.health.check().await
+            } else {
+                Ok(())
+            };
+            if let Err(why) = health {
+                checked = None;
+                if !waiting {
+                    warn!(%why, "a dependency is down: not fetching events until it is back");
+                    waiting = true;
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(HOLD_POLL) => {
+                        metrics::counter!(telemetry::WAITED, "what" => "fetch")
+                            .increment(HOLD_POLL.as_secs());
+                        continue;
+                    }
+                }
+            }
+            if due {
+                checked = Some(std::time::Instant::now());
+            }
+            if std::mem::take(&mut waiting) {
+                info!("dependencies are back: fetching events again");
+            }
             let wanted = slots.available_permits().max(1);
             let batch = consumer
                 .fetch()
@@ -228,7 +280,22 @@ impl Worker {
             Err(_) => (1, 0),
         };
         metrics::gauge!(telemetry::IN_FLIGHT).increment(1.0);
-        let verdict = self.process(&message, abort).await;
+        let verdict = loop {
+            match self.process(&message, abort).await {
+                // An outage, not a flaky request: wait it out within this delivery.
+                Verdict::Retry(reason) => match self.health.check().await {
+                    Ok(()) => break Verdict::Retry(reason),
+                    Err(why) => {
+                        warn!(%reason, %why, "a dependency is down: holding the event until it is back");
+                        if !self.hold(&message, abort).await {
+                            break Verdict::HandBack;
+                        }
+                        info!("dependencies are back: trying the event again");
+                    }
+                },
+                verdict => break verdict,
+            }
+        };
         metrics::gauge!(telemetry::IN_FLIGHT).decrement(1.0);
 
         let settings = self.queue.settings();
@@ -237,9 +304,21 @@ impl Worker {
                 ack(&message).await;
                 return;
             }
-            Verdict::HandBack => {
+            Verdict::HandBack if delivered < settings.max_deliver => {
                 let _ = message.ack_with(AckKind::Nak(None)).await;
                 return;
+            }
+            // Its last delivery: handed back, nobody would get it again.
+            Verdict::HandBack => {
+                metrics::counter!(telemetry::STRANDED, "path" => "last_delivery").increment(1);
+                (
+                    format!(
+                        "handed back at shutdown on its last delivery ({delivered} of \
+                         NATS_MAX_DELIVER {})",
+                        settings.max_deliver
+                    ),
+                    event_keys(&message.payload),
+                )
             }
             Verdict::Retry(reason) if delivered < settings.max_deliver => {
                 let delay = Duration::from_secs(1 << (delivered.clamp(1, 7) - 1));
@@ -248,10 +327,13 @@ impl Worker {
                 let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
                 return;
             }
-            Verdict::Retry(reason) => (
-                format!("gave up after {delivered} deliveries: {reason}"),
-                event_keys(&message.payload),
-            ),
+            Verdict::Retry(reason) => {
+                metrics::counter!(telemetry::STRANDED, "path" => "last_delivery").increment(1);
+                (
+                    format!("gave up after {delivered} deliveries: {reason}"),
+                    event_keys(&message.payload),
+                )
+            }
             Verdict::DeadLetter { reason, keys } => (reason, keys),
         };
         let filing = Filing {
@@ -296,8 +378,17 @@ impl Worker {
                 continue;
             }
             if event.bucket != self.ingestor.store().bucket() {
+                // A misconfiguration (this worker's MINIO_BUCKET, or MinIO's notification
+                // target): someone must see it, and the event must survive it for a replay.
                 metrics::counter!(telemetry::EVENTS, "kind" => "other_bucket").increment(1);
-                warn!(bucket = %event.bucket, key = %event.key, "ignoring event for another bucket");
+                let reason = format!(
+                    "the event is for bucket {:?}, but this worker reads bucket {:?} \
+                     (MINIO_BUCKET); replay it once a worker for that bucket consumes the events",
+                    event.bucket,
+                    self.ingestor.store().bucket()
+                );
+                warn!(bucket = %event.bucket, key = %event.key, "event for another bucket");
+                failed.push((event.key, reason));
                 continue;
             }
             metrics::counter!(telemetry::EVENTS, "kind" => "object_created").increment(1);
@@ -334,6 +425,34 @@ impl Worker {
                 .join("; "),
             keys: failed.into_iter().map(|(k, _)| k).collect(),
         }
+    }
+
+    /// Holds `message` (in-progress acks) until the dependencies answer again: true, or false if
+    /// aborted (shutdown) first.
+    async fn hold(&self, message: &jetstream::Message, abort: &CancellationToken) -> bool {
+        metrics::gauge!(telemetry::HELD).increment(1.0);
+        let mut progress = tokio::time::interval(self.queue.settings().ack_wait / 3);
+        let mut poll = tokio::time::interval(HOLD_POLL);
+        poll.tick().await; // the first tick is immediate
+        let back = loop {
+            tokio::select! {
+                _ = abort.cancelled() => break false,
+                _ = progress.tick() => {
+                    if let Err(e) = message.ack_with(AckKind::Progress).await {
+                        warn!(error = %e, "cannot send an in-progress ack");
+                    }
+                }
+                _ = poll.tick() => {
+                    metrics::counter!(telemetry::WAITED, "what" => "event")
+                        .increment(HOLD_POLL.as_secs());
+                    if self.health.check().await.is_ok() {
+                        break true;
+                    }
+                }
+            }
+        };
+        metrics::gauge!(telemetry::HELD).decrement(1.0);
+        back
     }
 
     /// Ingests one object, sending in-progress acks meanwhile. `None` if aborted.

@@ -414,19 +414,11 @@ async fn a_huge_failure_reason_is_bounded_in_the_dead_letter_and_whole_in_the_le
 }
 
 #[tokio::test]
-async fn removals_other_buckets_and_keys_outside_the_prefixes_are_acknowledged_and_ignored() {
+async fn removals_and_keys_outside_the_prefixes_are_acknowledged_and_ignored() {
     let p = Pipeline::new().await;
     let worker = p.worker("w1", &[]);
     let removed = std::fs::read(format!("{FIXTURES}/minio-events/removed.json")).unwrap();
     p.queue.publish_event(removed, None).await.unwrap();
-    let other = sensor_pipeline::events::object_created(
-        "s3:ObjectCreated:Put",
-        "another-bucket",
-        "timeseries/x.csv",
-        "e",
-        1,
-    );
-    p.queue.publish_event(other, None).await.unwrap();
     p.env.s3.put("notes/readme.txt", "hello").await.unwrap();
     p.settled("notes/readme.txt", "ignored", &[&worker]).await;
     wait_drained(&p, &[&worker]).await;
@@ -439,13 +431,142 @@ async fn removals_other_buckets_and_keys_outside_the_prefixes_are_acknowledged_a
         "{m}"
     );
     assert_eq!(
-        metric(&m, r#"sensors_events_total{kind="other_bucket"}"#),
-        Some(1.0)
-    );
-    assert_eq!(
         metric(&m, r#"sensors_objects_total{outcome="ignored"}"#),
         Some(1.0)
     );
+}
+
+/// A worker started with the wrong `MINIO_BUCKET` drains the shared consumer: every event it takes
+/// is dead-lettered with the reason (never acknowledged and dropped), and a replay once the right
+/// worker runs stores the data.
+#[tokio::test]
+async fn a_worker_for_another_bucket_dead_letters_the_events_and_a_replay_stores_them() {
+    let p = Pipeline::new().await;
+    let wrong = p.worker("wrong", &[("MINIO_BUCKET", "another-bucket")]);
+    let key = "timeseries/a.csv";
+    p.env.s3.put(key, big_file(10)).await.unwrap();
+    wait_for(
+        "a dead letter",
+        Duration::from_secs(30),
+        &[&wrong],
+        || async { p.queue.dead_letters().await.map(|l| l.len()).unwrap_or(0) == 1 },
+    )
+    .await;
+    wait_drained(&p, &[&wrong]).await;
+    let letters = p.dead_letters().await;
+    assert_eq!(
+        letters[0].reason,
+        format!(
+            "{key}: the event is for bucket {:?}, but this worker reads bucket \"another-bucket\" \
+             (MINIO_BUCKET); replay it once a worker for that bucket consumes the events",
+            p.env.s3.bucket
+        )
+    );
+    assert_eq!(letters[0].keys, vec![key.to_string()]);
+    assert_eq!(letters[0].attempts, 1);
+    assert_eq!(p.status(key).await, None);
+    let (_, m) = wrong.get("/metrics").await;
+    assert_eq!(
+        metric(&m, r#"sensors_events_total{kind="other_bucket"}"#),
+        Some(1.0),
+        "{m}"
+    );
+    drop(wrong);
+
+    let right = p.worker("right", &[]);
+    let replay = p
+        .worker_cli(&["dlq", "replay", &letters[0].id.to_string()])
+        .await;
+    assert_eq!(replay.status.code(), Some(0));
+    p.settled(key, "done", &[&right]).await;
+    assert_eq!(p.count("SELECT count(*) FROM measurements").await, 10);
+    assert!(p.dead_letters().await.is_empty());
+}
+
+/// An event whose last delivery ends with its worker killed is never delivered again: JetStream's
+/// max-deliveries advisory names it, and a worker — here one started after the kill — dead-letters
+/// it and removes it from the events stream, so it can be replayed instead of aging out unseen.
+#[tokio::test]
+async fn a_worker_killed_at_the_last_delivery_leaves_a_dead_letter_not_a_lost_event() {
+    let mut env = TestEnv::with_events().await.unwrap();
+    if let Some(e) = env.events.as_mut() {
+        e.ack_wait = Duration::from_secs(1);
+        e.max_deliver = 1;
+    }
+    let p = Pipeline::from_env(env).await;
+    p.queue.provision().await.unwrap();
+    let mut w1 = p.worker("w1", &[("WORKER_CONCURRENCY", "1")]);
+    let key = "timeseries/last.csv";
+    p.env.s3.put(key, big_file(1000)).await.unwrap();
+    let hold = MidObject::hold(&p, &[&w1]).await;
+    w1.signal("KILL");
+    assert_eq!(w1.exit_code(Duration::from_secs(10)).await, None);
+    hold.release().await;
+
+    let w2 = p.worker("w2", &[]);
+    wait_for("a dead letter", Duration::from_secs(30), &[&w2], || async {
+        p.queue.dead_letters().await.map(|l| l.len()).unwrap_or(0) == 1
+    })
+    .await;
+    wait_drained(&p, &[&w2]).await;
+    let letters = p.dead_letters().await;
+    assert_eq!(
+        letters[0].reason,
+        "stranded: its last delivery (1 of NATS_MAX_DELIVER 1) ended without an ack (the worker \
+         holding it stopped, crashed or could not file it)"
+    );
+    assert_eq!(letters[0].keys, vec![key.to_string()]);
+    assert_eq!(letters[0].attempts, 1);
+    assert_eq!(p.status(key).await, None);
+    let events = p.env.events.as_ref().unwrap();
+    let mut stream = p
+        .queue
+        .jetstream()
+        .get_stream(&events.stream)
+        .await
+        .unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, 0);
+    let (_, m) = w2.get("/metrics").await;
+    assert_eq!(
+        metric(&m, r#"sensors_stranded_events_total{path="advisory"}"#),
+        Some(1.0),
+        "{m}"
+    );
+
+    let replay = p
+        .worker_cli(&["dlq", "replay", &letters[0].id.to_string()])
+        .await;
+    assert_eq!(replay.status.code(), Some(0));
+    p.settled(key, "done", &[&w2]).await;
+    assert_eq!(p.count("SELECT count(*) FROM measurements").await, 1000);
+}
+
+/// At its last delivery, a shutdown does not hand the event back (nobody would get it again): it
+/// is dead-lettered with the reason.
+#[tokio::test]
+async fn sigterm_past_the_grace_period_at_the_last_delivery_dead_letters_the_event() {
+    let mut env = TestEnv::with_events().await.unwrap();
+    if let Some(e) = env.events.as_mut() {
+        e.max_deliver = 1;
+    }
+    let p = Pipeline::from_env(env).await;
+    p.queue.provision().await.unwrap();
+    let mut w1 = p.worker("w1", &[("SHUTDOWN_GRACE_SECS", "0")]);
+    let key = "timeseries/last.csv";
+    p.env.s3.put(key, big_file(1000)).await.unwrap();
+    let hold = MidObject::hold(&p, &[&w1]).await;
+    w1.signal("TERM");
+    assert_eq!(w1.exit_code(Duration::from_secs(30)).await, Some(0));
+    hold.release().await;
+    let letters = p.dead_letters().await;
+    assert_eq!(letters.len(), 1, "{}", w1.log());
+    assert_eq!(
+        letters[0].reason,
+        "handed back at shutdown on its last delivery (1 of NATS_MAX_DELIVER 1)"
+    );
+    assert_eq!(letters[0].keys, vec![key.to_string()]);
+    wait_drained(&p, &[]).await;
+    assert_eq!(p.status(key).await, None);
 }
 
 #[tokio::test]
@@ -567,8 +688,35 @@ async fn sigterm_past_the_grace_period_hands_the_object_back() {
     assert_big_file_stored(&p, rows).await;
 }
 
+/// A sensor besides U1.
+const OTHER_SENSOR: &str = "8f6b2a1e-3c4d-4e5f-9a0b-1c2d3e4f5a6b";
+
+/// The seconds a worker has waited for a dependency to come back: `what` is `fetch` (the
+/// consumer, not fetching) or `event` (events held, summed).
+async fn waited(w: &Worker, what: &str) -> f64 {
+    let (_, m) = w.get("/metrics").await;
+    let series = format!(r#"sensors_dependency_wait_seconds_total{{what="{what}"}}"#);
+    metric(&m, &series).unwrap_or(0.0)
+}
+
+/// Events with a small delivery budget: 1 s ack wait, 3 deliveries (redelivered after 1 s, 2 s).
+async fn small_budget_env(nats: &str, db: String) -> TestEnv {
+    let mut env = TestEnv::with_events_at(nats, db).await.unwrap();
+    if let Some(e) = env.events.as_mut() {
+        e.ack_wait = Duration::from_secs(1);
+        e.max_deliver = 3;
+    }
+    env
+}
+
+/// The seconds of waiting that outlast the whole delivery budget of [`small_budget_env`] twice.
+const OUTLASTS_THE_BUDGET: f64 = 10.0;
+
+/// PostgreSQL goes away mid-object and stays away longer than the event's whole delivery budget:
+/// the worker holds the event (in-progress acks, no nak) and fetches nothing until the database
+/// is back — nothing dead-lettered, nothing nak'ed, the end state exact.
 #[tokio::test]
-async fn a_postgres_outage_mid_object_is_retried_until_it_completes() {
+async fn a_postgres_outage_longer_than_the_delivery_budget_dead_letters_nothing() {
     let (mut pg, admin) = testbed::owned_postgres().await.unwrap();
     let admin_client = testbed::connect(&admin).await.unwrap();
     admin_client
@@ -577,7 +725,8 @@ async fn a_postgres_outage_mid_object_is_retried_until_it_completes() {
         .unwrap();
     let db = format!("{}/outage", admin.rsplit_once('/').unwrap().0);
     let nats = testbed::nats().await.unwrap().url.clone();
-    let mut p = Pipeline::from_env(TestEnv::with_events_at(&nats, db).await.unwrap()).await;
+    let mut p = Pipeline::from_env(small_budget_env(&nats, db).await).await;
+    p.queue.provision().await.unwrap();
     let rows = 200_000;
     let w1 = p.worker("w1", &[]);
     p.env
@@ -588,20 +737,61 @@ async fn a_postgres_outage_mid_object_is_retried_until_it_completes() {
     // Mid-object (its transaction open), the server goes away; the test's lock goes with it.
     let _hold = MidObject::hold(&p, &[&w1]).await;
     pg.stop().await.unwrap();
+    // Another upload during the outage: not fetched until the database is back.
+    p.env
+        .s3
+        .put(
+            "timeseries/small.csv",
+            testbed::data::steady_readings(OTHER_SENSOR, 10, 7.0),
+        )
+        .await
+        .unwrap();
     wait_for(
-        "the worker to notice",
+        "the worker to hold the event",
         Duration::from_secs(30),
         &[&w1],
-        || async { w1.log().contains("transient failure") },
+        || async { w1.log().contains("a dependency is down: holding the event") },
     )
     .await;
     let (status, body) = w1.get("/readyz").await;
     assert_eq!(status, 503, "{body}");
-    assert!(body.starts_with("not ready: "), "{body}");
+    assert!(body.starts_with("not ready: mapping database: "), "{body}");
+    wait_for(
+        "the outage to outlast the delivery budget",
+        Duration::from_secs(120),
+        &[&w1],
+        || async { waited(&w1, "event").await >= OUTLASTS_THE_BUDGET },
+    )
+    .await;
     pg.start().await.unwrap();
     p.db = testbed::connect(&p.env.mapping_db).await.unwrap();
     p.settled("timeseries/big.csv", "done", &[&w1]).await;
+    p.settled("timeseries/small.csv", "done", &[&w1]).await;
+    wait_drained(&p, &[&w1]).await;
+    assert!(p.dead_letters().await.is_empty());
+    assert_eq!(
+        p.count(&format!(
+            "SELECT count(*) FROM measurements WHERE sensor_uuid = '{OTHER_SENSOR}'"
+        ))
+        .await,
+        10
+    );
+    p.db.batch_execute(&format!(
+        "DELETE FROM measurements WHERE sensor_uuid = '{OTHER_SENSOR}'"
+    ))
+    .await
+    .unwrap();
     assert_big_file_stored(&p, rows).await;
+    let (_, m) = w1.get("/metrics").await;
+    assert_eq!(
+        metric(&m, r#"sensors_objects_total{outcome="retried"}"#),
+        None,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, r#"sensors_objects_total{outcome="done"}"#),
+        Some(2.0)
+    );
 }
 
 #[tokio::test]
@@ -675,9 +865,19 @@ async fn in_progress_acks_keep_a_long_object_from_being_redelivered() {
     assert_big_file_stored(&p, rows).await;
 }
 
+/// The object store answers 503 for longer than an event's whole delivery budget: the worker
+/// fetches nothing (or holds what it fetched) until it answers again — nothing dead-lettered.
 #[tokio::test]
-async fn an_object_store_outage_is_retried_until_the_object_can_be_read() {
-    let p = Pipeline::new().await;
+async fn an_object_store_outage_longer_than_the_delivery_budget_dead_letters_nothing() {
+    let nats = testbed::nats().await.unwrap().url.clone();
+    let db = testbed::postgres()
+        .await
+        .unwrap()
+        .create_database()
+        .await
+        .unwrap();
+    let p = Pipeline::from_env(small_budget_env(&nats, db).await).await;
+    p.queue.provision().await.unwrap();
     let worker = p.worker("w1", &[]);
     let key = "timeseries/during-outage.csv";
     p.env.s3.mute(true).unwrap();
@@ -694,16 +894,70 @@ async fn an_object_store_outage_is_retried_until_the_object_can_be_read() {
     );
     p.queue.publish_event(event, None).await.unwrap();
     wait_for(
-        "the worker to notice",
-        Duration::from_secs(30),
+        "the outage to outlast the delivery budget",
+        Duration::from_secs(120),
         &[&worker],
-        || async { worker.log().contains("transient failure") },
+        || async { waited(&worker, "fetch").await >= OUTLASTS_THE_BUDGET },
     )
     .await;
+    let (status, body) = worker.get("/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.starts_with("not ready: object store request HeadBucket failed"),
+        "{body}"
+    );
     assert_eq!(p.status(key).await, None);
     p.env.s3.set_down(false).unwrap();
     p.settled(key, "done", &[&worker]).await;
     assert_big_file_stored(&p, 100).await;
     wait_drained(&p, &[&worker]).await;
     assert!(p.dead_letters().await.is_empty());
+    let (_, m) = worker.get("/metrics").await;
+    assert_eq!(
+        metric(&m, r#"sensors_objects_total{outcome="retried"}"#),
+        None,
+        "{m}"
+    );
+}
+
+/// NATS itself goes away mid-object for longer than the delivery budget: the object commits
+/// meanwhile, its ack is lost, and after the restart the redelivery finds it done — nothing
+/// dead-lettered, nothing ingested twice.
+#[tokio::test]
+async fn a_nats_outage_longer_than_the_delivery_budget_dead_letters_nothing() {
+    let (mut nats, url) = testbed::owned_nats().await.unwrap();
+    let db = testbed::postgres()
+        .await
+        .unwrap()
+        .create_database()
+        .await
+        .unwrap();
+    let p = Pipeline::from_env(small_budget_env(&url, db).await).await;
+    p.queue.provision().await.unwrap();
+    let rows = 100_000;
+    let w1 = p.worker("w1", &[]);
+    p.env
+        .s3
+        .put("timeseries/big.csv", big_file(rows))
+        .await
+        .unwrap();
+    let hold = MidObject::hold(&p, &[&w1]).await;
+    nats.stop().await.unwrap();
+    hold.release().await;
+    p.settled("timeseries/big.csv", "done", &[&w1]).await;
+    wait_for(
+        "the outage to outlast the delivery budget",
+        Duration::from_secs(120),
+        &[&w1],
+        || async { waited(&w1, "fetch").await >= OUTLASTS_THE_BUDGET },
+    )
+    .await;
+    nats.start().await.unwrap();
+    wait_drained(&p, &[&w1]).await;
+    assert!(p.dead_letters().await.is_empty());
+    assert_big_file_stored(&p, rows).await;
+    assert_eq!(
+        p.status("timeseries/big.csv").await,
+        Some(("done".to_string(), rows as i64, 1))
+    );
 }

@@ -60,6 +60,10 @@ pub enum FileError {
     CorruptGzip(String),
     #[error("{0}")]
     Unreadable(String),
+    /// The database refused the object's rows for what they are (e.g. a `CHECK` constraint an
+    /// operator added): retrying cannot help.
+    #[error("the database refused the rows: {0}")]
+    Refused(String),
 }
 
 /// Where the required columns are in a file's rows.

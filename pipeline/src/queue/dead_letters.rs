@@ -52,6 +52,17 @@ pub fn bounded_reason(reason: &str) -> std::borrow::Cow<'_, str> {
     format!("{}{MARK}", &reason[..cut]).into()
 }
 
+/// The dead letter's message id: from the event's sequence in the events stream (the same event
+/// filed twice within the duplicate window is stored once), or unique when the sequence is not
+/// known (`0`: the message's metadata could not be read) — two such letters must both be kept.
+pub fn dead_letter_id(stream: &str, event_sequence: u64) -> String {
+    if event_sequence == 0 {
+        format!("dlq-{stream}-unknown-{}", uuid::Uuid::new_v4())
+    } else {
+        format!("dlq-{stream}-{event_sequence}")
+    }
+}
+
 /// Why an event is being dead-lettered, and what it was.
 pub struct Filing<'a> {
     pub payload: &'a [u8],
@@ -75,10 +86,7 @@ impl Queue {
         let publish = Publish::build()
             .payload(Bytes::copy_from_slice(filing.payload))
             .headers(headers)
-            .message_id(format!(
-                "dlq-{}-{}",
-                self.settings.stream, filing.event_sequence
-            ));
+            .message_id(dead_letter_id(&self.settings.stream, filing.event_sequence));
         self.publish(self.settings.dlq_subject.clone(), publish)
             .await
             .map(|_| ())
@@ -176,6 +184,15 @@ fn read(id: u64, headers: &async_nats::HeaderMap, payload: Bytes) -> DeadLetter 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dead_letter_ids_are_the_event_sequence_or_unique() {
+        assert_eq!(dead_letter_id("S", 7), "dlq-S-7");
+        assert_eq!(dead_letter_id("S", 7), dead_letter_id("S", 7));
+        let (a, b) = (dead_letter_id("S", 0), dead_letter_id("S", 0));
+        assert_ne!(a, b);
+        assert!(a.starts_with("dlq-S-unknown-"), "{a}");
+    }
 
     #[test]
     fn reasons_are_bounded_on_a_character_boundary() {

@@ -1,11 +1,13 @@
 //! NATS JetStream: the events stream MinIO publishes to, the durable pull consumer every worker
-//! shares, and the dead-letter stream (SPEC §4).
+//! shares, the dead-letter stream (SPEC §4), and the stream of the consumer's max-deliveries
+//! advisories with its own shared consumer ([`stranded`]).
 //!
-//! [`Queue::provision`] creates or updates all three, idempotently; `sensors-worker run` calls it
+//! [`Queue::provision`] creates or updates them all, idempotently; `sensors-worker run` calls it
 //! at start and `sensors-worker provision` lets a deployment do it up front. The same definitions
 //! are in `nats/` as JSON for the `nats` CLI; a test keeps the two in step.
 
 pub mod dead_letters;
+pub mod stranded;
 
 use std::time::Duration;
 
@@ -92,6 +94,7 @@ impl Queue {
         for config in [
             events_stream_config(&self.settings),
             dead_letter_stream_config(&self.settings),
+            stranded_stream_config(&self.settings),
         ] {
             let name = config.name.clone();
             self.js
@@ -99,7 +102,8 @@ impl Queue {
                 .await
                 .map_err(|e| QueueError::new(format!("creating stream {name}"), e))?;
         }
-        self.consumer().await.map(|_| ())
+        self.consumer().await?;
+        self.stranded_consumer().await.map(|_| ())
     }
 
     /// The shared consumer (created, or updated to the current settings, on the way).
@@ -209,6 +213,34 @@ pub fn dead_letter_stream_config(settings: &NatsSettings) -> stream::Config {
         storage: stream::StorageType::File,
         duplicate_window: Duration::from_secs(2 * 60),
         max_age: DEAD_LETTER_MAX_AGE,
+        ..Default::default()
+    }
+}
+
+/// The stream that keeps the events consumer's max-deliveries advisories (work-queue retention:
+/// an advisory is gone once a worker has dead-lettered the event it names), so that an event whose
+/// last delivery went unsettled while no worker was listening is still dead-lettered later.
+pub fn stranded_stream_config(settings: &NatsSettings) -> stream::Config {
+    stream::Config {
+        name: settings.stranded_stream(),
+        description: Some("Sensor pipeline events whose last delivery went unsettled".into()),
+        subjects: vec![settings.stranded_subject()],
+        retention: stream::RetentionPolicy::WorkQueue,
+        storage: stream::StorageType::File,
+        max_age: EVENT_MAX_AGE,
+        ..Default::default()
+    }
+}
+
+/// The consumer of [`stranded_stream_config`] every worker shares. Its own deliveries are not
+/// limited: an advisory is retried until its event is filed.
+pub fn stranded_consumer_config(settings: &NatsSettings) -> pull::Config {
+    pull::Config {
+        durable_name: Some(settings.stranded_consumer()),
+        description: Some("Sensor pipeline workers: dead-letter stranded events".into()),
+        ack_policy: jetstream::consumer::AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(30),
+        max_deliver: -1,
         ..Default::default()
     }
 }

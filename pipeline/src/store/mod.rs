@@ -30,7 +30,7 @@ use crate::contract::Dataset;
 /// A database could not be reached or refused a statement.
 #[derive(Debug, Error)]
 pub enum StoreError {
-    #[error("{database} database: {source}")]
+    #[error("{database} database: {}", describe(source))]
     Postgres {
         database: &'static str,
         #[source]
@@ -55,6 +55,52 @@ pub enum StoreError {
         #[source]
         source: refinery::Error,
     },
+}
+
+impl StoreError {
+    /// Whether the database refused the statement for what the data is, so that trying again can
+    /// only fail the same way: the object fails at once (ledger `failed`, a dead letter) instead
+    /// of being retried until its deliveries are used up. By SQLSTATE class:
+    ///
+    /// - permanent: `22` data exception (a value out of range, bytes text cannot hold), `23`
+    ///   integrity constraint violation (a `CHECK` or foreign key an operator added) except
+    ///   `23505`/`23P01` (a unique or exclusion conflict can be a race with a concurrent writer),
+    ///   `54` program limit exceeded (a row too big), `0A` feature not supported, and `42`
+    ///   syntax error or access rule violation except `42501` (privileges), `42P01` (no such
+    ///   table) and `42703` (no such column): those are a deployment not finished yet (roles,
+    ///   migrations) and pass once it is;
+    /// - transient: everything else — `08` connection, `40` serialization failure and deadlock,
+    ///   `53` insufficient resources (disk full, too many connections), `55` object in use (lock
+    ///   timeout), `57` operator intervention (shutdown, statement timeout), `58` system error,
+    ///   `XX` internal — and any error without a SQLSTATE (the connection broke, no connection
+    ///   available).
+    pub fn is_permanent(&self) -> bool {
+        let StoreError::Postgres { source, .. } = self else {
+            return false;
+        };
+        let Some(code) = source.code() else {
+            return false;
+        };
+        permanent_sqlstate(code.code())
+    }
+}
+
+/// A PostgreSQL error in one line: the server's message and SQLSTATE when the server refused a
+/// statement (the error's own display says only "db error"), the error itself otherwise.
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => e.to_string(),
+    }
+}
+
+fn permanent_sqlstate(code: &str) -> bool {
+    match code.get(..2) {
+        Some("22" | "54" | "0A") => true,
+        Some("23") => !matches!(code, "23505" | "23P01"),
+        Some("42") => !matches!(code, "42501" | "42P01" | "42703"),
+        _ => false,
+    }
 }
 
 /// Connection pools for the mapping and the measurement database.
@@ -194,5 +240,23 @@ impl<T> PgResultExt<T> for Result<T, tokio_postgres::Error> {
             database: database_name(dataset),
             source,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn data_errors_are_permanent_and_the_rest_transient() {
+        for code in [
+            "22021", "22003", "22P05", "23514", "23503", "54000", "0A000", "42601",
+        ] {
+            assert!(super::permanent_sqlstate(code), "{code}");
+        }
+        for code in [
+            "08006", "40001", "40P01", "53100", "53300", "55P03", "57014", "57P01", "58030",
+            "XX000", "23505", "23P01", "42501", "42P01", "42703",
+        ] {
+            assert!(!super::permanent_sqlstate(code), "{code}");
+        }
     }
 }

@@ -24,6 +24,9 @@ pub const ANOMALIES: &str = "sensors_anomalies_total";
 pub const ANOMALIES_RESOLVED: &str = "sensors_anomalies_resolved_total";
 pub const DETECTION_SECONDS: &str = "sensors_anomaly_detection_duration_seconds";
 pub const DETECTION_ERRORS: &str = "sensors_anomaly_detection_errors_total";
+pub const STRANDED: &str = "sensors_stranded_events_total";
+pub const HELD: &str = "sensors_events_held";
+pub const WAITED: &str = "sensors_dependency_wait_seconds_total";
 
 /// Installs the process-wide recorder and describes every metric.
 pub fn install() -> anyhow::Result<PrometheusHandle> {
@@ -74,6 +77,22 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     metrics::describe_counter!(
         DETECTION_ERRORS,
         "Anomaly detections (stage detect) or publications (stage publish) that failed; retried later"
+    );
+    metrics::describe_counter!(
+        STRANDED,
+        "Events dead-lettered because their last delivery could not settle them, by path \
+         (last_delivery: the worker filed it instead of handing it back; advisory: JetStream's \
+         max-deliveries advisory named it after the worker holding it died)"
+    );
+    metrics::describe_gauge!(
+        HELD,
+        "Events held (in-progress acks) while a dependency they failed on is down"
+    );
+    metrics::describe_counter!(
+        WAITED,
+        metrics::Unit::Seconds,
+        "Seconds spent waiting for a dependency to come back, by what waited (fetch: the \
+         consumer, not fetching; event: a held event, summed over events)"
     );
     Ok(handle)
 }
