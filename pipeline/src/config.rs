@@ -196,6 +196,14 @@ pub struct ObjectStoreSettings {
     pub secret_key: Secret,
     pub https: bool,
     pub bucket: String,
+    /// Connecting may take this long, `MINIO_CONNECT_TIMEOUT_SECS`, default 10.
+    pub connect_timeout: std::time::Duration,
+    /// The store may keep a request waiting for its response this long,
+    /// `MINIO_READ_TIMEOUT_SECS`, default 60.
+    pub read_timeout: std::time::Duration,
+    /// One request with its retries (up to the response, not the streamed body: the per-object
+    /// deadline bounds that), `MINIO_OPERATION_TIMEOUT_SECS`, default 300.
+    pub operation_timeout: std::time::Duration,
 }
 
 impl ObjectStoreSettings {
@@ -215,7 +223,24 @@ impl ObjectStoreSettings {
             bucket: env
                 .optional(Setting::MinioBucket)
                 .unwrap_or_else(|| "code-challenge-data".into()),
+            connect_timeout: seconds(env, Setting::MinioConnectTimeoutSecs, 10)?,
+            read_timeout: seconds(env, Setting::MinioReadTimeoutSecs, 60)?,
+            operation_timeout: seconds(env, Setting::MinioOperationTimeoutSecs, 300)?,
         })
+    }
+
+    /// Plain HTTP to `endpoint` with the default timeouts (tools and tests).
+    pub fn plain(endpoint: &str, access_key: &str, secret_key: &str, bucket: &str) -> Self {
+        Self {
+            endpoint: endpoint.to_string(),
+            access_key: Secret::new(access_key),
+            secret_key: Secret::new(secret_key),
+            https: false,
+            bucket: bucket.to_string(),
+            connect_timeout: std::time::Duration::from_secs(10),
+            read_timeout: std::time::Duration::from_secs(60),
+            operation_timeout: std::time::Duration::from_secs(300),
+        }
     }
 
     /// The endpoint as a URL for the S3 client.
@@ -230,6 +255,44 @@ impl ObjectStoreSettings {
 pub struct DatabaseSettings {
     pub mapping_url: Secret,
     pub measurements_url: Secret,
+    /// Session limits of the worker's connections.
+    pub timeouts: DatabaseTimeouts,
+}
+
+/// Session limits the worker's connections run with (not the migrations': a migration of a large
+/// table may take long, and not `query-cli`'s).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DatabaseTimeouts {
+    /// `statement_timeout`, `DATABASE_STATEMENT_TIMEOUT_SECS`, default 1800 (the `COPY` of a
+    /// large object is one statement).
+    pub statement: std::time::Duration,
+    /// `lock_timeout`, `DATABASE_LOCK_TIMEOUT_SECS`, default 60.
+    pub lock: std::time::Duration,
+    /// `idle_in_transaction_session_timeout`, `DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_SECS`,
+    /// default 300.
+    pub idle_in_transaction: std::time::Duration,
+}
+
+impl Default for DatabaseTimeouts {
+    fn default() -> Self {
+        Self {
+            statement: std::time::Duration::from_secs(1800),
+            lock: std::time::Duration::from_secs(60),
+            idle_in_transaction: std::time::Duration::from_secs(300),
+        }
+    }
+}
+
+impl DatabaseTimeouts {
+    /// The `options` startup parameter that sets them.
+    pub fn options(&self) -> String {
+        format!(
+            "-c statement_timeout={}ms -c lock_timeout={}ms -c idle_in_transaction_session_timeout={}ms",
+            self.statement.as_millis(),
+            self.lock.as_millis(),
+            self.idle_in_transaction.as_millis()
+        )
+    }
 }
 
 impl DatabaseSettings {
@@ -249,9 +312,23 @@ impl DatabaseSettings {
                     reason: format!("not a PostgreSQL connection string ({e})"),
                 })?;
         }
+        let d = DatabaseTimeouts::default();
         Ok(Self {
             mapping_url,
             measurements_url,
+            timeouts: DatabaseTimeouts {
+                statement: seconds(
+                    env,
+                    Setting::DatabaseStatementTimeoutSecs,
+                    d.statement.as_secs(),
+                )?,
+                lock: seconds(env, Setting::DatabaseLockTimeoutSecs, d.lock.as_secs())?,
+                idle_in_transaction: seconds(
+                    env,
+                    Setting::DatabaseIdleInTransactionTimeoutSecs,
+                    d.idle_in_transaction.as_secs(),
+                )?,
+            },
         })
     }
 
@@ -290,13 +367,24 @@ pub enum Setting {
     AnomalySubjectPrefix,
     AnomalyStream,
     AnomalyLockTimeoutMs,
+    MinioConnectTimeoutSecs,
+    MinioReadTimeoutSecs,
+    MinioOperationTimeoutSecs,
+    DatabaseStatementTimeoutSecs,
+    DatabaseLockTimeoutSecs,
+    DatabaseIdleInTransactionTimeoutSecs,
+    DatabasePoolSize,
+    MaxObjectBytes,
+    MaxDecompressionRatio,
+    MaxRejectedRows,
+    ObjectDeadlineSecs,
     /// Read by the log filter (`tracing-subscriber`) from the process environment, which an env
     /// file also fills.
     RustLog,
 }
 
 impl Setting {
-    pub const ALL: [Setting; 25] = [
+    pub const ALL: [Setting; 36] = [
         Setting::MinioEndpoint,
         Setting::MinioAccessKey,
         Setting::MinioSecretKey,
@@ -321,6 +409,17 @@ impl Setting {
         Setting::AnomalySubjectPrefix,
         Setting::AnomalyStream,
         Setting::AnomalyLockTimeoutMs,
+        Setting::MinioConnectTimeoutSecs,
+        Setting::MinioReadTimeoutSecs,
+        Setting::MinioOperationTimeoutSecs,
+        Setting::DatabaseStatementTimeoutSecs,
+        Setting::DatabaseLockTimeoutSecs,
+        Setting::DatabaseIdleInTransactionTimeoutSecs,
+        Setting::DatabasePoolSize,
+        Setting::MaxObjectBytes,
+        Setting::MaxDecompressionRatio,
+        Setting::MaxRejectedRows,
+        Setting::ObjectDeadlineSecs,
         Setting::RustLog,
     ];
 
@@ -351,6 +450,19 @@ impl Setting {
             Setting::AnomalySubjectPrefix => "ANOMALY_SUBJECT_PREFIX",
             Setting::AnomalyStream => "ANOMALY_STREAM",
             Setting::AnomalyLockTimeoutMs => "ANOMALY_LOCK_TIMEOUT_MS",
+            Setting::MinioConnectTimeoutSecs => "MINIO_CONNECT_TIMEOUT_SECS",
+            Setting::MinioReadTimeoutSecs => "MINIO_READ_TIMEOUT_SECS",
+            Setting::MinioOperationTimeoutSecs => "MINIO_OPERATION_TIMEOUT_SECS",
+            Setting::DatabaseStatementTimeoutSecs => "DATABASE_STATEMENT_TIMEOUT_SECS",
+            Setting::DatabaseLockTimeoutSecs => "DATABASE_LOCK_TIMEOUT_SECS",
+            Setting::DatabaseIdleInTransactionTimeoutSecs => {
+                "DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_SECS"
+            }
+            Setting::DatabasePoolSize => "DATABASE_POOL_SIZE",
+            Setting::MaxObjectBytes => "MAX_OBJECT_BYTES",
+            Setting::MaxDecompressionRatio => "MAX_DECOMPRESSION_RATIO",
+            Setting::MaxRejectedRows => "MAX_REJECTED_ROWS",
+            Setting::ObjectDeadlineSecs => "OBJECT_DEADLINE_SECS",
             Setting::RustLog => "RUST_LOG",
         }
     }
@@ -410,6 +522,11 @@ impl NatsSettings {
             max_deliver: positive(env, Setting::NatsMaxDeliver, 5)? as i64,
         })
     }
+}
+
+/// A positive number of seconds.
+fn seconds(env: &Env, setting: Setting, default: u64) -> Result<std::time::Duration, ConfigError> {
+    positive(env, setting, default).map(std::time::Duration::from_secs)
 }
 
 fn positive(env: &Env, setting: Setting, default: u64) -> Result<u64, ConfigError> {
@@ -512,6 +629,57 @@ pub struct WorkerSettings {
     pub metrics_addr: SocketAddr,
     /// How long `run` lets in-flight objects finish after SIGTERM, `SHUTDOWN_GRACE_SECS`, default 25.
     pub shutdown_grace: std::time::Duration,
+    /// Connections per database, `DATABASE_POOL_SIZE`, default `concurrency + 2` (the objects
+    /// in flight, anomaly detection, the health probe).
+    pub pool_size: usize,
+}
+
+/// What one object may cost before it fails with the reason (ledger `failed`, a dead letter), so
+/// that one bad upload cannot exhaust the worker or the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitSettings {
+    /// `MAX_OBJECT_BYTES`, default 10 GiB: bigger objects fail before a row is read.
+    pub max_object_bytes: u64,
+    /// `MAX_DECOMPRESSION_RATIO`, default 200: a gzip object whose data grows past this many
+    /// times its compressed size fails (a gzip bomb; CSV compresses 5–20×).
+    pub max_decompression_ratio: u64,
+    /// `MAX_REJECTED_ROWS`, default 100,000: an object with more rejected rows fails (nothing of
+    /// it is stored; the quarantine keeps up to 1 MiB per rejected row).
+    pub max_rejected_rows: u64,
+    /// `OBJECT_DEADLINE_SECS`, default 3600: an object not ingested by then fails (a hung
+    /// stream or a statement waiting forever cannot hold its event for ever).
+    pub object_deadline: std::time::Duration,
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        Self {
+            max_object_bytes: 10 << 30,
+            max_decompression_ratio: 200,
+            max_rejected_rows: 100_000,
+            object_deadline: std::time::Duration::from_secs(3600),
+        }
+    }
+}
+
+impl LimitSettings {
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let d = Self::default();
+        Ok(Self {
+            max_object_bytes: positive(env, Setting::MaxObjectBytes, d.max_object_bytes)?,
+            max_decompression_ratio: positive(
+                env,
+                Setting::MaxDecompressionRatio,
+                d.max_decompression_ratio,
+            )?,
+            max_rejected_rows: env.parsed(Setting::MaxRejectedRows, d.max_rejected_rows)?,
+            object_deadline: seconds(
+                env,
+                Setting::ObjectDeadlineSecs,
+                d.object_deadline.as_secs(),
+            )?,
+        })
+    }
 }
 
 impl WorkerSettings {
@@ -531,6 +699,7 @@ impl WorkerSettings {
             shutdown_grace: std::time::Duration::from_secs(
                 env.parsed(Setting::ShutdownGraceSecs, 25)?,
             ),
+            pool_size: positive(env, Setting::DatabasePoolSize, concurrency as u64 + 2)? as usize,
         })
     }
 }

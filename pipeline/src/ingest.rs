@@ -13,7 +13,7 @@ use thiserror::Error;
 use tokio::io::AsyncRead;
 use tracing::{info, warn};
 
-use crate::config::ContractSettings;
+use crate::config::{ContractSettings, LimitSettings};
 use crate::contract::{self, Columns, Dataset, FileError, RecordError, RecordReader};
 use crate::object_store::{is_transport_error, ObjectStore, ObjectStoreError, OpenedObject};
 use crate::store::ledger::{self, Entry, ObjectVersion, Status};
@@ -145,6 +145,58 @@ impl Fresh {
     }
 }
 
+/// What a [`Capped`] reader returns (inside an `io::Error`) once more bytes passed than allowed.
+#[derive(Debug, Error)]
+#[error("{0}")]
+struct LimitExceeded(String);
+
+impl LimitExceeded {
+    /// The reason, if `e` is one.
+    fn in_error(e: &std::io::Error) -> Option<String> {
+        e.get_ref()?
+            .downcast_ref::<LimitExceeded>()
+            .map(|l| l.0.clone())
+    }
+}
+
+/// Passes reads through and fails once more than `limit` bytes went by.
+struct Capped<R> {
+    inner: R,
+    read: u64,
+    limit: u64,
+    reason: String,
+}
+
+impl<R> Capped<R> {
+    fn new(inner: R, limit: u64, reason: String) -> Self {
+        Self {
+            inner,
+            read: 0,
+            limit,
+            reason,
+        }
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Capped<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Ok(())) = &polled {
+            self.read += (buf.filled().len() - before) as u64;
+            if self.read > self.limit {
+                let reason = self.reason.clone();
+                return std::task::Poll::Ready(Err(std::io::Error::other(LimitExceeded(reason))));
+            }
+        }
+        polled
+    }
+}
+
 /// A transient failure: nothing was committed; try again later.
 #[derive(Debug, Error)]
 pub enum IngestError {
@@ -190,6 +242,7 @@ pub struct Ingestor {
     dbs: Databases,
     contract: ContractSettings,
     detect_anomalies: bool,
+    limits: LimitSettings,
 }
 
 impl Ingestor {
@@ -201,7 +254,14 @@ impl Ingestor {
             dbs,
             contract,
             detect_anomalies: true,
+            limits: LimitSettings::default(),
         }
+    }
+
+    /// What one object may cost before it fails (`MAX_OBJECT_BYTES`, …).
+    pub fn limits(mut self, limits: LimitSettings) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Whether each measurement object's transaction queues detection of the spans it changed
@@ -312,26 +372,63 @@ impl Ingestor {
             reason,
             started_at,
         };
+        let limits = self.limits;
+        let deadline = tokio::time::Instant::from_std(t0 + limits.object_deadline);
+        let cancel = client.cancel_token();
+        let past_deadline = || {
+            FileError::Limit(format!(
+                "not ingested within OBJECT_DEADLINE_SECS ({} s)",
+                limits.object_deadline.as_secs()
+            ))
+        };
         let failure = 'failure: {
+            if size > limits.max_object_bytes {
+                break 'failure FileError::Limit(format!(
+                    "the object has {size} bytes, more than MAX_OBJECT_BYTES ({})",
+                    limits.max_object_bytes
+                ));
+            }
             let Some(tx) = ledger::begin(&mut client, &v).await.db(dataset)? else {
                 return Ok(self.already_done(v, dataset, size, t0));
             };
             let body: Box<dyn AsyncRead + Send + Unpin> = match compression {
-                Compression::None => Box::new(object.body),
+                Compression::None => Box::new(Capped::new(
+                    object.body,
+                    limits.max_object_bytes,
+                    format!(
+                        "the object has more than MAX_OBJECT_BYTES ({}) bytes",
+                        limits.max_object_bytes
+                    ),
+                )),
                 Compression::Gzip => {
                     let mut gz = GzipDecoder::new(object.body);
                     gz.multiple_members(true);
-                    Box::new(gz)
+                    let most = limits.max_decompression_ratio.saturating_mul(size.max(1));
+                    Box::new(Capped::new(
+                        gz,
+                        most,
+                        format!(
+                            "the gzip data of {size} bytes decompresses to more than \
+                             MAX_DECOMPRESSION_RATIO ({}) times that",
+                            limits.max_decompression_ratio
+                        ),
+                    ))
                 }
             };
             let mut reader = RecordReader::new(body, self.contract.delimiter);
-            match self
-                .stream_rows(&tx, &mut reader, dataset, compression, key)
-                .await
-            {
+            let streamed = tokio::time::timeout_at(
+                deadline,
+                self.stream_rows(&tx, &mut reader, dataset, compression, key),
+            )
+            .await;
+            let Ok(streamed) = streamed else {
+                let _ = cancel.cancel_query(tokio_postgres::NoTls).await;
+                break 'failure past_deadline();
+            };
+            match streamed {
                 Ok((counts, mut fresh, spans)) => {
                     let distinct = fresh.as_mut().map(Fresh::settle);
-                    let committed = async move {
+                    let committed = tokio::time::timeout_at(deadline, async move {
                         let id = ledger::record(&tx, &entry(Status::Done, counts, None))
                             .await
                             .db(dataset)?;
@@ -340,15 +437,19 @@ impl Ingestor {
                             .db(dataset)?;
                         tx.commit().await.db(dataset)?;
                         Ok::<_, StoreError>(merged)
-                    }
+                    })
                     .await;
                     let merged = match committed {
-                        Ok(merged) => merged,
+                        Err(_) => {
+                            let _ = cancel.cancel_query(tokio_postgres::NoTls).await;
+                            break 'failure past_deadline();
+                        }
+                        Ok(Ok(merged)) => merged,
                         // Rolled back (the transaction is gone): record the failure below.
-                        Err(e) if e.is_permanent() => {
+                        Ok(Err(e)) if e.is_permanent() => {
                             break 'failure FileError::Refused(e.to_string());
                         }
-                        Err(e) => return Err(e.into()),
+                        Ok(Err(e)) => return Err(e.into()),
                     };
                     let mut outcome = self.outcome(v, dataset, Disposition::Done, counts, size, t0);
                     if distinct == Some(merged.changed) && !merged.work.is_empty() {
@@ -405,6 +506,9 @@ impl Ingestor {
     ) -> Result<(Counts, Option<Fresh>, Option<staging::Spans>), StreamError> {
         let read_error = |e: RecordError| match e {
             RecordError::TooLarge { .. } => StreamError::File(FileError::Unreadable(e.to_string())),
+            RecordError::Io(io) if LimitExceeded::in_error(&io).is_some() => StreamError::File(
+                FileError::Limit(LimitExceeded::in_error(&io).unwrap_or_default()),
+            ),
             RecordError::Io(io) if is_transport_error(&io) => {
                 StreamError::Transient(IngestError::Read {
                     key: key.to_string(),
@@ -467,7 +571,15 @@ impl Ingestor {
             match rejection {
                 None => counts.ok += 1,
                 Some(why) => {
-                    staging.rejected(rec.line, rec.raw, &why.to_string());
+                    let why = why.to_string();
+                    if counts.rejected == self.limits.max_rejected_rows {
+                        return Err(StreamError::File(FileError::Limit(format!(
+                            "more than MAX_REJECTED_ROWS ({}) rows were rejected, the last at \
+                             line {}: {why}",
+                            self.limits.max_rejected_rows, rec.line
+                        ))));
+                    }
+                    staging.rejected(rec.line, rec.raw, &why);
                     counts.rejected += 1;
                 }
             }

@@ -98,6 +98,13 @@ impl ObjectStore {
                 "sensor-pipeline-settings",
             ))
             .http_client(http)
+            .timeout_config(
+                aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+                    .connect_timeout(settings.connect_timeout)
+                    .read_timeout(settings.read_timeout)
+                    .operation_timeout(settings.operation_timeout)
+                    .build(),
+            )
             .build();
         Self {
             client: aws_sdk_s3::Client::from_conf(config),

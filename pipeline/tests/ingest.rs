@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 
-use sensor_pipeline::config::ContractSettings;
+use std::time::Duration;
+
+use sensor_pipeline::config::{ContractSettings, DatabaseTimeouts, LimitSettings};
 use sensor_pipeline::ingest::{Disposition, Ingestor, Outcome};
 use sensor_pipeline::store::migrate::{migrate, MeasurementsTable};
 use sensor_pipeline::store::Databases;
@@ -1037,7 +1039,8 @@ async fn a_permanent_database_error_fails_the_object_and_a_transient_one_is_retr
     );
     assert_eq!(h.readings().await, vec![]);
 
-    // A lock held longer than the session's lock timeout: a transient error, nothing recorded.
+    // A lock held longer than the session's lock timeout, or a statement running past the
+    // statement timeout: transient errors, nothing recorded; the next attempt succeeds.
     let key = "timeseries/locked.csv";
     h.env
         .s3
@@ -1052,27 +1055,208 @@ async fn a_permanent_database_error_fails_the_object_and_a_transient_one_is_retr
         .batch_execute("BEGIN; LOCK TABLE measurement_days IN ACCESS EXCLUSIVE MODE")
         .await
         .unwrap();
-    let db: String = h
-        .measurements
-        .query_one("SELECT current_database()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    h.measurements
-        .batch_execute(&format!(
-            "ALTER DATABASE \"{db}\" SET lock_timeout = '100ms'"
-        ))
-        .await
-        .unwrap();
-    let dbs = Databases::connect(&h.env.database_settings(), 2).unwrap();
-    let ingestor = Ingestor::new(h.env.s3.store().clone(), dbs, ContractSettings::default());
-    let e = ingestor.ingest(key, None).await.unwrap_err();
-    assert!(
-        e.to_string()
-            .ends_with("canceling statement due to lock timeout (SQLSTATE 55P03)"),
-        "{e}"
+    let with = |timeouts: DatabaseTimeouts| {
+        let mut settings = h.env.database_settings();
+        settings.timeouts = timeouts;
+        Ingestor::new(
+            h.env.s3.store().clone(),
+            Databases::connect(&settings, 2).unwrap(),
+            ContractSettings::default(),
+        )
+    };
+    let long = Duration::from_secs(600);
+    let lock = with(DatabaseTimeouts {
+        lock: Duration::from_millis(200),
+        ..DatabaseTimeouts::default()
+    });
+    let e = lock.ingest(key, None).await.unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "measurement database: canceling statement due to lock timeout (SQLSTATE 55P03)"
+    );
+    let statement = with(DatabaseTimeouts {
+        statement: Duration::from_millis(500),
+        lock: long,
+        idle_in_transaction: long,
+    });
+    let e = statement.ingest(key, None).await.unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "measurement database: canceling statement due to statement timeout (SQLSTATE 57014)"
     );
     assert_eq!(h.ledger(&h.measurements).await.len(), 1);
     holder.batch_execute("COMMIT").await.unwrap();
-    assert_done(&ingestor.ingest(key, None).await.unwrap(), 1, 0);
+    assert_done(&lock.ingest(key, None).await.unwrap(), 1, 0);
+}
+
+/// Each limit fails the object at once with its reason — ledger `failed`, nothing of it stored —
+/// and the ingestor goes on with the next object.
+#[tokio::test]
+async fn objects_past_a_limit_fail_with_the_reason() {
+    let h = Harness::new().await;
+    let with = |limits: LimitSettings| {
+        Ingestor::new(
+            h.env.s3.store().clone(),
+            Databases::connect(&h.env.database_settings(), 2).unwrap(),
+            ContractSettings::default(),
+        )
+        .limits(limits)
+    };
+    let failed = |o: &Outcome| match &o.disposition {
+        Disposition::Failed(reason) => reason.clone(),
+        other => panic!("not failed: {other:?}"),
+    };
+    let row = format!("2013-01-20T08:00:00Z;{U1};1\n");
+    let csv = format!("timestamp;sensor_uuid;sensor_value\n{row}");
+
+    // The size the store reports.
+    h.env
+        .s3
+        .put("timeseries/big.csv", csv.clone())
+        .await
+        .unwrap();
+    let small = with(LimitSettings {
+        max_object_bytes: 20,
+        ..LimitSettings::default()
+    });
+    let o = small.ingest("timeseries/big.csv", None).await.unwrap();
+    assert_eq!(
+        failed(&o),
+        format!(
+            "the object has {} bytes, more than MAX_OBJECT_BYTES (20)",
+            csv.len()
+        )
+    );
+
+    // A gzip bomb: 100,000 equal rows compress about 300-fold.
+    let bomb = gzip(
+        format!(
+            "timestamp;sensor_uuid;sensor_value\n{}",
+            row.repeat(100_000)
+        )
+        .as_bytes(),
+    );
+    assert!(bomb.len() * 100 < 100_000 * row.len(), "{}", bomb.len());
+    h.env
+        .s3
+        .put("timeseries/bomb.csv.gz", bomb.clone())
+        .await
+        .unwrap();
+    let o = with(LimitSettings {
+        max_decompression_ratio: 100,
+        ..LimitSettings::default()
+    })
+    .ingest("timeseries/bomb.csv.gz", None)
+    .await
+    .unwrap();
+    assert_eq!(
+        failed(&o),
+        format!(
+            "the gzip data of {} bytes decompresses to more than MAX_DECOMPRESSION_RATIO (100) \
+             times that",
+            bomb.len()
+        )
+    );
+
+    // Rejected rows.
+    h.env
+        .s3
+        .put(
+            "timeseries/rejects.csv",
+            format!("{csv}x;{U1};1\ny;{U1};2\n2013-01-20T08:05:00Z;{U1};3\nz;{U1};4\n"),
+        )
+        .await
+        .unwrap();
+    let o = with(LimitSettings {
+        max_rejected_rows: 2,
+        ..LimitSettings::default()
+    })
+    .ingest("timeseries/rejects.csv", None)
+    .await
+    .unwrap();
+    assert_eq!(
+        failed(&o),
+        "more than MAX_REJECTED_ROWS (2) rows were rejected, the last at line 6: timestamp \"z\" \
+         is not an ISO 8601 date-time (expected YYYY-MM-DDTHH:MM[:SS[.ffffff]][Z|±HH[:MM]])"
+    );
+
+    // The deadline: the merge waits on a lock the test holds.
+    h.env
+        .s3
+        .put("timeseries/slow.csv", csv.clone())
+        .await
+        .unwrap();
+    let holder = testbed::connect(&h.env.measurements_db).await.unwrap();
+    holder
+        .batch_execute("BEGIN; LOCK TABLE measurement_days IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let o = with(LimitSettings {
+        object_deadline: Duration::from_secs(1),
+        ..LimitSettings::default()
+    })
+    .ingest("timeseries/slow.csv", None)
+    .await
+    .unwrap();
+    assert_eq!(failed(&o), "not ingested within OBJECT_DEADLINE_SECS (1 s)");
+    holder.batch_execute("COMMIT").await.unwrap();
+
+    let statuses: Vec<(String, String, Option<String>)> = h
+        .ledger(&h.measurements)
+        .await
+        .into_iter()
+        .map(|l| (l.0, l.1, l.4))
+        .collect();
+    assert_eq!(statuses.len(), 4);
+    assert!(statuses.iter().all(|s| s.1 == "failed"), "{statuses:?}");
+    assert_eq!(h.readings().await, vec![]);
+    let quarantined: i64 = h
+        .measurements
+        .query_one("SELECT count(*) FROM ingest_quarantine", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(quarantined, 0);
+
+    // Within the limits, ingestion goes on.
+    h.env
+        .s3
+        .put("timeseries/fine.csv", csv.clone())
+        .await
+        .unwrap();
+    assert_done(
+        &h.ingestor
+            .ingest("timeseries/fine.csv", None)
+            .await
+            .unwrap(),
+        1,
+        0,
+    );
+}
+
+/// An object store that accepts the connection and never answers: the request fails after
+/// `MINIO_READ_TIMEOUT_SECS` (transient, retried through redelivery) instead of hanging.
+#[tokio::test]
+async fn an_object_store_that_never_answers_times_out() {
+    // The kernel completes the handshake into the backlog; nobody ever reads or answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut settings = sensor_pipeline::config::ObjectStoreSettings::plain(
+        &silent.local_addr().unwrap().to_string(),
+        "key",
+        "secret",
+        "bucket",
+    );
+    settings.read_timeout = Duration::from_millis(500);
+    let store = sensor_pipeline::object_store::ObjectStore::new(&settings);
+    let e = store
+        .open("timeseries/a.csv")
+        .await
+        .err()
+        .expect("an error");
+    assert_eq!(
+        e.to_string(),
+        "object store request GetObject failed: dispatch failure: timeout: HTTP read timeout \
+         occurred after 500ms: timed out"
+    );
+    assert!(store.ping().await.is_err());
 }

@@ -191,6 +191,7 @@ async fn the_end_state_is_the_newest_write_whatever_the_order_and_concurrency() 
         let settings = sensor_pipeline::config::DatabaseSettings {
             mapping_url: sensor_pipeline::config::Secret::new(db.clone()),
             measurements_url: sensor_pipeline::config::Secret::new(db.clone()),
+            timeouts: Default::default(),
         };
         migrate(&settings).await.unwrap();
         let ingestors: Vec<Ingestor> = (0..3)

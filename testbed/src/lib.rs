@@ -148,6 +148,7 @@ impl TestEnv {
         DatabaseSettings {
             mapping_url: Secret::new(self.mapping_db.clone()),
             measurements_url: Secret::new(self.measurements_db.clone()),
+            timeouts: Default::default(),
         }
     }
 }

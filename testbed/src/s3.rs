@@ -11,7 +11,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder as ConnBuilder;
 use s3s::auth::SimpleAuth;
 use s3s::service::S3ServiceBuilder;
-use sensor_pipeline::config::{ObjectStoreSettings, Secret};
+use sensor_pipeline::config::ObjectStoreSettings;
 use sensor_pipeline::object_store::ObjectStore;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -191,13 +191,9 @@ impl S3Server {
     }
 
     fn store_for(endpoint: &str, access_key: &str, secret_key: &str, bucket: &str) -> ObjectStore {
-        ObjectStore::new(&ObjectStoreSettings {
-            endpoint: endpoint.to_string(),
-            access_key: Secret::new(access_key),
-            secret_key: Secret::new(secret_key),
-            https: false,
-            bucket: bucket.to_string(),
-        })
+        ObjectStore::new(&ObjectStoreSettings::plain(
+            endpoint, access_key, secret_key, bucket,
+        ))
     }
 
     fn connect(

@@ -22,8 +22,8 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use sensor_pipeline::alerts::Alerts;
 use sensor_pipeline::config::{
-    AnomalySettings, ContractSettings, DatabaseSettings, Env, NatsSettings, ObjectStoreSettings,
-    WorkerSettings,
+    AnomalySettings, ContractSettings, DatabaseSettings, Env, LimitSettings, NatsSettings,
+    ObjectStoreSettings, WorkerSettings,
 };
 use sensor_pipeline::ingest::Ingestor;
 use sensor_pipeline::object_store::ObjectStore;
@@ -175,7 +175,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Ingest(args) => {
             logging::init(&env, "warn")?;
             let worker = WorkerSettings::from_env(&env)?;
-            let ingestor = ingestor(&env, worker.concurrency)?;
+            let ingestor = ingestor(&env, worker.pool_size)?;
             let anomalies = AnomalySettings::from_env(&env)?;
             let alerts = anomalies
                 .enabled
@@ -282,5 +282,6 @@ pub(crate) fn ingestor(env: &Env, connections: usize) -> anyhow::Result<Ingestor
     let store = ObjectStore::new(&ObjectStoreSettings::from_env(env)?);
     let dbs = Databases::connect(&DatabaseSettings::from_env(env)?, connections)?;
     Ok(Ingestor::new(store, dbs, ContractSettings::from_env(env)?)
-        .detect_anomalies(AnomalySettings::from_env(env)?.enabled))
+        .detect_anomalies(AnomalySettings::from_env(env)?.enabled)
+        .limits(LimitSettings::from_env(env)?))
 }

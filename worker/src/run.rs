@@ -50,7 +50,7 @@ pub async fn run(env: &Env) -> anyhow::Result<ExitCode> {
     let worker = WorkerSettings::from_env(env)?;
     let stop = shutdown::on_signal()?;
     let handle = telemetry::install()?;
-    let ingestor = crate::ingestor(env, worker.concurrency + 2)?;
+    let ingestor = crate::ingestor(env, worker.pool_size)?;
     let anomalies = AnomalySettings::from_env(env)?;
     let queue = crate::queue(env).await?;
     let listening = stranded::Listening::default();
@@ -75,6 +75,17 @@ pub async fn run(env: &Env) -> anyhow::Result<ExitCode> {
     if !provision_with_retries(&queue, &anomalies, &stop).await? {
         tracing::info!("stopped before NATS was reachable");
         return Ok(ExitCode::SUCCESS);
+    }
+    match ingestor.databases().spare_connections().await {
+        Ok(spare) if worker.pool_size as i64 > spare => warn!(
+            pool_size = worker.pool_size,
+            spare,
+            "DATABASE_POOL_SIZE is more than the database has connections left for: under load \
+             this worker will meet \"too many clients\" (raise max_connections or lower \
+             DATABASE_POOL_SIZE / WORKER_CONCURRENCY)"
+        ),
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "cannot check the database's max_connections"),
     }
     let observer = tokio::spawn(telemetry::observe(queue.clone(), stop.clone()));
     let advisories = tokio::spawn(stranded::run_loop(queue.clone(), listening, stop.clone()));

@@ -961,3 +961,40 @@ async fn a_nats_outage_longer_than_the_delivery_budget_dead_letters_nothing() {
         Some(("done".to_string(), rows as i64, 1))
     );
 }
+
+/// An object past a limit is dead-lettered with the limit named, at its first delivery, and the
+/// worker stays ready and goes on with the next object.
+#[tokio::test]
+async fn an_object_past_a_limit_is_dead_lettered_and_the_worker_goes_on() {
+    let p = Pipeline::new().await;
+    let worker = p.worker("w1", &[("MAX_REJECTED_ROWS", "1")]);
+    let key = "timeseries/rejects.csv";
+    p.env
+        .s3
+        .put(
+            key,
+            format!("timestamp;sensor_uuid;sensor_value\nx;{U1};1\ny;{U1};2\n"),
+        )
+        .await
+        .unwrap();
+    p.settled(key, "failed", &[&worker]).await;
+    wait_drained(&p, &[&worker]).await;
+    let letters = p.dead_letters().await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(
+        letters[0].reason,
+        format!(
+            "{key}: more than MAX_REJECTED_ROWS (1) rows were rejected, the last at line 3: \
+             timestamp \"y\" is not an ISO 8601 date-time (expected YYYY-MM-DDTHH:MM[:SS[.ffffff]][Z|±HH[:MM]])"
+        )
+    );
+    assert_eq!(letters[0].attempts, 1);
+    assert_eq!(worker.get("/readyz").await, (200, "ready\n".to_string()));
+    p.env
+        .s3
+        .put("timeseries/fine.csv", big_file(10))
+        .await
+        .unwrap();
+    p.settled("timeseries/fine.csv", "done", &[&worker]).await;
+    assert_eq!(p.count("SELECT count(*) FROM measurements").await, 10);
+}

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use sensor_pipeline::config::{ObjectStoreSettings, Secret};
+use sensor_pipeline::config::ObjectStoreSettings;
 use sensor_pipeline::object_store::ObjectStore;
 
 use crate::gen::{self, GenArgs};
@@ -159,13 +159,12 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     }
 
     step("uploading through the S3 API (the notifications drive ingestion)");
-    let store = ObjectStore::new(&ObjectStoreSettings {
-        endpoint: format!("127.0.0.1:{s3_port}"),
-        access_key: Secret::new(testbed::S3Server::ACCESS_KEY),
-        secret_key: Secret::new(testbed::S3Server::SECRET_KEY),
-        https: false,
-        bucket: BUCKET.into(),
-    });
+    let store = ObjectStore::new(&ObjectStoreSettings::plain(
+        &format!("127.0.0.1:{s3_port}"),
+        testbed::S3Server::ACCESS_KEY,
+        testbed::S3Server::SECRET_KEY,
+        BUCKET,
+    ));
     for (key, path) in &generated.files {
         store
             .client()

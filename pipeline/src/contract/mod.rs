@@ -64,6 +64,9 @@ pub enum FileError {
     /// operator added): retrying cannot help.
     #[error("the database refused the rows: {0}")]
     Refused(String),
+    /// A limit of [`crate::config::LimitSettings`] was passed.
+    #[error("{0}")]
+    Limit(String),
 }
 
 /// Where the required columns are in a file's rows.

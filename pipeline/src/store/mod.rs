@@ -119,7 +119,13 @@ impl Databases {
         settings: &DatabaseSettings,
         max_connections: usize,
     ) -> Result<Self, StoreError> {
-        let mapping = pool(settings.mapping_url.expose(), "mapping", max_connections)?;
+        let options = settings.timeouts.options();
+        let mapping = pool(
+            settings.mapping_url.expose(),
+            "mapping",
+            max_connections,
+            &options,
+        )?;
         let measurements = if settings.same_database() {
             mapping.clone()
         } else {
@@ -127,6 +133,7 @@ impl Databases {
                 settings.measurements_url.expose(),
                 "measurements",
                 max_connections,
+                &options,
             )?
         };
         Ok(Self {
@@ -134,6 +141,27 @@ impl Databases {
             measurements,
             same: settings.same_database(),
         })
+    }
+
+    /// How many connections each database still allows its ordinary roles (`max_connections`
+    /// minus the reserved ones minus those open now), the smallest of both: a pool larger than
+    /// that will meet "too many clients" under load.
+    pub async fn spare_connections(&self) -> Result<i64, StoreError> {
+        let mut spare = i64::MAX;
+        for dataset in [Dataset::Mapping, Dataset::Measurements] {
+            let client = self.client(dataset).await?;
+            let row = client
+                .query_one(
+                    "SELECT current_setting('max_connections')::int
+                          - current_setting('superuser_reserved_connections')::int
+                          - (SELECT count(*)::int FROM pg_stat_activity WHERE backend_type = 'client backend')",
+                    &[],
+                )
+                .await
+                .db(dataset)?;
+            spare = spare.min(row.get::<_, i32>(0) as i64 + 1); // this connection is ours
+        }
+        Ok(spare)
     }
 
     /// Whether mapping and measurements are one database (one ledger to read, not two).
@@ -198,8 +226,14 @@ pub fn pg_config(url: &str, database: &'static str) -> Result<tokio_postgres::Co
 }
 
 #[cfg(feature = "ingest")]
-fn pool(url: &str, database: &'static str, max: usize) -> Result<Pool, StoreError> {
-    let config = pg_config(url, database)?;
+fn pool(url: &str, database: &'static str, max: usize, options: &str) -> Result<Pool, StoreError> {
+    let mut config = pg_config(url, database)?;
+    // The session limits, after whatever the URL's own `options` say.
+    let options = match config.get_options() {
+        Some(own) if !own.is_empty() => format!("{own} {options}"),
+        _ => options.to_string(),
+    };
+    config.options(&options);
     let manager = Manager::from_config(
         config,
         NoTls,
