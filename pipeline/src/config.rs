@@ -357,6 +357,7 @@ pub enum Setting {
     NatsDlqSubject,
     NatsAckWaitSecs,
     NatsMaxDeliver,
+    NatsStreamReplicas,
     WorkerConcurrency,
     NaiveTimezone,
     CsvDelimiter,
@@ -384,7 +385,7 @@ pub enum Setting {
 }
 
 impl Setting {
-    pub const ALL: [Setting; 36] = [
+    pub const ALL: [Setting; 37] = [
         Setting::MinioEndpoint,
         Setting::MinioAccessKey,
         Setting::MinioSecretKey,
@@ -399,6 +400,7 @@ impl Setting {
         Setting::NatsDlqSubject,
         Setting::NatsAckWaitSecs,
         Setting::NatsMaxDeliver,
+        Setting::NatsStreamReplicas,
         Setting::WorkerConcurrency,
         Setting::NaiveTimezone,
         Setting::CsvDelimiter,
@@ -440,6 +442,7 @@ impl Setting {
             Setting::NatsDlqSubject => "NATS_DLQ_SUBJECT",
             Setting::NatsAckWaitSecs => "NATS_ACK_WAIT_SECS",
             Setting::NatsMaxDeliver => "NATS_MAX_DELIVER",
+            Setting::NatsStreamReplicas => "NATS_STREAM_REPLICAS",
             Setting::WorkerConcurrency => "WORKER_CONCURRENCY",
             Setting::NaiveTimezone => "NAIVE_TIMEZONE",
             Setting::CsvDelimiter => "CSV_DELIMITER",
@@ -498,6 +501,9 @@ pub struct NatsSettings {
     pub ack_wait: std::time::Duration,
     /// Deliveries of one event before it is dead-lettered, `NATS_MAX_DELIVER`, default 5.
     pub max_deliver: i64,
+    /// Replicas of every stream in a JetStream cluster, `NATS_STREAM_REPLICAS`, default 1 (3 in a
+    /// three-node cluster: the streams survive the loss of a node).
+    pub replicas: usize,
 }
 
 impl NatsSettings {
@@ -520,6 +526,15 @@ impl NatsSettings {
                 .unwrap_or_else(|| "sensors.dlq".into()),
             ack_wait: std::time::Duration::from_secs(positive(env, Setting::NatsAckWaitSecs, 30)?),
             max_deliver: positive(env, Setting::NatsMaxDeliver, 5)? as i64,
+            replicas: match positive(env, Setting::NatsStreamReplicas, 1)? {
+                n @ 1..=5 => n as usize,
+                n => {
+                    return Err(ConfigError::Invalid {
+                        name: Setting::NatsStreamReplicas.name(),
+                        reason: format!("{n}: JetStream allows 1 to 5 replicas"),
+                    })
+                }
+            },
         })
     }
 }

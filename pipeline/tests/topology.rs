@@ -75,7 +75,7 @@ fn nats_definitions_match_the_code() {
         AnomalySettings::from_env(&Env::from_map(Vec::<(String, String)>::new())).unwrap();
     assert_file_matches(
         "stream-sensor-anomalies.json",
-        serde_json::to_value(queue::anomaly_stream_config(&anomalies)).unwrap(),
+        serde_json::to_value(queue::anomaly_stream_config(&anomalies, 1)).unwrap(),
     );
 }
 
@@ -102,4 +102,102 @@ async fn provisioning_is_idempotent_and_picks_up_new_settings() {
         async_nats::jetstream::stream::RetentionPolicy::WorkQueue
     );
     assert_eq!(info.config.duplicate_window, queue::DUPLICATE_WINDOW);
+}
+
+/// What exists is never changed by `ensure` (what workers run at start): an operator's or another
+/// worker's settings are reported as drift and left; what is missing is created; `check` changes
+/// nothing at all.
+#[tokio::test]
+async fn ensure_creates_what_is_missing_and_reports_what_differs_without_changing_it() {
+    let env = testbed::TestEnv::with_events().await.unwrap();
+    let ours = env.events.clone().unwrap();
+    // Someone provisioned the consumer with a 7 s ack wait.
+    let mut theirs = ours.clone();
+    theirs.ack_wait = std::time::Duration::from_secs(7);
+    Queue::connect(&theirs, "operator")
+        .await
+        .unwrap()
+        .provision()
+        .await
+        .unwrap();
+    let q = Queue::connect(&ours, "worker").await.unwrap();
+    let drift: Vec<String> = q
+        .ensure(None)
+        .await
+        .unwrap()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let consumer = format!("consumer {} on stream {}", ours.consumer, ours.stream);
+    assert_eq!(
+        drift,
+        vec![
+            format!("{consumer}: ack_wait is 7000000000, this version provisions 2000000000"),
+            format!(
+                "{consumer}: backoff is [7000000000,14000000000,28000000000,56000000000], this \
+                 version provisions [2000000000,4000000000,8000000000,16000000000]"
+            ),
+        ]
+    );
+    let mut consumer = q.consumer().await.unwrap();
+    assert_eq!(
+        consumer.info().await.unwrap().config.ack_wait,
+        std::time::Duration::from_secs(7)
+    );
+    // The worker works with the consumer's limits, not its own settings.
+    let adopted = q.clone().adopting_consumer_limits().await.unwrap();
+    assert_eq!(
+        adopted.settings().ack_wait,
+        std::time::Duration::from_secs(7)
+    );
+
+    // A stream missing: `check` reports it, `ensure` creates it.
+    q.jetstream()
+        .delete_stream(ours.dlq_stream())
+        .await
+        .unwrap();
+    let missing = format!("stream {}: missing", ours.dlq_stream());
+    let checked: Vec<String> = q
+        .check(None)
+        .await
+        .unwrap()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert!(checked.contains(&missing), "{checked:?}");
+    assert!(q.jetstream().get_stream(ours.dlq_stream()).await.is_err());
+    let ensured: Vec<String> = q
+        .ensure(None)
+        .await
+        .unwrap()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert!(!ensured.contains(&missing), "{ensured:?}");
+    assert!(q.jetstream().get_stream(ours.dlq_stream()).await.is_ok());
+
+    // Three replicas asked of streams that have one: reported, not forced.
+    let mut replicated = ours.clone();
+    replicated.replicas = 3;
+    let drift: Vec<String> = Queue::connect(&replicated, "worker")
+        .await
+        .unwrap()
+        .check(None)
+        .await
+        .unwrap()
+        .iter()
+        .map(ToString::to_string)
+        .filter(|d| d.contains("num_replicas"))
+        .collect();
+    assert_eq!(
+        drift,
+        [
+            ours.stream.clone(),
+            ours.dlq_stream(),
+            ours.stranded_stream()
+        ]
+        .iter()
+        .map(|s| format!("stream {s}: num_replicas is 1, this version provisions 3"))
+        .collect::<Vec<_>>()
+    );
 }

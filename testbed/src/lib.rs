@@ -72,6 +72,7 @@ impl TestEnv {
             dlq_subject: format!("{id}.dlq"),
             ack_wait: std::time::Duration::from_secs(2),
             max_deliver: 5,
+            replicas: 1,
         };
         sensor_pipeline::queue::Queue::connect(&settings, "testbed")
             .await?

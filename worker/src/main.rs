@@ -64,16 +64,21 @@ enum Command {
     Ingest(IngestArgs),
     /// Consume object events from NATS JetStream and ingest them, until SIGINT/SIGTERM.
     ///
-    /// Provisions the JetStream topology first (idempotent). Serves /metrics, /healthz and
+    /// Creates what is missing of the JetStream topology first (never changes what exists; logs
+    /// how it differs). Serves /metrics, /healthz and
     /// /readyz on METRICS_ADDR. On a signal: stops fetching, lets in-flight objects finish within
     /// SHUTDOWN_GRACE_SECS, hands back the rest, exits 0.
     ///
     /// Example: sensors-worker run
     Run,
-    /// Create or update the JetStream streams and consumer (idempotent), then exit.
+    /// Create the JetStream streams and consumers that are missing, print how the existing ones
+    /// differ from this version's definitions (left as they are), then exit.
     ///
-    /// Example: sensors-worker provision
-    Provision,
+    /// Examples:
+    ///   sensors-worker provision
+    ///   sensors-worker provision --check     # change nothing; exit 1 if anything differs
+    ///   sensors-worker provision --update    # also change what differs to this version's
+    Provision(ProvisionArgs),
     /// Enqueue an event for every existing object (or those under --prefix), mapping first.
     ///
     /// Repeated within the stream's duplicate window (1 hour), nothing is enqueued twice.
@@ -108,6 +113,17 @@ struct DetectArgs {
     /// Publish the anomalies found to NATS like live ones.
     #[arg(long)]
     publish: bool,
+}
+
+#[derive(Debug, Args)]
+#[group(multiple = false)]
+struct ProvisionArgs {
+    /// Change nothing: print what is missing or differs, exit 1 if anything does.
+    #[arg(long)]
+    check: bool,
+    /// Also change what differs to this version's definitions (overrides operators' changes).
+    #[arg(long)]
+    update: bool,
 }
 
 #[derive(Debug, Args)]
@@ -203,30 +219,59 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             logging::init(&env, "info")?;
             run::run(&env).await
         }
-        Command::Provision => {
+        Command::Provision(args) => {
             logging::init(&env, "warn")?;
             let queue = queue(&env).await?;
-            queue.provision().await?;
             let anomalies = AnomalySettings::from_env(&env)?;
-            queue.provision_anomalies(&anomalies).await?;
+            let alerts = anomalies.enabled.then_some(&anomalies);
+            if args.update {
+                queue.provision().await?;
+                if let Some(a) = alerts {
+                    queue.update_anomalies(a).await?;
+                }
+            }
+            let drift = if args.check {
+                queue.check(alerts).await?
+            } else {
+                queue.ensure(alerts).await?
+            };
+            for d in &drift {
+                println!("differs: {d}");
+            }
             let s = queue.settings();
+            let anomaly_stream = match alerts {
+                Some(a) => format!(
+                    ", anomalies in stream {} ({}.>)",
+                    a.stream, a.subject_prefix
+                ),
+                None => String::new(),
+            };
             println!(
-                "stream {} ({}), consumer {}, dead letters in stream {} ({}), anomalies in stream {} ({}.>)",
+                "stream {} ({}), consumer {}, dead letters in stream {} ({}), stranded events in \
+                 stream {}{anomaly_stream}: {}",
                 s.stream,
                 s.subject,
                 s.consumer,
                 s.dlq_stream(),
                 s.dlq_subject,
-                anomalies.stream,
-                anomalies.subject_prefix
+                s.stranded_stream(),
+                match (drift.len(), args.check) {
+                    (0, _) => "as this version provisions them".to_string(),
+                    (n, true) => format!("{n} differences"),
+                    (n, false) => format!("{n} differences left as they are"),
+                }
             );
-            Ok(ExitCode::SUCCESS)
+            Ok(if args.check && !drift.is_empty() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Command::Backfill(args) => {
             logging::init(&env, "warn")?;
             let ingestor = ingestor(&env, 4)?;
             let queue = queue(&env).await?;
-            queue.provision().await?;
+            queue.ensure(None).await?;
             let ok = backfill::backfill(
                 ingestor.store(),
                 &queue,
@@ -265,7 +310,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Dlq(command) => {
             logging::init(&env, "warn")?;
             let queue = queue(&env).await?;
-            queue.provision().await?;
+            queue.ensure(None).await?;
             dlq::run(&queue, command).await
         }
     }

@@ -44,7 +44,8 @@ use tracing::{info, warn, Instrument};
 use crate::health::Health;
 use crate::{detect, shutdown, stranded, telemetry};
 
-/// `sensors-worker run`: the metrics server, JetStream provisioning (retried until NATS answers),
+/// `sensors-worker run`: the metrics server, JetStream provisioning of what is missing (retried
+/// until NATS answers),
 /// the consumer loop, and a clean stop on SIGINT/SIGTERM.
 pub async fn run(env: &Env) -> anyhow::Result<ExitCode> {
     let worker = WorkerSettings::from_env(env)?;
@@ -76,6 +77,7 @@ pub async fn run(env: &Env) -> anyhow::Result<ExitCode> {
         tracing::info!("stopped before NATS was reachable");
         return Ok(ExitCode::SUCCESS);
     }
+    let queue = queue.adopting_consumer_limits().await?;
     match ingestor.databases().spare_connections().await {
         Ok(spare) if worker.pool_size as i64 > spare => warn!(
             pool_size = worker.pool_size,
@@ -124,9 +126,9 @@ async fn provision_with_retries(
 ) -> anyhow::Result<bool> {
     use backon::{ExponentialBuilder, Retryable};
     let attempt = || async {
-        queue.provision().await?;
-        if anomalies.enabled {
-            queue.provision_anomalies(anomalies).await?;
+        let drift = queue.ensure(anomalies.enabled.then_some(anomalies)).await?;
+        for d in drift {
+            warn!("JetStream {d}; left as it is (`sensors-worker provision --update` changes it)");
         }
         Ok::<_, sensor_pipeline::queue::QueueError>(())
     };

@@ -998,3 +998,51 @@ async fn an_object_past_a_limit_is_dead_lettered_and_the_worker_goes_on() {
     p.settled("timeseries/fine.csv", "done", &[&worker]).await;
     assert_eq!(p.count("SELECT count(*) FROM measurements").await, 10);
 }
+
+/// `provision --check` prints how the topology differs and exits 1, changing nothing; a worker
+/// started with other settings leaves the consumer as it is and works with its limits.
+#[tokio::test]
+async fn provision_check_prints_the_drift_and_workers_leave_the_consumer_as_it_is() {
+    let mut env = TestEnv::with_events().await.unwrap();
+    if let Some(e) = env.events.as_mut() {
+        e.max_deliver = 2;
+    }
+    let p = Pipeline::from_env(env).await;
+    p.queue.provision().await.unwrap();
+    let events = p.env.events.clone().unwrap();
+    let mut vars = p.vars();
+    vars.retain(|(k, _)| k != "NATS_MAX_DELIVER");
+    vars.push(("NATS_MAX_DELIVER".into(), "5".into()));
+    vars.push(("ANOMALY_DETECTION".into(), "off".into()));
+    let out = testbed::run_binary(
+        env!("CARGO_BIN_EXE_sensors-worker"),
+        &vars,
+        &["provision", "--check"],
+    )
+    .await;
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.starts_with(&format!(
+            "differs: consumer {} on stream {}: max_deliver is 2, this version provisions 5\n",
+            events.consumer, events.stream
+        )),
+        "{stdout}"
+    );
+    assert!(stdout.ends_with(": 2 differences\n"), "{stdout}");
+
+    let worker = p.worker("w1", &[("NATS_MAX_DELIVER", "5")]);
+    p.env
+        .s3
+        .put("timeseries/a.csv", big_file(10))
+        .await
+        .unwrap();
+    p.settled("timeseries/a.csv", "done", &[&worker]).await;
+    assert!(
+        worker.log().contains("working with the consumer's"),
+        "{}",
+        worker.log()
+    );
+    let mut consumer = p.queue.consumer().await.unwrap();
+    assert_eq!(consumer.info().await.unwrap().config.max_deliver, 2);
+}

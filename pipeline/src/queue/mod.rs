@@ -7,6 +7,7 @@
 //! are in `nats/` as JSON for the `nats` CLI; a test keeps the two in step.
 
 pub mod dead_letters;
+pub mod provision;
 pub mod stranded;
 
 use std::time::Duration;
@@ -89,7 +90,9 @@ impl Queue {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
 
-    /// Creates or updates the events stream, the dead-letter stream and the consumer.
+    /// Creates or updates the streams and consumers to this version's definitions, overwriting
+    /// what differs (`sensors-worker provision --update`; tests). Workers use [`Queue::ensure`],
+    /// which never changes what exists.
     pub async fn provision(&self) -> Result<(), QueueError> {
         for config in [
             events_stream_config(&self.settings),
@@ -102,23 +105,55 @@ impl Queue {
                 .await
                 .map_err(|e| QueueError::new(format!("creating stream {name}"), e))?;
         }
-        self.consumer().await?;
-        self.stranded_consumer().await.map(|_| ())
+        for (stream, config) in [
+            (&self.settings.stream, consumer_config(&self.settings)),
+            (
+                &self.settings.stranded_stream(),
+                stranded_consumer_config(&self.settings),
+            ),
+        ] {
+            let name = config.durable_name.clone().unwrap_or_default();
+            self.js
+                .get_stream(stream)
+                .await
+                .map_err(|e| QueueError::new(format!("opening stream {stream}"), e))?
+                .create_consumer(config)
+                .await
+                .map_err(|e| QueueError::new(format!("creating consumer {name}"), e))?;
+        }
+        Ok(())
     }
 
-    /// The shared consumer (created, or updated to the current settings, on the way).
+    /// This connection with the ack wait and deliveries the shared consumer really has (another
+    /// worker or an operator may have provisioned it otherwise, and provisioning leaves it so):
+    /// what the worker decides about last deliveries and in-progress acks must match the server.
+    pub async fn adopting_consumer_limits(mut self) -> Result<Self, QueueError> {
+        let mut consumer = self.consumer_handle().await?;
+        let info = consumer
+            .info()
+            .await
+            .map_err(|e| QueueError::new("reading consumer info", e))?;
+        let (ack_wait, max_deliver) = (info.config.ack_wait, info.config.max_deliver);
+        if ack_wait != self.settings.ack_wait || max_deliver != self.settings.max_deliver {
+            tracing::warn!(
+                ?ack_wait,
+                max_deliver,
+                configured_ack_wait = ?self.settings.ack_wait,
+                configured_max_deliver = self.settings.max_deliver,
+                "the consumer exists with other limits than NATS_ACK_WAIT_SECS / NATS_MAX_DELIVER; \
+                 working with the consumer's (see `sensors-worker provision --check`)"
+            );
+            self.settings.ack_wait = ack_wait;
+            if max_deliver > 0 {
+                self.settings.max_deliver = max_deliver;
+            }
+        }
+        Ok(self)
+    }
+
+    /// The shared consumer, as it is (see [`Queue::ensure`] for creating it).
     pub async fn consumer(&self) -> Result<jetstream::consumer::PullConsumer, QueueError> {
-        let stream = self
-            .js
-            .get_stream(&self.settings.stream)
-            .await
-            .map_err(|e| QueueError::new(format!("opening stream {}", self.settings.stream), e))?;
-        stream
-            .create_consumer(consumer_config(&self.settings))
-            .await
-            .map_err(|e| {
-                QueueError::new(format!("creating consumer {}", self.settings.consumer), e)
-            })
+        self.consumer_handle().await
     }
 
     /// Publishes an event to the events subject and waits for JetStream to store it. With a
@@ -147,12 +182,27 @@ impl Queue {
         self.publish(subject, publish).await
     }
 
-    /// Creates or updates the stream of anomaly messages.
-    pub async fn provision_anomalies(&self, settings: &AnomalySettings) -> Result<(), QueueError> {
-        let config = anomaly_stream_config(settings);
+    /// Creates or updates the stream of anomaly messages to this version's definition
+    /// (`provision --update`).
+    pub async fn update_anomalies(&self, settings: &AnomalySettings) -> Result<(), QueueError> {
+        let config = anomaly_stream_config(settings, self.settings.replicas);
         let name = config.name.clone();
         self.js
             .create_or_update_stream(config)
+            .await
+            .map_err(|e| QueueError::new(format!("updating stream {name}"), e))?;
+        Ok(())
+    }
+
+    /// Creates the stream of anomaly messages if it is missing.
+    pub async fn provision_anomalies(&self, settings: &AnomalySettings) -> Result<(), QueueError> {
+        let config = anomaly_stream_config(settings, self.settings.replicas);
+        let name = config.name.clone();
+        if self.js.get_stream(&name).await.is_ok() {
+            return Ok(()); // as it is (see `provision`)
+        }
+        self.js
+            .create_stream(config)
             .await
             .map_err(|e| QueueError::new(format!("creating stream {name}"), e))?;
         Ok(())
@@ -199,6 +249,7 @@ pub fn events_stream_config(settings: &NatsSettings) -> stream::Config {
         duplicate_window: DUPLICATE_WINDOW,
         max_age: EVENT_MAX_AGE,
         discard: stream::DiscardPolicy::Old,
+        num_replicas: settings.replicas,
         ..Default::default()
     }
 }
@@ -213,6 +264,7 @@ pub fn dead_letter_stream_config(settings: &NatsSettings) -> stream::Config {
         storage: stream::StorageType::File,
         duplicate_window: Duration::from_secs(2 * 60),
         max_age: DEAD_LETTER_MAX_AGE,
+        num_replicas: settings.replicas,
         ..Default::default()
     }
 }
@@ -228,6 +280,7 @@ pub fn stranded_stream_config(settings: &NatsSettings) -> stream::Config {
         retention: stream::RetentionPolicy::WorkQueue,
         storage: stream::StorageType::File,
         max_age: EVENT_MAX_AGE,
+        num_replicas: settings.replicas,
         ..Default::default()
     }
 }
@@ -248,7 +301,7 @@ pub fn stranded_consumer_config(settings: &NatsSettings) -> pull::Config {
 /// The stream of anomaly messages (`<prefix>.<kind>`, see `crate::alerts`): kept 30 days for
 /// whoever consumes them (alert bridges), with a one-hour duplicate window for the message ids
 /// that make a repeated publication a no-op.
-pub fn anomaly_stream_config(settings: &AnomalySettings) -> stream::Config {
+pub fn anomaly_stream_config(settings: &AnomalySettings, replicas: usize) -> stream::Config {
     stream::Config {
         name: settings.stream.clone(),
         description: Some("Anomalies the sensor pipeline found (open and resolved)".into()),
@@ -257,6 +310,7 @@ pub fn anomaly_stream_config(settings: &AnomalySettings) -> stream::Config {
         storage: stream::StorageType::File,
         duplicate_window: DUPLICATE_WINDOW,
         max_age: DEAD_LETTER_MAX_AGE,
+        num_replicas: replicas,
         ..Default::default()
     }
 }

@@ -41,22 +41,19 @@ pub enum Stranded {
 }
 
 impl Queue {
-    /// The shared consumer of the max-deliveries advisories (created on the way).
+    /// The shared consumer of the max-deliveries advisories, as it is.
     pub async fn stranded_consumer(
         &self,
     ) -> Result<async_nats::jetstream::consumer::PullConsumer, QueueError> {
-        let name = self.settings.stranded_stream();
-        let stream = self
-            .js
-            .get_stream(&name)
-            .await
-            .map_err(|e| QueueError::new(format!("opening stream {name}"), e))?;
-        stream
-            .create_consumer(super::stranded_consumer_config(&self.settings))
+        self.js
+            .get_consumer_from_stream(
+                self.settings.stranded_consumer(),
+                self.settings.stranded_stream(),
+            )
             .await
             .map_err(|e| {
                 QueueError::new(
-                    format!("creating consumer {}", self.settings.stranded_consumer()),
+                    format!("opening consumer {}", self.settings.stranded_consumer()),
                     e,
                 )
             })
