@@ -28,8 +28,9 @@ use anyhow::{Context, Result};
 use sensor_pipeline::config::{DatabaseSettings, Env, NatsSettings, ObjectStoreSettings, Secret};
 
 pub use processes::{
-    find_pg_binary, free_port, init_cluster, is_root, nats, owned_nats, owned_postgres, postgres,
-    postgres_command, wait_until, wait_until_async, which, Nats, OwnedServer, Postgres,
+    find_pg_binary, free_port, init_cluster, is_root, nats, owned_nats, owned_nats_cluster,
+    owned_postgres, postgres, postgres_command, wait_until, wait_until_async, which, Nats,
+    OwnedServer, Postgres,
 };
 pub use s3::{NotifyTarget, S3Server};
 
@@ -63,6 +64,16 @@ impl TestEnv {
 
     /// [`TestEnv::with_events`] on a given NATS server and database.
     pub async fn with_events_at(nats_url: &str, database_url: String) -> Result<Self> {
+        Self::with_events_replicated(nats_url, database_url, 1).await
+    }
+
+    /// [`TestEnv::with_events_at`] with streams of `replicas` replicas (a JetStream cluster);
+    /// provisioning is retried for up to a minute while the cluster elects its leaders.
+    pub async fn with_events_replicated(
+        nats_url: &str,
+        database_url: String,
+        replicas: usize,
+    ) -> Result<Self> {
         let id = unique_name("e");
         let settings = NatsSettings {
             url: Secret::new(nats_url),
@@ -72,12 +83,16 @@ impl TestEnv {
             dlq_subject: format!("{id}.dlq"),
             ack_wait: std::time::Duration::from_secs(2),
             max_deliver: 5,
-            replicas: 1,
+            replicas,
         };
-        sensor_pipeline::queue::Queue::connect(&settings, "testbed")
-            .await?
-            .provision()
-            .await?;
+        let queue = sensor_pipeline::queue::Queue::connect(&settings, "testbed").await?;
+        let started = std::time::Instant::now();
+        while let Err(e) = queue.provision().await {
+            if started.elapsed() > std::time::Duration::from_secs(60) {
+                return Err(e.into());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
         let s3 = S3Server::start_notifying(
             "code-challenge-data",
             NotifyTarget {

@@ -441,6 +441,55 @@ pub async fn owned_nats() -> Result<(OwnedServer, String)> {
     Ok((server, format!("nats://127.0.0.1:{port}")))
 }
 
+/// A JetStream cluster of three nats-server processes of the test's own (cluster `sensors`,
+/// servers `n1`…`n3`, full mesh of routes on loopback, file storage kept across a node's restart);
+/// returns the nodes and their client URLs. JetStream may need a moment after this returns to
+/// elect its meta leader: retry the first provisioning.
+pub async fn owned_nats_cluster() -> Result<(Vec<OwnedServer>, Vec<String>)> {
+    let bin = which("nats-server").ok_or_else(|| {
+        anyhow!("nats-server not found: install it (apt-get install nats-server)")
+    })?;
+    let mut ports = Vec::new();
+    for _ in 0..3 {
+        ports.push((free_port()?, free_port()?));
+    }
+    let mut nodes = Vec::new();
+    let mut urls = Vec::new();
+    for (i, &(port, cluster_port)) in ports.iter().enumerate() {
+        let dir = tempfile::Builder::new()
+            .prefix("testbed-nats-")
+            .tempdir()?
+            .keep();
+        let routes: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, (_, c))| format!("nats://127.0.0.1:{c}"))
+            .collect();
+        let command = format!(
+            "{} -js -a 127.0.0.1 -p {port} -sd {} --name n{} --cluster_name sensors \
+             --cluster nats://127.0.0.1:{cluster_port} --routes {}",
+            shell_quote(&bin),
+            shell_quote(&dir.join("jetstream")),
+            i + 1,
+            routes.join(",")
+        );
+        let mut server = OwnedServer {
+            port,
+            log: dir.join("nats.log"),
+            dir,
+            command,
+            stop: "kill -TERM $pid 2>/dev/null".into(),
+            ready: Box::new(move || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()),
+            watchdog: None,
+        };
+        server.start().await?;
+        nodes.push(server);
+        urls.push(format!("nats://127.0.0.1:{port}"));
+    }
+    Ok((nodes, urls))
+}
+
 /// A PostgreSQL server of the test's own; returns it and the superuser URL of `postgres`.
 pub async fn owned_postgres() -> Result<(OwnedServer, String)> {
     // initdb takes a second or two: off the runtime's threads.

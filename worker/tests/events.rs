@@ -1046,3 +1046,110 @@ async fn provision_check_prints_the_drift_and_workers_leave_the_consumer_as_it_i
     let mut consumer = p.queue.consumer().await.unwrap();
     assert_eq!(consumer.info().await.unwrap().config.max_deliver, 2);
 }
+
+/// A three-node JetStream cluster with every stream at three replicas and two workers connected
+/// to different nodes: the node leading the events stream dies while both workers are mid-object.
+/// The streams and the consumer fail over, the clients reconnect to the nodes left, and the end
+/// state is exact: nothing dead-lettered, every object ingested once (one ledger attempt each).
+#[tokio::test]
+async fn the_stream_leader_dying_mid_dataset_loses_nothing_and_ingests_nothing_twice() {
+    let (mut nodes, urls) = testbed::owned_nats_cluster().await.unwrap();
+    let db = testbed::postgres()
+        .await
+        .unwrap()
+        .create_database()
+        .await
+        .unwrap();
+    let env = TestEnv::with_events_replicated(&urls[2], db, 3)
+        .await
+        .unwrap();
+    let p = Pipeline::from_env(env).await;
+    // Each worker on its own node, and named in PostgreSQL so the test can see both waiting.
+    let worker = |name: &str, url: &str| {
+        let db = format!("{}?application_name={name}", p.env.mapping_db);
+        p.worker(
+            name,
+            &[
+                ("NATS_URL", url),
+                ("NATS_STREAM_REPLICAS", "3"),
+                ("DATABASE_URL", &db),
+                ("TIMESCALE_DATABASE_URL", &db),
+            ],
+        )
+    };
+    let (w1, w2) = (worker("w1", &urls[0]), worker("w2", &urls[1]));
+    // Both workers will wait mid-object on this lock.
+    let lock = testbed::connect(&p.env.mapping_db).await.unwrap();
+    lock.batch_execute("BEGIN; LOCK TABLE ingest_ledger IN SHARE MODE")
+        .await
+        .unwrap();
+    let files = 10;
+    let rows = 2_000;
+    for i in 0..files {
+        let sensor = format!("00000000-0000-4000-8000-0000000000{i:02}");
+        p.env
+            .s3
+            .put(
+                &format!("timeseries/device-{i:02}.csv"),
+                testbed::data::steady_readings(&sensor, rows, i as f64),
+            )
+            .await
+            .unwrap();
+    }
+    wait_for(
+        "both workers to wait mid-object",
+        Duration::from_secs(60),
+        &[&w1, &w2],
+        || async {
+            p.count(
+                "SELECT count(DISTINCT a.application_name) FROM pg_locks l \
+                 JOIN pg_stat_activity a ON a.pid = l.pid \
+                 WHERE l.relation = 'ingest_ledger'::regclass AND NOT l.granted",
+            )
+            .await
+                >= 2
+        },
+    )
+    .await;
+    let events = p.env.events.clone().unwrap();
+    let mut stream = p
+        .queue
+        .jetstream()
+        .get_stream(&events.stream)
+        .await
+        .unwrap();
+    let info = stream.info().await.unwrap();
+    let leader = info
+        .cluster
+        .as_ref()
+        .and_then(|c| c.leader.clone())
+        .expect("a stream leader");
+    assert_eq!(info.config.num_replicas, 3);
+    let index: usize = leader.trim_start_matches('n').parse::<usize>().unwrap() - 1;
+    nodes[index].stop().await.unwrap();
+    lock.batch_execute("COMMIT").await.unwrap();
+
+    for i in 0..files {
+        p.settled(
+            &format!("timeseries/device-{i:02}.csv"),
+            "done",
+            &[&w1, &w2],
+        )
+        .await;
+    }
+    wait_drained(&p, &[&w1, &w2]).await;
+    assert!(p.dead_letters().await.is_empty());
+    assert_eq!(
+        p.count("SELECT count(*) FROM measurements").await,
+        (files * rows) as i64
+    );
+    assert_eq!(
+        p.count("SELECT count(*) FROM ingest_ledger WHERE status = 'done' AND attempts = 1")
+            .await,
+        files as i64
+    );
+    assert_eq!(
+        p.count("SELECT count(*) FROM ingest_ledger").await,
+        files as i64
+    );
+}
