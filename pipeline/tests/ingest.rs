@@ -1260,3 +1260,56 @@ async fn an_object_store_that_never_answers_times_out() {
     );
     assert!(store.ping().await.is_err());
 }
+
+/// The worker's sessions run with `idle_in_transaction_session_timeout`: a transaction left idle
+/// (a hung worker holding locks) is ended by the server, and the pool's next client is a new,
+/// working session.
+#[tokio::test]
+async fn a_transaction_left_idle_is_ended_by_the_server() {
+    let h = Harness::new().await;
+    let mut settings = h.env.database_settings();
+    settings.timeouts = DatabaseTimeouts {
+        idle_in_transaction: Duration::from_millis(200),
+        ..DatabaseTimeouts::default()
+    };
+    let dbs = Databases::connect(&settings, 1).unwrap();
+    let client = dbs
+        .client(sensor_pipeline::contract::Dataset::Measurements)
+        .await
+        .unwrap();
+    let pid: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    client.batch_execute("BEGIN").await.unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        let alive: i64 = h
+            .measurements
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
+                &[&pid],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if alive == 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the idle transaction was not ended"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let e = client.query_one("SELECT 1", &[]).await.unwrap_err();
+    assert!(e.is_closed(), "{e:?}");
+    drop(client);
+    let fresh = dbs
+        .client(sensor_pipeline::contract::Dataset::Measurements)
+        .await
+        .unwrap();
+    let one: i32 = fresh.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+}
