@@ -319,6 +319,7 @@ fn down() -> Result<()> {
     let pids_file = dir.join("pids");
     if !pids_file.exists() {
         if dir.exists() {
+            remove_outside_pg_dir(&dir)?;
             std::fs::remove_dir_all(&dir)?;
         }
         println!("no demo is running");
@@ -346,9 +347,47 @@ fn down() -> Result<()> {
         }
         println!("stopped {name}");
     }
+    remove_outside_pg_dir(&dir)?;
     std::fs::remove_dir_all(&dir)?;
     println!("removed .demo/");
     Ok(())
+}
+
+/// Where the demo's PostgreSQL keeps its cluster: `.demo/pg`, or — as root, when the server runs
+/// as `postgres`, who may not enter the clone (a home folder or a `mktemp -d` is mode 700) — a
+/// folder of its own under the system's temporary folder, which `.demo/pg` links to (and `--down`
+/// removes).
+fn make_pg_dir(dir: &Path) -> Result<PathBuf> {
+    let link = dir.join("pg");
+    if !testbed::is_root() {
+        std::fs::create_dir_all(&link)?;
+        return Ok(link);
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let outside =
+        std::env::temp_dir().join(format!("sensor-demo-pg-{}-{nanos}", std::process::id()));
+    std::fs::create_dir(&outside).with_context(|| format!("creating {}", outside.display()))?;
+    std::os::unix::fs::symlink(&outside, &link)
+        .with_context(|| format!("linking {} to {}", link.display(), outside.display()))?;
+    Ok(outside)
+}
+
+/// Removes the folder [`make_pg_dir`] made outside `.demo` (if it did).
+fn remove_outside_pg_dir(dir: &Path) -> Result<()> {
+    let pg = pg_dir(dir);
+    if !pg.starts_with(dir) && pg.exists() {
+        std::fs::remove_dir_all(&pg)
+            .with_context(|| format!("removing PostgreSQL's folder {}", pg.display()))?;
+    }
+    Ok(())
+}
+
+/// The folder [`make_pg_dir`] made.
+fn pg_dir(dir: &Path) -> PathBuf {
+    let link = dir.join("pg");
+    std::fs::read_link(&link).unwrap_or(link)
 }
 
 fn alive(pid: u32) -> bool {
@@ -521,8 +560,7 @@ impl Tools {
     }
 
     fn start_postgres(&self, dir: &Path, port: u16) -> Result<()> {
-        let pg_dir = dir.join("pg");
-        std::fs::create_dir_all(&pg_dir)?;
+        let pg_dir = make_pg_dir(dir)?;
         let data = testbed::init_cluster(&pg_dir)?;
         output_of(
             testbed::postgres_command(&self.pg_ctl)
@@ -541,7 +579,7 @@ impl Tools {
     }
 
     fn stop_postgres(&self, dir: &Path) -> Result<()> {
-        let data = dir.join("pg/data");
+        let data = pg_dir(dir).join("data");
         if data.join("postmaster.pid").exists() {
             output_of(
                 testbed::postgres_command(&self.pg_ctl)
