@@ -305,8 +305,12 @@ impl DatabaseSettings {
             (Setting::DatabaseUrl, &mapping_url),
             (Setting::TimescaleDatabaseUrl, &measurements_url),
         ] {
-            url.expose()
-                .parse::<tokio_postgres::Config>()
+            let (rest, _) =
+                crate::store::tls::split(url.expose()).map_err(|reason| ConfigError::Invalid {
+                    name: setting.name(),
+                    reason,
+                })?;
+            rest.parse::<tokio_postgres::Config>()
                 .map_err(|e| ConfigError::Invalid {
                     name: setting.name(),
                     reason: format!("not a PostgreSQL connection string ({e})"),

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use sensor_pipeline::config::DatabaseSettings;
 use sensor_pipeline::store::pg_config;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::Failure;
 
@@ -35,9 +35,13 @@ impl Databases {
 }
 
 async fn connect(url: &str, database: &'static str) -> Result<Client, Failure> {
-    let config = pg_config(url, database).map_err(|e| Failure::Infrastructure(e.to_string()))?;
-    let (client, connection) = config.connect(NoTls).await.map_err(|e| {
-        Failure::Infrastructure(format!("cannot reach the {database} database: {e}"))
+    let (config, connector) =
+        pg_config(url, database).map_err(|e| Failure::Infrastructure(e.to_string()))?;
+    let (client, connection) = config.connect(connector).await.map_err(|e| {
+        Failure::Infrastructure(format!(
+            "cannot reach the {database} database: {}",
+            sensor_pipeline::store::describe(&e)
+        ))
     })?;
     tokio::spawn(async move {
         // Errors surface through the client's next query.

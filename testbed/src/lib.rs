@@ -21,6 +21,7 @@ pub mod bench;
 pub mod data;
 mod processes;
 mod s3;
+pub mod tls;
 
 use std::sync::OnceLock;
 
@@ -29,8 +30,8 @@ use sensor_pipeline::config::{DatabaseSettings, Env, NatsSettings, ObjectStoreSe
 
 pub use processes::{
     find_pg_binary, free_port, init_cluster, is_root, nats, owned_nats, owned_nats_cluster,
-    owned_postgres, postgres, postgres_command, wait_until, wait_until_async, which, Nats,
-    OwnedServer, Postgres,
+    owned_postgres, owned_postgres_tls, postgres, postgres_command, wait_until, wait_until_async,
+    which, Nats, OwnedServer, Postgres,
 };
 pub use s3::{NotifyTarget, S3Server};
 

@@ -490,6 +490,76 @@ pub async fn owned_nats_cluster() -> Result<(Vec<OwnedServer>, Vec<String>)> {
     Ok((nodes, urls))
 }
 
+/// A PostgreSQL server of the test's own that accepts only TLS connections (`hostssl` alone in
+/// `pg_hba.conf`) with `pki`'s server certificate; with `client_certificates`, only clients that
+/// present a certificate signed by `pki`'s CA whose name is the user (`cert` authentication).
+/// Returns it and the superuser URL of `postgres` (without TLS parameters: add them).
+pub async fn owned_postgres_tls(
+    pki: &crate::tls::Pki,
+    client_certificates: bool,
+) -> Result<(OwnedServer, String)> {
+    let mut settings = vec![
+        "max_connections=100",
+        "ssl=on",
+        "ssl_cert_file=server.pem",
+        "ssl_key_file=server.key",
+    ];
+    if client_certificates {
+        settings.push("ssl_ca_file=ca.pem");
+    }
+    let settings: Vec<String> = settings.into_iter().map(String::from).collect();
+    let PgServer {
+        dir,
+        data,
+        port,
+        command,
+        stop,
+    } = tokio::task::spawn_blocking(move || {
+        let refs: Vec<&str> = settings.iter().map(String::as_str).collect();
+        pg_server(&refs)
+    })
+    .await??;
+    for (from, to) in [
+        (&pki.server_cert, "server.pem"),
+        (&pki.server_key, "server.key"),
+        (&pki.ca, "ca.pem"),
+    ] {
+        let target = data.join(to);
+        std::fs::copy(from, &target)?;
+        std::fs::set_permissions(&target, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        if is_root() {
+            let status = Command::new("chown")
+                .arg("postgres")
+                .arg(&target)
+                .status()?;
+            if !status.success() {
+                bail!("chown postgres {} failed", target.display());
+            }
+        }
+    }
+    let method = if client_certificates { "cert" } else { "trust" };
+    std::fs::write(
+        data.join("pg_hba.conf"),
+        format!("local all all trust\nhostssl all all 127.0.0.1/32 {method}\n"),
+    )?;
+    let mut server = OwnedServer {
+        port,
+        log: dir.join("postgres.log"),
+        dir,
+        command,
+        stop,
+        ready: Box::new(move || {
+            pg_ready(&data) && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        }),
+        watchdog: None,
+    };
+    server.start().await?;
+    Ok((
+        server,
+        format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+    ))
+}
+
 /// A PostgreSQL server of the test's own; returns it and the superuser URL of `postgres`.
 pub async fn owned_postgres() -> Result<(OwnedServer, String)> {
     // initdb takes a second or two: off the runtime's threads.

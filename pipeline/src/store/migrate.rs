@@ -7,8 +7,6 @@
 //! whose old text could crash the session. Where the old text was applied, the new text does the
 //! same, so its recorded checksum is updated to the new one (refinery refuses diverging history).
 
-use tokio_postgres::NoTls;
-
 use super::{pg_config, StoreError};
 use crate::config::DatabaseSettings;
 
@@ -210,7 +208,8 @@ async fn apply(
     target: Option<EarlierSchema>,
 ) -> Result<MigrationReport, StoreError> {
     let pg = |source| StoreError::Postgres { database, source };
-    let (mut client, connection) = pg_config(url, database)?.connect(NoTls).await.map_err(pg)?;
+    let (config, connector) = pg_config(url, database)?;
+    let (mut client, connection) = config.connect(connector).await.map_err(pg)?;
     let conn_task = tokio::spawn(connection);
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])

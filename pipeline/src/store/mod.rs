@@ -12,6 +12,7 @@ pub mod ledger;
 pub mod migrate;
 #[cfg(feature = "ingest")]
 pub mod staging;
+pub mod tls;
 #[cfg(feature = "ingest")]
 pub mod versions;
 
@@ -20,8 +21,6 @@ use std::time::Duration;
 #[cfg(feature = "ingest")]
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use thiserror::Error;
-#[cfg(feature = "ingest")]
-use tokio_postgres::NoTls;
 
 #[cfg(feature = "ingest")]
 use crate::config::DatabaseSettings;
@@ -87,10 +86,23 @@ impl StoreError {
 
 /// A PostgreSQL error in one line: the server's message and SQLSTATE when the server refused a
 /// statement (the error's own display says only "db error"), the error itself otherwise.
-fn describe(e: &tokio_postgres::Error) -> String {
+pub fn describe(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
-        None => e.to_string(),
+        // With the cause: "error performing TLS handshake" alone says nothing.
+        None => {
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(cause) = source {
+                let cause_text = cause.to_string();
+                if !text.contains(&cause_text) {
+                    text.push_str(": ");
+                    text.push_str(&cause_text);
+                }
+                source = cause.source();
+            }
+            text
+        }
     }
 }
 
@@ -208,26 +220,26 @@ pub fn database_name(dataset: Dataset) -> &'static str {
     }
 }
 
-/// Parses a connection string, adding a connect timeout if it has none.
-pub fn pg_config(url: &str, database: &'static str) -> Result<tokio_postgres::Config, StoreError> {
-    let mut config: tokio_postgres::Config =
-        url.parse()
-            .map_err(|e: tokio_postgres::Error| StoreError::Config {
-                database,
-                reason: e.to_string(),
-            })?;
+/// Parses a connection string (TLS parameters included, see [`tls`]), adding a connect timeout
+/// if it has none; returns it with the TLS connector it asks for.
+pub fn pg_config(
+    url: &str,
+    database: &'static str,
+) -> Result<(tokio_postgres::Config, tls::MakeRustlsConnect), StoreError> {
+    let (mut config, connector) =
+        tls::connector(url).map_err(|reason| StoreError::Config { database, reason })?;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(Duration::from_secs(10));
     }
     if config.get_application_name().is_none() {
         config.application_name("sensor-pipeline");
     }
-    Ok(config)
+    Ok((config, connector))
 }
 
 #[cfg(feature = "ingest")]
 fn pool(url: &str, database: &'static str, max: usize, options: &str) -> Result<Pool, StoreError> {
-    let mut config = pg_config(url, database)?;
+    let (mut config, connector) = pg_config(url, database)?;
     // The session limits, after whatever the URL's own `options` say.
     let options = match config.get_options() {
         Some(own) if !own.is_empty() => format!("{own} {options}"),
@@ -236,7 +248,7 @@ fn pool(url: &str, database: &'static str, max: usize, options: &str) -> Result<
     config.options(&options);
     let manager = Manager::from_config(
         config,
-        NoTls,
+        connector,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },

@@ -1,0 +1,127 @@
+//! PostgreSQL over TLS with libpq's parameters, against a server started by the harness that
+//! accepts only TLS connections, with certificates made in the test.
+
+use sensor_pipeline::config::{ContractSettings, DatabaseSettings, Secret};
+use sensor_pipeline::ingest::{Disposition, Ingestor};
+use sensor_pipeline::store::{describe, migrate::migrate, pg_config, Databases};
+use testbed::tls::Pki;
+
+async fn connect(url: &str) -> Result<(), String> {
+    let (config, tls) = pg_config(url, "mapping").map_err(|e| e.to_string())?;
+    let (client, connection) = config.connect(tls).await.map_err(|e| describe(&e))?;
+    tokio::spawn(connection);
+    client
+        .simple_query("SELECT 1")
+        .await
+        .map(|_| ())
+        .map_err(|e| describe(&e))
+}
+
+#[tokio::test]
+async fn each_sslmode_does_what_libpq_does() {
+    let pki = Pki::new().unwrap();
+    let (_pg, url) = testbed::owned_postgres_tls(&pki, false).await.unwrap();
+    let (ca, other) = (pki.ca.display(), pki.other_ca.display());
+
+    assert_eq!(
+        connect(&format!("{url}?sslmode=verify-full&sslrootcert={ca}")).await,
+        Ok(())
+    );
+    assert_eq!(
+        connect(&format!("{url}?sslmode=verify-ca&sslrootcert={ca}")).await,
+        Ok(())
+    );
+    assert_eq!(
+        connect(&format!("{url}?sslmode=verify-full&sslrootcert={other}")).await,
+        Err("error performing TLS handshake: invalid peer certificate: UnknownIssuer".into())
+    );
+    // `require` (and libpq's default, `prefer`) encrypt without checking the certificate.
+    assert_eq!(connect(&format!("{url}?sslmode=require")).await, Ok(()));
+    assert_eq!(connect(&url).await, Ok(()));
+    let refused = connect(&format!("{url}?sslmode=disable"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused,
+        "no pg_hba.conf entry for host \"127.0.0.1\", user \"postgres\", database \"postgres\", \
+         no encryption (SQLSTATE 28000)"
+    );
+    assert_eq!(
+        connect(&format!(
+            "{url}?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem"
+        ))
+        .await,
+        Err(
+            "invalid connection string for the mapping database: sslrootcert \
+             /nonexistent/ca.pem: I/O error: No such file or directory (os error 2)"
+                .into()
+        )
+    );
+}
+
+#[tokio::test]
+async fn a_client_certificate_is_accepted_when_the_server_requires_one() {
+    let pki = Pki::new().unwrap();
+    let (_pg, url) = testbed::owned_postgres_tls(&pki, true).await.unwrap();
+    let ca = pki.ca.display();
+    let with_cert = format!(
+        "{url}?sslmode=verify-full&sslrootcert={ca}&sslcert={}&sslkey={}",
+        pki.client_cert.display(),
+        pki.client_key.display()
+    );
+    assert_eq!(connect(&with_cert).await, Ok(()));
+    let without = connect(&format!("{url}?sslmode=verify-full&sslrootcert={ca}"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        without,
+        "connection requires a valid client certificate (SQLSTATE 28000)"
+    );
+}
+
+/// Migrations and ingestion over `verify-full`.
+#[tokio::test]
+async fn ingestion_works_over_verified_tls() {
+    let pki = Pki::new().unwrap();
+    let (_pg, url) = testbed::owned_postgres_tls(&pki, false).await.unwrap();
+    let admin = format!("{url}?sslmode=verify-full&sslrootcert={}", pki.ca.display());
+    let (config, tls) = pg_config(&admin, "mapping").unwrap();
+    let (client, connection) = config.connect(tls).await.unwrap();
+    tokio::spawn(connection);
+    client.batch_execute("CREATE DATABASE tls").await.unwrap();
+    let db = admin.replacen("/postgres?", "/tls?", 1);
+    let settings = DatabaseSettings {
+        mapping_url: Secret::new(db.clone()),
+        measurements_url: Secret::new(db),
+        timeouts: Default::default(),
+    };
+    migrate(&settings).await.unwrap();
+    let s3 = testbed::S3Server::start("code-challenge-data")
+        .await
+        .unwrap();
+    let key = "timeseries/tls.csv";
+    s3.put(
+        key,
+        "timestamp;sensor_uuid;sensor_value\n2013-01-20T08:00:00Z;cd613e30-d8f1-4adf-91b7-584a2265b1f5;1.5\n",
+    )
+    .await
+    .unwrap();
+    let ingestor = Ingestor::new(
+        s3.store().clone(),
+        Databases::connect(&settings, 2).unwrap(),
+        ContractSettings::default(),
+    );
+    let outcome = ingestor.ingest(key, None).await.unwrap();
+    assert_eq!(outcome.disposition, Disposition::Done);
+    assert_eq!(outcome.rows_ok, 1);
+    let encrypted: bool = client
+        .query_one(
+            "SELECT bool_and(ssl) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
+             WHERE datname = 'tls'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(encrypted);
+}
