@@ -741,3 +741,33 @@ async fn help_shows_an_example_and_the_exit_codes_for_every_command() {
     let help = ok(&[], &["--help"]).await;
     assert!(help.contains("2  usage error"), "{help}");
 }
+
+/// `query-cli` over `verify-full` against a server that accepts only TLS; the wrong CA is one line
+/// naming the database and the reason, exit 3.
+#[tokio::test]
+async fn reads_over_verified_tls_and_a_wrong_ca_is_one_line_and_exit_3() {
+    let pki = testbed::tls::Pki::new().unwrap();
+    let (_pg, url) = testbed::owned_postgres_tls(&pki, false).await.unwrap();
+    let with_ca = |ca: &Path| format!("{url}?sslmode=verify-full&sslrootcert={}", ca.display());
+    let settings = sensor_pipeline::config::DatabaseSettings {
+        mapping_url: sensor_pipeline::config::Secret::new(with_ca(&pki.ca)),
+        measurements_url: sensor_pipeline::config::Secret::new(with_ca(&pki.ca)),
+        timeouts: Default::default(),
+    };
+    migrate(&settings).await.unwrap();
+    let env = |ca: &Path| vec![("DATABASE_URL".to_string(), with_ca(ca))];
+    let out = query(&env(&pki.ca), &["sensors", "--format", "csv"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "sensor_uuid,sensor_name,readings,first,last\n"
+    );
+
+    let out = query(&env(&pki.other_ca), &["sensors"]).await;
+    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(
+        text(&out.stderr),
+        "error: cannot reach the mapping database: error performing TLS handshake: invalid peer \
+         certificate: UnknownIssuer\n"
+    );
+}

@@ -172,7 +172,9 @@ impl TestEnv {
 
 /// Connects to a database URL (for assertions), driving the connection in the background.
 pub async fn connect(url: &str) -> Result<tokio_postgres::Client> {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+    let (config, tls) = sensor_pipeline::store::pg_config(url, "test")?;
+    let (client, conn) = config
+        .connect(tls)
         .await
         .with_context(|| "connecting to the test database")?;
     tokio::spawn(conn);

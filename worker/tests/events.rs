@@ -1153,3 +1153,48 @@ async fn the_stream_leader_dying_mid_dataset_loses_nothing_and_ingests_nothing_t
         files as i64
     );
 }
+
+/// `run` over `verify-full`: events are ingested. With the wrong CA the worker stays up, not
+/// ready, saying why in one line — and holds the event instead of dead-lettering it; with the
+/// right CA the same event is ingested.
+#[tokio::test]
+async fn run_over_verified_tls_and_a_wrong_ca_is_not_ready_and_dead_letters_nothing() {
+    let pki = testbed::tls::Pki::new().unwrap();
+    let (_pg, url) = testbed::owned_postgres_tls(&pki, false).await.unwrap();
+    let with_ca = |ca: &Path| format!("{url}?sslmode=verify-full&sslrootcert={}", ca.display());
+    testbed::connect(&with_ca(&pki.ca))
+        .await
+        .unwrap()
+        .batch_execute("CREATE DATABASE tls")
+        .await
+        .unwrap();
+    let db = with_ca(&pki.ca).replacen("/postgres?", "/tls?", 1);
+    let nats = testbed::nats().await.unwrap().url.clone();
+    let p = Pipeline::from_env(TestEnv::with_events_at(&nats, db.clone()).await.unwrap()).await;
+    let wrong = db.replace(
+        &pki.ca.display().to_string(),
+        &pki.other_ca.display().to_string(),
+    );
+    let w1 = p.worker(
+        "wrong-ca",
+        &[("DATABASE_URL", &wrong), ("TIMESCALE_DATABASE_URL", &wrong)],
+    );
+    let (status, body) = w1.get("/readyz").await;
+    assert_eq!(status, 503);
+    assert_eq!(
+        body,
+        "not ready: mapping database: no connection available: error performing TLS handshake: \
+         invalid peer certificate: UnknownIssuer\n"
+    );
+    p.env
+        .s3
+        .put("timeseries/tls.csv", big_file(10))
+        .await
+        .unwrap();
+    drop(w1);
+    assert!(p.dead_letters().await.is_empty());
+    let w2 = p.worker("right-ca", &[]);
+    p.settled("timeseries/tls.csv", "done", &[&w2]).await;
+    assert_eq!(p.count("SELECT count(*) FROM measurements").await, 10);
+    assert!(p.dead_letters().await.is_empty());
+}

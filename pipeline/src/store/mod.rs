@@ -36,7 +36,10 @@ pub enum StoreError {
         source: tokio_postgres::Error,
     },
     #[cfg(feature = "ingest")]
-    #[error("{database} database: no connection available: {source}")]
+    #[error(
+        "{database} database: no connection available: {}",
+        describe_pool(source)
+    )]
     Pool {
         database: &'static str,
         #[source]
@@ -103,6 +106,14 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
             }
             text
         }
+    }
+}
+
+#[cfg(feature = "ingest")]
+fn describe_pool(e: &deadpool_postgres::PoolError) -> String {
+    match e {
+        deadpool_postgres::PoolError::Backend(pg) => describe(pg),
+        other => other.to_string(),
     }
 }
 
