@@ -362,6 +362,12 @@ pub enum Setting {
     NatsAckWaitSecs,
     NatsMaxDeliver,
     NatsStreamReplicas,
+    NatsUser,
+    NatsPassword,
+    NatsToken,
+    NatsTlsCaFile,
+    NatsTlsCertFile,
+    NatsTlsKeyFile,
     WorkerConcurrency,
     NaiveTimezone,
     CsvDelimiter,
@@ -389,7 +395,7 @@ pub enum Setting {
 }
 
 impl Setting {
-    pub const ALL: [Setting; 37] = [
+    pub const ALL: [Setting; 43] = [
         Setting::MinioEndpoint,
         Setting::MinioAccessKey,
         Setting::MinioSecretKey,
@@ -405,6 +411,12 @@ impl Setting {
         Setting::NatsAckWaitSecs,
         Setting::NatsMaxDeliver,
         Setting::NatsStreamReplicas,
+        Setting::NatsUser,
+        Setting::NatsPassword,
+        Setting::NatsToken,
+        Setting::NatsTlsCaFile,
+        Setting::NatsTlsCertFile,
+        Setting::NatsTlsKeyFile,
         Setting::WorkerConcurrency,
         Setting::NaiveTimezone,
         Setting::CsvDelimiter,
@@ -447,6 +459,12 @@ impl Setting {
             Setting::NatsAckWaitSecs => "NATS_ACK_WAIT_SECS",
             Setting::NatsMaxDeliver => "NATS_MAX_DELIVER",
             Setting::NatsStreamReplicas => "NATS_STREAM_REPLICAS",
+            Setting::NatsUser => "NATS_USER",
+            Setting::NatsPassword => "NATS_PASSWORD",
+            Setting::NatsToken => "NATS_TOKEN",
+            Setting::NatsTlsCaFile => "NATS_TLS_CA_FILE",
+            Setting::NatsTlsCertFile => "NATS_TLS_CERT_FILE",
+            Setting::NatsTlsKeyFile => "NATS_TLS_KEY_FILE",
             Setting::WorkerConcurrency => "WORKER_CONCURRENCY",
             Setting::NaiveTimezone => "NAIVE_TIMEZONE",
             Setting::CsvDelimiter => "CSV_DELIMITER",
@@ -508,6 +526,58 @@ pub struct NatsSettings {
     /// Replicas of every stream in a JetStream cluster, `NATS_STREAM_REPLICAS`, default 1 (3 in a
     /// three-node cluster: the streams survive the loss of a node).
     pub replicas: usize,
+    /// How the connection proves who it is, and its TLS.
+    pub auth: NatsAuth,
+}
+
+/// NATS credentials and TLS: `NATS_USER` + `NATS_PASSWORD` (or `NATS_PASSWORD_FILE`), or
+/// `NATS_TOKEN` (or `NATS_TOKEN_FILE`); `NATS_TLS_CA_FILE` (PEM; makes TLS required),
+/// `NATS_TLS_CERT_FILE` + `NATS_TLS_KEY_FILE` (a client certificate). `NATS_URL` may list several
+/// servers, comma-separated; credentials in a URL (`nats://user:pass@host`) work too.
+#[derive(Debug, Clone, Default)]
+pub struct NatsAuth {
+    pub user: Option<String>,
+    pub password: Option<Secret>,
+    pub token: Option<Secret>,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+}
+
+impl NatsAuth {
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let auth = Self {
+            user: env.optional(Setting::NatsUser),
+            password: env.optional_secret(Setting::NatsPassword)?,
+            token: env.optional_secret(Setting::NatsToken)?,
+            tls_ca: env.optional(Setting::NatsTlsCaFile).map(PathBuf::from),
+            tls_cert: env.optional(Setting::NatsTlsCertFile).map(PathBuf::from),
+            tls_key: env.optional(Setting::NatsTlsKeyFile).map(PathBuf::from),
+        };
+        let invalid = |setting: Setting, reason: &str| ConfigError::Invalid {
+            name: setting.name(),
+            reason: reason.into(),
+        };
+        if auth.user.is_some() != auth.password.is_some() {
+            return Err(invalid(
+                Setting::NatsPassword,
+                "NATS_USER and NATS_PASSWORD go together",
+            ));
+        }
+        if auth.user.is_some() && auth.token.is_some() {
+            return Err(invalid(
+                Setting::NatsToken,
+                "give NATS_USER/NATS_PASSWORD or NATS_TOKEN, not both",
+            ));
+        }
+        if auth.tls_cert.is_some() != auth.tls_key.is_some() {
+            return Err(invalid(
+                Setting::NatsTlsKeyFile,
+                "NATS_TLS_CERT_FILE and NATS_TLS_KEY_FILE go together",
+            ));
+        }
+        Ok(auth)
+    }
 }
 
 impl NatsSettings {
@@ -539,6 +609,7 @@ impl NatsSettings {
                     })
                 }
             },
+            auth: NatsAuth::from_env(env)?,
         })
     }
 }

@@ -26,12 +26,14 @@ pub mod tls;
 use std::sync::OnceLock;
 
 use anyhow::{Context, Result};
-use sensor_pipeline::config::{DatabaseSettings, Env, NatsSettings, ObjectStoreSettings, Secret};
+use sensor_pipeline::config::{
+    DatabaseSettings, Env, NatsAuth, NatsSettings, ObjectStoreSettings, Secret,
+};
 
 pub use processes::{
     find_pg_binary, free_port, init_cluster, is_root, nats, owned_nats, owned_nats_cluster,
-    owned_postgres, owned_postgres_tls, postgres, postgres_command, wait_until, wait_until_async,
-    which, Nats, OwnedServer, Postgres,
+    owned_nats_with, owned_postgres, owned_postgres_tls, postgres, postgres_command, wait_until,
+    wait_until_async, which, Nats, OwnedServer, Postgres,
 };
 pub use s3::{NotifyTarget, S3Server};
 
@@ -75,6 +77,17 @@ impl TestEnv {
         database_url: String,
         replicas: usize,
     ) -> Result<Self> {
+        Self::with_events_as(nats_url, database_url, replicas, NatsAuth::default()).await
+    }
+
+    /// [`TestEnv::with_events_replicated`] with NATS credentials and TLS (passed on to the
+    /// pipeline's binaries as `NATS_USER`, … and used by the S3 stand-in too).
+    pub async fn with_events_as(
+        nats_url: &str,
+        database_url: String,
+        replicas: usize,
+        auth: NatsAuth,
+    ) -> Result<Self> {
         let id = unique_name("e");
         let settings = NatsSettings {
             url: Secret::new(nats_url),
@@ -85,6 +98,7 @@ impl TestEnv {
             ack_wait: std::time::Duration::from_secs(2),
             max_deliver: 5,
             replicas,
+            auth: auth.clone(),
         };
         let queue = sensor_pipeline::queue::Queue::connect(&settings, "testbed").await?;
         let started = std::time::Instant::now();
@@ -99,6 +113,7 @@ impl TestEnv {
             NotifyTarget {
                 nats_url: nats_url.to_string(),
                 subject: settings.subject.clone(),
+                auth,
             },
         )
         .await?;
@@ -148,6 +163,26 @@ impl TestEnv {
                 ),
                 ("NATS_MAX_DELIVER".into(), e.max_deliver.to_string()),
             ]);
+            let a = &e.auth;
+            let path = |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| p.display().to_string());
+            for (name, value) in [
+                ("NATS_USER", a.user.clone()),
+                (
+                    "NATS_PASSWORD",
+                    a.password.as_ref().map(|s| s.expose().to_string()),
+                ),
+                (
+                    "NATS_TOKEN",
+                    a.token.as_ref().map(|s| s.expose().to_string()),
+                ),
+                ("NATS_TLS_CA_FILE", path(&a.tls_ca)),
+                ("NATS_TLS_CERT_FILE", path(&a.tls_cert)),
+                ("NATS_TLS_KEY_FILE", path(&a.tls_key)),
+            ] {
+                if let Some(value) = value {
+                    v.push((name.to_string(), value));
+                }
+            }
         }
         v.sort();
         v

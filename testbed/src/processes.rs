@@ -427,7 +427,16 @@ fn nats_server_command() -> Result<(PathBuf, u16, String)> {
 
 /// A NATS server with JetStream of the test's own (file storage kept across restarts).
 pub async fn owned_nats() -> Result<(OwnedServer, String)> {
-    let (dir, port, command) = nats_server_command()?;
+    owned_nats_with(&[]).await
+}
+
+/// [`owned_nats`] with more `nats-server` arguments (authorization, TLS).
+pub async fn owned_nats_with(args: &[String]) -> Result<(OwnedServer, String)> {
+    let (dir, port, mut command) = nats_server_command()?;
+    for arg in args {
+        command.push(' ');
+        command.push_str(&shell_quote(Path::new(arg)));
+    }
     let mut server = OwnedServer {
         port,
         log: dir.join("nats.log"),

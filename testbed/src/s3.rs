@@ -21,6 +21,8 @@ use tokio::task::JoinHandle;
 pub struct NotifyTarget {
     pub nats_url: String,
     pub subject: String,
+    /// Credentials and TLS for NATS (none by default).
+    pub auth: sensor_pipeline::config::NatsAuth,
 }
 
 /// A running S3 server with one bucket. Stops when dropped.
@@ -336,7 +338,9 @@ mod notify {
             bucket: String,
             store: ObjectStore,
         ) -> Result<Self> {
-            let client = async_nats::connect(&target.nats_url)
+            let servers = sensor_pipeline::queue::server_addrs(&target.nats_url)?;
+            let client = sensor_pipeline::queue::connect_options(&target.auth)
+                .connect(servers)
                 .await
                 .context("connecting the S3 stand-in to NATS")?;
             Ok(Self {

@@ -34,7 +34,10 @@ impl Health {
     pub async fn check(&self) -> Result<(), String> {
         let check = async {
             if !self.queue.is_connected() {
-                return Err("NATS is not connected".to_string());
+                return Err(match self.queue.last_error() {
+                    Some(why) => format!("NATS is not connected: {why}"),
+                    None => "NATS is not connected".to_string(),
+                });
             }
             self.dbs.ping().await.map_err(|e| e.to_string())?;
             self.store.ping().await.map_err(|e| e.to_string())

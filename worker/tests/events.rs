@@ -1198,3 +1198,151 @@ async fn run_over_verified_tls_and_a_wrong_ca_is_not_ready_and_dead_letters_noth
     assert_eq!(p.count("SELECT count(*) FROM measurements").await, 10);
     assert!(p.dead_letters().await.is_empty());
 }
+
+/// Over NATS servers that demand each kind of credentials — user and password, a token, TLS with
+/// a client certificate — the worker provisions, ingests and dead-letters. Wrong credentials: the
+/// worker stays up, not ready, saying why in one line.
+#[tokio::test]
+async fn the_worker_works_over_each_kind_of_nats_credentials() {
+    use sensor_pipeline::config::{NatsAuth, Secret};
+    let pki = testbed::tls::Pki::new().unwrap();
+    let path = |p: &Path| p.display().to_string();
+    let refused_because = |kind: &str| match kind {
+        "TLS with a client certificate" => "nats: IO error",
+        _ => "nats: authorization violation",
+    };
+    let cases: Vec<(&str, Vec<String>, NatsAuth, NatsAuth)> = vec![
+        (
+            "user and password",
+            ["--user", "sensors", "--pass", "s3cret"]
+                .map(String::from)
+                .to_vec(),
+            NatsAuth {
+                user: Some("sensors".into()),
+                password: Some(Secret::new("s3cret")),
+                ..NatsAuth::default()
+            },
+            NatsAuth {
+                user: Some("sensors".into()),
+                password: Some(Secret::new("wrong")),
+                ..NatsAuth::default()
+            },
+        ),
+        (
+            "token",
+            ["--auth", "t0ken"].map(String::from).to_vec(),
+            NatsAuth {
+                token: Some(Secret::new("t0ken")),
+                ..NatsAuth::default()
+            },
+            NatsAuth {
+                token: Some(Secret::new("wrong")),
+                ..NatsAuth::default()
+            },
+        ),
+        (
+            "TLS with a client certificate",
+            vec![
+                "--tls".into(),
+                "--tlscert".into(),
+                path(&pki.server_cert),
+                "--tlskey".into(),
+                path(&pki.server_key),
+                "--tlsverify".into(),
+                "--tlscacert".into(),
+                path(&pki.ca),
+            ],
+            NatsAuth {
+                tls_ca: Some(pki.ca.clone()),
+                tls_cert: Some(pki.client_cert.clone()),
+                tls_key: Some(pki.client_key.clone()),
+                ..NatsAuth::default()
+            },
+            NatsAuth {
+                tls_ca: Some(pki.other_ca.clone()),
+                ..NatsAuth::default()
+            },
+        ),
+    ];
+    for (kind, args, good, bad) in cases {
+        let (_nats, url) = testbed::owned_nats_with(&args).await.unwrap();
+        let db = testbed::postgres()
+            .await
+            .unwrap()
+            .create_database()
+            .await
+            .unwrap();
+        let env = TestEnv::with_events_as(&url, db, 1, good).await.unwrap();
+        let p = Pipeline::from_env(env).await;
+        let worker = p.worker(kind, &[]);
+        p.env
+            .s3
+            .put("timeseries/a.csv", big_file(10))
+            .await
+            .unwrap();
+        p.settled("timeseries/a.csv", "done", &[&worker]).await;
+        p.queue
+            .publish_event(b"not json".to_vec(), None)
+            .await
+            .unwrap();
+        wait_for(kind, Duration::from_secs(30), &[&worker], || async {
+            p.queue.dead_letters().await.map(|l| l.len()).unwrap_or(0) == 1
+        })
+        .await;
+
+        let bad_vars: Vec<(String, String)> = {
+            let mut e = p.env.events.clone().unwrap();
+            e.auth = bad;
+            let env = TestEnv {
+                s3: testbed::S3Server::start("unused").await.unwrap(),
+                mapping_db: p.env.mapping_db.clone(),
+                measurements_db: p.env.measurements_db.clone(),
+                events: Some(e),
+            };
+            env.vars()
+                .into_iter()
+                .filter(|(k, _)| k.starts_with("NATS_"))
+                .collect()
+        };
+        let extra: Vec<(&str, &str)> = bad_vars
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let refused = p.worker(&format!("{kind} (wrong)"), &extra);
+        wait_for(
+            "the reason",
+            Duration::from_secs(30),
+            &[&refused],
+            || async {
+                let (status, text) = refused.get("/readyz").await;
+                status == 503 && text.starts_with("not ready: NATS is not connected: ")
+            },
+        )
+        .await;
+        let (_, body) = refused.get("/readyz").await;
+        assert_eq!(
+            body,
+            format!(
+                "not ready: NATS is not connected: {}\n",
+                refused_because(kind)
+            )
+        );
+        assert!(refused.child.id().is_some(), "the worker stays up");
+    }
+}
+
+/// `NATS_URL` lists several servers: with the first one down, the worker connects to the next.
+#[tokio::test]
+async fn with_several_nats_urls_and_the_first_down_the_worker_uses_the_next() {
+    let p = Pipeline::new().await;
+    let down = format!("nats://127.0.0.1:{}", testbed::free_port().unwrap());
+    let url = format!("{down},{}", p.env.events.as_ref().unwrap().url.expose());
+    let worker = p.worker("w1", &[("NATS_URL", &url)]);
+    p.env
+        .s3
+        .put("timeseries/a.csv", big_file(10))
+        .await
+        .unwrap();
+    p.settled("timeseries/a.csv", "done", &[&worker]).await;
+    assert_eq!(worker.get("/readyz").await, (200, "ready\n".to_string()));
+}

@@ -407,6 +407,7 @@ pub async fn s3_serve(args: S3ServeArgs) -> Result<()> {
         Some(testbed::NotifyTarget {
             nats_url: args.nats_url,
             subject: SUBJECT.into(),
+            auth: Default::default(),
         }),
     )
     .await?;

@@ -50,23 +50,75 @@ pub struct Queue {
     client: async_nats::Client,
     js: jetstream::Context,
     settings: NatsSettings,
+    last_error: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+}
+
+/// The servers of a `NATS_URL` (comma-separated).
+pub fn server_addrs(url: &str) -> Result<Vec<async_nats::ServerAddr>, QueueError> {
+    url.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| u.parse())
+        .collect::<Result<_, _>>()
+        .map_err(|e| QueueError::new("reading NATS_URL", e))
+}
+
+/// Connection options with `auth`'s credentials and TLS.
+pub fn connect_options(auth: &crate::config::NatsAuth) -> async_nats::ConnectOptions {
+    let mut options = async_nats::ConnectOptions::new();
+    if let (Some(user), Some(password)) = (&auth.user, &auth.password) {
+        options = options.user_and_password(user.clone(), password.expose().to_string());
+    }
+    if let Some(token) = &auth.token {
+        options = options.token(token.expose().to_string());
+    }
+    if let Some(ca) = &auth.tls_ca {
+        options = options.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    if let (Some(cert), Some(key)) = (&auth.tls_cert, &auth.tls_key) {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
+    options
 }
 
 impl Queue {
     /// Connects (waiting for the server if it is not up yet) and keeps reconnecting forever.
     pub async fn connect(settings: &NatsSettings, name: &str) -> Result<Self, QueueError> {
-        let client = async_nats::ConnectOptions::new()
+        let servers = server_addrs(settings.url.expose())?;
+        let last_error = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
+        let noted = last_error.clone();
+        let client = connect_options(&settings.auth)
             .name(name)
             .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(5))
-            .event_callback(|event| async move {
-                match event {
-                    async_nats::Event::Connected => tracing::info!("connected to NATS"),
-                    async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
-                    other => tracing::debug!(event = %other, "NATS"),
+            .event_callback(move |event| {
+                let noted = noted.clone();
+                async move {
+                    let note = |text: Option<String>| {
+                        if let Ok(mut last) = noted.lock() {
+                            *last = text;
+                        }
+                    };
+                    match event {
+                        async_nats::Event::Connected => {
+                            note(None);
+                            tracing::info!("connected to NATS")
+                        }
+                        async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
+                        // Refused credentials, TLS failures: one line each, and what /readyz says.
+                        async_nats::Event::ServerError(e) => {
+                            tracing::warn!(error = %e, "NATS refused the connection");
+                            note(Some(e.to_string()));
+                        }
+                        async_nats::Event::ClientError(e) => {
+                            tracing::warn!(error = %e, "NATS connection failed");
+                            note(Some(e.to_string()));
+                        }
+                        other => tracing::debug!(event = %other, "NATS"),
+                    }
                 }
             })
-            .connect(settings.url.expose())
+            .connect(servers)
             .await
             .map_err(|e| QueueError::new("connecting", e))?;
         let js = jetstream::new(client.clone());
@@ -74,7 +126,13 @@ impl Queue {
             client,
             js,
             settings: settings.clone(),
+            last_error,
         })
+    }
+
+    /// Why the connection is down, when NATS or the client said (refused credentials, TLS).
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|l| l.clone())
     }
 
     pub fn settings(&self) -> &NatsSettings {
