@@ -551,6 +551,25 @@ pub async fn owned_postgres_tls(
         data.join("pg_hba.conf"),
         format!("local all all trust\nhostssl all all 127.0.0.1/32 {method}\n"),
     )?;
+    start_owned_postgres(PgServer {
+        dir,
+        data,
+        port,
+        command,
+        stop,
+    })
+    .await
+}
+
+/// Starts a server of [`pg_server`]'s as an [`OwnedServer`]; returns it and its superuser URL.
+async fn start_owned_postgres(pg: PgServer) -> Result<(OwnedServer, String)> {
+    let PgServer {
+        dir,
+        data,
+        port,
+        command,
+        stop,
+    } = pg;
     let mut server = OwnedServer {
         port,
         log: dir.join("postgres.log"),
@@ -572,27 +591,6 @@ pub async fn owned_postgres_tls(
 /// A PostgreSQL server of the test's own; returns it and the superuser URL of `postgres`.
 pub async fn owned_postgres() -> Result<(OwnedServer, String)> {
     // initdb takes a second or two: off the runtime's threads.
-    let PgServer {
-        dir,
-        data,
-        port,
-        command,
-        stop,
-    } = tokio::task::spawn_blocking(|| pg_server(&["max_connections=100"])).await??;
-    let mut server = OwnedServer {
-        port,
-        log: dir.join("postgres.log"),
-        dir,
-        command,
-        stop,
-        ready: Box::new(move || {
-            pg_ready(&data) && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        }),
-        watchdog: None,
-    };
-    server.start().await?;
-    Ok((
-        server,
-        format!("postgres://postgres@127.0.0.1:{port}/postgres"),
-    ))
+    let pg = tokio::task::spawn_blocking(|| pg_server(&["max_connections=100"])).await??;
+    start_owned_postgres(pg).await
 }

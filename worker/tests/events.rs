@@ -488,13 +488,11 @@ async fn a_worker_for_another_bucket_dead_letters_the_events_and_a_replay_stores
 /// it and removes it from the events stream, so it can be replayed instead of aging out unseen.
 #[tokio::test]
 async fn a_worker_killed_at_the_last_delivery_leaves_a_dead_letter_not_a_lost_event() {
-    let mut env = TestEnv::with_events().await.unwrap();
-    if let Some(e) = env.events.as_mut() {
+    let p = Pipeline::with_nats(|e| {
         e.ack_wait = Duration::from_secs(1);
         e.max_deliver = 1;
-    }
-    let p = Pipeline::from_env(env).await;
-    p.queue.provision().await.unwrap();
+    })
+    .await;
     let mut w1 = p.worker("w1", &[("WORKER_CONCURRENCY", "1")]);
     let key = "timeseries/last.csv";
     p.env.s3.put(key, big_file(1000)).await.unwrap();
@@ -545,12 +543,10 @@ async fn a_worker_killed_at_the_last_delivery_leaves_a_dead_letter_not_a_lost_ev
 /// is dead-lettered with the reason.
 #[tokio::test]
 async fn sigterm_past_the_grace_period_at_the_last_delivery_dead_letters_the_event() {
-    let mut env = TestEnv::with_events().await.unwrap();
-    if let Some(e) = env.events.as_mut() {
+    let p = Pipeline::with_nats(|e| {
         e.max_deliver = 1;
-    }
-    let p = Pipeline::from_env(env).await;
-    p.queue.provision().await.unwrap();
+    })
+    .await;
     let mut w1 = p.worker("w1", &[("SHUTDOWN_GRACE_SECS", "0")]);
     let key = "timeseries/last.csv";
     p.env.s3.put(key, big_file(1000)).await.unwrap();
@@ -699,17 +695,18 @@ async fn waited(w: &Worker, what: &str) -> f64 {
     metric(&m, &series).unwrap_or(0.0)
 }
 
-/// Events with a small delivery budget: 1 s ack wait, 3 deliveries (redelivered after 1 s, 2 s).
-async fn small_budget_env(nats: &str, db: String) -> TestEnv {
-    let mut env = TestEnv::with_events_at(nats, db).await.unwrap();
-    if let Some(e) = env.events.as_mut() {
+/// A pipeline on `nats` and `db` with a small delivery budget: 1 s ack wait, 3 deliveries
+/// (redelivered after 1 s, 2 s).
+async fn small_budget(nats: &str, db: String) -> Pipeline {
+    let env = TestEnv::with_events_at(nats, db).await.unwrap();
+    Pipeline::from_env_with_nats(env, |e| {
         e.ack_wait = Duration::from_secs(1);
         e.max_deliver = 3;
-    }
-    env
+    })
+    .await
 }
 
-/// The seconds of waiting that outlast the whole delivery budget of [`small_budget_env`] twice.
+/// The seconds of waiting that outlast the whole delivery budget of [`small_budget`] twice.
 const OUTLASTS_THE_BUDGET: f64 = 10.0;
 
 /// PostgreSQL goes away mid-object and stays away longer than the event's whole delivery budget:
@@ -725,8 +722,7 @@ async fn a_postgres_outage_longer_than_the_delivery_budget_dead_letters_nothing(
         .unwrap();
     let db = format!("{}/outage", admin.rsplit_once('/').unwrap().0);
     let nats = testbed::nats().await.unwrap().url.clone();
-    let mut p = Pipeline::from_env(small_budget_env(&nats, db).await).await;
-    p.queue.provision().await.unwrap();
+    let mut p = small_budget(&nats, db).await;
     let rows = 200_000;
     let w1 = p.worker("w1", &[]);
     p.env
@@ -825,12 +821,10 @@ async fn the_worker_reconnects_after_a_nats_restart() {
 #[tokio::test]
 async fn in_progress_acks_keep_a_long_object_from_being_redelivered() {
     // An ack wait of 1 s, and an object held mid-way for several ack waits.
-    let mut env = TestEnv::with_events().await.unwrap();
-    if let Some(e) = env.events.as_mut() {
+    let p = Pipeline::with_nats(|e| {
         e.ack_wait = Duration::from_secs(1);
-    }
-    let p = Pipeline::from_env(env).await;
-    p.queue.provision().await.unwrap();
+    })
+    .await;
     let rows = 100_000;
     let (w1, w2) = (p.worker("w1", &[]), p.worker("w2", &[]));
     p.env
@@ -876,8 +870,7 @@ async fn an_object_store_outage_longer_than_the_delivery_budget_dead_letters_not
         .create_database()
         .await
         .unwrap();
-    let p = Pipeline::from_env(small_budget_env(&nats, db).await).await;
-    p.queue.provision().await.unwrap();
+    let p = small_budget(&nats, db).await;
     let worker = p.worker("w1", &[]);
     let key = "timeseries/during-outage.csv";
     p.env.s3.mute(true).unwrap();
@@ -932,8 +925,7 @@ async fn a_nats_outage_longer_than_the_delivery_budget_dead_letters_nothing() {
         .create_database()
         .await
         .unwrap();
-    let p = Pipeline::from_env(small_budget_env(&url, db).await).await;
-    p.queue.provision().await.unwrap();
+    let p = small_budget(&url, db).await;
     let rows = 100_000;
     let w1 = p.worker("w1", &[]);
     p.env
@@ -1003,12 +995,10 @@ async fn an_object_past_a_limit_is_dead_lettered_and_the_worker_goes_on() {
 /// started with other settings leaves the consumer as it is and works with its limits.
 #[tokio::test]
 async fn provision_check_prints_the_drift_and_workers_leave_the_consumer_as_it_is() {
-    let mut env = TestEnv::with_events().await.unwrap();
-    if let Some(e) = env.events.as_mut() {
+    let p = Pipeline::with_nats(|e| {
         e.max_deliver = 2;
-    }
-    let p = Pipeline::from_env(env).await;
-    p.queue.provision().await.unwrap();
+    })
+    .await;
     let events = p.env.events.clone().unwrap();
     let mut vars = p.vars();
     vars.retain(|(k, _)| k != "NATS_MAX_DELIVER");

@@ -29,6 +29,25 @@ impl Pipeline {
         Self::from_env(TestEnv::with_events().await.unwrap()).await
     }
 
+    /// A pipeline whose JetStream consumer is provisioned with `change`d settings (ack wait,
+    /// deliveries, …), which the workers it starts are given too.
+    pub async fn with_nats(
+        change: impl FnOnce(&mut sensor_pipeline::config::NatsSettings),
+    ) -> Self {
+        Self::from_env_with_nats(TestEnv::with_events().await.unwrap(), change).await
+    }
+
+    /// [`Pipeline::with_nats`] on a given environment.
+    pub async fn from_env_with_nats(
+        mut env: TestEnv,
+        change: impl FnOnce(&mut sensor_pipeline::config::NatsSettings),
+    ) -> Self {
+        change(env.events.as_mut().expect("an environment with events"));
+        let p = Self::from_env(env).await;
+        p.queue.provision().await.unwrap();
+        p
+    }
+
     pub async fn from_env(env: TestEnv) -> Self {
         sensor_pipeline::store::migrate::migrate(&env.database_settings())
             .await
