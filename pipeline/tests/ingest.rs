@@ -44,6 +44,18 @@ impl Harness {
         }
     }
 
+    /// An ingestor of its own with these session timeouts and limits.
+    fn ingestor_with(&self, timeouts: DatabaseTimeouts, limits: LimitSettings) -> Ingestor {
+        let mut settings = self.env.database_settings();
+        settings.timeouts = timeouts;
+        Ingestor::new(
+            self.env.s3.store().clone(),
+            Databases::connect(&settings, 2).unwrap(),
+            ContractSettings::default(),
+        )
+        .limits(limits)
+    }
+
     async fn put_and_ingest(&self, key: &str, body: impl Into<Vec<u8>>) -> Outcome {
         self.env.s3.put(key, body).await.unwrap();
         self.ingestor.ingest(key, None).await.unwrap()
@@ -1055,15 +1067,7 @@ async fn a_permanent_database_error_fails_the_object_and_a_transient_one_is_retr
         .batch_execute("BEGIN; LOCK TABLE measurement_days IN ACCESS EXCLUSIVE MODE")
         .await
         .unwrap();
-    let with = |timeouts: DatabaseTimeouts| {
-        let mut settings = h.env.database_settings();
-        settings.timeouts = timeouts;
-        Ingestor::new(
-            h.env.s3.store().clone(),
-            Databases::connect(&settings, 2).unwrap(),
-            ContractSettings::default(),
-        )
-    };
+    let with = |timeouts: DatabaseTimeouts| h.ingestor_with(timeouts, LimitSettings::default());
     let long = Duration::from_secs(600);
     let lock = with(DatabaseTimeouts {
         lock: Duration::from_millis(200),
@@ -1094,14 +1098,7 @@ async fn a_permanent_database_error_fails_the_object_and_a_transient_one_is_retr
 #[tokio::test]
 async fn objects_past_a_limit_fail_with_the_reason() {
     let h = Harness::new().await;
-    let with = |limits: LimitSettings| {
-        Ingestor::new(
-            h.env.s3.store().clone(),
-            Databases::connect(&h.env.database_settings(), 2).unwrap(),
-            ContractSettings::default(),
-        )
-        .limits(limits)
-    };
+    let with = |limits: LimitSettings| h.ingestor_with(DatabaseTimeouts::default(), limits);
     let failed = |o: &Outcome| match &o.disposition {
         Disposition::Failed(reason) => reason.clone(),
         other => panic!("not failed: {other:?}"),

@@ -437,6 +437,16 @@ pub async fn owned_nats_with(args: &[String]) -> Result<(OwnedServer, String)> {
         command.push(' ');
         command.push_str(&shell_quote(Path::new(arg)));
     }
+    start_owned_nats(dir, port, command).await
+}
+
+/// Starts a nats-server command of [`nats_server_command`]'s as an [`OwnedServer`]; returns it and
+/// its client URL.
+async fn start_owned_nats(
+    dir: PathBuf,
+    port: u16,
+    command: String,
+) -> Result<(OwnedServer, String)> {
     let mut server = OwnedServer {
         port,
         log: dir.join("nats.log"),
@@ -455,46 +465,25 @@ pub async fn owned_nats_with(args: &[String]) -> Result<(OwnedServer, String)> {
 /// returns the nodes and their client URLs. JetStream may need a moment after this returns to
 /// elect its meta leader: retry the first provisioning.
 pub async fn owned_nats_cluster() -> Result<(Vec<OwnedServer>, Vec<String>)> {
-    let bin = which("nats-server").ok_or_else(|| {
-        anyhow!("nats-server not found: install it (apt-get install nats-server)")
-    })?;
-    let mut ports = Vec::new();
-    for _ in 0..3 {
-        ports.push((free_port()?, free_port()?));
-    }
+    let cluster_ports = [free_port()?, free_port()?, free_port()?];
     let mut nodes = Vec::new();
     let mut urls = Vec::new();
-    for (i, &(port, cluster_port)) in ports.iter().enumerate() {
-        let dir = tempfile::Builder::new()
-            .prefix("testbed-nats-")
-            .tempdir()?
-            .keep();
-        let routes: Vec<String> = ports
+    for (i, cluster_port) in cluster_ports.iter().enumerate() {
+        let routes: Vec<String> = cluster_ports
             .iter()
-            .enumerate()
-            .filter(|(j, _)| *j != i)
-            .map(|(_, (_, c))| format!("nats://127.0.0.1:{c}"))
+            .filter(|c| *c != cluster_port)
+            .map(|c| format!("nats://127.0.0.1:{c}"))
             .collect();
+        let (dir, port, command) = nats_server_command()?;
         let command = format!(
-            "{} -js -a 127.0.0.1 -p {port} -sd {} --name n{} --cluster_name sensors \
-             --cluster nats://127.0.0.1:{cluster_port} --routes {}",
-            shell_quote(&bin),
-            shell_quote(&dir.join("jetstream")),
+            "{command} --name n{} --cluster_name sensors --cluster nats://127.0.0.1:{cluster_port} \
+             --routes {}",
             i + 1,
             routes.join(",")
         );
-        let mut server = OwnedServer {
-            port,
-            log: dir.join("nats.log"),
-            dir,
-            command,
-            stop: "kill -TERM $pid 2>/dev/null".into(),
-            ready: Box::new(move || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()),
-            watchdog: None,
-        };
-        server.start().await?;
-        nodes.push(server);
-        urls.push(format!("nats://127.0.0.1:{port}"));
+        let (node, url) = start_owned_nats(dir, port, command).await?;
+        nodes.push(node);
+        urls.push(url);
     }
     Ok((nodes, urls))
 }
