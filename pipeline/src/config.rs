@@ -365,6 +365,8 @@ pub enum Setting {
     NatsUser,
     NatsPassword,
     NatsToken,
+    NatsNkeySeed,
+    NatsCreds,
     NatsTlsCaFile,
     NatsTlsCertFile,
     NatsTlsKeyFile,
@@ -395,7 +397,7 @@ pub enum Setting {
 }
 
 impl Setting {
-    pub const ALL: [Setting; 43] = [
+    pub const ALL: [Setting; 45] = [
         Setting::MinioEndpoint,
         Setting::MinioAccessKey,
         Setting::MinioSecretKey,
@@ -414,6 +416,8 @@ impl Setting {
         Setting::NatsUser,
         Setting::NatsPassword,
         Setting::NatsToken,
+        Setting::NatsNkeySeed,
+        Setting::NatsCreds,
         Setting::NatsTlsCaFile,
         Setting::NatsTlsCertFile,
         Setting::NatsTlsKeyFile,
@@ -462,6 +466,8 @@ impl Setting {
             Setting::NatsUser => "NATS_USER",
             Setting::NatsPassword => "NATS_PASSWORD",
             Setting::NatsToken => "NATS_TOKEN",
+            Setting::NatsNkeySeed => "NATS_NKEY_SEED",
+            Setting::NatsCreds => "NATS_CREDS",
             Setting::NatsTlsCaFile => "NATS_TLS_CA_FILE",
             Setting::NatsTlsCertFile => "NATS_TLS_CERT_FILE",
             Setting::NatsTlsKeyFile => "NATS_TLS_KEY_FILE",
@@ -530,8 +536,11 @@ pub struct NatsSettings {
     pub auth: NatsAuth,
 }
 
-/// NATS credentials and TLS: `NATS_USER` + `NATS_PASSWORD` (or `NATS_PASSWORD_FILE`), or
-/// `NATS_TOKEN` (or `NATS_TOKEN_FILE`); `NATS_TLS_CA_FILE` (PEM; makes TLS required),
+/// NATS credentials and TLS — one kind of credentials: `NATS_USER` + `NATS_PASSWORD` (or
+/// `NATS_PASSWORD_FILE`), or `NATS_TOKEN` (or `NATS_TOKEN_FILE`), or an nkey seed
+/// (`NATS_NKEY_SEED_FILE`, or `NATS_NKEY_SEED`), or a creds file with a user JWT and its seed
+/// (`NATS_CREDS_FILE`, or its text in `NATS_CREDS`; what `nsc` writes for operator mode);
+/// `NATS_TLS_CA_FILE` (PEM; makes TLS required),
 /// `NATS_TLS_CERT_FILE` + `NATS_TLS_KEY_FILE` (a client certificate). `NATS_URL` may list several
 /// servers, comma-separated; credentials in a URL (`nats://user:pass@host`) work too.
 #[derive(Debug, Clone, Default)]
@@ -539,6 +548,8 @@ pub struct NatsAuth {
     pub user: Option<String>,
     pub password: Option<Secret>,
     pub token: Option<Secret>,
+    pub nkey_seed: Option<Secret>,
+    pub creds: Option<Secret>,
     pub tls_ca: Option<PathBuf>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -550,6 +561,8 @@ impl NatsAuth {
             user: env.optional(Setting::NatsUser),
             password: env.optional_secret(Setting::NatsPassword)?,
             token: env.optional_secret(Setting::NatsToken)?,
+            nkey_seed: env.optional_secret(Setting::NatsNkeySeed)?,
+            creds: env.optional_secret(Setting::NatsCreds)?,
             tls_ca: env.optional(Setting::NatsTlsCaFile).map(PathBuf::from),
             tls_cert: env.optional(Setting::NatsTlsCertFile).map(PathBuf::from),
             tls_key: env.optional(Setting::NatsTlsKeyFile).map(PathBuf::from),
@@ -564,11 +577,44 @@ impl NatsAuth {
                 "NATS_USER and NATS_PASSWORD go together",
             ));
         }
-        if auth.user.is_some() && auth.token.is_some() {
+        let kinds: Vec<(Setting, &str)> = [
+            (
+                auth.user.is_some(),
+                Setting::NatsUser,
+                "NATS_USER/NATS_PASSWORD",
+            ),
+            (auth.token.is_some(), Setting::NatsToken, "NATS_TOKEN"),
+            (
+                auth.nkey_seed.is_some(),
+                Setting::NatsNkeySeed,
+                "NATS_NKEY_SEED",
+            ),
+            (auth.creds.is_some(), Setting::NatsCreds, "NATS_CREDS"),
+        ]
+        .into_iter()
+        .filter_map(|(given, setting, name)| given.then_some((setting, name)))
+        .collect();
+        if let [(_, first), (second, name), ..] = kinds[..] {
             return Err(invalid(
-                Setting::NatsToken,
-                "give NATS_USER/NATS_PASSWORD or NATS_TOKEN, not both",
+                second,
+                &format!("give one kind of NATS credentials, not {first} and {name}"),
             ));
+        }
+        if let Some(seed) = &auth.nkey_seed {
+            if !seed.expose().starts_with("SU") {
+                return Err(invalid(
+                    Setting::NatsNkeySeed,
+                    "is not a user nkey seed (it starts with \"SU\")",
+                ));
+            }
+        }
+        if let Some(creds) = &auth.creds {
+            if !creds.expose().contains("BEGIN NATS USER JWT") {
+                return Err(invalid(
+                    Setting::NatsCreds,
+                    "is not a NATS creds file (no \"BEGIN NATS USER JWT\" block)",
+                ));
+            }
         }
         if auth.tls_cert.is_some() != auth.tls_key.is_some() {
             return Err(invalid(
@@ -928,5 +974,40 @@ mod tests {
         ]);
         let err = ObjectStoreSettings::from_env(&env).unwrap_err();
         assert!(err.to_string().contains("without a scheme"), "{err}");
+    }
+
+    #[test]
+    fn nats_credentials_of_one_kind_only_and_checked_for_their_shape() {
+        let err = |vars: &[(&str, &str)]| {
+            NatsAuth::from_env(&Env::from_map(vars.to_vec()))
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            err(&[("NATS_TOKEN", "t"), ("NATS_NKEY_SEED", "SUABC")]),
+            "invalid value for NATS_NKEY_SEED: give one kind of NATS credentials, not NATS_TOKEN and NATS_NKEY_SEED"
+        );
+        assert_eq!(
+            err(&[("NATS_USER", "u"), ("NATS_PASSWORD", "p"), ("NATS_CREDS", "x")]),
+            "invalid value for NATS_CREDS: give one kind of NATS credentials, not NATS_USER/NATS_PASSWORD and NATS_CREDS"
+        );
+        assert_eq!(
+            err(&[("NATS_NKEY_SEED", "UABC")]),
+            "invalid value for NATS_NKEY_SEED: is not a user nkey seed (it starts with \"SU\")"
+        );
+        assert_eq!(
+            err(&[("NATS_CREDS", "eyJ0eXAiOiJKV1Qi")]),
+            "invalid value for NATS_CREDS: is not a NATS creds file (no \"BEGIN NATS USER JWT\" block)"
+        );
+        let auth = NatsAuth::from_env(&Env::from_map([("NATS_NKEY_SEED", "SUAB")])).unwrap();
+        assert_eq!(
+            auth.nkey_seed.map(|s| s.expose().to_string()),
+            Some("SUAB".into())
+        );
+        assert!(!format!(
+            "{:?}",
+            NatsAuth::from_env(&Env::from_map([("NATS_NKEY_SEED", "SUAB")]))
+        )
+        .contains("SUAB"));
     }
 }

@@ -19,6 +19,7 @@
 
 pub mod bench;
 pub mod data;
+pub mod nats_auth;
 mod processes;
 mod s3;
 pub mod tls;
@@ -174,6 +175,14 @@ impl TestEnv {
                 (
                     "NATS_TOKEN",
                     a.token.as_ref().map(|s| s.expose().to_string()),
+                ),
+                (
+                    "NATS_NKEY_SEED",
+                    a.nkey_seed.as_ref().map(|s| s.expose().to_string()),
+                ),
+                (
+                    "NATS_CREDS",
+                    a.creds.as_ref().map(|s| s.expose().to_string()),
                 ),
                 ("NATS_TLS_CA_FILE", path(&a.tls_ca)),
                 ("NATS_TLS_CERT_FILE", path(&a.tls_cert)),

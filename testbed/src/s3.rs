@@ -339,7 +339,7 @@ mod notify {
             store: ObjectStore,
         ) -> Result<Self> {
             let servers = sensor_pipeline::queue::server_addrs(&target.nats_url)?;
-            let client = sensor_pipeline::queue::connect_options(&target.auth)
+            let client = sensor_pipeline::queue::connect_options(&target.auth)?
                 .connect(servers)
                 .await
                 .context("connecting the S3 stand-in to NATS")?;

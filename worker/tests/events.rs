@@ -1189,9 +1189,10 @@ async fn run_over_verified_tls_and_a_wrong_ca_is_not_ready_and_dead_letters_noth
     assert!(p.dead_letters().await.is_empty());
 }
 
-/// Over NATS servers that demand each kind of credentials — user and password, a token, TLS with
-/// a client certificate — the worker provisions, ingests and dead-letters. Wrong credentials: the
-/// worker stays up, not ready, saying why in one line.
+/// Over NATS servers that demand each kind of credentials — user and password, a token, an nkey,
+/// a creds file of an operator/account/user set, TLS with a client certificate — the worker
+/// provisions, ingests and dead-letters. Wrong credentials: the worker stays up, not ready, saying
+/// why in one line.
 #[tokio::test]
 async fn the_worker_works_over_each_kind_of_nats_credentials() {
     use sensor_pipeline::config::{NatsAuth, Secret};
@@ -1201,7 +1202,30 @@ async fn the_worker_works_over_each_kind_of_nats_credentials() {
         "TLS with a client certificate" => "nats: IO error",
         _ => "nats: authorization violation",
     };
-    let cases: Vec<(&str, Vec<String>, NatsAuth, NatsAuth)> = vec![
+    let files = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let file = files.path().join(name);
+        std::fs::write(&file, text).unwrap();
+        path(&file)
+    };
+    let (nkey_user, nkey_stranger) = (
+        testbed::nats_auth::NkeyUser::new().unwrap(),
+        testbed::nats_auth::NkeyUser::new().unwrap(),
+    );
+    let nkey_config = write(
+        "nkey.conf",
+        &testbed::nats_auth::nkey_server_config(&[&nkey_user]),
+    );
+    let nkey_seed_file = write("worker.nk", &format!("{}\n", nkey_user.seed));
+    let (operator, stranger) = (
+        testbed::nats_auth::Operator::new("sensors").unwrap(),
+        testbed::nats_auth::Operator::new("elsewhere").unwrap(),
+    );
+    let operator_config = write("operator.conf", &operator.server_config);
+    let creds_file = write("worker.creds", &operator.creds);
+    // Each case: the server's arguments, the credentials (the harness passes them in variables),
+    // more variables for the worker that must get through (the `_FILE` forms), wrong credentials.
+    let cases: Vec<(&str, Vec<String>, NatsAuth, Vec<(&str, String)>, NatsAuth)> = vec![
         (
             "user and password",
             ["--user", "sensors", "--pass", "s3cret"]
@@ -1212,6 +1236,7 @@ async fn the_worker_works_over_each_kind_of_nats_credentials() {
                 password: Some(Secret::new("s3cret")),
                 ..NatsAuth::default()
             },
+            vec![],
             NatsAuth {
                 user: Some("sensors".into()),
                 password: Some(Secret::new("wrong")),
@@ -1225,8 +1250,41 @@ async fn the_worker_works_over_each_kind_of_nats_credentials() {
                 token: Some(Secret::new("t0ken")),
                 ..NatsAuth::default()
             },
+            vec![],
             NatsAuth {
                 token: Some(Secret::new("wrong")),
+                ..NatsAuth::default()
+            },
+        ),
+        (
+            "nkey",
+            vec!["-c".into(), nkey_config],
+            NatsAuth {
+                nkey_seed: Some(Secret::new(nkey_user.seed.clone())),
+                ..NatsAuth::default()
+            },
+            vec![
+                ("NATS_NKEY_SEED", String::new()),
+                ("NATS_NKEY_SEED_FILE", nkey_seed_file),
+            ],
+            NatsAuth {
+                nkey_seed: Some(Secret::new(nkey_stranger.seed.clone())),
+                ..NatsAuth::default()
+            },
+        ),
+        (
+            "creds file",
+            vec!["-c".into(), operator_config],
+            NatsAuth {
+                creds: Some(Secret::new(operator.creds.clone())),
+                ..NatsAuth::default()
+            },
+            vec![
+                ("NATS_CREDS", String::new()),
+                ("NATS_CREDS_FILE", creds_file),
+            ],
+            NatsAuth {
+                creds: Some(Secret::new(stranger.creds.clone())),
                 ..NatsAuth::default()
             },
         ),
@@ -1248,13 +1306,14 @@ async fn the_worker_works_over_each_kind_of_nats_credentials() {
                 tls_key: Some(pki.client_key.clone()),
                 ..NatsAuth::default()
             },
+            vec![],
             NatsAuth {
                 tls_ca: Some(pki.other_ca.clone()),
                 ..NatsAuth::default()
             },
         ),
     ];
-    for (kind, args, good, bad) in cases {
+    for (kind, args, good, good_vars, bad) in cases {
         let (_nats, url) = testbed::owned_nats_with(&args).await.unwrap();
         let db = testbed::postgres()
             .await
@@ -1264,7 +1323,9 @@ async fn the_worker_works_over_each_kind_of_nats_credentials() {
             .unwrap();
         let env = TestEnv::with_events_as(&url, db, 1, good).await.unwrap();
         let p = Pipeline::from_env(env).await;
-        let worker = p.worker(kind, &[]);
+        let good_vars: Vec<(&str, &str)> =
+            good_vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let worker = p.worker(kind, &good_vars);
         p.env
             .s3
             .put("timeseries/a.csv", big_file(10))

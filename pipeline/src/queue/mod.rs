@@ -64,7 +64,9 @@ pub fn server_addrs(url: &str) -> Result<Vec<async_nats::ServerAddr>, QueueError
 }
 
 /// Connection options with `auth`'s credentials and TLS.
-pub fn connect_options(auth: &crate::config::NatsAuth) -> async_nats::ConnectOptions {
+pub fn connect_options(
+    auth: &crate::config::NatsAuth,
+) -> Result<async_nats::ConnectOptions, QueueError> {
     let mut options = async_nats::ConnectOptions::new();
     if let (Some(user), Some(password)) = (&auth.user, &auth.password) {
         options = options.user_and_password(user.clone(), password.expose().to_string());
@@ -72,13 +74,21 @@ pub fn connect_options(auth: &crate::config::NatsAuth) -> async_nats::ConnectOpt
     if let Some(token) = &auth.token {
         options = options.token(token.expose().to_string());
     }
+    if let Some(seed) = &auth.nkey_seed {
+        options = options.nkey(seed.expose().to_string());
+    }
+    if let Some(creds) = &auth.creds {
+        options = options
+            .credentials(creds.expose())
+            .map_err(|e| QueueError::new("reading NATS_CREDS", e))?;
+    }
     if let Some(ca) = &auth.tls_ca {
         options = options.add_root_certificates(ca.clone()).require_tls(true);
     }
     if let (Some(cert), Some(key)) = (&auth.tls_cert, &auth.tls_key) {
         options = options.add_client_certificate(cert.clone(), key.clone());
     }
-    options
+    Ok(options)
 }
 
 impl Queue {
@@ -87,7 +97,7 @@ impl Queue {
         let servers = server_addrs(settings.url.expose())?;
         let last_error = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
         let noted = last_error.clone();
-        let client = connect_options(&settings.auth)
+        let client = connect_options(&settings.auth)?
             .name(name)
             .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(5))
