@@ -1225,7 +1225,14 @@ async fn the_worker_works_over_each_kind_of_nats_credentials() {
     let creds_file = write("worker.creds", &operator.creds);
     // Each case: the server's arguments, the credentials (the harness passes them in variables),
     // more variables for the worker that must get through (the `_FILE` forms), wrong credentials.
-    let cases: Vec<(&str, Vec<String>, NatsAuth, Vec<(&str, String)>, NatsAuth)> = vec![
+    type Case<'a> = (
+        &'a str,
+        Vec<String>,
+        NatsAuth,
+        Vec<(&'a str, String)>,
+        NatsAuth,
+    );
+    let cases: Vec<Case> = vec![
         (
             "user and password",
             ["--user", "sensors", "--pass", "s3cret"]
