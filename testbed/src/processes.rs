@@ -432,7 +432,23 @@ pub async fn owned_nats() -> Result<(OwnedServer, String)> {
 
 /// [`owned_nats`] with more `nats-server` arguments (authorization, TLS).
 pub async fn owned_nats_with(args: &[String]) -> Result<(OwnedServer, String)> {
-    let (dir, port, mut command) = nats_server_command()?;
+    owned_nats_with_env(&[], args).await
+}
+
+/// [`owned_nats_with`] with variables in the server's environment (a configuration file's
+/// `$VARIABLE`s).
+pub async fn owned_nats_with_env(
+    vars: &[(&str, &str)],
+    args: &[String],
+) -> Result<(OwnedServer, String)> {
+    let (dir, port, server) = nats_server_command()?;
+    let mut command = String::from("env");
+    for (name, value) in vars {
+        command.push(' ');
+        command.push_str(&shell_quote(Path::new(&format!("{name}={value}"))));
+    }
+    command.push(' ');
+    command.push_str(&server);
     for arg in args {
         command.push(' ');
         command.push_str(&shell_quote(Path::new(arg)));

@@ -1404,3 +1404,133 @@ async fn with_several_nats_urls_and_the_first_down_the_worker_uses_the_next() {
     p.settled("timeseries/a.csv", "done", &[&worker]).await;
     assert_eq!(worker.get("/readyz").await, (200, "ready\n".to_string()));
 }
+
+/// The NATS users of `nats/accounts.conf` (what docker-compose.yml runs): MinIO's user publishes
+/// events, which the workers' user provisions, consumes and dead-letters; MinIO's user can do
+/// nothing else — not publish dead letters, not purge the stream, not read the events.
+#[tokio::test]
+async fn the_shipped_nats_users_let_minio_only_publish_events() {
+    use sensor_pipeline::config::{Env, NatsSettings};
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../nats/accounts.conf"),
+        dir.path().join("accounts.conf"),
+    )
+    .unwrap();
+    let conf = dir.path().join("server.conf");
+    std::fs::write(&conf, "include \"accounts.conf\"\n").unwrap();
+    let (_nats, url) = testbed::owned_nats_with_env(
+        &[
+            ("NATS_WORKER_PASSWORD", "w0rker"),
+            ("NATS_MINIO_PASSWORD", "m1nio"),
+        ],
+        &["-c".into(), conf.display().to_string()],
+    )
+    .await
+    .unwrap();
+    // The production names (the defaults): MinIO's user may publish to `minio.events` only.
+    let as_user = |user: &str, password: &str| {
+        NatsSettings::from_env(&Env::from_map([
+            ("NATS_URL", url.as_str()),
+            ("NATS_USER", user),
+            ("NATS_PASSWORD", password),
+            ("NATS_ACK_WAIT_SECS", "2"),
+        ]))
+        .unwrap()
+    };
+    let workers = as_user("sensors-worker", "w0rker");
+    let minio = as_user("minio", "m1nio");
+    assert_eq!(workers.subject, "minio.events");
+    let db = testbed::postgres()
+        .await
+        .unwrap()
+        .create_database()
+        .await
+        .unwrap();
+    let s3 = testbed::S3Server::start_notifying(
+        "code-challenge-data",
+        testbed::NotifyTarget {
+            nats_url: url.clone(),
+            subject: minio.subject.clone(),
+            auth: minio.auth.clone(),
+        },
+    )
+    .await
+    .unwrap();
+    let p = Pipeline::from_env(TestEnv {
+        s3,
+        mapping_db: db.clone(),
+        measurements_db: db,
+        events: Some(workers.clone()),
+    })
+    .await;
+    p.queue.provision().await.unwrap();
+
+    // MinIO's notification, published as its user (a JetStream publish: it waits for the ack).
+    p.env
+        .s3
+        .put("timeseries/a.csv", big_file(10))
+        .await
+        .unwrap();
+    assert_eq!(p.queue.pending().await.unwrap(), 1);
+
+    // Everything else MinIO's user tries is refused, each with the server's one line.
+    let refusals = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let noted = refusals.clone();
+    let intruder = sensor_pipeline::queue::connect_options(&minio.auth)
+        .unwrap()
+        .event_callback(move |event| {
+            let noted = noted.clone();
+            async move {
+                if let async_nats::Event::ServerError(e) = event {
+                    // Servers differ in case: 2.9 "Permissions Violation for Publish to …".
+                    noted.lock().unwrap().push(e.to_string().to_lowercase());
+                }
+            }
+        })
+        .connect(url.as_str())
+        .await
+        .unwrap();
+    intruder
+        .publish("sensors.dlq", "forged".into())
+        .await
+        .unwrap();
+    intruder
+        .publish("$JS.API.STREAM.PURGE.SENSOR_EVENTS", "".into())
+        .await
+        .unwrap();
+    let _sub = intruder.subscribe("minio.events").await.unwrap();
+    intruder.flush().await.unwrap();
+    // The server answers in order: once the flush's PONG is back, the refusals have been sent.
+    wait_for("the refusals", Duration::from_secs(10), &[], || async {
+        refusals.lock().unwrap().len() == 3
+    })
+    .await;
+    assert_eq!(
+        *refusals.lock().unwrap(),
+        vec![
+            "nats: permissions violation for publish to \"sensors.dlq\"".to_string(),
+            "nats: permissions violation for publish to \"$js.api.stream.purge.sensor_events\""
+                .to_string(),
+            "nats: permissions violation for subscription to \"minio.events\"".to_string(),
+        ]
+    );
+    assert_eq!(p.queue.pending().await.unwrap(), 1, "not purged");
+    assert!(p.dead_letters().await.is_empty(), "no forged dead letter");
+
+    // The workers' user: consume, ingest, dead-letter.
+    let worker = p.worker("w1", &[]);
+    p.settled("timeseries/a.csv", "done", &[&worker]).await;
+    assert_eq!(p.count("SELECT count(*) FROM measurements").await, 10);
+    p.queue
+        .publish_event(b"not json".to_vec(), None)
+        .await
+        .unwrap();
+    wait_for(
+        "the dead letter",
+        Duration::from_secs(30),
+        &[&worker],
+        || async { p.dead_letters().await.len() == 1 },
+    )
+    .await;
+}
