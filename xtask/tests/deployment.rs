@@ -1,7 +1,9 @@
 //! The deployment files agree with the configuration the code reads: `docker-compose.yml` passes
 //! only settings the binaries know, and every required one; `config/.env.example` documents every
 //! setting. (That the list is what the code reads, the compiler checks: settings are read only
-//! through `Setting`.)
+//! through `Setting`.) And the compose file is fit to run: no secret has a default, nothing is
+//! published beyond loopback, every image is pinned, every volume is where its image keeps its
+//! data, each service uses its own least-privilege role.
 
 use std::collections::BTreeSet;
 
@@ -68,9 +70,7 @@ fn compose_passes_known_settings_and_every_required_one() {
         let env = service
             .get(&Yaml::String("environment".into()))
             .unwrap_or_else(|| panic!("{name} has no environment"));
-        let Yaml::Hash(env) = env else {
-            panic!("{name}: environment must be a mapping")
-        };
+        let env = merged(env);
         let passed: BTreeSet<&str> = env.keys().filter_map(Yaml::as_str).collect();
         for key in &passed {
             let base = key.strip_suffix("_FILE").unwrap_or(key);
@@ -103,5 +103,264 @@ fn compose_passes_known_settings_and_every_required_one() {
     assert_eq!(
         docs[0]["services"]["query-cli"]["profiles"][0].as_str(),
         Some("tools")
+    );
+}
+
+/// The compose file's services, with merge keys resolved (also in `environment`).
+fn services() -> Vec<(String, yaml_rust2::yaml::Hash)> {
+    let docs = YamlLoader::load_from_str(&read("docker-compose.yml")).unwrap();
+    let Yaml::Hash(services) = &docs[0]["services"] else {
+        panic!("no services")
+    };
+    services
+        .iter()
+        .map(|(name, service)| {
+            let mut service = merged(service);
+            let env = Yaml::String("environment".into());
+            if let Some(e) = service.get(&env) {
+                let e = Yaml::Hash(merged(e));
+                service.insert(env, e);
+            }
+            (name.as_str().unwrap().to_string(), service)
+        })
+        .collect()
+}
+
+fn field<'a>(service: &'a yaml_rust2::yaml::Hash, key: &str) -> Option<&'a Yaml> {
+    service.get(&Yaml::String(key.into()))
+}
+
+fn strings(node: Option<&Yaml>) -> Vec<String> {
+    match node {
+        Some(Yaml::Array(items)) => items
+            .iter()
+            .filter_map(|i| i.as_str().map(String::from))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Every `${NAME…}` in the compose file: (NAME, what follows the name up to the closing brace).
+/// `$${NAME}` is no interpolation (compose passes `${NAME}` on, to a shell in the container).
+fn interpolations(text: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        let escaped = rest[..start].ends_with('$');
+        let after = &rest[start + 2..];
+        let end = after.find('}').expect("an unclosed ${");
+        let inner = &after[..end];
+        if escaped {
+            rest = &after[end..];
+            continue;
+        }
+        let name_end = inner
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(inner.len());
+        out.push((inner[..name_end].to_string(), inner[name_end..].to_string()));
+        rest = &after[end..];
+    }
+    out
+}
+
+fn is_secret(name: &str) -> bool {
+    [
+        "PASSWORD",
+        "SECRET",
+        "TOKEN",
+        "ROOT_USER",
+        "ACCESS_KEY",
+        "CREDS",
+        "NKEY",
+    ]
+    .iter()
+    .any(|word| name.contains(word))
+}
+
+#[test]
+fn compose_secrets_have_no_default_and_stop_compose_with_a_message() {
+    let text = read("docker-compose.yml");
+    let secrets: Vec<(String, String)> = interpolations(&text)
+        .into_iter()
+        .filter(|(name, _)| is_secret(name))
+        .collect();
+    assert!(secrets.len() >= 8, "{secrets:?}");
+    for (name, rest) in &secrets {
+        assert!(
+            rest.starts_with(":?") && rest.len() > 2,
+            "${{{name}{rest}}}: a secret must be ${{{name}:?message}}, never a default"
+        );
+    }
+    // And no service is handed a literal secret (a value without `${`), in a variable or a URL.
+    for (name, service) in services() {
+        let Some(Yaml::Hash(env)) = field(&service, "environment") else {
+            continue;
+        };
+        for (key, value) in env {
+            let (key, value) = (key.as_str().unwrap(), value.as_str().unwrap_or(""));
+            let literal_secret = is_secret(key) && !value.contains("${");
+            let url_with_password = value.contains("://")
+                && value.contains('@')
+                && !value.split('@').next().unwrap().contains("${");
+            assert!(
+                !literal_secret && !url_with_password,
+                "{name}: {key} holds a literal secret"
+            );
+        }
+    }
+}
+
+#[test]
+fn compose_publishes_nothing_beyond_loopback_and_nats_not_at_all() {
+    for (name, service) in services() {
+        for port in strings(field(&service, "ports")) {
+            assert!(
+                port.starts_with("127.0.0.1:"),
+                "{name} publishes {port} on every interface: bind it to 127.0.0.1"
+            );
+            assert!(
+                !name.starts_with("nats"),
+                "{name} publishes {port}: NATS clients are on the compose network"
+            );
+        }
+    }
+}
+
+#[test]
+fn compose_images_are_pinned() {
+    let version = read("Cargo.toml")
+        .lines()
+        .find_map(|l| l.strip_prefix("version = \""))
+        .and_then(|v| v.strip_suffix('"'))
+        .unwrap()
+        .to_string();
+    for (name, service) in services() {
+        let image = field(&service, "image").and_then(Yaml::as_str).unwrap();
+        let (repository, tag) = image
+            .rsplit_once(':')
+            .unwrap_or_else(|| panic!("{name}: {image} has no tag"));
+        assert!(
+            !tag.contains("latest") && tag.chars().any(|c| c.is_ascii_digit()),
+            "{name}: {image} is not a pinned version"
+        );
+        if repository == "sensor-pipeline" {
+            assert_eq!(
+                tag, version,
+                "{name}: our image carries the workspace version"
+            );
+        }
+    }
+}
+
+/// Where each image keeps its data (the path its volume must be mounted at), with the source.
+const DATA_PATHS: &[(&str, &str)] = &[
+    // docker-library/postgres, 16/alpine3.22/Dockerfile: `ENV PGDATA /var/lib/postgresql/data`
+    // (the same in every version up to 17; 18 moved it to /var/lib/postgresql/18/docker).
+    ("postgres", "/var/lib/postgresql/data"),
+    // timescale/timescaledb-docker, Dockerfile: `FROM postgres:${PG_VERSION}-alpine`, PGDATA
+    // unchanged.
+    ("timescale/timescaledb", "/var/lib/postgresql/data"),
+    // timescale/timescaledb-docker-ha, Dockerfile: `PGDATA=/home/postgres/pgdata/data`.
+    ("timescale/timescaledb-ha", "/home/postgres/pgdata/data"),
+    // nats/nats-server.conf and nats-cluster.conf here: `store_dir: /data/jetstream`.
+    ("nats", "/data"),
+    // The `minio server /data` command of the service (the image keeps nothing elsewhere).
+    ("minio/minio", "/data"),
+];
+
+#[test]
+fn compose_volumes_are_where_each_image_keeps_its_data() {
+    assert!(read("nats/nats-server.conf").contains("store_dir: /data/jetstream"));
+    assert!(read("nats/nats-cluster.conf").contains("store_dir: /data/jetstream"));
+    let mut checked = Vec::new();
+    for (name, service) in services() {
+        let image = field(&service, "image").and_then(Yaml::as_str).unwrap();
+        let repository = image.rsplit_once(':').map_or(image, |(r, _)| r);
+        let mounts: Vec<String> = strings(field(&service, "volumes"))
+            .iter()
+            .filter(|v| !v.starts_with('.') && !v.starts_with('/'))
+            .filter_map(|v| v.split(':').nth(1).map(String::from))
+            .collect();
+        if mounts.is_empty() {
+            continue;
+        }
+        let (_, path) = DATA_PATHS
+            .iter()
+            .find(|(r, _)| *r == repository)
+            .unwrap_or_else(|| panic!("{name}: add {repository}'s data path to DATA_PATHS"));
+        assert!(
+            mounts.iter().any(|m| m == path),
+            "{name} ({image}) keeps its data in {path}, but its volumes are at {mounts:?}"
+        );
+        checked.push(name);
+    }
+    assert_eq!(
+        checked,
+        [
+            "nats",
+            "nats-1",
+            "nats-2",
+            "nats-3",
+            "postgres",
+            "timescaledb",
+            "minio"
+        ]
+    );
+}
+
+#[test]
+fn compose_services_use_their_own_roles() {
+    let user_of = |url: &str| {
+        url.split("://")
+            .nth(1)
+            .and_then(|rest| rest.split(':').next())
+            .unwrap()
+            .to_string()
+    };
+    for (name, service) in services() {
+        let Some(Yaml::Hash(env)) = field(&service, "environment") else {
+            continue;
+        };
+        let url = |key: &str| env.get(&Yaml::String(key.into())).and_then(Yaml::as_str);
+        if let (Some(mapping), Some(measurements)) =
+            (url("DATABASE_URL"), url("TIMESCALE_DATABASE_URL"))
+        {
+            let want = match name.as_str() {
+                "migrate" => "sensors_migrate",
+                "query-cli" => "sensors_reader",
+                _ => "sensors_worker",
+            };
+            assert_eq!(
+                (user_of(mapping), user_of(measurements)),
+                (want.to_string(), want.to_string()),
+                "{name}"
+            );
+        }
+        if name == "postgres" || name == "timescaledb" {
+            assert!(
+                strings(field(&service, "volumes")).contains(
+                    &"./postgres/10-roles.sh:/docker-entrypoint-initdb.d/10-roles.sh:ro"
+                        .to_string()
+                ),
+                "{name} does not create the roles"
+            );
+        }
+    }
+    // MinIO publishes as the NATS user that may only publish the events subject.
+    let accounts = read("nats/accounts.conf");
+    assert!(accounts.contains("publish: { allow: [\"minio.events\"] }"));
+    let minio = services()
+        .into_iter()
+        .find(|(n, _)| n == "minio")
+        .unwrap()
+        .1;
+    let Some(Yaml::Hash(env)) = field(&minio, "environment") else {
+        panic!("minio has no environment")
+    };
+    let get = |k: &str| env.get(&Yaml::String(k.into())).and_then(Yaml::as_str);
+    assert_eq!(get("MINIO_NOTIFY_NATS_USERNAME_PRIMARY"), Some("minio"));
+    assert_eq!(
+        get("MINIO_NOTIFY_NATS_SUBJECT_PRIMARY"),
+        Some("minio.events")
     );
 }
