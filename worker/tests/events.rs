@@ -1405,9 +1405,10 @@ async fn with_several_nats_urls_and_the_first_down_the_worker_uses_the_next() {
     assert_eq!(worker.get("/readyz").await, (200, "ready\n".to_string()));
 }
 
-/// The NATS users of `nats/accounts.conf` (what docker-compose.yml runs): MinIO's user publishes
-/// events, which the workers' user provisions, consumes and dead-letters; MinIO's user can do
-/// nothing else — not publish dead letters, not purge the stream, not read the events.
+/// The NATS accounts of `nats/accounts.conf` (what docker-compose.yml runs): MinIO's user, in an
+/// account of its own, publishes events through the imported service into the workers' account,
+/// whose user provisions, consumes and dead-letters; MinIO's user can do nothing else — not
+/// publish dead letters, not purge the stream, not read the events.
 #[tokio::test]
 async fn the_shipped_nats_users_let_minio_only_publish_events() {
     use sensor_pipeline::config::{Env, NatsSettings};
