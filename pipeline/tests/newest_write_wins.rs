@@ -182,12 +182,7 @@ async fn the_end_state_is_the_newest_write_whatever_the_order_and_concurrency() 
     let (mut versions_total, mut repeats_total) = (0, 0);
     for seed in 0..CASES {
         let mut rng = Rng(seed);
-        let db = testbed::postgres()
-            .await
-            .unwrap()
-            .create_database()
-            .await
-            .unwrap();
+        let db = testbed::database().await.unwrap();
         let settings = sensor_pipeline::config::DatabaseSettings {
             mapping_url: sensor_pipeline::config::Secret::new(db.clone()),
             measurements_url: sensor_pipeline::config::Secret::new(db.clone()),

@@ -32,9 +32,9 @@ use sensor_pipeline::config::{
 };
 
 pub use processes::{
-    find_pg_binary, free_port, init_cluster, is_root, nats, owned_nats, owned_nats_cluster,
-    owned_nats_with, owned_nats_with_env, owned_postgres, owned_postgres_tls, postgres,
-    postgres_command, wait_until, wait_until_async, which, Nats, OwnedServer, Postgres,
+    database, find_pg_binary, free_port, init_cluster, is_root, nats, owned_nats,
+    owned_nats_cluster, owned_nats_with, owned_nats_with_env, owned_postgres, owned_postgres_tls,
+    postgres, postgres_command, wait_until, wait_until_async, which, Nats, OwnedServer, Postgres,
 };
 pub use s3::{NotifyTarget, S3Server};
 

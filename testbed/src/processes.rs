@@ -21,6 +21,11 @@ pub struct Nats {
     _watchdog: Option<ChildStdin>,
 }
 
+/// A new, empty database of its own on the shared server ([`postgres`]); its URL.
+pub async fn database() -> Result<String> {
+    postgres().await?.create_database().await
+}
+
 /// The process-wide PostgreSQL server (started on first use, or `TEST_DATABASE_URL`).
 ///
 /// The first caller starts it on a blocking thread (initdb takes seconds), so an async test's

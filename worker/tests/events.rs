@@ -793,12 +793,7 @@ async fn a_postgres_outage_longer_than_the_delivery_budget_dead_letters_nothing(
 #[tokio::test]
 async fn the_worker_reconnects_after_a_nats_restart() {
     let (mut nats, url) = testbed::owned_nats().await.unwrap();
-    let db = testbed::postgres()
-        .await
-        .unwrap()
-        .create_database()
-        .await
-        .unwrap();
+    let db = testbed::database().await.unwrap();
     let p = Pipeline::from_env(TestEnv::with_events_at(&url, db).await.unwrap()).await;
     let worker = p.worker("w1", &[]);
     p.env
@@ -864,12 +859,7 @@ async fn in_progress_acks_keep_a_long_object_from_being_redelivered() {
 #[tokio::test]
 async fn an_object_store_outage_longer_than_the_delivery_budget_dead_letters_nothing() {
     let nats = testbed::nats().await.unwrap().url.clone();
-    let db = testbed::postgres()
-        .await
-        .unwrap()
-        .create_database()
-        .await
-        .unwrap();
+    let db = testbed::database().await.unwrap();
     let p = small_budget(&nats, db).await;
     let worker = p.worker("w1", &[]);
     let key = "timeseries/during-outage.csv";
@@ -919,12 +909,7 @@ async fn an_object_store_outage_longer_than_the_delivery_budget_dead_letters_not
 #[tokio::test]
 async fn a_nats_outage_longer_than_the_delivery_budget_dead_letters_nothing() {
     let (mut nats, url) = testbed::owned_nats().await.unwrap();
-    let db = testbed::postgres()
-        .await
-        .unwrap()
-        .create_database()
-        .await
-        .unwrap();
+    let db = testbed::database().await.unwrap();
     let p = small_budget(&url, db).await;
     let rows = 100_000;
     let w1 = p.worker("w1", &[]);
@@ -1044,12 +1029,7 @@ async fn provision_check_prints_the_drift_and_workers_leave_the_consumer_as_it_i
 #[tokio::test]
 async fn the_stream_leader_dying_mid_dataset_loses_nothing_and_ingests_nothing_twice() {
     let (mut nodes, urls) = testbed::owned_nats_cluster().await.unwrap();
-    let db = testbed::postgres()
-        .await
-        .unwrap()
-        .create_database()
-        .await
-        .unwrap();
+    let db = testbed::database().await.unwrap();
     let env = TestEnv::with_events_replicated(&urls[2], db, 3)
         .await
         .unwrap();
@@ -1322,12 +1302,7 @@ async fn the_worker_works_over_each_kind_of_nats_credentials() {
     ];
     for (kind, args, good, good_vars, bad) in cases {
         let (_nats, url) = testbed::owned_nats_with(&args).await.unwrap();
-        let db = testbed::postgres()
-            .await
-            .unwrap()
-            .create_database()
-            .await
-            .unwrap();
+        let db = testbed::database().await.unwrap();
         let env = TestEnv::with_events_as(&url, db, 1, good).await.unwrap();
         let p = Pipeline::from_env(env).await;
         let good_vars: Vec<(&str, &str)> =
@@ -1442,12 +1417,7 @@ async fn the_shipped_nats_users_let_minio_only_publish_events() {
     let workers = as_user("sensors-worker", "w0rker");
     let minio = as_user("minio", "m1nio");
     assert_eq!(workers.subject, "minio.events");
-    let db = testbed::postgres()
-        .await
-        .unwrap()
-        .create_database()
-        .await
-        .unwrap();
+    let db = testbed::database().await.unwrap();
     let s3 = testbed::S3Server::start_notifying(
         "code-challenge-data",
         testbed::NotifyTarget {
