@@ -266,21 +266,27 @@ fn start_nats() -> Result<Nats> {
             _watchdog: None,
         });
     }
-    let (dir, port, server) = nats_server_command()?;
-    let watchdog = spawn_watchdog(
-        &server,
-        &dir,
-        "kill -TERM $pid 2>/dev/null",
-        &dir.join("nats.log"),
-    )?;
+    let (dir, server) = nats_server_command()?;
+    let log = dir.join("nats.log");
+    let watchdog = spawn_watchdog(&server, &dir, "kill -TERM $pid 2>/dev/null", &log)?;
+    let port = std::cell::Cell::new(0);
     wait_until(Duration::from_secs(30), "nats-server to listen", || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        port.set(nats_port(&log).unwrap_or(0));
+        port.get() != 0 && std::net::TcpStream::connect(("127.0.0.1", port.get())).is_ok()
     })
-    .with_context(|| format!("see {}", dir.join("nats.log").display()))?;
+    .with_context(|| format!("see {}", log.display()))?;
     Ok(Nats {
-        url: format!("nats://127.0.0.1:{port}"),
+        url: format!("nats://127.0.0.1:{}", port.get()),
         _watchdog: Some(watchdog),
     })
+}
+
+/// The client port a nats-server started with `-p -1` chose, from its log.
+fn nats_port(log: &Path) -> Option<u16> {
+    let text = std::fs::read_to_string(log).ok()?;
+    text.lines()
+        .find_map(|l| l.split("Listening for client connections on ").nth(1))
+        .and_then(|address| address.trim().rsplit(':').next()?.parse().ok())
 }
 
 /// Runs `server` in the background under a shell that, when its stdin closes (this process
@@ -410,8 +416,9 @@ impl Drop for OwnedServer {
     }
 }
 
-/// A folder, a free port and the shell command for a nats-server with JetStream storing there.
-fn nats_server_command() -> Result<(PathBuf, u16, String)> {
+/// A folder and the shell command for a nats-server with JetStream storing there, on a client
+/// port it chooses itself (`-p -1`; [`nats_port`] reads it from the log).
+fn nats_server_command() -> Result<(PathBuf, String)> {
     let bin = which("nats-server").ok_or_else(|| {
         anyhow!(
             "nats-server not found: install it (apt-get install nats-server) or set TEST_NATS_URL"
@@ -421,13 +428,12 @@ fn nats_server_command() -> Result<(PathBuf, u16, String)> {
         .prefix("testbed-nats-")
         .tempdir()?
         .keep();
-    let port = free_port()?;
     let command = format!(
-        "{} -js -a 127.0.0.1 -p {port} -sd {}",
+        "{} -js -a 127.0.0.1 -p -1 -sd {}",
         shell_quote(&bin),
         shell_quote(&dir.join("jetstream"))
     );
-    Ok((dir, port, command))
+    Ok((dir, command))
 }
 
 /// A NATS server with JetStream of the test's own (file storage kept across restarts).
@@ -446,7 +452,7 @@ pub async fn owned_nats_with_env(
     vars: &[(&str, &str)],
     args: &[String],
 ) -> Result<(OwnedServer, String)> {
-    let (dir, port, server) = nats_server_command()?;
+    let (dir, server) = nats_server_command()?;
     let mut command = String::from("env");
     for (name, value) in vars {
         command.push(' ');
@@ -458,26 +464,35 @@ pub async fn owned_nats_with_env(
         command.push(' ');
         command.push_str(&shell_quote(Path::new(arg)));
     }
-    start_owned_nats(dir, port, command).await
+    start_owned_nats(dir, command).await
 }
 
 /// Starts a nats-server command of [`nats_server_command`]'s as an [`OwnedServer`]; returns it and
-/// its client URL.
-async fn start_owned_nats(
-    dir: PathBuf,
-    port: u16,
-    command: String,
-) -> Result<(OwnedServer, String)> {
-    let mut server = OwnedServer {
+/// its client URL. The port the server chose is written into the command, so a restart (an outage
+/// in a test) listens where the clients reconnect.
+async fn start_owned_nats(dir: PathBuf, command: String) -> Result<(OwnedServer, String)> {
+    let log = dir.join("nats.log");
+    let stop = String::from("kill -TERM $pid 2>/dev/null");
+    let watchdog = spawn_watchdog_with(&command, None, &stop, &log)?;
+    let chosen = std::sync::atomic::AtomicU16::new(0);
+    let relaxed = std::sync::atomic::Ordering::Relaxed;
+    wait_until_async(Duration::from_secs(60), "nats-server to listen", || {
+        chosen.store(nats_port(&log).unwrap_or(0), relaxed);
+        let port = chosen.load(relaxed);
+        port != 0 && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })
+    .await
+    .with_context(|| format!("see {}", log.display()))?;
+    let port = chosen.load(relaxed);
+    let server = OwnedServer {
         port,
-        log: dir.join("nats.log"),
+        log,
         dir,
-        command,
-        stop: "kill -TERM $pid 2>/dev/null".into(),
+        command: command.replacen(" -p -1 ", &format!(" -p {port} "), 1),
+        stop,
         ready: Box::new(move || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()),
-        watchdog: None,
+        watchdog: Some(watchdog),
     };
-    server.start().await?;
     Ok((server, format!("nats://127.0.0.1:{port}")))
 }
 
@@ -495,14 +510,14 @@ pub async fn owned_nats_cluster() -> Result<(Vec<OwnedServer>, Vec<String>)> {
             .filter(|c| *c != cluster_port)
             .map(|c| format!("nats://127.0.0.1:{c}"))
             .collect();
-        let (dir, port, command) = nats_server_command()?;
+        let (dir, command) = nats_server_command()?;
         let command = format!(
             "{command} --name n{} --cluster_name sensors --cluster nats://127.0.0.1:{cluster_port} \
              --routes {}",
             i + 1,
             routes.join(",")
         );
-        let (node, url) = start_owned_nats(dir, port, command).await?;
+        let (node, url) = start_owned_nats(dir, command).await?;
         nodes.push(node);
         urls.push(url);
     }
