@@ -542,17 +542,12 @@ pub async fn owned_postgres_tls(
         settings.push("ssl_ca_file=ca.pem");
     }
     let settings: Vec<String> = settings.into_iter().map(String::from).collect();
-    let PgServer {
-        dir,
-        data,
-        port,
-        command,
-        stop,
-    } = tokio::task::spawn_blocking(move || {
+    let pg = tokio::task::spawn_blocking(move || {
         let refs: Vec<&str> = settings.iter().map(String::as_str).collect();
         pg_server(&refs)
     })
     .await??;
+    let data = &pg.data;
     for (from, to) in [
         (&pki.server_cert, "server.pem"),
         (&pki.server_key, "server.key"),
@@ -576,14 +571,7 @@ pub async fn owned_postgres_tls(
         data.join("pg_hba.conf"),
         format!("local all all trust\nhostssl all all 127.0.0.1/32 {method}\n"),
     )?;
-    start_owned_postgres(PgServer {
-        dir,
-        data,
-        port,
-        command,
-        stop,
-    })
-    .await
+    start_owned_postgres(pg).await
 }
 
 /// Starts a server of [`pg_server`]'s as an [`OwnedServer`]; returns it and its superuser URL.
