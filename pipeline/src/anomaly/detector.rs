@@ -38,6 +38,26 @@ const STUCK_MIN: u32 = 12;
 /// A run is stuck when it is this many times longer than the run length exceeded in
 /// `NOVELTY_RANK` epochs.
 const STUCK_FACTOR: f64 = 3.0;
+/// Epochs in a day: the daily profile compares an epoch with the same epoch of earlier days.
+const DAY_MICROS: i64 = 86_400_000_000;
+const EPOCHS_PER_DAY: usize = (DAY_MICROS / EPOCH_MICROS) as usize;
+/// Earlier days the daily profile is made of (their epochs must be in the memory, with the
+/// epochs the profile is judged over: `DAYS * EPOCHS_PER_DAY + DAILY_EPOCHS <= EPOCHS`).
+const DAYS: usize = 3;
+/// Of those, how many must have readings in the epoch for the profile to say anything.
+const DAYS_MIN: usize = 2;
+/// Epochs over which the daily profile must predict each epoch's level better than the epoch
+/// before does …
+const DAILY_EPOCHS: usize = 48;
+/// … by this factor (summed errors), for the sensor to count as having a daily cycle.
+const DAILY_RATIO: f64 = 0.5;
+/// A reading is on *empty ground* when none of the last `VALUES` readings (kept as `f32`: 4 KB)
+/// came within `EMPTY_WIDTH` of the remembered range of it …
+const VALUES: usize = 1024;
+const EMPTY_WIDTH: f64 = 0.06;
+/// … and it counts when `REST` readings passed since the last anomaly or excursion (a burst of
+/// new values is one event).
+const REST: u32 = 96;
 /// Intervals the typical interval is the median of.
 const INTERVALS: usize = 256;
 /// Intervals needed before a gap is reported.
@@ -51,11 +71,15 @@ const GAP_MAX_FACTOR: f64 = 2.0;
 /// be that of a run from the beginning of time: its epoch memory (at least) …
 pub const WARM_UP_MICROS: i64 = (EPOCHS as i64 + 1) * EPOCH_MICROS;
 /// … and its windows counted in readings.
-pub const WARM_UP_READINGS: usize = 2 * RESIDUALS;
+pub const WARM_UP_READINGS: usize = if VALUES > 2 * RESIDUALS {
+    VALUES
+} else {
+    2 * RESIDUALS
+};
 
 /// The version of [`Detector::to_bytes`]' layout *and* of the method: bump it whenever either
 /// changes, so that states saved by another version are not resumed.
-const STATE_FORMAT: u32 = 1;
+const STATE_FORMAT: u32 = 2;
 
 /// A streaming detector for one sensor's readings.
 #[derive(Debug, Clone)]
@@ -88,6 +112,31 @@ pub struct Detector {
     run: Run,
     epoch_run: f64,
     epoch_runs: SortedRing,
+    /// The last values (for empty ground), and the readings since the last anomaly was reported
+    /// or an excursion was open.
+    values: Ring<f32>,
+    since_alarm: u32,
+    /// The level at the end of each past epoch (NaN: no readings), and per epoch of the last
+    /// `DAILY_EPOCHS` how far its level was from the daily profile and from the epoch before.
+    levels: Ring<f64>,
+    daily_errors: Ring<f64>,
+    hourly_errors: Ring<f64>,
+    /// Whether the daily profile predicts this sensor (see [`Detector::profile`]).
+    daily: bool,
+    /// The current epoch's range and level on the earlier days (when there are enough of them).
+    season: Option<Season>,
+    /// A reading left that range and nothing was back in it since (one alarm per departure).
+    season_away: bool,
+    /// No departure from the daily profile counts before this time (after a level shift).
+    season_quiet_until: i64,
+}
+
+/// What the same epoch of the earlier days held.
+#[derive(Debug, Clone, Copy)]
+struct Season {
+    low: f64,
+    high: f64,
+    level: f64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -112,6 +161,8 @@ struct Excursion {
     unit: f64,
     extreme: f64,
     values: Vec<(i64, f64)>,
+    /// Started by leaving the daily profile (see [`Detector::off_season`]).
+    seasonal: bool,
 }
 
 impl Default for Detector {
@@ -152,12 +203,22 @@ impl Detector {
             },
             epoch_run: 0.0,
             epoch_runs: SortedRing::new(EPOCHS),
+            levels: Ring::new(EPOCHS),
+            values: Ring::new(VALUES),
+            since_alarm: 0,
+            daily_errors: Ring::new(DAILY_EPOCHS),
+            hourly_errors: Ring::new(DAILY_EPOCHS),
+            daily: false,
+            season: None,
+            season_away: false,
+            season_quiet_until: i64::MIN,
         }
     }
 
     /// Feeds the next reading (`at` in microseconds since the epoch, strictly after the previous
     /// one); appends what it completes to `found`.
     pub fn push(&mut self, at: i64, value: f64, found: &mut Vec<Anomaly>) {
+        let reported = found.len();
         if let Some((previous, last_value)) = self.last {
             self.interval(previous, at, found);
             if value == last_value {
@@ -181,8 +242,15 @@ impl Detector {
             .pending
             .as_ref()
             .map_or_else(|| self.expected(at), |e| e.expected);
+        self.advance_epoch(at);
         self.level(at, value, found);
-        self.epoch(at, value, value - expected);
+        self.since_alarm = if found.len() > reported || self.pending.is_some() {
+            0
+        } else {
+            self.since_alarm.saturating_add(1)
+        };
+        self.epoch(value, value - expected);
+        self.values.push(value as f32);
         self.last = Some((at, value));
     }
 
@@ -202,7 +270,7 @@ impl Detector {
     /// first reading): the undecided excursion as a spike, the current run as stuck.
     pub fn provisional(&self) -> Vec<(Kind, i64)> {
         let mut out = Vec::new();
-        if let Some(e) = &self.pending {
+        if let Some(e) = self.pending.as_ref().filter(|e| !e.seasonal) {
             out.push((Kind::Spike, e.start));
         }
         if self.run.len > 0 {
@@ -241,6 +309,7 @@ impl Detector {
                 e.i64(at);
                 e.f64(v);
             }
+            e.bool(x.seasonal);
         }
         e.i64(self.epoch);
         e.f64(self.epoch_max);
@@ -264,6 +333,20 @@ impl Detector {
         e.bool(r.judged);
         e.f64(self.epoch_run);
         e.sorted(&self.epoch_runs);
+        e.ring_f64(&self.levels);
+        e.ring_f32(&self.values);
+        e.u32(self.since_alarm);
+        e.ring_f64(&self.daily_errors);
+        e.ring_f64(&self.hourly_errors);
+        e.bool(self.daily);
+        e.bool(self.season.is_some());
+        if let Some(x) = self.season {
+            for v in [x.low, x.high, x.level] {
+                e.f64(v);
+            }
+        }
+        e.bool(self.season_away);
+        e.i64(self.season_quiet_until);
         e.0
     }
 
@@ -293,6 +376,7 @@ impl Detector {
             for _ in 0..n {
                 values.push((d.i64()?, d.f64()?));
             }
+            let seasonal = d.bool()?;
             Some(Excursion {
                 start,
                 end,
@@ -302,6 +386,7 @@ impl Detector {
                 unit,
                 extreme,
                 values,
+                seasonal,
             })
         } else {
             None
@@ -329,6 +414,23 @@ impl Detector {
         };
         let epoch_run = d.f64()?;
         let epoch_runs = d.sorted(EPOCHS)?;
+        let levels = d.ring_f64(EPOCHS)?;
+        let values = d.ring_f32(VALUES)?;
+        let since_alarm = d.u32()?;
+        let daily_errors = d.ring_f64(DAILY_EPOCHS)?;
+        let hourly_errors = d.ring_f64(DAILY_EPOCHS)?;
+        let daily = d.bool()?;
+        let season = if d.bool()? {
+            Some(Season {
+                low: d.f64()?,
+                high: d.f64()?,
+                level: d.f64()?,
+            })
+        } else {
+            None
+        };
+        let season_away = d.bool()?;
+        let season_quiet_until = d.i64()?;
         if !d.0.is_empty() {
             return None;
         }
@@ -353,13 +455,22 @@ impl Detector {
             run,
             epoch_run,
             epoch_runs,
+            levels,
+            values,
+            since_alarm,
+            daily_errors,
+            hourly_errors,
+            daily,
+            season,
+            season_away,
+            season_quiet_until,
         })
     }
 
     /// Ends the series: reports what is still open (an excursion as a spike, a stuck run).
     pub fn finish(&mut self, found: &mut Vec<Anomaly>) {
         if let Some(e) = self.pending.take() {
-            found.push(e.spike());
+            found.extend(e.spike());
         }
         self.end_run(found);
     }
@@ -411,7 +522,7 @@ impl Detector {
     /// and a jump back to it is part of that anomaly, not a level shift of its own).
     fn relearn(&mut self, found: &mut Vec<Anomaly>) {
         if let Some(e) = self.pending.take() {
-            found.push(e.spike());
+            found.extend(e.spike());
         }
         self.restart_level(&[]);
     }
@@ -465,6 +576,11 @@ impl Detector {
                 }
                 e.values.push((at, value));
                 if e.values.len() >= CONFIRM {
+                    if !e.seasonal {
+                        // The daily profile of the earlier days is the old level's: it is not
+                        // asked again until it has days of the new one.
+                        self.season_quiet_until = at.saturating_add(DAYS as i64 * DAY_MICROS);
+                    }
                     found.push(e.level_shift());
                     self.restart_level(&e.values);
                 } else {
@@ -472,7 +588,7 @@ impl Detector {
                 }
                 return;
             }
-            found.push(e.spike());
+            found.extend(e.spike());
         }
         let expected = self.expected(at);
         let residual = value - expected;
@@ -485,6 +601,14 @@ impl Detector {
                 self.new_ground(value)
             } else {
                 0.0
+            };
+            let beyond = if beyond == 0.0
+                && self.since_alarm > REST
+                && residual.abs() > Z * self.sigma / self.sensitivity
+            {
+                self.empty_ground(value) * residual.signum()
+            } else {
+                beyond
             };
             if residual.abs() > threshold || beyond != 0.0 {
                 let side = if beyond != 0.0 {
@@ -501,6 +625,22 @@ impl Detector {
                     unit,
                     extreme: value,
                     values: vec![(at, value)],
+                    seasonal: false,
+                });
+                return;
+            }
+            if let Some((side, usual)) = self.off_season(at, value) {
+                let away = (value - usual).abs();
+                self.pending = Some(Excursion {
+                    start: at,
+                    end: at,
+                    expected: usual,
+                    side,
+                    threshold: away.max(unit * 1e-3),
+                    unit,
+                    extreme: value,
+                    values: vec![(at, value)],
+                    seasonal: true,
                 });
                 return;
             }
@@ -525,6 +665,51 @@ impl Detector {
         }
     }
 
+    /// 1 when `value` is on empty ground: none of the last `VALUES` readings (at least half that
+    /// many seen) came within `EMPTY_WIDTH` of the remembered range of it; else 0. The ring is
+    /// scanned only for readings already far off the local level, which are rare.
+    fn empty_ground(&self, value: f64) -> f64 {
+        if self.values.len() < VALUES / 2 {
+            return 0.0;
+        }
+        let high = self.highs.largest(NOVELTY_RANK).max(self.epoch_high);
+        let low = (-self.lows.largest(NOVELTY_RANK)).min(self.epoch_low);
+        let near = EMPTY_WIDTH * (high - low) / self.sensitivity;
+        if !near.is_finite() || self.values.any(|v| (f64::from(v) - value).abs() <= near) {
+            0.0
+        } else {
+            1.0
+        }
+    }
+
+    /// For a sensor with a daily cycle: +1 (or -1) and the usual level when `value` is above (or
+    /// below) what the same epoch held on each of the earlier days by a clear margin — the first
+    /// reading of such a departure only.
+    fn off_season(&mut self, at: i64, value: f64) -> Option<(f64, f64)> {
+        let season = self.season?;
+        let high = self.highs.largest(NOVELTY_RANK).max(self.epoch_high);
+        let low = (-self.lows.largest(NOVELTY_RANK)).min(self.epoch_low);
+        let margin = NEW_GROUND * (high - low) / self.sensitivity;
+        let side = if value > season.high + margin {
+            1.0
+        } else if value < season.low - margin {
+            -1.0
+        } else {
+            0.0
+        };
+        if side == 0.0 || !margin.is_finite() {
+            self.season_away = false;
+            return None;
+        }
+        if !self.daily
+            || at < self.season_quiet_until
+            || std::mem::replace(&mut self.season_away, true)
+        {
+            return None;
+        }
+        Some((side, season.level))
+    }
+
     /// Whether the current run is already long enough to be stuck (its readings then teach the
     /// detector nothing about the sensor's noise).
     fn stuck_now(&self) -> bool {
@@ -540,8 +725,9 @@ impl Detector {
         self.sigma = 1.4826 * self.residuals.median();
     }
 
-    /// Adds a reading to the epoch memory (first closing the current epoch if `at` is past it).
-    fn epoch(&mut self, at: i64, value: f64, residual: f64) {
+    /// Closes the current epoch if `at` is past it (before the reading at `at` is judged, so that
+    /// it is judged with what the epochs before it held).
+    fn advance_epoch(&mut self, at: i64) {
         let epoch = at.div_euclid(EPOCH_MICROS);
         if epoch != self.epoch {
             if self.epoch != i64::MIN {
@@ -549,6 +735,10 @@ impl Detector {
             }
             self.epoch = epoch;
         }
+    }
+
+    /// Adds a reading to the current epoch's memory.
+    fn epoch(&mut self, value: f64, residual: f64) {
         if residual.is_finite() {
             self.epoch_max = self.epoch_max.max(residual.abs());
         }
@@ -576,10 +766,61 @@ impl Detector {
             self.lows.push(f64::NEG_INFINITY);
         }
         self.novelty = self.epoch_maxima.largest(NOVELTY_RANK);
+        self.profile(quiet as usize);
+
         self.epoch_max = 0.0;
         self.epoch_run = 0.0;
         self.epoch_high = f64::NEG_INFINITY;
         self.epoch_low = f64::INFINITY;
+    }
+
+    /// Records the closing epoch's level (and `quiet` epochs without readings after it), judges
+    /// whether the daily profile predicts the sensor, and sets the next epoch's [`Season`].
+    ///
+    /// The sensor has a daily cycle when, summed over the last `DAILY_EPOCHS` epochs, the median
+    /// level of the same epoch on the `DAYS` earlier days misses an epoch's level by at most
+    /// `DAILY_RATIO` of what the level of the epoch before misses it by: true of a cycle with
+    /// steep edges, not of noise (both miss by about as much) nor of a drift (the hour before is
+    /// nearer).
+    fn profile(&mut self, quiet: usize) {
+        let level = self.newer.median();
+        let previous = self.levels.recent(1).unwrap_or(f64::NAN);
+        self.daily_errors
+            .push((level - usual_level(&self.levels)).abs());
+        self.hourly_errors.push((level - previous).abs());
+        self.levels.push(level);
+        for _ in 0..quiet {
+            self.daily_errors.push(f64::NAN);
+            self.hourly_errors.push(f64::NAN);
+            self.levels.push(f64::NAN);
+        }
+        let (mut daily, mut hourly, mut n) = (0.0, 0.0, 0);
+        for i in 0..self.daily_errors.len() {
+            let (d, h) = (self.daily_errors.get(i), self.hourly_errors.get(i));
+            if d.is_finite() && h.is_finite() {
+                daily += d;
+                hourly += h;
+                n += 1;
+            }
+        }
+        self.daily = n == DAILY_EPOCHS && hourly > 0.0 && daily <= DAILY_RATIO * hourly;
+        let (mut low, mut high, mut days) = (f64::INFINITY, f64::NEG_INFINITY, 0);
+        for k in 1..=DAYS {
+            let h = self.highs.recent(k * EPOCHS_PER_DAY);
+            let l = -self.lows.recent(k * EPOCHS_PER_DAY);
+            if h.is_finite() && l.is_finite() {
+                high = high.max(h);
+                low = low.min(l);
+                days += 1;
+            }
+        }
+        // The levels ring's newest is now the epoch before the next one.
+        let usual = usual_level(&self.levels);
+        self.season = (days >= DAYS_MIN && usual.is_finite()).then_some(Season {
+            low,
+            high,
+            level: usual,
+        });
     }
 
     fn add_to_level(&mut self, at: i64, value: f64) {
@@ -599,16 +840,32 @@ impl Detector {
     }
 }
 
+/// The median level, on the `DAYS` earlier days, of the epoch after the newest in `levels` (NaN
+/// unless `DAYS_MIN` of them had readings).
+fn usual_level(levels: &Ring<f64>) -> f64 {
+    let mut usual: Vec<f64> = (1..=DAYS)
+        .filter_map(|k| levels.recent(k * EPOCHS_PER_DAY))
+        .filter(|v| v.is_finite())
+        .collect();
+    if usual.len() >= DAYS_MIN {
+        median_in_place(&mut usual)
+    } else {
+        f64::NAN
+    }
+}
+
 impl Excursion {
-    fn spike(&self) -> Anomaly {
-        Anomaly {
+    /// The excursion as a spike; none for a departure from the daily profile (which counts
+    /// only once it lasts: as a level shift).
+    fn spike(&self) -> Option<Anomaly> {
+        (!self.seasonal).then(|| Anomaly {
             kind: Kind::Spike,
             start: self.start,
             end: self.end,
             value: Some(self.extreme),
             expected: Some(self.expected),
             score: (self.extreme - self.expected).abs() / self.unit,
-        }
+        })
     }
 
     fn level_shift(&self) -> Anomaly {

@@ -260,3 +260,104 @@ fn a_resumed_state_continues_exactly_where_it_was_saved() {
         "another format version"
     );
 }
+
+/// A day shape with steep edges every 5 minutes: 20 at night, 80 from 09:00 to 18:00.
+fn office_hours(i: usize, r: &mut Rng) -> f64 {
+    let hour = (i % 288) / 12;
+    let level = if (9..18).contains(&hour) { 80.0 } else { 20.0 };
+    level + 1.5 * r.normal()
+}
+
+/// What was found from the second day on: on its first day no detector can know that the sensor
+/// jumps every morning and evening.
+fn after_day_one(found: &[Anomaly], step: i64) -> Vec<(Kind, i64, i64)> {
+    kinds(found)
+        .into_iter()
+        .filter(|a| a.1 >= at(288, step))
+        .collect()
+}
+
+#[test]
+fn a_day_that_misses_its_usual_shape_is_one_level_shift() {
+    let step = 5 * MINUTE;
+    let days = 14;
+    let clean = series(days * 288, step, 21, office_hours);
+    assert_eq!(
+        after_day_one(&detect(clean.clone(), 1.0), step),
+        [],
+        "the cycle alone"
+    );
+
+    // Day 10 stays at night level through office hours: nothing departs from the local level,
+    // only from what the same hours held on the days before.
+    let missing = 10 * 288 + 9 * 12;
+    let mut s = clean.clone();
+    for r in &mut s[missing..missing + 9 * 12] {
+        r.1 -= 60.0;
+    }
+    let found = detect(s.clone(), 1.0);
+    assert_eq!(
+        after_day_one(&found, step),
+        [(Kind::LevelShift, at(missing, step), at(missing + 5, step))]
+    );
+    let shift = found.iter().find(|a| a.start == at(missing, step)).unwrap();
+    assert!((shift.expected.unwrap() - 80.0).abs() < 2.0, "{shift:?}");
+
+    // Day 10's office hours at half height (a jump that does not reach the usual level).
+    let mut s = clean;
+    for r in &mut s[missing + 36..missing + 9 * 12] {
+        r.1 -= 40.0;
+    }
+    assert_eq!(
+        after_day_one(&detect(s, 1.0), step),
+        [(
+            Kind::LevelShift,
+            at(missing + 36, step),
+            at(missing + 41, step)
+        )]
+    );
+}
+
+#[test]
+fn a_level_shift_on_a_daily_cycle_is_reported_once() {
+    // After the shift every hour is off what the days before held at that hour: that is the same
+    // shift, not a new departure each hour.
+    let step = 5 * MINUTE;
+    let shift = 9 * 288 + 100;
+    let s = series(14 * 288, step, 22, |i, r| {
+        office_hours(i, r) + if i >= shift { 30.0 } else { 0.0 }
+    });
+    assert_eq!(
+        after_day_one(&detect(s, 1.0), step),
+        [(Kind::LevelShift, at(shift, step), at(shift + 5, step))]
+    );
+}
+
+#[test]
+fn a_reading_where_the_sensor_never_goes_is_a_spike() {
+    // Idle near 0.1 with a burst to 1.5 every 6 hours (usual, so not news); one reading at 0.6,
+    // between the two, inside the remembered range, is.
+    let step = 5 * MINUTE;
+    let odd = 10 * 288 + 31;
+    let s = series(14 * 288, step, 23, |i, r| {
+        if i == odd {
+            0.6
+        } else if i % 72 == 40 {
+            1.5 + 0.02 * r.normal()
+        } else {
+            0.1 + 0.01 * r.normal()
+        }
+    });
+    // Skip the first two days: the bursts are news until the memory has seen them.
+    let later = |found: Vec<Anomaly>| {
+        kinds(&found)
+            .into_iter()
+            .filter(|a| a.1 >= at(2 * 288, step))
+            .collect::<Vec<_>>()
+    };
+    let found = detect(s.clone(), 1.0);
+    assert_eq!(later(found), [(Kind::Spike, at(odd, step), at(odd, step))]);
+    let mut usual = s;
+    usual[odd].1 = 0.1;
+    assert_eq!(later(detect(usual, 1.0)), []);
+}

@@ -48,6 +48,16 @@ impl<T: Copy> Ring<T> {
         }
     }
 
+    /// Whether any value held satisfies `f`.
+    pub(crate) fn any(&self, f: impl Fn(T) -> bool) -> bool {
+        self.values.iter().any(|&v| f(v))
+    }
+
+    /// The `k`-th newest value (k = 1: the last pushed), if there are that many.
+    pub(crate) fn recent(&self, k: usize) -> Option<T> {
+        (k >= 1 && k <= self.len()).then(|| self.get(self.len() - k))
+    }
+
     pub(crate) fn clear(&mut self) {
         self.values.clear();
         self.next = 0;
@@ -102,6 +112,11 @@ impl SortedRing {
         } else {
             self.sorted[n.saturating_sub(k)]
         }
+    }
+
+    /// The `k`-th newest value (k = 1: the last pushed); NaN when fewer are held.
+    pub(crate) fn recent(&self, k: usize) -> f64 {
+        self.ring.recent(k).unwrap_or(f64::NAN)
     }
 
     /// The smallest value; NaN when empty.
@@ -174,6 +189,10 @@ mod tests {
         ring.push(2);
         assert_eq!(ring.push(3), Some(1));
         assert_eq!((ring.get(0), ring.get(1)), (2, 3));
+        assert_eq!(
+            (ring.recent(1), ring.recent(2), ring.recent(3)),
+            (Some(3), Some(2), None)
+        );
     }
 }
 
@@ -204,6 +223,20 @@ impl Encoder {
         self.u32(r.len() as u32);
         for i in 0..r.len() {
             self.i64(r.get(i));
+        }
+    }
+
+    pub(crate) fn ring_f32(&mut self, r: &Ring<f32>) {
+        self.u32(r.len() as u32);
+        for i in 0..r.len() {
+            self.0.extend_from_slice(&r.get(i).to_le_bytes());
+        }
+    }
+
+    pub(crate) fn ring_f64(&mut self, r: &Ring<f64>) {
+        self.u32(r.len() as u32);
+        for i in 0..r.len() {
+            self.f64(r.get(i));
         }
     }
 
@@ -250,6 +283,30 @@ impl Decoder<'_> {
         }
         for _ in 0..n {
             r.push(self.i64()?);
+        }
+        Some(r)
+    }
+
+    pub(crate) fn ring_f32(&mut self, capacity: usize) -> Option<Ring<f32>> {
+        let n = self.u32()? as usize;
+        let mut r = Ring::new(capacity);
+        if n > capacity {
+            return None;
+        }
+        for _ in 0..n {
+            r.push(self.take().map(f32::from_le_bytes)?);
+        }
+        Some(r)
+    }
+
+    pub(crate) fn ring_f64(&mut self, capacity: usize) -> Option<Ring<f64>> {
+        let n = self.u32()? as usize;
+        let mut r = Ring::new(capacity);
+        if n > capacity {
+            return None;
+        }
+        for _ in 0..n {
+            r.push(self.f64()?);
         }
         Some(r)
     }
