@@ -62,21 +62,15 @@ impl Harness {
     }
 
     /// All readings as (uuid, RFC 3339 UTC with microseconds, value), ordered.
-    /// Also checks that the page index (`measurement_days`) counts exactly the stored rows.
+    /// Also checks that the page index (`measurement_days`) counts exactly the stored rows and
+    /// that the hourly rollup (`measurement_hours`) holds their exact count, low and high.
     async fn readings(&self) -> Vec<(String, String, f64)> {
-        let drift: i64 = self
-            .measurements
-            .query_one(
-                "SELECT count(*) FROM measurement_days h
-                 FULL JOIN (SELECT sensor_uuid, date_trunc('day', ts, 'UTC') AS day, count(*) AS n
-                            FROM measurements GROUP BY 1, 2) c USING (sensor_uuid, day)
-                 WHERE h.readings IS DISTINCT FROM c.n",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(drift, 0, "measurement_days disagrees with measurements");
+        let drift = testbed::derived_drift(&self.measurements).await.unwrap();
+        assert_eq!(
+            drift,
+            Vec::<String>::new(),
+            "derived tables disagree with measurements"
+        );
         self.measurements
             .query(
                 "SELECT sensor_uuid::text, to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), value
@@ -903,7 +897,8 @@ async fn migrations_are_idempotent() {
             "measurements/V1__measurements",
             "measurements/V2__measurement_days",
             "measurements/V3__measurement_versions",
-            "measurements/V4__anomalies"
+            "measurements/V4__anomalies",
+            "measurements/V5__measurement_hours"
         ]
     );
     assert_eq!(
@@ -919,7 +914,7 @@ async fn migrations_are_idempotent() {
     let (a, b) = (a.unwrap(), b.unwrap());
     let applied: usize = a.iter().chain(&b).map(|r| r.applied.len()).sum();
     // ledger/ on both databases, mapping/ on one, measurements/ on the other.
-    assert_eq!(applied, 2 + 2 + 2 + 4, "{a:?} {b:?}");
+    assert_eq!(applied, 2 + 2 + 2 + 5, "{a:?} {b:?}");
 }
 
 #[tokio::test]

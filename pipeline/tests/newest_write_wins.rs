@@ -275,6 +275,8 @@ async fn the_end_state_is_the_newest_write_whatever_the_order_and_concurrency() 
             .unwrap()
             .get(0);
         assert_eq!(indexed, want_readings.len() as i64, "seed {seed}");
+        let drift = testbed::derived_drift(&client).await.unwrap();
+        assert_eq!(drift, Vec::<String>::new(), "seed {seed}");
     }
     // Every version was ingested once; every repeated delivery found it done.
     assert_eq!((ingested, already_done), (versions_total, repeats_total));
@@ -459,7 +461,8 @@ async fn upgrade_from_the_previous_schema_keeps_the_data_and_any_new_write_beats
             "ledger/V2__object_versions",
             "mapping/V2__sensor_versions",
             "measurements/V3__measurement_versions",
-            "measurements/V4__anomalies"
+            "measurements/V4__anomalies",
+            "measurements/V5__measurement_hours"
         ]
     );
     let ingestor = Ingestor::new(
@@ -511,6 +514,26 @@ async fn upgrade_from_the_previous_schema_keeps_the_data_and_any_new_write_beats
             ("2013-01-21".to_string(), 1),
             ("2013-01-22".to_string(), 1),
         ]
+    );
+    // The hourly rollup was filled from the rows stored before (V5) and kept by the merge: the
+    // overwritten 2013-01-20 reading's hour holds the new value only.
+    let hours: Vec<(String, f64)> = pairs(
+        &db,
+        "SELECT to_char(hour AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24'), high FROM measurement_hours \
+         ORDER BY hour",
+    )
+    .await;
+    assert_eq!(
+        hours,
+        vec![
+            ("2013-01-20 08".to_string(), 5.0),
+            ("2013-01-21 08".to_string(), 1.0),
+            ("2013-01-22 08".to_string(), 6.0),
+        ]
+    );
+    assert_eq!(
+        testbed::derived_drift(&db).await.unwrap(),
+        Vec::<String>::new()
     );
     // The earlier ledger entry is kept, without a write time.
     let ledger: Vec<(String, bool)> = pairs(

@@ -225,6 +225,34 @@ pub async fn connect(url: &str) -> Result<tokio_postgres::Client> {
     Ok(client)
 }
 
+/// The derived tables the ingest merge keeps beside `measurements` — the page index
+/// (`measurement_days`) and the hourly rollup (`measurement_hours`) — compared with what the
+/// stored rows say: each `(sensor, day or hour)` that differs, as text (empty when exact).
+pub async fn derived_drift(client: &tokio_postgres::Client) -> Result<Vec<String>> {
+    let rows = client
+        .query(
+            "SELECT 'day ' || coalesce(d.sensor_uuid, c.sensor_uuid)::text || ' '
+                    || coalesce(d.day, c.day)::text || ': ' || coalesce(d.readings::text, '-')
+                    || ' indexed, ' || coalesce(c.n::text, '-') || ' stored'
+             FROM measurement_days d
+             FULL JOIN (SELECT sensor_uuid, date_trunc('day', ts, 'UTC') AS day, count(*) AS n
+                        FROM measurements GROUP BY 1, 2) c USING (sensor_uuid, day)
+             WHERE d.readings IS DISTINCT FROM c.n
+             UNION ALL
+             SELECT 'hour ' || coalesce(h.sensor_uuid, c.sensor_uuid)::text || ' '
+                    || coalesce(h.hour, c.hour)::text || ': ' || coalesce(h::text, '-')
+                    || ' rolled up, ' || coalesce(c::text, '-') || ' stored'
+             FROM measurement_hours h
+             FULL JOIN (SELECT sensor_uuid, date_trunc('hour', ts, 'UTC') AS hour,
+                               count(*) AS n, min(value) AS low, max(value) AS high
+                        FROM measurements GROUP BY 1, 2) c USING (sensor_uuid, hour)
+             WHERE (h.readings, h.low, h.high, h.exact) IS DISTINCT FROM (c.n, c.low, c.high, true)",
+            &[],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
 /// A per-process unique, lowercase name with `prefix` (for databases, streams, buckets).
 pub fn unique_name(prefix: &str) -> String {
     static PID: OnceLock<u32> = OnceLock::new();

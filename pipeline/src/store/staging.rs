@@ -11,6 +11,8 @@
 //! then moves rejected rows into quarantine and upserts the valid ones, collapsing repeated keys
 //! within the object to the last line and overwriting a stored row only with a version that beats
 //! the one it came from (see [`super::versions`]); the same version ingested again writes nothing.
+//! The same statement keeps the page index (`measurement_days`) and the hourly rollup
+//! (`measurement_hours`, what `query-cli plot` draws wide columns from) in step with the rows.
 
 use std::pin::Pin;
 
@@ -31,10 +33,12 @@ pub const CREATE_STAGING: &str = "
     ) ON COMMIT DELETE ROWS";
 const COPY_MEASUREMENTS: &str =
     "COPY staging_rows (line, sensor_uuid, ts, value, raw, reason) FROM STDIN (FORMAT binary)";
-/// Upserts the last line of every key where this version beats the stored row's, then adds the
-/// rows that were new (not overwrites: `xmax` is 0 only for a freshly inserted row version) to the
-/// page index `measurement_days`, in (sensor, day) order so concurrent ingestions lock its rows in
-/// one order. `$1` is the version.
+/// Upserts the last line of every key where this version beats the stored row's, then widens the
+/// hourly rollup `measurement_hours` by the rows written (an hour with overwrites — `xmax` is 0
+/// only for a freshly inserted row version — is marked inexact: the value replaced may have been
+/// its extreme; [`EXACT_HOURS`] recomputes those) and adds the rows that were new to the page
+/// index `measurement_days`, each in (sensor, hour/day) order so concurrent ingestions lock their
+/// rows in one order. `$1` is the version. Returns the rows written and the inexact hours.
 const MERGE_MEASUREMENTS: &str = concat!(
     "WITH merged AS (
         INSERT INTO measurements AS target (sensor_uuid, ts, value, version)
@@ -45,16 +49,45 @@ const MERGE_MEASUREMENTS: &str = concat!(
         WHERE ",
     incoming_beats_stored!(),
     "
-        RETURNING target.sensor_uuid, target.ts, target.xmax = 0 AS inserted
+        RETURNING target.sensor_uuid, target.ts, target.value, target.xmax = 0 AS inserted
+    ), hours AS (
+        SELECT sensor_uuid, date_trunc('hour', ts, 'UTC') AS hour,
+               count(*) AS written, count(*) FILTER (WHERE inserted) AS added,
+               bool_and(inserted) AS only_added,
+               min(value) AS low, max(value) AS high
+        FROM merged GROUP BY 1, 2
+    ), rolled AS (
+        INSERT INTO measurement_hours AS h (sensor_uuid, hour, readings, low, high, exact)
+        SELECT sensor_uuid, hour, added, low, high, only_added FROM hours ORDER BY 1, 2
+        ON CONFLICT (sensor_uuid, hour) DO UPDATE
+            SET readings = h.readings + EXCLUDED.readings, low = least(h.low, EXCLUDED.low),
+                high = greatest(h.high, EXCLUDED.high), exact = h.exact AND EXCLUDED.exact
     ), days AS (
         INSERT INTO measurement_days AS d (sensor_uuid, day, readings)
-        SELECT sensor_uuid, date_trunc('day', ts, 'UTC'), count(*)
-        FROM merged WHERE inserted
-        GROUP BY 1, 2 ORDER BY 1, 2
+        SELECT sensor_uuid, date_trunc('day', hour, 'UTC'), sum(added)
+        FROM hours
+        GROUP BY 1, 2 HAVING sum(added) > 0 ORDER BY 1, 2
         ON CONFLICT (sensor_uuid, day) DO UPDATE SET readings = d.readings + EXCLUDED.readings
     )
-    SELECT count(*) FROM merged"
+    SELECT (SELECT coalesce(sum(written), 0)::bigint FROM hours),
+           ARRAY(SELECT sensor_uuid FROM hours WHERE NOT only_added ORDER BY 1, hour),
+           ARRAY(SELECT hour FROM hours WHERE NOT only_added ORDER BY sensor_uuid, 1)"
 );
+/// Recomputes the hours the merge overwrote readings in (`$1` sensors, `$2` hours; their rows
+/// are locked by this transaction's merge, so every write to them before it has committed) from
+/// the stored readings.
+const EXACT_HOURS: &str = "
+    UPDATE measurement_hours AS h
+    SET readings = r.readings, low = r.low, high = r.high, exact = true
+    FROM (
+        SELECT x.sensor_uuid, x.hour, count(*) AS readings, min(m.value) AS low,
+               max(m.value) AS high
+        FROM unnest($1::uuid[], $2::timestamptz[]) AS x(sensor_uuid, hour)
+        JOIN measurements AS m ON m.sensor_uuid = x.sensor_uuid
+            AND m.ts >= x.hour AND m.ts < x.hour + interval '1 hour'
+        GROUP BY 1, 2
+    ) AS r
+    WHERE h.sensor_uuid = r.sensor_uuid AND h.hour = r.hour";
 /// Queues anomaly detection of the span each sensor's valid rows cover (`anomaly_work`, see
 /// `crate::alerts`): `$1`–`$3` sensors, first and last instants ([`Spans`], gathered while the rows
 /// were read: aggregating the staged rows again cost 50 ms per 100,000-row object), `$4` the key.
@@ -203,7 +236,14 @@ pub async fn merge(
     tx.execute(&quarantine, &[&ledger_id, &key]).await?;
     match dataset {
         Dataset::Measurements => {
-            let changed: i64 = tx.query_one(&merge, &[&version]).await?.get(0);
+            let row = tx.query_one(&merge, &[&version]).await?;
+            let changed: i64 = row.get(0);
+            let (sensors, hours): (Vec<uuid::Uuid>, Vec<chrono::DateTime<chrono::Utc>>) =
+                (row.get(1), row.get(2));
+            if !sensors.is_empty() {
+                let exact = tx.prepare_cached(EXACT_HOURS).await?;
+                tx.execute(&exact, &[&sensors, &hours]).await?;
+            }
             let work = match detect {
                 Some(spans) if !spans.0.is_empty() => {
                     let time = |us: i64| {
