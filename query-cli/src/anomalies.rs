@@ -176,6 +176,64 @@ pub async fn detect(
     Ok(found)
 }
 
+/// The open anomalies the workers stored for `uuid` with a first reading in `[start, end]`, in
+/// time order — when they are the verdicts on every reading up to `end`: no detection of the
+/// sensor is queued and its newest saved detector has judged its last reading up to `end`.
+/// `None` otherwise (detection off, behind, or never run for these readings): then only running
+/// the detector says what is there.
+pub async fn stored_if_current(
+    dbs: &Databases,
+    uuid: Uuid,
+    start: DateTime<Utc>,
+    end: DateTime<Utc>,
+) -> Result<Option<Vec<Anomaly>>, Failure> {
+    let client = &dbs.measurements;
+    let current: bool = client
+        .query_one(
+            "SELECT NOT EXISTS (SELECT 1 FROM anomaly_work WHERE sensor_uuid = $1)
+                AND (SELECT max(through) FROM anomaly_detectors WHERE sensor_uuid = $1)
+                    >= (SELECT max(ts) FROM measurements WHERE sensor_uuid = $1 AND ts <= $2)",
+            &[&uuid, &end],
+        )
+        .await
+        .map_err(failed("measurement"))?
+        .get::<_, Option<bool>>(0)
+        .unwrap_or(false);
+    if !current {
+        return Ok(None);
+    }
+    let rows = client
+        .query(
+            "SELECT kind, start_ts, end_ts, value, expected, score FROM anomalies
+             WHERE sensor_uuid = $1 AND start_ts >= $2 AND start_ts <= $3 AND state = 'open'
+             ORDER BY start_ts, kind",
+            &[&uuid, &start, &end],
+        )
+        .await
+        .map_err(failed("measurement"))?;
+    let mut found = Vec::with_capacity(rows.len());
+    for row in rows {
+        found.push(stored_anomaly(&row, 0)?);
+    }
+    found.sort_by(|a, b| a.start.cmp(&b.start).then(a.kind.cmp(&b.kind)));
+    Ok(Some(found))
+}
+
+/// An anomaly from the columns `kind, start_ts, end_ts, value, expected, score` from `at` on.
+fn stored_anomaly(row: &tokio_postgres::Row, at: usize) -> Result<Anomaly, Failure> {
+    Ok(Anomaly {
+        kind: row
+            .get::<_, &str>(at)
+            .parse()
+            .map_err(Failure::Infrastructure)?,
+        start: row.get::<_, DateTime<Utc>>(at + 1).timestamp_micros(),
+        end: row.get::<_, DateTime<Utc>>(at + 2).timestamp_micros(),
+        value: row.get(at + 3),
+        expected: row.get(at + 4),
+        score: row.get(at + 5),
+    })
+}
+
 pub async fn run(
     settings: &DatabaseSettings,
     args: AnomaliesArgs,
@@ -278,18 +336,7 @@ async fn stored(
         if let std::collections::hash_map::Entry::Vacant(e) = names.entry(uuid) {
             e.insert(series::name_of(&dbs.mapping, uuid).await?);
         }
-        let kind: Kind = row
-            .get::<_, &str>(1)
-            .parse()
-            .map_err(Failure::Infrastructure)?;
-        let a = Anomaly {
-            kind,
-            start: row.get::<_, DateTime<Utc>>(2).timestamp_micros(),
-            end: row.get::<_, DateTime<Utc>>(3).timestamp_micros(),
-            value: row.get(4),
-            expected: row.get(5),
-            score: row.get(6),
-        };
+        let a = stored_anomaly(&row, 1)?;
         records.push(AnomalyRecord::new(uuid, names[&uuid].clone(), &a));
     }
     Ok(records)

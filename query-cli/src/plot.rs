@@ -5,8 +5,15 @@
 //! column the first, lowest, highest and last reading. The line visits those in time order, so
 //! the picture is the one every reading would draw — a one-reading spike is always there — while
 //! memory and drawing time depend on the width, not on how many readings there are. The line
-//! breaks across gaps the detector found. Text is drawn with DejaVu Sans from the `dejavu` crate
-//! through `plotters`' ab_glyph back end: no system font is needed (CI and containers have none).
+//! breaks across gaps the detector found.
+//!
+//! When the workers' stored verdicts are current for the sensor
+//! ([`anomalies::stored_if_current`]) and the sensitivity is theirs, those are the markers and the
+//! detector does not run; then columns of an hour or more come from the hourly rollup
+//! `measurement_hours` ([`draw_readings`]) — the plot of 10 M readings reads 2,800 rows.
+//!
+//! Text is drawn with DejaVu Sans from the `dejavu` crate through `plotters`' ab_glyph back end:
+//! no system font is needed (CI and containers have none).
 
 use std::path::{Path, PathBuf};
 use std::sync::Once;
@@ -19,7 +26,7 @@ use sensor_pipeline::anomaly::{Anomaly, Kind};
 use sensor_pipeline::config::DatabaseSettings;
 use uuid::Uuid;
 
-use crate::db::Databases;
+use crate::db::{failed, Databases};
 use crate::output::timestamp;
 use crate::readings::{parse_uuid, resolve, Sensor};
 use crate::{anomalies, range, series, Failure};
@@ -128,10 +135,25 @@ pub async fn run(settings: &DatabaseSettings, args: PlotArgs) -> Result<(), Fail
         let name = series::name_of(&dbs.mapping, uuid).await?;
         let (s, e) = (start.timestamp_micros(), end.timestamp_micros());
         let mut columns = Columns::new(s, e, plot_width(width) as usize);
-        let anomalies = anomalies::detect(&dbs, uuid, start, end, args.sensitivity, |at, v| {
-            columns.push(at, v)
-        })
-        .await?;
+        // The workers' verdicts when they are current (at the sensitivity they use): then the
+        // readings are only drawn, from the hourly rollup where a column spans an hour or more.
+        let stored = if args.sensitivity == 1.0 {
+            anomalies::stored_if_current(&dbs, uuid, start, end).await?
+        } else {
+            None
+        };
+        let anomalies = match stored {
+            Some(found) => {
+                draw_readings(&dbs, uuid, &mut columns).await?;
+                found
+            }
+            None => {
+                anomalies::detect(&dbs, uuid, start, end, args.sensitivity, |at, v| {
+                    columns.push(at, v)
+                })
+                .await?
+            }
+        };
         panels.push(Panel {
             title: name.unwrap_or_else(|| uuid.to_string()),
             columns,
@@ -141,6 +163,56 @@ pub async fn run(settings: &DatabaseSettings, args: PlotArgs) -> Result<(), Fail
     render(&panels, &args.output, format, (width, height)).map_err(|e| {
         Failure::Infrastructure(format!("cannot write {}: {e}", args.output.display()))
     })
+}
+
+const HOUR: i64 = 3_600_000_000;
+
+/// Fills `columns` with `uuid`'s readings: where a column spans an hour or more, whole hours come
+/// from the rollup `measurement_hours` (their low and high, at the hour's middle: at most half an
+/// hour off, less than a column) and only the partial hours at the edges, and any hour not yet
+/// exact, from the readings.
+async fn draw_readings(dbs: &Databases, uuid: Uuid, columns: &mut Columns) -> Result<(), Failure> {
+    let client = &dbs.measurements;
+    let (start, end) = (columns.start, columns.end);
+    let time = |us: i64| DateTime::<Utc>::from_timestamp_micros(us).expect("a plotted instant");
+    let first_hour = start.div_euclid(HOUR) * HOUR + if start % HOUR == 0 { 0 } else { HOUR };
+    let after_hours = (end + 1).div_euclid(HOUR) * HOUR;
+    let column = (end - start) / columns.buckets.len().max(1) as i64;
+    if column < HOUR || after_hours <= first_hour {
+        series::each_reading(client, uuid, time(start), time(end), |at, v| {
+            columns.push(at, v)
+        })
+        .await?;
+        return Ok(());
+    }
+    series::each_reading(client, uuid, time(start), time(first_hour - 1), |at, v| {
+        columns.push(at, v)
+    })
+    .await?;
+    let rows = client
+        .query(
+            "SELECT hour, readings, low, high, exact FROM measurement_hours
+             WHERE sensor_uuid = $1 AND hour >= $2 AND hour < $3 ORDER BY hour",
+            &[&uuid, &time(first_hour), &time(after_hours)],
+        )
+        .await
+        .map_err(failed("measurement"))?;
+    for row in rows {
+        let hour = row.get::<_, DateTime<Utc>>(0).timestamp_micros();
+        if row.get::<_, bool>(4) {
+            columns.push_summary(hour + HOUR / 2, row.get(2), row.get(3), row.get(1));
+        } else {
+            series::each_reading(client, uuid, time(hour), time(hour + HOUR - 1), |at, v| {
+                columns.push(at, v)
+            })
+            .await?;
+        }
+    }
+    series::each_reading(client, uuid, time(after_hours), time(end), |at, v| {
+        columns.push(at, v)
+    })
+    .await?;
+    Ok(())
 }
 
 fn plot_width(width: u32) -> u32 {
@@ -210,6 +282,17 @@ impl Columns {
             }
         }
         self.readings += 1;
+    }
+
+    /// Adds `readings` readings summarised by their `low` and `high`, drawn at `at` (in time
+    /// order with the other pushes).
+    pub fn push_summary(&mut self, at: i64, low: f64, high: f64, readings: i64) {
+        let before = self.readings;
+        self.push(at, low);
+        self.push(at, high);
+        if self.readings > before {
+            self.readings = before + readings.max(0) as u64;
+        }
     }
 
     /// The points the line visits, in time order (at most four per column).

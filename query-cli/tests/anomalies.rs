@@ -459,3 +459,111 @@ async fn stored_anomalies_are_what_the_workers_found_page_by_page() {
     args.extend(WHOLE);
     assert!(fails(&vars, &args, 2).await.contains("--stored"));
 }
+
+/// The title and the colours of the circles (one per anomaly) of an SVG plot.
+fn svg_summary(svg: &str) -> (String, Vec<String>) {
+    let title = svg
+        .split("</text>")
+        .map(|t| t.rsplit('>').next().unwrap().trim().to_string())
+        .find(|t| t.starts_with("pump"))
+        .unwrap();
+    let circles = svg
+        .split("<circle")
+        .skip(1)
+        .map(|c| {
+            let fill = &c[c.find("fill=\"").unwrap() + 6..];
+            fill[..fill.find('"').unwrap()].to_string()
+        })
+        .collect();
+    (title, circles)
+}
+
+#[tokio::test]
+async fn plots_draw_the_workers_verdicts_and_the_hourly_rollup_when_they_are_current() {
+    let env = TestEnv::new().await.unwrap();
+    seeded(&env).await;
+    let vars = env.vars();
+    let db = testbed::connect(&env.measurements_db).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("pump.svg");
+    let svg_arg = svg.to_string_lossy().to_string();
+    // 200 pixels wide: each column spans about three hours, so whole hours come from the rollup.
+    let plot = |extra: &'static [&'static str]| {
+        let (vars, svg, svg_arg) = (vars.clone(), svg.clone(), svg_arg.clone());
+        async move {
+            let mut args = vec![
+                "plot",
+                "--sensor-name",
+                "pump",
+                "--output",
+                &svg_arg,
+                "--width",
+                "200",
+            ];
+            args.extend(WHOLE);
+            args.extend(extra);
+            assert_eq!(ok(&vars, &args).await, "");
+            svg_summary(&std::fs::read_to_string(&svg).unwrap())
+        }
+    };
+    let spike_only = (
+        "pump — 8000 readings, 1 anomaly".to_string(),
+        vec!["#D52424".to_string()],
+    );
+    // What the workers record is stood in for by rows a detector could not have found, so the
+    // picture says where it came from: an hour that claims 1,000 readings more than there are
+    // and (below) a stuck stretch.
+    db.batch_execute(&format!(
+        "UPDATE measurement_hours SET readings = readings + 1000
+         WHERE sensor_uuid = '{PUMP}' AND hour = '2013-01-03T10:00:00Z'"
+    ))
+    .await
+    .unwrap();
+    // Detection is queued (the ingestion's work is not done): the detector runs, readings are read.
+    assert_eq!(plot(&[]).await, spike_only);
+
+    // The workers detect: their verdicts are current, so they are drawn, with the rollup.
+    let dbs = Databases::connect(&env.database_settings(), 2).unwrap();
+    let settings = sensor_pipeline::config::AnomalySettings::from_env(
+        &sensor_pipeline::config::Env::from_map(Vec::<(String, String)>::new()),
+    )
+    .unwrap();
+    let alerts = sensor_pipeline::alerts::Alerts::new(dbs, settings);
+    assert_eq!(alerts.detect_due(None).await.unwrap().spans, 2);
+    assert_eq!(plot(&[]).await.0, "pump — 9000 readings, 1 anomaly");
+    db.batch_execute(&format!(
+        "INSERT INTO anomalies (sensor_uuid, kind, start_ts, end_ts, value, expected, score, state,
+                                object_key)
+         VALUES ('{PUMP}', 'stuck', '2013-01-02T00:00:00Z', '2013-01-02T01:00:00Z', 10, 10, 9,
+                 'open', 'test')"
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        plot(&[]).await,
+        (
+            "pump — 9000 readings, 2 anomalies".to_string(),
+            vec!["#D52424".to_string(), "#8840AA".to_string()]
+        )
+    );
+    // An hour that is not exact is read from the readings.
+    db.batch_execute(&format!(
+        "UPDATE measurement_hours SET exact = false
+         WHERE sensor_uuid = '{PUMP}' AND hour = '2013-01-03T10:00:00Z'"
+    ))
+    .await
+    .unwrap();
+    assert_eq!(plot(&[]).await.0, "pump — 8000 readings, 2 anomalies");
+    // Another sensitivity than the workers': the detector runs.
+    let (title, circles) = plot(&["--sensitivity", "0.5"]).await;
+    assert_eq!(title, "pump — 8000 readings, 1 anomaly");
+    assert_eq!(circles, ["#D52424"]);
+    // New work queued for the sensor (an object just ingested): the verdicts are behind.
+    db.batch_execute(&format!(
+        "INSERT INTO anomaly_work (sensor_uuid, span_start, span_end, object_key)
+         VALUES ('{PUMP}', '2013-01-03T00:00:00Z', '2013-01-03T01:00:00Z', 'test')"
+    ))
+    .await
+    .unwrap();
+    assert_eq!(plot(&[]).await, spike_only);
+}
