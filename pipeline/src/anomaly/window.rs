@@ -219,32 +219,28 @@ impl Encoder {
         self.0.push(u8::from(v));
     }
 
-    pub(crate) fn ring_i64(&mut self, r: &Ring<i64>) {
+    /// A ring: its length, then each value (oldest first) written by `value`.
+    fn ring<T: Copy>(&mut self, r: &Ring<T>, value: impl Fn(&mut Self, T)) {
         self.u32(r.len() as u32);
         for i in 0..r.len() {
-            self.i64(r.get(i));
+            value(self, r.get(i));
         }
+    }
+
+    pub(crate) fn ring_i64(&mut self, r: &Ring<i64>) {
+        self.ring(r, Self::i64);
     }
 
     pub(crate) fn ring_f32(&mut self, r: &Ring<f32>) {
-        self.u32(r.len() as u32);
-        for i in 0..r.len() {
-            self.0.extend_from_slice(&r.get(i).to_le_bytes());
-        }
+        self.ring(r, |e, v| e.0.extend_from_slice(&v.to_le_bytes()));
     }
 
     pub(crate) fn ring_f64(&mut self, r: &Ring<f64>) {
-        self.u32(r.len() as u32);
-        for i in 0..r.len() {
-            self.f64(r.get(i));
-        }
+        self.ring(r, Self::f64);
     }
 
     pub(crate) fn sorted(&mut self, r: &SortedRing) {
-        self.u32(r.len() as u32);
-        for i in 0..r.len() {
-            self.f64(r.ring.get(i));
-        }
+        self.ring_f64(&r.ring);
     }
 }
 
@@ -275,50 +271,40 @@ impl Decoder<'_> {
         self.take::<1>().map(|[b]| b != 0)
     }
 
-    pub(crate) fn ring_i64(&mut self, capacity: usize) -> Option<Ring<i64>> {
+    /// A ring of at most `capacity` values, each read by `value`.
+    fn ring<T: Copy>(
+        &mut self,
+        capacity: usize,
+        value: impl Fn(&mut Self) -> Option<T>,
+    ) -> Option<Ring<T>> {
         let n = self.u32()? as usize;
         let mut r = Ring::new(capacity);
         if n > capacity {
             return None;
         }
         for _ in 0..n {
-            r.push(self.i64()?);
+            r.push(value(self)?);
         }
         Some(r)
+    }
+
+    pub(crate) fn ring_i64(&mut self, capacity: usize) -> Option<Ring<i64>> {
+        self.ring(capacity, Self::i64)
     }
 
     pub(crate) fn ring_f32(&mut self, capacity: usize) -> Option<Ring<f32>> {
-        let n = self.u32()? as usize;
-        let mut r = Ring::new(capacity);
-        if n > capacity {
-            return None;
-        }
-        for _ in 0..n {
-            r.push(self.take().map(f32::from_le_bytes)?);
-        }
-        Some(r)
+        self.ring(capacity, |d| d.take().map(f32::from_le_bytes))
     }
 
     pub(crate) fn ring_f64(&mut self, capacity: usize) -> Option<Ring<f64>> {
-        let n = self.u32()? as usize;
-        let mut r = Ring::new(capacity);
-        if n > capacity {
-            return None;
-        }
-        for _ in 0..n {
-            r.push(self.f64()?);
-        }
-        Some(r)
+        self.ring(capacity, Self::f64)
     }
 
     pub(crate) fn sorted(&mut self, capacity: usize) -> Option<SortedRing> {
-        let n = self.u32()? as usize;
+        let ring = self.ring_f64(capacity)?;
         let mut r = SortedRing::new(capacity);
-        if n > capacity {
-            return None;
-        }
-        for _ in 0..n {
-            r.push(self.f64()?);
+        for i in 0..ring.len() {
+            r.push(ring.get(i));
         }
         Some(r)
     }
