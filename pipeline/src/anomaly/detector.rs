@@ -648,10 +648,17 @@ impl Detector {
         self.accept(at, value, residual);
     }
 
-    /// +1 when `value` is above the recent range of values by a clear margin, -1 below, else 0.
-    fn new_ground(&self, value: f64) -> f64 {
+    /// The range of values the memory holds: the `NOVELTY_RANK`-th lowest epoch low and highest
+    /// epoch high, widened by the current epoch's.
+    fn remembered_range(&self) -> (f64, f64) {
         let high = self.highs.largest(NOVELTY_RANK).max(self.epoch_high);
         let low = (-self.lows.largest(NOVELTY_RANK)).min(self.epoch_low);
+        (low, high)
+    }
+
+    /// +1 when `value` is above the recent range of values by a clear margin, -1 below, else 0.
+    fn new_ground(&self, value: f64) -> f64 {
+        let (low, high) = self.remembered_range();
         if self.highs.len() < NEW_GROUND_EPOCHS || !(high - low).is_finite() {
             return 0.0;
         }
@@ -672,8 +679,7 @@ impl Detector {
         if self.values.len() < VALUES / 2 {
             return 0.0;
         }
-        let high = self.highs.largest(NOVELTY_RANK).max(self.epoch_high);
-        let low = (-self.lows.largest(NOVELTY_RANK)).min(self.epoch_low);
+        let (low, high) = self.remembered_range();
         let near = EMPTY_WIDTH * (high - low) / self.sensitivity;
         if !near.is_finite() || self.values.any(|v| (f64::from(v) - value).abs() <= near) {
             0.0
@@ -687,8 +693,7 @@ impl Detector {
     /// reading of such a departure only.
     fn off_season(&mut self, at: i64, value: f64) -> Option<(f64, f64)> {
         let season = self.season?;
-        let high = self.highs.largest(NOVELTY_RANK).max(self.epoch_high);
-        let low = (-self.lows.largest(NOVELTY_RANK)).min(self.epoch_low);
+        let (low, high) = self.remembered_range();
         let margin = NEW_GROUND * (high - low) / self.sensitivity;
         let side = if value > season.high + margin {
             1.0
