@@ -432,7 +432,8 @@ impl Ingestor {
                         let id = ledger::record(&tx, &entry(Status::Done, counts, None))
                             .await
                             .db(dataset)?;
-                        let merged = staging::merge(&tx, dataset, id, key, number, spans.as_ref())
+                        let detect = self.detect_anomalies;
+                        let merged = staging::merge(&tx, dataset, id, key, number, &spans, detect)
                             .await
                             .db(dataset)?;
                         tx.commit().await.db(dataset)?;
@@ -503,7 +504,7 @@ impl Ingestor {
         dataset: Dataset,
         compression: Compression,
         key: &str,
-    ) -> Result<(Counts, Option<Fresh>, Option<staging::Spans>), StreamError> {
+    ) -> Result<(Counts, Option<Fresh>, staging::Spans), StreamError> {
         let read_error = |e: RecordError| match e {
             RecordError::TooLarge { .. } => StreamError::File(FileError::Unreadable(e.to_string())),
             RecordError::Io(io) if LimitExceeded::in_error(&io).is_some() => StreamError::File(
@@ -536,7 +537,7 @@ impl Ingestor {
         let mut counts = Counts::default();
         let detect = self.detect_anomalies && dataset == Dataset::Measurements;
         let mut fresh = detect.then(Fresh::default);
-        let mut spans = detect.then(staging::Spans::default);
+        let mut spans = staging::Spans::default();
         while let Some(rec) = reader.next_record().await.map_err(read_error)? {
             // Records that are already buffered never make this loop wait: give the runtime its
             // turn now and then, so that the tasks beside it (the consumer's in-progress acks)
@@ -546,9 +547,7 @@ impl Ingestor {
                 Dataset::Measurements => match contract::reading(&rec, &columns, zone) {
                     Ok(r) => {
                         staging.reading(rec.line, &r);
-                        if let Some(s) = spans.as_mut() {
-                            s.add(r.sensor_uuid, r.unix_micros);
-                        }
+                        spans.add(r.sensor_uuid, r.unix_micros);
                         if let Some(f) = fresh.as_mut() {
                             if counts.ok < FRESH_MAX as u64 {
                                 f.push(&r);

@@ -108,7 +108,10 @@ async fn arrive(order: &[usize]) -> (Open, usize, usize) {
         let outcome = ingestor.ingest(&key, None).await.unwrap();
         assert_eq!(outcome.anomaly_work.len(), 2);
         let done = alerts
-            .detect_batch(&outcome.anomaly_work, outcome.fresh.as_deref())
+            .detect_batch(
+                &outcome.anomaly_work,
+                &Vec::from_iter(outcome.fresh.as_deref()),
+            )
             .await
             .unwrap();
         assert_eq!((done.spans, done.sensors), (2, 2));

@@ -634,6 +634,66 @@ async fn duplicate_keys_in_one_file_last_line_wins() {
     );
 }
 
+/// New readings are inserted without an upsert when nothing is stored in their spans; a row
+/// another transaction writes meanwhile (invisible to that check, committed while the insert waits
+/// on it) sends the object back to the upsert, where the newer write wins as always.
+#[tokio::test]
+async fn a_row_written_meanwhile_sends_new_readings_back_to_the_upsert() {
+    let h = Harness::new().await;
+    let held = testbed::connect(&h.env.measurements_db).await.unwrap();
+    // An older write of one of the object's keys (version 0 loses to any object), uncommitted,
+    // with its page index and rollup entries.
+    held.batch_execute(&format!(
+        "BEGIN;
+         INSERT INTO measurements (sensor_uuid, ts, value, version)
+             VALUES ('{U1}', '2013-01-20T08:00:00Z', 7, 0);
+         INSERT INTO measurement_hours (sensor_uuid, hour, readings, low, high, exact)
+             VALUES ('{U1}', '2013-01-20T08:00:00Z', 1, 7, 7, true);
+         INSERT INTO measurement_days (sensor_uuid, day, readings)
+             VALUES ('{U1}', '2013-01-20T00:00:00Z', 1);"
+    ))
+    .await
+    .unwrap();
+    let csv = format!(
+        "timestamp;sensor_uuid;sensor_value\n\
+         2013-01-20T08:30:00Z;{U2};4\n\
+         2013-01-20T08:00:00Z;{U1};1\n\
+         2013-01-20T09:00:00Z;{U1};2\n"
+    );
+    h.env.s3.put("timeseries/meanwhile.csv", csv).await.unwrap();
+    let ingest = h.ingestor.ingest("timeseries/meanwhile.csv", None);
+    let release = async {
+        // The object's insert waits on the uncommitted row: then commit it.
+        loop {
+            let waiting: i64 = h
+                .measurements
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if waiting == 1 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        held.batch_execute("COMMIT").await.unwrap();
+    };
+    let (outcome, ()) = tokio::join!(ingest, release);
+    assert_done(&outcome.unwrap(), 3, 0);
+    assert_eq!(
+        h.readings().await,
+        vec![
+            reading(U2, "2013-01-20T08:30:00.000000Z", 4.0),
+            reading(U1, "2013-01-20T08:00:00.000000Z", 1.0),
+            reading(U1, "2013-01-20T09:00:00.000000Z", 2.0),
+        ]
+    );
+}
+
 #[tokio::test]
 async fn later_object_wins_and_mapping_name_is_replaced() {
     let h = Harness::new().await;

@@ -3,6 +3,7 @@
 //! (readings never depend on it: unmapped sensors are kept).
 
 use std::fmt;
+use std::sync::atomic::Ordering::SeqCst;
 use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
@@ -108,9 +109,10 @@ impl fmt::Display for Summary {
 }
 
 /// Ingests `keys` (mapping objects first), `concurrency` at a time; with `alerts`, detects the
-/// anomalies of what each object changed after it commits — in a task of its own, objects in the
-/// order they committed, so that the next objects are ingested meanwhile (at most
-/// [`crate::detect::WAITING`] ingested objects wait for it with their readings).
+/// anomalies of what each object changed after it commits — in a task of its own, so that the
+/// next objects are ingested meanwhile. Objects that committed while a detection ran are detected
+/// together in the next batch (a sensor several of them wrote is judged once); at most
+/// [`crate::detect::WAITING`] of them keep their readings for it.
 pub async fn ingest_all(
     ingestor: &Ingestor,
     alerts: Option<&Alerts>,
@@ -125,13 +127,13 @@ pub async fn ingest_all(
         anomalies: alerts.map(|_| 0),
         ..Summary::default()
     };
+    // Objects whose readings wait for detection (at most `WAITING`; later ones wait without).
+    let holding = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let (work, detection) = match alerts {
         Some(alerts) => {
-            let (tx, rx) = tokio::sync::mpsc::channel(crate::detect::WAITING);
-            (
-                Some(tx),
-                Some(tokio::spawn(detect_in_order(alerts.clone(), rx))),
-            )
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let task = detect_in_order(alerts.clone(), rx, holding.clone());
+            (Some(tx), Some(tokio::spawn(task)))
         }
         None => (None, None),
     };
@@ -148,9 +150,16 @@ pub async fn ingest_all(
         while let Some((key, result)) = results.next().await {
             if let (Some(tx), Ok(o)) = (&work, &result) {
                 if !o.anomaly_work.is_empty() {
-                    let queued = (key.clone(), o.anomaly_work.clone(), o.fresh.clone());
+                    let fresh = o.fresh.clone().filter(|_| {
+                        holding
+                            .fetch_update(SeqCst, SeqCst, |n| {
+                                (n < crate::detect::WAITING).then_some(n + 1)
+                            })
+                            .is_ok()
+                    });
+                    let queued = (key.clone(), o.anomaly_work.clone(), fresh);
                     // Only fails if the detection task is gone; its work stays queued.
-                    let _ = tx.send(queued).await;
+                    let _ = tx.send(queued);
                 }
             }
             summary.add(&key, result);
@@ -178,21 +187,33 @@ type Queued = (
     Option<std::sync::Arc<sensor_pipeline::ingest::Fresh>>,
 );
 
-/// Detects what `queued` brings, one object at a time; returns the anomalies opened and the
-/// detections that failed (their work stays queued for the workers).
+/// Detects what `queued` brings: everything that arrived during the previous batch (up to
+/// [`crate::detect::BATCH_OBJECTS`] objects) as one batch; returns the anomalies opened and the
+/// objects whose detection failed (their work stays queued for the workers).
 async fn detect_in_order(
     alerts: Alerts,
-    mut queued: tokio::sync::mpsc::Receiver<Queued>,
+    mut queued: tokio::sync::mpsc::UnboundedReceiver<Queued>,
+    holding: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 ) -> (u64, u64) {
     let (mut opened, mut failed) = (0, 0);
-    while let Some((key, work, fresh)) = queued.recv().await {
-        match alerts.detect_batch(&work, fresh.as_deref()).await {
+    while let Some(first) = queued.recv().await {
+        let mut objects = vec![first];
+        while objects.len() < crate::detect::BATCH_OBJECTS {
+            let Ok(more) = queued.try_recv() else { break };
+            objects.push(more);
+        }
+        let keys: Vec<&str> = objects.iter().map(|o| o.0.as_str()).collect();
+        let work: Vec<crate::detect::Work> =
+            objects.iter().map(|o| (o.1.clone(), o.2.clone())).collect();
+        match crate::detect::batch(&alerts, &work).await {
             Ok(d) => opened += d.opened.len() as u64,
             Err(e) => {
-                warn!(%key, error = %e, "anomaly detection failed; the workers retry it");
-                failed += 1;
+                warn!(keys = ?keys, error = %e, "anomaly detection failed; the workers retry it");
+                failed += objects.len() as u64;
             }
         }
+        let held = objects.iter().filter(|o| o.2.is_some()).count();
+        holding.fetch_sub(held, SeqCst);
     }
     (opened, failed)
 }

@@ -32,6 +32,9 @@ pub type Work = (Vec<i64>, Option<Arc<Fresh>>);
 pub type WorkSender = mpsc::Sender<Work>;
 /// Objects waiting for the loop at most (each holds up to `FRESH_MAX` readings, 24 MB).
 pub const WAITING: usize = 4;
+/// Objects detected in one batch at most (one transaction; a sensor written by several of them
+/// is judged once, over the span they cover together).
+pub const BATCH_OBJECTS: usize = 256;
 
 /// Counts what one detection step did.
 pub fn record(detected: &Detected) {
@@ -81,17 +84,14 @@ pub async fn run_loop(
         let result = tokio::select! {
             _ = stop.cancelled() => return,
             ids = work.recv() => match ids {
-                // One object's work in one batch, then whatever else has arrived meanwhile.
+                // One object's work, with whatever else has arrived meanwhile, in one batch.
                 Some(first) => {
-                    let mut total = batch(&alerts, &first).await;
-                    while let Ok(t) = total.as_mut() {
+                    let mut objects = vec![first];
+                    while objects.len() < BATCH_OBJECTS {
                         let Ok(more) = work.try_recv() else { break };
-                        match batch(&alerts, &more).await {
-                            Ok(d) => add(t, d),
-                            Err(e) => total = Err(e),
-                        }
+                        objects.push(more);
                     }
-                    total
+                    batch(&alerts, &objects).await
                 }
                 None => return,
             },
@@ -116,9 +116,11 @@ pub async fn run_loop(
     }
 }
 
-/// Detects one object's work (see [`Alerts::detect_batch`]), counting it.
-async fn batch(alerts: &Alerts, (ids, fresh): &Work) -> Result<Detected, AlertError> {
-    let d = alerts.detect_batch(ids, fresh.as_deref()).await?;
+/// Detects the work of `objects` as one batch (see [`Alerts::detect_batch`]), counting it.
+pub async fn batch(alerts: &Alerts, objects: &[Work]) -> Result<Detected, AlertError> {
+    let ids: Vec<i64> = objects.iter().flat_map(|o| o.0.iter().copied()).collect();
+    let fresh: Vec<&Fresh> = objects.iter().filter_map(|o| o.1.as_deref()).collect();
+    let d = alerts.detect_batch(&ids, &fresh).await?;
     record(&d);
     Ok(d)
 }

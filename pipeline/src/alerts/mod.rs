@@ -187,18 +187,21 @@ impl Alerts {
             .then_some(done))
     }
 
-    /// Detects the work rows `ids` (those of one object, typically: one per sensor) in one
-    /// transaction, the sensors that resume a saved detector together in a handful of statements
-    /// (what keeps detection cheap next to ingestion), the others one by one. Rows another
-    /// detection holds are skipped (it is doing them).
+    /// Detects the work rows `ids` (those of one or more objects: one per sensor and object) in
+    /// one transaction, the sensors that resume a saved detector together in a handful of
+    /// statements (what keeps detection cheap next to ingestion), the others one by one. A
+    /// sensor's rows are judged as one span, from the first one's start to the last one's end:
+    /// corrections of older data each re-judge everything after them that the detector
+    /// remembers, so a backlog of them costs one pass instead of one each. Rows another detection
+    /// holds are skipped (it is doing them).
     ///
-    /// `fresh`: the object's own readings (see [`Outcome::fresh`](crate::ingest::Outcome)); a
-    /// sensor whose saved detector is the newest and whose span nothing else wrote into is fed
-    /// from them instead of reading them back.
+    /// `fresh`: the objects' own readings (see [`Outcome::fresh`](crate::ingest::Outcome)); a
+    /// sensor with one work row here, whose saved detector is the newest and whose span nothing
+    /// else wrote into, is fed from them instead of reading them back.
     pub async fn detect_batch(
         &self,
         ids: &[i64],
-        fresh: Option<&Fresh>,
+        fresh: &[&Fresh],
     ) -> Result<Detected, AlertError> {
         let db = Dataset::Measurements;
         let t0 = Instant::now();
@@ -329,7 +332,7 @@ impl Alerts {
         if ids.is_empty() {
             return Ok(false);
         }
-        let d = self.detect_batch(&ids, None).await?;
+        let d = self.detect_batch(&ids, &[]).await?;
         done.spans += d.spans;
         done.sensors += d.sensors;
         done.resumed += d.resumed;
@@ -483,12 +486,36 @@ impl Alerts {
 }
 
 /// One queued span.
+#[derive(Clone)]
 struct Work {
     id: i64,
     sensor: Uuid,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
     key: String,
+}
+
+/// The work rows of each sensor as one span (the first start to the last end, the key of the
+/// newest row), and how many rows each sensor had.
+fn one_span_per_sensor(work: &[Work]) -> (Vec<Work>, HashMap<Uuid, usize>) {
+    let mut merged: Vec<Work> = Vec::new();
+    let mut rows: HashMap<Uuid, usize> = HashMap::new();
+    // `work` is ordered by sensor, then id.
+    for w in work {
+        *rows.entry(w.sensor).or_default() += 1;
+        match merged.last_mut() {
+            Some(m) if m.sensor == w.sensor => {
+                m.from = m.from.min(w.from);
+                m.to = m.to.max(w.to);
+                if w.id > m.id {
+                    m.id = w.id;
+                    m.key.clone_from(&w.key);
+                }
+            }
+            _ => merged.push(w.clone()),
+        }
+    }
+    (merged, rows)
 }
 
 /// A saved detector: its end (`through`), its state, and the end of the sensor's newest one.
@@ -514,15 +541,14 @@ struct Resumed<'a> {
 async fn judge_batch(
     tx: &impl GenericClient,
     work: &[Work],
-    fresh: Option<&Fresh>,
+    fresh: &[&Fresh],
     changes: &mut Detected,
 ) -> Result<(), tokio_postgres::Error> {
     let memory = chrono::Duration::microseconds(WARM_UP_MICROS);
-    let mut spans: HashMap<Uuid, usize> = HashMap::new();
-    for w in work {
-        *spans.entry(w.sensor).or_default() += 1;
-    }
-    let single: Vec<&Work> = work.iter().filter(|w| spans[&w.sensor] == 1).collect();
+    let ours: Vec<i64> = work.iter().map(|w| w.id).collect();
+    let (work, rows) = one_span_per_sensor(work);
+    let work = &work[..];
+    let single: Vec<&Work> = work.iter().collect();
     let sensors: Vec<Uuid> = single.iter().map(|w| w.sensor).collect();
     let froms: Vec<DateTime<Utc>> = single.iter().map(|w| w.from).collect();
     // The newest saved detector before each span, and the newest of each sensor.
@@ -542,18 +568,17 @@ async fn judge_batch(
         .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3))))
         .collect();
     let mut resumed = Vec::new();
-    let mut alone: Vec<&Work> = work.iter().filter(|w| spans[&w.sensor] > 1).collect();
+    let mut alone: Vec<&Work> = Vec::new();
     // Sensors whose span other queued work overlaps (from the saved detectors' ends on): their
     // stored readings may not be this object's alone.
     let crowded: std::collections::HashSet<Uuid> = match fresh {
-        None => Default::default(),
-        Some(_) => {
+        [] => Default::default(),
+        _ => {
             let afters: Vec<DateTime<Utc>> = single
                 .iter()
                 .map(|w| bases.get(&w.sensor).map_or(w.from, |b| b.0))
                 .collect();
             let uptos: Vec<DateTime<Utc>> = single.iter().map(|w| w.to).collect();
-            let ours: Vec<i64> = work.iter().map(|w| w.id).collect();
             tx.query(
                 "SELECT DISTINCT q.sensor_uuid FROM anomaly_work q
                  JOIN unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[]) AS c(u, after, upto)
@@ -582,10 +607,20 @@ async fn judge_batch(
         let undecided = detector.unsettled_since().map_or(through, time);
         let decided = (through.timestamp_micros(), detector.provisional());
         // The object's own readings are all there is after the saved detector: feed them.
-        let own = fresh
-            .filter(|_| latest == through && !crowded.contains(&w.sensor))
-            .and_then(|f| f.readings.get(&w.sensor))
-            .filter(|r| r.first().is_some_and(|f| f.0 == w.from.timestamp_micros()));
+        // (One work row, so one object here wrote the sensor: the one whose readings span it.)
+        let own = Some(fresh)
+            .filter(|_| latest == through && rows[&w.sensor] == 1 && !crowded.contains(&w.sensor))
+            .and_then(|f| {
+                let mut holding = f.iter().filter_map(|f| f.readings.get(&w.sensor));
+                match (holding.next(), holding.next()) {
+                    (Some(r), None) => Some(r),
+                    _ => None,
+                }
+            })
+            .filter(|r| {
+                r.first().is_some_and(|f| f.0 == w.from.timestamp_micros())
+                    && r.last().is_some_and(|l| l.0 == w.to.timestamp_micros())
+            });
         let mut found = Vec::new();
         let mut snapshot = None;
         let mut after = through;

@@ -18,6 +18,7 @@ use std::pin::Pin;
 
 use bytes::Bytes;
 use futures_util::SinkExt;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::{CopyInSink, Transaction};
 
 use super::copy::CopyEncoder;
@@ -33,24 +34,15 @@ pub const CREATE_STAGING: &str = "
     ) ON COMMIT DELETE ROWS";
 const COPY_MEASUREMENTS: &str =
     "COPY staging_rows (line, sensor_uuid, ts, value, raw, reason) FROM STDIN (FORMAT binary)";
-/// Upserts the last line of every key where this version beats the stored row's, then widens the
-/// hourly rollup `measurement_hours` by the rows written (an hour with overwrites — `xmax` is 0
-/// only for a freshly inserted row version — is marked inexact: the value replaced may have been
-/// its extreme; [`EXACT_HOURS`] recomputes those) and adds the rows that were new to the page
-/// index `measurement_days`, each in (sensor, hour/day) order so concurrent ingestions lock their
-/// rows in one order. `$1` is the version. Returns the rows written and the inexact hours.
-const MERGE_MEASUREMENTS: &str = concat!(
-    "WITH merged AS (
-        INSERT INTO measurements AS target (sensor_uuid, ts, value, version)
-        SELECT DISTINCT ON (sensor_uuid, ts) sensor_uuid, ts, value, $1::bigint
-        FROM staging_rows WHERE reason IS NULL
-        ORDER BY sensor_uuid, ts, line DESC
-        ON CONFLICT (sensor_uuid, ts) DO UPDATE SET value = EXCLUDED.value, version = EXCLUDED.version
-        WHERE ",
-    incoming_beats_stored!(),
-    "
-        RETURNING target.sensor_uuid, target.ts, target.value, target.xmax = 0 AS inserted
-    ), hours AS (
+/// What follows the `merged` CTE of [`MERGE_MEASUREMENTS`] and [`INSERT_MEASUREMENTS`] (the rows
+/// written: sensor, instant, value, whether inserted): widens the hourly rollup
+/// `measurement_hours` by the rows written (an hour with overwrites is marked inexact: the value
+/// replaced may have been its extreme; [`EXACT_HOURS`] recomputes those) and adds the rows that
+/// were new to the page index `measurement_days`, each in (sensor, hour/day) order so concurrent
+/// ingestions lock their rows in one order. Returns the rows written and the inexact hours.
+macro_rules! rollup_written {
+    () => {
+        "), hours AS (
         SELECT sensor_uuid, date_trunc('hour', ts, 'UTC') AS hour,
                count(*) AS written, count(*) FILTER (WHERE inserted) AS added,
                bool_and(inserted) AS only_added,
@@ -72,22 +64,61 @@ const MERGE_MEASUREMENTS: &str = concat!(
     SELECT (SELECT coalesce(sum(written), 0)::bigint FROM hours),
            ARRAY(SELECT sensor_uuid FROM hours WHERE NOT only_added ORDER BY 1, hour),
            ARRAY(SELECT hour FROM hours WHERE NOT only_added ORDER BY sensor_uuid, 1)"
+    };
+}
+
+/// Upserts the last line of every key where this version beats the stored row's (`xmax` is 0
+/// only for a freshly inserted row version), then [`rollup_written`]. `$1` is the version.
+const MERGE_MEASUREMENTS: &str = concat!(
+    "WITH merged AS (
+        INSERT INTO measurements AS target (sensor_uuid, ts, value, version)
+        SELECT DISTINCT ON (sensor_uuid, ts) sensor_uuid, ts, value, $1::bigint
+        FROM staging_rows WHERE reason IS NULL
+        ORDER BY sensor_uuid, ts, line DESC
+        ON CONFLICT (sensor_uuid, ts) DO UPDATE SET value = EXCLUDED.value, version = EXCLUDED.version
+        WHERE ",
+    incoming_beats_stored!(),
+    "
+        RETURNING target.sensor_uuid, target.ts, target.value, target.xmax = 0 AS inserted",
+    rollup_written!()
+);
+/// The fast path of a measurement object whose readings are all new: when no stored reading lies
+/// within any sensor's span in the object (`$2`–`$4`: sensors, first and last instants), a plain
+/// `INSERT` of the staged rows in file order (no sort, no speculative insertion: 40 % less server
+/// time than the upsert for 100,000 new rows), then [`rollup_written`]; otherwise nothing, and the
+/// fourth column says so. A repeated key within the object, or rows another ingestion inserted
+/// meanwhile, fail it with a unique violation: [`merge`] runs it in a savepoint and falls back to
+/// [`MERGE_MEASUREMENTS`].
+const INSERT_MEASUREMENTS: &str = concat!(
+    "WITH fresh AS (
+        SELECT NOT EXISTS (
+            SELECT FROM unnest($2::uuid[], $3::timestamptz[], $4::timestamptz[]) AS w(u, first, last)
+            WHERE EXISTS (SELECT FROM measurements m
+                          WHERE m.sensor_uuid = w.u AND m.ts >= w.first AND m.ts <= w.last)
+        ) AS fresh
+    ), merged AS (
+        INSERT INTO measurements AS target (sensor_uuid, ts, value, version)
+        SELECT sensor_uuid, ts, value, $1::bigint
+        FROM staging_rows, fresh WHERE reason IS NULL AND fresh.fresh
+        RETURNING target.sensor_uuid, target.ts, target.value, true AS inserted",
+    rollup_written!(),
+    ", (SELECT fresh FROM fresh)"
 );
 /// Recomputes the hours the merge overwrote readings in (`$1` sensors, `$2` hours; their rows
 /// are locked by this transaction's merge, so every write to them before it has committed) from
-/// the stored readings.
+/// the stored readings, an index range scan per hour (a join let the planner scan the whole
+/// table: 350 ms per 100,000-row object at 600,000 stored rows, and growing).
 const EXACT_HOURS: &str = "
     UPDATE measurement_hours AS h
     SET readings = r.readings, low = r.low, high = r.high, exact = true
-    FROM (
-        SELECT x.sensor_uuid, x.hour, count(*) AS readings, min(m.value) AS low,
-               max(m.value) AS high
-        FROM unnest($1::uuid[], $2::timestamptz[]) AS x(sensor_uuid, hour)
-        JOIN measurements AS m ON m.sensor_uuid = x.sensor_uuid
+    FROM unnest($1::uuid[], $2::timestamptz[]) AS x(sensor_uuid, hour)
+    CROSS JOIN LATERAL (
+        SELECT count(*) AS readings, min(m.value) AS low, max(m.value) AS high
+        FROM measurements AS m
+        WHERE m.sensor_uuid = x.sensor_uuid
             AND m.ts >= x.hour AND m.ts < x.hour + interval '1 hour'
-        GROUP BY 1, 2
     ) AS r
-    WHERE h.sensor_uuid = r.sensor_uuid AND h.hour = r.hour";
+    WHERE h.sensor_uuid = x.sensor_uuid AND h.hour = x.hour AND r.readings > 0";
 /// Queues anomaly detection of the span each sensor's valid rows cover (`anomaly_work`, see
 /// `crate::alerts`): `$1`–`$3` sensors, first and last instants ([`Spans`], gathered while the rows
 /// were read: aggregating the staged rows again cost 50 ms per 100,000-row object), `$4` the key.
@@ -216,59 +247,86 @@ pub struct Merged {
     pub work: Vec<i64>,
 }
 
-/// Moves the staged rejected rows into quarantine under `ledger_id` and upserts the valid rows of
-/// object version number `version`; with `detect`, queues anomaly detection of those spans.
+/// Work memory of the merge: sorting a 100,000-row object's staged rows spilled to disk at
+/// PostgreSQL's default of 4 MB.
+const MERGE_WORK_MEM: &str = "SET LOCAL work_mem = '64MB'; SAVEPOINT fresh_rows";
+
+/// Moves the staged rejected rows into quarantine under `ledger_id` and writes the valid rows of
+/// object version number `version` (`spans`: each sensor's first and last instant in it):
+/// inserted when none of them is stored yet ([`INSERT_MEASUREMENTS`]), else upserted
+/// ([`MERGE_MEASUREMENTS`]). With `detect`, queues anomaly detection of those spans.
 pub async fn merge(
     tx: &deadpool_postgres::Transaction<'_>,
     dataset: Dataset,
     ledger_id: i64,
     key: &str,
     version: i64,
-    detect: Option<&Spans>,
+    spans: &Spans,
+    detect: bool,
 ) -> Result<Merged, tokio_postgres::Error> {
-    let merge = match dataset {
-        Dataset::Measurements => MERGE_MEASUREMENTS,
-        Dataset::Mapping => MERGE_MAPPING,
-    };
     // Prepared once per connection: the staging table lives as long as the connection.
     let quarantine = tx.prepare_cached(QUARANTINE).await?;
-    let merge = tx.prepare_cached(merge).await?;
     tx.execute(&quarantine, &[&ledger_id, &key]).await?;
     match dataset {
         Dataset::Measurements => {
-            let row = tx.query_one(&merge, &[&version]).await?;
-            let changed: i64 = row.get(0);
-            let (sensors, hours): (Vec<uuid::Uuid>, Vec<chrono::DateTime<chrono::Utc>>) =
-                (row.get(1), row.get(2));
-            if !sensors.is_empty() {
-                let exact = tx.prepare_cached(EXACT_HOURS).await?;
-                tx.execute(&exact, &[&sensors, &hours]).await?;
-            }
-            let work = match detect {
-                Some(spans) if !spans.0.is_empty() => {
-                    let time = |us: i64| {
-                        chrono::DateTime::from_timestamp_micros(us).expect("a stored instant")
-                    };
-                    let sensors: Vec<uuid::Uuid> = spans.0.keys().copied().collect();
-                    let firsts: Vec<_> = spans.0.values().map(|s| time(s.0)).collect();
-                    let lasts: Vec<_> = spans.0.values().map(|s| time(s.1)).collect();
-                    let queue = tx.prepare_cached(QUEUE_DETECTION).await?;
-                    tx.query(&queue, &[&sensors, &firsts, &lasts, &key])
-                        .await?
-                        .iter()
-                        .map(|r| r.get(0))
-                        .collect()
+            let time =
+                |us: i64| chrono::DateTime::from_timestamp_micros(us).expect("a stored instant");
+            let sensors: Vec<uuid::Uuid> = spans.0.keys().copied().collect();
+            let firsts: Vec<_> = spans.0.values().map(|s| time(s.0)).collect();
+            let lasts: Vec<_> = spans.0.values().map(|s| time(s.1)).collect();
+            let insert = tx.prepare_cached(INSERT_MEASUREMENTS).await?;
+            // The savepoint goes out in the same round trip as the insert.
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+                [&version, &sensors, &firsts, &lasts];
+            let (set, inserted) = tokio::join!(
+                tx.batch_execute(MERGE_WORK_MEM),
+                tx.query_one(&insert, &params)
+            );
+            set?;
+            let row = match inserted {
+                Ok(row) if row.get::<_, bool>(3) => row,
+                Ok(_) => {
+                    let merge = tx.prepare_cached(MERGE_MEASUREMENTS).await?;
+                    tx.query_one(&merge, &[&version]).await?
                 }
-                _ => Vec::new(),
+                Err(e)
+                    if e.code() == Some(&SqlState::UNIQUE_VIOLATION)
+                        || e.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED) =>
+                {
+                    tx.batch_execute("ROLLBACK TO SAVEPOINT fresh_rows").await?;
+                    let merge = tx.prepare_cached(MERGE_MEASUREMENTS).await?;
+                    tx.query_one(&merge, &[&version]).await?
+                }
+                Err(e) => return Err(e),
+            };
+            let changed: i64 = row.get(0);
+            let (inexact, hours): (Vec<uuid::Uuid>, Vec<chrono::DateTime<chrono::Utc>>) =
+                (row.get(1), row.get(2));
+            if !inexact.is_empty() {
+                let exact = tx.prepare_cached(EXACT_HOURS).await?;
+                tx.execute(&exact, &[&inexact, &hours]).await?;
+            }
+            let work = if detect && !sensors.is_empty() {
+                let queue = tx.prepare_cached(QUEUE_DETECTION).await?;
+                tx.query(&queue, &[&sensors, &firsts, &lasts, &key])
+                    .await?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect()
+            } else {
+                Vec::new()
             };
             Ok(Merged {
                 changed: changed as u64,
                 work,
             })
         }
-        Dataset::Mapping => Ok(Merged {
-            changed: tx.execute(&merge, &[&version]).await?,
-            work: Vec::new(),
-        }),
+        Dataset::Mapping => {
+            let merge = tx.prepare_cached(MERGE_MAPPING).await?;
+            Ok(Merged {
+                changed: tx.execute(&merge, &[&version]).await?,
+                work: Vec::new(),
+            })
+        }
     }
 }
