@@ -433,9 +433,11 @@ impl Ingestor {
                             .await
                             .db(dataset)?;
                         let detect = self.detect_anomalies;
-                        let merged = staging::merge(&tx, dataset, id, key, number, &spans, detect)
-                            .await
-                            .db(dataset)?;
+                        let quarantine = (counts.rejected > 0).then_some(id);
+                        let merged =
+                            staging::merge(&tx, dataset, quarantine, key, number, &spans, detect)
+                                .await
+                                .db(dataset)?;
                         tx.commit().await.db(dataset)?;
                         Ok::<_, StoreError>(merged)
                     })

@@ -254,22 +254,25 @@ pub struct Merged {
 /// PostgreSQL's default of 4 MB.
 const MERGE_WORK_MEM: &str = "SET LOCAL work_mem = '64MB'; SAVEPOINT fresh_rows";
 
-/// Moves the staged rejected rows into quarantine under `ledger_id` and writes the valid rows of
-/// object version number `version` (`spans`: each sensor's first and last instant in it):
+/// Moves the staged rejected rows into quarantine under ledger entry `quarantine` (`None`: no row
+/// was rejected) and writes the valid rows of object version number `version` (`spans`: each
+/// sensor's first and last instant in it):
 /// inserted when none of them is stored yet ([`INSERT_MEASUREMENTS`]), else upserted
 /// ([`MERGE_MEASUREMENTS`]). With `detect`, queues anomaly detection of those spans.
 pub async fn merge(
     tx: &deadpool_postgres::Transaction<'_>,
     dataset: Dataset,
-    ledger_id: i64,
+    quarantine: Option<i64>,
     key: &str,
     version: i64,
     spans: &Spans,
     detect: bool,
 ) -> Result<Merged, tokio_postgres::Error> {
     // Prepared once per connection: the staging table lives as long as the connection.
-    let quarantine = tx.prepare_cached(QUARANTINE).await?;
-    tx.execute(&quarantine, &[&ledger_id, &key]).await?;
+    if let Some(ledger_id) = quarantine {
+        let quarantine = tx.prepare_cached(QUARANTINE).await?;
+        tx.execute(&quarantine, &[&ledger_id, &key]).await?;
+    }
     match dataset {
         Dataset::Measurements => {
             let time =
