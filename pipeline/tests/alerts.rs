@@ -153,7 +153,8 @@ async fn pieces_in_time_order_end_where_the_whole_series_does() {
 #[tokio::test]
 async fn pieces_in_any_order_end_where_the_whole_series_does() {
     let want = whole();
-    // Only piece 7 comes after everything detected before it and resumes; the others start over
-    // from a warm-up and judge on to the saved detector's end.
-    assert_eq!(arrive(&[3, 0, 1, 7, 2, 5, 4, 6]).await, (want, 2, 2));
+    // Piece 7 comes after everything detected before it: it resumes and is fed its own readings.
+    // 3 and 0 start from a warm-up; 0 judges on to the end of 3 and saves the detector at its
+    // own end too, so 1 resumes that one, and so on: six pieces of two sensors resume.
+    assert_eq!(arrive(&[3, 0, 1, 7, 2, 5, 4, 6]).await, (want, 12, 2));
 }

@@ -532,6 +532,9 @@ struct Resumed<'a> {
     judged_to: DateTime<Utc>,
     decided: (i64, Vec<(Kind, i64)>),
     snapshot: Option<Detector>,
+    /// When the judged range goes on past the span: the detector at the span's end, saved too
+    /// (later corrections of the data after it resume it instead of a warm-up).
+    at_span_end: Option<Detector>,
     found: Vec<Anomaly>,
 }
 
@@ -644,6 +647,7 @@ async fn judge_batch(
             },
             decided,
             snapshot,
+            at_span_end: None,
             found,
         });
     }
@@ -688,6 +692,9 @@ async fn judge_batch(
         let at = row.try_get::<_, DateTime<Utc>>(1)?.timestamp_micros();
         let value: f64 = row.try_get(2)?;
         let r = &mut resumed[index[&sensor]];
+        if at > r.work.to.timestamp_micros() && r.judged_to > r.work.to && r.at_span_end.is_none() {
+            r.at_span_end = Some(r.detector.clone());
+        }
         if at > r.judged_to.timestamp_micros() && r.snapshot.is_none() {
             r.snapshot = Some(r.detector.clone());
         }
@@ -750,10 +757,17 @@ async fn judge_batch(
     let mut states = Vec::new();
     for r in &resumed {
         let snapshot = r.snapshot.as_ref().expect("set above");
-        if let Some(last) = snapshot.last_reading() {
-            saved_us.push(r.work.sensor);
-            throughs.push(time(last));
-            states.push(snapshot.to_bytes());
+        // (The same detector when no reading lies between the span's end and the range's.)
+        let at_span_end = r
+            .at_span_end
+            .as_ref()
+            .filter(|d| d.last_reading() != snapshot.last_reading());
+        for detector in [Some(snapshot), at_span_end].into_iter().flatten() {
+            if let Some(last) = detector.last_reading() {
+                saved_us.push(r.work.sensor);
+                throughs.push(time(last));
+                states.push(detector.to_bytes());
+            }
         }
     }
     tx.execute(
@@ -846,8 +860,15 @@ async fn judge(
     let mut found = Vec::new();
     // The state to save: after the last reading judged, before the tail.
     let mut snapshot = None;
+    // And when the judged range goes on past the span, the detector at the span's end (later
+    // corrections of what follows resume it instead of a warm-up).
+    let mut at_span_end = None;
     let last_judged = judged_to.timestamp_micros();
+    let span_end = to.timestamp_micros();
     readings::each_reading(tx, sensor, read_from, read_to, |at, value| {
+        if at > span_end && last_judged > span_end && at_span_end.is_none() {
+            at_span_end = Some(detector.clone());
+        }
         if at > last_judged && snapshot.is_none() {
             snapshot = Some(detector.clone());
         }
@@ -856,7 +877,7 @@ async fn judge(
     .await?;
     let snapshot = snapshot.unwrap_or_else(|| detector.clone());
     detector.finish(&mut found);
-    save_state(tx, sensor, &snapshot, from).await?;
+    save_state(tx, sensor, &snapshot, at_span_end.as_ref(), from).await?;
     let (lo, hi) = (judged_from.timestamp_micros(), last_judged);
     found.retain(|a| a.start >= lo && a.start <= hi);
     let (judged_from, to) = (judged_from, judged_to);
@@ -907,7 +928,9 @@ fn stored_row(r: &tokio_postgres::Row, at: usize) -> Option<((Kind, i64), Stored
 
 /// Brings the stored anomalies of a judged range (`stored`) in line with what was `found` there:
 /// opens, reopens, refreshes, resolves. With `decided_through` (a resumed detector's end and what
-/// it left undecided), stored anomalies up to that end are left alone unless undecided.
+/// it left undecided), stored anomalies that start before that end are left alone unless
+/// undecided. (One that starts at the end itself — a gap after its last reading, say — was found
+/// by readings the detector had not seen: it is judged again.)
 async fn reconcile(
     tx: &impl GenericClient,
     sensor: Uuid,
@@ -969,7 +992,7 @@ async fn reconcile(
             continue;
         }
         if let Some((through, provisional)) = decided_through {
-            if start <= *through && !provisional.contains(&(kind, start)) {
+            if start < *through && !provisional.contains(&(kind, start)) {
                 continue;
             }
         }
@@ -998,6 +1021,7 @@ async fn save_state(
     tx: &impl GenericClient,
     sensor: Uuid,
     snapshot: &Detector,
+    at_span_end: Option<&Detector>,
     changed_from: DateTime<Utc>,
 ) -> Result<(), tokio_postgres::Error> {
     tx.execute(
@@ -1005,16 +1029,18 @@ async fn save_state(
         &[&sensor, &changed_from],
     )
     .await?;
-    let Some(last) = snapshot.last_reading().map(time) else {
-        return Ok(());
-    };
-    tx.execute(
-        "INSERT INTO anomaly_detectors (sensor_uuid, through, state) VALUES ($1, $2, $3)
-         ON CONFLICT (sensor_uuid, through) DO UPDATE
-             SET state = EXCLUDED.state, updated_at = now()",
-        &[&sensor, &last, &snapshot.to_bytes()],
-    )
-    .await?;
+    for detector in [Some(snapshot), at_span_end].into_iter().flatten() {
+        let Some(last) = detector.last_reading().map(time) else {
+            continue;
+        };
+        tx.execute(
+            "INSERT INTO anomaly_detectors (sensor_uuid, through, state) VALUES ($1, $2, $3)
+             ON CONFLICT (sensor_uuid, through) DO UPDATE
+                 SET state = EXCLUDED.state, updated_at = now()",
+            &[&sensor, &last, &detector.to_bytes()],
+        )
+        .await?;
+    }
     tx.execute(
         "DELETE FROM anomaly_detectors WHERE sensor_uuid = $1 AND through < (
              SELECT through FROM anomaly_detectors WHERE sensor_uuid = $1
