@@ -549,7 +549,7 @@ impl Ingestor {
                 Dataset::Measurements => match contract::reading(&rec, &columns, zone) {
                     Ok(r) => {
                         staging.reading(rec.line, &r);
-                        spans.add(r.sensor_uuid, r.unix_micros);
+                        spans.add(r.sensor_uuid, r.unix_micros, r.value);
                         if let Some(f) = fresh.as_mut() {
                             if counts.ok < FRESH_MAX as u64 {
                                 f.push(&r);
