@@ -7,12 +7,15 @@
 //! ROWS`: creating and dropping a table per object cost 1 ms of catalog writes, the most of any
 //! statement for a small object. It is one table for both datasets (each uses its columns):
 //! PostgreSQL truncates every such table at each commit, heap, TOAST table and TOAST index, and
-//! that truncation was 23% of the server's CPU in the small-objects benchmark with two tables. Memory stays bounded however large the object is. The merge
-//! then moves rejected rows into quarantine and upserts the valid ones, collapsing repeated keys
-//! within the object to the last line and overwriting a stored row only with a version that beats
-//! the one it came from (see [`super::versions`]); the same version ingested again writes nothing.
-//! The same statement keeps the page index (`measurement_days`) and the hourly rollup
-//! (`measurement_hours`, what `query-cli plot` draws wide columns from) in step with the rows.
+//! that truncation was 23% of the server's CPU in the small-objects benchmark with two tables.
+//! Memory stays bounded however large the object is. The merge then moves rejected rows into
+//! quarantine and writes the valid ones: readings that are all new are inserted as they are
+//! ([`INSERT_MEASUREMENTS`], the common case: data arrives once); the others are upserted
+//! ([`MERGE_MEASUREMENTS`]), collapsing repeated keys within the object to the last line and
+//! overwriting a stored row only with a version that beats the one it came from (see
+//! [`super::versions`]); the same version ingested again writes nothing. Either statement keeps
+//! the page index (`measurement_days`) and the hourly rollup (`measurement_hours`, what
+//! `query-cli plot` draws wide columns from) in step with the rows.
 
 use std::pin::Pin;
 
