@@ -21,6 +21,9 @@ use crate::store::staging::{self, Staging};
 use crate::store::versions;
 use crate::store::{Databases, PgResultExt, StoreError};
 
+mod group;
+pub use group::{Grouper, GROUP_OBJECT_BYTES};
+
 /// How an object's bytes are encoded, from its key's suffix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {
@@ -204,6 +207,10 @@ pub enum IngestError {
     ObjectStore(#[from] ObjectStoreError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The object was read in a group whose transaction failed ([`Ingestor::ingest_many`]);
+    /// nothing of it was written. Try it again alone.
+    #[error("ingested in a group that failed: {0}")]
+    Grouped(String),
     #[error("reading object {key:?}: {source}")]
     Read {
         key: String,
@@ -214,17 +221,17 @@ pub enum IngestError {
 
 /// Why streaming the rows stopped early.
 enum StreamError {
+    /// The object is unusable.
     File(FileError),
-    Transient(IngestError),
+    /// Reading the object failed (try again later).
+    Read(IngestError),
+    /// The database refused or failed (the `COPY`, and so the transaction, is broken).
+    Store(StoreError),
 }
 
 impl From<StoreError> for StreamError {
     fn from(e: StoreError) -> Self {
-        if e.is_permanent() {
-            StreamError::File(FileError::Refused(e.to_string()))
-        } else {
-            StreamError::Transient(e.into())
-        }
+        StreamError::Store(e)
     }
 }
 
@@ -391,35 +398,16 @@ impl Ingestor {
             let Some(tx) = ledger::begin(&mut client, &v).await.db(dataset)? else {
                 return Ok(self.already_done(v, dataset, size, t0));
             };
-            let body: Box<dyn AsyncRead + Send + Unpin> = match compression {
-                Compression::None => Box::new(Capped::new(
-                    object.body,
-                    limits.max_object_bytes,
-                    format!(
-                        "the object has more than MAX_OBJECT_BYTES ({}) bytes",
-                        limits.max_object_bytes
-                    ),
-                )),
-                Compression::Gzip => {
-                    let mut gz = GzipDecoder::new(object.body);
-                    gz.multiple_members(true);
-                    let most = limits.max_decompression_ratio.saturating_mul(size.max(1));
-                    Box::new(Capped::new(
-                        gz,
-                        most,
-                        format!(
-                            "the gzip data of {size} bytes decompresses to more than \
-                             MAX_DECOMPRESSION_RATIO ({}) times that",
-                            limits.max_decompression_ratio
-                        ),
-                    ))
-                }
-            };
+            let body = self.body(object.body, compression, size);
             let mut reader = RecordReader::new(body, self.contract.delimiter);
-            let streamed = tokio::time::timeout_at(
-                deadline,
-                self.stream_rows(&tx, &mut reader, dataset, compression, key),
-            )
+            let streamed = tokio::time::timeout_at(deadline, async {
+                let mut staging = Staging::open(&tx, dataset).await.db(dataset)?;
+                let read = self
+                    .stream_rows(&mut staging, &mut reader, dataset, compression, key)
+                    .await?;
+                staging.finish().await.db(dataset)?;
+                Ok(read)
+            })
             .await;
             let Ok(streamed) = streamed else {
                 let _ = cancel.cancel_query(tokio_postgres::NoTls).await;
@@ -467,7 +455,9 @@ impl Ingestor {
                     );
                     return Ok(outcome);
                 }
-                Err(StreamError::Transient(e)) => return Err(e),
+                Err(StreamError::Read(e)) => return Err(e),
+                Err(StreamError::Store(e)) if e.is_permanent() => FileError::Refused(e.to_string()),
+                Err(StreamError::Store(e)) => return Err(e.into()),
                 // Dropping the transaction rolls back whatever was staged.
                 Err(StreamError::File(f)) => f,
             }
@@ -496,12 +486,47 @@ impl Ingestor {
         ))
     }
 
-    /// Reads the header and every row into the staging table; returns the row counts and, when
+    /// The object's bytes as CSV: decompressed, and failing once more bytes passed than the
+    /// limits allow.
+    fn body(
+        &self,
+        raw: Box<dyn tokio::io::AsyncBufRead + Send + Unpin>,
+        compression: Compression,
+        size: u64,
+    ) -> Box<dyn AsyncRead + Send + Unpin> {
+        let limits = self.limits;
+        match compression {
+            Compression::None => Box::new(Capped::new(
+                raw,
+                limits.max_object_bytes,
+                format!(
+                    "the object has more than MAX_OBJECT_BYTES ({}) bytes",
+                    limits.max_object_bytes
+                ),
+            )),
+            Compression::Gzip => {
+                let mut gz = GzipDecoder::new(raw);
+                gz.multiple_members(true);
+                let most = limits.max_decompression_ratio.saturating_mul(size.max(1));
+                Box::new(Capped::new(
+                    gz,
+                    most,
+                    format!(
+                        "the gzip data of {size} bytes decompresses to more than \
+                         MAX_DECOMPRESSION_RATIO ({}) times that",
+                        limits.max_decompression_ratio
+                    ),
+                ))
+            }
+        }
+    }
+
+    /// Reads the header and every row into `staging`; returns the row counts and, when
     /// detection is on, the valid readings (if there are at most [`FRESH_MAX`] of them) and each
     /// sensor's span.
     async fn stream_rows<R: AsyncRead + Unpin>(
         &self,
-        tx: &tokio_postgres::Transaction<'_>,
+        staging: &mut Staging,
         reader: &mut RecordReader<R>,
         dataset: Dataset,
         compression: Compression,
@@ -513,7 +538,7 @@ impl Ingestor {
                 FileError::Limit(LimitExceeded::in_error(&io).unwrap_or_default()),
             ),
             RecordError::Io(io) if is_transport_error(&io) => {
-                StreamError::Transient(IngestError::Read {
+                StreamError::Read(IngestError::Read {
                     key: key.to_string(),
                     source: io,
                 })
@@ -521,7 +546,7 @@ impl Ingestor {
             RecordError::Io(io) if compression == Compression::Gzip => {
                 StreamError::File(FileError::CorruptGzip(io.to_string()))
             }
-            RecordError::Io(io) => StreamError::Transient(IngestError::Read {
+            RecordError::Io(io) => StreamError::Read(IngestError::Read {
                 key: key.to_string(),
                 source: io,
             }),
@@ -535,7 +560,6 @@ impl Ingestor {
             Columns::locate(&header, dataset).map_err(StreamError::File)?
         };
         let zone = self.contract.naive_timezone;
-        let mut staging = Staging::open(tx, dataset).await.db(dataset)?;
         let mut counts = Counts::default();
         let detect = self.detect_anomalies && dataset == Dataset::Measurements;
         let mut fresh = detect.then(Fresh::default);
@@ -586,7 +610,6 @@ impl Ingestor {
             }
             staging.flush_if_full().await.db(dataset)?;
         }
-        staging.finish().await.db(dataset)?;
         Ok((counts, fresh, spans))
     }
 

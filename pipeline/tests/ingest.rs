@@ -1365,3 +1365,286 @@ async fn a_transaction_left_idle_is_ended_by_the_server() {
     let one: i32 = fresh.query_one("SELECT 1", &[]).await.unwrap().get(0);
     assert_eq!(one, 1);
 }
+
+/// The objects of `wanted` (key, body) uploaded in order, then ingested with `ingest_many`.
+async fn put_and_ingest_many(
+    h: &Harness,
+    ingestor: &Ingestor,
+    objects: &[(&str, String)],
+    wanted: &[&str],
+) -> Vec<Result<Outcome, sensor_pipeline::ingest::IngestError>> {
+    for (key, body) in objects {
+        h.env.s3.put(key, body.clone()).await.unwrap();
+    }
+    let wanted: Vec<(String, Option<String>)> =
+        wanted.iter().map(|k| (k.to_string(), None)).collect();
+    ingestor.ingest_many(&wanted).await
+}
+
+/// Small objects ingested in one transaction end as each would alone: rows, quarantine, ledger
+/// entries, rollup; a failed one (even after some of its rows were staged) stores nothing but its
+/// entry; a key asked for twice is ingested once.
+#[tokio::test]
+async fn a_group_commits_each_object_as_it_would_alone() {
+    let h = Harness::new().await;
+    let ingestor = h.ingestor_with(
+        DatabaseTimeouts::default(),
+        LimitSettings {
+            max_rejected_rows: 1,
+            ..LimitSettings::default()
+        },
+    );
+    let header = "timestamp;sensor_uuid;sensor_value\n";
+    let objects = [
+        (
+            "timeseries/g/a.csv",
+            format!(
+                "{header}2013-01-20T08:00:00Z;{U1};1\n2013-01-20T08:01:00Z;{U1};2\n\
+                 2013-01-20T08:02:00Z;{U1}\n"
+            ),
+        ),
+        (
+            "timeseries/g/b.csv",
+            format!("{header}2013-01-20T08:00:00Z;{U2};5\n"),
+        ),
+        ("timeseries/g/c.csv", String::new()),
+        (
+            "timeseries/g/d.csv",
+            format!("{header}2013-01-20T09:00:00Z;{U1};7\n"),
+        ),
+        (
+            "timeseries/g/e.csv",
+            format!("{header}2013-01-20T10:00:00Z;{U2};1\nx;{U2};2\ny;{U2};3\n"),
+        ),
+    ];
+    let wanted = [
+        "timeseries/g/a.csv",
+        "timeseries/g/b.csv",
+        "timeseries/g/c.csv",
+        "timeseries/g/d.csv",
+        "timeseries/g/e.csv",
+        "timeseries/g/a.csv",
+    ];
+    let results = put_and_ingest_many(&h, &ingestor, &objects, &wanted).await;
+    let got: Vec<(Disposition, u64, u64, usize, bool)> = results
+        .into_iter()
+        .map(|r| {
+            let o = r.unwrap();
+            let fresh = o.fresh.is_some();
+            (
+                o.disposition,
+                o.rows_ok,
+                o.rows_rejected,
+                o.anomaly_work.len(),
+                fresh,
+            )
+        })
+        .collect();
+    let bad_timestamp = |t: &str| {
+        format!(
+            "timestamp \"{t}\" is not an ISO 8601 date-time (expected \
+             YYYY-MM-DDTHH:MM[:SS[.ffffff]][Z|±HH[:MM]])"
+        )
+    };
+    let too_many = format!(
+        "more than MAX_REJECTED_ROWS (1) rows were rejected, the last at line 4: {}",
+        bad_timestamp("y")
+    );
+    assert_eq!(
+        got,
+        vec![
+            (Disposition::Done, 2, 1, 1, true),
+            (Disposition::Done, 1, 0, 1, true),
+            (
+                Disposition::Failed("the file has no header row".into()),
+                0,
+                0,
+                0,
+                false
+            ),
+            (Disposition::Done, 1, 0, 1, true),
+            (Disposition::Failed(too_many.clone()), 0, 0, 0, false),
+            (Disposition::AlreadyDone, 0, 0, 0, false),
+        ]
+    );
+    assert_eq!(
+        h.readings().await,
+        vec![
+            reading(U2, "2013-01-20T08:00:00.000000Z", 5.0),
+            reading(U1, "2013-01-20T08:00:00.000000Z", 1.0),
+            reading(U1, "2013-01-20T08:01:00.000000Z", 2.0),
+            reading(U1, "2013-01-20T09:00:00.000000Z", 7.0),
+        ]
+    );
+    assert_eq!(
+        h.quarantine(&h.measurements).await,
+        vec![(
+            "timeseries/g/a.csv".into(),
+            4,
+            format!("2013-01-20T08:02:00Z;{U1}"),
+            "row has 2 field(s), the header has 3".into()
+        )]
+    );
+    assert_eq!(
+        h.ledger(&h.measurements).await,
+        vec![
+            ("timeseries/g/a.csv".into(), "done".into(), 2, 1, None),
+            ("timeseries/g/b.csv".into(), "done".into(), 1, 0, None),
+            (
+                "timeseries/g/c.csv".into(),
+                "failed".into(),
+                0,
+                0,
+                Some("the file has no header row".into())
+            ),
+            ("timeseries/g/d.csv".into(), "done".into(), 1, 0, None),
+            (
+                "timeseries/g/e.csv".into(),
+                "failed".into(),
+                0,
+                0,
+                Some(too_many)
+            ),
+        ]
+    );
+    // The quarantined row points at its own object's entry.
+    let owner: String = h
+        .measurements
+        .query_one(
+            "SELECT l.object_key FROM ingest_quarantine q JOIN ingest_ledger l ON l.id = q.ledger_id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(owner, "timeseries/g/a.csv");
+}
+
+/// When some readings of a group are stored already, or two of its objects hold the same key, the
+/// group upserts version by version: the newest write wins, as alone.
+#[tokio::test]
+async fn a_group_with_stored_or_shared_keys_upserts_and_the_newest_write_wins() {
+    let h = Harness::new().await;
+    let header = "timestamp;sensor_uuid;sensor_value\n";
+    let first = format!("{header}2013-01-20T08:00:00Z;{U1};1\n2013-01-20T08:01:00Z;{U1};2\n");
+    assert_done(&h.put_and_ingest("timeseries/x.csv", first).await, 2, 0);
+    let objects = [
+        (
+            "timeseries/x.csv",
+            format!("{header}2013-01-20T08:00:00Z;{U1};10\n2013-01-20T08:01:00Z;{U1};20\n"),
+        ),
+        (
+            "timeseries/y.csv",
+            format!("{header}2013-01-20T08:00:00Z;{U2};5\n2013-01-20T08:00:00Z;{U2};6\n"),
+        ),
+    ];
+    let results = put_and_ingest_many(
+        &h,
+        &h.ingestor,
+        &objects,
+        &["timeseries/x.csv", "timeseries/y.csv"],
+    )
+    .await;
+    for r in &results {
+        assert_done(r.as_ref().unwrap(), 2, 0);
+    }
+    assert_eq!(
+        h.readings().await,
+        vec![
+            reading(U2, "2013-01-20T08:00:00.000000Z", 6.0),
+            reading(U1, "2013-01-20T08:00:00.000000Z", 10.0),
+            reading(U1, "2013-01-20T08:01:00.000000Z", 20.0),
+        ]
+    );
+    // Two new objects with one key: the one written later (or, in the same second, the greater
+    // key) wins, whatever their order in the group.
+    let objects = [
+        (
+            "timeseries/z1.csv",
+            format!("{header}2013-01-21T09:00:00Z;{U2};1\n"),
+        ),
+        (
+            "timeseries/z2.csv",
+            format!("{header}2013-01-21T09:00:00Z;{U2};2\n"),
+        ),
+    ];
+    let results = put_and_ingest_many(
+        &h,
+        &h.ingestor,
+        &objects,
+        &["timeseries/z2.csv", "timeseries/z1.csv"],
+    )
+    .await;
+    for r in &results {
+        assert_done(r.as_ref().unwrap(), 1, 0);
+    }
+    assert_eq!(
+        h.readings().await[1],
+        reading(U2, "2013-01-21T09:00:00.000000Z", 2.0)
+    );
+}
+
+/// A database error breaks the group's transaction: nothing of it is stored and each object gets
+/// an error naming it; the grouper then ingests each alone, where the object the database refuses
+/// fails with the reason and the others are done.
+#[tokio::test]
+async fn a_database_error_fails_the_group_and_alone_each_object_settles() {
+    let h = Harness::new().await;
+    h.measurements
+        .batch_execute("ALTER TABLE measurements ADD CONSTRAINT plausible CHECK (value < 1000000)")
+        .await
+        .unwrap();
+    let header = "timestamp;sensor_uuid;sensor_value\n";
+    let objects = [
+        (
+            "timeseries/good.csv",
+            format!("{header}2013-01-20T08:00:00Z;{U1};1\n"),
+        ),
+        (
+            "timeseries/bad.csv",
+            format!("{header}2013-01-20T08:00:00Z;{U2};2000000\n"),
+        ),
+    ];
+    let keys = ["timeseries/good.csv", "timeseries/bad.csv"];
+    let results = put_and_ingest_many(&h, &h.ingestor, &objects, &keys).await;
+    let refused = "measurement database: new row for relation \"measurements\" violates check \
+                   constraint \"plausible\" (SQLSTATE 23514)";
+    let errors: Vec<String> = results
+        .into_iter()
+        .map(|r| r.unwrap_err().to_string())
+        .collect();
+    let grouped = format!("ingested in a group that failed: {refused}");
+    assert_eq!(errors, vec![grouped.clone(), grouped]);
+    assert_eq!(h.readings().await, vec![]);
+    assert_eq!(h.ledger(&h.measurements).await, vec![]);
+
+    let grouper = sensor_pipeline::ingest::Grouper::new(h.ingestor.clone(), 1);
+    let size = Some(60);
+    let (good, bad) = tokio::join!(
+        grouper.ingest(keys[0], None, size, None),
+        grouper.ingest(keys[1], None, size, None)
+    );
+    assert_done(&good.unwrap(), 1, 0);
+    let reason = format!("the database refused the rows: {refused}");
+    assert_eq!(
+        bad.unwrap().disposition,
+        Disposition::Failed(reason.clone())
+    );
+    assert_eq!(
+        h.ledger(&h.measurements).await,
+        vec![
+            (
+                "timeseries/bad.csv".into(),
+                "failed".into(),
+                0,
+                0,
+                Some(reason)
+            ),
+            ("timeseries/good.csv".into(), "done".into(), 1, 0, None),
+        ]
+    );
+    assert_eq!(
+        h.readings().await,
+        vec![reading(U1, "2013-01-20T08:00:00.000000Z", 1.0)]
+    );
+}

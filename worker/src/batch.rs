@@ -10,7 +10,7 @@ use backon::{ExponentialBuilder, Retryable};
 use futures_util::stream::{self, StreamExt};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use sensor_pipeline::alerts::Alerts;
-use sensor_pipeline::ingest::{Disposition, IngestError, Ingestor, Outcome};
+use sensor_pipeline::ingest::{Disposition, Grouper, IngestError, Ingestor, Outcome};
 use tracing::warn;
 
 /// Transient failures (database, object store, network) are retried this way before the object is
@@ -116,12 +116,16 @@ impl fmt::Display for Summary {
 pub async fn ingest_all(
     ingestor: &Ingestor,
     alerts: Option<&Alerts>,
-    keys: Vec<String>,
+    keys: Vec<(String, Option<i64>)>,
     concurrency: usize,
 ) -> Summary {
     let t0 = Instant::now();
-    let (mapping, rest): (Vec<String>, Vec<String>) =
-        keys.into_iter().partition(|k| k.starts_with("mapping/"));
+    let (mapping, rest): (Vec<_>, Vec<_>) =
+        keys.into_iter().partition(|k| k.0.starts_with("mapping/"));
+    // Small objects (by the listed size) are ingested in groups, `concurrency` transactions at
+    // once; enough of them are in flight for the groups to form.
+    let grouper = Grouper::new(ingestor.clone(), concurrency);
+    let in_flight = grouper.in_flight();
     let bar = progress_bar((mapping.len() + rest.len()) as u64);
     let mut summary = Summary {
         anomalies: alerts.map(|_| 0),
@@ -138,15 +142,16 @@ pub async fn ingest_all(
         None => (None, None),
     };
     for phase in [mapping, rest] {
+        let grouper = &grouper;
         let mut results = stream::iter(phase)
-            .map(|key| async move {
-                let result = (|| ingestor.ingest(&key, None))
+            .map(|(key, size)| async move {
+                let result = (|| grouper.ingest(&key, None, size, None))
                     .retry(retry_policy())
                     .notify(|e, wait| warn!(%key, error = %e, "transient failure, retrying in {wait:?}"))
                     .await;
                 (key, result)
             })
-            .buffer_unordered(concurrency.max(1));
+            .buffer_unordered(in_flight);
         while let Some((key, result)) = results.next().await {
             if let (Some(tx), Ok(o)) = (&work, &result) {
                 if !o.anomaly_work.is_empty() {

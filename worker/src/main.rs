@@ -202,9 +202,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .list(None)
                     .await
                     .context("listing the bucket")?;
-                listed.into_iter().map(|o| o.key).collect()
+                listed.into_iter().map(|o| (o.key, Some(o.size))).collect()
             } else {
-                args.keys
+                args.keys.into_iter().map(|k| (k, None)).collect()
             };
             let summary =
                 batch::ingest_all(&ingestor, alerts.as_ref(), keys, worker.concurrency).await;

@@ -33,10 +33,10 @@ use futures_util::StreamExt;
 use sensor_pipeline::alerts::Alerts;
 use sensor_pipeline::config::{AnomalySettings, Env, WorkerSettings};
 use sensor_pipeline::events::{self, ObjectEvent};
-use sensor_pipeline::ingest::{Disposition, IngestError, Ingestor, Outcome};
+use sensor_pipeline::ingest::{Disposition, Grouper, IngestError, Ingestor, Outcome};
 use sensor_pipeline::queue::dead_letters::Filing;
 use sensor_pipeline::queue::Queue;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
@@ -100,6 +100,7 @@ pub async fn run(env: &Env) -> anyhow::Result<ExitCode> {
         (None, None)
     };
     Worker {
+        grouper: Grouper::new(ingestor.clone(), worker.concurrency),
         ingestor,
         queue,
         health,
@@ -153,9 +154,12 @@ const HOLD_POLL: Duration = Duration::from_secs(1);
 
 pub struct Worker {
     pub ingestor: Ingestor,
+    /// Ingests small objects in groups ([`Grouper`]), at most `concurrency` transactions at once.
+    pub grouper: Grouper,
     pub queue: Queue,
     /// What is checked before fetching, and while an event waits out an outage.
     pub health: Health,
+    /// Transactions in flight at once, and events held that are not being ingested yet.
     pub concurrency: usize,
     /// How long in-flight objects may take to finish after a shutdown signal.
     pub grace: Duration,
@@ -182,7 +186,15 @@ impl Worker {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let consumer = self.queue.consumer().await?;
         let worker = Arc::new(self);
-        let slots = Arc::new(Semaphore::new(worker.concurrency));
+        // Every event in flight holds a slot, and a waiting slot until its object is being
+        // ingested (a small one: taken into a group; any other: to the end). A fetch asks for no
+        // more than both have free, so a worker never holds more events than `concurrency` that
+        // it is not working on (the others stay for the other workers), while the groups of
+        // small objects in progress let it hold more in all.
+        let slots = Arc::new(Semaphore::new(
+            worker.grouper.in_flight().max(worker.concurrency),
+        ));
+        let unstarted = Arc::new(Semaphore::new(worker.concurrency));
         let abort = CancellationToken::new();
         let mut tasks = JoinSet::new();
         let mut waiting = false;
@@ -196,7 +208,11 @@ impl Worker {
             // Wait for a free slot, then ask for as many events as there are free slots.
             let slot = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                slot = slots.clone().acquire_owned() => slot?,
+                slot = async {
+                    let slot = slots.clone().acquire_owned().await?;
+                    let one = unstarted.clone().acquire_owned().await?;
+                    Ok::<_, tokio::sync::AcquireError>((slot, one))
+                } => slot?,
             };
             drop(slot);
             // A dependency down: fetch nothing until it is back (what is in flight is held).
@@ -228,7 +244,10 @@ impl Worker {
             if std::mem::take(&mut waiting) {
                 info!("dependencies are back: fetching events again");
             }
-            let wanted = slots.available_permits().max(1);
+            let wanted = slots
+                .available_permits()
+                .min(unstarted.available_permits())
+                .max(1);
             let batch = consumer
                 .fetch()
                 .max_messages(wanted)
@@ -260,9 +279,10 @@ impl Worker {
                     continue;
                 }
                 let slot = slots.clone().acquire_owned().await?;
+                let one = unstarted.clone().acquire_owned().await?;
                 let (worker, abort) = (worker.clone(), abort.clone());
                 tasks.spawn(async move {
-                    worker.handle(message, &abort).await;
+                    worker.handle(message, &abort, one).await;
                     drop(slot);
                 });
             }
@@ -287,14 +307,21 @@ impl Worker {
         Ok(())
     }
 
-    async fn handle(&self, message: jetstream::Message, abort: &CancellationToken) {
+    /// Settles one event; `waiting` is released once its first object is being ingested.
+    async fn handle(
+        &self,
+        message: jetstream::Message,
+        abort: &CancellationToken,
+        waiting: OwnedSemaphorePermit,
+    ) {
+        let mut waiting = Some(waiting);
         let (delivered, sequence) = match message.info() {
             Ok(i) => (i.delivered, i.stream_sequence),
             Err(_) => (1, 0),
         };
         metrics::gauge!(telemetry::IN_FLIGHT).increment(1.0);
         let verdict = loop {
-            match self.process(&message, abort).await {
+            match self.process(&message, abort, &mut waiting).await {
                 // An outage, not a flaky request: wait it out within this delivery.
                 Verdict::Retry(reason) => match self.health.check().await {
                     Ok(()) => break Verdict::Retry(reason),
@@ -372,7 +399,12 @@ impl Worker {
         }
     }
 
-    async fn process(&self, message: &jetstream::Message, abort: &CancellationToken) -> Verdict {
+    async fn process(
+        &self,
+        message: &jetstream::Message,
+        abort: &CancellationToken,
+        waiting: &mut Option<OwnedSemaphorePermit>,
+    ) -> Verdict {
         let events = match events::decode(&message.payload) {
             Ok(events) => events,
             Err(e) => {
@@ -407,7 +439,7 @@ impl Worker {
             metrics::counter!(telemetry::EVENTS, "kind" => "object_created").increment(1);
             let span = tracing::info_span!("object", key = %event.key, etag = event.etag.as_deref().unwrap_or(""));
             let result = self
-                .ingest(message, &event, abort)
+                .ingest(message, &event, abort, waiting.take())
                 .instrument(span.clone())
                 .await;
             let _entered = span.enter();
@@ -474,8 +506,11 @@ impl Worker {
         message: &jetstream::Message,
         event: &ObjectEvent,
         abort: &CancellationToken,
+        waiting: Option<OwnedSemaphorePermit>,
     ) -> Option<Result<Outcome, IngestError>> {
-        let ingest = self.ingestor.ingest(&event.key, event.etag.as_deref());
+        let ingest = self
+            .grouper
+            .ingest(&event.key, event.etag.as_deref(), event.size, waiting);
         tokio::pin!(ingest);
         let mut progress = tokio::time::interval(self.queue.settings().ack_wait / 3);
         progress.tick().await; // the first tick is immediate

@@ -33,10 +33,16 @@ use crate::contract::{Dataset, Reading, SensorName};
 pub const CREATE_STAGING: &str = "
     CREATE TEMP TABLE staging_rows (
         line bigint NOT NULL, sensor_uuid uuid, ts timestamptz, value double precision,
-        sensor_name text, raw bytea, reason text
+        sensor_name text, raw bytea, reason text, object_version bigint
     ) ON COMMIT DELETE ROWS";
 const COPY_MEASUREMENTS: &str =
     "COPY staging_rows (line, sensor_uuid, ts, value, raw, reason) FROM STDIN (FORMAT binary)";
+/// The `COPY` of a group of objects in one transaction ([`Staging::open_group`]): every row
+/// carries the number of the version it comes from, and the statements below take only the rows
+/// of one version (`object_version = $1`) or, for the fast path, each row with its own.
+const COPY_GROUP: &str =
+    "COPY staging_rows (object_version, line, sensor_uuid, ts, value, raw, reason)
+    FROM STDIN (FORMAT binary)";
 /// Upserts the last line of every key where this version beats the stored row's, then widens the
 /// hourly rollup `measurement_hours` by the rows written (an hour with overwrites — `xmax` is 0
 /// only for a freshly inserted row version — is marked inexact: the value replaced may have been
@@ -47,7 +53,8 @@ const MERGE_MEASUREMENTS: &str = concat!(
     "WITH merged AS (
         INSERT INTO measurements AS target (sensor_uuid, ts, value, version)
         SELECT DISTINCT ON (sensor_uuid, ts) sensor_uuid, ts, value, $1::bigint
-        FROM staging_rows WHERE reason IS NULL
+        FROM staging_rows
+        WHERE reason IS NULL AND (object_version IS NULL OR object_version = $1)
         ORDER BY sensor_uuid, ts, line DESC
         ON CONFLICT (sensor_uuid, ts) DO UPDATE SET value = EXCLUDED.value, version = EXCLUDED.version
         WHERE ",
@@ -100,7 +107,7 @@ const INSERT_MEASUREMENTS: &str = "
         ) AS fresh
     ), inserted AS (
         INSERT INTO measurements (sensor_uuid, ts, value, version)
-        SELECT sensor_uuid, ts, value, $1::bigint
+        SELECT sensor_uuid, ts, value, coalesce(object_version, $1::bigint)
         FROM staging_rows, fresh WHERE reason IS NULL AND fresh.fresh
         ORDER BY sensor_uuid, ts
         RETURNING 1
@@ -169,6 +176,38 @@ pub const HOURS_MAX: usize = 100_000;
 const HOUR_MICROS: i64 = 3_600_000_000;
 
 impl Spans {
+    /// The valid rows gathered (all of them while the hours are kept).
+    fn rows(&self) -> u64 {
+        self.hours
+            .as_ref()
+            .map_or(0, |h| h.values().map(|h| h.0 as u64).sum())
+    }
+
+    /// The hours of several objects together (a (sensor, hour) pair once), or `None` if one of
+    /// them gave up gathering them (or none has a valid row).
+    fn hours_of<'a>(
+        all: impl Iterator<Item = &'a Spans>,
+    ) -> Option<std::collections::HashMap<(uuid::Uuid, i64), Hour>> {
+        let mut out: Option<std::collections::HashMap<(uuid::Uuid, i64), Hour>> = None;
+        for s in all.filter(|s| !s.sensors.is_empty()) {
+            let hours = s.hours.as_ref()?;
+            let Some(o) = out.as_mut() else {
+                out = Some(hours.clone());
+                continue;
+            };
+            for (k, h) in hours {
+                o.entry(*k)
+                    .and_modify(|t| {
+                        t.0 += h.0;
+                        t.1 = t.1.min(h.1);
+                        t.2 = t.2.max(h.2);
+                    })
+                    .or_insert(*h);
+            }
+        }
+        out
+    }
+
     pub fn add(&mut self, sensor: uuid::Uuid, micros: i64, value: f64) {
         let span = self.sensors.entry(sensor).or_insert((micros, micros));
         span.0 = span.0.min(micros);
@@ -203,18 +242,24 @@ const MERGE_MAPPING: &str = concat!(
     incoming_beats_stored!()
 );
 
+/// `$3`: the version whose rows to take (rows of a single object carry none).
 const QUARANTINE: &str = "INSERT INTO ingest_quarantine (ledger_id, object_key, line, raw, reason)
-    SELECT $1, $2, line, raw, reason FROM staging_rows WHERE reason IS NOT NULL";
+    SELECT $1, $2, line, raw, reason FROM staging_rows
+    WHERE reason IS NOT NULL AND (object_version IS NULL OR object_version = $3)";
+/// Drops the staged rows of versions that failed or could not be read to the end in a group.
+const UNSTAGE: &str = "DELETE FROM staging_rows WHERE object_version = ANY($1)";
 
 /// An open `COPY` into the staging table of one transaction.
 pub struct Staging {
     dataset: Dataset,
     sink: Pin<Box<CopyInSink<Bytes>>>,
     enc: CopyEncoder,
+    /// In a group: the number of the version whose rows are being staged.
+    version: Option<i64>,
 }
 
 impl Staging {
-    /// Starts the `COPY` into the session's staging table.
+    /// Starts the `COPY` of one object into the session's staging table.
     pub async fn open(
         tx: &Transaction<'_>,
         dataset: Dataset,
@@ -223,18 +268,54 @@ impl Staging {
             Dataset::Measurements => COPY_MEASUREMENTS,
             Dataset::Mapping => COPY_MAPPING,
         };
+        Self::start(tx, dataset, copy, None).await
+    }
+
+    /// Starts the `COPY` of a group of measurement objects, each row tagged with its version
+    /// ([`Staging::set_version`] before each object's rows).
+    pub async fn open_group(tx: &Transaction<'_>) -> Result<Self, tokio_postgres::Error> {
+        Self::start(tx, Dataset::Measurements, COPY_GROUP, Some(0)).await
+    }
+
+    async fn start(
+        tx: &Transaction<'_>,
+        dataset: Dataset,
+        copy: &str,
+        version: Option<i64>,
+    ) -> Result<Self, tokio_postgres::Error> {
         let sink = tx.copy_in(copy).await?;
         Ok(Self {
             dataset,
             sink: Box::pin(sink),
             enc: CopyEncoder::new(),
+            version,
         })
+    }
+
+    /// The version the next rows come from (a group's `COPY` only).
+    pub fn set_version(&mut self, version: i64) {
+        debug_assert!(
+            self.version.is_some(),
+            "only a group's rows carry their version"
+        );
+        self.version = Some(version);
+    }
+
+    /// Starts a row of `fields` fields (plus the version, in a group).
+    fn row(&mut self, fields: i16) {
+        match self.version {
+            Some(v) => {
+                self.enc.row(fields + 1);
+                self.enc.int8(v);
+            }
+            None => self.enc.row(fields),
+        }
     }
 
     pub fn reading(&mut self, line: u64, r: &Reading) {
         debug_assert_eq!(self.dataset, Dataset::Measurements);
+        self.row(6);
         let e = &mut self.enc;
-        e.row(6);
         e.int8(line as i64);
         e.uuid(&r.sensor_uuid);
         e.timestamptz(r.unix_micros);
@@ -245,8 +326,8 @@ impl Staging {
 
     pub fn sensor(&mut self, line: u64, s: &SensorName<'_>) {
         debug_assert_eq!(self.dataset, Dataset::Mapping);
+        self.row(5);
         let e = &mut self.enc;
-        e.row(5);
         e.int8(line as i64);
         e.uuid(&s.sensor_uuid);
         e.bytes(s.name.as_bytes());
@@ -255,12 +336,12 @@ impl Staging {
     }
 
     pub fn rejected(&mut self, line: u64, raw: &[u8], reason: &str) {
-        let e = &mut self.enc;
         let data_fields = match self.dataset {
             Dataset::Measurements => 3,
             Dataset::Mapping => 2,
         };
-        e.row(data_fields + 3);
+        self.row(data_fields + 3);
+        let e = &mut self.enc;
         e.int8(line as i64);
         for _ in 0..data_fields {
             e.null();
@@ -312,73 +393,23 @@ pub async fn merge(
     spans: &Spans,
     detect: bool,
 ) -> Result<Merged, tokio_postgres::Error> {
-    // Prepared once per connection: the staging table lives as long as the connection.
-    if let Some(ledger_id) = quarantine {
-        let quarantine = tx.prepare_cached(QUARANTINE).await?;
-        tx.execute(&quarantine, &[&ledger_id, &key]).await?;
-    }
     match dataset {
         Dataset::Measurements => {
-            let time =
-                |us: i64| chrono::DateTime::from_timestamp_micros(us).expect("a stored instant");
-            let sensors: Vec<uuid::Uuid> = spans.sensors.keys().copied().collect();
-            let firsts: Vec<_> = spans.sensors.values().map(|s| time(s.0)).collect();
-            let lasts: Vec<_> = spans.sensors.values().map(|s| time(s.1)).collect();
-            let row = match &spans.hours {
-                Some(hours) => {
-                    let us: Vec<uuid::Uuid> = hours.keys().map(|k| k.0).collect();
-                    let starts: Vec<_> = hours.keys().map(|k| time(k.1)).collect();
-                    let counts: Vec<i64> = hours.values().map(|h| h.0).collect();
-                    let lows: Vec<f64> = hours.values().map(|h| h.1).collect();
-                    let highs: Vec<f64> = hours.values().map(|h| h.2).collect();
-                    let insert = tx.prepare_cached(INSERT_MEASUREMENTS).await?;
-                    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 9] = [
-                        &version, &sensors, &firsts, &lasts, &us, &starts, &counts, &lows, &highs,
-                    ];
-                    // The savepoint goes out in the same round trip as the insert.
-                    let (set, inserted) = tokio::join!(
-                        tx.batch_execute(MERGE_WORK_MEM),
-                        tx.query_one(&insert, &params)
-                    );
-                    set?;
-                    match inserted {
-                        Ok(row) if row.get::<_, bool>(0) => {
-                            let written: i64 = row.get(1);
-                            return Ok(Merged {
-                                changed: written as u64,
-                                work: queue(tx, detect, &sensors, &firsts, &lasts, key).await?,
-                            });
-                        }
-                        Ok(_) => upsert(tx, version).await?,
-                        Err(e)
-                            if e.code() == Some(&SqlState::UNIQUE_VIOLATION)
-                                || e.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED) =>
-                        {
-                            tx.batch_execute("ROLLBACK TO SAVEPOINT fresh_rows").await?;
-                            upsert(tx, version).await?
-                        }
-                        Err(e) => return Err(e),
-                    }
-                }
-                None => {
-                    tx.batch_execute(MERGE_WORK_MEM).await?;
-                    upsert(tx, version).await?
-                }
+            let member = Member {
+                version,
+                key,
+                quarantine,
+                spans,
             };
-            let changed: i64 = row.get(0);
-            let (inexact, hours): (Vec<uuid::Uuid>, Vec<chrono::DateTime<chrono::Utc>>) =
-                (row.get(1), row.get(2));
-            if !inexact.is_empty() {
-                let exact = tx.prepare_cached(EXACT_HOURS).await?;
-                tx.execute(&exact, &[&inexact, &hours]).await?;
-            }
-            let work = queue(tx, detect, &sensors, &firsts, &lasts, key).await?;
-            Ok(Merged {
-                changed: changed as u64,
-                work,
-            })
+            let mut merged = merge_group(tx, &[member], &[], detect).await?;
+            Ok(merged.pop().unwrap_or_default())
         }
         Dataset::Mapping => {
+            if let Some(ledger_id) = quarantine {
+                let quarantine = tx.prepare_cached(QUARANTINE).await?;
+                tx.execute(&quarantine, &[&ledger_id, &key, &version])
+                    .await?;
+            }
             let merge = tx.prepare_cached(MERGE_MAPPING).await?;
             Ok(Merged {
                 changed: tx.execute(&merge, &[&version]).await?,
@@ -386,6 +417,138 @@ pub async fn merge(
             })
         }
     }
+}
+
+/// A sensor and the first and last instant of its readings in an object.
+type SensorSpan = (
+    uuid::Uuid,
+    chrono::DateTime<chrono::Utc>,
+    chrono::DateTime<chrono::Utc>,
+);
+
+/// One measurement object of [`merge_group`].
+pub struct Member<'a> {
+    /// The number of its version (what its staged rows carry, in a group).
+    pub version: i64,
+    pub key: &'a str,
+    /// Its ledger entry, if rows were rejected.
+    pub quarantine: Option<i64>,
+    pub spans: &'a Spans,
+}
+
+/// [`merge`] for the measurement objects staged in one transaction (a group, or a single object):
+/// first drops the staged rows of the versions in `unstage` (objects of the group that failed or
+/// could not be read to the end); then quarantines each member's rejected rows; then, when no
+/// reading of any member is stored yet, one plain insert of them all; otherwise each member's
+/// upsert in turn (the version check makes their order irrelevant). Returns what each member
+/// changed, in order.
+pub async fn merge_group(
+    tx: &deadpool_postgres::Transaction<'_>,
+    members: &[Member<'_>],
+    unstage: &[i64],
+    detect: bool,
+) -> Result<Vec<Merged>, tokio_postgres::Error> {
+    use futures_util::future::try_join_all;
+    if !unstage.is_empty() {
+        tx.execute(UNSTAGE, &[&unstage]).await?;
+    }
+    if members.iter().any(|m| m.quarantine.is_some()) {
+        // Prepared once per connection: the staging table lives as long as the connection.
+        let quarantine = tx.prepare_cached(QUARANTINE).await?;
+        let quarantine = &quarantine;
+        try_join_all(members.iter().filter_map(|m| {
+            let id = m.quarantine?;
+            Some(async move { tx.execute(quarantine, &[&id, &m.key, &m.version]).await })
+        }))
+        .await?;
+    }
+    if members.is_empty() {
+        return Ok(Vec::new());
+    }
+    let time = |us: i64| chrono::DateTime::from_timestamp_micros(us).expect("a stored instant");
+    let spans: Vec<Vec<SensorSpan>> = members
+        .iter()
+        .map(|m| {
+            m.spans
+                .sensors
+                .iter()
+                .map(|(u, s)| (*u, time(s.0), time(s.1)))
+                .collect()
+        })
+        .collect();
+    let queue_all = || {
+        try_join_all(
+            members
+                .iter()
+                .zip(&spans)
+                .map(|(m, s)| queue(tx, detect, s, m.key)),
+        )
+    };
+    if let Some(hours) = Spans::hours_of(members.iter().map(|m| m.spans)) {
+        let all = spans.iter().flatten();
+        let sensors: Vec<uuid::Uuid> = all.clone().map(|s| s.0).collect();
+        let firsts: Vec<_> = all.clone().map(|s| s.1).collect();
+        let lasts: Vec<_> = all.map(|s| s.2).collect();
+        let us: Vec<uuid::Uuid> = hours.keys().map(|k| k.0).collect();
+        let starts: Vec<_> = hours.keys().map(|k| time(k.1)).collect();
+        let counts: Vec<i64> = hours.values().map(|h| h.0).collect();
+        let lows: Vec<f64> = hours.values().map(|h| h.1).collect();
+        let highs: Vec<f64> = hours.values().map(|h| h.2).collect();
+        let insert = tx.prepare_cached(INSERT_MEASUREMENTS).await?;
+        // A single object's rows carry no version: `$1` is theirs.
+        let version = members.first().map_or(0, |m| m.version);
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 9] = [
+            &version, &sensors, &firsts, &lasts, &us, &starts, &counts, &lows, &highs,
+        ];
+        // The savepoint goes out in the same round trip as the insert.
+        let (set, inserted) = tokio::join!(
+            tx.batch_execute(MERGE_WORK_MEM),
+            tx.query_one(&insert, &params)
+        );
+        set?;
+        match inserted {
+            Ok(row) if row.get::<_, bool>(0) => {
+                let works = queue_all().await?;
+                return Ok(members
+                    .iter()
+                    .zip(works)
+                    .map(|(m, work)| Merged {
+                        // Every valid row was new and inserted: a repeated key fails the insert.
+                        changed: m.spans.rows(),
+                        work,
+                    })
+                    .collect());
+            }
+            Ok(_) => {}
+            Err(e)
+                if e.code() == Some(&SqlState::UNIQUE_VIOLATION)
+                    || e.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED) =>
+            {
+                tx.batch_execute("ROLLBACK TO SAVEPOINT fresh_rows").await?;
+            }
+            Err(e) => return Err(e),
+        }
+    } else {
+        tx.batch_execute(MERGE_WORK_MEM).await?;
+    }
+    let mut changed = Vec::with_capacity(members.len());
+    for m in members {
+        let row = upsert(tx, m.version).await?;
+        let written: i64 = row.get(0);
+        let (inexact, hours): (Vec<uuid::Uuid>, Vec<chrono::DateTime<chrono::Utc>>) =
+            (row.get(1), row.get(2));
+        if !inexact.is_empty() {
+            let exact = tx.prepare_cached(EXACT_HOURS).await?;
+            tx.execute(&exact, &[&inexact, &hours]).await?;
+        }
+        changed.push(written as u64);
+    }
+    let works = queue_all().await?;
+    Ok(changed
+        .into_iter()
+        .zip(works)
+        .map(|(changed, work)| Merged { changed, work })
+        .collect())
 }
 
 /// Runs [`MERGE_MEASUREMENTS`] for version `version`.
@@ -401,14 +564,15 @@ async fn upsert(
 async fn queue(
     tx: &deadpool_postgres::Transaction<'_>,
     detect: bool,
-    sensors: &[uuid::Uuid],
-    firsts: &[chrono::DateTime<chrono::Utc>],
-    lasts: &[chrono::DateTime<chrono::Utc>],
+    spans: &[SensorSpan],
     key: &str,
 ) -> Result<Vec<i64>, tokio_postgres::Error> {
-    if !detect || sensors.is_empty() {
+    if !detect || spans.is_empty() {
         return Ok(Vec::new());
     }
+    let sensors: Vec<uuid::Uuid> = spans.iter().map(|s| s.0).collect();
+    let firsts: Vec<_> = spans.iter().map(|s| s.1).collect();
+    let lasts: Vec<_> = spans.iter().map(|s| s.2).collect();
     let queue = tx.prepare_cached(QUEUE_DETECTION).await?;
     Ok(tx
         .query(&queue, &[&sensors, &firsts, &lasts, &key])
