@@ -459,6 +459,7 @@ async fn upgrade_from_the_previous_schema_keeps_the_data_and_any_new_write_beats
         reports[0].applied,
         vec![
             "ledger/V2__object_versions",
+            "ledger/V3__versions_without_lock",
             "mapping/V2__sensor_versions",
             "measurements/V3__measurement_versions",
             "measurements/V4__anomalies",
@@ -549,4 +550,61 @@ async fn upgrade_from_the_previous_schema_keeps_the_data_and_any_new_write_beats
             ("timeseries/old.csv".to_string(), true),
         ]
     );
+}
+
+/// Registration takes no lock: one version registered twice (or at once from two sessions) gets
+/// one number; versions of one second get distinct numbers with that second in the high bits, a
+/// number already taken (the counter wrapped around) is skipped, and a registration inside a
+/// transaction that rolls back leaves nothing.
+#[tokio::test]
+async fn versions_of_one_second_get_distinct_numbers_without_a_lock() {
+    let (env, _ingestor, db) = harness().await;
+    let register = "SELECT sensors_register_version($1, $2, $3, '2026-11-28T10:00:00Z')";
+    let number = |key: &'static str, etag: &'static str| {
+        let db = &db;
+        async move {
+            let row = db.query_one(register, &[&"b", &key, &etag]).await.unwrap();
+            row.get::<_, i64>(0)
+        }
+    };
+    let second = 1_795_860_000_i64 << 24;
+    let a = number("a.csv", "1").await;
+    assert_eq!(a >> 24, second >> 24);
+    assert_eq!(number("a.csv", "1").await, a);
+    let other = testbed::connect(&env.mapping_db).await.unwrap();
+    let (b, b_again) = tokio::join!(number("b.csv", "1"), async {
+        let row = other
+            .query_one(register, &[&"b", &"b.csv", &"1"])
+            .await
+            .unwrap();
+        row.get::<_, i64>(0)
+    });
+    assert_eq!(b, b_again);
+    assert_ne!(a, b);
+    assert_eq!(b >> 24, a >> 24);
+    // The counter comes round to b's number: it is skipped.
+    db.execute(
+        "SELECT setval('object_version_counter', $1)",
+        &[&(b - second + (1 << 24) - 1)],
+    )
+    .await
+    .unwrap();
+    let c = number("c.csv", "1").await;
+    assert_eq!(c, b + 1);
+    db.batch_execute(
+        "BEGIN; SELECT sensors_register_version('b', 'd.csv', '1', '2026-11-28T10:00:00Z'); ROLLBACK",
+    )
+    .await
+    .unwrap();
+    let versions: Vec<String> = db
+        .query(
+            "SELECT object_key FROM object_versions ORDER BY object_key",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(versions, vec!["a.csv", "b.csv", "c.csv"]);
 }

@@ -3,7 +3,6 @@
 //! (readings never depend on it: unmapped sensors are kept).
 
 use std::fmt;
-use std::sync::atomic::Ordering::SeqCst;
 use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
@@ -131,13 +130,11 @@ pub async fn ingest_all(
         anomalies: alerts.map(|_| 0),
         ..Summary::default()
     };
-    // Objects whose readings wait for detection (at most `WAITING`; later ones wait without).
-    let holding = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let (work, detection) = match alerts {
         Some(alerts) => {
-            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            let task = detect_in_order(alerts.clone(), rx, holding.clone());
-            (Some(tx), Some(tokio::spawn(task)))
+            let (to, pending) = crate::detect::handoff();
+            let task = detect_in_order(alerts.clone(), pending);
+            (Some(to), Some(tokio::spawn(task)))
         }
         None => (None, None),
     };
@@ -153,18 +150,10 @@ pub async fn ingest_all(
             })
             .buffer_unordered(in_flight);
         while let Some((key, result)) = results.next().await {
-            if let (Some(tx), Ok(o)) = (&work, &result) {
+            if let (Some(to), Ok(o)) = (&work, &result) {
                 if !o.anomaly_work.is_empty() {
-                    let fresh = o.fresh.clone().filter(|_| {
-                        holding
-                            .fetch_update(SeqCst, SeqCst, |n| {
-                                (n < crate::detect::WAITING).then_some(n + 1)
-                            })
-                            .is_ok()
-                    });
-                    let queued = (key.clone(), o.anomaly_work.clone(), fresh);
                     // Only fails if the detection task is gone; its work stays queued.
-                    let _ = tx.send(queued);
+                    to.send(o.anomaly_work.clone(), o.fresh.clone());
                 }
             }
             summary.add(&key, result);
@@ -185,40 +174,20 @@ pub async fn ingest_all(
     summary
 }
 
-/// One ingested object's detection work: its key, `anomaly_work` ids and readings.
-type Queued = (
-    String,
-    Vec<i64>,
-    Option<std::sync::Arc<sensor_pipeline::ingest::Fresh>>,
-);
-
-/// Detects what `queued` brings: everything that arrived during the previous batch (up to
+/// Detects what `pending` brings: everything that arrived during the previous batch (up to
 /// [`crate::detect::BATCH_OBJECTS`] objects) as one batch; returns the anomalies opened and the
 /// objects whose detection failed (their work stays queued for the workers).
-async fn detect_in_order(
-    alerts: Alerts,
-    mut queued: tokio::sync::mpsc::UnboundedReceiver<Queued>,
-    holding: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-) -> (u64, u64) {
+async fn detect_in_order(alerts: Alerts, mut pending: crate::detect::Pending) -> (u64, u64) {
     let (mut opened, mut failed) = (0, 0);
-    while let Some(first) = queued.recv().await {
-        let mut objects = vec![first];
-        while objects.len() < crate::detect::BATCH_OBJECTS {
-            let Ok(more) = queued.try_recv() else { break };
-            objects.push(more);
-        }
-        let keys: Vec<&str> = objects.iter().map(|o| o.0.as_str()).collect();
-        let work: Vec<crate::detect::Work> =
-            objects.iter().map(|o| (o.1.clone(), o.2.clone())).collect();
-        match crate::detect::batch(&alerts, &work).await {
+    while let Some(objects) = pending.next().await {
+        match crate::detect::batch(&alerts, &objects).await {
             Ok(d) => opened += d.opened.len() as u64,
             Err(e) => {
-                warn!(keys = ?keys, error = %e, "anomaly detection failed; the workers retry it");
+                warn!(objects = objects.len(), error = %e, "anomaly detection failed; the workers retry it");
                 failed += objects.len() as u64;
             }
         }
-        let held = objects.iter().filter(|o| o.2.is_some()).count();
-        holding.fetch_sub(held, SeqCst);
+        pending.done(&objects);
     }
     (opened, failed)
 }

@@ -8,6 +8,8 @@
 //! acknowledged once its rows are committed, whatever detection does.
 
 use std::io::IsTerminal;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,11 +29,71 @@ const SWEEP: Duration = Duration::from_secs(2);
 
 /// One ingested object's queued work and its readings, for the loop to detect now.
 pub type Work = (Vec<i64>, Option<Arc<Fresh>>);
-/// Where the consumer hands ingested objects' work to the loop: bounded (readings are kept until
-/// detected), and when it is full the work is left to the sweep.
-pub type WorkSender = mpsc::Sender<Work>;
-/// Objects waiting for the loop at most (each holds up to `FRESH_MAX` readings, 24 MB).
+/// Objects whose readings wait for the loop at most (each holds up to `FRESH_MAX` readings,
+/// 24 MB); the work of later ones waits without its readings (they are read back).
 pub const WAITING: usize = 4;
+
+/// Where ingested objects' work goes to be detected in batches: every object's work ids (a few
+/// bytes each; detection keeps up with ingestion in the batches, so they do not pile up), and the
+/// readings of at most [`WAITING`] objects at a time. Handing the ids over even when detection is
+/// behind matters: work left to the sweep is detected sensor by sensor, a transaction each.
+#[derive(Clone)]
+pub struct Handoff {
+    tx: mpsc::UnboundedSender<Work>,
+    holding: Arc<AtomicUsize>,
+}
+
+/// The loop's end of a [`Handoff`].
+pub struct Pending {
+    rx: mpsc::UnboundedReceiver<Work>,
+    holding: Arc<AtomicUsize>,
+}
+
+/// A connected [`Handoff`] and [`Pending`].
+pub fn handoff() -> (Handoff, Pending) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let holding = Arc::new(AtomicUsize::new(0));
+    (
+        Handoff {
+            tx,
+            holding: holding.clone(),
+        },
+        Pending { rx, holding },
+    )
+}
+
+impl Handoff {
+    /// Hands over one object's work and, room permitting, its readings. False if the loop is gone
+    /// (the work stays queued in the database for the sweep of any worker).
+    pub fn send(&self, ids: Vec<i64>, fresh: Option<Arc<Fresh>>) -> bool {
+        let fresh = fresh.filter(|_| {
+            self.holding
+                .fetch_update(SeqCst, SeqCst, |n| (n < WAITING).then_some(n + 1))
+                .is_ok()
+        });
+        self.tx.send((ids, fresh)).is_ok()
+    }
+}
+
+impl Pending {
+    /// The next objects' work: the first to arrive and whatever else has meanwhile, up to
+    /// [`BATCH_OBJECTS`]; `None` once every [`Handoff`] is gone.
+    pub async fn next(&mut self) -> Option<Vec<Work>> {
+        let first = self.rx.recv().await?;
+        let mut objects = vec![first];
+        while objects.len() < BATCH_OBJECTS {
+            let Ok(more) = self.rx.try_recv() else { break };
+            objects.push(more);
+        }
+        Some(objects)
+    }
+
+    /// `objects` (from [`Pending::next`]) are detected: their readings are let go.
+    pub fn done(&self, objects: &[Work]) {
+        let held = objects.iter().filter(|o| o.1.is_some()).count();
+        self.holding.fetch_sub(held, SeqCst);
+    }
+}
 /// Objects detected in one batch at most (one transaction; a sensor written by several of them
 /// is judged once, over the span they cover together).
 pub const BATCH_OBJECTS: usize = 256;
@@ -73,25 +135,17 @@ fn failed(stage: &'static str, e: &AlertError) {
 }
 
 /// Runs detection (and publication) until `stop`.
-pub async fn run_loop(
-    alerts: Alerts,
-    queue: Queue,
-    mut work: mpsc::Receiver<Work>,
-    stop: CancellationToken,
-) {
+pub async fn run_loop(alerts: Alerts, queue: Queue, mut work: Pending, stop: CancellationToken) {
     let mut sweep = tokio::time::interval(SWEEP);
     loop {
         let result = tokio::select! {
             _ = stop.cancelled() => return,
-            ids = work.recv() => match ids {
+            objects = work.next() => match objects {
                 // One object's work, with whatever else has arrived meanwhile, in one batch.
-                Some(first) => {
-                    let mut objects = vec![first];
-                    while objects.len() < BATCH_OBJECTS {
-                        let Ok(more) = work.try_recv() else { break };
-                        objects.push(more);
-                    }
-                    batch(&alerts, &objects).await
+                Some(objects) => {
+                    let detected = batch(&alerts, &objects).await;
+                    work.done(&objects);
+                    detected
                 }
                 None => return,
             },

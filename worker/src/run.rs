@@ -93,7 +93,7 @@ pub async fn run(env: &Env) -> anyhow::Result<ExitCode> {
     let advisories = tokio::spawn(stranded::run_loop(queue.clone(), listening, stop.clone()));
     let (detections, detector) = if anomalies.enabled {
         let alerts = Alerts::new(ingestor.databases().clone(), anomalies);
-        let (tx, rx) = tokio::sync::mpsc::channel(detect::WAITING);
+        let (tx, rx) = detect::handoff();
         let task = tokio::spawn(detect::run_loop(alerts, queue.clone(), rx, stop.clone()));
         (Some(tx), Some(task))
     } else {
@@ -164,7 +164,7 @@ pub struct Worker {
     /// How long in-flight objects may take to finish after a shutdown signal.
     pub grace: Duration,
     /// Where the anomaly detection queued by ingested objects goes (none: detection is off).
-    pub detections: Option<detect::WorkSender>,
+    pub detections: Option<detect::Handoff>,
 }
 
 /// What to tell JetStream about a message.
@@ -448,9 +448,8 @@ impl Worker {
                 Some(Err(e)) => return Verdict::Retry(format!("{}: {e}", event.key)),
                 Some(Ok(outcome)) => {
                     telemetry::record(&outcome);
-                    if let (Some(tx), false) = (&self.detections, outcome.anomaly_work.is_empty()) {
-                        // Full: the sweep finds the work in the table.
-                        let _ = tx.try_send((outcome.anomaly_work.clone(), outcome.fresh.clone()));
+                    if let (Some(to), false) = (&self.detections, outcome.anomaly_work.is_empty()) {
+                        to.send(outcome.anomaly_work.clone(), outcome.fresh.clone());
                     }
                     log_outcome(&outcome);
                     if let Disposition::Failed(reason) = outcome.disposition {

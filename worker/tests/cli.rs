@@ -48,7 +48,7 @@ async fn migrate_then_ingest_all_then_again() {
     assert_eq!(
         text(&out.stdout),
         "mapping+measurement database: applied ledger/V1__ledger_and_quarantine, ledger/V2__object_versions, \
-         mapping/V1__sensors, mapping/V2__sensor_versions, measurements/V1__measurements, \
+         ledger/V3__versions_without_lock, mapping/V1__sensors, mapping/V2__sensor_versions, measurements/V1__measurements, \
          measurements/V2__measurement_days, measurements/V3__measurement_versions, \
          measurements/V4__anomalies, measurements/V5__measurement_hours; measurements is a plain \
          table (TimescaleDB not available)\n"
@@ -220,6 +220,6 @@ async fn settings_from_an_env_file_and_secret_files() {
             "SELECT count(*) FROM schema_history_ledger"
         )
         .await,
-        2
+        3
     );
 }

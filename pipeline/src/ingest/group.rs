@@ -220,18 +220,31 @@ impl Ingestor {
         let deadline = tokio::time::Instant::from_std(t0 + limits.object_deadline);
         let mut client = self.dbs.client(dataset).await.map_err(|e| e.to_string())?;
         let db = |e: tokio_postgres::Error| Err::<(), _>(e).db(dataset).unwrap_err().to_string();
-        let numbers = try_join_all(versions.iter().map(|v| versions::register(&client, v)))
-            .await
-            .map_err(db)?;
         let cancel = client.cancel_token();
         let tx = client.transaction().await.map_err(db)?;
-        // Locks in one order (two groups never wait on each other in a cycle), then the ledger:
-        // one round trip.
+        // Locks in one order (two groups never wait on each other in a cycle), then the ledger,
+        // then the version numbers: one round trip.
         let mut order: Vec<usize> = (0..versions.len()).collect();
         order.sort_by_cached_key(|&i| ledger::lock_name(&versions[i]));
-        let (_, statuses) = tokio::try_join!(
-            try_join_all(order.iter().map(|&i| ledger::lock(&tx, &versions[i]))),
-            try_join_all(versions.iter().map(|v| ledger::status(&tx, v)))
+        let ((lock, status), register) =
+            tokio::try_join!(ledger::prepare_lock_and_status(&tx), versions::prepare(&tx))
+                .map_err(db)?;
+        let (_, statuses, numbers) = tokio::try_join!(
+            try_join_all(
+                order
+                    .iter()
+                    .map(|&i| ledger::lock_with(&tx, &lock, &versions[i]))
+            ),
+            try_join_all(
+                versions
+                    .iter()
+                    .map(|v| ledger::status_with(&tx, &status, v))
+            ),
+            try_join_all(
+                versions
+                    .iter()
+                    .map(|v| versions::register_with(&tx, &register, v))
+            )
         )
         .map_err(db)?;
 
@@ -384,7 +397,7 @@ impl Grouper {
     pub const MOST: usize = 64;
     /// Transactions in flight per lane: a quarter of them are lanes, so that while they work
     /// requests queue up and the next groups are large.
-    const PER_LANE: usize = 4;
+    const PER_LANE: usize = 8;
 
     /// Starts the lanes of `ingestor` for `concurrency` transactions in flight. Must be called
     /// within a Tokio runtime.

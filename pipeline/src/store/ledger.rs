@@ -96,13 +96,42 @@ pub async fn begin<'c>(
     Ok(Some(tx))
 }
 
+#[cfg(feature = "ingest")]
+const LOCK: &str = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))";
+#[cfg(feature = "ingest")]
+const STATUS: &str = concat!(
+    "SELECT status FROM ingest_ledger
+     WHERE bucket = $1 AND object_key = $2 AND etag = $3 AND written_at = ",
+    "coalesce($4::timestamptz, '-infinity')"
+);
+
 /// Takes the per-version lock for the rest of the transaction (waits while another holds it).
 #[cfg(feature = "ingest")]
 pub async fn lock(tx: &Transaction<'_>, v: &ObjectVersion) -> Result<(), tokio_postgres::Error> {
-    let statement = tx
-        .prepare_cached("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
-        .await?;
-    tx.execute(&statement, &[&lock_name(v)]).await.map(drop)
+    let statement = tx.prepare_cached(LOCK).await?;
+    lock_with(tx, &statement, v).await
+}
+
+/// The statements of [`lock_with`] and [`status_with`], prepared: statements sent together must
+/// not wait on a preparation, or they would go out in another order.
+#[cfg(feature = "ingest")]
+pub async fn prepare_lock_and_status(
+    tx: &Transaction<'_>,
+) -> Result<(tokio_postgres::Statement, tokio_postgres::Statement), tokio_postgres::Error> {
+    Ok((
+        tx.prepare_cached(LOCK).await?,
+        tx.prepare_cached(STATUS).await?,
+    ))
+}
+
+/// [`lock`] with its prepared statement.
+#[cfg(feature = "ingest")]
+pub async fn lock_with(
+    tx: &Transaction<'_>,
+    statement: &tokio_postgres::Statement,
+    v: &ObjectVersion,
+) -> Result<(), tokio_postgres::Error> {
+    tx.execute(statement, &[&lock_name(v)]).await.map(drop)
 }
 
 /// The text whose hash names the advisory lock of version `v` (a test may hold it to stall an
@@ -119,14 +148,19 @@ pub async fn status(
     tx: &Transaction<'_>,
     v: &ObjectVersion,
 ) -> Result<Option<Status>, tokio_postgres::Error> {
-    let statement = tx
-        .prepare_cached(&format!(
-            "SELECT status FROM ingest_ledger
-             WHERE bucket = $1 AND object_key = $2 AND etag = $3 AND written_at = {NO_WRITE_TIME}"
-        ))
-        .await?;
+    let statement = tx.prepare_cached(STATUS).await?;
+    status_with(tx, &statement, v).await
+}
+
+/// [`status`] with its prepared statement.
+#[cfg(feature = "ingest")]
+pub async fn status_with(
+    tx: &Transaction<'_>,
+    statement: &tokio_postgres::Statement,
+    v: &ObjectVersion,
+) -> Result<Option<Status>, tokio_postgres::Error> {
     let row = tx
-        .query_opt(&statement, &[&v.bucket, &v.key, &v.etag, &v.written_at])
+        .query_opt(statement, &[&v.bucket, &v.key, &v.etag, &v.written_at])
         .await?;
     Ok(row.and_then(|r| Status::parse(r.get(0))))
 }

@@ -476,12 +476,18 @@ pub async fn merge_group(
                 .collect()
         })
         .collect();
+    // Prepared before anything is sent: statements pipelined with the insert must go out in
+    // their order, and preparing would send this one only after its round trip.
+    let queue_statement = match detect {
+        true => Some(tx.prepare_cached(QUEUE_DETECTION).await?),
+        false => None,
+    };
     let queue_all = || {
         try_join_all(
             members
                 .iter()
                 .zip(&spans)
-                .map(|(m, s)| queue(tx, detect, s, m.key)),
+                .map(|(m, s)| queue(tx, queue_statement.as_ref(), s, m.key)),
         )
     };
     if let Some(hours) = Spans::hours_of(members.iter().map(|m| m.spans)) {
@@ -500,16 +506,19 @@ pub async fn merge_group(
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 9] = [
             &version, &sensors, &firsts, &lasts, &us, &starts, &counts, &lows, &highs,
         ];
-        // The savepoint goes out in the same round trip as the insert.
-        let (set, inserted) = tokio::join!(
+        // The detection queue, the savepoint and the insert go out in one round trip; the insert
+        // last, so that the rollup and page index rows it locks are held for the shortest time
+        // (concurrent objects of the same sensors and hours wait for them).
+        let (works, set, inserted) = tokio::join!(
+            queue_all(),
             tx.batch_execute(MERGE_WORK_MEM),
             tx.query_one(&insert, &params)
         );
+        let works = works?;
         set?;
         match inserted {
             Ok(row) if row.get::<_, bool>(0) => {
-                let works = queue_all().await?;
-                return Ok(members
+                Ok(members
                     .iter()
                     .zip(works)
                     .map(|(m, work)| Merged {
@@ -517,20 +526,31 @@ pub async fn merge_group(
                         changed: m.spans.rows(),
                         work,
                     })
-                    .collect());
+                    .collect())
             }
-            Ok(_) => {}
+            Ok(_) => upserted(tx, members, works).await,
             Err(e)
                 if e.code() == Some(&SqlState::UNIQUE_VIOLATION)
                     || e.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED) =>
             {
                 tx.batch_execute("ROLLBACK TO SAVEPOINT fresh_rows").await?;
+                upserted(tx, members, works).await
             }
-            Err(e) => return Err(e),
+            Err(e) => Err(e),
         }
     } else {
+        let works = queue_all().await?;
         tx.batch_execute(MERGE_WORK_MEM).await?;
+        upserted(tx, members, works).await
     }
+}
+
+/// Upserts each member's rows in turn (`works`: what was queued for each).
+async fn upserted(
+    tx: &deadpool_postgres::Transaction<'_>,
+    members: &[Member<'_>],
+    works: Vec<Vec<i64>>,
+) -> Result<Vec<Merged>, tokio_postgres::Error> {
     let mut changed = Vec::with_capacity(members.len());
     for m in members {
         let row = upsert(tx, m.version).await?;
@@ -543,7 +563,6 @@ pub async fn merge_group(
         }
         changed.push(written as u64);
     }
-    let works = queue_all().await?;
     Ok(changed
         .into_iter()
         .zip(works)
@@ -560,22 +579,22 @@ async fn upsert(
     tx.query_one(&merge, &[&version]).await
 }
 
-/// With `detect`, queues detection of each sensor's span ([`QUEUE_DETECTION`]); returns the ids.
+/// Queues detection of each sensor's span with `statement` ([`QUEUE_DETECTION`]; `None`:
+/// detection is off); returns the ids.
 async fn queue(
     tx: &deadpool_postgres::Transaction<'_>,
-    detect: bool,
+    statement: Option<&tokio_postgres::Statement>,
     spans: &[SensorSpan],
     key: &str,
 ) -> Result<Vec<i64>, tokio_postgres::Error> {
-    if !detect || spans.is_empty() {
+    let Some(statement) = statement.filter(|_| !spans.is_empty()) else {
         return Ok(Vec::new());
-    }
+    };
     let sensors: Vec<uuid::Uuid> = spans.iter().map(|s| s.0).collect();
     let firsts: Vec<_> = spans.iter().map(|s| s.1).collect();
     let lasts: Vec<_> = spans.iter().map(|s| s.2).collect();
-    let queue = tx.prepare_cached(QUEUE_DETECTION).await?;
     Ok(tx
-        .query(&queue, &[&sensors, &firsts, &lasts, &key])
+        .query(statement, &[&sensors, &firsts, &lasts, &key])
         .await?
         .iter()
         .map(|r| r.get(0))

@@ -1,8 +1,9 @@
 //! Who wins (SPEC §3): the newest write, never the last to be processed.
 //!
-//! Every object version that is read is registered in its database before its transaction begins
-//! and gets a number (`sensors_register_version`, `migrations/ledger/V2__object_versions.sql`):
-//! the whole seconds of its write time in the high bits, a per-second counter in the low 24. Every
+//! Every object version that is read is registered in its database and gets a number
+//! (`sensors_register_version`, `migrations/ledger/V2__object_versions.sql` and
+//! `V3__versions_without_lock.sql`): the whole seconds of its write time in the high bits, a
+//! number unique within that second in the low 24 (from a sequence; no lock). Every
 //! stored row carries the number of the version it came from, and the merge overwrites a row only
 //! with a version that beats it:
 //!
@@ -21,27 +22,44 @@
 //! times are whole seconds (the HTTP `Last-Modified` header), so same-second ties do happen (a bulk
 //! upload) and are resolved by the function, only for the rows they concern.
 //!
-//! Registration is its own short statement because its per-second lock must not be held for the
-//! duration of an ingestion. A version registered by an attempt that then fails is harmless.
+//! A single object registers its version in a statement of its own before its transaction; a
+//! group ([`crate::ingest::Grouper`]) inside its transaction, with the rest of its first round
+//! trip. A version registered by an attempt that then fails is harmless.
 
 use super::ledger::ObjectVersion;
 
 /// Rows stored before versions existed: every version beats it.
 pub const UNVERSIONED: i64 = 0;
 
+const REGISTER: &str = "SELECT sensors_register_version($1, $2, $3, $4)";
+
 /// Registers `v` (a version that was read, so it has a write time) and returns its number.
 pub async fn register(
-    client: &deadpool_postgres::ClientWrapper,
+    client: &impl deadpool_postgres::GenericClient,
+    v: &ObjectVersion,
+) -> Result<i64, tokio_postgres::Error> {
+    let statement = prepare(client).await?;
+    register_with(client, &statement, v).await
+}
+
+/// The statement of [`register_with`], prepared.
+pub async fn prepare(
+    client: &impl deadpool_postgres::GenericClient,
+) -> Result<tokio_postgres::Statement, tokio_postgres::Error> {
+    client.prepare_cached(REGISTER).await
+}
+
+/// [`register`] with its prepared statement.
+pub async fn register_with(
+    client: &impl deadpool_postgres::GenericClient,
+    statement: &tokio_postgres::Statement,
     v: &ObjectVersion,
 ) -> Result<i64, tokio_postgres::Error> {
     let written_at = v
         .written_at
         .expect("only versions that were read are registered");
-    let statement = client
-        .prepare_cached("SELECT sensors_register_version($1, $2, $3, $4)")
-        .await?;
     let row = client
-        .query_one(&statement, &[&v.bucket, &v.key, &v.etag, &written_at])
+        .query_one(statement, &[&v.bucket, &v.key, &v.etag, &written_at])
         .await?;
     Ok(row.get(0))
 }
