@@ -36,7 +36,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::Utc;
-use futures_util::future::{join_all, try_join_all};
+use futures_util::future::join_all;
 use tokio::sync::{mpsc, oneshot, Mutex, OwnedSemaphorePermit, Semaphore};
 use tracing::{info, warn};
 
@@ -226,29 +226,16 @@ impl Ingestor {
         let db = |e: tokio_postgres::Error| Err::<(), _>(e).db(dataset).unwrap_err().to_string();
         let cancel = client.cancel_token();
         let tx = client.transaction().await.map_err(db)?;
-        // Locks in one order (two groups never wait on each other in a cycle), then the ledger,
-        // then the version numbers: one round trip.
-        let mut order: Vec<usize> = (0..versions.len()).collect();
-        order.sort_by_cached_key(|&i| ledger::lock_name(&versions[i]));
-        let ((lock, status), register) =
-            tokio::try_join!(ledger::prepare_lock_and_status(&tx), versions::prepare(&tx))
-                .map_err(db)?;
+        let (statements, register) = tokio::try_join!(
+            ledger::GroupStatements::prepare(&tx),
+            versions::prepare_all(&tx)
+        )
+        .map_err(db)?;
+        // The locks, then the ledger, then the version numbers: one round trip.
         let (_, statuses, numbers) = tokio::try_join!(
-            try_join_all(
-                order
-                    .iter()
-                    .map(|&i| ledger::lock_with(&tx, &lock, &versions[i]))
-            ),
-            try_join_all(
-                versions
-                    .iter()
-                    .map(|v| ledger::status_with(&tx, &status, v))
-            ),
-            try_join_all(
-                versions
-                    .iter()
-                    .map(|v| versions::register_with(&tx, &register, v))
-            )
+            statements.lock(&tx, versions),
+            statements.status(&tx, versions),
+            versions::register_all(&tx, &register, versions)
         )
         .map_err(db)?;
 
@@ -314,36 +301,33 @@ impl Ingestor {
                     _ => None,
                 })
                 .collect();
-            let entries: Vec<Option<Entry>> = reads
-                .iter()
-                .enumerate()
-                .map(|(i, read)| {
-                    let (status, counts) = match read {
-                        Read::Ok(counts, ..) => (Status::Done, *counts),
-                        Read::Failed(_) => (Status::Failed, Counts::default()),
-                        Read::Unread(_) | Read::AlreadyDone => return None,
-                    };
-                    Some(Entry {
-                        version: &versions[i],
-                        dataset: dataset.as_str(),
-                        status,
-                        size_bytes: Some(sizes[i] as i64),
-                        rows_ok: counts.ok as i64,
-                        rows_rejected: counts.rejected as i64,
-                        reason: reasons[i].as_deref(),
-                        started_at,
-                    })
-                })
-                .collect();
-            let t = &tx;
-            let ids = try_join_all(entries.iter().map(|e| async move {
-                match e {
-                    Some(e) => ledger::record(t, e).await.map(Some),
-                    None => Ok(None),
-                }
-            }))
-            .await
-            .db(dataset)?;
+            let mut recorded = Vec::new();
+            let mut entries = Vec::new();
+            for (i, read) in reads.iter().enumerate() {
+                let (status, counts) = match read {
+                    Read::Ok(counts, ..) => (Status::Done, *counts),
+                    Read::Failed(_) => (Status::Failed, Counts::default()),
+                    Read::Unread(_) | Read::AlreadyDone => continue,
+                };
+                recorded.push(i);
+                entries.push(Entry {
+                    version: &versions[i],
+                    dataset: dataset.as_str(),
+                    status,
+                    size_bytes: Some(sizes[i] as i64),
+                    rows_ok: counts.ok as i64,
+                    rows_rejected: counts.rejected as i64,
+                    reason: reasons[i].as_deref(),
+                    started_at,
+                });
+            }
+            let mut ids = vec![None; reads.len()];
+            for (i, id) in recorded
+                .into_iter()
+                .zip(statements.record(&tx, &entries).await.db(dataset)?)
+            {
+                ids[i] = Some(id);
+            }
             let mut unstage = Vec::new();
             let mut group = Vec::new();
             for (i, read) in reads.iter().enumerate() {

@@ -109,29 +109,7 @@ const STATUS: &str = concat!(
 #[cfg(feature = "ingest")]
 pub async fn lock(tx: &Transaction<'_>, v: &ObjectVersion) -> Result<(), tokio_postgres::Error> {
     let statement = tx.prepare_cached(LOCK).await?;
-    lock_with(tx, &statement, v).await
-}
-
-/// The statements of [`lock_with`] and [`status_with`], prepared: statements sent together must
-/// not wait on a preparation, or they would go out in another order.
-#[cfg(feature = "ingest")]
-pub async fn prepare_lock_and_status(
-    tx: &Transaction<'_>,
-) -> Result<(tokio_postgres::Statement, tokio_postgres::Statement), tokio_postgres::Error> {
-    Ok((
-        tx.prepare_cached(LOCK).await?,
-        tx.prepare_cached(STATUS).await?,
-    ))
-}
-
-/// [`lock`] with its prepared statement.
-#[cfg(feature = "ingest")]
-pub async fn lock_with(
-    tx: &Transaction<'_>,
-    statement: &tokio_postgres::Statement,
-    v: &ObjectVersion,
-) -> Result<(), tokio_postgres::Error> {
-    tx.execute(statement, &[&lock_name(v)]).await.map(drop)
+    tx.execute(&statement, &[&lock_name(v)]).await.map(drop)
 }
 
 /// The text whose hash names the advisory lock of version `v` (a test may hold it to stall an
@@ -149,20 +127,165 @@ pub async fn status(
     v: &ObjectVersion,
 ) -> Result<Option<Status>, tokio_postgres::Error> {
     let statement = tx.prepare_cached(STATUS).await?;
-    status_with(tx, &statement, v).await
-}
-
-/// [`status`] with its prepared statement.
-#[cfg(feature = "ingest")]
-pub async fn status_with(
-    tx: &Transaction<'_>,
-    statement: &tokio_postgres::Statement,
-    v: &ObjectVersion,
-) -> Result<Option<Status>, tokio_postgres::Error> {
     let row = tx
-        .query_opt(statement, &[&v.bucket, &v.key, &v.etag, &v.written_at])
+        .query_opt(&statement, &[&v.bucket, &v.key, &v.etag, &v.written_at])
         .await?;
     Ok(row.and_then(|r| Status::parse(r.get(0))))
+}
+
+/// The statements of a group of versions of one bucket (see `crate::ingest::Grouper`): each one
+/// statement for all of them, prepared before any is sent so that they go out in their order.
+#[cfg(feature = "ingest")]
+pub struct GroupStatements {
+    lock: tokio_postgres::Statement,
+    status: tokio_postgres::Statement,
+    record: tokio_postgres::Statement,
+}
+
+#[cfg(feature = "ingest")]
+impl GroupStatements {
+    pub async fn prepare(tx: &Transaction<'_>) -> Result<Self, tokio_postgres::Error> {
+        let (lock, status, record) = tokio::try_join!(
+            tx.prepare_cached(
+                "SELECT count(pg_advisory_xact_lock(hashtextextended(n, 0))) \
+                 FROM unnest($1::text[]) AS n"
+            ),
+            tx.prepare_cached(
+                "SELECT v.i, l.status
+                 FROM unnest($2::text[], $3::text[], $4::timestamptz[]) WITH ORDINALITY
+                     AS v(object_key, etag, written_at, i)
+                 JOIN ingest_ledger l ON l.bucket = $1 AND l.object_key = v.object_key
+                     AND l.etag = v.etag AND l.written_at = v.written_at"
+            ),
+            tx.prepare_cached(
+                "INSERT INTO ingest_ledger AS l
+                     (bucket, object_key, etag, written_at, dataset, status, size_bytes, rows_ok,
+                      rows_rejected, reason, started_at, finished_at)
+                 SELECT $1, e.*, $10, clock_timestamp()
+                 FROM unnest($2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::text[],
+                             $7::bigint[], $8::bigint[], $9::bigint[], $11::text[])
+                     AS e(object_key, etag, written_at, dataset, status, size_bytes, rows_ok,
+                          rows_rejected, reason)
+                 ORDER BY e.object_key
+                 ON CONFLICT (bucket, object_key, etag, written_at) DO UPDATE SET
+                     dataset = EXCLUDED.dataset,
+                     status = EXCLUDED.status,
+                     size_bytes = EXCLUDED.size_bytes,
+                     rows_ok = EXCLUDED.rows_ok,
+                     rows_rejected = EXCLUDED.rows_rejected,
+                     reason = EXCLUDED.reason,
+                     started_at = EXCLUDED.started_at,
+                     finished_at = EXCLUDED.finished_at,
+                     attempts = l.attempts + 1
+                 RETURNING object_key, id, attempts"
+            ),
+        )?;
+        Ok(Self {
+            lock,
+            status,
+            record,
+        })
+    }
+
+    /// [`lock`] for every version of `group`, in one order (by lock name): two groups never wait
+    /// on each other in a cycle.
+    pub async fn lock(
+        &self,
+        tx: &Transaction<'_>,
+        group: &[ObjectVersion],
+    ) -> Result<(), tokio_postgres::Error> {
+        let mut names: Vec<String> = group.iter().map(lock_name).collect();
+        names.sort();
+        tx.execute(&self.lock, &[&names]).await.map(drop)
+    }
+
+    /// [`status`] of every version of `group` (all of one bucket, all read), in order.
+    pub async fn status(
+        &self,
+        tx: &Transaction<'_>,
+        group: &[ObjectVersion],
+    ) -> Result<Vec<Option<Status>>, tokio_postgres::Error> {
+        let (bucket, keys, etags, written) = columns(group);
+        let mut out = vec![None; group.len()];
+        for row in tx
+            .query(&self.status, &[&bucket, &keys, &etags, &written])
+            .await?
+        {
+            let i: i64 = row.get(0);
+            out[i as usize - 1] = Status::parse(row.get(1));
+        }
+        Ok(out)
+    }
+
+    /// [`record`] of every entry (versions of one bucket, each key once); returns their ids, in
+    /// order.
+    pub async fn record(
+        &self,
+        tx: &Transaction<'_>,
+        entries: &[Entry<'_>],
+    ) -> Result<Vec<i64>, tokio_postgres::Error> {
+        let Some(first) = entries.first() else {
+            return Ok(Vec::new());
+        };
+        let versions: Vec<ObjectVersion> = entries.iter().map(|e| e.version.clone()).collect();
+        let (bucket, keys, etags, written) = columns(&versions);
+        let datasets: Vec<&str> = entries.iter().map(|e| e.dataset).collect();
+        let statuses: Vec<&str> = entries.iter().map(|e| e.status.as_str()).collect();
+        let sizes: Vec<Option<i64>> = entries.iter().map(|e| e.size_bytes).collect();
+        let oks: Vec<i64> = entries.iter().map(|e| e.rows_ok).collect();
+        let rejected: Vec<i64> = entries.iter().map(|e| e.rows_rejected).collect();
+        let reasons: Vec<Option<&str>> = entries.iter().map(|e| e.reason).collect();
+        let rows = tx
+            .query(
+                &self.record,
+                &[
+                    &bucket,
+                    &keys,
+                    &etags,
+                    &written,
+                    &datasets,
+                    &statuses,
+                    &sizes,
+                    &oks,
+                    &rejected,
+                    &first.started_at,
+                    &reasons,
+                ],
+            )
+            .await?;
+        let mut ids = std::collections::HashMap::new();
+        let mut again = Vec::new();
+        for row in rows {
+            let (key, id, attempts): (String, i64, i32) = (row.get(0), row.get(1), row.get(2));
+            if attempts > 1 {
+                again.push(id);
+            }
+            ids.insert(key, id);
+        }
+        if !again.is_empty() {
+            tx.execute(
+                "DELETE FROM ingest_quarantine WHERE ledger_id = ANY($1)",
+                &[&again],
+            )
+            .await?;
+        }
+        Ok(keys.iter().map(|k| ids[*k]).collect())
+    }
+}
+
+/// Bucket, keys, ETags and write times of versions of one bucket that were read.
+#[cfg(feature = "ingest")]
+fn columns(group: &[ObjectVersion]) -> (&str, Vec<&str>, Vec<&str>, Vec<DateTime<Utc>>) {
+    let bucket = group.first().map_or("", |v| v.bucket.as_str());
+    debug_assert!(group
+        .iter()
+        .all(|v| v.bucket == bucket && v.written_at.is_some()));
+    (
+        bucket,
+        group.iter().map(|v| v.key.as_str()).collect(),
+        group.iter().map(|v| v.etag.as_str()).collect(),
+        group.iter().filter_map(|v| v.written_at).collect(),
+    )
 }
 
 /// Writes (or overwrites, counting the attempt) the entry of a version; returns its id.

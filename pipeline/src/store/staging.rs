@@ -145,15 +145,16 @@ const EXACT_HOURS: &str = "
     WHERE h.sensor_uuid = x.sensor_uuid AND h.hour = x.hour AND r.readings > 0";
 /// Queues anomaly detection of the span each sensor's valid rows cover (`anomaly_work`, see
 /// `crate::alerts`): `$1`–`$3` sensors, first and last instants ([`Spans`], gathered while the rows
-/// were read: aggregating the staged rows again cost 50 ms per 100,000-row object), `$4` the key.
+/// were read: aggregating the staged rows again cost 50 ms per 100,000-row object), `$4` the
+/// object keys (one statement for a group's objects); returns each id with its key.
 /// A statement of its own, run only when detection is on, so that with detection off the merge is
 /// exactly what it was.
 const QUEUE_DETECTION: &str = "
     INSERT INTO anomaly_work (sensor_uuid, span_start, span_end, object_key)
-    SELECT u, first, last, $4 FROM unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[])
-        AS w(u, first, last)
-    ORDER BY u
-    RETURNING id";
+    SELECT u, first, last, k
+    FROM unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[], $4::text[]) AS w(u, first, last, k)
+    ORDER BY u, k
+    RETURNING id, object_key";
 
 /// What the reader gathers from an object's valid rows on the way: each sensor's first and last
 /// instant (µs since the Unix epoch), and its readings per UTC hour (count, low, high) — the
@@ -482,14 +483,7 @@ pub async fn merge_group(
         true => Some(tx.prepare_cached(QUEUE_DETECTION).await?),
         false => None,
     };
-    let queue_all = || {
-        try_join_all(
-            members
-                .iter()
-                .zip(&spans)
-                .map(|(m, s)| queue(tx, queue_statement.as_ref(), s, m.key)),
-        )
-    };
+    let queue_all = || queue(tx, queue_statement.as_ref(), members, &spans);
     if let Some(hours) = Spans::hours_of(members.iter().map(|m| m.spans)) {
         let all = spans.iter().flatten();
         let sensors: Vec<uuid::Uuid> = all.clone().map(|s| s.0).collect();
@@ -579,26 +573,41 @@ async fn upsert(
     tx.query_one(&merge, &[&version]).await
 }
 
-/// Queues detection of each sensor's span with `statement` ([`QUEUE_DETECTION`]; `None`:
-/// detection is off); returns the ids.
+/// Queues detection of each member's sensors' spans (`spans`, in member order) with `statement`
+/// ([`QUEUE_DETECTION`]; `None`: detection is off); returns each member's ids.
 async fn queue(
     tx: &deadpool_postgres::Transaction<'_>,
     statement: Option<&tokio_postgres::Statement>,
-    spans: &[SensorSpan],
-    key: &str,
-) -> Result<Vec<i64>, tokio_postgres::Error> {
-    let Some(statement) = statement.filter(|_| !spans.is_empty()) else {
-        return Ok(Vec::new());
+    members: &[Member<'_>],
+    spans: &[Vec<SensorSpan>],
+) -> Result<Vec<Vec<i64>>, tokio_postgres::Error> {
+    let mut works = vec![Vec::new(); members.len()];
+    let Some(statement) = statement.filter(|_| spans.iter().any(|s| !s.is_empty())) else {
+        return Ok(works);
     };
-    let sensors: Vec<uuid::Uuid> = spans.iter().map(|s| s.0).collect();
-    let firsts: Vec<_> = spans.iter().map(|s| s.1).collect();
-    let lasts: Vec<_> = spans.iter().map(|s| s.2).collect();
-    Ok(tx
-        .query(statement, &[&sensors, &firsts, &lasts, &key])
-        .await?
+    let all = || {
+        members
+            .iter()
+            .zip(spans)
+            .flat_map(|(m, s)| s.iter().map(|s| (m.key, s)))
+    };
+    let sensors: Vec<uuid::Uuid> = all().map(|(_, s)| s.0).collect();
+    let firsts: Vec<_> = all().map(|(_, s)| s.1).collect();
+    let lasts: Vec<_> = all().map(|(_, s)| s.2).collect();
+    let keys: Vec<&str> = all().map(|(k, _)| k).collect();
+    let at: std::collections::HashMap<&str, usize> = members
         .iter()
-        .map(|r| r.get(0))
-        .collect())
+        .enumerate()
+        .map(|(i, m)| (m.key, i))
+        .collect();
+    for row in tx
+        .query(statement, &[&sensors, &firsts, &lasts, &keys])
+        .await?
+    {
+        let key: &str = row.get(1);
+        works[at[key]].push(row.get(0));
+    }
+    Ok(works)
 }
 
 #[cfg(test)]

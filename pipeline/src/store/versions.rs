@@ -38,30 +38,50 @@ pub async fn register(
     client: &impl deadpool_postgres::GenericClient,
     v: &ObjectVersion,
 ) -> Result<i64, tokio_postgres::Error> {
-    let statement = prepare(client).await?;
-    register_with(client, &statement, v).await
-}
-
-/// The statement of [`register_with`], prepared.
-pub async fn prepare(
-    client: &impl deadpool_postgres::GenericClient,
-) -> Result<tokio_postgres::Statement, tokio_postgres::Error> {
-    client.prepare_cached(REGISTER).await
-}
-
-/// [`register`] with its prepared statement.
-pub async fn register_with(
-    client: &impl deadpool_postgres::GenericClient,
-    statement: &tokio_postgres::Statement,
-    v: &ObjectVersion,
-) -> Result<i64, tokio_postgres::Error> {
     let written_at = v
         .written_at
         .expect("only versions that were read are registered");
+    let statement = client.prepare_cached(REGISTER).await?;
     let row = client
-        .query_one(statement, &[&v.bucket, &v.key, &v.etag, &written_at])
+        .query_one(&statement, &[&v.bucket, &v.key, &v.etag, &written_at])
         .await?;
     Ok(row.get(0))
+}
+
+const REGISTER_ALL: &str = "SELECT sensors_register_version($1, v.object_key, v.etag, v.written_at)
+    FROM unnest($2::text[], $3::text[], $4::timestamptz[]) WITH ORDINALITY
+        AS v(object_key, etag, written_at, i)
+    ORDER BY v.i";
+
+/// The statement of [`register_all`], prepared.
+pub async fn prepare_all(
+    client: &impl deadpool_postgres::GenericClient,
+) -> Result<tokio_postgres::Statement, tokio_postgres::Error> {
+    client.prepare_cached(REGISTER_ALL).await
+}
+
+/// [`register`] for versions of one bucket in one statement; their numbers, in order.
+pub async fn register_all(
+    client: &impl deadpool_postgres::GenericClient,
+    statement: &tokio_postgres::Statement,
+    group: &[ObjectVersion],
+) -> Result<Vec<i64>, tokio_postgres::Error> {
+    let bucket = group.first().map_or("", |v| v.bucket.as_str());
+    let keys: Vec<&str> = group.iter().map(|v| v.key.as_str()).collect();
+    let etags: Vec<&str> = group.iter().map(|v| v.etag.as_str()).collect();
+    let written: Vec<chrono::DateTime<chrono::Utc>> = group
+        .iter()
+        .map(|v| {
+            v.written_at
+                .expect("only versions that were read are registered")
+        })
+        .collect();
+    Ok(client
+        .query(statement, &[&bucket, &keys, &etags, &written])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
 }
 
 /// The `WHERE` of an upsert into a versioned table aliased `target`: true when the incoming row's
