@@ -151,11 +151,13 @@ impl GroupStatements {
                  FROM unnest($1::text[]) AS n"
             ),
             tx.prepare_cached(
-                "SELECT v.i, l.status
+                // A subquery per version: one index probe each, whatever the planner thinks of
+                // the ledger's size (as a join it may hash the whole ledger).
+                "SELECT v.i, (SELECT l.status FROM ingest_ledger l
+                              WHERE l.bucket = $1 AND l.object_key = v.object_key
+                                  AND l.etag = v.etag AND l.written_at = v.written_at)
                  FROM unnest($2::text[], $3::text[], $4::timestamptz[]) WITH ORDINALITY
-                     AS v(object_key, etag, written_at, i)
-                 JOIN ingest_ledger l ON l.bucket = $1 AND l.object_key = v.object_key
-                     AND l.etag = v.etag AND l.written_at = v.written_at"
+                     AS v(object_key, etag, written_at, i)"
             ),
             tx.prepare_cached(
                 "INSERT INTO ingest_ledger AS l
@@ -212,7 +214,7 @@ impl GroupStatements {
             .await?
         {
             let i: i64 = row.get(0);
-            out[i as usize - 1] = Status::parse(row.get(1));
+            out[i as usize - 1] = row.get::<_, Option<&str>>(1).and_then(Status::parse);
         }
         Ok(out)
     }
