@@ -177,6 +177,17 @@ fn opened(v: &Version) -> OpenedObject {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_end_state_is_the_newest_write_whatever_the_order_and_concurrency() {
+    end_state_is_the_newest_write(false).await;
+}
+
+/// The same with the versions ingested in groups of one to six (`Ingestor::ingest_objects`), a
+/// group that fails (two groups deadlocking on rows) retried alone as the grouper does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_groups_the_end_state_is_the_newest_write_whatever_the_order_and_concurrency() {
+    end_state_is_the_newest_write(true).await;
+}
+
+async fn end_state_is_the_newest_write(grouped: bool) {
     let env = TestEnv::new().await.unwrap();
     let (mut ingested, mut already_done) = (0, 0);
     let (mut versions_total, mut repeats_total) = (0, 0);
@@ -212,15 +223,45 @@ async fn the_end_state_is_the_newest_write_whatever_the_order_and_concurrency() 
         rng.shuffle(&mut work);
         let queue = Arc::new(Mutex::new(work));
         let mut tasks = Vec::new();
-        for ingestor in ingestors {
+        for (n, ingestor) in ingestors.into_iter().enumerate() {
             let queue = queue.clone();
+            let mut sizes = Rng(seed * 7 + n as u64);
             tasks.push(tokio::spawn(async move {
                 let mut dispositions = Vec::new();
                 loop {
-                    let next = queue.lock().unwrap().pop();
-                    let Some(v) = next else { break };
-                    let outcome = ingestor.ingest_object(v.key, opened(&v)).await.unwrap();
-                    dispositions.push(outcome.disposition);
+                    let take = if grouped {
+                        1 + sizes.below(6) as usize
+                    } else {
+                        1
+                    };
+                    let next: Vec<Version> = {
+                        let mut queue = queue.lock().unwrap();
+                        let from = queue.len().saturating_sub(take);
+                        queue.split_off(from)
+                    };
+                    if next.is_empty() {
+                        break;
+                    }
+                    if !grouped {
+                        let v = &next[0];
+                        let outcome = ingestor.ingest_object(v.key, opened(v)).await.unwrap();
+                        dispositions.push(outcome.disposition);
+                        continue;
+                    }
+                    let objects = next
+                        .iter()
+                        .map(|v| (v.key.to_string(), opened(v)))
+                        .collect();
+                    for (v, result) in next.iter().zip(ingestor.ingest_objects(objects).await) {
+                        let outcome = match result {
+                            Ok(o) => o,
+                            Err(sensor_pipeline::ingest::IngestError::Grouped(_)) => {
+                                ingestor.ingest_object(v.key, opened(v)).await.unwrap()
+                            }
+                            Err(e) => panic!("seed {seed}: {e}"),
+                        };
+                        dispositions.push(outcome.disposition);
+                    }
                 }
                 dispositions
             }));

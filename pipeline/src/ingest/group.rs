@@ -88,52 +88,22 @@ impl Ingestor {
             }
         }
         let opened = join_all(candidates.iter().map(|&at| self.store.open(&wanted[at].0))).await;
-        let (mut group, mut opened_alone) = (Vec::new(), Vec::new());
+        let mut objects = Vec::new();
+        let mut ats = Vec::new();
         for (at, object) in candidates.into_iter().zip(opened) {
-            let key = wanted[at].0.clone();
-            let Route::Data(_, compression) = route(&key) else {
-                unreachable!("only measurement objects are candidates")
-            };
             match object {
                 Ok(object) => {
-                    let small = object
-                        .size
-                        .is_some_and(|s| (0..=GROUP_OBJECT_BYTES as i64).contains(&s));
-                    let member = Opened {
-                        at,
-                        key,
-                        compression,
-                        object,
-                    };
-                    if small {
-                        group.push(member);
-                    } else {
-                        opened_alone.push(member);
-                    }
+                    ats.push(at);
+                    objects.push((wanted[at].0.clone(), object));
                 }
                 // Gone, or the store failed: the single path says what that means.
                 Err(_) => alone.push(at),
             }
         }
-        if group.len() == 1 {
-            opened_alone.append(&mut group);
-        }
         let mut results: Vec<Option<Result<Outcome, IngestError>>> =
             wanted.iter().map(|_| None).collect();
-        let group_ats: Vec<usize> = group.iter().map(|m| m.at).collect();
-        let grouped = async {
-            if group.is_empty() {
-                Vec::new()
-            } else {
-                self.ingest_group(group).await
-            }
-        };
-        for (at, r) in group_ats.into_iter().zip(grouped.await) {
+        for (at, r) in ats.into_iter().zip(self.ingest_objects(objects).await) {
             results[at] = Some(r);
-        }
-        // One transaction at a time: the caller counts this call as one.
-        for m in opened_alone {
-            results[m.at] = Some(self.ingest_object(&m.key, m.object).await);
         }
         for at in alone {
             let (key, etag) = &wanted[at];
@@ -142,6 +112,58 @@ impl Ingestor {
         results
             .into_iter()
             .map(|r| r.expect("every key has a result"))
+            .collect()
+    }
+
+    /// Ingests the versions `objects` are reading (key, opened object), as
+    /// [`Ingestor::ingest_many`] does after its GETs: the small measurement objects in one
+    /// transaction (if there are two or more; a key once), every other one alone, one transaction
+    /// after the other. Returns each one's result, in order.
+    pub async fn ingest_objects(
+        &self,
+        objects: Vec<(String, OpenedObject)>,
+    ) -> Vec<Result<Outcome, IngestError>> {
+        let mut seen = HashSet::new();
+        let (mut group, mut alone) = (Vec::new(), Vec::new());
+        for (at, (key, object)) in objects.into_iter().enumerate() {
+            let small = object
+                .size
+                .is_some_and(|s| (0..=GROUP_OBJECT_BYTES as i64).contains(&s));
+            match route(&key) {
+                Route::Data(Dataset::Measurements, compression)
+                    if small && !seen.contains(&key) =>
+                {
+                    seen.insert(key.clone());
+                    group.push(Opened {
+                        at,
+                        key,
+                        compression,
+                        object,
+                    });
+                }
+                _ => alone.push((at, key, object)),
+            }
+        }
+        if group.len() == 1 {
+            let m = group.remove(0);
+            alone.insert(0, (m.at, m.key, m.object));
+        }
+        let mut results: Vec<Option<Result<Outcome, IngestError>>> =
+            (0..group.len() + alone.len()).map(|_| None).collect();
+        let ats: Vec<usize> = group.iter().map(|m| m.at).collect();
+        if !group.is_empty() {
+            for (at, r) in ats.into_iter().zip(self.ingest_group(group).await) {
+                results[at] = Some(r);
+            }
+        }
+        // One transaction at a time: the caller counts this call as one.
+        alone.sort_by_key(|a| a.0);
+        for (at, key, object) in alone {
+            results[at] = Some(self.ingest_object(&key, object).await);
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every object has a result"))
             .collect()
     }
 

@@ -43,19 +43,12 @@ const COPY_MEASUREMENTS: &str =
 const COPY_GROUP: &str =
     "COPY staging_rows (object_version, line, sensor_uuid, ts, value, raw, reason)
     FROM STDIN (FORMAT binary)";
-/// Upserts the last line of every key where this version beats the stored row's, then widens the
-/// hourly rollup `measurement_hours` by the rows written (an hour with overwrites — `xmax` is 0
-/// only for a freshly inserted row version — is marked inexact: the value replaced may have been
-/// its extreme; [`EXACT_HOURS`] recomputes those) and adds the rows that were new to the page
-/// index `measurement_days`, each in (sensor, hour/day) order so concurrent ingestions lock their
-/// rows in one order. `$1` is the version. Returns the rows written and the inexact hours.
-const MERGE_MEASUREMENTS: &str = concat!(
-    "WITH merged AS (
-        INSERT INTO measurements AS target (sensor_uuid, ts, value, version)
-        SELECT DISTINCT ON (sensor_uuid, ts) sensor_uuid, ts, value, $1::bigint
-        FROM staging_rows
-        WHERE reason IS NULL AND (object_version IS NULL OR object_version = $1)
-        ORDER BY sensor_uuid, ts, line DESC
+/// What follows the rows to upsert in [`MERGE_MEASUREMENTS`] and [`MERGE_GROUP`]: the version
+/// check, the rollup and page index, and the result (rows written, inexact hours).
+macro_rules! upsert_rest {
+    () => {
+        concat!(
+            "
         ON CONFLICT (sensor_uuid, ts) DO UPDATE SET value = EXCLUDED.value, version = EXCLUDED.version
         WHERE ",
     incoming_beats_stored!(),
@@ -83,6 +76,42 @@ const MERGE_MEASUREMENTS: &str = concat!(
     SELECT (SELECT coalesce(sum(written), 0)::bigint FROM hours),
            ARRAY(SELECT sensor_uuid FROM hours WHERE NOT only_added ORDER BY 1, hour),
            ARRAY(SELECT hour FROM hours WHERE NOT only_added ORDER BY sensor_uuid, 1)"
+        )
+    };
+}
+
+/// Upserts the last line of every key where this version beats the stored row's, then widens the
+/// hourly rollup `measurement_hours` by the rows written (an hour with overwrites — `xmax` is 0
+/// only for a freshly inserted row version — is marked inexact: the value replaced may have been
+/// its extreme; [`EXACT_HOURS`] recomputes those) and adds the rows that were new to the page
+/// index `measurement_days`, each in (sensor, hour/day) order so concurrent ingestions lock their
+/// rows in one order. `$1` is the version. Returns the rows written and the inexact hours.
+const MERGE_MEASUREMENTS: &str = concat!(
+    "WITH merged AS (
+        INSERT INTO measurements AS target (sensor_uuid, ts, value, version)
+        SELECT DISTINCT ON (sensor_uuid, ts) sensor_uuid, ts, value, $1::bigint
+        FROM staging_rows
+        WHERE reason IS NULL AND (object_version IS NULL OR object_version = $1)
+        ORDER BY sensor_uuid, ts, line DESC
+",
+    upsert_rest!()
+);
+/// [`MERGE_MEASUREMENTS`] for all the versions staged in a group at once, when some reading of
+/// the group is stored already or two of its objects share a key: of the group's own lines for one
+/// key, the newest version's last line (the order of `sensors_version_beats`: write time, then key,
+/// ETag and bucket in byte order); then the version check against the stored row. One statement,
+/// so the rows are locked in key order as every other ingestion locks them (version after version,
+/// two groups, or a group and a single object, could deadlock).
+const MERGE_GROUP: &str = concat!(
+    "WITH merged AS (
+        INSERT INTO measurements AS target (sensor_uuid, ts, value, version)
+        SELECT DISTINCT ON (s.sensor_uuid, s.ts) s.sensor_uuid, s.ts, s.value, s.object_version
+        FROM staging_rows AS s JOIN object_versions AS v ON v.version = s.object_version
+        WHERE s.reason IS NULL
+        ORDER BY s.sensor_uuid, s.ts, v.written_at DESC, v.object_key COLLATE \"C\" DESC,
+            v.etag COLLATE \"C\" DESC, v.bucket COLLATE \"C\" DESC, s.line DESC
+",
+    upsert_rest!()
 );
 /// The fast path of a measurement object whose readings are all new: when no stored reading lies
 /// within any sensor's span in the object (`$2`–`$4`: sensors, first and last instants; one index
@@ -539,28 +568,35 @@ pub async fn merge_group(
     }
 }
 
-/// Upserts each member's rows in turn (`works`: what was queued for each).
+/// Upserts the members' rows (`works`: what was queued for each): a single object's with
+/// [`MERGE_MEASUREMENTS`], a group's all at once with [`MERGE_GROUP`] (which tells no member's
+/// count apart: each gets 0, so detection reads their readings back).
 async fn upserted(
     tx: &deadpool_postgres::Transaction<'_>,
     members: &[Member<'_>],
     works: Vec<Vec<i64>>,
 ) -> Result<Vec<Merged>, tokio_postgres::Error> {
-    let mut changed = Vec::with_capacity(members.len());
-    for m in members {
-        let row = upsert(tx, m.version).await?;
-        let written: i64 = row.get(0);
-        let (inexact, hours): (Vec<uuid::Uuid>, Vec<chrono::DateTime<chrono::Utc>>) =
-            (row.get(1), row.get(2));
-        if !inexact.is_empty() {
-            let exact = tx.prepare_cached(EXACT_HOURS).await?;
-            tx.execute(&exact, &[&inexact, &hours]).await?;
+    let row = match members {
+        [one] => upsert(tx, one.version).await?,
+        _ => {
+            let merge = tx.prepare_cached(MERGE_GROUP).await?;
+            tx.query_one(&merge, &[]).await?
         }
-        changed.push(written as u64);
+    };
+    let written: i64 = row.get(0);
+    let (inexact, hours): (Vec<uuid::Uuid>, Vec<chrono::DateTime<chrono::Utc>>) =
+        (row.get(1), row.get(2));
+    if !inexact.is_empty() {
+        let exact = tx.prepare_cached(EXACT_HOURS).await?;
+        tx.execute(&exact, &[&inexact, &hours]).await?;
     }
-    Ok(changed
+    let alone = members.len() == 1;
+    Ok(works
         .into_iter()
-        .zip(works)
-        .map(|(changed, work)| Merged { changed, work })
+        .map(|work| Merged {
+            changed: if alone { written as u64 } else { 0 },
+            work,
+        })
         .collect())
 }
 
