@@ -1522,7 +1522,7 @@ async fn a_group_commits_each_object_as_it_would_alone() {
 }
 
 /// When some readings of a group are stored already, or two of its objects hold the same key, the
-/// group upserts version by version: the newest write wins, as alone.
+/// group upserts them all at once: the newest write wins, as alone.
 #[tokio::test]
 async fn a_group_with_stored_or_shared_keys_upserts_and_the_newest_write_wins() {
     let h = Harness::new().await;

@@ -9,7 +9,8 @@
 //! [`Grouper::MOST`] keys that are at most [`GROUP_OBJECT_BYTES`] large together: their versions
 //! locked, looked up in the ledger and registered in one pipelined round trip, their rows in one
 //! `COPY` (each row tagged with its version), their ledger entries and detection queues pipelined,
-//! and one insert of all their rows when none is stored yet (each version's upsert otherwise).
+//! and one insert of all their rows when none is stored yet (otherwise one upsert of them all,
+//! where of the group's own lines for a key the newest version's wins).
 //! What the contract promises of one object holds for each of them:
 //!
 //! - Rows, quarantine and ledger entry of an object commit together (the group commits as one).

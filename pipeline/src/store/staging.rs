@@ -469,9 +469,9 @@ pub struct Member<'a> {
 /// [`merge`] for the measurement objects staged in one transaction (a group, or a single object):
 /// first drops the staged rows of the versions in `unstage` (objects of the group that failed or
 /// could not be read to the end); then quarantines each member's rejected rows; then, when no
-/// reading of any member is stored yet, one plain insert of them all; otherwise each member's
-/// upsert in turn (the version check makes their order irrelevant). Returns what each member
-/// changed, in order.
+/// reading of any member is stored yet, one plain insert of them all; otherwise one upsert of them
+/// all ([`MERGE_GROUP`]; a single object: [`MERGE_MEASUREMENTS`]). Returns what each member
+/// changed, in order (0 for each member of a group that was upserted).
 pub async fn merge_group(
     tx: &deadpool_postgres::Transaction<'_>,
     members: &[Member<'_>],
