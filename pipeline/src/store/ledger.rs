@@ -63,6 +63,15 @@ impl std::fmt::Display for ObjectVersion {
 #[cfg(feature = "ingest")]
 const NO_WRITE_TIME: &str = "coalesce($4::timestamptz, '-infinity')";
 
+/// How writing the entry of a version that has one overwrites it, counting the attempt (the
+/// ledger's alias is `l`).
+#[cfg(feature = "ingest")]
+const RECORD_AGAIN: &str = "ON CONFLICT (bucket, object_key, etag, written_at) DO UPDATE SET
+    dataset = EXCLUDED.dataset, status = EXCLUDED.status, size_bytes = EXCLUDED.size_bytes,
+    rows_ok = EXCLUDED.rows_ok, rows_rejected = EXCLUDED.rows_rejected, reason = EXCLUDED.reason,
+    started_at = EXCLUDED.started_at, finished_at = EXCLUDED.finished_at,
+    attempts = l.attempts + 1";
+
 /// The ledger entry to write for an attempt.
 #[derive(Debug, Clone)]
 pub struct Entry<'a> {
@@ -145,6 +154,18 @@ pub struct GroupStatements {
 #[cfg(feature = "ingest")]
 impl GroupStatements {
     pub async fn prepare(tx: &Transaction<'_>) -> Result<Self, tokio_postgres::Error> {
+        let record = format!(
+            "INSERT INTO ingest_ledger AS l
+                 (bucket, object_key, etag, written_at, dataset, status, size_bytes, rows_ok,
+                  rows_rejected, reason, started_at, finished_at)
+             SELECT $1, e.*, $10, clock_timestamp()
+             FROM unnest($2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::text[],
+                         $7::bigint[], $8::bigint[], $9::bigint[], $11::text[])
+                 AS e(object_key, etag, written_at, dataset, status, size_bytes, rows_ok,
+                      rows_rejected, reason)
+             ORDER BY e.object_key
+             {RECORD_AGAIN} RETURNING object_key, id, attempts"
+        );
         let (lock, status, record) = tokio::try_join!(
             tx.prepare_cached(
                 "SELECT count(pg_advisory_xact_lock(hashtextextended(n, 0))) \
@@ -159,28 +180,7 @@ impl GroupStatements {
                  FROM unnest($2::text[], $3::text[], $4::timestamptz[]) WITH ORDINALITY
                      AS v(object_key, etag, written_at, i)"
             ),
-            tx.prepare_cached(
-                "INSERT INTO ingest_ledger AS l
-                     (bucket, object_key, etag, written_at, dataset, status, size_bytes, rows_ok,
-                      rows_rejected, reason, started_at, finished_at)
-                 SELECT $1, e.*, $10, clock_timestamp()
-                 FROM unnest($2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::text[],
-                             $7::bigint[], $8::bigint[], $9::bigint[], $11::text[])
-                     AS e(object_key, etag, written_at, dataset, status, size_bytes, rows_ok,
-                          rows_rejected, reason)
-                 ORDER BY e.object_key
-                 ON CONFLICT (bucket, object_key, etag, written_at) DO UPDATE SET
-                     dataset = EXCLUDED.dataset,
-                     status = EXCLUDED.status,
-                     size_bytes = EXCLUDED.size_bytes,
-                     rows_ok = EXCLUDED.rows_ok,
-                     rows_rejected = EXCLUDED.rows_rejected,
-                     reason = EXCLUDED.reason,
-                     started_at = EXCLUDED.started_at,
-                     finished_at = EXCLUDED.finished_at,
-                     attempts = l.attempts + 1
-                 RETURNING object_key, id, attempts"
-            ),
+            tx.prepare_cached(&record),
         )?;
         Ok(Self {
             lock,
@@ -302,17 +302,7 @@ pub async fn record(tx: &Transaction<'_>, e: &Entry<'_>) -> Result<i64, tokio_po
                  (bucket, object_key, etag, written_at, dataset, status, size_bytes, rows_ok,
                   rows_rejected, reason, started_at, finished_at)
              VALUES ($1, $2, $3, {NO_WRITE_TIME}, $5, $6, $7, $8, $9, $10, $11, clock_timestamp())
-             ON CONFLICT (bucket, object_key, etag, written_at) DO UPDATE SET
-                 dataset = EXCLUDED.dataset,
-                 status = EXCLUDED.status,
-                 size_bytes = EXCLUDED.size_bytes,
-                 rows_ok = EXCLUDED.rows_ok,
-                 rows_rejected = EXCLUDED.rows_rejected,
-                 reason = EXCLUDED.reason,
-                 started_at = EXCLUDED.started_at,
-                 finished_at = EXCLUDED.finished_at,
-                 attempts = l.attempts + 1
-             RETURNING id, attempts"
+             {RECORD_AGAIN} RETURNING id, attempts"
         ))
         .await?;
     let row = tx
