@@ -197,16 +197,8 @@ impl Ingestor {
             .zip(sizes)
             .zip(&keys)
             .map(|(((read, v), size), key)| {
-                let outcome = |disposition, counts: Counts| Outcome {
-                    version: v.clone(),
-                    dataset: Some(Dataset::Measurements),
-                    disposition,
-                    rows_ok: counts.ok,
-                    rows_rejected: counts.rejected,
-                    size_bytes: size,
-                    elapsed: t0.elapsed(),
-                    anomaly_work: Vec::new(),
-                    fresh: None,
+                let outcome = |disposition, counts| {
+                    self.outcome(v.clone(), Dataset::Measurements, disposition, counts, size, t0)
                 };
                 match read {
                     Read::Ok(counts, fresh, _) => {
@@ -246,7 +238,13 @@ impl Ingestor {
         let limits = self.limits;
         let deadline = tokio::time::Instant::from_std(t0 + limits.object_deadline);
         let mut client = self.dbs.client(dataset).await.map_err(|e| e.to_string())?;
-        let db = |e: tokio_postgres::Error| Err::<(), _>(e).db(dataset).unwrap_err().to_string();
+        let db = |source| {
+            StoreError::Postgres {
+                database: crate::store::database_name(dataset),
+                source,
+            }
+            .to_string()
+        };
         let cancel = client.cancel_token();
         let tx = client.transaction().await.map_err(db)?;
         let (statements, register) = tokio::try_join!(
