@@ -127,6 +127,16 @@ impl Fresh {
             .push((r.unix_micros, r.value));
     }
 
+    /// How many readings it holds.
+    pub fn len(&self) -> usize {
+        self.readings.values().map(Vec::len).sum()
+    }
+
+    /// Whether it holds no reading.
+    pub fn is_empty(&self) -> bool {
+        self.readings.values().all(Vec::is_empty)
+    }
+
     /// Sorts each sensor's readings by time, keeping the last line of each instant; returns how
     /// many remain.
     fn settle(&mut self) -> u64 {

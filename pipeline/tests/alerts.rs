@@ -87,6 +87,12 @@ fn whole() -> Open {
 /// Ingests the pieces in `order`, detecting after each; returns the open anomalies, how many
 /// detections resumed a saved detector and how many of those were fed the object's own readings.
 async fn arrive(order: &[usize]) -> (Open, usize, usize) {
+    arrive_in_batches(order, 1).await
+}
+
+/// [`arrive`], detecting after every `batch` pieces, their work in one batch as the worker's
+/// loop does when objects commit faster than it detects.
+async fn arrive_in_batches(order: &[usize], batch: usize) -> (Open, usize, usize) {
     let env = TestEnv::new().await.unwrap();
     migrate(&env.database_settings()).await.unwrap();
     let dbs = Databases::connect(&env.database_settings(), 2).unwrap();
@@ -101,20 +107,24 @@ async fn arrive(order: &[usize]) -> (Open, usize, usize) {
     let s = series();
     let size = s.len().div_ceil(PIECES);
     let (mut resumed, mut fed) = (0, 0);
-    for &piece in order {
-        let key = format!("timeseries/piece-{piece}.csv");
-        let part = &s[piece * size..((piece + 1) * size).min(s.len())];
-        env.s3.put(&key, csv(part)).await.unwrap();
-        let outcome = ingestor.ingest(&key, None).await.unwrap();
-        assert_eq!(outcome.anomaly_work.len(), 2);
-        let done = alerts
-            .detect_batch(
-                &outcome.anomaly_work,
-                &Vec::from_iter(outcome.fresh.as_deref()),
-            )
-            .await
-            .unwrap();
-        assert_eq!((done.spans, done.sensors), (2, 2));
+    for pieces in order.chunks(batch) {
+        let mut outcomes = Vec::new();
+        for &piece in pieces {
+            let key = format!("timeseries/piece-{piece}.csv");
+            let part = &s[piece * size..((piece + 1) * size).min(s.len())];
+            env.s3.put(&key, csv(part)).await.unwrap();
+            let outcome = ingestor.ingest(&key, None).await.unwrap();
+            assert_eq!(outcome.anomaly_work.len(), 2);
+            outcomes.push(outcome);
+        }
+        let work: Vec<i64> = outcomes
+            .iter()
+            .flat_map(|o| o.anomaly_work.iter().copied())
+            .collect();
+        let fresh: Vec<_> = outcomes.iter().filter_map(|o| o.fresh.as_deref()).collect();
+        assert_eq!(fresh.len(), pieces.len());
+        let done = alerts.detect_batch(&work, &fresh).await.unwrap();
+        assert_eq!((done.spans, done.sensors), (2 * pieces.len(), 2));
         fed += done.fed;
         resumed += done.resumed;
     }
@@ -148,6 +158,21 @@ async fn pieces_in_time_order_end_where_the_whole_series_does() {
         arrive(&order).await,
         (want, 2 * (PIECES - 1), 2 * (PIECES - 1))
     );
+}
+
+#[tokio::test]
+async fn pieces_detected_several_at_a_time_end_where_the_whole_series_does() {
+    let want = whole();
+    // In time order, three at a time: the first three start from a warm-up; every later batch
+    // resumes (for both sensors) the detector the one before saved, fed from the objects' own
+    // readings, one piece after the other.
+    let order: Vec<usize> = (0..PIECES).collect();
+    assert_eq!(arrive_in_batches(&order, 3).await, (want.clone(), 4, 4));
+    // Out of order, two at a time: 2 and 3, then 6 and 7, come after everything detected before
+    // them and are fed; 5 and 4 come before what was detected (6 and 7), so the stored readings
+    // are read back from the end of 3 on. The same end.
+    let order = [0, 1, 2, 3, 6, 7, 5, 4];
+    assert_eq!(arrive_in_batches(&order, 2).await, (want, 6, 4));
 }
 
 #[tokio::test]

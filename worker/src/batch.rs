@@ -110,8 +110,8 @@ impl fmt::Display for Summary {
 /// Ingests `keys` (mapping objects first), `concurrency` at a time; with `alerts`, detects the
 /// anomalies of what each object changed after it commits — in a task of its own, so that the
 /// next objects are ingested meanwhile. Objects that committed while a detection ran are detected
-/// together in the next batch (a sensor several of them wrote is judged once); at most
-/// [`crate::detect::WAITING`] of them keep their readings for it.
+/// together in the next batch (a sensor several of them wrote is judged once); up to
+/// [`crate::detect::WAITING`] readings of theirs are kept for it.
 pub async fn ingest_all(
     ingestor: &Ingestor,
     alerts: Option<&Alerts>,

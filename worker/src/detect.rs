@@ -29,13 +29,14 @@ const SWEEP: Duration = Duration::from_secs(2);
 
 /// One ingested object's queued work and its readings, for the loop to detect now.
 pub type Work = (Vec<i64>, Option<Arc<Fresh>>);
-/// Objects whose readings wait for the loop at most (each holds up to `FRESH_MAX` readings,
-/// 24 MB); the work of later ones waits without its readings (they are read back).
-pub const WAITING: usize = 4;
+/// Readings that wait for the loop at most, over all objects (an object holds up to `FRESH_MAX`,
+/// 24 MB; so this is at most four large objects, or thousands of small ones); the work of an
+/// object whose readings do not fit waits without them (they are read back).
+pub const WAITING: usize = 4 * sensor_pipeline::ingest::FRESH_MAX;
 
 /// Where ingested objects' work goes to be detected in batches: every object's work ids (a few
-/// bytes each; detection keeps up with ingestion in the batches, so they do not pile up), and the
-/// readings of at most [`WAITING`] objects at a time. Handing the ids over even when detection is
+/// bytes each; detection keeps up with ingestion in the batches, so they do not pile up), and
+/// their readings up to [`WAITING`] of them at a time. Handing the ids over even when detection is
 /// behind matters: work left to the sweep is detected sensor by sensor, a transaction each.
 #[derive(Clone)]
 pub struct Handoff {
@@ -66,9 +67,12 @@ impl Handoff {
     /// Hands over one object's work and, room permitting, its readings. False if the loop is gone
     /// (the work stays queued in the database for the sweep of any worker).
     pub fn send(&self, ids: Vec<i64>, fresh: Option<Arc<Fresh>>) -> bool {
-        let fresh = fresh.filter(|_| {
+        let fresh = fresh.filter(|f| {
+            let more = f.len();
             self.holding
-                .fetch_update(SeqCst, SeqCst, |n| (n < WAITING).then_some(n + 1))
+                .fetch_update(SeqCst, SeqCst, |n| {
+                    (n + more <= WAITING).then_some(n + more)
+                })
                 .is_ok()
         });
         self.tx.send((ids, fresh)).is_ok()
@@ -90,7 +94,11 @@ impl Pending {
 
     /// `objects` (from [`Pending::next`]) are detected: their readings are let go.
     pub fn done(&self, objects: &[Work]) {
-        let held = objects.iter().filter(|o| o.1.is_some()).count();
+        let held = objects
+            .iter()
+            .filter_map(|o| o.1.as_ref())
+            .map(|f| f.len())
+            .sum();
         self.holding.fetch_sub(held, SeqCst);
     }
 }

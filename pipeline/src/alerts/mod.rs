@@ -496,13 +496,11 @@ struct Work {
 }
 
 /// The work rows of each sensor as one span (the first start to the last end, the key of the
-/// newest row), and how many rows each sensor had.
-fn one_span_per_sensor(work: &[Work]) -> (Vec<Work>, HashMap<Uuid, usize>) {
+/// newest row).
+fn one_span_per_sensor(work: &[Work]) -> Vec<Work> {
     let mut merged: Vec<Work> = Vec::new();
-    let mut rows: HashMap<Uuid, usize> = HashMap::new();
     // `work` is ordered by sensor, then id.
     for w in work {
-        *rows.entry(w.sensor).or_default() += 1;
         match merged.last_mut() {
             Some(m) if m.sensor == w.sensor => {
                 m.from = m.from.min(w.from);
@@ -515,7 +513,36 @@ fn one_span_per_sensor(work: &[Work]) -> (Vec<Work>, HashMap<Uuid, usize>) {
             _ => merged.push(w.clone()),
         }
     }
-    (merged, rows)
+    merged
+}
+
+/// The readings of `sensor` that the batch's objects hold (`fresh`), in time order, when they are
+/// exactly what its work rows (`spans`, first and last instant of each) stored: one held piece
+/// per row, spanning it, and no two overlapping (overlapping objects may have overwritten each
+/// other's readings; the stored ones are read back then). `None` otherwise.
+fn own_readings<'f>(
+    fresh: &[&'f Fresh],
+    sensor: Uuid,
+    spans: &[(i64, i64)],
+) -> Option<Vec<&'f [(i64, f64)]>> {
+    let mut pieces: Vec<&[(i64, f64)]> = fresh
+        .iter()
+        .filter_map(|f| f.readings.get(&sensor).map(Vec::as_slice))
+        .collect();
+    if pieces.len() != spans.len() || pieces.iter().any(|p| p.is_empty()) {
+        return None;
+    }
+    pieces.sort_by_key(|p| p[0].0);
+    let mut spans = spans.to_vec();
+    spans.sort_unstable();
+    let spanning = pieces
+        .iter()
+        .zip(&spans)
+        .all(|(p, s)| (p[0].0, p[p.len() - 1].0) == *s);
+    let apart = pieces
+        .windows(2)
+        .all(|w| w[0][w[0].len() - 1].0 < w[1][0].0);
+    (spanning && apart).then_some(pieces)
 }
 
 /// A saved detector: its end (`through`), its state, and the end of the sensor's newest one.
@@ -549,7 +576,14 @@ async fn judge_batch(
 ) -> Result<(), tokio_postgres::Error> {
     let memory = chrono::Duration::microseconds(WARM_UP_MICROS);
     let ours: Vec<i64> = work.iter().map(|w| w.id).collect();
-    let (work, rows) = one_span_per_sensor(work);
+    let mut spans: HashMap<Uuid, Vec<(i64, i64)>> = HashMap::new();
+    for w in work {
+        spans
+            .entry(w.sensor)
+            .or_default()
+            .push((w.from.timestamp_micros(), w.to.timestamp_micros()));
+    }
+    let work = one_span_per_sensor(work);
     let work = &work[..];
     let single: Vec<&Work> = work.iter().collect();
     let sensors: Vec<Uuid> = single.iter().map(|w| w.sensor).collect();
@@ -609,26 +643,15 @@ async fn judge_batch(
         };
         let undecided = detector.unsettled_since().map_or(through, time);
         let decided = (through.timestamp_micros(), detector.provisional());
-        // The object's own readings are all there is after the saved detector: feed them.
-        // (One work row, so one object here wrote the sensor: the one whose readings span it.)
+        // The objects' own readings are all there is after the saved detector: feed them.
         let own = Some(fresh)
-            .filter(|_| latest == through && rows[&w.sensor] == 1 && !crowded.contains(&w.sensor))
-            .and_then(|f| {
-                let mut holding = f.iter().filter_map(|f| f.readings.get(&w.sensor));
-                match (holding.next(), holding.next()) {
-                    (Some(r), None) => Some(r),
-                    _ => None,
-                }
-            })
-            .filter(|r| {
-                r.first().is_some_and(|f| f.0 == w.from.timestamp_micros())
-                    && r.last().is_some_and(|l| l.0 == w.to.timestamp_micros())
-            });
+            .filter(|_| latest == through && !crowded.contains(&w.sensor))
+            .and_then(|f| own_readings(f, w.sensor, &spans[&w.sensor]));
         let mut found = Vec::new();
         let mut snapshot = None;
         let mut after = through;
         if let Some(own) = own {
-            for &(at, value) in own {
+            for &(at, value) in own.into_iter().flatten() {
                 detector.push(at, value, &mut found);
             }
             snapshot = Some(detector.clone());
@@ -1054,4 +1077,39 @@ async fn save_state(
 /// Whether a stored open anomaly already says what was found.
 fn same(s: &Stored, a: &Anomaly, end: DateTime<Utc>) -> bool {
     s.end == end && s.value == a.value && s.expected == a.expected && s.score == a.score
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fresh(sensor: Uuid, readings: &[i64]) -> Fresh {
+        let mut f = Fresh::default();
+        f.readings
+            .insert(sensor, readings.iter().map(|&t| (t, t as f64)).collect());
+        f
+    }
+
+    #[test]
+    fn held_readings_are_fed_only_when_they_are_exactly_what_the_work_stored() {
+        let (u, other) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let (a, b, c) = (fresh(u, &[1, 2, 3]), fresh(u, &[5, 6]), fresh(other, &[4]));
+        let fed = |held: &[&Fresh], spans: &[(i64, i64)]| {
+            own_readings(held, u, spans).map(|p| p.concat().iter().map(|r| r.0).collect())
+        };
+        // Two pieces, held in any order, each spanning one work row: one run in time order.
+        assert_eq!(
+            fed(&[&b, &c, &a], &[(5, 6), (1, 3)]),
+            Some(vec![1, 2, 3, 5, 6])
+        );
+        assert_eq!(fed(&[&a], &[(1, 3)]), Some(vec![1, 2, 3]));
+        // A work row without its readings, or readings without their work row.
+        assert_eq!(fed(&[&a], &[(1, 3), (5, 6)]), None);
+        assert_eq!(fed(&[&a, &b], &[(1, 3)]), None);
+        // A piece that does not span its row (another version of the object won).
+        assert_eq!(fed(&[&a, &b], &[(1, 3), (5, 7)]), None);
+        // Overlapping pieces: one may have overwritten the other's readings.
+        let d = fresh(u, &[3, 4]);
+        assert_eq!(fed(&[&a, &d], &[(1, 3), (3, 4)]), None);
+    }
 }
