@@ -79,15 +79,27 @@ impl SortedRing {
         }
     }
 
-    /// Adds a value; returns the one it pushed out, if the ring was full.
+    /// Adds a value; returns the one it pushed out, if the ring was full. When full, only the
+    /// values between the old one's place and the new one's move, by one: a sensor's next
+    /// interval is mostly its last, and its next residual is near the one it replaces more
+    /// often than not (a removal and an insertion moved half the window each — with the
+    /// binary searches, a third of the worker's CPU when ingesting with detection on).
     pub(crate) fn push(&mut self, value: f64) -> Option<f64> {
         let old = self.ring.push(value);
-        if let Some(old) = old {
-            let at = self.sorted.partition_point(|x| x.total_cmp(&old).is_lt());
-            self.sorted.remove(at);
+        let to = self.sorted.partition_point(|x| x.total_cmp(&value).is_lt());
+        match old {
+            None => self.sorted.insert(to, value),
+            Some(old) => {
+                let from = self.sorted.partition_point(|x| x.total_cmp(&old).is_lt());
+                if to <= from {
+                    self.sorted.copy_within(to..from, to + 1);
+                    self.sorted[to] = value;
+                } else {
+                    self.sorted.copy_within(from + 1..to, from);
+                    self.sorted[to - 1] = value;
+                }
+            }
         }
-        let at = self.sorted.partition_point(|x| x.total_cmp(&value).is_lt());
-        self.sorted.insert(at, value);
         old
     }
 
@@ -177,6 +189,38 @@ mod tests {
         assert_eq!(r.largest(1), 10.0);
         assert_eq!(r.largest(2), 3.0);
         assert_eq!(r.largest(9), 1.0);
+    }
+
+    #[test]
+    fn a_sorted_ring_holds_its_values_sorted_whatever_is_pushed_out() {
+        // Repeated values, signed zeros, infinities and NaN, in a pseudo-random order.
+        let pool = [
+            3.0,
+            -1.5,
+            0.0,
+            -0.0,
+            7.25,
+            f64::NEG_INFINITY,
+            f64::INFINITY,
+            f64::NAN,
+            3.0,
+            1e-300,
+        ];
+        for capacity in [1, 2, 5, 16] {
+            let mut r = SortedRing::new(capacity);
+            let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+            for _ in 0..2_000 {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                let value = pool[(seed % pool.len() as u64) as usize] * (1 + seed % 3) as f64;
+                r.push(value);
+                let mut want: Vec<f64> = (0..r.len()).map(|i| r.ring.get(i)).collect();
+                want.sort_by(f64::total_cmp);
+                let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&r.sorted), bits(&want));
+            }
+        }
     }
 
     #[test]
