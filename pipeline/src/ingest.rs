@@ -110,13 +110,14 @@ pub struct Outcome {
     pub fresh: Option<std::sync::Arc<Fresh>>,
 }
 
-/// The most readings of one object kept in memory for detection (24 bytes each).
+/// The most readings of one object held in memory (16 bytes each), by default: to write them
+/// straight into the table when they are new (see [`staging::merge_held`]), and for detection.
 pub const FRESH_MAX: usize = 1_000_000;
 
 /// One object's valid readings per sensor, in time order, one per instant (the last line wins).
 #[derive(Debug, Default)]
 pub struct Fresh {
-    pub readings: std::collections::HashMap<uuid::Uuid, Vec<(i64, f64)>>,
+    pub readings: staging::Held,
 }
 
 impl Fresh {
@@ -252,6 +253,18 @@ struct Counts {
     rejected: u64,
 }
 
+/// What streaming an object's rows gathered.
+struct Streamed {
+    counts: Counts,
+    /// The valid readings, when detection is on or they are held, and there are at most
+    /// [`Ingestor::hold_most`] of them.
+    fresh: Option<Fresh>,
+    /// Each sensor's span and hours of the staged readings (none while they are held).
+    spans: staging::Spans,
+    /// The valid readings are in `fresh`, not staged.
+    held: bool,
+}
+
 /// Ingests objects of one bucket into the databases.
 #[derive(Clone)]
 pub struct Ingestor {
@@ -260,6 +273,7 @@ pub struct Ingestor {
     contract: ContractSettings,
     detect_anomalies: bool,
     limits: LimitSettings,
+    hold_most: usize,
 }
 
 impl Ingestor {
@@ -272,7 +286,16 @@ impl Ingestor {
             contract,
             detect_anomalies: true,
             limits: LimitSettings::default(),
+            hold_most: FRESH_MAX,
         }
+    }
+
+    /// The most valid readings of one object held in memory ([`FRESH_MAX`] unless set): an
+    /// object with more stages its readings as it streams. Memory against speed; tests set it
+    /// low to exercise both.
+    pub fn hold_most(mut self, readings: usize) -> Self {
+        self.hold_most = readings;
+        self
     }
 
     /// What one object may cost before it fails (`MAX_OBJECT_BYTES`, …).
@@ -413,7 +436,7 @@ impl Ingestor {
             let streamed = tokio::time::timeout_at(deadline, async {
                 let mut staging = Staging::open(&tx, dataset).await.db(dataset)?;
                 let read = self
-                    .stream_rows(&mut staging, &mut reader, dataset, compression, key)
+                    .stream_rows(&mut staging, &mut reader, dataset, compression, key, true)
                     .await?;
                 staging.finish().await.db(dataset)?;
                 Ok(read)
@@ -424,18 +447,40 @@ impl Ingestor {
                 break 'failure past_deadline();
             };
             match streamed {
-                Ok((counts, mut fresh, spans)) => {
+                Ok(Streamed {
+                    counts,
+                    mut fresh,
+                    spans,
+                    held,
+                }) => {
                     let distinct = fresh.as_mut().map(Fresh::settle);
+                    let held = fresh.as_ref().filter(|_| held);
                     let committed = tokio::time::timeout_at(deadline, async move {
                         let id = ledger::record(&tx, &entry(Status::Done, counts, None))
                             .await
                             .db(dataset)?;
                         let detect = self.detect_anomalies;
                         let quarantine = (counts.rejected > 0).then_some(id);
-                        let merged =
-                            staging::merge(&tx, dataset, quarantine, key, number, &spans, detect)
+                        let merged = match held {
+                            Some(held) => {
+                                staging::merge_held(
+                                    &tx,
+                                    quarantine,
+                                    key,
+                                    number,
+                                    &held.readings,
+                                    detect,
+                                )
                                 .await
-                                .db(dataset)?;
+                            }
+                            None => {
+                                staging::merge(
+                                    &tx, dataset, quarantine, key, number, &spans, detect,
+                                )
+                                .await
+                            }
+                        }
+                        .db(dataset)?;
                         tx.commit().await.db(dataset)?;
                         Ok::<_, StoreError>(merged)
                     })
@@ -453,7 +498,10 @@ impl Ingestor {
                         Ok(Err(e)) => return Err(e.into()),
                     };
                     let mut outcome = self.outcome(v, dataset, Disposition::Done, counts, size, t0);
-                    if distinct == Some(merged.changed) && !merged.work.is_empty() {
+                    if distinct == Some(merged.changed)
+                        && !merged.work.is_empty()
+                        && self.detect_anomalies
+                    {
                         outcome.fresh = fresh.map(std::sync::Arc::new);
                     }
                     outcome.anomaly_work = merged.work;
@@ -531,9 +579,9 @@ impl Ingestor {
         }
     }
 
-    /// Reads the header and every row into `staging`; returns the row counts and, when
-    /// detection is on, the valid readings (if there are at most [`FRESH_MAX`] of them) and each
-    /// sensor's span.
+    /// Reads the header and every row into `staging`. With `hold` (measurements), the valid
+    /// readings are held in memory instead, as long as there are at most
+    /// [`Ingestor::hold_most`] of them ([`Streamed::held`]); only rejected rows are staged.
     async fn stream_rows<R: AsyncRead + Unpin>(
         &self,
         staging: &mut Staging,
@@ -541,7 +589,8 @@ impl Ingestor {
         dataset: Dataset,
         compression: Compression,
         key: &str,
-    ) -> Result<(Counts, Option<Fresh>, staging::Spans), StreamError> {
+        hold: bool,
+    ) -> Result<Streamed, StreamError> {
         let read_error = |e: RecordError| match e {
             RecordError::TooLarge { .. } => StreamError::File(FileError::Unreadable(e.to_string())),
             RecordError::Io(io) if LimitExceeded::in_error(&io).is_some() => StreamError::File(
@@ -571,8 +620,10 @@ impl Ingestor {
         };
         let zone = self.contract.naive_timezone;
         let mut counts = Counts::default();
+        let hold = hold && dataset == Dataset::Measurements;
         let detect = self.detect_anomalies && dataset == Dataset::Measurements;
-        let mut fresh = detect.then(Fresh::default);
+        let mut fresh = (detect || hold).then(Fresh::default);
+        let mut held = hold;
         let mut spans = staging::Spans::default();
         while let Some(rec) = reader.next_record().await.map_err(read_error)? {
             // Records that are already buffered never make this loop wait: give the runtime its
@@ -582,14 +633,20 @@ impl Ingestor {
             let rejection = match dataset {
                 Dataset::Measurements => match contract::reading(&rec, &columns, zone) {
                     Ok(r) => {
-                        staging.reading(rec.line, &r);
-                        spans.add(r.sensor_uuid, r.unix_micros, r.value);
-                        if let Some(f) = fresh.as_mut() {
-                            if counts.ok < FRESH_MAX as u64 {
-                                f.push(&r);
-                            } else {
-                                fresh = None;
+                        if held && counts.ok == self.hold_most as u64 {
+                            // Too many to hold: stage what is held, and the rest as it comes.
+                            held = false;
+                            if let Some(f) = fresh.take() {
+                                Self::spill(staging, &mut spans, f).await.db(dataset)?;
                             }
+                        }
+                        match fresh.as_mut() {
+                            Some(f) if counts.ok < self.hold_most as u64 => f.push(&r),
+                            _ => fresh = None,
+                        }
+                        if !held {
+                            staging.reading(rec.line, &r);
+                            spans.add(r.sensor_uuid, r.unix_micros, r.value);
                         }
                         None
                     }
@@ -620,7 +677,36 @@ impl Ingestor {
             }
             staging.flush_if_full().await.db(dataset)?;
         }
-        Ok((counts, fresh, spans))
+        Ok(Streamed {
+            counts,
+            fresh,
+            spans,
+            held,
+        })
+    }
+
+    /// Stages the readings held so far (`held`, in file order per sensor) and gathers their
+    /// spans: the object turned out too large to hold. Each reading's line is its place among
+    /// its sensor's, which keeps the last line of an instant the last, and below every line to
+    /// come.
+    async fn spill(
+        staging: &mut Staging,
+        spans: &mut staging::Spans,
+        held: Fresh,
+    ) -> Result<(), tokio_postgres::Error> {
+        for (sensor_uuid, readings) in held.readings {
+            for (line, (unix_micros, value)) in readings.into_iter().enumerate() {
+                let r = contract::Reading {
+                    sensor_uuid,
+                    unix_micros,
+                    value,
+                };
+                staging.reading(line as u64, &r);
+                spans.add(sensor_uuid, unix_micros, value);
+                staging.flush_if_full().await?;
+            }
+        }
+        Ok(())
     }
 
     /// Records an ignored key (in the database of its dataset, or the mapping database).

@@ -634,6 +634,63 @@ async fn duplicate_keys_in_one_file_last_line_wins() {
     );
 }
 
+/// An object with more valid readings than the ingestor holds in memory stages the held ones
+/// when the next arrives, and the rest as they stream: the last line of a key still wins, across
+/// the held and the streamed part, and rejected rows are quarantined with their own lines.
+#[tokio::test]
+async fn an_object_too_large_to_hold_is_staged_as_it_streams() {
+    let csv = format!(
+        "timestamp;sensor_uuid;sensor_value\n\
+         2013-01-20T08:00:00Z;{U1};1\n\
+         2013-01-20T08:00:00Z;{U1};9\n\
+         2013-01-20T08:00:00Z;{U2};5\n\
+         2013-01-20T09:00:00Z;{U1};3\n\
+         2013-01-20T09:00:00Z;{U1}\n\
+         2013-01-20T08:00:00Z;{U2};6\n"
+    );
+    let want = vec![
+        reading(U2, "2013-01-20T08:00:00.000000Z", 6.0),
+        reading(U1, "2013-01-20T08:00:00.000000Z", 9.0),
+        reading(U1, "2013-01-20T09:00:00.000000Z", 3.0),
+    ];
+    let quarantined = vec![(
+        "timeseries/large.csv".to_string(),
+        6,
+        format!("2013-01-20T09:00:00Z;{U1}"),
+        "row has 2 field(s), the header has 3".to_string(),
+    )];
+    // Three held, then staged: detection reads the stored readings back.
+    let h = Harness::new().await;
+    h.env
+        .s3
+        .put("timeseries/large.csv", csv.clone())
+        .await
+        .unwrap();
+    let ingestor = h.ingestor.clone().hold_most(3);
+    let o = ingestor.ingest("timeseries/large.csv", None).await.unwrap();
+    assert_done(&o, 5, 1);
+    assert!(o.fresh.is_none());
+    assert_eq!(o.anomaly_work.len(), 2);
+    assert_eq!(h.readings().await, want);
+    assert_eq!(h.quarantine(&h.measurements).await, quarantined);
+
+    // All five held: written straight into the table, and handed to detection as stored.
+    let h = Harness::new().await;
+    h.env.s3.put("timeseries/large.csv", csv).await.unwrap();
+    let ingestor = h.ingestor.clone().hold_most(5);
+    let o = ingestor.ingest("timeseries/large.csv", None).await.unwrap();
+    assert_done(&o, 5, 1);
+    let fresh = o.fresh.expect("the readings held");
+    let u1 = uuid::Uuid::parse_str(U1).unwrap();
+    assert_eq!(
+        fresh.readings[&u1],
+        vec![(1_358_668_800_000_000, 9.0), (1_358_672_400_000_000, 3.0)]
+    );
+    assert_eq!(o.anomaly_work.len(), 2);
+    assert_eq!(h.readings().await, want);
+    assert_eq!(h.quarantine(&h.measurements).await, quarantined);
+}
+
 /// New readings are inserted without an upsert when nothing is stored in their spans; a row
 /// another transaction writes meanwhile (invisible to that check, committed while the insert waits
 /// on it) sends the object back to the upsert, where the newer write wins as always.

@@ -289,10 +289,17 @@ impl Ingestor {
                 let body = self.body(m.object.body, m.compression, sizes[i]);
                 let mut reader = RecordReader::new(body, self.contract.delimiter);
                 let read = self
-                    .stream_rows(&mut staging, &mut reader, dataset, m.compression, &m.key)
+                    .stream_rows(
+                        &mut staging,
+                        &mut reader,
+                        dataset,
+                        m.compression,
+                        &m.key,
+                        false,
+                    )
                     .await;
                 reads.push(match read {
-                    Ok((counts, fresh, spans)) => Read::Ok(counts, fresh, spans),
+                    Ok(s) => Read::Ok(s.counts, s.fresh, s.spans),
                     Err(StreamError::File(f)) => Read::Failed(f),
                     Err(StreamError::Read(e)) => Read::Unread(e),
                     Err(StreamError::Store(e)) => return Err(e),
