@@ -108,6 +108,9 @@ pub struct Outcome {
     /// stored for its keys now (the merge changed every one) and few enough to keep
     /// ([`FRESH_MAX`]): detection reads them from here instead of the database.
     pub fresh: Option<std::sync::Arc<Fresh>>,
+    /// Readings were stored within the spans this version wrote ([`staging::Merged::met_stored`]):
+    /// its detection reads on to each sensor's newest readings.
+    pub met_stored: bool,
 }
 
 /// The most readings of one object held in memory (16 bytes each), by default: to write them
@@ -505,6 +508,7 @@ impl Ingestor {
                         outcome.fresh = fresh.map(std::sync::Arc::new);
                     }
                     outcome.anomaly_work = merged.work;
+                    outcome.met_stored = merged.met_stored;
                     info!(
                         rows_ok = outcome.rows_ok,
                         rows_rejected = outcome.rows_rejected,
@@ -745,6 +749,7 @@ impl Ingestor {
             elapsed: t0.elapsed(),
             anomaly_work: Vec::new(),
             fresh: None,
+            met_stored: false,
         })
     }
 
@@ -778,6 +783,7 @@ impl Ingestor {
             elapsed: t0.elapsed(),
             anomaly_work: Vec::new(),
             fresh: None,
+            met_stored: false,
         }
     }
 }

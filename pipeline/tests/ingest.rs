@@ -357,6 +357,66 @@ async fn a_newer_version_with_the_same_rows_takes_them_over() {
     }
 }
 
+/// An overwrite keeps the hourly rollup exact: an hour whose every reading a newer object
+/// rewrote takes that object's low and high (the old extremes are gone), an hour it rewrote in
+/// part is recomputed from the stored readings (its untouched reading is still the high).
+#[tokio::test]
+async fn overwritten_hours_keep_their_exact_low_and_high() {
+    let h = Harness::new().await;
+    let old = format!(
+        "timestamp;sensor_uuid;sensor_value\n\
+         2013-01-20T08:00:00Z;{U1};10\n\
+         2013-01-20T08:30:00Z;{U1};20\n\
+         2013-01-20T09:00:00Z;{U1};30\n\
+         2013-01-20T09:30:00Z;{U1};40\n"
+    );
+    assert_done(&h.put_and_ingest("timeseries/old.csv", old).await, 4, 0);
+    let new = format!(
+        "timestamp;sensor_uuid;sensor_value\n\
+         2013-01-20T08:00:00Z;{U1};1\n\
+         2013-01-20T08:30:00Z;{U1};2\n\
+         2013-01-20T09:30:00Z;{U1};3\n\
+         2013-01-20T10:00:00Z;{U1};4\n"
+    );
+    h.env.s3.put("timeseries/new.csv", new).await.unwrap();
+    h.env
+        .s3
+        .set_written_at("timeseries/new.csv", later(60))
+        .unwrap();
+    let o = h.ingestor.ingest("timeseries/new.csv", None).await.unwrap();
+    assert_done(&o, 4, 0);
+    let hours: Vec<(String, i64, f64, f64, bool)> = h
+        .measurements
+        .query(
+            "SELECT to_char(hour AT TIME ZONE 'UTC', 'HH24'), readings, low, high, exact
+             FROM measurement_hours ORDER BY hour",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+        .collect();
+    assert_eq!(
+        hours,
+        vec![
+            ("08".to_string(), 2, 1.0, 2.0, true),
+            ("09".to_string(), 2, 3.0, 30.0, true),
+            ("10".to_string(), 1, 4.0, 4.0, true),
+        ]
+    );
+    assert_eq!(
+        h.readings().await,
+        vec![
+            reading(U1, "2013-01-20T08:00:00.000000Z", 1.0),
+            reading(U1, "2013-01-20T08:30:00.000000Z", 2.0),
+            reading(U1, "2013-01-20T09:00:00.000000Z", 30.0),
+            reading(U1, "2013-01-20T09:30:00.000000Z", 3.0),
+            reading(U1, "2013-01-20T10:00:00.000000Z", 4.0),
+        ]
+    );
+}
+
 /// Row identities including their physical version (`xmin`, `ctid`): unchanged iff never rewritten.
 async fn snapshot(client: &tokio_postgres::Client, sql: &str) -> Vec<String> {
     client

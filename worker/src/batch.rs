@@ -111,7 +111,9 @@ impl fmt::Display for Summary {
 /// anomalies of what each object changed after it commits — in a task of its own, so that the
 /// next objects are ingested meanwhile. Objects that committed while a detection ran are detected
 /// together in the next batch (a sensor several of them wrote is judged once); up to
-/// [`crate::detect::WAITING`] readings of theirs are kept for it.
+/// [`crate::detect::WAITING`] readings of theirs are kept for it. Objects whose readings met
+/// stored ones (corrections, re-uploads) are detected after the last object, in batches of up to
+/// [`crate::detect::BATCH_OBJECTS`].
 pub async fn ingest_all(
     ingestor: &Ingestor,
     alerts: Option<&Alerts>,
@@ -138,6 +140,10 @@ pub async fn ingest_all(
         }
         None => (None, None),
     };
+    // The work of objects that met stored readings waits for the end: detecting one reads on to
+    // each sensor's newest readings, so a re-upload of many objects of the same sensors would
+    // read the data after each of them again; together they read it once.
+    let mut corrections: Vec<Vec<i64>> = Vec::new();
     for phase in [mapping, rest] {
         let grouper = &grouper;
         let mut results = stream::iter(phase)
@@ -151,7 +157,9 @@ pub async fn ingest_all(
             .buffer_unordered(in_flight);
         while let Some((key, result)) = results.next().await {
             if let (Some(to), Ok(o)) = (&work, &result) {
-                if !o.anomaly_work.is_empty() {
+                if o.met_stored {
+                    corrections.push(o.anomaly_work.clone());
+                } else if !o.anomaly_work.is_empty() {
                     // Only fails if the detection task is gone; its work stays queued.
                     to.send(o.anomaly_work.clone(), o.fresh.clone());
                 }
@@ -159,6 +167,11 @@ pub async fn ingest_all(
             summary.add(&key, result);
             bar.inc(1);
             bar.set_message(format!("{} rows", summary.rows_ok));
+        }
+    }
+    if let Some(to) = &work {
+        for ids in corrections {
+            to.send(ids, None);
         }
     }
     drop(work);

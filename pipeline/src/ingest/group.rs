@@ -210,6 +210,7 @@ impl Ingestor {
                             o.fresh = fresh.map(Arc::new);
                         }
                         o.anomaly_work = m.work;
+                        o.met_stored = m.met_stored;
                         info!(%key, rows_ok = o.rows_ok, rows_rejected = o.rows_rejected, "object ingested");
                         Ok(o)
                     }

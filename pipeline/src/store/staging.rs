@@ -56,7 +56,8 @@ const COPY_GROUP: &str =
     "COPY staging_rows (object_version, line, sensor_uuid, ts, value, raw, reason)
     FROM STDIN (FORMAT binary)";
 /// What follows the rows to upsert in [`MERGE_MEASUREMENTS`] and [`MERGE_GROUP`]: the version
-/// check, the rollup and page index, and the result (rows written, inexact hours).
+/// check, the rollup and page index, and the result (rows written; the inexact hours, with the
+/// rows written in each and their lowest and highest value).
 macro_rules! upsert_rest {
     () => {
         concat!(
@@ -87,7 +88,10 @@ macro_rules! upsert_rest {
     )
     SELECT (SELECT coalesce(sum(written), 0)::bigint FROM hours),
            ARRAY(SELECT sensor_uuid FROM hours WHERE NOT only_added ORDER BY 1, hour),
-           ARRAY(SELECT hour FROM hours WHERE NOT only_added ORDER BY sensor_uuid, 1)"
+           ARRAY(SELECT hour FROM hours WHERE NOT only_added ORDER BY sensor_uuid, 1),
+           ARRAY(SELECT written FROM hours WHERE NOT only_added ORDER BY sensor_uuid, hour),
+           ARRAY(SELECT low FROM hours WHERE NOT only_added ORDER BY sensor_uuid, hour),
+           ARRAY(SELECT high FROM hours WHERE NOT only_added ORDER BY sensor_uuid, hour)"
         )
     };
 }
@@ -209,6 +213,27 @@ const WIDEN_HOURS: &str = concat!(
 /// Held readings staged to be upserted, when some are stored already.
 const COPY_HELD: &str =
     "COPY staging_rows (line, sensor_uuid, ts, value) FROM STDIN (FORMAT binary)";
+/// Settles the hours the merge overwrote readings in (`$1` sensors, `$2` hours; `$3`–`$5` the
+/// readings it wrote there, their low and high) where it wrote every reading the hour holds —
+/// a re-upload of the same readings: the hour's low and high are those of what it wrote (the
+/// rollup row is locked by this transaction's merge, so its count is exact). Returns the other
+/// hours, for [`EXACT_HOURS`]. (Recomputing a 100,000-reading re-upload's hours from the stored
+/// readings cost 142 ms of server time.)
+const COVERED_HOURS: &str = "
+    WITH x AS (
+        SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::bigint[], $4::float8[], $5::float8[])
+            AS x(sensor_uuid, hour, written, low, high)
+    ), covered AS (
+        UPDATE measurement_hours AS h SET low = x.low, high = x.high, exact = true
+        FROM x
+        WHERE h.sensor_uuid = x.sensor_uuid AND h.hour = x.hour AND h.readings = x.written
+        RETURNING h.sensor_uuid, h.hour
+    )
+    SELECT x.sensor_uuid, x.hour FROM x
+    WHERE NOT EXISTS (
+        SELECT FROM covered c WHERE c.sensor_uuid = x.sensor_uuid AND c.hour = x.hour
+    )
+    ORDER BY 1, 2";
 /// Recomputes the hours the merge overwrote readings in (`$1` sensors, `$2` hours; their rows
 /// are locked by this transaction's merge, so every write to them before it has committed) from
 /// the stored readings, an index range scan per hour (a join let the planner scan the whole
@@ -482,6 +507,9 @@ pub struct Merged {
     pub changed: u64,
     /// The `anomaly_work` entries queued (one per sensor with valid rows in the object).
     pub work: Vec<i64>,
+    /// Readings were stored within the spans written (they were upserted): a correction, or
+    /// data that interleaves with stored data, whose detection reads on to the newest readings.
+    pub met_stored: bool,
 }
 
 /// Before writing: work memory for the upsert (sorting a 100,000-row object's staged rows spilled
@@ -522,7 +550,7 @@ pub async fn merge(
             let merge = tx.prepare_cached(MERGE_MAPPING).await?;
             Ok(Merged {
                 changed: tx.execute(&merge, &[&version]).await?,
-                work: Vec::new(),
+                ..Merged::default()
             })
         }
     }
@@ -627,6 +655,7 @@ pub async fn merge_group(
                         // Every valid row was new and inserted: a repeated key fails the insert.
                         changed: m.spans.rows(),
                         work,
+                        met_stored: false,
                     })
                     .collect())
             }
@@ -719,6 +748,7 @@ pub async fn merge_held(
                 return Ok(Merged {
                     changed: held.values().map(|r| r.len() as u64).sum(),
                     work: works.pop().unwrap_or_default(),
+                    met_stored: false,
                 })
             }
             Err(e)
@@ -812,8 +842,18 @@ async fn upserted(
     let (inexact, hours): (Vec<uuid::Uuid>, Vec<chrono::DateTime<chrono::Utc>>) =
         (row.get(1), row.get(2));
     if !inexact.is_empty() {
-        let exact = tx.prepare_cached(EXACT_HOURS).await?;
-        tx.execute(&exact, &[&inexact, &hours]).await?;
+        let (written, lows, highs): (Vec<i64>, Vec<f64>, Vec<f64>) =
+            (row.get(3), row.get(4), row.get(5));
+        let covered = tx.prepare_cached(COVERED_HOURS).await?;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+            [&inexact, &hours, &written, &lows, &highs];
+        let rest = tx.query(&covered, &params).await?;
+        if !rest.is_empty() {
+            let inexact: Vec<uuid::Uuid> = rest.iter().map(|r| r.get(0)).collect();
+            let hours: Vec<chrono::DateTime<chrono::Utc>> = rest.iter().map(|r| r.get(1)).collect();
+            let exact = tx.prepare_cached(EXACT_HOURS).await?;
+            tx.execute(&exact, &[&inexact, &hours]).await?;
+        }
     }
     let alone = members.len() == 1;
     Ok(works
@@ -821,6 +861,7 @@ async fn upserted(
         .map(|work| Merged {
             changed: if alone { written as u64 } else { 0 },
             work,
+            met_stored: true,
         })
         .collect())
 }
