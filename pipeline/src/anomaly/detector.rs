@@ -58,6 +58,18 @@ const EMPTY_WIDTH: f64 = 0.06;
 /// … and it counts when `REST` readings passed since the last anomaly or excursion (a burst of
 /// new values is one event).
 const REST: u32 = 96;
+/// A reading is *outstanding* when it is off the local level by this share of the novelty scale
+/// (the residual exceeded in `NOVELTY_RANK` epochs) or of the noise threshold, whichever is
+/// larger …
+const BURST_SHARE: f64 = 0.5;
+/// … and an epoch with `BURST_FACTOR` times as many outstanding readings as the memory's
+/// `NOVELTY_RANK`-th busiest epoch (and at least `BURST_MIN`) is a burst: spikes that are each
+/// as large as usual, but come more often than ever.
+const BURST_FACTOR: f64 = 2.0;
+const BURST_MIN: f64 = 4.0;
+/// Epochs remembered before a burst is reported: two days, so that what happens once a day (the
+/// edges of a daily cycle) has been seen in two epochs.
+const BURST_EPOCHS: usize = 2 * EPOCHS_PER_DAY;
 /// Intervals the typical interval is the median of.
 const INTERVALS: usize = 256;
 /// Intervals needed before a gap is reported.
@@ -79,7 +91,7 @@ pub const WARM_UP_READINGS: usize = if VALUES > 2 * RESIDUALS {
 
 /// The version of [`Detector::to_bytes`]' layout *and* of the method: bump it whenever either
 /// changes, so that states saved by another version are not resumed.
-const STATE_FORMAT: u32 = 2;
+const STATE_FORMAT: u32 = 3;
 
 /// A streaming detector for one sensor's readings.
 #[derive(Debug, Clone)]
@@ -129,6 +141,11 @@ pub struct Detector {
     season_away: bool,
     /// No departure from the daily profile counts before this time (after a level shift).
     season_quiet_until: i64,
+    /// Outstanding readings in the current epoch, whether an anomaly was reported in it, and
+    /// the count of each past epoch.
+    epoch_outstanding: u32,
+    epoch_alarmed: bool,
+    outstanding: SortedRing,
 }
 
 /// What the same epoch of the earlier days held.
@@ -212,6 +229,9 @@ impl Detector {
             season: None,
             season_away: false,
             season_quiet_until: i64::MIN,
+            epoch_outstanding: 0,
+            epoch_alarmed: false,
+            outstanding: SortedRing::new(EPOCHS),
         }
     }
 
@@ -244,6 +264,7 @@ impl Detector {
             .map_or_else(|| self.expected(at), |e| e.expected);
         self.advance_epoch(at);
         self.level(at, value, found);
+        self.burst(at, value, expected, found.len() > reported, found);
         self.since_alarm = if found.len() > reported || self.pending.is_some() {
             0
         } else {
@@ -347,6 +368,9 @@ impl Detector {
         }
         e.bool(self.season_away);
         e.i64(self.season_quiet_until);
+        e.u32(self.epoch_outstanding);
+        e.bool(self.epoch_alarmed);
+        e.sorted(&self.outstanding);
         e.0
     }
 
@@ -431,6 +455,9 @@ impl Detector {
         };
         let season_away = d.bool()?;
         let season_quiet_until = d.i64()?;
+        let epoch_outstanding = d.u32()?;
+        let epoch_alarmed = d.bool()?;
+        let outstanding = d.sorted(EPOCHS)?;
         if !d.0.is_empty() {
             return None;
         }
@@ -464,6 +491,9 @@ impl Detector {
             season,
             season_away,
             season_quiet_until,
+            epoch_outstanding,
+            epoch_alarmed,
+            outstanding,
         })
     }
 
@@ -715,6 +745,47 @@ impl Detector {
         Some((side, season.level))
     }
 
+    /// Counts an outstanding reading into the current epoch; reports the reading that makes the
+    /// epoch a burst (unless an anomaly was reported in the epoch already, or the reading begins
+    /// an excursion: that is reported in its own right).
+    fn burst(
+        &mut self,
+        at: i64,
+        value: f64,
+        expected: f64,
+        alarmed: bool,
+        found: &mut Vec<Anomaly>,
+    ) {
+        self.epoch_alarmed |= alarmed;
+        let residual = value - expected;
+        let scale = self.novelty.max(Z * self.sigma);
+        let outstanding = self.ready() && scale > 0.0 && residual.abs() > BURST_SHARE * scale;
+        if !outstanding {
+            return;
+        }
+        self.epoch_outstanding += 1;
+        if self.epoch_alarmed
+            || self.since_alarm <= REST
+            || self.outstanding.len() < BURST_EPOCHS
+            || self.pending.as_ref().is_some_and(|e| e.start == at)
+        {
+            return;
+        }
+        let limit = (BURST_FACTOR * self.outstanding.largest(NOVELTY_RANK)).max(BURST_MIN)
+            / self.sensitivity;
+        if f64::from(self.epoch_outstanding) >= limit {
+            self.epoch_alarmed = true;
+            found.push(Anomaly {
+                kind: Kind::Spike,
+                start: at,
+                end: at,
+                value: Some(value),
+                expected: Some(expected),
+                score: f64::from(self.epoch_outstanding) / limit,
+            });
+        }
+    }
+
     /// Whether the current run is already long enough to be stuck (its readings then teach the
     /// detector nothing about the sensor's noise).
     fn stuck_now(&self) -> bool {
@@ -761,12 +832,14 @@ impl Detector {
         }
         self.epoch_maxima.push(self.epoch_max);
         self.epoch_runs.push(self.epoch_run);
+        self.outstanding.push(f64::from(self.epoch_outstanding));
         self.highs.push(self.epoch_high);
         self.lows.push(-self.epoch_low);
         let quiet = (next - self.epoch - 1).clamp(0, EPOCHS as i64);
         for _ in 0..quiet {
             self.epoch_maxima.push(0.0);
             self.epoch_runs.push(0.0);
+            self.outstanding.push(0.0);
             self.highs.push(f64::NEG_INFINITY);
             self.lows.push(f64::NEG_INFINITY);
         }
@@ -775,6 +848,8 @@ impl Detector {
 
         self.epoch_max = 0.0;
         self.epoch_run = 0.0;
+        self.epoch_outstanding = 0;
+        self.epoch_alarmed = false;
         self.epoch_high = f64::NEG_INFINITY;
         self.epoch_low = f64::INFINITY;
     }

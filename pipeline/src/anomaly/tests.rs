@@ -361,3 +361,39 @@ fn a_reading_where_the_sensor_never_goes_is_a_spike() {
     usual[odd].1 = 0.1;
     assert_eq!(later(detect(usual, 1.0)), []);
 }
+
+/// Spikes of the usual size that come more often than ever: a sensor at 10 (with a little noise)
+/// that spikes to 30 twice in every sixth hour, then four times in one hour on day 8. The
+/// regular spikes are how it is; the reading that makes that hour twice as busy as any is one
+/// spike anomaly.
+#[test]
+fn a_burst_of_ordinary_spikes_is_reported_once() {
+    let step = 5 * MINUTE;
+    let per_hour = 12;
+    let burst_hour = 8 * 24 * per_hour + 13 * per_hour;
+    let spiky = |i: usize, burst: bool| {
+        let (hour, minute) = (i / per_hour, (i % per_hour) * 5);
+        let regular = hour % 6 == 0 && (minute == 0 || minute == 30);
+        let extra = burst && i >= burst_hour && i < burst_hour + per_hour;
+        regular || (extra && [5, 15, 30, 45].contains(&minute))
+    };
+    for burst in [false, true] {
+        let s = series(10 * 24 * per_hour, step, 11, |i, r| {
+            10.0 + 0.1 * r.normal() + if spiky(i, burst) { 20.0 } else { 0.0 }
+        });
+        let found = detect(s, 1.0);
+        let after_day_two: Vec<_> = kinds(&found)
+            .into_iter()
+            .filter(|a| a.1 >= at(2 * 24 * per_hour, step))
+            .collect();
+        let want = match burst {
+            false => vec![],
+            true => vec![(
+                Kind::Spike,
+                at(burst_hour + 9, step),
+                at(burst_hour + 9, step),
+            )],
+        };
+        assert_eq!(after_day_two, want, "burst {burst}");
+    }
+}
