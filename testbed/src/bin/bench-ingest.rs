@@ -4,10 +4,13 @@
 //! ```text
 //! cargo build --release -p sensors-worker -p testbed
 //! target/release/bench-ingest [--files 24] [--rows-per-file 100000] [--worker target/release/sensors-worker]
+//!     [--sensors 100] [--naive-share 0]
 //! ```
 //!
-//! The rows are clean and in UTC (the baseline cannot validate or convert anything), spread over
-//! 100 sensors at one-second steps, so every (sensor, timestamp) is unique.
+//! The rows are clean (the baseline cannot validate anything), spread over `--sensors` sensors at
+//! one-second steps, so every (sensor, timestamp) is unique; in UTC, except the share
+//! `--naive-share` written without an offset in Berlin time, which the worker converts
+//! (`NAIVE_TIMEZONE`'s default) and `psql` reads with `PGTZ=Europe/Berlin`.
 //!
 //! `WORKER_CONCURRENCY` and `ANOMALY_DETECTION` (`on`, the default, or `off`) are passed on to
 //! the worker: run it once with each to see what detection costs.
@@ -40,6 +43,21 @@ struct Args {
     /// Also time a re-upload with every value changed (every row conflicts).
     #[arg(long)]
     conflict: bool,
+    /// Sensors the readings are spread over.
+    #[arg(long, default_value_t = 100)]
+    sensors: usize,
+    /// Share of the rows with naive timestamps (Berlin time, no offset), 0 to 1.
+    #[arg(long, default_value_t = 0.0)]
+    naive_share: f64,
+}
+
+/// A digest of every (sensor, instant, value) of `table`, in key order.
+async fn fingerprint(client: &tokio_postgres::Client, table: &str) -> Result<String> {
+    let sql = format!(
+        "SELECT md5(string_agg(sensor_uuid::text || ' ' || extract(epoch FROM ts)::text || ' ' \
+         || value::text, ',' ORDER BY sensor_uuid, ts)) FROM {table}"
+    );
+    Ok(client.query_one(&sql, &[]).await?.get(0))
 }
 
 /// The same readings with every value raised by 1000 (a correction of the whole file).
@@ -77,7 +95,12 @@ async fn main() -> Result<()> {
     // Written later than the originals whatever the clock does while uploading.
     let later = std::time::SystemTime::now() + std::time::Duration::from_secs(60);
     for f in 0..a.files {
-        let csv = testbed::bench::fleet_readings(f * a.rows_per_file, a.rows_per_file);
+        let csv = testbed::bench::fleet_readings_of(
+            f * a.rows_per_file,
+            a.rows_per_file,
+            a.sensors,
+            a.naive_share,
+        );
         let key = format!("timeseries/bench/part-{f:04}.csv");
         env.s3.put(&key, csv.clone()).await?;
         keys.push(key);
@@ -112,6 +135,8 @@ async fn main() -> Result<()> {
         let t = Instant::now();
         let out = std::process::Command::new("psql")
             .arg(&db)
+            // Naive timestamps are Berlin time, as the worker's default NAIVE_TIMEZONE reads them.
+            .env("PGTZ", "Europe/Berlin")
             .args(["-v", "ON_ERROR_STOP=1", "-c"])
             .arg(format!(
                 "\\copy baseline (ts, sensor_uuid, value) FROM '{}' WITH (FORMAT csv, DELIMITER ';')",
@@ -128,6 +153,7 @@ async fn main() -> Result<()> {
             .await?
             .get(0);
         assert_eq!(n as usize, total_rows);
+        let baseline = fingerprint(&client, "baseline").await?;
 
         // The pipeline: migrate a fresh database, then `ingest --all` end to end.
         let db = pg.create_database().await?;
@@ -173,6 +199,8 @@ async fn main() -> Result<()> {
             .await?
             .get(0);
         assert_eq!(n as usize, total_rows);
+        // The same readings, at the same instants, as the baseline stored.
+        assert_eq!(fingerprint(&client, "measurements").await?, baseline);
         if a.conflict {
             admin.batch_execute("CHECKPOINT").await?;
             let mut args = vec!["ingest"];
