@@ -117,6 +117,59 @@ pub struct Outcome {
 /// straight into the table when they are new (see [`staging::merge_held`]), and for detection.
 pub const FRESH_MAX: usize = 1_000_000;
 
+/// The most readings held in memory by all the objects an ingestor (and its clones) stream at
+/// once, by default: 64 MB of readings, however many objects are in flight.
+pub const HOLD_BUDGET: usize = 4 * FRESH_MAX;
+
+/// Readings are taken from the budget this many at a time (one atomic operation per chunk).
+const HOLD_CHUNK: usize = 65_536;
+
+/// A share of the hold budget, given back when dropped.
+struct Reservation {
+    holding: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    readings: usize,
+}
+
+impl Reservation {
+    fn new(holding: std::sync::Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        Self {
+            holding,
+            readings: 0,
+        }
+    }
+
+    /// Whether `readings` are covered, taking another chunk of the budget if need be.
+    fn cover(&mut self, readings: usize, budget: usize) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        if readings <= self.readings {
+            return true;
+        }
+        let chunk = HOLD_CHUNK.min(budget).max(readings - self.readings);
+        let taken = self
+            .holding
+            .fetch_update(SeqCst, SeqCst, |n| {
+                (n + chunk <= budget).then_some(n + chunk)
+            })
+            .is_ok();
+        if taken {
+            self.readings += chunk;
+        }
+        taken
+    }
+
+    fn release(&mut self) {
+        self.holding
+            .fetch_sub(self.readings, std::sync::atomic::Ordering::SeqCst);
+        self.readings = 0;
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
 /// One object's valid readings per sensor, in time order, one per instant (the last line wins).
 #[derive(Debug, Default)]
 pub struct Fresh {
@@ -266,6 +319,8 @@ struct Streamed {
     spans: staging::Spans,
     /// The valid readings are in `fresh`, not staged.
     held: bool,
+    /// The share of the hold budget they take.
+    reserved: Reservation,
 }
 
 /// Ingests objects of one bucket into the databases.
@@ -277,6 +332,8 @@ pub struct Ingestor {
     detect_anomalies: bool,
     limits: LimitSettings,
     hold_most: usize,
+    hold_budget: usize,
+    holding: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Ingestor {
@@ -290,6 +347,8 @@ impl Ingestor {
             detect_anomalies: true,
             limits: LimitSettings::default(),
             hold_most: FRESH_MAX,
+            hold_budget: HOLD_BUDGET,
+            holding: Default::default(),
         }
     }
 
@@ -298,6 +357,14 @@ impl Ingestor {
     /// low to exercise both.
     pub fn hold_most(mut self, readings: usize) -> Self {
         self.hold_most = readings;
+        self
+    }
+
+    /// The most valid readings held by all the objects streamed at once ([`HOLD_BUDGET`] unless
+    /// set; the ingestor's clones share it): an object that would hold more stages its readings
+    /// as it streams, so memory stays bounded whatever `WORKER_CONCURRENCY` is.
+    pub fn hold_budget(mut self, readings: usize) -> Self {
+        self.hold_budget = readings;
         self
     }
 
@@ -455,6 +522,7 @@ impl Ingestor {
                     mut fresh,
                     spans,
                     held,
+                    reserved: _reserved,
                 }) => {
                     let distinct = fresh.as_mut().map(Fresh::settle);
                     let held = fresh.as_ref().filter(|_| held);
@@ -628,6 +696,7 @@ impl Ingestor {
         let detect = self.detect_anomalies && dataset == Dataset::Measurements;
         let mut fresh = (detect || hold).then(Fresh::default);
         let mut held = hold;
+        let mut reserved = Reservation::new(self.holding.clone());
         let mut spans = staging::Spans::default();
         while let Some(rec) = reader.next_record().await.map_err(read_error)? {
             // Records that are already buffered never make this loop wait: give the runtime its
@@ -637,12 +706,16 @@ impl Ingestor {
             let rejection = match dataset {
                 Dataset::Measurements => match contract::reading(&rec, &columns, zone) {
                     Ok(r) => {
-                        if held && counts.ok == self.hold_most as u64 {
+                        if held
+                            && (counts.ok == self.hold_most as u64
+                                || !reserved.cover(counts.ok as usize + 1, self.hold_budget))
+                        {
                             // Too many to hold: stage what is held, and the rest as it comes.
                             held = false;
                             if let Some(f) = fresh.take() {
                                 Self::spill(staging, &mut spans, f).await.db(dataset)?;
                             }
+                            reserved.release();
                         }
                         match fresh.as_mut() {
                             Some(f) if counts.ok < self.hold_most as u64 => f.push(&r),
@@ -686,6 +759,7 @@ impl Ingestor {
             fresh,
             spans,
             held,
+            reserved,
         })
     }
 

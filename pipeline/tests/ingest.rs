@@ -694,9 +694,10 @@ async fn duplicate_keys_in_one_file_last_line_wins() {
     );
 }
 
-/// An object with more valid readings than the ingestor holds in memory stages the held ones
-/// when the next arrives, and the rest as they stream: the last line of a key still wins, across
-/// the held and the streamed part, and rejected rows are quarantined with their own lines.
+/// An object with more valid readings than the ingestor holds in memory (per object, or left of
+/// the budget of all objects) stages the held ones when the next arrives, and the rest as they
+/// stream: the last line of a key still wins, across the held and the streamed part, and
+/// rejected rows are quarantined with their own lines.
 #[tokio::test]
 async fn an_object_too_large_to_hold_is_staged_as_it_streams() {
     let csv = format!(
@@ -736,7 +737,11 @@ async fn an_object_too_large_to_hold_is_staged_as_it_streams() {
 
     // All five held: written straight into the table, and handed to detection as stored.
     let h = Harness::new().await;
-    h.env.s3.put("timeseries/large.csv", csv).await.unwrap();
+    h.env
+        .s3
+        .put("timeseries/large.csv", csv.clone())
+        .await
+        .unwrap();
     let ingestor = h.ingestor.clone().hold_most(5);
     let o = ingestor.ingest("timeseries/large.csv", None).await.unwrap();
     assert_done(&o, 5, 1);
@@ -749,6 +754,25 @@ async fn an_object_too_large_to_hold_is_staged_as_it_streams() {
     assert_eq!(o.anomaly_work.len(), 2);
     assert_eq!(h.readings().await, want);
     assert_eq!(h.quarantine(&h.measurements).await, quarantined);
+
+    // A budget of three readings for all objects at once: the same as holding three. The
+    // budget is given back when the object is done, so the next object is held again.
+    let h = Harness::new().await;
+    h.env
+        .s3
+        .put("timeseries/large.csv", csv.clone())
+        .await
+        .unwrap();
+    let ingestor = h.ingestor.clone().hold_budget(3);
+    let o = ingestor.ingest("timeseries/large.csv", None).await.unwrap();
+    assert_done(&o, 5, 1);
+    assert!(o.fresh.is_none());
+    assert_eq!(h.readings().await, want);
+    let next = format!("timestamp;sensor_uuid;sensor_value\n2013-01-21T08:00:00Z;{U1};4\n");
+    h.env.s3.put("timeseries/next.csv", next).await.unwrap();
+    let o = ingestor.ingest("timeseries/next.csv", None).await.unwrap();
+    assert_done(&o, 1, 0);
+    assert!(o.fresh.is_some());
 }
 
 /// Objects with repeated keys, rejected rows and keys shared with other objects, ingested in a
