@@ -720,31 +720,28 @@ async fn an_object_too_large_to_hold_is_staged_as_it_streams() {
         format!("2013-01-20T09:00:00Z;{U1}"),
         "row has 2 field(s), the header has 3".to_string(),
     )];
+    // Each case on databases of its own: the object ingested by the ingestor `configure` makes,
+    // and the same readings stored.
+    let ingest = |configure: fn(Ingestor) -> Ingestor| {
+        let (csv, want) = (csv.clone(), want.clone());
+        async move {
+            let h = Harness::new().await;
+            h.env.s3.put("timeseries/large.csv", csv).await.unwrap();
+            let ingestor = configure(h.ingestor.clone());
+            let o = ingestor.ingest("timeseries/large.csv", None).await.unwrap();
+            assert_done(&o, 5, 1);
+            assert_eq!(h.readings().await, want);
+            (h, ingestor, o)
+        }
+    };
     // Three held, then staged: detection reads the stored readings back.
-    let h = Harness::new().await;
-    h.env
-        .s3
-        .put("timeseries/large.csv", csv.clone())
-        .await
-        .unwrap();
-    let ingestor = h.ingestor.clone().hold_most(3);
-    let o = ingestor.ingest("timeseries/large.csv", None).await.unwrap();
-    assert_done(&o, 5, 1);
+    let (h, _, o) = ingest(|i| i.hold_most(3)).await;
     assert!(o.fresh.is_none());
     assert_eq!(o.anomaly_work.len(), 2);
-    assert_eq!(h.readings().await, want);
     assert_eq!(h.quarantine(&h.measurements).await, quarantined);
 
     // All five held: written straight into the table, and handed to detection as stored.
-    let h = Harness::new().await;
-    h.env
-        .s3
-        .put("timeseries/large.csv", csv.clone())
-        .await
-        .unwrap();
-    let ingestor = h.ingestor.clone().hold_most(5);
-    let o = ingestor.ingest("timeseries/large.csv", None).await.unwrap();
-    assert_done(&o, 5, 1);
+    let (h, _, o) = ingest(|i| i.hold_most(5)).await;
     let fresh = o.fresh.expect("the readings held");
     let u1 = uuid::Uuid::parse_str(U1).unwrap();
     assert_eq!(
@@ -752,22 +749,12 @@ async fn an_object_too_large_to_hold_is_staged_as_it_streams() {
         vec![(1_358_668_800_000_000, 9.0), (1_358_672_400_000_000, 3.0)]
     );
     assert_eq!(o.anomaly_work.len(), 2);
-    assert_eq!(h.readings().await, want);
     assert_eq!(h.quarantine(&h.measurements).await, quarantined);
 
     // A budget of three readings for all objects at once: the same as holding three. The
     // budget is given back when the object is done, so the next object is held again.
-    let h = Harness::new().await;
-    h.env
-        .s3
-        .put("timeseries/large.csv", csv.clone())
-        .await
-        .unwrap();
-    let ingestor = h.ingestor.clone().hold_budget(3);
-    let o = ingestor.ingest("timeseries/large.csv", None).await.unwrap();
-    assert_done(&o, 5, 1);
+    let (h, ingestor, o) = ingest(|i| i.hold_budget(3)).await;
     assert!(o.fresh.is_none());
-    assert_eq!(h.readings().await, want);
     let next = format!("timestamp;sensor_uuid;sensor_value\n2013-01-21T08:00:00Z;{U1};4\n");
     h.env.s3.put("timeseries/next.csv", next).await.unwrap();
     let o = ingestor.ingest("timeseries/next.csv", None).await.unwrap();

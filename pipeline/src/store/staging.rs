@@ -542,11 +542,7 @@ pub async fn merge(
             Ok(merged.pop().unwrap_or_default())
         }
         Dataset::Mapping => {
-            if let Some(ledger_id) = quarantine {
-                let quarantine = tx.prepare_cached(QUARANTINE).await?;
-                tx.execute(&quarantine, &[&ledger_id, &key, &version])
-                    .await?;
-            }
+            quarantine_one(tx, quarantine, key, version).await?;
             let merge = tx.prepare_cached(MERGE_MAPPING).await?;
             Ok(Merged {
                 changed: tx.execute(&merge, &[&version]).await?,
@@ -554,6 +550,54 @@ pub async fn merge(
             })
         }
     }
+}
+
+/// Moves an object's rejected rows into quarantine under ledger entry `ledger_id` (`None`: no row
+/// was rejected).
+async fn quarantine_one(
+    tx: &deadpool_postgres::Transaction<'_>,
+    ledger_id: Option<i64>,
+    key: &str,
+    version: i64,
+) -> Result<(), tokio_postgres::Error> {
+    if let Some(ledger_id) = ledger_id {
+        let quarantine = tx.prepare_cached(QUARANTINE).await?;
+        tx.execute(&quarantine, &[&ledger_id, &key, &version])
+            .await?;
+    }
+    Ok(())
+}
+
+/// Whether the fast path's write of new readings failed because another ingestion wrote one of
+/// their keys meanwhile (or a repeated key in them, or a deadlock with such a writer): then it is
+/// rolled back to the savepoint and the readings are upserted.
+fn met_a_stored_key(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&SqlState::UNIQUE_VIOLATION)
+        || e.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED)
+}
+
+/// A stored instant from microseconds since the Unix epoch.
+fn instant(micros: i64) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::from_timestamp_micros(micros).expect("a stored instant")
+}
+
+/// Hours as the rollup statements take them: sensors, hours, readings, lows, highs.
+type HourColumns = (
+    Vec<uuid::Uuid>,
+    Vec<chrono::DateTime<chrono::Utc>>,
+    Vec<i64>,
+    Vec<f64>,
+    Vec<f64>,
+);
+
+fn hour_columns(hours: &std::collections::HashMap<(uuid::Uuid, i64), Hour>) -> HourColumns {
+    (
+        hours.keys().map(|k| k.0).collect(),
+        hours.keys().map(|k| instant(k.1)).collect(),
+        hours.values().map(|h| h.0).collect(),
+        hours.values().map(|h| h.1).collect(),
+        hours.values().map(|h| h.2).collect(),
+    )
 }
 
 /// A sensor and the first and last instant of its readings in an object.
@@ -602,14 +646,13 @@ pub async fn merge_group(
     if members.is_empty() {
         return Ok(Vec::new());
     }
-    let time = |us: i64| chrono::DateTime::from_timestamp_micros(us).expect("a stored instant");
     let spans: Vec<Vec<SensorSpan>> = members
         .iter()
         .map(|m| {
             m.spans
                 .sensors
                 .iter()
-                .map(|(u, s)| (*u, time(s.0), time(s.1)))
+                .map(|(u, s)| (*u, instant(s.0), instant(s.1)))
                 .collect()
         })
         .collect();
@@ -625,11 +668,7 @@ pub async fn merge_group(
         let sensors: Vec<uuid::Uuid> = all.clone().map(|s| s.0).collect();
         let firsts: Vec<_> = all.clone().map(|s| s.1).collect();
         let lasts: Vec<_> = all.map(|s| s.2).collect();
-        let us: Vec<uuid::Uuid> = hours.keys().map(|k| k.0).collect();
-        let starts: Vec<_> = hours.keys().map(|k| time(k.1)).collect();
-        let counts: Vec<i64> = hours.values().map(|h| h.0).collect();
-        let lows: Vec<f64> = hours.values().map(|h| h.1).collect();
-        let highs: Vec<f64> = hours.values().map(|h| h.2).collect();
+        let (us, starts, counts, lows, highs) = hour_columns(&hours);
         let insert = tx.prepare_cached(INSERT_MEASUREMENTS).await?;
         // A single object's rows carry no version: `$1` is theirs.
         let version = members.first().map_or(0, |m| m.version);
@@ -660,10 +699,7 @@ pub async fn merge_group(
                     .collect())
             }
             Ok(_) => upserted(tx, members, works).await,
-            Err(e)
-                if e.code() == Some(&SqlState::UNIQUE_VIOLATION)
-                    || e.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED) =>
-            {
+            Err(e) if met_a_stored_key(&e) => {
                 tx.batch_execute("ROLLBACK TO SAVEPOINT fresh_rows").await?;
                 upserted(tx, members, works).await
             }
@@ -694,11 +730,7 @@ pub async fn merge_held(
     held: &Held,
     detect: bool,
 ) -> Result<Merged, tokio_postgres::Error> {
-    if let Some(ledger_id) = quarantine {
-        let quarantine = tx.prepare_cached(QUARANTINE).await?;
-        tx.execute(&quarantine, &[&ledger_id, &key, &version])
-            .await?;
-    }
+    quarantine_one(tx, quarantine, key, version).await?;
     let mut sensors: Vec<uuid::Uuid> = held
         .iter()
         .filter(|(_, r)| !r.is_empty())
@@ -716,10 +748,12 @@ pub async fn merge_held(
         quarantine,
         spans: &spans,
     };
-    let time = |us: i64| chrono::DateTime::from_timestamp_micros(us).expect("a stored instant");
     let within: Vec<SensorSpan> = sensors
         .iter()
-        .map(|u| (*u, time(held[u][0].0), time(held[u][held[u].len() - 1].0)))
+        .map(|u| {
+            let (first, last) = spans.sensors[u];
+            (*u, instant(first), instant(last))
+        })
         .collect();
     let queue_statement = match detect {
         true => Some(tx.prepare_cached(QUEUE_DETECTION).await?),
@@ -751,10 +785,7 @@ pub async fn merge_held(
                     met_stored: false,
                 })
             }
-            Err(e)
-                if e.code() == Some(&SqlState::UNIQUE_VIOLATION)
-                    || e.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED) =>
-            {
+            Err(e) if met_a_stored_key(&e) => {
                 tx.batch_execute("ROLLBACK TO SAVEPOINT fresh_rows").await?;
             }
             Err(e) => return Err(e),
@@ -777,12 +808,7 @@ async fn copy_new(
     let widen = tx.prepare_cached(WIDEN_HOURS).await?;
     copy_held(tx, COPY_NEW, sensors, held, Some(version)).await?;
     let hours = spans.hours.as_ref().expect("the hours of held readings");
-    let time = |us: i64| chrono::DateTime::from_timestamp_micros(us).expect("a stored instant");
-    let us: Vec<uuid::Uuid> = hours.keys().map(|k| k.0).collect();
-    let starts: Vec<_> = hours.keys().map(|k| time(k.1)).collect();
-    let counts: Vec<i64> = hours.values().map(|h| h.0).collect();
-    let lows: Vec<f64> = hours.values().map(|h| h.1).collect();
-    let highs: Vec<f64> = hours.values().map(|h| h.2).collect();
+    let (us, starts, counts, lows, highs) = hour_columns(hours);
     tx.query_one(&widen, &[&us, &starts, &counts, &lows, &highs])
         .await?;
     Ok(())
