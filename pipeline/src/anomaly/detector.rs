@@ -91,7 +91,7 @@ pub const WARM_UP_READINGS: usize = if VALUES > 2 * RESIDUALS {
 
 /// The version of [`Detector::to_bytes`]' layout *and* of the method: bump it whenever either
 /// changes, so that states saved by another version are not resumed.
-const STATE_FORMAT: u32 = 3;
+const STATE_FORMAT: u32 = 4;
 
 /// A streaming detector for one sensor's readings.
 #[derive(Debug, Clone)]
@@ -813,9 +813,15 @@ impl Detector {
         }
     }
 
-    /// Adds a reading to the current epoch's memory.
+    /// Adds a reading to the current epoch's memory. Its residual counts only when the local level
+    /// was established (its window full: not while it is learned after the first reading or
+    /// relearned after an anomaly, when the level is a guess) and, until the first
+    /// `MIN_RESIDUALS` residuals are in, only if it is a departure by the noise scale of the time
+    /// (an edge the warm-up saw is known later; the ordinary residuals of a start-up transient,
+    /// measured with a noise scale still settling, are not what the sensor does).
     fn epoch(&mut self, value: f64, residual: f64) {
-        if residual.is_finite() {
+        let settled = self.residuals.len() >= MIN_RESIDUALS || residual.abs() > Z * self.sigma;
+        if residual.is_finite() && self.older.is_full() && settled {
             self.epoch_max = self.epoch_max.max(residual.abs());
         }
         self.epoch_high = self.epoch_high.max(value);

@@ -397,3 +397,29 @@ fn a_burst_of_ordinary_spikes_is_reported_once() {
         assert_eq!(after_day_two, want, "burst {burst}");
     }
 }
+
+#[test]
+fn a_start_up_transient_and_a_relearned_level_do_not_mute_the_memory() {
+    // A machine that boots: its first hours decay from far above its level (readings every 5
+    // minutes, noise 1). Then a surge at reading 300 that settles at a new level, and a spike of
+    // 25 at 900: the transient and the surge are far larger, but a spike is news on a sensor
+    // that is otherwise quiet.
+    let step = 5 * MINUTE;
+    let (jump, spike) = (300, 900);
+    let s = series(1500, step, 31, |i, r| {
+        let boot = 400.0 * (-(i as f64) / 12.0).exp();
+        let level = match i.checked_sub(jump) {
+            Some(k) => 160.0 + 150.0 * (-(k as f64) / 10.0).exp(),
+            None => 100.0,
+        };
+        level + boot + if i == spike { 25.0 } else { 0.0 } + r.normal()
+    });
+    let found = kinds(&detect(s, 1.0));
+    assert_eq!(
+        found,
+        [
+            (Kind::LevelShift, at(jump, step), at(jump + 5, step)),
+            (Kind::Spike, at(spike, step), at(spike, step)),
+        ]
+    );
+}
