@@ -391,6 +391,32 @@ fn time_label(us: i64, span: i64) -> String {
     }
 }
 
+/// A value axis label: at most four significant digits, thousands and up with a suffix (k, M, G,
+/// T), tiny ones in scientific notation — `60M`, not `60000000.0`.
+fn value_label(v: f64) -> String {
+    let a = v.abs();
+    if a != 0.0 && a < 1e-3 {
+        return format!("{v:.2e}");
+    }
+    let (scaled, suffix) = [
+        (1e12, 1e12, "T"),
+        (1e9, 1e9, "G"),
+        (1e6, 1e6, "M"),
+        (1e4, 1e3, "k"),
+    ]
+    .into_iter()
+    .find(|(from, ..)| a >= *from)
+    .map_or((v, ""), |(_, unit, suffix)| (v / unit, suffix));
+    let digits = 3usize.saturating_sub(scaled.abs().max(1.0).log10().floor() as usize);
+    let text = format!("{scaled:.digits$}");
+    let text = match text.contains('.') {
+        true => text.trim_end_matches('0').trim_end_matches('.'),
+        false => &text,
+    };
+    let text = if text == "-0" { "0" } else { text };
+    format!("{text}{suffix}")
+}
+
 fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, panels: &[Panel]) -> Result<(), String> {
     let err = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
     root.fill(&WHITE).map_err(err)?;
@@ -427,6 +453,7 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, panels: &[Panel]) -> 
             .x_labels(9)
             .y_labels(6)
             .x_label_formatter(&|x| time_label(*x, span))
+            .y_label_formatter(&|v| value_label(*v))
             .x_desc("time (UTC)")
             .y_desc("value")
             .label_style(("sans-serif", 13))
@@ -526,6 +553,35 @@ mod tests {
     use super::*;
 
     const HOUR: i64 = 3_600_000_000;
+
+    #[test]
+    fn value_labels_are_short() {
+        let labels: Vec<String> = [
+            0.0,
+            20.0,
+            -5.5,
+            0.25,
+            1234.5,
+            9999.0,
+            20_000.0,
+            45_000_000.0,
+            60_000_000.0,
+            -2.5e9,
+            1.25e13,
+            0.000_012_5,
+            1e-12,
+        ]
+        .into_iter()
+        .map(value_label)
+        .collect();
+        assert_eq!(
+            labels,
+            [
+                "0", "20", "-5.5", "0.25", "1234", "9999", "20k", "45M", "60M", "-2.5G", "12.5T",
+                "1.25e-5", "1.00e-12"
+            ]
+        );
+    }
 
     #[test]
     fn columns_keep_every_extreme_in_time_order() {
