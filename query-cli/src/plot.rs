@@ -39,7 +39,7 @@ const PANEL_HEIGHT: u32 = 380;
 /// (the right margin leaves room for the last time label).
 const MARGIN: u32 = 14;
 const RIGHT: u32 = 60;
-const Y_LABELS: u32 = 80;
+const Y_LABELS: u32 = 64;
 const X_LABELS: u32 = 44;
 
 #[derive(Debug, Args)]
