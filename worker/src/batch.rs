@@ -112,8 +112,8 @@ impl fmt::Display for Summary {
 /// next objects are ingested meanwhile. Objects that committed while a detection ran are detected
 /// together in the next batch (a sensor several of them wrote is judged once); up to
 /// [`crate::detect::WAITING`] readings of theirs are kept for it. Objects whose readings met
-/// stored ones (corrections, re-uploads) are detected after the last object, in batches of up to
-/// [`crate::detect::BATCH_OBJECTS`].
+/// stored ones (corrections, re-uploads) are detected after the last object, sensor by sensor,
+/// `concurrency` sensors at a time ([`crate::detect::corrections`]).
 pub async fn ingest_all(
     ingestor: &Ingestor,
     alerts: Option<&Alerts>,
@@ -169,17 +169,23 @@ pub async fn ingest_all(
             bar.set_message(format!("{} rows", summary.rows_ok));
         }
     }
-    if let Some(to) = &work {
-        for ids in corrections {
-            to.send(ids, None);
-        }
-    }
     drop(work);
     if let Some(task) = detection {
         bar.set_message(format!("{} rows, detecting anomalies", summary.rows_ok));
         if let Ok((opened, failed)) = task.await {
             summary.anomalies = Some(opened);
             summary.detection_errors = failed;
+        }
+    }
+    if let (Some(alerts), false) = (alerts, corrections.is_empty()) {
+        // Sensor by sensor, `concurrency` at a time: no object is in flight any more.
+        let ids: Vec<i64> = corrections.iter().flatten().copied().collect();
+        match crate::detect::corrections(alerts, &ids, concurrency).await {
+            Ok(d) => *summary.anomalies.get_or_insert(0) += d.opened.len() as u64,
+            Err(e) => {
+                warn!(objects = corrections.len(), error = %e, "anomaly detection failed; the workers retry it");
+                summary.detection_errors += corrections.len() as u64;
+            }
         }
     }
     bar.finish_and_clear();

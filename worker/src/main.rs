@@ -288,7 +288,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Detect(args) => {
             logging::init(&env, "warn")?;
-            let dbs = Databases::connect(&DatabaseSettings::from_env(&env)?, 2)?;
+            let worker = WorkerSettings::from_env(&env)?;
+            let dbs = Databases::connect(&DatabaseSettings::from_env(&env)?, worker.pool_size)?;
             let alerts = Alerts::new(dbs, AnomalySettings::from_env(&env)?);
             let queue = if args.publish {
                 let queue = queue(&env).await?;
@@ -298,7 +299,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 None
             };
             let _ = args.all;
-            let done = detect::history(&alerts, args.since, queue.as_ref()).await?;
+            let done =
+                detect::history(&alerts, args.since, queue.as_ref(), worker.concurrency).await?;
             println!(
                 "{} sensors detected: {} anomalies opened, {} resolved",
                 done.sensors,

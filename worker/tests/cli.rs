@@ -133,6 +133,101 @@ async fn a_correction_written_later_wins_although_ingest_all_reads_it_first() {
     assert_eq!(corrected, 1_000);
 }
 
+/// 2,000 readings of `sensor`, one a second from `testbed::data::FIRST_READING`, around 20 with a
+/// little regular noise, and 500 at reading `spike`.
+fn with_a_spike(sensor: &str, spike: usize) -> String {
+    let mut s = String::from("timestamp;sensor_uuid;sensor_value\n");
+    for i in 0..2_000 {
+        let t =
+            chrono::DateTime::from_timestamp(testbed::data::FIRST_READING + i as i64, 0).unwrap();
+        let value = if i == spike {
+            500.0
+        } else {
+            20.0 + ((i * 7_919) % 13) as f64 / 10.0
+        };
+        s.push_str(&format!(
+            "{};{sensor};{value}\n",
+            t.format("%Y-%m-%dT%H:%M:%SZ")
+        ));
+    }
+    s
+}
+
+#[tokio::test]
+async fn ingest_detects_the_corrections_of_several_sensors_after_the_last_object() {
+    let env = TestEnv::new().await.unwrap();
+    let sensors = [
+        "0b6a8f52-3a1e-4c55-9d1c-1f0c8e4c1a01",
+        "5c2d7e90-8b4f-4e21-a3c6-2d9e5f7a8b02",
+        "e4f1a2b3-c5d6-4e7f-8a9b-0c1d2e3f4a03",
+    ];
+    for u in sensors {
+        env.s3
+            .put(&format!("timeseries/a-{u}.csv"), with_a_spike(u, 1_500))
+            .await
+            .unwrap();
+    }
+    let mut vars = env.vars();
+    // More detections at once than sensors: each takes the next sensor nobody is detecting.
+    vars.push(("WORKER_CONCURRENCY".into(), "4".into()));
+    assert!(worker(&vars, &["migrate"]).await.status.success());
+    let out = worker(&vars, &["ingest", "--all"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        summary(&out).ends_with("anomalies: 3 opened"),
+        "{}",
+        summary(&out)
+    );
+
+    // Newer versions move every sensor's spike: every reading meets a stored one, so their
+    // detection runs after the last object, sensor by sensor.
+    let mut keys = vec!["ingest".to_string()];
+    for u in sensors {
+        let key = format!("timeseries/b-{u}.csv");
+        env.s3.put(&key, with_a_spike(u, 1_700)).await.unwrap();
+        keys.push(key);
+    }
+    let args: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let out = worker(&vars, &args).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        summary(&out),
+        "objects: 3 done, 0 already done, 0 failed, 0 ignored, 0 errors\nrows:    6000 ok, 0 rejected\nanomalies: 3 opened"
+    );
+    let client = testbed::connect(&env.measurements_db).await.unwrap();
+    let anomalies: Vec<(String, String, String, i64)> = client
+        .query(
+            "SELECT sensor_uuid::text, kind, state, extract(epoch FROM start_ts)::bigint
+             FROM anomalies ORDER BY 1, 4",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    let first = testbed::data::FIRST_READING;
+    let want: Vec<(String, String, String, i64)> = sensors
+        .iter()
+        .flat_map(|u| {
+            [
+                (
+                    u.to_string(),
+                    "spike".into(),
+                    "resolved".into(),
+                    first + 1_500,
+                ),
+                (u.to_string(), "spike".into(), "open".into(), first + 1_700),
+            ]
+        })
+        .collect();
+    assert_eq!(anomalies, want);
+    assert_eq!(
+        count(&env.measurements_db, "SELECT count(*) FROM anomaly_work").await,
+        0
+    );
+}
+
 #[tokio::test]
 async fn a_failed_object_makes_ingest_exit_1_and_the_rest_is_stored() {
     let env = TestEnv::new().await.unwrap();

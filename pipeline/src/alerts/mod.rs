@@ -111,6 +111,19 @@ pub struct Detected {
     pub fed: usize,
 }
 
+impl Detected {
+    /// Adds what another detection step did.
+    pub fn absorb(&mut self, d: Detected) {
+        self.spans += d.spans;
+        self.sensors += d.sensors;
+        self.resumed += d.resumed;
+        self.fed += d.fed;
+        self.opened.extend(d.opened);
+        self.resolved.extend(d.resolved);
+        self.durations.extend(d.durations);
+    }
+}
+
 /// An anomaly as stored and published: SPEC §7's fields plus its state and the object that
 /// revealed that state.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -332,14 +345,7 @@ impl Alerts {
         if ids.is_empty() {
             return Ok(false);
         }
-        let d = self.detect_batch(&ids, &[]).await?;
-        done.spans += d.spans;
-        done.sensors += d.sensors;
-        done.resumed += d.resumed;
-        done.fed += d.fed;
-        done.opened.extend(d.opened);
-        done.resolved.extend(d.resolved);
-        done.durations.extend(d.durations);
+        done.absorb(self.detect_batch(&ids, &[]).await?);
         Ok(true)
     }
 
