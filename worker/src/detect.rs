@@ -205,17 +205,10 @@ pub async fn corrections(
         Ok::<_, AlertError>(d)
     });
     let mut total = Detected::default();
-    let mut error = None;
     for result in futures_util::future::join_all(runs).await {
-        match result {
-            Ok(d) => total.absorb(d),
-            Err(e) => error = error.or(Some(e)),
-        }
+        total.absorb(result?);
     }
-    match error {
-        Some(e) => Err(e),
-        None => Ok(total),
-    }
+    Ok(total)
 }
 
 /// Detects due work sensor by sensor (stopping early on `stop`), counting each step.
