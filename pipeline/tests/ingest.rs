@@ -417,6 +417,115 @@ async fn overwritten_hours_keep_their_exact_low_and_high() {
     );
 }
 
+/// A correction that rewrites readings it has (every stored reading within its span is one of
+/// its keys) replaces them: the stored rows are deleted and its readings copied in, and the
+/// rollup stays exact — an hour whose extremes it removed is recomputed, an hour it removed only
+/// inner readings of keeps its bounds, an hour it rewrote whole takes its bounds. The replacing
+/// statement is seen waiting on a row the test holds.
+#[tokio::test]
+async fn a_correction_of_its_own_readings_replaces_them_and_keeps_the_rollup_exact() {
+    let h = Harness::new().await;
+    let old = format!(
+        "timestamp;sensor_uuid;sensor_value\n\
+         2013-01-20T08:00:00Z;{U1};10\n\
+         2013-01-20T08:20:00Z;{U1};5\n\
+         2013-01-20T08:40:00Z;{U1};20\n\
+         2013-01-20T09:00:00Z;{U1};30\n\
+         2013-01-20T09:30:00Z;{U1};40\n\
+         2013-01-20T10:00:00Z;{U1};50\n\
+         2013-01-20T08:00:00Z;{U2};1\n\
+         2013-01-20T08:10:00Z;{U2};5\n\
+         2013-01-20T08:20:00Z;{U2};6\n\
+         2013-01-20T08:50:00Z;{U2};9\n"
+    );
+    assert_done(&h.put_and_ingest("timeseries/old.csv", old).await, 10, 0);
+    let new = format!(
+        "timestamp;sensor_uuid;sensor_value\n\
+         2013-01-20T08:20:00Z;{U1};6\n\
+         2013-01-20T08:40:00Z;{U1};7\n\
+         2013-01-20T09:00:00Z;{U1};3\n\
+         2013-01-20T09:30:00Z;{U1};4\n\
+         2013-01-20T08:10:00Z;{U2};100\n\
+         2013-01-20T08:20:00Z;{U2};2\n"
+    );
+    h.env.s3.put("timeseries/new.csv", new).await.unwrap();
+    h.env
+        .s3
+        .set_written_at("timeseries/new.csv", later(60))
+        .unwrap();
+    let holder = testbed::connect(&h.env.measurements_db).await.unwrap();
+    holder
+        .batch_execute(&format!(
+            "BEGIN; SELECT FROM measurements
+             WHERE sensor_uuid = '{U1}' AND ts = '2013-01-20T09:00:00Z' FOR UPDATE"
+        ))
+        .await
+        .unwrap();
+    let ingest = h.ingestor.ingest("timeseries/new.csv", None);
+    let watch = async {
+        let waiting = loop {
+            let rows = h
+                .measurements
+                .query(
+                    "SELECT left(query, 30) FROM pg_stat_activity
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                    &[],
+                )
+                .await
+                .unwrap();
+            if let Some(row) = rows.first() {
+                break row.get::<_, String>(0);
+            }
+            tokio::task::yield_now().await;
+        };
+        holder.batch_execute("COMMIT").await.unwrap();
+        waiting
+    };
+    let (outcome, waiting) = tokio::join!(ingest, watch);
+    assert_eq!(waiting, "DELETE FROM measurements AS ta");
+    assert_done(&outcome.unwrap(), 6, 0);
+    assert_eq!(
+        h.readings().await,
+        vec![
+            reading(U2, "2013-01-20T08:00:00.000000Z", 1.0),
+            reading(U2, "2013-01-20T08:10:00.000000Z", 100.0),
+            reading(U2, "2013-01-20T08:20:00.000000Z", 2.0),
+            reading(U2, "2013-01-20T08:50:00.000000Z", 9.0),
+            reading(U1, "2013-01-20T08:00:00.000000Z", 10.0),
+            reading(U1, "2013-01-20T08:20:00.000000Z", 6.0),
+            reading(U1, "2013-01-20T08:40:00.000000Z", 7.0),
+            reading(U1, "2013-01-20T09:00:00.000000Z", 3.0),
+            reading(U1, "2013-01-20T09:30:00.000000Z", 4.0),
+            reading(U1, "2013-01-20T10:00:00.000000Z", 50.0),
+        ]
+    );
+    let hours: Vec<(String, String, i64, f64, f64)> = h
+        .measurements
+        .query(
+            "SELECT sensor_uuid::text, to_char(hour AT TIME ZONE 'UTC', 'HH24'), readings, low,
+                    high
+             FROM measurement_hours WHERE exact ORDER BY sensor_uuid, hour",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+        .collect();
+    let hour = |u: &str, hh: &str, n: i64, low: f64, high: f64| {
+        (u.to_string(), hh.to_string(), n, low, high)
+    };
+    assert_eq!(
+        hours,
+        vec![
+            hour(U2, "08", 4, 1.0, 100.0),
+            hour(U1, "08", 3, 6.0, 10.0),
+            hour(U1, "09", 2, 3.0, 4.0),
+            hour(U1, "10", 1, 50.0, 50.0),
+        ]
+    );
+}
+
 /// Row identities including their physical version (`xmin`, `ctid`): unchanged iff never rewritten.
 async fn snapshot(client: &tokio_postgres::Client, sql: &str) -> Vec<String> {
     client

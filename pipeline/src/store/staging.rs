@@ -24,8 +24,11 @@
 //! order when none is stored yet — the work of a bare `COPY`. Measured with `bench-ingest` (24
 //! objects of 100,000 readings, detection on): the staging `COPY` (112 ms per object on the
 //! server) and the insert from it (345–364 ms) became one `COPY` of the table, and the whole
-//! run went from 0.99–1.19× to 0.71–0.81× of `psql \copy`. Readings that meet stored ones are
-//! staged after all and upserted as below; objects too large to hold stage theirs as they
+//! run went from 0.99–1.19× to 0.71–0.81× of `psql \copy`. Readings that meet stored ones
+//! replace them the same way when every stored reading they beat within their spans is one of
+//! their keys (a re-upload or correction: [`replace_held`] deletes those rows and copies the
+//! readings in — 12 corrections of 100,000 readings went from 6.3–6.8 s to 4.5–4.8 s); otherwise
+//! they are staged after all and upserted as below. Objects too large to hold stage theirs as they
 //! stream, and a group of small objects stages its rows tagged with their versions
 //! ([`crate::ingest::Grouper`]).
 
@@ -37,7 +40,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{CopyInSink, Transaction};
 
 use super::copy::CopyEncoder;
-use super::versions::incoming_beats_stored;
+use super::versions::{incoming_beats_stored, version_beats};
 use crate::contract::{Dataset, Reading, SensorName};
 
 /// The session's staging table, emptied at every commit; an aborted transaction leaves its rows
@@ -213,6 +216,54 @@ const WIDEN_HOURS: &str = concat!(
 /// Held readings staged to be upserted, when some are stored already.
 const COPY_HELD: &str =
     "COPY staging_rows (line, sensor_uuid, ts, value) FROM STDIN (FORMAT binary)";
+/// The first step of replacing stored readings with held ones ([`replace_held`]): deletes the
+/// stored rows within each sensor's span (`$2`–`$4`, sensors in key order) that version `$1`
+/// beats, and returns their keys and values. In key order, as every other ingestion locks rows: the settings
+/// of [`KEY_ORDER`] leave the planner a nested loop over the spans with an index scan of each.
+const REPLACED: &str = concat!(
+    "DELETE FROM measurements AS target
+    USING unnest($2::uuid[], $3::timestamptz[], $4::timestamptz[]) AS w(u, first, last)
+    WHERE target.sensor_uuid = w.u AND target.ts >= w.first AND target.ts <= w.last AND ",
+    version_beats!("$1::bigint", "target.version"),
+    "
+    RETURNING target.sensor_uuid, target.ts, target.value"
+);
+/// The plan [`REPLACED`] must have (a hash join would scan the whole table, and a bitmap scan
+/// visits rows in the order they lie on disk), for this transaction, until [`ANY_PLAN`].
+const KEY_ORDER: &str = "SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off;
+    SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off";
+const ANY_PLAN: &str =
+    "RESET enable_seqscan; RESET enable_bitmapscan; RESET enable_hashjoin; RESET enable_mergejoin";
+/// The rollup and page index after [`replace_held`] (`$1`–`$8`: sensors, hours, readings written,
+/// their low and high, readings removed, their low and high): the readings counted up by what
+/// was written less what it replaced, in (sensor, hour) order. An hour keeps exact bounds when
+/// every reading it held was replaced (they are those of the readings written) or when the
+/// readings removed were all strictly within its bounds (the extremes are still there); else it
+/// is returned, for [`EXACT_HOURS`].
+const REPLACE_HOURS: &str = "
+    WITH x AS (
+        SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::bigint[], $4::float8[],
+            $5::float8[], $6::bigint[], $7::float8[], $8::float8[])
+            AS x(sensor_uuid, hour, written, low, high, removed, removed_low, removed_high)
+    ), rolled AS (
+        INSERT INTO measurement_hours AS h (sensor_uuid, hour, readings, low, high, exact)
+        SELECT sensor_uuid, hour, written - removed, low, high, removed = 0 FROM x ORDER BY 1, 2
+        ON CONFLICT (sensor_uuid, hour) DO UPDATE SET (readings, low, high, exact) = (
+            SELECT h.readings + x.written - x.removed,
+                CASE WHEN h.readings = x.removed THEN x.low ELSE least(h.low, x.low) END,
+                CASE WHEN h.readings = x.removed THEN x.high ELSE greatest(h.high, x.high) END,
+                h.readings = x.removed OR (h.exact AND (x.removed = 0
+                    OR (x.removed_low > h.low AND x.removed_high < h.high)))
+            FROM x WHERE x.sensor_uuid = h.sensor_uuid AND x.hour = h.hour)
+        RETURNING h.sensor_uuid, h.hour, h.exact
+    ), days AS (
+        INSERT INTO measurement_days AS d (sensor_uuid, day, readings)
+        SELECT sensor_uuid, date_trunc('day', hour, 'UTC'), sum(written - removed)
+        FROM x GROUP BY 1, 2 HAVING sum(written - removed) > 0 ORDER BY 1, 2
+        ON CONFLICT (sensor_uuid, day) DO UPDATE SET readings = d.readings + EXCLUDED.readings
+    )
+    SELECT ARRAY(SELECT sensor_uuid FROM rolled WHERE NOT exact ORDER BY 1, hour),
+           ARRAY(SELECT hour FROM rolled WHERE NOT exact ORDER BY sensor_uuid, 1)";
 /// Settles the hours the merge overwrote readings in (`$1` sensors, `$2` hours; `$3`–`$5` the
 /// readings it wrote there, their low and high) where it wrote every reading the hour holds —
 /// a re-upload of the same readings: the hour's low and high are those of what it wrote (the
@@ -719,9 +770,12 @@ pub type Held = std::collections::HashMap<uuid::Uuid, Vec<(i64, f64)>>;
 /// of staged (its rejected rows are staged): when none of them is stored yet, they are copied
 /// straight into the table in key order ([`COPY_NEW`], half the server time of staging them and
 /// inserting from the staging table) and the rollup and page index widened by their hours
-/// ([`WIDEN_HOURS`]); otherwise, or if a concurrent ingestion inserted one of their keys
-/// meanwhile (the `COPY` then fails with a unique violation, and is rolled back to the
-/// savepoint), they are staged and upserted as [`merge`] does.
+/// ([`WIDEN_HOURS`]); when some are, the stored readings they overwrite are replaced
+/// ([`replace_held`]). Where that cannot be done (a stored reading it would remove is not among
+/// them, or one of their keys holds a reading they do not beat), or if a concurrent ingestion
+/// inserted one of their keys meanwhile (the `COPY` then fails with a unique violation), the
+/// transaction is rolled back to the savepoint and they are staged and upserted as [`merge`]
+/// does.
 pub async fn merge_held(
     tx: &deadpool_postgres::Transaction<'_>,
     quarantine: Option<i64>,
@@ -776,24 +830,124 @@ pub async fn merge_held(
     );
     let mut works = works?;
     set?;
-    if !stored?.get::<_, bool>(0) {
-        match copy_new(tx, version, &sensors, held, &spans).await {
-            Ok(()) => {
-                return Ok(Merged {
-                    changed: held.values().map(|r| r.len() as u64).sum(),
-                    work: works.pop().unwrap_or_default(),
-                    met_stored: false,
-                })
-            }
-            Err(e) if met_a_stored_key(&e) => {
-                tx.batch_execute("ROLLBACK TO SAVEPOINT fresh_rows").await?;
-            }
-            Err(e) => return Err(e),
+    let met_stored = stored?.get::<_, bool>(0);
+    let written = match met_stored {
+        false => copy_new(tx, version, &sensors, held, &spans)
+            .await
+            .map(|()| true),
+        true => replace_held(tx, version, &sensors, &params, held, &spans).await,
+    };
+    match written {
+        Ok(true) => {
+            return Ok(Merged {
+                changed: held.values().map(|r| r.len() as u64).sum(),
+                work: works.pop().unwrap_or_default(),
+                met_stored,
+            })
         }
+        Ok(false) => tx.batch_execute("ROLLBACK TO SAVEPOINT fresh_rows").await?,
+        Err(e) if met_a_stored_key(&e) => {
+            tx.batch_execute("ROLLBACK TO SAVEPOINT fresh_rows").await?;
+        }
+        Err(e) => return Err(e),
     }
     copy_held(tx, COPY_HELD, &sensors, held, None).await?;
     let mut merged = upserted(tx, std::slice::from_ref(&member), works).await?;
     Ok(merged.pop().unwrap_or_default())
+}
+
+/// Replaces the stored readings the held ones overwrite, when every reading stored within their
+/// spans that version `version` beats is one of theirs (a re-upload or correction of the same
+/// readings: the common case): deletes those ([`REPLACED`]), copies the held readings straight
+/// into the table ([`COPY_NEW`]), and moves the rollup and page index by the difference
+/// ([`REPLACE_HOURS`], then [`EXACT_HOURS`] for the hours whose bounds it cannot tell). Returns false, having written nothing the caller must keep, when a
+/// reading it deleted is not among the held ones (it must stay: the caller rolls back to the
+/// savepoint and upserts); a stored reading of one of their keys that the version does not beat
+/// makes the `COPY` fail with a unique violation, to the same end.
+///
+/// Measured on PostgreSQL 15 (100,000 readings over 100 sensors overwritten in a 1.2-million-row
+/// table): the staging `COPY` and the upsert of [`MERGE_MEASUREMENTS`] cost about 100 and 490 ms
+/// of server time; deleting the replaced rows 110 ms and copying the new ones in 200–290 ms. An
+/// overwrite cannot be cheaper than writing a new row version and its index entry; the delete
+/// and `COPY` do exactly that, with the `COPY`'s batched inserts, and skip the staging table.
+async fn replace_held(
+    tx: &deadpool_postgres::Transaction<'_>,
+    version: i64,
+    sensors: &[uuid::Uuid],
+    spans: &[&(dyn tokio_postgres::types::ToSql + Sync); 3],
+    held: &Held,
+    written: &Spans,
+) -> Result<bool, tokio_postgres::Error> {
+    use futures_util::TryStreamExt;
+    let replaced = tx.prepare_cached(REPLACED).await?;
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+        [&version, spans[0], spans[1], spans[2]];
+    // Per (sensor, hour): the readings removed, their low and high.
+    let mut removed: std::collections::HashMap<(uuid::Uuid, i64), Hour> = Default::default();
+    let deleted = async {
+        let rows = tx.query_raw(&replaced, params).await?;
+        let mut rows = std::pin::pin!(rows);
+        while let Some(row) = rows.try_next().await? {
+            let u: uuid::Uuid = row.get(0);
+            let at = row
+                .get::<_, chrono::DateTime<chrono::Utc>>(1)
+                .timestamp_micros();
+            let value: f64 = row.get(2);
+            let own = held
+                .get(&u)
+                .is_some_and(|r| r.binary_search_by_key(&at, |r| r.0).is_ok());
+            if !own {
+                return Ok(false);
+            }
+            let hour = at.div_euclid(HOUR_MICROS) * HOUR_MICROS;
+            let h = removed.entry((u, hour)).or_insert(Hour(0, value, value));
+            h.0 += 1;
+            h.1 = h.1.min(value);
+            h.2 = h.2.max(value);
+        }
+        Ok::<_, tokio_postgres::Error>(true)
+    };
+    let (set, all_own) = tokio::join!(tx.batch_execute(KEY_ORDER), deleted);
+    set?;
+    if !all_own? {
+        return Ok(false);
+    }
+    let hours = tx.prepare_cached(REPLACE_HOURS).await?;
+    tx.batch_execute(ANY_PLAN).await?;
+    copy_held(tx, COPY_NEW, sensors, held, Some(version)).await?;
+    let hours_written = written.hours.as_ref().expect("the hours of held readings");
+    let (us, starts, counts, lows, highs) = hour_columns(hours_written);
+    let gone: Vec<Hour> = us
+        .iter()
+        .zip(&starts)
+        .map(|(u, h)| {
+            let none = Hour(0, f64::NAN, f64::NAN);
+            *removed.get(&(*u, h.timestamp_micros())).unwrap_or(&none)
+        })
+        .collect();
+    let (gone, gone_lows, gone_highs): (Vec<i64>, Vec<f64>, Vec<f64>) = (
+        gone.iter().map(|h| h.0).collect(),
+        gone.iter().map(|h| h.1).collect(),
+        gone.iter().map(|h| h.2).collect(),
+    );
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 8] = [
+        &us,
+        &starts,
+        &counts,
+        &lows,
+        &highs,
+        &gone,
+        &gone_lows,
+        &gone_highs,
+    ];
+    let row = tx.query_one(&hours, &params).await?;
+    let (inexact, hours): (Vec<uuid::Uuid>, Vec<chrono::DateTime<chrono::Utc>>) =
+        (row.get(0), row.get(1));
+    if !inexact.is_empty() {
+        let exact = tx.prepare_cached(EXACT_HOURS).await?;
+        tx.execute(&exact, &[&inexact, &hours]).await?;
+    }
+    Ok(true)
 }
 
 /// [`COPY_NEW`] of the held readings of `sensors` (in key order) as version `version`, then
@@ -870,16 +1024,7 @@ async fn upserted(
     if !inexact.is_empty() {
         let (written, lows, highs): (Vec<i64>, Vec<f64>, Vec<f64>) =
             (row.get(3), row.get(4), row.get(5));
-        let covered = tx.prepare_cached(COVERED_HOURS).await?;
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
-            [&inexact, &hours, &written, &lows, &highs];
-        let rest = tx.query(&covered, &params).await?;
-        if !rest.is_empty() {
-            let inexact: Vec<uuid::Uuid> = rest.iter().map(|r| r.get(0)).collect();
-            let hours: Vec<chrono::DateTime<chrono::Utc>> = rest.iter().map(|r| r.get(1)).collect();
-            let exact = tx.prepare_cached(EXACT_HOURS).await?;
-            tx.execute(&exact, &[&inexact, &hours]).await?;
-        }
+        settle_inexact(tx, &inexact, &hours, &written, &lows, &highs).await?;
     }
     let alone = members.len() == 1;
     Ok(works
@@ -890,6 +1035,32 @@ async fn upserted(
             met_stored: true,
         })
         .collect())
+}
+
+/// Makes exact the hours (`sensors`, `hours`) the merge overwrote readings in, given what it wrote
+/// in each (`written`, `lows`, `highs`): [`COVERED_HOURS`], then [`EXACT_HOURS`] for the rest.
+async fn settle_inexact(
+    tx: &deadpool_postgres::Transaction<'_>,
+    sensors: &[uuid::Uuid],
+    hours: &[chrono::DateTime<chrono::Utc>],
+    written: &[i64],
+    lows: &[f64],
+    highs: &[f64],
+) -> Result<(), tokio_postgres::Error> {
+    if sensors.is_empty() {
+        return Ok(());
+    }
+    let covered = tx.prepare_cached(COVERED_HOURS).await?;
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+        [&sensors, &hours, &written, &lows, &highs];
+    let rest = tx.query(&covered, &params).await?;
+    if !rest.is_empty() {
+        let inexact: Vec<uuid::Uuid> = rest.iter().map(|r| r.get(0)).collect();
+        let hours: Vec<chrono::DateTime<chrono::Utc>> = rest.iter().map(|r| r.get(1)).collect();
+        let exact = tx.prepare_cached(EXACT_HOURS).await?;
+        tx.execute(&exact, &[&inexact, &hours]).await?;
+    }
+    Ok(())
 }
 
 /// Runs [`MERGE_MEASUREMENTS`] for version `version`.

@@ -84,15 +84,41 @@ pub async fn register_all(
         .collect())
 }
 
+/// True when version `$incoming` beats version `$stored` (two SQL expressions). A macro so that
+/// `concat!` can build the statements at compile time.
+macro_rules! version_beats {
+    ($incoming:literal, $stored:literal) => {
+        concat!(
+            "((",
+            $incoming,
+            " >> 24) > (",
+            $stored,
+            " >> 24)
+          OR ((",
+            $incoming,
+            " >> 24) = (",
+            $stored,
+            " >> 24)
+              AND ",
+            $incoming,
+            " <> ",
+            $stored,
+            "
+              AND sensors_version_beats(",
+            $incoming,
+            ", ",
+            $stored,
+            ")))"
+        )
+    };
+}
+pub(crate) use version_beats;
+
 /// The `WHERE` of an upsert into a versioned table aliased `target`: true when the incoming row's
-/// version (`EXCLUDED.version`) beats the stored one. A macro so that `concat!` can build the
-/// statements at compile time.
+/// version (`EXCLUDED.version`) beats the stored one.
 macro_rules! incoming_beats_stored {
     () => {
-        "((EXCLUDED.version >> 24) > (target.version >> 24)
-          OR ((EXCLUDED.version >> 24) = (target.version >> 24)
-              AND EXCLUDED.version <> target.version
-              AND sensors_version_beats(EXCLUDED.version, target.version)))"
+        version_beats!("EXCLUDED.version", "target.version")
     };
 }
 pub(crate) use incoming_beats_stored;
