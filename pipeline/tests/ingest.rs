@@ -526,6 +526,48 @@ async fn a_correction_of_its_own_readings_replaces_them_and_keeps_the_rollup_exa
     );
 }
 
+/// A correction whose span holds a newer reading it does not have (written later than the
+/// correction) replaces only what it beats: the newer reading stays, and the hour it shares with
+/// it — whose bounds neither the readings removed nor those outside the correction's span tell —
+/// is recomputed from the stored readings.
+#[tokio::test]
+async fn a_correction_around_a_newer_reading_replaces_only_what_it_beats() {
+    let h = Harness::new().await;
+    let put = |key: &'static str, body: String, secs: u64| {
+        let h = &h;
+        async move {
+            h.env.s3.put(key, body).await.unwrap();
+            h.env.s3.set_written_at(key, later(secs)).unwrap();
+            h.ingestor.ingest(key, None).await.unwrap()
+        }
+    };
+    let oldest = format!(
+        "timestamp;sensor_uuid;sensor_value\n\
+         2013-01-20T08:00:00Z;{U1};10\n\
+         2013-01-20T08:20:00Z;{U1};5\n\
+         2013-01-20T08:40:00Z;{U1};20\n"
+    );
+    assert_done(&put("timeseries/oldest.csv", oldest, 60).await, 3, 0);
+    let newest = format!("timestamp;sensor_uuid;sensor_value\n2013-01-20T08:30:00Z;{U1};1\n");
+    assert_done(&put("timeseries/newest.csv", newest, 180).await, 1, 0);
+    let middle = format!(
+        "timestamp;sensor_uuid;sensor_value\n\
+         2013-01-20T08:20:00Z;{U1};6\n\
+         2013-01-20T08:40:00Z;{U1};7\n"
+    );
+    assert_done(&put("timeseries/middle.csv", middle, 120).await, 2, 0);
+    // (`readings` also checks the rollup: 4 readings, low 1, high 10, exact.)
+    assert_eq!(
+        h.readings().await,
+        vec![
+            reading(U1, "2013-01-20T08:00:00.000000Z", 10.0),
+            reading(U1, "2013-01-20T08:20:00.000000Z", 6.0),
+            reading(U1, "2013-01-20T08:30:00.000000Z", 1.0),
+            reading(U1, "2013-01-20T08:40:00.000000Z", 7.0),
+        ]
+    );
+}
+
 /// Row identities including their physical version (`xmin`, `ctid`): unchanged iff never rewritten.
 async fn snapshot(client: &tokio_postgres::Client, sql: &str) -> Vec<String> {
     client

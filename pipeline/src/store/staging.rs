@@ -239,7 +239,7 @@ const ANY_PLAN: &str =
 /// was written less what it replaced, in (sensor, hour) order. An hour keeps exact bounds when
 /// every reading it held was replaced (they are those of the readings written) or when the
 /// readings removed were all strictly within its bounds (the extremes are still there); else it
-/// is returned, for [`EXACT_HOURS`].
+/// is returned, for [`OUTSIDE_HOURS`].
 const REPLACE_HOURS: &str = "
     WITH x AS (
         SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::bigint[], $4::float8[],
@@ -283,6 +283,39 @@ const COVERED_HOURS: &str = "
     SELECT x.sensor_uuid, x.hour FROM x
     WHERE NOT EXISTS (
         SELECT FROM covered c WHERE c.sensor_uuid = x.sensor_uuid AND c.hour = x.hour
+    )
+    ORDER BY 1, 2";
+/// Settles the hours [`replace_held`] left inexact from the readings outside what it wrote there
+/// (`$1` sensors, `$2` hours; `$3`, `$4` the first and last instant it wrote in each, `$5`–`$7`
+/// how many readings, their low and high): when the hour holds no other reading between those
+/// instants (its count is those outside plus those written), its bounds are those of the two
+/// parts — an index range scan on either side instead of the whole hour, whose replaced rows
+/// are dead entries the scan would visit too. Returns the other hours, for [`EXACT_HOURS`].
+const OUTSIDE_HOURS: &str = "
+    WITH x AS (
+        SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[], $4::timestamptz[],
+            $5::bigint[], $6::float8[], $7::float8[])
+            AS x(sensor_uuid, hour, first, last, written, low, high)
+    ), settled AS (
+        UPDATE measurement_hours AS h
+        SET low = least(o.low, x.low), high = greatest(o.high, x.high), exact = true
+        FROM x CROSS JOIN LATERAL (
+            SELECT count(*) AS readings, min(value) AS low, max(value) AS high FROM (
+                SELECT m.value FROM measurements AS m
+                WHERE m.sensor_uuid = x.sensor_uuid AND m.ts >= x.hour AND m.ts < x.first
+                UNION ALL
+                SELECT m.value FROM measurements AS m
+                WHERE m.sensor_uuid = x.sensor_uuid AND m.ts > x.last
+                    AND m.ts < x.hour + interval '1 hour'
+            ) AS outside
+        ) AS o
+        WHERE h.sensor_uuid = x.sensor_uuid AND h.hour = x.hour
+            AND h.readings = o.readings + x.written
+        RETURNING h.sensor_uuid, h.hour
+    )
+    SELECT x.sensor_uuid, x.hour FROM x
+    WHERE NOT EXISTS (
+        SELECT FROM settled s WHERE s.sensor_uuid = x.sensor_uuid AND s.hour = x.hour
     )
     ORDER BY 1, 2";
 /// Recomputes the hours the merge overwrote readings in (`$1` sensors, `$2` hours; their rows
@@ -860,7 +893,8 @@ pub async fn merge_held(
 /// spans that version `version` beats is one of theirs (a re-upload or correction of the same
 /// readings: the common case): deletes those ([`REPLACED`]), copies the held readings straight
 /// into the table ([`COPY_NEW`]), and moves the rollup and page index by the difference
-/// ([`REPLACE_HOURS`], then [`EXACT_HOURS`] for the hours whose bounds it cannot tell). Returns false, having written nothing the caller must keep, when a
+/// ([`REPLACE_HOURS`], then [`OUTSIDE_HOURS`] and [`EXACT_HOURS`] for the hours whose bounds
+/// it cannot tell). Returns false, having written nothing the caller must keep, when a
 /// reading it deleted is not among the held ones (it must stay: the caller rolls back to the
 /// savepoint and upserts); a stored reading of one of their keys that the version does not beat
 /// makes the `COPY` fail with a unique violation, to the same end.
@@ -943,7 +977,31 @@ async fn replace_held(
     let row = tx.query_one(&hours, &params).await?;
     let (inexact, hours): (Vec<uuid::Uuid>, Vec<chrono::DateTime<chrono::Utc>>) =
         (row.get(0), row.get(1));
-    if !inexact.is_empty() {
+    if inexact.is_empty() {
+        return Ok(true);
+    }
+    // What the held readings of each inexact hour are: first and last instant, count, low, high.
+    let mut within = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (u, hour) in inexact.iter().zip(&hours) {
+        let start = hour.timestamp_micros();
+        let readings = &held[u];
+        let from = readings.partition_point(|r| r.0 < start);
+        let to = readings.partition_point(|r| r.0 < start + HOUR_MICROS);
+        let h = hours_written[&(*u, start)];
+        within.0.push(instant(readings[from].0));
+        within.1.push(instant(readings[to - 1].0));
+        within.2.push(h.0);
+        within.3.push(h.1);
+        within.4.push(h.2);
+    }
+    let outside = tx.prepare_cached(OUTSIDE_HOURS).await?;
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 7] = [
+        &inexact, &hours, &within.0, &within.1, &within.2, &within.3, &within.4,
+    ];
+    let rest = tx.query(&outside, &params).await?;
+    if !rest.is_empty() {
+        let inexact: Vec<uuid::Uuid> = rest.iter().map(|r| r.get(0)).collect();
+        let hours: Vec<chrono::DateTime<chrono::Utc>> = rest.iter().map(|r| r.get(1)).collect();
         let exact = tx.prepare_cached(EXACT_HOURS).await?;
         tx.execute(&exact, &[&inexact, &hours]).await?;
     }
