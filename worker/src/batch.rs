@@ -113,7 +113,7 @@ impl fmt::Display for Summary {
 /// together in the next batch (a sensor several of them wrote is judged once); up to
 /// [`crate::detect::WAITING`] readings of theirs are kept for it. Objects whose readings met
 /// stored ones (corrections, re-uploads) are detected after the last object, sensor by sensor,
-/// `concurrency` sensors at a time ([`crate::detect::corrections`]).
+/// `2 × concurrency` sensors at a time ([`crate::detect::corrections`]).
 pub async fn ingest_all(
     ingestor: &Ingestor,
     alerts: Option<&Alerts>,
@@ -178,9 +178,11 @@ pub async fn ingest_all(
         }
     }
     if let (Some(alerts), false) = (alerts, corrections.is_empty()) {
-        // Sensor by sensor, `concurrency` at a time: no object is in flight any more.
+        // Sensor by sensor, two per object slot: no object is in flight any more, and each
+        // sensor's detection waits on a round trip between its steps (12 re-uploaded objects of
+        // 100,000 readings on 2 cores: 1.10–1.27 s with 2 at a time, 0.93–1.04 s with 4).
         let ids: Vec<i64> = corrections.iter().flatten().copied().collect();
-        match crate::detect::corrections(alerts, &ids, concurrency).await {
+        match crate::detect::corrections(alerts, &ids, concurrency * 2).await {
             Ok(d) => *summary.anomalies.get_or_insert(0) += d.opened.len() as u64,
             Err(e) => {
                 warn!(objects = corrections.len(), error = %e, "anomaly detection failed; the workers retry it");
