@@ -568,6 +568,106 @@ async fn a_correction_around_a_newer_reading_replaces_only_what_it_beats() {
     );
 }
 
+/// A correction with a key that is not stored yet is upserted, not replaced: another writer may
+/// be inserting that key while it waits for a row the correction deleted. Here writer B inserts
+/// the new key 08:10 and then waits for 08:20, which the correction has deleted while it waits
+/// for 08:40 (held by C). A replace would go on to copy 08:10 in and wait for B: a deadlock in
+/// which PostgreSQL aborts B, the first to wait. Instead the correction rolls back its deletes,
+/// B goes on, and the correction's upsert waits for B and wins over its write.
+#[tokio::test]
+async fn a_correction_with_a_new_key_never_deadlocks_a_writer_of_that_key() {
+    let h = Harness::new().await;
+    let old = format!(
+        "timestamp;sensor_uuid;sensor_value\n\
+         2013-01-20T08:20:00Z;{U1};20\n\
+         2013-01-20T08:40:00Z;{U1};40\n"
+    );
+    assert_done(&h.put_and_ingest("timeseries/old.csv", old).await, 2, 0);
+    let new = format!(
+        "timestamp;sensor_uuid;sensor_value\n\
+         2013-01-20T08:10:00Z;{U1};1\n\
+         2013-01-20T08:20:00Z;{U1};2\n\
+         2013-01-20T08:40:00Z;{U1};4\n"
+    );
+    h.env.s3.put("timeseries/new.csv", new).await.unwrap();
+    h.env
+        .s3
+        .set_written_at("timeseries/new.csv", later(60))
+        .unwrap();
+    let b = testbed::connect(&h.env.measurements_db).await.unwrap();
+    let c = testbed::connect(&h.env.measurements_db).await.unwrap();
+    // B: an older write (version 0) of the new key, uncommitted.
+    b.batch_execute(&format!(
+        "BEGIN; INSERT INTO measurements (sensor_uuid, ts, value, version)
+             VALUES ('{U1}', '2013-01-20T08:10:00Z', 7, 0)"
+    ))
+    .await
+    .unwrap();
+    // C: holds 08:40.
+    c.batch_execute(&format!(
+        "BEGIN; SELECT FROM measurements
+         WHERE sensor_uuid = '{U1}' AND ts = '2013-01-20T08:40:00Z' FOR UPDATE"
+    ))
+    .await
+    .unwrap();
+    let client = &h.measurements;
+    let waiting = |n: i64| async move {
+        loop {
+            let now: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if now == n {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    };
+    let ingest = h.ingestor.ingest("timeseries/new.csv", None);
+    let others = async {
+        // The correction has deleted 08:20 and waits for 08:40.
+        waiting(1).await;
+        let touch = b.execute(
+            "UPDATE measurements SET value = value
+             WHERE sensor_uuid = $1::text::uuid AND ts = '2013-01-20T08:20:00Z'",
+            &[&U1],
+        );
+        let release = async {
+            // B waits for 08:20 too: let the correction go on.
+            waiting(2).await;
+            c.batch_execute("COMMIT").await.unwrap();
+        };
+        let (touched, ()) = tokio::join!(touch, release);
+        assert_eq!(touched.unwrap(), 1, "B is not aborted");
+        b.batch_execute(&format!(
+            "INSERT INTO measurement_hours AS h (sensor_uuid, hour, readings, low, high)
+                 VALUES ('{U1}', '2013-01-20T08:00:00Z', 1, 7, 7)
+                 ON CONFLICT (sensor_uuid, hour) DO UPDATE SET readings = h.readings + 1,
+                     low = least(h.low, 7), high = greatest(h.high, 7);
+             UPDATE measurement_days SET readings = readings + 1
+                 WHERE sensor_uuid = '{U1}' AND day = '2013-01-20T00:00:00Z';
+             COMMIT"
+        ))
+        .await
+        .unwrap();
+    };
+    let (outcome, ()) = tokio::join!(ingest, others);
+    assert_done(&outcome.unwrap(), 3, 0);
+    assert_eq!(
+        h.readings().await,
+        vec![
+            reading(U1, "2013-01-20T08:10:00.000000Z", 1.0),
+            reading(U1, "2013-01-20T08:20:00.000000Z", 2.0),
+            reading(U1, "2013-01-20T08:40:00.000000Z", 4.0),
+        ]
+    );
+}
+
 /// Row identities including their physical version (`xmin`, `ctid`): unchanged iff never rewritten.
 async fn snapshot(client: &tokio_postgres::Client, sql: &str) -> Vec<String> {
     client
