@@ -56,6 +56,12 @@ impl Harness {
         .limits(limits)
     }
 
+    /// Puts an object written `secs` seconds from now (later than what was put without).
+    async fn put_written(&self, key: &str, body: impl Into<Vec<u8>>, secs: u64) {
+        self.env.s3.put(key, body).await.unwrap();
+        self.env.s3.set_written_at(key, later(secs)).unwrap();
+    }
+
     async fn put_and_ingest(&self, key: &str, body: impl Into<Vec<u8>>) -> Outcome {
         self.env.s3.put(key, body).await.unwrap();
         self.ingestor.ingest(key, None).await.unwrap()
@@ -448,11 +454,7 @@ async fn a_correction_of_its_own_readings_replaces_them_and_keeps_the_rollup_exa
          2013-01-20T08:10:00Z;{U2};100\n\
          2013-01-20T08:20:00Z;{U2};2\n"
     );
-    h.env.s3.put("timeseries/new.csv", new).await.unwrap();
-    h.env
-        .s3
-        .set_written_at("timeseries/new.csv", later(60))
-        .unwrap();
+    h.put_written("timeseries/new.csv", new, 60).await;
     let holder = testbed::connect(&h.env.measurements_db).await.unwrap();
     holder
         .batch_execute(&format!(
@@ -536,8 +538,7 @@ async fn a_correction_around_a_newer_reading_replaces_only_what_it_beats() {
     let put = |key: &'static str, body: String, secs: u64| {
         let h = &h;
         async move {
-            h.env.s3.put(key, body).await.unwrap();
-            h.env.s3.set_written_at(key, later(secs)).unwrap();
+            h.put_written(key, body, secs).await;
             h.ingestor.ingest(key, None).await.unwrap()
         }
     };
@@ -589,11 +590,7 @@ async fn a_correction_with_a_new_key_never_deadlocks_a_writer_of_that_key() {
          2013-01-20T08:20:00Z;{U1};2\n\
          2013-01-20T08:40:00Z;{U1};4\n"
     );
-    h.env.s3.put("timeseries/new.csv", new).await.unwrap();
-    h.env
-        .s3
-        .set_written_at("timeseries/new.csv", later(60))
-        .unwrap();
+    h.put_written("timeseries/new.csv", new, 60).await;
     let b = testbed::connect(&h.env.measurements_db).await.unwrap();
     let c = testbed::connect(&h.env.measurements_db).await.unwrap();
     // B: an older write (version 0) of the new key, uncommitted.

@@ -1008,12 +1008,7 @@ async fn replace_held(
         &inexact, &hours, &within.0, &within.1, &within.2, &within.3, &within.4,
     ];
     let rest = tx.query(&outside, &params).await?;
-    if !rest.is_empty() {
-        let inexact: Vec<uuid::Uuid> = rest.iter().map(|r| r.get(0)).collect();
-        let hours: Vec<chrono::DateTime<chrono::Utc>> = rest.iter().map(|r| r.get(1)).collect();
-        let exact = tx.prepare_cached(EXACT_HOURS).await?;
-        tx.execute(&exact, &[&inexact, &hours]).await?;
-    }
+    recompute_hours(tx, &rest).await?;
     Ok(true)
 }
 
@@ -1121,12 +1116,21 @@ async fn settle_inexact(
     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
         [&sensors, &hours, &written, &lows, &highs];
     let rest = tx.query(&covered, &params).await?;
-    if !rest.is_empty() {
-        let inexact: Vec<uuid::Uuid> = rest.iter().map(|r| r.get(0)).collect();
-        let hours: Vec<chrono::DateTime<chrono::Utc>> = rest.iter().map(|r| r.get(1)).collect();
-        let exact = tx.prepare_cached(EXACT_HOURS).await?;
-        tx.execute(&exact, &[&inexact, &hours]).await?;
+    recompute_hours(tx, &rest).await
+}
+
+/// [`EXACT_HOURS`] for the hours (rows of sensor and hour) a cheaper settling left.
+async fn recompute_hours(
+    tx: &deadpool_postgres::Transaction<'_>,
+    rest: &[tokio_postgres::Row],
+) -> Result<(), tokio_postgres::Error> {
+    if rest.is_empty() {
+        return Ok(());
     }
+    let inexact: Vec<uuid::Uuid> = rest.iter().map(|r| r.get(0)).collect();
+    let hours: Vec<chrono::DateTime<chrono::Utc>> = rest.iter().map(|r| r.get(1)).collect();
+    let exact = tx.prepare_cached(EXACT_HOURS).await?;
+    tx.execute(&exact, &[&inexact, &hours]).await?;
     Ok(())
 }
 
