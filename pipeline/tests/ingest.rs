@@ -423,7 +423,7 @@ async fn overwritten_hours_keep_their_exact_low_and_high() {
     );
 }
 
-/// A correction that rewrites readings it has (every stored reading within its span is one of
+/// A correction that rewrites readings it has (the stored readings within its span are exactly
 /// its keys) replaces them: the stored rows are deleted and its readings copied in, and the
 /// rollup stays exact — an hour whose extremes it removed is recomputed, an hour it removed only
 /// inner readings of keeps its bounds, an hour it rewrote whole takes its bounds. The replacing
