@@ -234,33 +234,28 @@ const KEY_ORDER: &str = "SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmap
     SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off";
 const ANY_PLAN: &str =
     "RESET enable_seqscan; RESET enable_bitmapscan; RESET enable_hashjoin; RESET enable_mergejoin";
-/// The rollup and page index after [`replace_held`] (`$1`–`$8`: sensors, hours, readings written,
-/// their low and high, readings removed, their low and high): the readings counted up by what
-/// was written less what it replaced, in (sensor, hour) order. An hour keeps exact bounds when
-/// every reading it held was replaced (they are those of the readings written) or when the
-/// readings removed were all strictly within its bounds (the extremes are still there); else it
-/// is returned, for [`OUTSIDE_HOURS`].
+/// The rollup after [`replace_held`] (`$1`–`$7`: sensors, hours, readings written, their low
+/// and high, the low and high of the readings they replaced — as many: the keys are the same,
+/// so the counts and the page index stay as they are), in (sensor, hour) order. An hour keeps
+/// exact bounds when every reading it held was replaced (they are those of the readings
+/// written) or when the readings removed were all strictly within its bounds (the extremes are
+/// still there); else it is returned, for [`OUTSIDE_HOURS`]. (An hour with no rollup row, which
+/// only a damaged rollup lacks, gets one marked inexact.)
 const REPLACE_HOURS: &str = "
     WITH x AS (
         SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::bigint[], $4::float8[],
-            $5::float8[], $6::bigint[], $7::float8[], $8::float8[])
-            AS x(sensor_uuid, hour, written, low, high, removed, removed_low, removed_high)
+            $5::float8[], $6::float8[], $7::float8[])
+            AS x(sensor_uuid, hour, written, low, high, removed_low, removed_high)
     ), rolled AS (
         INSERT INTO measurement_hours AS h (sensor_uuid, hour, readings, low, high, exact)
-        SELECT sensor_uuid, hour, written - removed, low, high, removed = 0 FROM x ORDER BY 1, 2
-        ON CONFLICT (sensor_uuid, hour) DO UPDATE SET (readings, low, high, exact) = (
-            SELECT h.readings + x.written - x.removed,
-                CASE WHEN h.readings = x.removed THEN x.low ELSE least(h.low, x.low) END,
-                CASE WHEN h.readings = x.removed THEN x.high ELSE greatest(h.high, x.high) END,
-                h.readings = x.removed OR (h.exact AND (x.removed = 0
-                    OR (x.removed_low > h.low AND x.removed_high < h.high)))
+        SELECT sensor_uuid, hour, written, low, high, false FROM x ORDER BY 1, 2
+        ON CONFLICT (sensor_uuid, hour) DO UPDATE SET (low, high, exact) = (
+            SELECT CASE WHEN h.readings = x.written THEN x.low ELSE least(h.low, x.low) END,
+                CASE WHEN h.readings = x.written THEN x.high ELSE greatest(h.high, x.high) END,
+                h.readings = x.written
+                    OR (h.exact AND x.removed_low > h.low AND x.removed_high < h.high)
             FROM x WHERE x.sensor_uuid = h.sensor_uuid AND x.hour = h.hour)
         RETURNING h.sensor_uuid, h.hour, h.exact
-    ), days AS (
-        INSERT INTO measurement_days AS d (sensor_uuid, day, readings)
-        SELECT sensor_uuid, date_trunc('day', hour, 'UTC'), sum(written - removed)
-        FROM x GROUP BY 1, 2 HAVING sum(written - removed) > 0 ORDER BY 1, 2
-        ON CONFLICT (sensor_uuid, day) DO UPDATE SET readings = d.readings + EXCLUDED.readings
     )
     SELECT ARRAY(SELECT sensor_uuid FROM rolled WHERE NOT exact ORDER BY 1, hour),
            ARRAY(SELECT hour FROM rolled WHERE NOT exact ORDER BY sensor_uuid, 1)";
@@ -892,9 +887,9 @@ pub async fn merge_held(
 /// Replaces the stored readings the held ones overwrite, when the readings stored within their
 /// spans that version `version` beats are exactly their keys (a re-upload or correction of the
 /// same readings: the common case): deletes those ([`REPLACED`]), copies the held readings
-/// straight into the table ([`COPY_NEW`]), and moves the rollup and page index by the
-/// difference ([`REPLACE_HOURS`], then [`OUTSIDE_HOURS`] and [`EXACT_HOURS`] for the hours whose
-/// bounds it cannot tell). Returns false, having written nothing the caller must keep (it rolls
+/// straight into the table ([`COPY_NEW`]), and settles the bounds of the rollup's hours
+/// ([`REPLACE_HOURS`], then [`OUTSIDE_HOURS`] and [`EXACT_HOURS`] for the hours whose bounds it
+/// cannot tell); the counts and the page index do not change. Returns false, having written nothing the caller must keep (it rolls
 /// back to the savepoint and upserts), when a reading it deleted is not among the held ones (it
 /// must stay) or a held reading deleted none (a new key, or one whose stored reading the version
 /// does not beat).
@@ -960,26 +955,20 @@ async fn replace_held(
     copy_held(tx, COPY_NEW, sensors, held, Some(version)).await?;
     let hours_written = written.hours.as_ref().expect("the hours of held readings");
     let (us, starts, counts, lows, highs) = hour_columns(hours_written);
+    // Every hour written replaced as many readings (the keys are the same).
     let gone: Vec<Hour> = us
         .iter()
         .zip(&starts)
-        .map(|(u, h)| {
-            let none = Hour(0, f64::NAN, f64::NAN);
-            *removed.get(&(*u, h.timestamp_micros())).unwrap_or(&none)
-        })
+        .map(|(u, h)| removed[&(*u, h.timestamp_micros())])
         .collect();
-    let (gone, gone_lows, gone_highs): (Vec<i64>, Vec<f64>, Vec<f64>) = (
-        gone.iter().map(|h| h.0).collect(),
-        gone.iter().map(|h| h.1).collect(),
-        gone.iter().map(|h| h.2).collect(),
-    );
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 8] = [
+    let gone_lows: Vec<f64> = gone.iter().map(|h| h.1).collect();
+    let gone_highs: Vec<f64> = gone.iter().map(|h| h.2).collect();
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 7] = [
         &us,
         &starts,
         &counts,
         &lows,
         &highs,
-        &gone,
         &gone_lows,
         &gone_highs,
     ];
