@@ -174,6 +174,10 @@ impl Drop for Reservation {
 #[derive(Debug, Default)]
 pub struct Fresh {
     pub readings: staging::Held,
+    /// When the readings replaced stored ones: the rollup rows of the hours written, and who
+    /// wrote them ([`staging::Link`]), for detection to tell whether they are still all those
+    /// hours hold.
+    pub links: Vec<staging::Link>,
 }
 
 impl Fresh {
@@ -573,7 +577,10 @@ impl Ingestor {
                         && !merged.work.is_empty()
                         && self.detect_anomalies
                     {
-                        outcome.fresh = fresh.map(std::sync::Arc::new);
+                        outcome.fresh = fresh.map(|mut f| {
+                            f.links = merged.links;
+                            std::sync::Arc::new(f)
+                        });
                     }
                     outcome.anomaly_work = merged.work;
                     outcome.met_stored = merged.met_stored;

@@ -183,3 +183,167 @@ async fn pieces_in_any_order_end_where_the_whole_series_does() {
     // own end too, so 1 resumes that one, and so on: six pieces of two sensors resume.
     assert_eq!(arrive(&[3, 0, 1, 7, 2, 5, 4, 6]).await, (want, 12, 2));
 }
+
+/// `secs` from now: when an object is written later than the others.
+fn later(secs: u64) -> std::time::SystemTime {
+    std::time::SystemTime::now() + std::time::Duration::from_secs(secs)
+}
+
+/// The readings of the pieces as the correction writes them: every value moved up by 0.25 and
+/// a spike of its own in the middle (so the verdicts differ from the originals').
+fn corrected() -> Vec<(i64, f64)> {
+    series()
+        .into_iter()
+        .enumerate()
+        .map(|(i, (at, v))| (at, if i == 5_000 { v + 45.0 } else { v + 0.25 }))
+        .collect()
+}
+
+fn csv_of(sensor: &str, readings: &[(i64, f64)]) -> String {
+    let mut s = String::from("timestamp;sensor_uuid;sensor_value\n");
+    for (at, v) in readings {
+        s.push_str(&format!("{};{sensor};{v}\n", time(*at)));
+    }
+    s
+}
+
+/// The series of [`SENSOR`] ingested in pieces and detected, then a newer version of it in
+/// pieces cut elsewhere (so several of them write one hour), and detection of those with their
+/// readings at hand ([`Alerts::detect_held`]); `meddle` runs between the two (another writer).
+/// Returns the open anomalies of the sensor and how many readings were fed from memory.
+async fn correct(meddle: impl AsyncFnOnce(&TestEnv, &Ingestor)) -> (Open, u64) {
+    correct_part(0..series().len(), meddle).await
+}
+
+/// [`correct`] of the readings `part` (by their place in the series) only.
+async fn correct_part(
+    part: std::ops::Range<usize>,
+    meddle: impl AsyncFnOnce(&TestEnv, &Ingestor),
+) -> (Open, u64) {
+    let env = TestEnv::new().await.unwrap();
+    migrate(&env.database_settings()).await.unwrap();
+    let dbs = Databases::connect(&env.database_settings(), 2).unwrap();
+    let ingestor = Ingestor::new(
+        env.s3.store().clone(),
+        dbs.clone(),
+        ContractSettings::default(),
+    );
+    let settings =
+        AnomalySettings::from_env(&Env::from_map(Vec::<(String, String)>::new())).unwrap();
+    let alerts = Alerts::new(dbs, settings);
+    let s = series();
+    for (n, part) in s.chunks(s.len().div_ceil(PIECES)).enumerate() {
+        let key = format!("timeseries/piece-{n}.csv");
+        env.s3.put(&key, csv_of(SENSOR, part)).await.unwrap();
+        let o = ingestor.ingest(&key, None).await.unwrap();
+        let fresh: Vec<_> = o.fresh.as_deref().into_iter().collect();
+        alerts.detect_batch(&o.anomaly_work, &fresh).await.unwrap();
+    }
+    let c = &corrected()[part];
+    let mut outcomes = Vec::new();
+    for (n, part) in c.chunks(c.len().div_ceil(PIECES - 1)).enumerate() {
+        let key = format!("timeseries/correction-{n}.csv");
+        env.s3.put(&key, csv_of(SENSOR, part)).await.unwrap();
+        env.s3.set_written_at(&key, later(60)).unwrap();
+        let o = ingestor.ingest(&key, None).await.unwrap();
+        assert!(o.met_stored && o.fresh.as_ref().is_some_and(|f| !f.links.is_empty()));
+        outcomes.push(o);
+    }
+    meddle(&env, &ingestor).await;
+    let ids: Vec<i64> = outcomes
+        .iter()
+        .flat_map(|o| o.anomaly_work.iter().copied())
+        .collect();
+    let fresh: Vec<_> = outcomes.iter().filter_map(|o| o.fresh.as_deref()).collect();
+    let done = alerts.detect_held(Some(&ids), &fresh).await.unwrap();
+    let db = testbed::connect(&env.mapping_db).await.unwrap();
+    let rows = db
+        .query(
+            "SELECT sensor_uuid::text, kind, start_ts, end_ts FROM anomalies
+             WHERE state = 'open' ORDER BY sensor_uuid, start_ts, kind",
+            &[],
+        )
+        .await
+        .unwrap();
+    let open = rows
+        .iter()
+        .map(|r| {
+            let t = |i| time(r.get::<_, DateTime<Utc>>(i).timestamp_micros());
+            (r.get(0), r.get(1), t(2), t(3))
+        })
+        .collect();
+    (open, done.held)
+}
+
+/// What the detector finds over `readings` of [`SENSOR`], as the table lists it.
+fn found(readings: Vec<(i64, f64)>) -> Open {
+    anomaly::detect(readings, 1.0)
+        .iter()
+        .map(|a| {
+            (
+                SENSOR.to_string(),
+                a.kind.as_str().to_string(),
+                time(a.start),
+                time(a.end),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_correction_is_detected_from_its_own_readings_with_the_verdicts_of_reading_them_back() {
+    let want = found(corrected());
+    assert!(
+        want.iter().any(|a| a.2 == time(corrected()[5_000].0)),
+        "{want:?}"
+    );
+    // Nothing else wrote the hours the correction did: every reading comes from memory.
+    assert_eq!(
+        correct(async |_: &TestEnv, _: &Ingestor| {}).await,
+        (want, corrected().len() as u64)
+    );
+}
+
+#[tokio::test]
+async fn an_hour_another_writer_wrote_after_a_correction_is_read_back() {
+    // After the correction, a newer object writes one reading far off in the hour of reading
+    // 2,000: that hour is read back (its 60 readings), and the detector sees the new value.
+    let mut want = corrected();
+    want[2_000].1 = 190.0;
+    let at = want[2_000].0;
+    let expected = found(want.clone());
+    assert!(expected.iter().any(|a| a.2 == time(at)), "{expected:?}");
+    let meddle = async |env: &TestEnv, ingestor: &Ingestor| {
+        let key = "timeseries/later.csv";
+        env.s3
+            .put(key, csv_of(SENSOR, &[(at, 190.0)]))
+            .await
+            .unwrap();
+        env.s3.set_written_at(key, later(120)).unwrap();
+        ingestor.ingest(key, None).await.unwrap();
+    };
+    assert_eq!(
+        correct(meddle).await,
+        (expected, corrected().len() as u64 - 60)
+    );
+}
+
+#[tokio::test]
+async fn hours_a_correction_wrote_only_part_of_are_read_back() {
+    // Readings 1,010 to 8,990 corrected: the hours of the first and the last hold older readings
+    // too, and are read back; the hours in between come from memory.
+    let (from, to) = (1_010, 8_990);
+    let c = corrected();
+    let mut want = series();
+    want[from..to].copy_from_slice(&c[from..to]);
+    let hour = |i: usize| c[i].0.div_euclid(3_600_000_000);
+    let held = (from..to)
+        .filter(|&i| hour(i) != hour(from) && hour(i) != hour(to - 1))
+        .count();
+    // Both edges are mid-hour (minute 50): 10 and 50 readings of the edge hours are corrected.
+    assert_eq!(held, to - from - 60);
+    assert_eq!(
+        correct_part(from..to, async |_: &TestEnv, _: &Ingestor| {}).await,
+        (found(want), held as u64)
+    );
+}

@@ -143,7 +143,10 @@ pub async fn ingest_all(
     // The work of objects that met stored readings waits for the end: detecting one reads on to
     // each sensor's newest readings, so a re-upload of many objects of the same sensors would
     // read the data after each of them again; together they read it once.
+    // Their readings are kept for it too, up to [`crate::detect::WAITING`] of them.
     let mut corrections: Vec<Vec<i64>> = Vec::new();
+    let mut corrected: Vec<std::sync::Arc<sensor_pipeline::ingest::Fresh>> = Vec::new();
+    let mut keeping = 0;
     for phase in [mapping, rest] {
         let grouper = &grouper;
         let mut results = stream::iter(phase)
@@ -159,6 +162,12 @@ pub async fn ingest_all(
             if let (Some(to), Ok(o)) = (&work, &result) {
                 if o.met_stored {
                     corrections.push(o.anomaly_work.clone());
+                    if let Some(f) = o.fresh.as_ref() {
+                        if keeping + f.len() <= crate::detect::WAITING {
+                            keeping += f.len();
+                            corrected.push(f.clone());
+                        }
+                    }
                 } else if !o.anomaly_work.is_empty() {
                     // Only fails if the detection task is gone; its work stays queued.
                     to.send(o.anomaly_work.clone(), o.fresh.clone());
@@ -182,7 +191,8 @@ pub async fn ingest_all(
         // sensor's detection waits on a round trip between its steps (12 re-uploaded objects of
         // 100,000 readings on 2 cores: 1.10–1.27 s with 2 at a time, 0.93–1.04 s with 4).
         let ids: Vec<i64> = corrections.iter().flatten().copied().collect();
-        match crate::detect::corrections(alerts, &ids, concurrency * 2).await {
+        let fresh: Vec<&sensor_pipeline::ingest::Fresh> = corrected.iter().map(|f| &**f).collect();
+        match crate::detect::corrections(alerts, &ids, &fresh, concurrency * 2).await {
             Ok(d) => *summary.anomalies.get_or_insert(0) += d.opened.len() as u64,
             Err(e) => {
                 warn!(objects = corrections.len(), error = %e, "anomaly detection failed; the workers retry it");

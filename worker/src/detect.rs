@@ -197,10 +197,11 @@ pub async fn batch(alerts: &Alerts, objects: &[Work]) -> Result<Detected, AlertE
 pub async fn corrections(
     alerts: &Alerts,
     ids: &[i64],
+    fresh: &[&Fresh],
     parallel: usize,
 ) -> Result<Detected, AlertError> {
     let runs = (0..parallel.max(1)).map(|_| async {
-        let d = alerts.detect_due(Some(ids)).await?;
+        let d = alerts.detect_held(Some(ids), fresh).await?;
         record(&d);
         Ok::<_, AlertError>(d)
     });

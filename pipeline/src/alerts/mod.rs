@@ -109,6 +109,9 @@ pub struct Detected {
     pub resumed: usize,
     /// Of those, spans fed from the object's own readings (nothing read back).
     pub fed: usize,
+    /// Readings of detections from a warm-up that were fed from the objects' readings instead
+    /// of read back ([`Alerts::detect_held`]).
+    pub held: u64,
 }
 
 impl Detected {
@@ -118,6 +121,7 @@ impl Detected {
         self.sensors += d.sensors;
         self.resumed += d.resumed;
         self.fed += d.fed;
+        self.held += d.held;
         self.opened.extend(d.opened);
         self.resolved.extend(d.resolved);
         self.durations.extend(d.durations);
@@ -185,8 +189,20 @@ impl Alerts {
     /// the other queued rows of their sensors) when given, else every due row. Stops at the first
     /// error, after recording it on the rows it was working on (retried later).
     pub async fn detect_due(&self, only: Option<&[i64]>) -> Result<Detected, AlertError> {
+        self.detect_held(only, &[]).await
+    }
+
+    /// [`Alerts::detect_due`], with the readings of the objects that queued the work (`fresh`):
+    /// where they provably are all an hour holds (see [`Link`](crate::store::staging::Link)), they are fed from here instead
+    /// of read back — what makes detecting a re-upload cheap: its readings replaced stored ones,
+    /// whose index entries a read walks past until vacuum.
+    pub async fn detect_held(
+        &self,
+        only: Option<&[i64]>,
+        fresh: &[&Fresh],
+    ) -> Result<Detected, AlertError> {
         let mut done = Detected::default();
-        while self.detect_one_sensor(only, &mut done).await? {}
+        while self.detect_one_sensor(only, fresh, &mut done).await? {}
         Ok(done)
     }
 
@@ -195,7 +211,7 @@ impl Alerts {
     pub async fn detect_next(&self, only: Option<&[i64]>) -> Result<Option<Detected>, AlertError> {
         let mut done = Detected::default();
         Ok(self
-            .detect_one_sensor(only, &mut done)
+            .detect_one_sensor(only, &[], &mut done)
             .await?
             .then_some(done))
     }
@@ -320,6 +336,7 @@ impl Alerts {
     async fn detect_one_sensor(
         &self,
         only: Option<&[i64]>,
+        fresh: &[&Fresh],
         done: &mut Detected,
     ) -> Result<bool, AlertError> {
         let db = Dataset::Measurements;
@@ -345,7 +362,7 @@ impl Alerts {
         if ids.is_empty() {
             return Ok(false);
         }
-        done.absorb(self.detect_batch(&ids, &[]).await?);
+        done.absorb(self.detect_batch(&ids, fresh).await?);
         Ok(true)
     }
 
@@ -682,7 +699,7 @@ async fn judge_batch(
     }
     alone.sort_by_key(|w| w.id);
     for w in alone {
-        judge(tx, w.sensor, w.from, w.to, &w.key, changes).await?;
+        judge(tx, w.sensor, (w.from, w.to), &w.key, fresh, changes).await?;
     }
     if resumed.is_empty() {
         return Ok(());
@@ -831,9 +848,9 @@ struct Stored {
 async fn judge(
     tx: &impl GenericClient,
     sensor: Uuid,
-    from: DateTime<Utc>,
-    to: DateTime<Utc>,
+    (from, to): (DateTime<Utc>, DateTime<Utc>),
     key: &str,
+    fresh: &[&Fresh],
     changes: &mut Detected,
 ) -> Result<(), tokio_postgres::Error> {
     // The newest saved detector from before the span (to resume), and the newest of all.
@@ -894,7 +911,8 @@ async fn judge(
     let mut at_span_end = None;
     let last_judged = judged_to.timestamp_micros();
     let span_end = to.timestamp_micros();
-    readings::each_reading(tx, sensor, read_from, read_to, |at, value| {
+    let held = held_hours(tx, sensor, fresh).await?;
+    let feed = |at, value| {
         if at > span_end && last_judged > span_end && at_span_end.is_none() {
             at_span_end = Some(detector.clone());
         }
@@ -902,8 +920,8 @@ async fn judge(
             snapshot = Some(detector.clone());
         }
         detector.push(at, value, &mut found)
-    })
-    .await?;
+    };
+    changes.held += each_reading_held(tx, sensor, (read_from, read_to), &held, feed).await?;
     let snapshot = snapshot.unwrap_or_else(|| detector.clone());
     detector.finish(&mut found);
     save_state(tx, sensor, &snapshot, at_span_end.as_ref(), from).await?;
@@ -931,6 +949,132 @@ async fn judge(
         changes,
     )
     .await
+}
+
+/// An hour's start (microseconds since the epoch) and the held readings it holds, in time order
+/// (from one object, or several that wrote it one after the other).
+type HeldHour<'f> = (i64, Vec<&'f [(i64, f64)]>);
+
+const HOUR_MICROS: i64 = 3_600_000_000;
+
+/// The hours of `sensor` whose stored readings are exactly what `fresh` holds, in time order:
+/// those its objects' replacing merges wrote ([`Link`](crate::store::staging::Link)) where the rollup row was last written by
+/// the newest of them, each of them wrote it right after the one before (so nothing else wrote
+/// into the hour from the first of them on), and they hold as many readings as the rollup counts
+/// (so the hour holds nothing else). None when the objects' readings of the sensor overlap
+/// (which of two wins a key is for the stored versions to say).
+async fn held_hours<'f>(
+    tx: &impl GenericClient,
+    sensor: Uuid,
+    fresh: &[&'f Fresh],
+) -> Result<Vec<HeldHour<'f>>, tokio_postgres::Error> {
+    let mut links: HashMap<i64, Vec<(Option<i64>, i64)>> = HashMap::new();
+    let mut pieces: Vec<&[(i64, f64)]> = Vec::new();
+    for f in fresh {
+        let mut linked = false;
+        for l in f.links.iter().filter(|l| l.sensor == sensor) {
+            links.entry(l.hour).or_default().push((l.before, l.by));
+            linked = true;
+        }
+        match f.readings.get(&sensor) {
+            Some(r) if linked && !r.is_empty() => pieces.push(r),
+            _ => {}
+        }
+    }
+    pieces.sort_by_key(|p| p[0].0);
+    let apart = pieces
+        .windows(2)
+        .all(|w| w[0][w[0].len() - 1].0 < w[1][0].0);
+    if pieces.is_empty() || !apart {
+        return Ok(Vec::new());
+    }
+    let mut hours: std::collections::BTreeMap<i64, Vec<&'f [(i64, f64)]>> = Default::default();
+    for piece in pieces {
+        let mut rest = piece;
+        while let Some(&(at, _)) = rest.first() {
+            let hour = at.div_euclid(HOUR_MICROS) * HOUR_MICROS;
+            let n = rest.partition_point(|r| r.0 < hour + HOUR_MICROS);
+            hours.entry(hour).or_default().push(&rest[..n]);
+            rest = &rest[n..];
+        }
+    }
+    let starts: Vec<DateTime<Utc>> = hours.keys().map(|&h| time(h)).collect();
+    let rows = tx
+        .query(
+            "SELECT hour, readings, xmin::text::bigint FROM measurement_hours
+             WHERE sensor_uuid = $1 AND hour = ANY($2)",
+            &[&sensor, &starts],
+        )
+        .await?;
+    let mut proven = std::collections::HashSet::new();
+    for r in rows {
+        let hour = r.get::<_, DateTime<Utc>>(0).timestamp_micros();
+        let (count, now): (i64, i64) = (r.get(1), r.get(2));
+        let held: usize = hours
+            .get(&hour)
+            .map_or(0, |s| s.iter().map(|p| p.len()).sum());
+        let chain = links.get(&hour).map_or(&[][..], Vec::as_slice);
+        if held as i64 == count && chained(chain, now) {
+            proven.insert(hour);
+        }
+    }
+    Ok(hours
+        .into_iter()
+        .filter(|(h, _)| proven.contains(h))
+        .collect())
+}
+
+/// Whether `links` (before, by) are one chain of writers ending with `now`: following each
+/// writer back to the one before it from `now` meets every link.
+fn chained(links: &[(Option<i64>, i64)], now: i64) -> bool {
+    let mut at = Some(now);
+    let mut met = 0;
+    while let Some(by) = at {
+        let Some(link) = links.iter().find(|l| l.1 == by) else {
+            break;
+        };
+        met += 1;
+        if met > links.len() {
+            return false;
+        }
+        at = link.0;
+    }
+    !links.is_empty() && met == links.len()
+}
+
+/// [`readings::each_reading`] over `[from, to]`, the hours in `held` (from [`held_hours`]) fed
+/// from memory and only the rest read from the database; returns how many were fed from memory.
+async fn each_reading_held(
+    tx: &impl GenericClient,
+    sensor: Uuid,
+    (from, to): (DateTime<Utc>, DateTime<Utc>),
+    held: &[HeldHour<'_>],
+    mut each: impl FnMut(i64, f64),
+) -> Result<u64, tokio_postgres::Error> {
+    let (lo, hi) = (from.timestamp_micros(), to.timestamp_micros());
+    // The first instant not fed yet.
+    let mut next = lo;
+    let mut fed = 0;
+    for (hour, pieces) in held {
+        let (start, end) = ((*hour).max(lo), (hour + HOUR_MICROS - 1).min(hi));
+        if start > end {
+            continue;
+        }
+        if next < start {
+            readings::each_reading(tx, sensor, time(next), time(start - 1), &mut each).await?;
+        }
+        for &(at, value) in pieces.iter().flat_map(|p| p.iter()) {
+            if at >= start && at <= end {
+                each(at, value);
+                fed += 1;
+            }
+        }
+        next = end + 1;
+    }
+    if next <= hi {
+        readings::each_reading(tx, sensor, time(next), to, &mut each).await?;
+    }
+    Ok(fed)
 }
 
 /// A stored anomaly from the columns `kind, start_ts, end_ts, value, expected, score, state`
@@ -1094,6 +1238,19 @@ mod tests {
         f.readings
             .insert(sensor, readings.iter().map(|&t| (t, t as f64)).collect());
         f
+    }
+
+    #[test]
+    fn an_hour_is_held_only_when_its_writers_follow_each_other_up_to_now() {
+        // Written by 10, then 11 (after 7), then 12 (after 10): no chain, whichever is last.
+        assert!(!chained(&[(Some(7), 10), (Some(10), 12)], 11));
+        // 7 wrote it, then 10, then 12: a chain ending now.
+        assert!(chained(&[(Some(10), 12), (Some(7), 10)], 12));
+        assert!(chained(&[(None, 10)], 10));
+        // Someone wrote it after 12, or between 10 and 12 (12 came after 11).
+        assert!(!chained(&[(Some(10), 12), (Some(7), 10)], 13));
+        assert!(!chained(&[(Some(11), 12), (Some(7), 10)], 12));
+        assert!(!chained(&[], 12));
     }
 
     #[test]

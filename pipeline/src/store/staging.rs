@@ -255,10 +255,22 @@ const REPLACE_HOURS: &str = "
                 h.readings = x.written
                     OR (h.exact AND x.removed_low > h.low AND x.removed_high < h.high)
             FROM x WHERE x.sensor_uuid = h.sensor_uuid AND x.hour = h.hour)
-        RETURNING h.sensor_uuid, h.hour, h.exact
+        RETURNING h.sensor_uuid, h.hour, h.exact, h.xmin::text::bigint AS by
     )
     SELECT ARRAY(SELECT sensor_uuid FROM rolled WHERE NOT exact ORDER BY 1, hour),
-           ARRAY(SELECT hour FROM rolled WHERE NOT exact ORDER BY sensor_uuid, 1)";
+           ARRAY(SELECT hour FROM rolled WHERE NOT exact ORDER BY sensor_uuid, 1),
+           ARRAY(SELECT sensor_uuid FROM rolled ORDER BY 1, hour),
+           ARRAY(SELECT hour FROM rolled ORDER BY sensor_uuid, 1),
+           ARRAY(SELECT by FROM rolled ORDER BY sensor_uuid, hour)";
+/// The rollup rows of the hours [`replace_held`] writes (`$1` sensors, `$2` hours), locked in
+/// key order before [`REPLACE_HOURS`] changes them, with the transaction that wrote each last
+/// (see [`Link`]).
+const HOURS_BEFORE: &str = "
+    SELECT h.sensor_uuid, h.hour, h.xmin::text::bigint FROM measurement_hours AS h
+    JOIN unnest($1::uuid[], $2::timestamptz[]) AS x(u, hour)
+        ON h.sensor_uuid = x.u AND h.hour = x.hour
+    ORDER BY 1, 2
+    FOR UPDATE OF h";
 /// Settles the hours the merge overwrote readings in (`$1` sensors, `$2` hours; `$3`–`$5` the
 /// readings it wrote there, their low and high) where it wrote every reading the hour holds —
 /// a re-upload of the same readings: the hour's low and high are those of what it wrote (the
@@ -589,6 +601,26 @@ pub struct Merged {
     /// Readings were stored within the spans written (they were upserted): a correction, or
     /// data that interleaves with stored data, whose detection reads on to the newest readings.
     pub met_stored: bool,
+    /// When the held readings replaced the stored ones ([`merge_held`]): one link per hour
+    /// written, for detection to tell whether they are still all the hour holds.
+    pub links: Vec<Link>,
+}
+
+/// The rollup row of one hour a replacing merge wrote ([`merge_held`]): the transaction that
+/// wrote it last before the merge (`before`; `None` if it had no row) and the merge's own
+/// (`by`), as PostgreSQL numbers them (the row's `xmin`). Every write of readings rewrites the
+/// rollup rows of the hours it writes, so while the row's `xmin` is still `by`, nothing wrote
+/// into the hour since; and a chain of such links from the row's `xmin` back says which merges
+/// wrote it one after the other, with nothing in between. When their readings are also as many
+/// as the hour holds, they are all it holds: detection takes them from memory
+/// ([`crate::alerts`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Link {
+    pub sensor: uuid::Uuid,
+    /// The hour's start, in microseconds since the epoch.
+    pub hour: i64,
+    pub before: Option<i64>,
+    pub by: i64,
 }
 
 /// Before writing: work memory for the upsert (sorting a 100,000-row object's staged rows spilled
@@ -774,6 +806,7 @@ pub async fn merge_group(
                         changed: m.spans.rows(),
                         work,
                         met_stored: false,
+                        links: Vec::new(),
                     })
                     .collect())
             }
@@ -862,18 +895,19 @@ pub async fn merge_held(
     let written = match met_stored {
         false => copy_new(tx, version, &sensors, held, &spans)
             .await
-            .map(|()| true),
+            .map(|()| Some(Vec::new())),
         true => replace_held(tx, version, &sensors, &params, held, &spans).await,
     };
     match written {
-        Ok(true) => {
+        Ok(Some(links)) => {
             return Ok(Merged {
                 changed: held.values().map(|r| r.len() as u64).sum(),
                 work: works.pop().unwrap_or_default(),
                 met_stored,
+                links,
             })
         }
-        Ok(false) => tx.batch_execute("ROLLBACK TO SAVEPOINT fresh_rows").await?,
+        Ok(None) => tx.batch_execute("ROLLBACK TO SAVEPOINT fresh_rows").await?,
         Err(e) if met_a_stored_key(&e) => {
             tx.batch_execute("ROLLBACK TO SAVEPOINT fresh_rows").await?;
         }
@@ -889,8 +923,9 @@ pub async fn merge_held(
 /// same readings: the common case): deletes those ([`REPLACED`]), copies the held readings
 /// straight into the table ([`COPY_NEW`]), and settles the bounds of the rollup's hours
 /// ([`REPLACE_HOURS`], then [`OUTSIDE_HOURS`] and [`EXACT_HOURS`] for the hours whose bounds it
-/// cannot tell); the counts and the page index do not change. Returns false, having written nothing the caller must keep (it rolls
-/// back to the savepoint and upserts), when a reading it deleted is not among the held ones (it
+/// cannot tell); the counts and the page index do not change. Returns the [`Link`]s of the hours
+/// it wrote (their rollup rows' writers, read and locked by [`HOURS_BEFORE`]); or `None`,
+/// having written nothing the caller must keep (it rolls back to the savepoint and upserts), when a reading it deleted is not among the held ones (it
 /// must stay) or a held reading deleted none (a new key, or one whose stored reading the version
 /// does not beat).
 ///
@@ -913,7 +948,7 @@ async fn replace_held(
     spans: &[&(dyn tokio_postgres::types::ToSql + Sync); 3],
     held: &Held,
     written: &Spans,
-) -> Result<bool, tokio_postgres::Error> {
+) -> Result<Option<Vec<Link>>, tokio_postgres::Error> {
     use futures_util::TryStreamExt;
     let replaced = tx.prepare_cached(REPLACED).await?;
     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
@@ -948,13 +983,23 @@ async fn replace_held(
     let deleted: i64 = removed.values().map(|h| h.0).sum();
     let keys: usize = held.values().map(Vec::len).sum();
     if !all_own? || deleted as usize != keys {
-        return Ok(false);
+        return Ok(None);
     }
     let hours = tx.prepare_cached(REPLACE_HOURS).await?;
+    let before = tx.prepare_cached(HOURS_BEFORE).await?;
     tx.batch_execute(ANY_PLAN).await?;
     copy_held(tx, COPY_NEW, sensors, held, Some(version)).await?;
     let hours_written = written.hours.as_ref().expect("the hours of held readings");
     let (us, starts, counts, lows, highs) = hour_columns(hours_written);
+    let before: std::collections::HashMap<(uuid::Uuid, i64), i64> = tx
+        .query(&before, &[&us, &starts])
+        .await?
+        .iter()
+        .map(|r| {
+            let hour: chrono::DateTime<chrono::Utc> = r.get(1);
+            ((r.get(0), hour.timestamp_micros()), r.get(2))
+        })
+        .collect();
     // Every hour written replaced as many readings (the keys are the same).
     let gone: Vec<Hour> = us
         .iter()
@@ -975,8 +1020,27 @@ async fn replace_held(
     let row = tx.query_one(&hours, &params).await?;
     let (inexact, hours): (Vec<uuid::Uuid>, Vec<chrono::DateTime<chrono::Utc>>) =
         (row.get(0), row.get(1));
+    let (rolled, at, by): (
+        Vec<uuid::Uuid>,
+        Vec<chrono::DateTime<chrono::Utc>>,
+        Vec<i64>,
+    ) = (row.get(2), row.get(3), row.get(4));
+    let links = rolled
+        .into_iter()
+        .zip(at)
+        .zip(by)
+        .map(|((sensor, hour), by)| {
+            let hour = hour.timestamp_micros();
+            Link {
+                sensor,
+                hour,
+                before: before.get(&(sensor, hour)).copied(),
+                by,
+            }
+        })
+        .collect();
     if inexact.is_empty() {
-        return Ok(true);
+        return Ok(Some(links));
     }
     // What the held readings of each inexact hour are: first and last instant, count, low, high.
     let mut within = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -998,7 +1062,7 @@ async fn replace_held(
     ];
     let rest = tx.query(&outside, &params).await?;
     recompute_hours(tx, &rest).await?;
-    Ok(true)
+    Ok(Some(links))
 }
 
 /// [`COPY_NEW`] of the held readings of `sensors` (in key order) as version `version`, then
@@ -1084,6 +1148,7 @@ async fn upserted(
             changed: if alone { written as u64 } else { 0 },
             work,
             met_stored: true,
+            links: Vec::new(),
         })
         .collect())
 }
