@@ -925,9 +925,9 @@ pub async fn merge_held(
 /// ([`REPLACE_HOURS`], then [`OUTSIDE_HOURS`] and [`EXACT_HOURS`] for the hours whose bounds it
 /// cannot tell); the counts and the page index do not change. Returns the [`Link`]s of the hours
 /// it wrote (their rollup rows' writers, read and locked by [`HOURS_BEFORE`]); or `None`,
-/// having written nothing the caller must keep (it rolls back to the savepoint and upserts), when a reading it deleted is not among the held ones (it
-/// must stay) or a held reading deleted none (a new key, or one whose stored reading the version
-/// does not beat).
+/// having written nothing the caller must keep (it rolls back to the savepoint and upserts),
+/// when a reading it deleted is not among the held ones (it must stay) or a held reading deleted
+/// none (a new key, or one whose stored reading the version does not beat).
 ///
 /// Why every held key must have been deleted: the delete locks rows in key order, as every
 /// writer does, but the `COPY` then goes through the keys a second time. A key it inserts
