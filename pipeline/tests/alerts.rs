@@ -256,6 +256,12 @@ async fn correct_part(
         .collect();
     let fresh: Vec<_> = outcomes.iter().filter_map(|o| o.fresh.as_deref()).collect();
     let done = alerts.detect_held(Some(&ids), &fresh).await.unwrap();
+    // The hours the correction left inexact are settled: the rollup is exact again.
+    let measurements = testbed::connect(&env.measurements_db).await.unwrap();
+    let drift = testbed::derived_drift(&measurements).await.unwrap();
+    assert_eq!(drift, Vec::<String>::new());
+    let inexact = testbed::inexact_hours(&measurements).await.unwrap();
+    assert_eq!(inexact, 0);
     let db = testbed::connect(&env.mapping_db).await.unwrap();
     let rows = db
         .query(

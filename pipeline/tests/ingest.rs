@@ -21,6 +21,8 @@ struct Harness {
     ingestor: Ingestor,
     mapping: tokio_postgres::Client,
     measurements: tokio_postgres::Client,
+    /// Whether the ingestor queues detection (else the merge settles every rollup hour).
+    detect: bool,
 }
 
 impl Harness {
@@ -41,7 +43,17 @@ impl Harness {
             ingestor,
             mapping,
             measurements,
+            detect: true,
         }
+    }
+
+    /// [`Harness::new`] with anomaly detection off: a replacing merge settles the rollup's
+    /// hours itself instead of leaving those it cannot tell to the detection it would queue.
+    async fn without_detection() -> Self {
+        let mut h = Self::new().await;
+        h.ingestor = h.ingestor.detect_anomalies(false);
+        h.detect = false;
+        h
     }
 
     /// An ingestor of its own with these session timeouts and limits.
@@ -69,7 +81,9 @@ impl Harness {
 
     /// All readings as (uuid, RFC 3339 UTC with microseconds, value), ordered.
     /// Also checks that the page index (`measurement_days`) counts exactly the stored rows and
-    /// that the hourly rollup (`measurement_hours`) holds their exact count, low and high.
+    /// that the hourly rollup (`measurement_hours`) holds their exact count, and their low and
+    /// high (exact ones without detection; with it, bounds around them where a correction left
+    /// the hour to its detection).
     async fn readings(&self) -> Vec<(String, String, f64)> {
         let drift = testbed::derived_drift(&self.measurements).await.unwrap();
         assert_eq!(
@@ -77,6 +91,10 @@ impl Harness {
             Vec::<String>::new(),
             "derived tables disagree with measurements"
         );
+        if !self.detect {
+            let inexact = testbed::inexact_hours(&self.measurements).await.unwrap();
+            assert_eq!(inexact, 0, "hours left inexact without detection");
+        }
         self.measurements
             .query(
                 "SELECT sensor_uuid::text, to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), value
@@ -427,10 +445,11 @@ async fn overwritten_hours_keep_their_exact_low_and_high() {
 /// its keys) replaces them: the stored rows are deleted and its readings copied in, and the
 /// rollup stays exact — an hour whose extremes it removed is recomputed, an hour it removed only
 /// inner readings of keeps its bounds, an hour it rewrote whole takes its bounds. The replacing
-/// statement is seen waiting on a row the test holds.
+/// statement is seen waiting on a row the test holds. (With detection off: with it on, the
+/// recomputing is left to detection, see the next test.)
 #[tokio::test]
 async fn a_correction_of_its_own_readings_replaces_them_and_keeps_the_rollup_exact() {
-    let h = Harness::new().await;
+    let h = Harness::without_detection().await;
     let old = format!(
         "timestamp;sensor_uuid;sensor_value\n\
          2013-01-20T08:00:00Z;{U1};10\n\
@@ -528,13 +547,96 @@ async fn a_correction_of_its_own_readings_replaces_them_and_keeps_the_rollup_exa
     );
 }
 
+/// With detection on, the same correction leaves the hour whose bounds it cannot tell inexact,
+/// its bounds around the readings' (what a plot reads the hour's readings for), and the
+/// detection it queued settles it from the stored readings: the object holds only two of the
+/// hour's three readings. The hour it rewrote whole is fed to the detector from memory.
+#[tokio::test]
+async fn a_correction_leaves_the_hours_it_cannot_tell_to_its_detection() {
+    let h = Harness::new().await;
+    let old = format!(
+        "timestamp;sensor_uuid;sensor_value\n\
+         2013-01-20T08:00:00Z;{U1};10\n\
+         2013-01-20T08:20:00Z;{U1};5\n\
+         2013-01-20T08:40:00Z;{U1};20\n\
+         2013-01-20T09:00:00Z;{U1};30\n\
+         2013-01-20T09:30:00Z;{U1};40\n\
+         2013-01-20T08:00:00Z;{U2};1\n\
+         2013-01-20T08:10:00Z;{U2};5\n\
+         2013-01-20T08:20:00Z;{U2};6\n\
+         2013-01-20T08:50:00Z;{U2};9\n"
+    );
+    assert_done(&h.put_and_ingest("timeseries/old.csv", old).await, 9, 0);
+    let new = format!(
+        "timestamp;sensor_uuid;sensor_value\n\
+         2013-01-20T08:20:00Z;{U1};6\n\
+         2013-01-20T08:40:00Z;{U1};7\n\
+         2013-01-20T09:00:00Z;{U1};3\n\
+         2013-01-20T09:30:00Z;{U1};4\n\
+         2013-01-20T08:10:00Z;{U2};100\n\
+         2013-01-20T08:20:00Z;{U2};2\n"
+    );
+    h.put_written("timeseries/new.csv", new, 60).await;
+    let outcome = h.ingestor.ingest("timeseries/new.csv", None).await.unwrap();
+    assert_done(&outcome, 6, 0);
+    let hours = || async {
+        h.measurements
+            .query(
+                "SELECT sensor_uuid::text, to_char(hour AT TIME ZONE 'UTC', 'HH24'), readings,
+                        low, high, exact
+                 FROM measurement_hours ORDER BY sensor_uuid, hour",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
+            .collect::<Vec<(String, String, i64, f64, f64, bool)>>()
+    };
+    let hour = |u: &str, hh: &str, n: i64, low: f64, high: f64, exact: bool| {
+        (u.to_string(), hh.to_string(), n, low, high, exact)
+    };
+    // U1's 08 lost its low (5) and high (20) and still holds 10: bounds around 6 to 10.
+    assert_eq!(
+        hours().await,
+        vec![
+            hour(U2, "08", 4, 1.0, 100.0, true),
+            hour(U1, "08", 3, 5.0, 20.0, false),
+            hour(U1, "09", 2, 3.0, 4.0, true),
+        ]
+    );
+    let alerts = sensor_pipeline::alerts::Alerts::new(
+        Databases::connect(&h.env.database_settings(), 2).unwrap(),
+        sensor_pipeline::config::AnomalySettings::from_env(
+            &sensor_pipeline::config::Env::from_map(Vec::<(String, String)>::new()),
+        )
+        .unwrap(),
+    );
+    let fresh: Vec<_> = outcome.fresh.as_deref().into_iter().collect();
+    let done = alerts
+        .detect_held(Some(&outcome.anomaly_work), &fresh)
+        .await
+        .unwrap();
+    assert_eq!((done.settled, done.held), (1, 2));
+    assert_eq!(
+        hours().await,
+        vec![
+            hour(U2, "08", 4, 1.0, 100.0, true),
+            hour(U1, "08", 3, 6.0, 10.0, true),
+            hour(U1, "09", 2, 3.0, 4.0, true),
+        ]
+    );
+    // (`readings` checks the rollup against the stored readings.)
+    assert_eq!(h.readings().await.len(), 9);
+}
+
 /// A correction whose span holds a newer reading it does not have (written later than the
 /// correction) replaces only what it beats: the newer reading stays, and the hour it shares with
 /// it — whose bounds neither the readings removed nor those outside the correction's span tell —
-/// is recomputed from the stored readings.
+/// is recomputed from the stored readings (with detection off, as above).
 #[tokio::test]
 async fn a_correction_around_a_newer_reading_replaces_only_what_it_beats() {
-    let h = Harness::new().await;
+    let h = Harness::without_detection().await;
     let put = |key: &'static str, body: String, secs: u64| {
         let h = &h;
         async move {

@@ -318,6 +318,19 @@ async fn end_state_is_the_newest_write(grouped: bool) {
         assert_eq!(indexed, want_readings.len() as i64, "seed {seed}");
         let drift = testbed::derived_drift(&client).await.unwrap();
         assert_eq!(drift, Vec::<String>::new(), "seed {seed}");
+        // The hours a correction could not tell the bounds of are settled by its detection.
+        let alerts = sensor_pipeline::alerts::Alerts::new(
+            Databases::connect(&settings, 2).unwrap(),
+            sensor_pipeline::config::AnomalySettings::from_env(
+                &sensor_pipeline::config::Env::from_map(Vec::<(String, String)>::new()),
+            )
+            .unwrap(),
+        );
+        alerts.detect_due(None).await.unwrap();
+        let drift = testbed::derived_drift(&client).await.unwrap();
+        assert_eq!(drift, Vec::<String>::new(), "seed {seed}");
+        let inexact = testbed::inexact_hours(&client).await.unwrap();
+        assert_eq!(inexact, 0, "seed {seed}");
     }
     // Every version was ingested once; every repeated delivery found it done.
     assert_eq!((ingested, already_done), (versions_total, repeats_total));

@@ -227,7 +227,10 @@ pub async fn connect(url: &str) -> Result<tokio_postgres::Client> {
 
 /// The derived tables the ingest merge keeps beside `measurements` — the page index
 /// (`measurement_days`) and the hourly rollup (`measurement_hours`) — compared with what the
-/// stored rows say: each `(sensor, day or hour)` that differs, as text (empty when exact).
+/// stored rows say: each `(sensor, day or hour)` that differs, as text (empty when they agree).
+/// Counts must be exact, and so must an hour's low and high when it is marked exact; an hour
+/// not marked exact (left for detection to settle) must have bounds around its readings'. See
+/// [`inexact_hours`].
 pub async fn derived_drift(client: &tokio_postgres::Client) -> Result<Vec<String>> {
     let rows = client
         .query(
@@ -246,11 +249,24 @@ pub async fn derived_drift(client: &tokio_postgres::Client) -> Result<Vec<String
              FULL JOIN (SELECT sensor_uuid, date_trunc('hour', ts, 'UTC') AS hour,
                                count(*) AS n, min(value) AS low, max(value) AS high
                         FROM measurements GROUP BY 1, 2) c USING (sensor_uuid, hour)
-             WHERE (h.readings, h.low, h.high, h.exact) IS DISTINCT FROM (c.n, c.low, c.high, true)",
+             WHERE coalesce(NOT (h.readings = c.n AND CASE WHEN h.exact
+                 THEN h.low = c.low AND h.high = c.high
+                 ELSE h.low <= c.low AND h.high >= c.high END), true)",
             &[],
         )
         .await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Hours of the rollup not marked exact.
+pub async fn inexact_hours(client: &tokio_postgres::Client) -> Result<i64> {
+    Ok(client
+        .query_one(
+            "SELECT count(*) FROM measurement_hours WHERE NOT exact",
+            &[],
+        )
+        .await?
+        .get(0))
 }
 
 /// A per-process unique, lowercase name with `prefix` (for databases, streams, buckets).

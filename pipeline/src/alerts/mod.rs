@@ -19,7 +19,9 @@
 //!    to its end — with the stored anomalies of that range: new ones are opened, stored open ones
 //!    no longer found are resolved (a newer write removed their reason), resolved ones found again
 //!    are reopened, the rest are left as they are (their end, value and score are refreshed).
-//!    The work rows are deleted in the same transaction. An error rolls it all back and the work
+//!    It also settles the rollup hours within the spans that a replacing merge left inexact
+//!    (from the objects' own readings when they provably are all the hour holds, else from the
+//!    stored readings). The work rows are deleted in the same transaction. An error rolls it all back and the work
 //!    rows are retried later with a growing delay (`not_before`); a worker killed half-way leaves
 //!    them for the next one.
 //! 3. **Publish.** Every change of state bumps the row's `revision`; rows whose
@@ -114,6 +116,8 @@ pub struct Detected {
     /// Readings of detections from a warm-up that were fed from the objects' readings instead
     /// of read back ([`Alerts::detect_held`]).
     pub held: u64,
+    /// Rollup hours within the spans that were inexact and were settled.
+    pub settled: usize,
 }
 
 impl Detected {
@@ -124,6 +128,7 @@ impl Detected {
         self.resumed += d.resumed;
         self.fed += d.fed;
         self.held += d.held;
+        self.settled += d.settled;
         self.opened.extend(d.opened);
         self.resolved.extend(d.resolved);
         self.durations.extend(d.durations);
@@ -270,6 +275,7 @@ impl Alerts {
             )
             .await?;
             judge_batch(&*tx, &work, fresh, &mut changes).await?;
+            changes.settled += settle_hours(&*tx, &work, fresh).await?;
             tx.execute("DELETE FROM anomaly_work WHERE id = ANY($1)", &[&claimed])
                 .await?;
             Ok(())
@@ -959,48 +965,79 @@ type HeldHour<'f> = (i64, Vec<&'f [(i64, f64)]>);
 
 const HOUR_MICROS: i64 = 3_600_000_000;
 
-/// The hours of `sensor` whose stored readings are exactly what `fresh` holds, in time order:
-/// those its objects' replacing merges wrote ([`Link`](crate::store::staging::Link)) where the rollup row was last written by
-/// the newest of them, each of them wrote it right after the one before (so nothing else wrote
-/// into the hour from the first of them on), and they hold as many readings as the rollup counts
-/// (so the hour holds nothing else). None when the objects' readings of the sensor overlap
-/// (which of two wins a key is for the stored versions to say).
+/// What the objects of a batch (`fresh`) hold of one sensor in the hours their replacing merges
+/// wrote ([`Link`](crate::store::staging::Link)): each hour's readings, in time order, and the
+/// links of the merges that wrote it. Empty when none of them replaced readings of the sensor,
+/// or when their readings of it overlap (which of two wins a key is for the stored versions to
+/// say).
+#[derive(Default)]
+struct HeldOf<'f> {
+    hours: std::collections::BTreeMap<i64, Vec<&'f [(i64, f64)]>>,
+    links: HashMap<i64, Vec<(Option<i64>, i64)>>,
+}
+
+impl<'f> HeldOf<'f> {
+    fn of(sensor: Uuid, fresh: &[&'f Fresh]) -> Self {
+        let mut links: HashMap<i64, Vec<(Option<i64>, i64)>> = HashMap::new();
+        let mut pieces: Vec<&[(i64, f64)]> = Vec::new();
+        for f in fresh {
+            let mut linked = false;
+            for l in f.links.iter().filter(|l| l.sensor == sensor) {
+                links.entry(l.hour).or_default().push((l.before, l.by));
+                linked = true;
+            }
+            match f.readings.get(&sensor) {
+                Some(r) if linked && !r.is_empty() => pieces.push(r),
+                _ => {}
+            }
+        }
+        pieces.sort_by_key(|p| p[0].0);
+        let apart = pieces
+            .windows(2)
+            .all(|w| w[0][w[0].len() - 1].0 < w[1][0].0);
+        if pieces.is_empty() || !apart {
+            return Self::default();
+        }
+        let mut hours: std::collections::BTreeMap<i64, Vec<&'f [(i64, f64)]>> = Default::default();
+        for piece in pieces {
+            let mut rest = piece;
+            while let Some(&(at, _)) = rest.first() {
+                let hour = at.div_euclid(HOUR_MICROS) * HOUR_MICROS;
+                let n = rest.partition_point(|r| r.0 < hour + HOUR_MICROS);
+                hours.entry(hour).or_default().push(&rest[..n]);
+                rest = &rest[n..];
+            }
+        }
+        Self { hours, links }
+    }
+
+    /// Whether the readings held for `hour` are all it holds, given its rollup row's count and
+    /// writer (`xmin`) now: that row was last written by the newest of the merges that wrote
+    /// the hour, each of them wrote it right after the one before (so nothing else wrote into
+    /// the hour from the first of them on), and they hold as many readings as it counts (so it
+    /// holds nothing else).
+    fn proves(&self, hour: i64, count: i64, now: i64) -> bool {
+        let held: usize = self
+            .hours
+            .get(&hour)
+            .map_or(0, |s| s.iter().map(|p| p.len()).sum());
+        let chain = self.links.get(&hour).map_or(&[][..], Vec::as_slice);
+        held as i64 == count && chained(chain, now)
+    }
+}
+
+/// The hours of `sensor` whose stored readings are provably exactly what `fresh` holds
+/// ([`HeldOf::proves`], against the rollup now), in time order.
 async fn held_hours<'f>(
     tx: &impl GenericClient,
     sensor: Uuid,
     fresh: &[&'f Fresh],
 ) -> Result<Vec<HeldHour<'f>>, tokio_postgres::Error> {
-    let mut links: HashMap<i64, Vec<(Option<i64>, i64)>> = HashMap::new();
-    let mut pieces: Vec<&[(i64, f64)]> = Vec::new();
-    for f in fresh {
-        let mut linked = false;
-        for l in f.links.iter().filter(|l| l.sensor == sensor) {
-            links.entry(l.hour).or_default().push((l.before, l.by));
-            linked = true;
-        }
-        match f.readings.get(&sensor) {
-            Some(r) if linked && !r.is_empty() => pieces.push(r),
-            _ => {}
-        }
-    }
-    pieces.sort_by_key(|p| p[0].0);
-    let apart = pieces
-        .windows(2)
-        .all(|w| w[0][w[0].len() - 1].0 < w[1][0].0);
-    if pieces.is_empty() || !apart {
+    let held = HeldOf::of(sensor, fresh);
+    if held.hours.is_empty() {
         return Ok(Vec::new());
     }
-    let mut hours: std::collections::BTreeMap<i64, Vec<&'f [(i64, f64)]>> = Default::default();
-    for piece in pieces {
-        let mut rest = piece;
-        while let Some(&(at, _)) = rest.first() {
-            let hour = at.div_euclid(HOUR_MICROS) * HOUR_MICROS;
-            let n = rest.partition_point(|r| r.0 < hour + HOUR_MICROS);
-            hours.entry(hour).or_default().push(&rest[..n]);
-            rest = &rest[n..];
-        }
-    }
-    let starts: Vec<DateTime<Utc>> = hours.keys().map(|&h| time(h)).collect();
+    let starts: Vec<DateTime<Utc>> = held.hours.keys().map(|&h| time(h)).collect();
     let rows = tx
         .query(
             "SELECT hour, readings, xmin::text::bigint FROM measurement_hours
@@ -1008,22 +1045,96 @@ async fn held_hours<'f>(
             &[&sensor, &starts],
         )
         .await?;
-    let mut proven = std::collections::HashSet::new();
-    for r in rows {
-        let hour = r.get::<_, DateTime<Utc>>(0).timestamp_micros();
-        let (count, now): (i64, i64) = (r.get(1), r.get(2));
-        let held: usize = hours
-            .get(&hour)
-            .map_or(0, |s| s.iter().map(|p| p.len()).sum());
-        let chain = links.get(&hour).map_or(&[][..], Vec::as_slice);
-        if held as i64 == count && chained(chain, now) {
-            proven.insert(hour);
-        }
-    }
-    Ok(hours
+    let proven: std::collections::HashSet<i64> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.get::<_, DateTime<Utc>>(0).timestamp_micros(),
+                r.get(1),
+                r.get(2),
+            )
+        })
+        .filter(|&(hour, count, now)| held.proves(hour, count, now))
+        .map(|(hour, ..)| hour)
+        .collect();
+    Ok(held
+        .hours
         .into_iter()
         .filter(|(h, _)| proven.contains(h))
         .collect())
+}
+
+/// Settles the rollup hours within the spans of `work` that are not exact (a replacing merge
+/// with detection on leaves those whose bounds it cannot tell: [`crate::store::staging`]): from
+/// the readings the objects hold where they provably are all the hour holds ([`HeldOf`]), else
+/// from the stored readings. Hours another transaction is writing are skipped (their writer's
+/// detection settles them). Returns how many were settled.
+async fn settle_hours(
+    tx: &impl GenericClient,
+    work: &[Work],
+    fresh: &[&Fresh],
+) -> Result<usize, tokio_postgres::Error> {
+    let sensors: Vec<Uuid> = work.iter().map(|w| w.sensor).collect();
+    let firsts: Vec<DateTime<Utc>> = work.iter().map(|w| w.from).collect();
+    let lasts: Vec<DateTime<Utc>> = work.iter().map(|w| w.to).collect();
+    let rows = tx
+        .query(
+            "SELECT h.sensor_uuid, h.hour, h.readings, h.xmin::text::bigint
+             FROM measurement_hours AS h
+             JOIN unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[]) AS w(u, first, last)
+                 ON h.sensor_uuid = w.u AND h.hour >= date_trunc('hour', w.first, 'UTC')
+                     AND h.hour <= w.last
+             WHERE NOT h.exact
+             ORDER BY 1, 2
+             FOR UPDATE OF h SKIP LOCKED",
+            &[&sensors, &firsts, &lasts],
+        )
+        .await?;
+    // (An hour two of the spans share comes twice.)
+    let mut hours: Vec<(Uuid, DateTime<Utc>, i64, i64)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    hours.dedup_by_key(|h| (h.0, h.1));
+    let mut held: HashMap<Uuid, HeldOf> = HashMap::new();
+    let (mut known, mut unknown) = ((vec![], vec![], vec![], vec![]), (vec![], vec![]));
+    for &(sensor, at, count, now) in &hours {
+        let hour = at.timestamp_micros();
+        let of = held
+            .entry(sensor)
+            .or_insert_with(|| HeldOf::of(sensor, fresh));
+        if of.proves(hour, count, now) {
+            let values = of.hours[&hour].iter().flat_map(|p| p.iter().map(|r| r.1));
+            let (low, high) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), v| {
+                (l.min(v), h.max(v))
+            });
+            known.0.push(sensor);
+            known.1.push(at);
+            known.2.push(low);
+            known.3.push(high);
+        } else {
+            unknown.0.push(sensor);
+            unknown.1.push(at);
+        }
+    }
+    if !known.0.is_empty() {
+        tx.execute(
+            "UPDATE measurement_hours AS h SET low = x.low, high = x.high, exact = true
+             FROM unnest($1::uuid[], $2::timestamptz[], $3::float8[], $4::float8[])
+                 AS x(u, hour, low, high)
+             WHERE h.sensor_uuid = x.u AND h.hour = x.hour",
+            &[&known.0, &known.1, &known.2, &known.3],
+        )
+        .await?;
+    }
+    if !unknown.0.is_empty() {
+        tx.execute(
+            crate::store::staging::EXACT_HOURS,
+            &[&unknown.0, &unknown.1],
+        )
+        .await?;
+    }
+    Ok(hours.len())
 }
 
 /// Whether `links` (before, by) are one chain of writers ending with `now`: following each
