@@ -62,7 +62,6 @@ use bytes::Bytes;
 use chrono::{DateTime, SecondsFormat, Utc};
 use thiserror::Error;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
 use crate::anomaly::{readings, Anomaly, Detector, Kind, WARM_UP_MICROS, WARM_UP_READINGS};
@@ -245,8 +244,13 @@ impl Alerts {
         let tx = self.begin(&mut client).await?;
         let work: Vec<Work> = tx
             .query(
-                "SELECT id, sensor_uuid, span_start, span_end, object_key FROM anomaly_work
+                &st(
+                    &tx,
+                    "SELECT id, sensor_uuid, span_start, span_end, object_key FROM anomaly_work
                  WHERE id = ANY($1) ORDER BY sensor_uuid, id FOR UPDATE SKIP LOCKED",
+                )
+                .await
+                .db(db)?,
                 &[&ids],
             )
             .await
@@ -269,15 +273,22 @@ impl Alerts {
             let mut sensors: Vec<Uuid> = work.iter().map(|w| w.sensor).collect();
             sensors.dedup();
             tx.execute(
-                "SELECT count(pg_advisory_xact_lock($1, hashtext(u::text)))
+                &st(
+                    &tx,
+                    "SELECT count(pg_advisory_xact_lock($1, hashtext(u::text)))
                  FROM (SELECT u FROM unnest($2::uuid[]) AS u ORDER BY u) AS s",
+                )
+                .await?,
                 &[&SENSOR_LOCK, &sensors],
             )
             .await?;
-            judge_batch(&*tx, &work, fresh, &mut changes).await?;
-            changes.settled += settle_hours(&*tx, &work, fresh).await?;
-            tx.execute("DELETE FROM anomaly_work WHERE id = ANY($1)", &[&claimed])
-                .await?;
+            judge_batch(&tx, &work, fresh, &mut changes).await?;
+            changes.settled += settle_hours(&tx, &work, fresh).await?;
+            tx.execute(
+                &st(&tx, "DELETE FROM anomaly_work WHERE id = ANY($1)").await?,
+                &[&claimed],
+            )
+            .await?;
             Ok(())
         }
         .await;
@@ -600,7 +611,7 @@ struct Resumed<'a> {
 /// share each statement (saved detectors, readings, stored anomalies, saving); the rest are
 /// judged one by one.
 async fn judge_batch(
-    tx: &impl GenericClient,
+    tx: &Tx<'_>,
     work: &[Work],
     fresh: &[&Fresh],
     changes: &mut Detected,
@@ -622,13 +633,17 @@ async fn judge_batch(
     // The newest saved detector before each span, and the newest of each sensor.
     let mut bases: HashMap<Uuid, Saved> = tx
         .query(
-            "SELECT DISTINCT ON (d.sensor_uuid) d.sensor_uuid, d.through, d.state,
+            &st(
+                tx,
+                "SELECT DISTINCT ON (d.sensor_uuid) d.sensor_uuid, d.through, d.state,
                     (SELECT max(e.through) FROM anomaly_detectors e
                      WHERE e.sensor_uuid = d.sensor_uuid)
              FROM anomaly_detectors d
              JOIN unnest($1::uuid[], $2::timestamptz[]) AS w(u, f)
                ON d.sensor_uuid = w.u AND d.through < w.f
              ORDER BY d.sensor_uuid, d.through DESC",
+            )
+            .await?,
             &[&sensors, &froms],
         )
         .await?
@@ -648,10 +663,14 @@ async fn judge_batch(
                 .collect();
             let uptos: Vec<DateTime<Utc>> = single.iter().map(|w| w.to).collect();
             tx.query(
-                "SELECT DISTINCT q.sensor_uuid FROM anomaly_work q
+                &st(
+                    tx,
+                    "SELECT DISTINCT q.sensor_uuid FROM anomaly_work q
                  JOIN unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[]) AS c(u, after, upto)
                    ON q.sensor_uuid = c.u AND q.span_end > c.after AND q.span_start <= c.upto
                  WHERE NOT q.id = ANY($4)",
+                )
+                .await?,
                 &[&sensors, &afters, &uptos, &ours],
             )
             .await?
@@ -727,7 +746,9 @@ async fn judge_batch(
     let params: [&(dyn ToSql + Sync); 4] = [&us, &afters, &uptos, &tail];
     let rows = tx
         .query_raw(
-            "SELECT w.u, m.ts, m.value
+            &st(
+                tx,
+                "SELECT w.u, m.ts, m.value
              FROM unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[]) AS w(u, after, upto)
              CROSS JOIN LATERAL (
                  (SELECT ts, value FROM measurements
@@ -737,6 +758,8 @@ async fn judge_batch(
                   WHERE sensor_uuid = w.u AND ts > w.upto ORDER BY ts LIMIT $4)
              ) AS m
              ORDER BY w.u, m.ts",
+            )
+            .await?,
             params.iter().copied(),
         )
         .await?;
@@ -771,11 +794,15 @@ async fn judge_batch(
     let mut stored: HashMap<Uuid, HashMap<(Kind, i64), Stored>> = HashMap::new();
     for row in tx
         .query(
-            "SELECT a.sensor_uuid, a.kind, a.start_ts, a.end_ts, a.value, a.expected, a.score,
+            &st(
+                tx,
+                "SELECT a.sensor_uuid, a.kind, a.start_ts, a.end_ts, a.value, a.expected, a.score,
                     a.state
              FROM anomalies a
              JOIN unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[]) AS w(u, lo, hi)
                ON a.sensor_uuid = w.u AND a.start_ts >= w.lo AND a.start_ts <= w.hi",
+            )
+            .await?,
             &[&us, &los, &uptos],
         )
         .await?
@@ -801,8 +828,12 @@ async fn judge_batch(
     // Save the detectors, in place of those the spans made stale; keep the newest few.
     let changed: Vec<DateTime<Utc>> = resumed.iter().map(|r| r.work.from).collect();
     tx.execute(
-        "DELETE FROM anomaly_detectors d USING unnest($1::uuid[], $2::timestamptz[]) AS w(u, f)
+        &st(
+            tx,
+            "DELETE FROM anomaly_detectors d USING unnest($1::uuid[], $2::timestamptz[]) AS w(u, f)
          WHERE d.sensor_uuid = w.u AND d.through >= w.f",
+        )
+        .await?,
         &[&us, &changed],
     )
     .await?;
@@ -825,17 +856,25 @@ async fn judge_batch(
         }
     }
     tx.execute(
-        "INSERT INTO anomaly_detectors (sensor_uuid, through, state)
+        &st(
+            tx,
+            "INSERT INTO anomaly_detectors (sensor_uuid, through, state)
          SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::bytea[])
          ON CONFLICT (sensor_uuid, through) DO UPDATE
              SET state = EXCLUDED.state, updated_at = now()",
+        )
+        .await?,
         &[&saved_us, &throughs, &states],
     )
     .await?;
     tx.execute(
-        "DELETE FROM anomaly_detectors d WHERE d.sensor_uuid = ANY($1) AND d.through < (
+        &st(
+            tx,
+            "DELETE FROM anomaly_detectors d WHERE d.sensor_uuid = ANY($1) AND d.through < (
              SELECT e.through FROM anomaly_detectors e WHERE e.sensor_uuid = d.sensor_uuid
              ORDER BY e.through DESC OFFSET $2 LIMIT 1)",
+        )
+        .await?,
         &[&us, &(SAVED_DETECTORS as i64 - 1)],
     )
     .await?;
@@ -854,7 +893,7 @@ struct Stored {
 /// Detects over one span of one sensor and brings the stored anomalies of its judged range in
 /// line with what was found.
 async fn judge(
-    tx: &impl GenericClient,
+    tx: &Tx<'_>,
     sensor: Uuid,
     (from, to): (DateTime<Utc>, DateTime<Utc>),
     key: &str,
@@ -865,15 +904,23 @@ async fn judge(
     let memory = chrono::Duration::microseconds(WARM_UP_MICROS);
     let base: Option<(DateTime<Utc>, Vec<u8>)> = tx
         .query_opt(
-            "SELECT through, state FROM anomaly_detectors
+            &st(
+                tx,
+                "SELECT through, state FROM anomaly_detectors
              WHERE sensor_uuid = $1 AND through < $2 ORDER BY through DESC LIMIT 1",
+            )
+            .await?,
             &[&sensor, &from],
         )
         .await?
         .map(|r| (r.get(0), r.get(1)));
     let latest: Option<DateTime<Utc>> = tx
         .query_one(
-            "SELECT max(through) FROM anomaly_detectors WHERE sensor_uuid = $1",
+            &st(
+                tx,
+                "SELECT max(through) FROM anomaly_detectors WHERE sensor_uuid = $1",
+            )
+            .await?,
             &[&sensor],
         )
         .await?
@@ -899,18 +946,22 @@ async fn judge(
             changes.resumed += 1;
             (detector, read_from, undecided.min(from))
         }
-        None => {
-            let judged_from = readings::nth_before(tx, sensor, from, LOOKBACK)
-                .await?
-                .unwrap_or(from);
-            let warm =
-                readings::warm_up_from(tx, sensor, judged_from, memory, WARM_UP_READINGS).await?;
-            let cap = readings::nth_before(tx, sensor, judged_from, WARM_UP_MAX_READINGS).await?;
-            let read_from = cap.map_or(warm, |c| c.max(warm));
-            (Detector::default(), read_from, judged_from)
-        }
+        None => match readings::nth_before(&**tx, sensor, from, LOOKBACK).await? {
+            // No reading before the span (the sensor's first data, or all of it again): no
+            // warm-up to look for.
+            None => (Detector::default(), from, from),
+            Some(judged_from) => {
+                let warm =
+                    readings::warm_up_from(&**tx, sensor, judged_from, memory, WARM_UP_READINGS)
+                        .await?;
+                let cap =
+                    readings::nth_before(&**tx, sensor, judged_from, WARM_UP_MAX_READINGS).await?;
+                let read_from = cap.map_or(warm, |c| c.max(warm));
+                (Detector::default(), read_from, judged_from)
+            }
+        },
     };
-    let read_to = readings::nth_after(tx, sensor, judged_to, TAIL).await?;
+    let read_to = readings::nth_after(&**tx, sensor, judged_to, TAIL).await?;
     let mut found = Vec::new();
     // The state to save: after the last reading judged, before the tail.
     let mut snapshot = None;
@@ -939,8 +990,12 @@ async fn judge(
 
     let stored: HashMap<(Kind, i64), Stored> = tx
         .query(
-            "SELECT kind, start_ts, end_ts, value, expected, score, state FROM anomalies
+            &st(
+                tx,
+                "SELECT kind, start_ts, end_ts, value, expected, score, state FROM anomalies
              WHERE sensor_uuid = $1 AND start_ts >= $2 AND start_ts <= $3",
+            )
+            .await?,
             &[&sensor, &judged_from, &to],
         )
         .await?
@@ -964,6 +1019,16 @@ async fn judge(
 type HeldHour<'f> = (i64, Vec<&'f [(i64, f64)]>);
 
 const HOUR_MICROS: i64 = 3_600_000_000;
+
+/// The transaction detection runs in.
+type Tx<'a> = deadpool_postgres::Transaction<'a>;
+
+/// `sql` prepared on the transaction's connection once and reused (detection runs some twenty
+/// statements per sensor: unprepared, each was parsed and planned again and cost a second round
+/// trip).
+async fn st(tx: &Tx<'_>, sql: &str) -> Result<tokio_postgres::Statement, tokio_postgres::Error> {
+    tx.prepare_cached(sql).await
+}
 
 /// What the objects of a batch (`fresh`) hold of one sensor in the hours their replacing merges
 /// wrote ([`Link`](crate::store::staging::Link)): each hour's readings, in time order, and the
@@ -1029,7 +1094,7 @@ impl<'f> HeldOf<'f> {
 /// The hours of `sensor` whose stored readings are provably exactly what `fresh` holds
 /// ([`HeldOf::proves`], against the rollup now), in time order.
 async fn held_hours<'f>(
-    tx: &impl GenericClient,
+    tx: &Tx<'_>,
     sensor: Uuid,
     fresh: &[&'f Fresh],
 ) -> Result<Vec<HeldHour<'f>>, tokio_postgres::Error> {
@@ -1040,8 +1105,12 @@ async fn held_hours<'f>(
     let starts: Vec<DateTime<Utc>> = held.hours.keys().map(|&h| time(h)).collect();
     let rows = tx
         .query(
-            "SELECT hour, readings, xmin::text::bigint FROM measurement_hours
+            &st(
+                tx,
+                "SELECT hour, readings, xmin::text::bigint FROM measurement_hours
              WHERE sensor_uuid = $1 AND hour = ANY($2)",
+            )
+            .await?,
             &[&sensor, &starts],
         )
         .await?;
@@ -1070,7 +1139,7 @@ async fn held_hours<'f>(
 /// from the stored readings. Hours another transaction is writing are skipped (their writer's
 /// detection settles them). Returns how many were settled.
 async fn settle_hours(
-    tx: &impl GenericClient,
+    tx: &Tx<'_>,
     work: &[Work],
     fresh: &[&Fresh],
 ) -> Result<usize, tokio_postgres::Error> {
@@ -1079,7 +1148,9 @@ async fn settle_hours(
     let lasts: Vec<DateTime<Utc>> = work.iter().map(|w| w.to).collect();
     let rows = tx
         .query(
-            "SELECT h.sensor_uuid, h.hour, h.readings, h.xmin::text::bigint
+            &st(
+                tx,
+                "SELECT h.sensor_uuid, h.hour, h.readings, h.xmin::text::bigint
              FROM measurement_hours AS h
              JOIN unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[]) AS w(u, first, last)
                  ON h.sensor_uuid = w.u AND h.hour >= date_trunc('hour', w.first, 'UTC')
@@ -1087,6 +1158,8 @@ async fn settle_hours(
              WHERE NOT h.exact
              ORDER BY 1, 2
              FOR UPDATE OF h SKIP LOCKED",
+            )
+            .await?,
             &[&sensors, &firsts, &lasts],
         )
         .await?;
@@ -1119,10 +1192,14 @@ async fn settle_hours(
     }
     if !known.0.is_empty() {
         tx.execute(
-            "UPDATE measurement_hours AS h SET low = x.low, high = x.high, exact = true
+            &st(
+                tx,
+                "UPDATE measurement_hours AS h SET low = x.low, high = x.high, exact = true
              FROM unnest($1::uuid[], $2::timestamptz[], $3::float8[], $4::float8[])
                  AS x(u, hour, low, high)
              WHERE h.sensor_uuid = x.u AND h.hour = x.hour",
+            )
+            .await?,
             &[&known.0, &known.1, &known.2, &known.3],
         )
         .await?;
@@ -1158,7 +1235,7 @@ fn chained(links: &[(Option<i64>, i64)], now: i64) -> bool {
 /// [`readings::each_reading`] over `[from, to]`, the hours in `held` (from [`held_hours`]) fed
 /// from memory and only the rest read from the database; returns how many were fed from memory.
 async fn each_reading_held(
-    tx: &impl GenericClient,
+    tx: &Tx<'_>,
     sensor: Uuid,
     (from, to): (DateTime<Utc>, DateTime<Utc>),
     held: &[HeldHour<'_>],
@@ -1174,7 +1251,7 @@ async fn each_reading_held(
             continue;
         }
         if next < start {
-            readings::each_reading(tx, sensor, time(next), time(start - 1), &mut each).await?;
+            readings::each_reading(&**tx, sensor, time(next), time(start - 1), &mut each).await?;
         }
         for &(at, value) in pieces.iter().flat_map(|p| p.iter()) {
             if at >= start && at <= end {
@@ -1185,7 +1262,7 @@ async fn each_reading_held(
         next = end + 1;
     }
     if next <= hi {
-        readings::each_reading(tx, sensor, time(next), to, &mut each).await?;
+        readings::each_reading(&**tx, sensor, time(next), to, &mut each).await?;
     }
     Ok(fed)
 }
@@ -1218,7 +1295,7 @@ fn stored_row(r: &tokio_postgres::Row, at: usize) -> Option<((Kind, i64), Stored
 /// undecided. (One that starts at the end itself — a gap after its last reading, say — was found
 /// by readings the detector had not seen: it is judged again.)
 async fn reconcile(
-    tx: &impl GenericClient,
+    tx: &Tx<'_>,
     sensor: Uuid,
     found: &[Anomaly],
     mut stored: HashMap<(Kind, i64), Stored>,
@@ -1242,9 +1319,9 @@ async fn reconcile(
         match stored.remove(&(a.kind, a.start)) {
             None => {
                 tx.execute(
-                    "INSERT INTO anomalies (sensor_uuid, start_ts, kind, end_ts, value, expected,
+                    &st(tx, "INSERT INTO anomalies (sensor_uuid, start_ts, kind, end_ts, value, expected,
                          score, state, object_key)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, 'open', $8)",
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, 'open', $8)").await?,
                     &[&common[..], &[&key]].concat(),
                 )
                 .await?;
@@ -1252,10 +1329,14 @@ async fn reconcile(
             }
             Some(s) if s.state == State::Resolved => {
                 tx.execute(
-                    "UPDATE anomalies SET end_ts = $4, value = $5, expected = $6, score = $7,
+                    &st(
+                        tx,
+                        "UPDATE anomalies SET end_ts = $4, value = $5, expected = $6, score = $7,
                          state = 'open', object_key = $8, revision = revision + 1,
                          updated_at = now()
                      WHERE sensor_uuid = $1 AND start_ts = $2 AND kind = $3",
+                    )
+                    .await?,
                     &[&common[..], &[&key]].concat(),
                 )
                 .await?;
@@ -1263,9 +1344,13 @@ async fn reconcile(
             }
             Some(s) if !same(&s, a, end) => {
                 tx.execute(
-                    "UPDATE anomalies SET end_ts = $4, value = $5, expected = $6, score = $7,
+                    &st(
+                        tx,
+                        "UPDATE anomalies SET end_ts = $4, value = $5, expected = $6, score = $7,
                          updated_at = now()
                      WHERE sensor_uuid = $1 AND start_ts = $2 AND kind = $3",
+                    )
+                    .await?,
                     &common,
                 )
                 .await?;
@@ -1283,9 +1368,13 @@ async fn reconcile(
             }
         }
         tx.execute(
-            "UPDATE anomalies SET state = $4, object_key = $5, revision = revision + 1,
+            &st(
+                tx,
+                "UPDATE anomalies SET state = $4, object_key = $5, revision = revision + 1,
                  updated_at = now()
              WHERE sensor_uuid = $1 AND start_ts = $2 AND kind = $3",
+            )
+            .await?,
             &[
                 &sensor,
                 &time(start),
@@ -1304,14 +1393,18 @@ async fn reconcile(
 /// the first reading the detected span changed: their windows may hold values no longer stored),
 /// keeping the newest [`SAVED_DETECTORS`] per sensor.
 async fn save_state(
-    tx: &impl GenericClient,
+    tx: &Tx<'_>,
     sensor: Uuid,
     snapshot: &Detector,
     at_span_end: Option<&Detector>,
     changed_from: DateTime<Utc>,
 ) -> Result<(), tokio_postgres::Error> {
     tx.execute(
-        "DELETE FROM anomaly_detectors WHERE sensor_uuid = $1 AND through >= $2",
+        &st(
+            tx,
+            "DELETE FROM anomaly_detectors WHERE sensor_uuid = $1 AND through >= $2",
+        )
+        .await?,
         &[&sensor, &changed_from],
     )
     .await?;
@@ -1320,17 +1413,25 @@ async fn save_state(
             continue;
         };
         tx.execute(
-            "INSERT INTO anomaly_detectors (sensor_uuid, through, state) VALUES ($1, $2, $3)
+            &st(
+                tx,
+                "INSERT INTO anomaly_detectors (sensor_uuid, through, state) VALUES ($1, $2, $3)
              ON CONFLICT (sensor_uuid, through) DO UPDATE
                  SET state = EXCLUDED.state, updated_at = now()",
+            )
+            .await?,
             &[&sensor, &last, &detector.to_bytes()],
         )
         .await?;
     }
     tx.execute(
-        "DELETE FROM anomaly_detectors WHERE sensor_uuid = $1 AND through < (
+        &st(
+            tx,
+            "DELETE FROM anomaly_detectors WHERE sensor_uuid = $1 AND through < (
              SELECT through FROM anomaly_detectors WHERE sensor_uuid = $1
              ORDER BY through DESC OFFSET $2 LIMIT 1)",
+        )
+        .await?,
         &[&sensor, &(SAVED_DETECTORS as i64 - 1)],
     )
     .await?;
