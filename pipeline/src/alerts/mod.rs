@@ -82,6 +82,10 @@ pub const WARM_UP_MAX_READINGS: usize = 20_000;
 /// Detectors saved per sensor (the newest): data that arrives a little out of order (objects
 /// committed by concurrent ingestions) resumes the one saved before it instead of a warm-up.
 pub const SAVED_DETECTORS: usize = 4;
+/// Sensors [`Alerts::detect_held`] detects per transaction at most (the work of re-uploads, each
+/// sensor's detection some ten statements once its readings are at hand: one transaction per
+/// sensor added as many again).
+pub const HELD_SENSORS: i64 = 8;
 /// Outbox rows published per transaction.
 const PUBLISH_BATCH: i64 = 100;
 /// Arbitrary constant naming the per-sensor detection lock ("ANOM").
@@ -195,20 +199,34 @@ impl Alerts {
     /// the other queued rows of their sensors) when given, else every due row. Stops at the first
     /// error, after recording it on the rows it was working on (retried later).
     pub async fn detect_due(&self, only: Option<&[i64]>) -> Result<Detected, AlertError> {
-        self.detect_held(only, &[]).await
+        self.detect_steps(only, &[], 1).await
     }
 
     /// [`Alerts::detect_due`], with the readings of the objects that queued the work (`fresh`):
     /// where they provably are all an hour holds (see [`Link`](crate::store::staging::Link)), they are fed from here instead
     /// of read back — what makes detecting a re-upload cheap: its readings replaced stored ones,
     /// whose index entries a read walks past until vacuum.
+    /// A step takes the work of [`HELD_SENSORS`] sensors at a time, in one transaction.
     pub async fn detect_held(
         &self,
         only: Option<&[i64]>,
         fresh: &[&Fresh],
     ) -> Result<Detected, AlertError> {
+        self.detect_steps(only, fresh, HELD_SENSORS).await
+    }
+
+    /// Detects due work, up to `sensors` sensors per step, until none is due.
+    async fn detect_steps(
+        &self,
+        only: Option<&[i64]>,
+        fresh: &[&Fresh],
+        sensors: i64,
+    ) -> Result<Detected, AlertError> {
         let mut done = Detected::default();
-        while self.detect_one_sensor(only, fresh, &mut done).await? {}
+        while self
+            .detect_one_sensor(only, fresh, sensors, &mut done)
+            .await?
+        {}
         Ok(done)
     }
 
@@ -217,7 +235,7 @@ impl Alerts {
     pub async fn detect_next(&self, only: Option<&[i64]>) -> Result<Option<Detected>, AlertError> {
         let mut done = Detected::default();
         Ok(self
-            .detect_one_sensor(only, &[], &mut done)
+            .detect_one_sensor(only, &[], 1, &mut done)
             .await?
             .then_some(done))
     }
@@ -351,27 +369,30 @@ impl Alerts {
         })
     }
 
-    /// One sensor's due work, detected as a batch of its work rows; false when none was due.
+    /// One sensor's due work (the sensors of up to `sensors` due rows'), detected as a batch of
+    /// its work rows; false when none was due.
     async fn detect_one_sensor(
         &self,
         only: Option<&[i64]>,
         fresh: &[&Fresh],
+        sensors: i64,
         done: &mut Detected,
     ) -> Result<bool, AlertError> {
         let db = Dataset::Measurements;
         let only: Option<Vec<i64>> = only.map(<[i64]>::to_vec);
-        // The sensor of the oldest due row nobody is working on, and all its rows.
+        // The sensor of the oldest due row nobody is working on (or of the oldest few), and all
+        // its rows.
         let ids: Vec<i64> = self
             .dbs
             .client(db)
             .await?
             .query(
-                "SELECT id FROM anomaly_work WHERE sensor_uuid = (
+                "SELECT id FROM anomaly_work WHERE sensor_uuid IN (
                      SELECT sensor_uuid FROM anomaly_work
                      WHERE ($1::bigint[] IS NULL OR id = ANY($1)) AND not_before <= now()
-                     ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)
+                     ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)
                  ORDER BY id",
-                &[&only],
+                &[&only, &sensors],
             )
             .await
             .db(db)?
