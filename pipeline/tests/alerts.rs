@@ -84,15 +84,27 @@ fn whole() -> Open {
     out
 }
 
-/// Ingests the pieces in `order`, detecting after each; returns the open anomalies, how many
-/// detections resumed a saved detector and how many of those were fed the object's own readings.
-async fn arrive(order: &[usize]) -> (Open, usize, usize) {
-    arrive_in_batches(order, 1).await
+/// The open anomalies, as the table lists them.
+async fn open_anomalies(env: &TestEnv) -> Open {
+    let db = testbed::connect(&env.mapping_db).await.unwrap();
+    let rows = db
+        .query(
+            "SELECT sensor_uuid::text, kind, start_ts, end_ts FROM anomalies
+             WHERE state = 'open' ORDER BY sensor_uuid, start_ts, kind",
+            &[],
+        )
+        .await
+        .unwrap();
+    rows.iter()
+        .map(|r| {
+            let t = |i| time(r.get::<_, DateTime<Utc>>(i).timestamp_micros());
+            (r.get(0), r.get(1), t(2), t(3))
+        })
+        .collect()
 }
 
-/// [`arrive`], detecting after every `batch` pieces, their work in one batch as the worker's
-/// loop does when objects commit faster than it detects.
-async fn arrive_in_batches(order: &[usize], batch: usize) -> (Open, usize, usize) {
+/// A fresh environment, migrated, with an ingestor and detection on it.
+async fn setup() -> (TestEnv, Ingestor, Alerts) {
     let env = TestEnv::new().await.unwrap();
     migrate(&env.database_settings()).await.unwrap();
     let dbs = Databases::connect(&env.database_settings(), 2).unwrap();
@@ -103,7 +115,19 @@ async fn arrive_in_batches(order: &[usize], batch: usize) -> (Open, usize, usize
     );
     let settings =
         AnomalySettings::from_env(&Env::from_map(Vec::<(String, String)>::new())).unwrap();
-    let alerts = Alerts::new(dbs, settings);
+    (env, ingestor, Alerts::new(dbs, settings))
+}
+
+/// Ingests the pieces in `order`, detecting after each; returns the open anomalies, how many
+/// detections resumed a saved detector and how many of those were fed the object's own readings.
+async fn arrive(order: &[usize]) -> (Open, usize, usize) {
+    arrive_in_batches(order, 1).await
+}
+
+/// [`arrive`], detecting after every `batch` pieces, their work in one batch as the worker's
+/// loop does when objects commit faster than it detects.
+async fn arrive_in_batches(order: &[usize], batch: usize) -> (Open, usize, usize) {
+    let (env, ingestor, alerts) = setup().await;
     let s = series();
     let size = s.len().div_ceil(PIECES);
     let (mut resumed, mut fed) = (0, 0);
@@ -128,22 +152,7 @@ async fn arrive_in_batches(order: &[usize], batch: usize) -> (Open, usize, usize
         fed += done.fed;
         resumed += done.resumed;
     }
-    let db = testbed::connect(&env.mapping_db).await.unwrap();
-    let rows = db
-        .query(
-            "SELECT sensor_uuid::text, kind, start_ts, end_ts FROM anomalies
-             WHERE state = 'open' ORDER BY sensor_uuid, start_ts, kind",
-            &[],
-        )
-        .await
-        .unwrap();
-    let open = rows
-        .iter()
-        .map(|r| {
-            let t = |i| time(r.get::<_, DateTime<Utc>>(i).timestamp_micros());
-            (r.get(0), r.get(1), t(2), t(3))
-        })
-        .collect();
+    let open = open_anomalies(&env).await;
     (open, resumed, fed)
 }
 
@@ -220,17 +229,7 @@ async fn correct_part(
     part: std::ops::Range<usize>,
     meddle: impl AsyncFnOnce(&TestEnv, &Ingestor),
 ) -> (Open, u64) {
-    let env = TestEnv::new().await.unwrap();
-    migrate(&env.database_settings()).await.unwrap();
-    let dbs = Databases::connect(&env.database_settings(), 2).unwrap();
-    let ingestor = Ingestor::new(
-        env.s3.store().clone(),
-        dbs.clone(),
-        ContractSettings::default(),
-    );
-    let settings =
-        AnomalySettings::from_env(&Env::from_map(Vec::<(String, String)>::new())).unwrap();
-    let alerts = Alerts::new(dbs, settings);
+    let (env, ingestor, alerts) = setup().await;
     let s = series();
     for (n, part) in s.chunks(s.len().div_ceil(PIECES)).enumerate() {
         let key = format!("timeseries/piece-{n}.csv");
@@ -262,22 +261,7 @@ async fn correct_part(
     assert_eq!(drift, Vec::<String>::new());
     let inexact = testbed::inexact_hours(&measurements).await.unwrap();
     assert_eq!(inexact, 0);
-    let db = testbed::connect(&env.mapping_db).await.unwrap();
-    let rows = db
-        .query(
-            "SELECT sensor_uuid::text, kind, start_ts, end_ts FROM anomalies
-             WHERE state = 'open' ORDER BY sensor_uuid, start_ts, kind",
-            &[],
-        )
-        .await
-        .unwrap();
-    let open = rows
-        .iter()
-        .map(|r| {
-            let t = |i| time(r.get::<_, DateTime<Utc>>(i).timestamp_micros());
-            (r.get(0), r.get(1), t(2), t(3))
-        })
-        .collect();
+    let open = open_anomalies(&env).await;
     (open, done.held)
 }
 

@@ -441,16 +441,9 @@ async fn overwritten_hours_keep_their_exact_low_and_high() {
     );
 }
 
-/// A correction that rewrites readings it has (the stored readings within its span are exactly
-/// its keys) replaces them: the stored rows are deleted and its readings copied in, and the
-/// rollup stays exact — an hour whose extremes it removed is recomputed, an hour it removed only
-/// inner readings of keeps its bounds, an hour it rewrote whole takes its bounds. The replacing
-/// statement is seen waiting on a row the test holds. (With detection off: with it on, the
-/// recomputing is left to detection, see the next test.)
-#[tokio::test]
-async fn a_correction_of_its_own_readings_replaces_them_and_keeps_the_rollup_exact() {
-    let h = Harness::without_detection().await;
-    let old = format!(
+/// Readings of two sensors over three hours, for the corrections below.
+fn own_old() -> String {
+    format!(
         "timestamp;sensor_uuid;sensor_value\n\
          2013-01-20T08:00:00Z;{U1};10\n\
          2013-01-20T08:20:00Z;{U1};5\n\
@@ -462,9 +455,12 @@ async fn a_correction_of_its_own_readings_replaces_them_and_keeps_the_rollup_exa
          2013-01-20T08:10:00Z;{U2};5\n\
          2013-01-20T08:20:00Z;{U2};6\n\
          2013-01-20T08:50:00Z;{U2};9\n"
-    );
-    assert_done(&h.put_and_ingest("timeseries/old.csv", old).await, 10, 0);
-    let new = format!(
+    )
+}
+
+/// A correction of some of [`own_old`]'s readings.
+fn own_new() -> String {
+    format!(
         "timestamp;sensor_uuid;sensor_value\n\
          2013-01-20T08:20:00Z;{U1};6\n\
          2013-01-20T08:40:00Z;{U1};7\n\
@@ -472,8 +468,24 @@ async fn a_correction_of_its_own_readings_replaces_them_and_keeps_the_rollup_exa
          2013-01-20T09:30:00Z;{U1};4\n\
          2013-01-20T08:10:00Z;{U2};100\n\
          2013-01-20T08:20:00Z;{U2};2\n"
+    )
+}
+
+/// A correction that rewrites readings it has (the stored readings within its span are exactly
+/// its keys) replaces them: the stored rows are deleted and its readings copied in, and the
+/// rollup stays exact — an hour whose extremes it removed is recomputed, an hour it removed only
+/// inner readings of keeps its bounds, an hour it rewrote whole takes its bounds. The replacing
+/// statement is seen waiting on a row the test holds. (With detection off: with it on, the
+/// recomputing is left to detection, see the next test.)
+#[tokio::test]
+async fn a_correction_of_its_own_readings_replaces_them_and_keeps_the_rollup_exact() {
+    let h = Harness::without_detection().await;
+    assert_done(
+        &h.put_and_ingest("timeseries/old.csv", own_old()).await,
+        10,
+        0,
     );
-    h.put_written("timeseries/new.csv", new, 60).await;
+    h.put_written("timeseries/new.csv", own_new(), 60).await;
     let holder = testbed::connect(&h.env.measurements_db).await.unwrap();
     holder
         .batch_execute(&format!(
@@ -554,29 +566,12 @@ async fn a_correction_of_its_own_readings_replaces_them_and_keeps_the_rollup_exa
 #[tokio::test]
 async fn a_correction_leaves_the_hours_it_cannot_tell_to_its_detection() {
     let h = Harness::new().await;
-    let old = format!(
-        "timestamp;sensor_uuid;sensor_value\n\
-         2013-01-20T08:00:00Z;{U1};10\n\
-         2013-01-20T08:20:00Z;{U1};5\n\
-         2013-01-20T08:40:00Z;{U1};20\n\
-         2013-01-20T09:00:00Z;{U1};30\n\
-         2013-01-20T09:30:00Z;{U1};40\n\
-         2013-01-20T08:00:00Z;{U2};1\n\
-         2013-01-20T08:10:00Z;{U2};5\n\
-         2013-01-20T08:20:00Z;{U2};6\n\
-         2013-01-20T08:50:00Z;{U2};9\n"
+    assert_done(
+        &h.put_and_ingest("timeseries/old.csv", own_old()).await,
+        10,
+        0,
     );
-    assert_done(&h.put_and_ingest("timeseries/old.csv", old).await, 9, 0);
-    let new = format!(
-        "timestamp;sensor_uuid;sensor_value\n\
-         2013-01-20T08:20:00Z;{U1};6\n\
-         2013-01-20T08:40:00Z;{U1};7\n\
-         2013-01-20T09:00:00Z;{U1};3\n\
-         2013-01-20T09:30:00Z;{U1};4\n\
-         2013-01-20T08:10:00Z;{U2};100\n\
-         2013-01-20T08:20:00Z;{U2};2\n"
-    );
-    h.put_written("timeseries/new.csv", new, 60).await;
+    h.put_written("timeseries/new.csv", own_new(), 60).await;
     let outcome = h.ingestor.ingest("timeseries/new.csv", None).await.unwrap();
     assert_done(&outcome, 6, 0);
     let hours = || async {
@@ -603,6 +598,7 @@ async fn a_correction_leaves_the_hours_it_cannot_tell_to_its_detection() {
             hour(U2, "08", 4, 1.0, 100.0, true),
             hour(U1, "08", 3, 5.0, 20.0, false),
             hour(U1, "09", 2, 3.0, 4.0, true),
+            hour(U1, "10", 1, 50.0, 50.0, true),
         ]
     );
     let alerts = sensor_pipeline::alerts::Alerts::new(
@@ -624,10 +620,11 @@ async fn a_correction_leaves_the_hours_it_cannot_tell_to_its_detection() {
             hour(U2, "08", 4, 1.0, 100.0, true),
             hour(U1, "08", 3, 6.0, 10.0, true),
             hour(U1, "09", 2, 3.0, 4.0, true),
+            hour(U1, "10", 1, 50.0, 50.0, true),
         ]
     );
     // (`readings` checks the rollup against the stored readings.)
-    assert_eq!(h.readings().await.len(), 9);
+    assert_eq!(h.readings().await.len(), 10);
 }
 
 /// A correction whose span holds a newer reading it does not have (written later than the
