@@ -21,9 +21,9 @@
 //!    are reopened, the rest are left as they are (their end, value and score are refreshed).
 //!    It also settles the rollup hours within the spans that a replacing merge left inexact
 //!    (from the objects' own readings when they provably are all the hour holds, else from the
-//!    stored readings). The work rows are deleted in the same transaction. An error rolls it all back and the work
-//!    rows are retried later with a growing delay (`not_before`); a worker killed half-way leaves
-//!    them for the next one.
+//!    stored readings). The work rows are deleted in the same transaction. An error rolls it
+//!    all back and the work rows are retried later with a growing delay (`not_before`); a
+//!    worker killed half-way leaves them for the next one.
 //! 3. **Publish.** Every change of state bumps the row's `revision`; rows whose
 //!    `published_revision` is behind are the outbox. [`Alerts::publish_due`] publishes them to
 //!    `<prefix>.<kind>` with the message id `<sensor>:<kind>:<start µs>:<revision>`, then records
@@ -51,9 +51,10 @@
 //! ([`WARM_UP_MICROS`] and [`WARM_UP_READINGS`]), capped at [`WARM_UP_MAX_READINGS`] for sensors
 //! that read more often than every 23 s; given the objects' readings ([`Alerts::detect_held`]:
 //! `ingest` keeps those of re-uploads), it feeds the hours they provably are all of from memory
-//! (see [`Link`](crate::store::staging::Link)) and reads back only the rest. Either way, when readings before a saved detector's end
-//! changed, the detection reads on to the newest one's end (within the memory), judges all of it,
-//! and replaces the detectors it made stale with one saved there.
+//! (see [`Link`](crate::store::staging::Link)) and reads back only the rest. Either way, when
+//! readings before a saved detector's end changed, the detection reads on to the newest one's
+//! end (within the memory), judges all of it, and replaces the detectors it made stale with one
+//! saved there.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -203,10 +204,10 @@ impl Alerts {
     }
 
     /// [`Alerts::detect_due`], with the readings of the objects that queued the work (`fresh`):
-    /// where they provably are all an hour holds (see [`Link`](crate::store::staging::Link)), they are fed from here instead
-    /// of read back — what makes detecting a re-upload cheap: its readings replaced stored ones,
-    /// whose index entries a read walks past until vacuum.
-    /// A step takes the work of [`HELD_SENSORS`] sensors at a time, in one transaction.
+    /// where they provably are all an hour holds (see [`Link`](crate::store::staging::Link)),
+    /// they are fed from here instead of read back — what makes detecting a re-upload cheap: its
+    /// readings replaced stored ones, whose index entries a read walks past until vacuum. A step
+    /// takes the work of [`HELD_SENSORS`] sensors at a time, in one transaction.
     pub async fn detect_held(
         &self,
         only: Option<&[i64]>,
@@ -223,10 +224,7 @@ impl Alerts {
         sensors: i64,
     ) -> Result<Detected, AlertError> {
         let mut done = Detected::default();
-        while self
-            .detect_one_sensor(only, fresh, sensors, &mut done)
-            .await?
-        {}
+        while self.detect_step(only, fresh, sensors, &mut done).await? {}
         Ok(done)
     }
 
@@ -235,7 +233,7 @@ impl Alerts {
     pub async fn detect_next(&self, only: Option<&[i64]>) -> Result<Option<Detected>, AlertError> {
         let mut done = Detected::default();
         Ok(self
-            .detect_one_sensor(only, &[], 1, &mut done)
+            .detect_step(only, &[], 1, &mut done)
             .await?
             .then_some(done))
     }
@@ -290,20 +288,18 @@ impl Alerts {
         let result: Result<(), tokio_postgres::Error> = async {
             let mut sensors: Vec<Uuid> = work.iter().map(|w| w.sensor).collect();
             sensors.dedup();
-            tx.execute(
-                &st(
-                    &tx,
-                    "SELECT count(pg_advisory_xact_lock($1, hashtext(u::text)))
+            execute(
+                &tx,
+                "SELECT count(pg_advisory_xact_lock($1, hashtext(u::text)))
                  FROM (SELECT u FROM unnest($2::uuid[]) AS u ORDER BY u) AS s",
-                )
-                .await?,
                 &[&SENSOR_LOCK, &sensors],
             )
             .await?;
             judge_batch(&tx, &work, fresh, &mut changes).await?;
             changes.settled += settle_hours(&tx, &work, fresh).await?;
-            tx.execute(
-                &st(&tx, "DELETE FROM anomaly_work WHERE id = ANY($1)").await?,
+            execute(
+                &tx,
+                "DELETE FROM anomaly_work WHERE id = ANY($1)",
                 &[&claimed],
             )
             .await?;
@@ -369,9 +365,9 @@ impl Alerts {
         })
     }
 
-    /// One sensor's due work (the sensors of up to `sensors` due rows'), detected as a batch of
-    /// its work rows; false when none was due.
-    async fn detect_one_sensor(
+    /// One step: the due work of one sensor (or of the sensors of up to `sensors` due rows),
+    /// detected as a batch of their work rows; false when none was due.
+    async fn detect_step(
         &self,
         only: Option<&[i64]>,
         fresh: &[&Fresh],
@@ -652,25 +648,21 @@ async fn judge_batch(
     let sensors: Vec<Uuid> = single.iter().map(|w| w.sensor).collect();
     let froms: Vec<DateTime<Utc>> = single.iter().map(|w| w.from).collect();
     // The newest saved detector before each span, and the newest of each sensor.
-    let mut bases: HashMap<Uuid, Saved> = tx
-        .query(
-            &st(
-                tx,
-                "SELECT DISTINCT ON (d.sensor_uuid) d.sensor_uuid, d.through, d.state,
+    let mut bases: HashMap<Uuid, Saved> = query(
+        tx,
+        "SELECT DISTINCT ON (d.sensor_uuid) d.sensor_uuid, d.through, d.state,
                     (SELECT max(e.through) FROM anomaly_detectors e
                      WHERE e.sensor_uuid = d.sensor_uuid)
              FROM anomaly_detectors d
              JOIN unnest($1::uuid[], $2::timestamptz[]) AS w(u, f)
                ON d.sensor_uuid = w.u AND d.through < w.f
              ORDER BY d.sensor_uuid, d.through DESC",
-            )
-            .await?,
-            &[&sensors, &froms],
-        )
-        .await?
-        .iter()
-        .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3))))
-        .collect();
+        &[&sensors, &froms],
+    )
+    .await?
+    .iter()
+    .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3))))
+    .collect();
     let mut resumed = Vec::new();
     let mut alone: Vec<&Work> = Vec::new();
     // Sensors whose span other queued work overlaps (from the saved detectors' ends on): their
@@ -683,15 +675,12 @@ async fn judge_batch(
                 .map(|w| bases.get(&w.sensor).map_or(w.from, |b| b.0))
                 .collect();
             let uptos: Vec<DateTime<Utc>> = single.iter().map(|w| w.to).collect();
-            tx.query(
-                &st(
-                    tx,
-                    "SELECT DISTINCT q.sensor_uuid FROM anomaly_work q
+            query(
+                tx,
+                "SELECT DISTINCT q.sensor_uuid FROM anomaly_work q
                  JOIN unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[]) AS c(u, after, upto)
                    ON q.sensor_uuid = c.u AND q.span_end > c.after AND q.span_start <= c.upto
                  WHERE NOT q.id = ANY($4)",
-                )
-                .await?,
                 &[&sensors, &afters, &uptos, &ours],
             )
             .await?
@@ -813,20 +802,16 @@ async fn judge_batch(
     // The stored anomalies of every judged range.
     let los: Vec<DateTime<Utc>> = resumed.iter().map(|r| r.judged_from).collect();
     let mut stored: HashMap<Uuid, HashMap<(Kind, i64), Stored>> = HashMap::new();
-    for row in tx
-        .query(
-            &st(
-                tx,
-                "SELECT a.sensor_uuid, a.kind, a.start_ts, a.end_ts, a.value, a.expected, a.score,
+    for row in query(
+        tx,
+        "SELECT a.sensor_uuid, a.kind, a.start_ts, a.end_ts, a.value, a.expected, a.score,
                     a.state
              FROM anomalies a
              JOIN unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[]) AS w(u, lo, hi)
                ON a.sensor_uuid = w.u AND a.start_ts >= w.lo AND a.start_ts <= w.hi",
-            )
-            .await?,
-            &[&us, &los, &uptos],
-        )
-        .await?
+        &[&us, &los, &uptos],
+    )
+    .await?
     {
         if let Some((k, v)) = stored_row(&row, 1) {
             stored.entry(row.get(0)).or_default().insert(k, v);
@@ -848,13 +833,10 @@ async fn judge_batch(
 
     // Save the detectors, in place of those the spans made stale; keep the newest few.
     let changed: Vec<DateTime<Utc>> = resumed.iter().map(|r| r.work.from).collect();
-    tx.execute(
-        &st(
-            tx,
-            "DELETE FROM anomaly_detectors d USING unnest($1::uuid[], $2::timestamptz[]) AS w(u, f)
+    execute(
+        tx,
+        "DELETE FROM anomaly_detectors d USING unnest($1::uuid[], $2::timestamptz[]) AS w(u, f)
          WHERE d.sensor_uuid = w.u AND d.through >= w.f",
-        )
-        .await?,
         &[&us, &changed],
     )
     .await?;
@@ -876,26 +858,20 @@ async fn judge_batch(
             }
         }
     }
-    tx.execute(
-        &st(
-            tx,
-            "INSERT INTO anomaly_detectors (sensor_uuid, through, state)
+    execute(
+        tx,
+        "INSERT INTO anomaly_detectors (sensor_uuid, through, state)
          SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::bytea[])
          ON CONFLICT (sensor_uuid, through) DO UPDATE
              SET state = EXCLUDED.state, updated_at = now()",
-        )
-        .await?,
         &[&saved_us, &throughs, &states],
     )
     .await?;
-    tx.execute(
-        &st(
-            tx,
-            "DELETE FROM anomaly_detectors d WHERE d.sensor_uuid = ANY($1) AND d.through < (
+    execute(
+        tx,
+        "DELETE FROM anomaly_detectors d WHERE d.sensor_uuid = ANY($1) AND d.through < (
              SELECT e.through FROM anomaly_detectors e WHERE e.sensor_uuid = d.sensor_uuid
              ORDER BY e.through DESC OFFSET $2 LIMIT 1)",
-        )
-        .await?,
         &[&us, &(SAVED_DETECTORS as i64 - 1)],
     )
     .await?;
@@ -1009,20 +985,16 @@ async fn judge(
     found.retain(|a| a.start >= lo && a.start <= hi);
     let (judged_from, to) = (judged_from, judged_to);
 
-    let stored: HashMap<(Kind, i64), Stored> = tx
-        .query(
-            &st(
-                tx,
-                "SELECT kind, start_ts, end_ts, value, expected, score, state FROM anomalies
+    let stored: HashMap<(Kind, i64), Stored> = query(
+        tx,
+        "SELECT kind, start_ts, end_ts, value, expected, score, state FROM anomalies
              WHERE sensor_uuid = $1 AND start_ts >= $2 AND start_ts <= $3",
-            )
-            .await?,
-            &[&sensor, &judged_from, &to],
-        )
-        .await?
-        .iter()
-        .filter_map(|r| stored_row(r, 0))
-        .collect();
+        &[&sensor, &judged_from, &to],
+    )
+    .await?
+    .iter()
+    .filter_map(|r| stored_row(r, 0))
+    .collect();
     reconcile(
         tx,
         sensor,
@@ -1049,6 +1021,24 @@ type Tx<'a> = deadpool_postgres::Transaction<'a>;
 /// trip).
 async fn st(tx: &Tx<'_>, sql: &str) -> Result<tokio_postgres::Statement, tokio_postgres::Error> {
     tx.prepare_cached(sql).await
+}
+
+/// `sql` with `params`, as a statement prepared once per connection ([`st`]).
+async fn query(
+    tx: &Tx<'_>,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    tx.query(&st(tx, sql).await?, params).await
+}
+
+/// [`query`] for a statement whose rows are not wanted; returns how many it changed.
+async fn execute(
+    tx: &Tx<'_>,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<u64, tokio_postgres::Error> {
+    tx.execute(&st(tx, sql).await?, params).await
 }
 
 /// What the objects of a batch (`fresh`) hold of one sensor in the hours their replacing merges
@@ -1124,17 +1114,13 @@ async fn held_hours<'f>(
         return Ok(Vec::new());
     }
     let starts: Vec<DateTime<Utc>> = held.hours.keys().map(|&h| time(h)).collect();
-    let rows = tx
-        .query(
-            &st(
-                tx,
-                "SELECT hour, readings, xmin::text::bigint FROM measurement_hours
+    let rows = query(
+        tx,
+        "SELECT hour, readings, xmin::text::bigint FROM measurement_hours
              WHERE sensor_uuid = $1 AND hour = ANY($2)",
-            )
-            .await?,
-            &[&sensor, &starts],
-        )
-        .await?;
+        &[&sensor, &starts],
+    )
+    .await?;
     let proven: std::collections::HashSet<i64> = rows
         .iter()
         .map(|r| {
@@ -1167,11 +1153,9 @@ async fn settle_hours(
     let sensors: Vec<Uuid> = work.iter().map(|w| w.sensor).collect();
     let firsts: Vec<DateTime<Utc>> = work.iter().map(|w| w.from).collect();
     let lasts: Vec<DateTime<Utc>> = work.iter().map(|w| w.to).collect();
-    let rows = tx
-        .query(
-            &st(
-                tx,
-                "SELECT h.sensor_uuid, h.hour, h.readings, h.xmin::text::bigint
+    let rows = query(
+        tx,
+        "SELECT h.sensor_uuid, h.hour, h.readings, h.xmin::text::bigint
              FROM measurement_hours AS h
              JOIN unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[]) AS w(u, first, last)
                  ON h.sensor_uuid = w.u AND h.hour >= date_trunc('hour', w.first, 'UTC')
@@ -1179,11 +1163,9 @@ async fn settle_hours(
              WHERE NOT h.exact
              ORDER BY 1, 2
              FOR UPDATE OF h SKIP LOCKED",
-            )
-            .await?,
-            &[&sensors, &firsts, &lasts],
-        )
-        .await?;
+        &[&sensors, &firsts, &lasts],
+    )
+    .await?;
     // (An hour two of the spans share comes twice.)
     let mut hours: Vec<(Uuid, DateTime<Utc>, i64, i64)> = rows
         .iter()
@@ -1212,15 +1194,12 @@ async fn settle_hours(
         }
     }
     if !known.0.is_empty() {
-        tx.execute(
-            &st(
-                tx,
-                "UPDATE measurement_hours AS h SET low = x.low, high = x.high, exact = true
+        execute(
+            tx,
+            "UPDATE measurement_hours AS h SET low = x.low, high = x.high, exact = true
              FROM unnest($1::uuid[], $2::timestamptz[], $3::float8[], $4::float8[])
                  AS x(u, hour, low, high)
              WHERE h.sensor_uuid = x.u AND h.hour = x.hour",
-            )
-            .await?,
             &[&known.0, &known.1, &known.2, &known.3],
         )
         .await?;
@@ -1339,39 +1318,34 @@ async fn reconcile(
         ];
         match stored.remove(&(a.kind, a.start)) {
             None => {
-                tx.execute(
-                    &st(tx, "INSERT INTO anomalies (sensor_uuid, start_ts, kind, end_ts, value, expected,
+                execute(
+                    tx,
+                    "INSERT INTO anomalies (sensor_uuid, start_ts, kind, end_ts, value, expected,
                          score, state, object_key)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, 'open', $8)").await?,
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, 'open', $8)",
                     &[&common[..], &[&key]].concat(),
                 )
                 .await?;
                 changes.opened.push(a.kind);
             }
             Some(s) if s.state == State::Resolved => {
-                tx.execute(
-                    &st(
-                        tx,
-                        "UPDATE anomalies SET end_ts = $4, value = $5, expected = $6, score = $7,
+                execute(
+                    tx,
+                    "UPDATE anomalies SET end_ts = $4, value = $5, expected = $6, score = $7,
                          state = 'open', object_key = $8, revision = revision + 1,
                          updated_at = now()
                      WHERE sensor_uuid = $1 AND start_ts = $2 AND kind = $3",
-                    )
-                    .await?,
                     &[&common[..], &[&key]].concat(),
                 )
                 .await?;
                 changes.opened.push(a.kind);
             }
             Some(s) if !same(&s, a, end) => {
-                tx.execute(
-                    &st(
-                        tx,
-                        "UPDATE anomalies SET end_ts = $4, value = $5, expected = $6, score = $7,
+                execute(
+                    tx,
+                    "UPDATE anomalies SET end_ts = $4, value = $5, expected = $6, score = $7,
                          updated_at = now()
                      WHERE sensor_uuid = $1 AND start_ts = $2 AND kind = $3",
-                    )
-                    .await?,
                     &common,
                 )
                 .await?;
@@ -1388,14 +1362,11 @@ async fn reconcile(
                 continue;
             }
         }
-        tx.execute(
-            &st(
-                tx,
-                "UPDATE anomalies SET state = $4, object_key = $5, revision = revision + 1,
+        execute(
+            tx,
+            "UPDATE anomalies SET state = $4, object_key = $5, revision = revision + 1,
                  updated_at = now()
              WHERE sensor_uuid = $1 AND start_ts = $2 AND kind = $3",
-            )
-            .await?,
             &[
                 &sensor,
                 &time(start),
@@ -1420,12 +1391,9 @@ async fn save_state(
     at_span_end: Option<&Detector>,
     changed_from: DateTime<Utc>,
 ) -> Result<(), tokio_postgres::Error> {
-    tx.execute(
-        &st(
-            tx,
-            "DELETE FROM anomaly_detectors WHERE sensor_uuid = $1 AND through >= $2",
-        )
-        .await?,
+    execute(
+        tx,
+        "DELETE FROM anomaly_detectors WHERE sensor_uuid = $1 AND through >= $2",
         &[&sensor, &changed_from],
     )
     .await?;
@@ -1433,26 +1401,20 @@ async fn save_state(
         let Some(last) = detector.last_reading().map(time) else {
             continue;
         };
-        tx.execute(
-            &st(
-                tx,
-                "INSERT INTO anomaly_detectors (sensor_uuid, through, state) VALUES ($1, $2, $3)
+        execute(
+            tx,
+            "INSERT INTO anomaly_detectors (sensor_uuid, through, state) VALUES ($1, $2, $3)
              ON CONFLICT (sensor_uuid, through) DO UPDATE
                  SET state = EXCLUDED.state, updated_at = now()",
-            )
-            .await?,
             &[&sensor, &last, &detector.to_bytes()],
         )
         .await?;
     }
-    tx.execute(
-        &st(
-            tx,
-            "DELETE FROM anomaly_detectors WHERE sensor_uuid = $1 AND through < (
+    execute(
+        tx,
+        "DELETE FROM anomaly_detectors WHERE sensor_uuid = $1 AND through < (
              SELECT through FROM anomaly_detectors WHERE sensor_uuid = $1
              ORDER BY through DESC OFFSET $2 LIMIT 1)",
-        )
-        .await?,
         &[&sensor, &(SAVED_DETECTORS as i64 - 1)],
     )
     .await?;

@@ -33,9 +33,9 @@
 //! readings' (a plot reads such an hour's readings), for the detection it queues to settle: that
 //! holds the object's readings and, where it can prove they are all the hour holds ([`Link`]),
 //! settles the hour from them without a scan (`crate::alerts`). Settling them here scanned the
-//! hours' other readings: 0.66–0.72 s of server time for the 12 corrections. Objects too large to hold stage theirs as they
-//! stream, and a group of small objects stages its rows tagged with their versions
-//! ([`crate::ingest::Grouper`]).
+//! hours' other readings: 0.66–0.72 s of server time for the 12 corrections. Objects too large
+//! to hold stage theirs as they stream, and a group of small objects stages its rows tagged with
+//! their versions ([`crate::ingest::Grouper`]).
 
 use std::pin::Pin;
 
@@ -223,8 +223,9 @@ const COPY_HELD: &str =
     "COPY staging_rows (line, sensor_uuid, ts, value) FROM STDIN (FORMAT binary)";
 /// The first step of replacing stored readings with held ones ([`replace_held`]): deletes the
 /// stored rows within each sensor's span (`$2`–`$4`, sensors in key order) that version `$1`
-/// beats, and returns their keys and values. In key order, as every other ingestion locks rows: the settings
-/// of [`KEY_ORDER`] leave the planner a nested loop over the spans with an index scan of each.
+/// beats, and returns their keys and values. In key order, as every other ingestion locks rows:
+/// the settings of [`KEY_ORDER`] leave the planner a nested loop over the spans with an index
+/// scan of each.
 const REPLACED: &str = concat!(
     "DELETE FROM measurements AS target
     USING unnest($2::uuid[], $3::timestamptz[], $4::timestamptz[]) AS w(u, first, last)
@@ -930,11 +931,11 @@ pub async fn merge_held(
 /// ([`REPLACE_HOURS`], then — with `settle` — [`OUTSIDE_HOURS`] and [`EXACT_HOURS`] for the
 /// hours whose bounds it cannot tell; without, those hours are left inexact, their bounds around
 /// the readings', for the detection this transaction queues to settle from the readings it
-/// holds: `crate::alerts`); the counts and the page index do not change. Returns the [`Link`]s of the hours
-/// it wrote (their rollup rows' writers, read and locked by [`HOURS_BEFORE`]); or `None`,
-/// having written nothing the caller must keep (it rolls back to the savepoint and upserts),
-/// when a reading it deleted is not among the held ones (it must stay) or a held reading deleted
-/// none (a new key, or one whose stored reading the version does not beat).
+/// holds: `crate::alerts`); the counts and the page index do not change. Returns the [`Link`]s
+/// of the hours it wrote (their rollup rows' writers, read and locked by [`HOURS_BEFORE`]); or
+/// `None`, having written nothing the caller must keep (it rolls back to the savepoint and
+/// upserts), when a reading it deleted is not among the held ones (it must stay) or a held
+/// reading deleted none (a new key, or one whose stored reading the version does not beat).
 ///
 /// Why every held key must have been deleted: the delete locks rows in key order, as every
 /// writer does, but the `COPY` then goes through the keys a second time. A key it inserts
