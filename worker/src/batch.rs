@@ -191,8 +191,7 @@ pub async fn ingest_all(
         // detection waits on round trips between its steps (12 re-uploaded objects of 100,000
         // readings on 2 cores, read back: 1.10–1.27 s on 2 connections, 0.93–1.04 s on 4).
         let ids: Vec<i64> = corrections.iter().flatten().copied().collect();
-        let fresh: Vec<&sensor_pipeline::ingest::Fresh> = corrected.iter().map(|f| &**f).collect();
-        match crate::detect::corrections(alerts, &ids, &fresh, concurrency * 2).await {
+        match crate::detect::corrections(alerts, ids, corrected, concurrency * 2).await {
             Ok(d) => *summary.anomalies.get_or_insert(0) += d.opened.len() as u64,
             Err(e) => {
                 warn!(objects = corrections.len(), error = %e, "anomaly detection failed; the workers retry it");
