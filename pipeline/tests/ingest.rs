@@ -471,6 +471,37 @@ fn own_new() -> String {
     )
 }
 
+/// A correction whose span reaches outside the years 1 to 9999 (year 0 here) cannot name its
+/// span in the replacing `DELETE`'s literals: its readings are upserted instead, to the same end
+/// state.
+#[tokio::test]
+async fn a_correction_of_readings_in_year_0_is_upserted() {
+    let h = Harness::without_detection().await;
+    let csv = |a: f64, b: f64| {
+        format!(
+            "timestamp;sensor_uuid;sensor_value\n\
+             0000-06-01T00:00:00Z;{U1};{a}\n\
+             2013-01-20T08:00:00Z;{U1};{b}\n"
+        )
+    };
+    assert_done(
+        &h.put_and_ingest("timeseries/old.csv", csv(1.0, 2.0)).await,
+        2,
+        0,
+    );
+    h.put_written("timeseries/new.csv", csv(3.0, 4.0), 60).await;
+    let outcome = h.ingestor.ingest("timeseries/new.csv", None).await;
+    assert_done(&outcome.unwrap(), 2, 0);
+    assert_eq!(
+        h.readings().await,
+        vec![
+            // Year 0 is 1 BC, which `to_char` writes as year 0001.
+            reading(U1, "0001-06-01T00:00:00.000000Z", 3.0),
+            reading(U1, "2013-01-20T08:00:00.000000Z", 4.0),
+        ]
+    );
+}
+
 /// A correction that rewrites readings it has (the stored readings within its span are exactly
 /// its keys) replaces them: the stored rows are deleted and its readings copied in, and the
 /// rollup stays exact — an hour whose extremes it removed is recomputed, an hour it removed only
@@ -515,7 +546,7 @@ async fn a_correction_of_its_own_readings_replaces_them_and_keeps_the_rollup_exa
         waiting
     };
     let (outcome, waiting) = tokio::join!(ingest, watch);
-    assert_eq!(waiting, "DELETE FROM measurements AS ta");
+    assert_eq!(waiting, "COPY (DELETE FROM measurements");
     assert_done(&outcome.unwrap(), 6, 0);
     assert_eq!(
         h.readings().await,

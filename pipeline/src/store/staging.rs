@@ -222,17 +222,21 @@ const WIDEN_HOURS: &str = concat!(
 const COPY_HELD: &str =
     "COPY staging_rows (line, sensor_uuid, ts, value) FROM STDIN (FORMAT binary)";
 /// The first step of replacing stored readings with held ones ([`replace_held`]): deletes the
-/// stored rows within each sensor's span (`$2`–`$4`, sensors in key order) that version `$1`
-/// beats, and returns their keys and values. In key order, as every other ingestion locks rows:
-/// the settings of [`KEY_ORDER`] leave the planner a nested loop over the spans with an index
-/// scan of each.
+/// stored rows within each sensor's span (`$sensors`, `$firsts`, `$lasts`, sensors in key order)
+/// that version `$version` beats, and sends their keys and values back as a binary `COPY`. In key
+/// order, as every other ingestion locks rows: the settings of [`KEY_ORDER`] leave the planner a
+/// nested loop over the spans with an index scan of each. A `COPY` takes no parameters: the
+/// placeholders are replaced by literals ([`replaced_statement`]). Sending the rows as `COPY`
+/// data rather than `RETURNING` rows spares the server the result's tuple store and the worker a
+/// row object per reading.
 const REPLACED: &str = concat!(
-    "DELETE FROM measurements AS target
-    USING unnest($2::uuid[], $3::timestamptz[], $4::timestamptz[]) AS w(u, first, last)
+    "COPY (DELETE FROM measurements AS target
+    USING unnest($sensors::uuid[], $firsts::timestamptz[], $lasts::timestamptz[])
+        AS w(u, first, last)
     WHERE target.sensor_uuid = w.u AND target.ts >= w.first AND target.ts <= w.last AND ",
-    version_beats!("$1::bigint", "target.version"),
+    version_beats!("$version::bigint", "target.version"),
     "
-    RETURNING target.sensor_uuid, target.ts, target.value"
+    RETURNING target.sensor_uuid, target.ts, target.value) TO STDOUT (FORMAT binary)"
 );
 /// The plan [`REPLACED`] must have (a hash join would scan the whole table, and a bitmap scan
 /// visits rows in the order they lie on disk), for this transaction, until [`ANY_PLAN`].
@@ -372,7 +376,7 @@ pub struct Spans {
 }
 
 /// Readings, low and high of one sensor in one hour.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 struct Hour(i64, f64, f64);
 
 /// The most (sensor, hour) pairs of an object gathered for the rollup (40 bytes each).
@@ -902,7 +906,18 @@ pub async fn merge_held(
         false => copy_new(tx, version, &sensors, held, &spans)
             .await
             .map(|()| Some(Vec::new())),
-        true => replace_held(tx, version, &sensors, &params, held, &spans, !detect).await,
+        true => {
+            replace_held(
+                tx,
+                version,
+                &sensors,
+                (&firsts, &lasts),
+                held,
+                &spans,
+                !detect,
+            )
+            .await
+        }
     };
     match written {
         Ok(Some(links)) => {
@@ -953,45 +968,43 @@ async fn replace_held(
     tx: &deadpool_postgres::Transaction<'_>,
     version: i64,
     sensors: &[uuid::Uuid],
-    spans: &[&(dyn tokio_postgres::types::ToSql + Sync); 3],
+    (firsts, lasts): (
+        &[chrono::DateTime<chrono::Utc>],
+        &[chrono::DateTime<chrono::Utc>],
+    ),
     held: &Held,
     written: &Spans,
     settle: bool,
 ) -> Result<Option<Vec<Link>>, tokio_postgres::Error> {
     use futures_util::TryStreamExt;
-    let replaced = tx.prepare_cached(REPLACED).await?;
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
-        [&version, spans[0], spans[1], spans[2]];
-    // Per (sensor, hour): the readings removed, their low and high.
-    let mut removed: std::collections::HashMap<(uuid::Uuid, i64), Hour> = Default::default();
-    let deleted = async {
-        let rows = tx.query_raw(&replaced, params).await?;
-        let mut rows = std::pin::pin!(rows);
-        while let Some(row) = rows.try_next().await? {
-            let u: uuid::Uuid = row.get(0);
-            let at = row
-                .get::<_, chrono::DateTime<chrono::Utc>>(1)
-                .timestamp_micros();
-            let value: f64 = row.get(2);
-            let own = held
-                .get(&u)
-                .is_some_and(|r| r.binary_search_by_key(&at, |r| r.0).is_ok());
-            if !own {
-                return Ok(false);
-            }
-            let hour = at.div_euclid(HOUR_MICROS) * HOUR_MICROS;
-            let h = removed.entry((u, hour)).or_insert(Hour(0, value, value));
-            h.0 += 1;
-            h.1 = h.1.min(value);
-            h.2 = h.2.max(value);
-        }
-        Ok::<_, tokio_postgres::Error>(true)
+    use tokio_postgres::binary_copy::BinaryCopyOutStream;
+    use tokio_postgres::types::Type;
+    let Some(statement) = replaced_statement(version, sensors, firsts, lasts) else {
+        return Ok(None);
     };
-    let (set, all_own) = tokio::join!(tx.batch_execute(KEY_ORDER), deleted);
+    let deleted = async {
+        let rows = tx.copy_out(statement.as_str()).await?;
+        let rows = BinaryCopyOutStream::new(rows, &[Type::UUID, Type::TIMESTAMPTZ, Type::FLOAT8]);
+        let mut rows = std::pin::pin!(rows);
+        let mut removed = Removed::default();
+        while let Some(row) = rows.try_next().await? {
+            let at = row
+                .get::<chrono::DateTime<chrono::Utc>>(1)
+                .timestamp_micros();
+            if !removed.add(held, row.get(0), at, row.get(2)) {
+                return Ok(None);
+            }
+        }
+        Ok::<_, tokio_postgres::Error>(Some(removed.finish()))
+    };
+    let (set, removed) = tokio::join!(tx.batch_execute(KEY_ORDER), deleted);
     set?;
+    let Some(removed) = removed? else {
+        return Ok(None);
+    };
     let deleted: i64 = removed.values().map(|h| h.0).sum();
     let keys: usize = held.values().map(Vec::len).sum();
-    if !all_own? || deleted as usize != keys {
+    if deleted as usize != keys {
         return Ok(None);
     }
     let hours = tx.prepare_cached(REPLACE_HOURS).await?;
@@ -1072,6 +1085,124 @@ async fn replace_held(
     let rest = tx.query(&outside, &params).await?;
     recompute_hours(tx, &rest).await?;
     Ok(Some(links))
+}
+
+/// [`REPLACED`] with its placeholders replaced by literals: the version's number and the spans
+/// as array literals (UUIDs and UTC instants to the microsecond, as this code formats them).
+/// `None` for an instant outside the years 1 to 9999, which PostgreSQL does not read in that
+/// form (the readings are then upserted: [`merge_held`]).
+fn replaced_statement(
+    version: i64,
+    sensors: &[uuid::Uuid],
+    firsts: &[chrono::DateTime<chrono::Utc>],
+    lasts: &[chrono::DateTime<chrono::Utc>],
+) -> Option<String> {
+    use chrono::Datelike as _;
+    use std::fmt::Write as _;
+    if !firsts
+        .iter()
+        .chain(lasts)
+        .all(|t| (1..=9999).contains(&t.year()))
+    {
+        return None;
+    }
+    fn array<T>(items: &[T], mut each: impl FnMut(&mut String, &T)) -> String {
+        let mut s = String::from("'{");
+        for (i, item) in items.iter().enumerate() {
+            if i > 0 {
+                s.push(',');
+            }
+            each(&mut s, item);
+        }
+        s.push_str("}'");
+        s
+    }
+    let instants = |at: &[chrono::DateTime<chrono::Utc>]| {
+        array(at, |s, t| {
+            let _ = write!(s, "{}", t.format("%Y-%m-%dT%H:%M:%S%.6fZ"));
+        })
+    };
+    let statement = REPLACED
+        .replace("$version", &version.to_string())
+        .replace(
+            "$sensors",
+            &array(sensors, |s, u| {
+                let _ = write!(s, "{u}");
+            }),
+        )
+        .replace("$firsts", &instants(firsts))
+        .replace("$lasts", &instants(lasts));
+    Some(statement)
+}
+
+/// The readings a replacement deleted, per (sensor, hour): how many, their low and high. They
+/// arrive in key order, so each is checked against the held readings by walking them, and
+/// gathered into its hour until the next hour begins.
+#[derive(Default)]
+struct Removed {
+    hours: std::collections::HashMap<(uuid::Uuid, i64), Hour>,
+    /// The sensor of the last reading, the place after it among the held readings, and its hour.
+    at: Option<(uuid::Uuid, usize, i64, Hour)>,
+}
+
+impl Removed {
+    /// Adds a deleted reading; false when it is not one of the held readings.
+    fn add(&mut self, held: &Held, sensor: uuid::Uuid, at: i64, value: f64) -> bool {
+        let Some(readings) = held.get(&sensor) else {
+            return false;
+        };
+        let hour = at.div_euclid(HOUR_MICROS) * HOUR_MICROS;
+        let mut place = match self.at {
+            Some((u, place, ..)) if u == sensor => place,
+            _ => 0,
+        };
+        while place < readings.len() && readings[place].0 < at {
+            place += 1;
+        }
+        if readings.get(place).is_none_or(|r| r.0 != at) {
+            // Out of order (the next reading is not further on): look it up.
+            match readings.binary_search_by_key(&at, |r| r.0) {
+                Ok(i) => place = i,
+                Err(_) => return false,
+            }
+        }
+        match &mut self.at {
+            Some((u, p, h, sum)) if *u == sensor && *h == hour => {
+                *p = place + 1;
+                sum.0 += 1;
+                sum.1 = sum.1.min(value);
+                sum.2 = sum.2.max(value);
+            }
+            current => {
+                if let Some((u, _, h, sum)) = current.take() {
+                    self.hours
+                        .entry((u, h))
+                        .or_insert(Hour(0, sum.1, sum.2))
+                        .absorb(sum);
+                }
+                *current = Some((sensor, place + 1, hour, Hour(1, value, value)));
+            }
+        }
+        true
+    }
+
+    fn finish(mut self) -> std::collections::HashMap<(uuid::Uuid, i64), Hour> {
+        if let Some((u, _, h, sum)) = self.at.take() {
+            self.hours
+                .entry((u, h))
+                .or_insert(Hour(0, sum.1, sum.2))
+                .absorb(sum);
+        }
+        self.hours
+    }
+}
+
+impl Hour {
+    fn absorb(&mut self, other: Hour) {
+        self.0 += other.0;
+        self.1 = self.1.min(other.1);
+        self.2 = self.2.max(other.2);
+    }
 }
 
 /// [`COPY_NEW`] of the held readings of `sensors` (in key order) as version `version`, then
@@ -1246,6 +1377,107 @@ async fn queue(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Sensor, hour, readings, low and high.
+    type RemovedHour = (u128, i64, i64, f64, f64);
+
+    /// The removed readings of `deleted` (sensor, instant, value) in the order given, by hour;
+    /// `None` when one is not held.
+    fn removed(held: &Held, deleted: &[(u128, i64, f64)]) -> Option<Vec<RemovedHour>> {
+        let mut r = Removed::default();
+        for &(u, at, value) in deleted {
+            if !r.add(held, uuid::Uuid::from_u128(u), at, value) {
+                return None;
+            }
+        }
+        let mut hours: Vec<_> = r
+            .finish()
+            .into_iter()
+            .map(|((u, h), s)| (u.as_u128(), h, s.0, s.1, s.2))
+            .collect();
+        hours.sort_by_key(|h| (h.0, h.1));
+        Some(hours)
+    }
+
+    #[test]
+    fn removed_readings_are_checked_against_the_held_ones_and_gathered_by_hour() {
+        const H: i64 = HOUR_MICROS;
+        let held: Held = [
+            (
+                uuid::Uuid::from_u128(1),
+                vec![(5, 1.0), (H - 1, 3.0), (H, 2.0), (H + 9, 0.5)],
+            ),
+            (uuid::Uuid::from_u128(2), vec![(-1, 7.0), (7, 8.0)]),
+        ]
+        .into();
+        let in_order = [
+            (1, 5, 1.5),
+            (1, H - 1, -3.0),
+            (1, H, 2.0),
+            (1, H + 9, 4.0),
+            (2, -1, 6.0),
+            (2, 7, 9.0),
+        ];
+        let expected = Some(vec![
+            (1, 0, 2, -3.0, 1.5),
+            (1, H, 2, 2.0, 4.0),
+            (2, -H, 1, 6.0, 6.0),
+            (2, 0, 1, 9.0, 9.0),
+        ]);
+        assert_eq!(removed(&held, &in_order), expected);
+        // Out of order (another plan): each reading is looked up, and an hour met twice adds up.
+        let mut shuffled = in_order;
+        shuffled.reverse();
+        shuffled.swap(0, 3);
+        assert_eq!(removed(&held, &shuffled), expected);
+        // Some held readings not removed: the ones removed still add up (the caller compares
+        // the counts).
+        assert_eq!(
+            removed(&held, &[(1, H, 2.0)]),
+            Some(vec![(1, H, 1, 2.0, 2.0)])
+        );
+        // A removed reading that is not held, between two held ones, after the last, of
+        // another sensor.
+        assert_eq!(removed(&held, &[(1, 5, 1.0), (1, 6, 1.0)]), None);
+        assert_eq!(removed(&held, &[(1, H + 10, 1.0)]), None);
+        assert_eq!(removed(&held, &[(3, 5, 1.0)]), None);
+    }
+
+    #[test]
+    fn the_replacing_delete_gets_its_spans_as_literals() {
+        let at = |us| chrono::DateTime::from_timestamp_micros(us).unwrap();
+        let statement = replaced_statement(
+            (1_356_998_400 << 24) + 7,
+            &[uuid::Uuid::from_u128(1), uuid::Uuid::from_u128(0xab)],
+            &[at(0), at(1_356_998_400_000_001)],
+            &[at(-1), at(1_356_998_401_500_000)],
+        );
+        let statement = statement.unwrap();
+        assert!(!statement.contains('$'), "{statement}");
+        assert!(statement.contains(
+            "unnest('{00000000-0000-0000-0000-000000000001,00000000-0000-0000-0000-0000000000ab}'::uuid[], \
+             '{1970-01-01T00:00:00.000000Z,2013-01-01T00:00:00.000001Z}'::timestamptz[], \
+             '{1969-12-31T23:59:59.999999Z,2013-01-01T00:00:01.500000Z}'::timestamptz[])"
+        ), "{statement}");
+        assert!(
+            statement.contains("((22766655268454407::bigint >> 24)"),
+            "{statement}"
+        );
+        let year = |y| {
+            chrono::NaiveDate::from_ymd_opt(y, 1, 1)
+                .unwrap()
+                .and_hms_opt(0, 0, 0)
+                .unwrap()
+                .and_utc()
+        };
+        let u = [uuid::Uuid::from_u128(1)];
+        assert!(replaced_statement(1, &u, &[year(1)], &[year(9999)]).is_some());
+        assert_eq!(replaced_statement(1, &u, &[year(0)], &[year(2013)]), None);
+        assert_eq!(
+            replaced_statement(1, &u, &[year(2013)], &[year(10000)]),
+            None
+        );
+    }
 
     #[test]
     fn spans_gather_hours_until_too_many() {
