@@ -658,6 +658,49 @@ async fn a_correction_leaves_the_hours_it_cannot_tell_to_its_detection() {
     assert_eq!(h.readings().await.len(), 10);
 }
 
+/// A correction whose span holds an older reading it does not have (another object's, which it
+/// beats) must not remove it: the replacing `DELETE` meets it among the rows it streams back,
+/// the worker stops reading there, rolls back and upserts, and the reading stays.
+#[tokio::test]
+async fn a_correction_missing_an_older_reading_in_its_span_keeps_it() {
+    let h = Harness::without_detection().await;
+    let old = format!(
+        "timestamp;sensor_uuid;sensor_value\n\
+         2013-01-20T08:00:00Z;{U1};1\n\
+         2013-01-20T08:10:00Z;{U1};2\n\
+         2013-01-20T08:20:00Z;{U1};3\n\
+         2013-01-20T08:30:00Z;{U1};4\n\
+         2013-01-20T08:40:00Z;{U1};5\n"
+    );
+    assert_done(&h.put_and_ingest("timeseries/old.csv", old).await, 5, 0);
+    let new = format!(
+        "timestamp;sensor_uuid;sensor_value\n\
+         2013-01-20T08:00:00Z;{U1};10\n\
+         2013-01-20T08:20:00Z;{U1};30\n\
+         2013-01-20T08:30:00Z;{U1};40\n\
+         2013-01-20T08:40:00Z;{U1};50\n"
+    );
+    h.put_written("timeseries/new.csv", new, 60).await;
+    let outcome = h.ingestor.ingest("timeseries/new.csv", None).await;
+    assert_done(&outcome.unwrap(), 4, 0);
+    assert_eq!(
+        h.readings().await,
+        vec![
+            reading(U1, "2013-01-20T08:00:00.000000Z", 10.0),
+            reading(U1, "2013-01-20T08:10:00.000000Z", 2.0),
+            reading(U1, "2013-01-20T08:20:00.000000Z", 30.0),
+            reading(U1, "2013-01-20T08:30:00.000000Z", 40.0),
+            reading(U1, "2013-01-20T08:40:00.000000Z", 50.0),
+        ]
+    );
+    // The connection is fine after the abandoned stream: another correction is replaced.
+    let newer = format!("timestamp;sensor_uuid;sensor_value\n2013-01-20T08:10:00Z;{U1};20\n");
+    h.put_written("timeseries/newer.csv", newer, 120).await;
+    let outcome = h.ingestor.ingest("timeseries/newer.csv", None).await;
+    assert_done(&outcome.unwrap(), 1, 0);
+    assert_eq!(h.readings().await[1].2, 20.0);
+}
+
 /// A correction whose span holds a newer reading it does not have (written later than the
 /// correction) replaces only what it beats: the newer reading stays, and the hour it shares with
 /// it — whose bounds neither the readings removed nor those outside the correction's span tell —
