@@ -664,41 +664,61 @@ async fn a_correction_leaves_the_hours_it_cannot_tell_to_its_detection() {
 #[tokio::test]
 async fn a_correction_missing_an_older_reading_in_its_span_keeps_it() {
     let h = Harness::without_detection().await;
-    let old = format!(
-        "timestamp;sensor_uuid;sensor_value\n\
-         2013-01-20T08:00:00Z;{U1};1\n\
-         2013-01-20T08:10:00Z;{U1};2\n\
-         2013-01-20T08:20:00Z;{U1};3\n\
-         2013-01-20T08:30:00Z;{U1};4\n\
-         2013-01-20T08:40:00Z;{U1};5\n"
-    );
-    assert_done(&h.put_and_ingest("timeseries/old.csv", old).await, 5, 0);
-    let new = format!(
-        "timestamp;sensor_uuid;sensor_value\n\
-         2013-01-20T08:00:00Z;{U1};10\n\
-         2013-01-20T08:20:00Z;{U1};30\n\
-         2013-01-20T08:30:00Z;{U1};40\n\
-         2013-01-20T08:40:00Z;{U1};50\n"
-    );
-    h.put_written("timeseries/new.csv", new, 60).await;
+    let old = [
+        ("08:00", 1.0),
+        ("08:10", 2.0),
+        ("08:20", 3.0),
+        ("08:30", 4.0),
+        ("08:40", 5.0),
+    ];
+    let new = [
+        ("08:00", 10.0),
+        ("08:20", 30.0),
+        ("08:30", 40.0),
+        ("08:40", 50.0),
+    ];
+    let outcome = h
+        .put_and_ingest("timeseries/old.csv", u1_on_jan_20(&old))
+        .await;
+    assert_done(&outcome, 5, 0);
+    h.put_written("timeseries/new.csv", u1_on_jan_20(&new), 60)
+        .await;
     let outcome = h.ingestor.ingest("timeseries/new.csv", None).await;
     assert_done(&outcome.unwrap(), 4, 0);
-    assert_eq!(
-        h.readings().await,
-        vec![
-            reading(U1, "2013-01-20T08:00:00.000000Z", 10.0),
-            reading(U1, "2013-01-20T08:10:00.000000Z", 2.0),
-            reading(U1, "2013-01-20T08:20:00.000000Z", 30.0),
-            reading(U1, "2013-01-20T08:30:00.000000Z", 40.0),
-            reading(U1, "2013-01-20T08:40:00.000000Z", 50.0),
-        ]
-    );
+    let end = [
+        ("08:00", 10.0),
+        ("08:10", 2.0),
+        ("08:20", 30.0),
+        ("08:30", 40.0),
+        ("08:40", 50.0),
+    ];
+    assert_eq!(h.readings().await, u1_readings_on_jan_20(&end));
     // The connection is fine after the abandoned stream: another correction is replaced.
-    let newer = format!("timestamp;sensor_uuid;sensor_value\n2013-01-20T08:10:00Z;{U1};20\n");
-    h.put_written("timeseries/newer.csv", newer, 120).await;
+    h.put_written(
+        "timeseries/newer.csv",
+        u1_on_jan_20(&[("08:10", 20.0)]),
+        120,
+    )
+    .await;
     let outcome = h.ingestor.ingest("timeseries/newer.csv", None).await;
     assert_done(&outcome.unwrap(), 1, 0);
     assert_eq!(h.readings().await[1].2, 20.0);
+}
+
+/// A measurement file of sensor U1 on 2013-01-20 (time of day `HH:MM`, value).
+fn u1_on_jan_20(rows: &[(&str, f64)]) -> String {
+    let mut csv = String::from("timestamp;sensor_uuid;sensor_value\n");
+    for (at, value) in rows {
+        csv.push_str(&format!("2013-01-20T{at}:00Z;{U1};{value}\n"));
+    }
+    csv
+}
+
+/// The stored readings [`u1_on_jan_20`] writes, as [`Harness::readings`] lists them.
+fn u1_readings_on_jan_20(rows: &[(&str, f64)]) -> Vec<(String, String, f64)> {
+    rows.iter()
+        .map(|(at, value)| reading(U1, &format!("2013-01-20T{at}:00.000000Z"), *value))
+        .collect()
 }
 
 /// A correction whose span holds a newer reading it does not have (written later than the
