@@ -215,12 +215,14 @@ pub async fn corrections(
     });
     let mut total = Detected::default();
     for result in futures_util::future::join_all(runs).await {
-        match result {
-            Ok(d) => total.absorb(d?),
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
-        }
+        total.absorb(joined(result)?);
     }
     Ok(total)
+}
+
+/// The result of a detection task; its panic, resumed.
+fn joined<T>(result: Result<T, tokio::task::JoinError>) -> T {
+    result.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
 }
 
 /// Detects due work sensor by sensor (stopping early on `stop`), counting each step.
@@ -269,22 +271,26 @@ pub async fn history(
     ) {
         bar.set_style(style.progress_chars("=> "));
     }
-    // `parallel` loops, each taking the next sensor nobody is detecting.
-    let opened = AtomicUsize::new(0);
-    let run = || async {
-        let mut done = Detected::default();
-        while let Some(d) = alerts.detect_next(None).await? {
-            opened.fetch_add(d.opened.len(), SeqCst);
-            done.absorb(d);
-            let left = alerts.queued(Some(HISTORY)).await?;
-            bar.set_position(total.saturating_sub(left));
-            bar.set_message(format!("{} anomalies", opened.load(SeqCst)));
-        }
-        Ok::<_, AlertError>(done)
+    // `parallel` loops, each taking the next sensor nobody is detecting, each in a task of its
+    // own so that the detectors run on every core.
+    let opened = std::sync::Arc::new(AtomicUsize::new(0));
+    let run = || {
+        let (alerts, bar, opened) = (alerts.clone(), bar.clone(), opened.clone());
+        tokio::spawn(async move {
+            let mut done = Detected::default();
+            while let Some(d) = alerts.detect_next(None).await? {
+                opened.fetch_add(d.opened.len(), SeqCst);
+                done.absorb(d);
+                let left = alerts.queued(Some(HISTORY)).await?;
+                bar.set_position(total.saturating_sub(left));
+                bar.set_message(format!("{} anomalies", opened.load(SeqCst)));
+            }
+            Ok::<_, AlertError>(done)
+        })
     };
     let mut done = Detected::default();
     for result in futures_util::future::join_all((0..parallel.max(1)).map(|_| run())).await {
-        done.absorb(result?);
+        done.absorb(joined(result)?);
     }
     bar.finish_and_clear();
     match publish {
