@@ -457,10 +457,10 @@ impl Spans {
             self.overflowed = true;
             return;
         }
-        let h = hours.entry((sensor, hour)).or_insert(Hour(0, value, value));
-        h.0 += 1;
-        h.1 = h.1.min(value);
-        h.2 = h.2.max(value);
+        hours
+            .entry((sensor, hour))
+            .or_insert(Hour(0, value, value))
+            .add(value);
     }
 }
 
@@ -1169,35 +1169,38 @@ impl Removed {
         match &mut self.at {
             Some((u, p, h, sum)) if *u == sensor && *h == hour => {
                 *p = place + 1;
-                sum.0 += 1;
-                sum.1 = sum.1.min(value);
-                sum.2 = sum.2.max(value);
+                sum.add(value);
             }
-            current => {
-                if let Some((u, _, h, sum)) = current.take() {
-                    self.hours
-                        .entry((u, h))
-                        .or_insert(Hour(0, sum.1, sum.2))
-                        .absorb(sum);
-                }
-                *current = Some((sensor, place + 1, hour, Hour(1, value, value)));
+            _ => {
+                self.flush();
+                self.at = Some((sensor, place + 1, hour, Hour(1, value, value)));
             }
         }
         true
     }
 
-    fn finish(mut self) -> std::collections::HashMap<(uuid::Uuid, i64), Hour> {
+    /// Adds the hour being gathered to the others.
+    fn flush(&mut self) {
         if let Some((u, _, h, sum)) = self.at.take() {
             self.hours
                 .entry((u, h))
                 .or_insert(Hour(0, sum.1, sum.2))
                 .absorb(sum);
         }
+    }
+
+    fn finish(mut self) -> std::collections::HashMap<(uuid::Uuid, i64), Hour> {
+        self.flush();
         self.hours
     }
 }
 
 impl Hour {
+    /// One more reading.
+    fn add(&mut self, value: f64) {
+        self.absorb(Hour(1, value, value));
+    }
+
     fn absorb(&mut self, other: Hour) {
         self.0 += other.0;
         self.1 = self.1.min(other.1);
