@@ -19,6 +19,7 @@
 
 pub mod bench;
 pub mod data;
+pub mod nab;
 pub mod nats_auth;
 mod processes;
 mod s3;

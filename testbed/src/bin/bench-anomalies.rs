@@ -3,7 +3,15 @@
 //! ```text
 //! cargo build --release -p sensors-worker -p query-cli -p testbed
 //! target/release/bench-anomalies [--bench ../shared/anomaly-bench] [--skip-speed]
+//! target/release/bench-anomalies --loco [--bench ../shared/anomaly-bench]
 //! ```
+//!
+//! `--loco` runs only the discipline against tuning to the bench, in-process (no servers): every
+//! setting of the grid below runs over every series; for each category with windows, the setting
+//! that scores best on all the *other* series is chosen and the left-out category is scored with
+//! it. It prints the four left-out scores, the whole bench tuned on everything, and what the
+//! shipped default scores — the five figures a commit that touches detection reports. A change
+//! that raises the whole bench while lowering the left-out mean is not kept.
 //!
 //! 1. Quality: every series of `<bench>/data/` (NAB files, `timestamp,value`, read as UTC) becomes
 //!    one sensor named after its file, is uploaded as a CSV object and ingested with
@@ -36,6 +44,9 @@ struct Args {
     /// Only the quality part.
     #[arg(long)]
     skip_speed: bool,
+    /// Only the leave-one-category-out protocol, in-process (see the module doc).
+    #[arg(long)]
+    loco: bool,
     /// Also write a PNG per labelled series into this folder (`query-cli plot`).
     #[arg(long, value_name = "DIR")]
     plots: Option<PathBuf>,
@@ -138,9 +149,125 @@ fn median_of(binary: &Path, vars: &[(String, String)], args: &[&str]) -> Result<
     Ok((testbed::bench::median(&runs), peak))
 }
 
+/// The settings the protocol chooses among: the detector's one free constant is its threshold,
+/// which `--sensitivity` divides (1 is what ships).
+const GRID: [f64; 9] = [0.5, 0.6, 0.7, 0.85, 1.0, 1.2, 1.4, 1.7, 2.0];
+
+/// Every series' tally for each setting of the grid (all cores, series split among them).
+fn run_grid(series: &[testbed::nab::Series]) -> Vec<Vec<testbed::nab::Tally>> {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    GRID.iter()
+        .map(|&sensitivity| {
+            std::thread::scope(|scope| {
+                let chunks = series.chunks(series.len().div_ceil(threads).max(1));
+                let handles: Vec<_> = chunks
+                    .map(|chunk| {
+                        scope.spawn(move || {
+                            chunk
+                                .iter()
+                                .map(|s| {
+                                    let found = sensor_pipeline::anomaly::detect(
+                                        s.readings.iter().copied(),
+                                        sensitivity,
+                                    );
+                                    let alarms: Vec<i64> = found.iter().map(|a| a.start).collect();
+                                    testbed::nab::score(s, &alarms)
+                                })
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .flat_map(|h| h.join().expect("detector thread"))
+                    .collect()
+            })
+        })
+        .collect()
+}
+
+/// The leave-one-category-out protocol (module doc).
+fn loco(bench: &Path) -> Result<()> {
+    use testbed::nab::{by_category, Tally};
+    let series = testbed::nab::load(bench)?;
+    let started = Instant::now();
+    let runs = run_grid(&series);
+    // The score over the series `keep` selects, for grid setting `g`.
+    let score_of = |g: usize, keep: &dyn Fn(&str) -> bool| {
+        let mut t = Tally::default();
+        for (s, tally) in series.iter().zip(&runs[g]) {
+            if keep(&s.category) {
+                t.add(tally);
+            }
+        }
+        t
+    };
+    let best = |keep: &dyn Fn(&str) -> bool| {
+        (0..GRID.len())
+            .map(|g| (g, score_of(g, keep).score().unwrap_or(f64::NEG_INFINITY)))
+            .max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0)))
+            .map_or(0, |(g, _)| g)
+    };
+    let shipped = GRID
+        .iter()
+        .position(|&s| s == 1.0)
+        .context("1.0 in the grid")?;
+    let categories = by_category(&series, &runs[shipped]);
+    println!(
+        "leave-one-category-out over sensitivity {GRID:?} ({} series, {:.1} s)",
+        series.len(),
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "{:<24} {:>8} {:>7}   shipped (sensitivity 1)",
+        "category", "left out", "chosen"
+    );
+    let mut left_out = Vec::new();
+    for (category, shipped_tally) in categories.iter().filter(|(c, _)| **c != "all") {
+        let Some(shipped_score) = shipped_tally.score() else {
+            // No windows (artificialNoAnomaly): only its false alarms say anything.
+            println!(
+                "{category:<24} {:>8} {:>7}   {} false alarms",
+                "-", "-", shipped_tally.false_alarms
+            );
+            continue;
+        };
+        let g = best(&|c: &str| c != *category);
+        let held = score_of(g, &|c: &str| c == *category);
+        left_out.push(held.score().unwrap_or_default());
+        println!(
+            "{category:<24} {:>8.1} {:>7}   {shipped_score:5.1} ({}/{} windows, {} false alarms)",
+            held.score().unwrap_or_default(),
+            GRID[g],
+            shipped_tally.hits,
+            shipped_tally.windows,
+            shipped_tally.false_alarms
+        );
+    }
+    let g = best(&|_: &str| true);
+    let all = categories["all"];
+    println!(
+        "whole bench, tuned on all: {:.1} (sensitivity {}); shipped: {:.1} ({}/{} windows, {} false alarms)",
+        score_of(g, &|_: &str| true).score().unwrap_or_default(),
+        GRID[g],
+        all.score().unwrap_or_default(),
+        all.hits,
+        all.windows,
+        all.false_alarms
+    );
+    println!(
+        "left-out mean: {:.1}",
+        left_out.iter().sum::<f64>() / left_out.len().max(1) as f64
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let a = <Args as clap::Parser>::parse();
+    if a.loco {
+        return loco(&a.bench);
+    }
     let worker = testbed::bench::binary(&a.worker, "sensors-worker")?;
     let cli = testbed::bench::binary(&a.query_cli, "query-cli")?;
     let env = testbed::TestEnv::new().await?;
