@@ -30,7 +30,8 @@ impl Health {
         }
     }
 
-    /// `Err` with what is down.
+    /// `Err` with what is down. Every check also sets the `sensors_ready` gauge (1 or 0), so
+    /// Prometheus sees what `/readyz` answers.
     pub async fn check(&self) -> Result<(), String> {
         let check = async {
             if !self.queue.is_connected() {
@@ -42,8 +43,10 @@ impl Health {
             self.dbs.ping().await.map_err(|e| e.to_string())?;
             self.store.ping().await.map_err(|e| e.to_string())
         };
-        tokio::time::timeout(CHECK_TIMEOUT, check)
+        let result = tokio::time::timeout(CHECK_TIMEOUT, check)
             .await
-            .unwrap_or_else(|_| Err(format!("no answer within {CHECK_TIMEOUT:?}")))
+            .unwrap_or_else(|_| Err(format!("no answer within {CHECK_TIMEOUT:?}")));
+        metrics::gauge!(crate::telemetry::READY).set(if result.is_ok() { 1.0 } else { 0.0 });
+        result
     }
 }

@@ -27,6 +27,7 @@ pub const DETECTION_ERRORS: &str = "sensors_anomaly_detection_errors_total";
 pub const STRANDED: &str = "sensors_stranded_events_total";
 pub const HELD: &str = "sensors_events_held";
 pub const WAITED: &str = "sensors_dependency_wait_seconds_total";
+pub const READY: &str = "sensors_ready";
 
 /// Installs the process-wide recorder and describes every metric.
 pub fn install() -> anyhow::Result<PrometheusHandle> {
@@ -93,6 +94,11 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         metrics::Unit::Seconds,
         "Seconds spent waiting for a dependency to come back, by what waited (fetch: the \
          consumer, not fetching; event: a held event, summed over events)"
+    );
+    metrics::describe_gauge!(
+        READY,
+        "1 when the last check of the dependencies (NATS, both databases, the object store) passed, \
+         0 when it failed: what /readyz answers"
     );
     Ok(handle)
 }
