@@ -31,6 +31,32 @@ fn env_example_documents_every_setting() {
     }
 }
 
+/// `what` passes only settings a binary reads (a secret may come as `NAME_FILE`), and every
+/// required one.
+fn assert_known_and_complete<'a>(what: &str, passed: impl IntoIterator<Item = &'a str>) {
+    let known = known();
+    let names: BTreeSet<&str> = passed
+        .into_iter()
+        .map(|k| k.strip_suffix("_FILE").unwrap_or(k))
+        .collect();
+    for name in &names {
+        assert!(
+            known.contains(name),
+            "{what} passes {name}, which no binary reads"
+        );
+    }
+    for required in Setting::ALL
+        .iter()
+        .filter(|s| s.required())
+        .map(|s| s.name())
+    {
+        assert!(
+            names.contains(required),
+            "{what} lacks the required {required}"
+        );
+    }
+}
+
 /// A mapping with YAML merge keys (`<<: *anchor`) resolved.
 fn merged(node: &Yaml) -> yaml_rust2::yaml::Hash {
     let mut out = yaml_rust2::yaml::Hash::new();
@@ -54,7 +80,6 @@ fn compose_passes_known_settings_and_every_required_one() {
     let Yaml::Hash(services) = services else {
         panic!("no services")
     };
-    let known = known();
     let mut pipeline_services = Vec::new();
     for (name, service) in services {
         let name = name.as_str().unwrap();
@@ -72,23 +97,7 @@ fn compose_passes_known_settings_and_every_required_one() {
             .unwrap_or_else(|| panic!("{name} has no environment"));
         let env = merged(env);
         let passed: BTreeSet<&str> = env.keys().filter_map(Yaml::as_str).collect();
-        for key in &passed {
-            let base = key.strip_suffix("_FILE").unwrap_or(key);
-            assert!(
-                known.contains(base),
-                "{name} passes {key}, which no binary reads"
-            );
-        }
-        for required in Setting::ALL
-            .iter()
-            .filter(|s| s.required())
-            .map(|s| s.name())
-        {
-            assert!(
-                passed.contains(required) || passed.contains(format!("{required}_FILE").as_str()),
-                "{name} lacks the required {required}"
-            );
-        }
+        assert_known_and_complete(name, passed);
     }
     assert_eq!(
         pipeline_services,
@@ -266,6 +275,11 @@ const DATA_PATHS: &[(&str, &str)] = &[
     ("nats", "/data"),
     // The `minio server /data` command of the service (the image keeps nothing elsewhere).
     ("minio/minio", "/data"),
+    // prometheus/prometheus, Dockerfile: `VOLUME [ "/prometheus" ]` and
+    // `--storage.tsdb.path=/prometheus` (the service passes the same).
+    ("prom/prometheus", "/prometheus"),
+    // grafana/grafana, Dockerfile: `GF_PATHS_DATA="/var/lib/grafana"`.
+    ("grafana/grafana", "/var/lib/grafana"),
 ];
 
 #[test]
@@ -303,7 +317,9 @@ fn compose_volumes_are_where_each_image_keeps_its_data() {
             "nats-3",
             "postgres",
             "timescaledb",
-            "minio"
+            "minio",
+            "prometheus",
+            "grafana"
         ]
     );
 }
@@ -363,4 +379,189 @@ fn compose_services_use_their_own_roles() {
         get("MINIO_NOTIFY_NATS_SUBJECT_PRIMARY"),
         Some("minio.events")
     );
+}
+
+/// A YAML file of the repository (one document).
+fn yaml(path: &str) -> Yaml {
+    YamlLoader::load_from_str(&read(path)).unwrap().remove(0)
+}
+
+/// The KEDA trigger reads the consumer `provision` creates, in the account the workers use, with
+/// only the fields KEDA documents for `nats-jetstream` (keda.sh/docs/scalers/nats-jetstream:
+/// natsServerMonitoringEndpoint, account, stream, consumer, lagThreshold, activationLagThreshold,
+/// useHttps); the names agree with the ConfigMap the workers and `provision` read, and with the
+/// consumer file in `nats/`.
+#[test]
+fn the_keda_trigger_reads_the_consumer_provision_creates() {
+    let scaled = yaml("deploy/kubernetes/overlays/keda/scaledobject.yaml");
+    assert_eq!(scaled["apiVersion"].as_str(), Some("keda.sh/v1alpha1"));
+    assert_eq!(scaled["kind"].as_str(), Some("ScaledObject"));
+    assert_eq!(
+        scaled["spec"]["scaleTargetRef"]["name"].as_str(),
+        Some("sensors-worker")
+    );
+    let (min, max) = (
+        scaled["spec"]["minReplicaCount"].as_i64().unwrap(),
+        scaled["spec"]["maxReplicaCount"].as_i64().unwrap(),
+    );
+    assert_eq!((min, max), (1, 10));
+    let Yaml::Array(triggers) = &scaled["spec"]["triggers"] else {
+        panic!("no triggers")
+    };
+    assert_eq!(triggers.len(), 1);
+    assert_eq!(triggers[0]["type"].as_str(), Some("nats-jetstream"));
+    let Yaml::Hash(metadata) = &triggers[0]["metadata"] else {
+        panic!("no metadata")
+    };
+    let documented = [
+        "natsServerMonitoringEndpoint",
+        "account",
+        "stream",
+        "consumer",
+        "lagThreshold",
+        "activationLagThreshold",
+        "useHttps",
+    ];
+    for key in metadata.keys() {
+        let key = key.as_str().unwrap();
+        assert!(documented.contains(&key), "KEDA does not know {key}");
+        // KEDA's metadata values are strings.
+        assert!(
+            metadata[&Yaml::String(key.into())].as_str().is_some(),
+            "{key}"
+        );
+    }
+    let meta = |k: &str| {
+        metadata[&Yaml::String(k.into())]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert!(meta("natsServerMonitoringEndpoint").ends_with(":8222"));
+    assert!(read("nats/nats-server.conf").contains("http_port: 8222"));
+    assert!(read("nats/nats-cluster.conf").contains("http_port: 8222"));
+    assert!(meta("lagThreshold").parse::<u32>().unwrap() > 0);
+
+    let config = yaml("deploy/kubernetes/base/configmap.yaml");
+    let setting = |k: &str| config["data"][k].as_str().unwrap().to_string();
+    assert_eq!(meta("stream"), setting("NATS_STREAM"));
+    assert_eq!(meta("consumer"), setting("NATS_CONSUMER"));
+    // What `provision` creates from the ConfigMap's settings, and by default (nats/ documents it).
+    let nats = |vars: Vec<(&str, String)>| {
+        sensor_pipeline::config::NatsSettings::from_env(&sensor_pipeline::config::Env::from_map(
+            vars,
+        ))
+        .unwrap()
+    };
+    let provisioned = nats(vec![
+        ("NATS_STREAM", setting("NATS_STREAM")),
+        ("NATS_CONSUMER", setting("NATS_CONSUMER")),
+    ]);
+    assert_eq!(
+        (provisioned.stream.as_str(), provisioned.consumer.as_str()),
+        (meta("stream").as_str(), meta("consumer").as_str())
+    );
+    let default = nats(vec![]);
+    assert_eq!(
+        (default.stream, default.consumer),
+        (meta("stream"), meta("consumer"))
+    );
+    let consumer = read("nats/consumer-sensor-ingest.json");
+    assert!(consumer.contains(&format!("\"durable_name\": \"{}\"", meta("consumer"))));
+    // The account the workers' NATS user is in.
+    let accounts = read("nats/accounts.conf");
+    let account = meta("account");
+    let block = accounts
+        .split(&format!("{account} {{"))
+        .nth(1)
+        .unwrap_or_else(|| panic!("no account {account} in nats/accounts.conf"));
+    let block = block.split("\n  }").next().unwrap();
+    assert!(
+        block.contains(&format!("user: {}", setting("NATS_USER"))),
+        "the workers' user is not in {account}"
+    );
+}
+
+/// The Kubernetes manifests pass only settings the binaries read (secrets as `*_FILE`), every
+/// required one, and each pod runs non-root on a read-only root filesystem; the worker's grace
+/// period outlasts its own shutdown; every file a kustomization names exists.
+#[test]
+fn the_kubernetes_manifests_pass_known_settings_and_run_unprivileged() {
+    let config = yaml("deploy/kubernetes/base/configmap.yaml");
+    let Yaml::Hash(data) = &config["data"] else {
+        panic!("no data")
+    };
+    let from_config: BTreeSet<String> = data.keys().map(|k| k.as_str().unwrap().into()).collect();
+    for (file, kind) in [
+        ("deploy/kubernetes/base/worker.yaml", "Deployment"),
+        ("deploy/kubernetes/base/migrate-job.yaml", "Job"),
+        ("deploy/kubernetes/base/provision-job.yaml", "Job"),
+        ("deploy/kubernetes/jobs/backfill.yaml", "Job"),
+    ] {
+        let doc = yaml(file);
+        assert_eq!(doc["kind"].as_str(), Some(kind), "{file}");
+        let pod = &doc["spec"]["template"]["spec"];
+        assert_eq!(
+            pod["securityContext"]["runAsNonRoot"].as_bool(),
+            Some(true),
+            "{file}"
+        );
+        let container = &pod["containers"][0];
+        let security = &container["securityContext"];
+        assert_eq!(
+            security["readOnlyRootFilesystem"].as_bool(),
+            Some(true),
+            "{file}"
+        );
+        assert_eq!(
+            security["allowPrivilegeEscalation"].as_bool(),
+            Some(false),
+            "{file}"
+        );
+        let mut passed = from_config.clone();
+        if let Yaml::Array(env) = &container["env"] {
+            for var in env {
+                let name = var["name"].as_str().unwrap();
+                let value = var["value"].as_str().unwrap_or("");
+                if let Some(base) = name.strip_suffix("_FILE") {
+                    assert!(
+                        value.starts_with("/var/run/secrets/sensor-pipeline/"),
+                        "{file}: {name} is not read from the mounted Secret"
+                    );
+                    passed.insert(base.to_string());
+                } else {
+                    passed.insert(name.to_string());
+                }
+            }
+        }
+        assert_known_and_complete(file, passed.iter().map(String::as_str));
+    }
+    let worker = yaml("deploy/kubernetes/base/worker.yaml");
+    let grace = worker["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        .as_i64()
+        .unwrap();
+    let shutdown: i64 = config["data"]["SHUTDOWN_GRACE_SECS"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        grace > shutdown + 5,
+        "grace {grace} s against the worker's {shutdown} s"
+    );
+    for kustomization in [
+        "deploy/kubernetes/base",
+        "deploy/kubernetes/overlays/keda",
+        "deploy/kubernetes/overlays/hpa",
+        "deploy/kubernetes/overlays/nats-r3",
+    ] {
+        let doc = yaml(&format!("{kustomization}/kustomization.yaml"));
+        let Yaml::Array(resources) = &doc["resources"] else {
+            panic!("{kustomization}: no resources")
+        };
+        for r in resources {
+            let path = format!("{ROOT}/{kustomization}/{}", r.as_str().unwrap());
+            assert!(std::path::Path::new(&path).exists(), "{path} is missing");
+        }
+    }
 }
