@@ -8,7 +8,9 @@
 //!   the recording group runs every second (the scrape and evaluation interval), and range
 //!   windows of minutes are 4 or 8 s;
 //! - KEDA's trigger against JetStream: `provision`, given the Kubernetes ConfigMap's settings,
-//!   creates the consumer the trigger names, whose backlog is what KEDA reads.
+//!   creates the consumer the trigger names, whose backlog is what KEDA reads;
+//! - the dashboard's SQL (readings panel, sensor variable, anomaly annotations) on the migrated
+//!   measurements schema.
 
 mod common;
 
@@ -151,7 +153,7 @@ impl Prometheus {
 
     async fn wait_alert(&self, name: &str, state: Option<&str>, worker: &Worker) {
         let what = format!("{name} to be {state:?}");
-        wait_for(&what, Duration::from_secs(120), &[worker], || async {
+        wait_for(&what, Duration::from_secs(300), &[worker], || async {
             self.alert(name).await.as_deref() == state
         })
         .await;
@@ -282,7 +284,7 @@ async fn prometheus_evaluates_every_rule_and_dashboard_query_and_the_dependency_
     let seen = std::cell::RefCell::new(vec![Vec::<String>::new(); names.len()]);
     wait_for(
         "both alerts pending, then firing",
-        Duration::from_secs(120),
+        Duration::from_secs(300),
         &[&worker],
         || async {
             for (i, name) in names.iter().enumerate() {
@@ -323,4 +325,72 @@ async fn prometheus_evaluates_every_rule_and_dashboard_query_and_the_dependency_
     prometheus
         .wait_alert("SensorsWorkerWaitingOnDependency", None, &worker)
         .await;
+}
+
+/// Every SQL of the dashboard (the readings panel, the `sensor` variable, the anomaly
+/// annotations) runs on the migrated measurements schema, with Grafana's macros expanded as its
+/// PostgreSQL data source expands them, and reads back what was stored.
+#[tokio::test]
+async fn the_dashboard_sql_runs_on_the_measurements_schema() {
+    let p = Pipeline::new().await;
+    let db = testbed::connect(&p.env.measurements_db).await.unwrap();
+    let sensor = "7a3e6c5d-1b2f-4c8e-9d0a-5f6b7c8d9e0f";
+    db.batch_execute(&format!(
+        "INSERT INTO measurements (sensor_uuid, ts, value) VALUES
+             ('{sensor}', '2013-01-01T00:00:30Z', 1), ('{sensor}', '2013-01-01T00:00:50Z', 3);
+         INSERT INTO measurement_days (sensor_uuid, day, readings)
+             VALUES ('{sensor}', '2013-01-01T00:00:00Z', 2);
+         INSERT INTO anomalies (sensor_uuid, kind, start_ts, end_ts, value, expected, score, state,
+                                object_key)
+             VALUES ('{sensor}', 'spike', '2013-01-01T00:00:50Z', '2013-01-01T00:00:50Z', 3, 1,
+                     4.25, 'open', 'timeseries/a.csv')"
+    ))
+    .await
+    .unwrap();
+    let expand = |sql: &str| {
+        sql.replace(
+            "$__timeGroupAlias(ts, $__interval)",
+            "to_timestamp(floor(extract(epoch from ts) / 60) * 60) AS \"time\"",
+        )
+        .replace(
+            "$__timeFilter(ts)",
+            "ts BETWEEN '2013-01-01T00:00:00Z' AND '2013-01-02T00:00:00Z'",
+        )
+        .replace(
+            "$__timeFilter(start_ts)",
+            "start_ts BETWEEN '2013-01-01T00:00:00Z' AND '2013-01-02T00:00:00Z'",
+        )
+        .replace("$sensor", sensor)
+    };
+    let path = format!("{ROOT}/deploy/grafana/dashboards/sensor-pipeline.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let sql = |v: &serde_json::Value| expand(v.as_str().unwrap());
+    let panel = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["datasource"]["uid"] == "timescaledb")
+        .unwrap();
+    let rows = db
+        .query(&sql(&panel["targets"][0]["rawSql"]), &[])
+        .await
+        .unwrap();
+    let averaged: Vec<f64> = rows.iter().map(|r| r.get("value")).collect();
+    assert_eq!(averaged, [2.0]);
+    let variable = &dashboard["templating"]["list"][0];
+    assert_eq!(variable["name"], "sensor");
+    let rows = db.query(&sql(&variable["query"]), &[]).await.unwrap();
+    let sensors: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(sensors, [sensor]);
+    let annotation = &dashboard["annotations"]["list"][0]["target"]["rawSql"];
+    let rows = db.query(&sql(annotation), &[]).await.unwrap();
+    let texts: Vec<(String, String)> = rows
+        .iter()
+        .map(|r| (r.get("text"), r.get("tags")))
+        .collect();
+    assert_eq!(
+        texts,
+        [("spike (score 4.3, open)".to_string(), "spike".to_string())]
+    );
 }
