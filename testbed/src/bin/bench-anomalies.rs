@@ -3,7 +3,7 @@
 //! ```text
 //! cargo build --release -p sensors-worker -p query-cli -p testbed
 //! target/release/bench-anomalies [--bench ../shared/anomaly-bench] [--skip-speed]
-//! target/release/bench-anomalies --loco [--bench ../shared/anomaly-bench]
+//! target/release/bench-anomalies --loco [--files] [--bench ../shared/anomaly-bench]
 //! ```
 //!
 //! `--loco` runs only the discipline against tuning to the bench, in-process (no servers): every
@@ -47,6 +47,9 @@ struct Args {
     /// Only the leave-one-category-out protocol, in-process (see the module doc).
     #[arg(long)]
     loco: bool,
+    /// With `--loco`: also each series' windows hit and false alarms at the shipped setting.
+    #[arg(long, requires = "loco")]
+    files: bool,
     /// Also write a PNG per labelled series into this folder (`query-cli plot`).
     #[arg(long, value_name = "DIR")]
     plots: Option<PathBuf>,
@@ -187,7 +190,7 @@ fn run_grid(series: &[testbed::nab::Series]) -> Vec<Vec<testbed::nab::Tally>> {
 }
 
 /// The leave-one-category-out protocol (module doc).
-fn loco(bench: &Path) -> Result<()> {
+fn loco(bench: &Path, files: bool) -> Result<()> {
     use testbed::nab::{by_category, Tally};
     let series = testbed::nab::load(bench)?;
     let started = Instant::now();
@@ -212,6 +215,14 @@ fn loco(bench: &Path) -> Result<()> {
         .iter()
         .position(|&s| s == 1.0)
         .context("1.0 in the grid")?;
+    if files {
+        for (s, t) in series.iter().zip(&runs[shipped]) {
+            println!(
+                "  {}: windows {}/{}, false alarms {}",
+                s.name, t.hits, t.windows, t.false_alarms
+            );
+        }
+    }
     let categories = by_category(&series, &runs[shipped]);
     println!(
         "leave-one-category-out over sensitivity {GRID:?} ({} series, {:.1} s)",
@@ -266,7 +277,7 @@ fn loco(bench: &Path) -> Result<()> {
 async fn main() -> Result<()> {
     let a = <Args as clap::Parser>::parse();
     if a.loco {
-        return loco(&a.bench);
+        return loco(&a.bench, a.files);
     }
     let worker = testbed::bench::binary(&a.worker, "sensors-worker")?;
     let cli = testbed::bench::binary(&a.query_cli, "query-cli")?;
