@@ -83,13 +83,18 @@ struct MidObject {
 }
 
 impl MidObject {
-    /// Takes the lock, then waits until a worker is blocked on it.
-    async fn hold(p: &Pipeline, workers: &[&Worker]) -> Self {
+    /// Takes the lock: before the upload, so that no worker can commit the object first.
+    async fn lock(p: &Pipeline) -> Self {
         let client = testbed::connect(&p.env.mapping_db).await.unwrap();
         client
             .batch_execute("BEGIN; LOCK TABLE ingest_ledger IN SHARE MODE")
             .await
             .unwrap();
+        Self { client }
+    }
+
+    /// Waits until a worker is blocked on the lock, mid-object.
+    async fn until_waiting(&self, p: &Pipeline, workers: &[&Worker]) {
         wait_for("a worker to wait mid-object", Duration::from_secs(60), workers, || async {
             p.count(
                 "SELECT count(*) FROM pg_locks WHERE relation = 'ingest_ledger'::regclass AND NOT granted",
@@ -98,7 +103,6 @@ impl MidObject {
                 > 0
         })
         .await;
-        Self { client }
     }
 
     async fn release(self) {
@@ -495,8 +499,9 @@ async fn a_worker_killed_at_the_last_delivery_leaves_a_dead_letter_not_a_lost_ev
     .await;
     let mut w1 = p.worker("w1", &[("WORKER_CONCURRENCY", "1")]);
     let key = "timeseries/last.csv";
+    let hold = MidObject::lock(&p).await;
     p.env.s3.put(key, big_file(1000)).await.unwrap();
-    let hold = MidObject::hold(&p, &[&w1]).await;
+    hold.until_waiting(&p, &[&w1]).await;
     w1.signal("KILL");
     assert_eq!(w1.exit_code(Duration::from_secs(10)).await, None);
     hold.release().await;
@@ -549,8 +554,9 @@ async fn sigterm_past_the_grace_period_at_the_last_delivery_dead_letters_the_eve
     .await;
     let mut w1 = p.worker("w1", &[("SHUTDOWN_GRACE_SECS", "0")]);
     let key = "timeseries/last.csv";
+    let hold = MidObject::lock(&p).await;
     p.env.s3.put(key, big_file(1000)).await.unwrap();
-    let hold = MidObject::hold(&p, &[&w1]).await;
+    hold.until_waiting(&p, &[&w1]).await;
     w1.signal("TERM");
     assert_eq!(w1.exit_code(Duration::from_secs(30)).await, Some(0));
     hold.release().await;
@@ -621,12 +627,13 @@ async fn a_worker_killed_mid_object_is_replaced_without_loss_or_duplicates() {
     let p = Pipeline::new().await;
     let rows = 300_000;
     let mut w1 = p.worker("w1", &[("WORKER_CONCURRENCY", "1")]);
+    let hold = MidObject::lock(&p).await;
     p.env
         .s3
         .put("timeseries/big.csv", big_file(rows))
         .await
         .unwrap();
-    let hold = MidObject::hold(&p, &[&w1]).await;
+    hold.until_waiting(&p, &[&w1]).await;
     w1.signal("KILL");
     assert_eq!(w1.exit_code(Duration::from_secs(10)).await, None);
     hold.release().await;
@@ -645,12 +652,13 @@ async fn sigterm_finishes_in_flight_work_and_exits_0() {
     let p = Pipeline::new().await;
     let rows = 200_000;
     let mut w1 = p.worker("w1", &[]);
+    let hold = MidObject::lock(&p).await;
     p.env
         .s3
         .put("timeseries/big.csv", big_file(rows))
         .await
         .unwrap();
-    let hold = MidObject::hold(&p, &[&w1]).await;
+    hold.until_waiting(&p, &[&w1]).await;
     w1.signal("TERM");
     // The worker stops fetching but finishes the object it holds, once the test lets it.
     hold.release().await;
@@ -668,12 +676,13 @@ async fn sigterm_past_the_grace_period_hands_the_object_back() {
     let p = Pipeline::new().await;
     let rows = 200_000;
     let mut w1 = p.worker("w1", &[("SHUTDOWN_GRACE_SECS", "0")]);
+    let hold = MidObject::lock(&p).await;
     p.env
         .s3
         .put("timeseries/big.csv", big_file(rows))
         .await
         .unwrap();
-    let hold = MidObject::hold(&p, &[&w1]).await;
+    hold.until_waiting(&p, &[&w1]).await;
     w1.signal("TERM");
     // No grace: the worker hands the object back and exits while it is still held.
     assert_eq!(w1.exit_code(Duration::from_secs(30)).await, Some(0));
@@ -725,13 +734,14 @@ async fn a_postgres_outage_longer_than_the_delivery_budget_dead_letters_nothing(
     let mut p = small_budget(&nats, db).await;
     let rows = 200_000;
     let w1 = p.worker("w1", &[]);
+    // Mid-object (its transaction open), the server goes away; the test's lock goes with it.
+    let hold = MidObject::lock(&p).await;
     p.env
         .s3
         .put("timeseries/big.csv", big_file(rows))
         .await
         .unwrap();
-    // Mid-object (its transaction open), the server goes away; the test's lock goes with it.
-    let _hold = MidObject::hold(&p, &[&w1]).await;
+    hold.until_waiting(&p, &[&w1]).await;
     pg.stop().await.unwrap();
     // Another upload during the outage: not fetched until the database is back.
     p.env
@@ -822,12 +832,13 @@ async fn in_progress_acks_keep_a_long_object_from_being_redelivered() {
     .await;
     let rows = 100_000;
     let (w1, w2) = (p.worker("w1", &[]), p.worker("w2", &[]));
+    let hold = MidObject::lock(&p).await;
     p.env
         .s3
         .put("timeseries/long.csv", big_file(rows))
         .await
         .unwrap();
-    let hold = MidObject::hold(&p, &[&w1, &w2]).await;
+    hold.until_waiting(&p, &[&w1, &w2]).await;
     // Without in-progress acks JetStream would hand the event to the other worker after 1 s.
     tokio::time::sleep(Duration::from_secs(4)).await;
     hold.release().await;
@@ -913,12 +924,13 @@ async fn a_nats_outage_longer_than_the_delivery_budget_dead_letters_nothing() {
     let p = small_budget(&url, db).await;
     let rows = 100_000;
     let w1 = p.worker("w1", &[]);
+    let hold = MidObject::lock(&p).await;
     p.env
         .s3
         .put("timeseries/big.csv", big_file(rows))
         .await
         .unwrap();
-    let hold = MidObject::hold(&p, &[&w1]).await;
+    hold.until_waiting(&p, &[&w1]).await;
     nats.stop().await.unwrap();
     hold.release().await;
     p.settled("timeseries/big.csv", "done", &[&w1]).await;
