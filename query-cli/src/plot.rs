@@ -12,16 +12,20 @@
 //! detector does not run; then columns of an hour or more come from the hourly rollup
 //! `measurement_hours` ([`draw_readings`]) — the plot of 10 M readings reads 2,800 rows.
 //!
+//! The time axis is the readings' extent within the range (`--exact-range`: the range), with
+//! ticks at round instants ([`ticks`]); spikes are markers, anomalies with a span shaded bands.
+//!
 //! Text is drawn with DejaVu Sans from the `dejavu` crate through `plotters`' ab_glyph back end:
 //! no system font is needed (CI and containers have none).
 
 use std::path::{Path, PathBuf};
 use std::sync::Once;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, Utc};
 use clap::Args;
 use plotters::coord::Shift;
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 use sensor_pipeline::anomaly::{Anomaly, Kind};
 use sensor_pipeline::config::DatabaseSettings;
 use uuid::Uuid;
@@ -70,6 +74,10 @@ pub struct PlotArgs {
     /// As for `anomalies`: divides every detection threshold (default 1).
     #[arg(long, value_name = "S", default_value_t = 1.0)]
     sensitivity: f64,
+    /// Draw the whole requested range; by default the time axis is the readings' extent within
+    /// it (so `--start-timestamp 2000-01-01 --end-timestamp 2100-01-01` shows the data).
+    #[arg(long)]
+    exact_range: bool,
 }
 
 /// The picture format, from the output's extension.
@@ -95,11 +103,13 @@ fn picture(path: &Path) -> Result<Picture, Failure> {
     }
 }
 
-/// One sensor's panel: its title, its readings reduced to columns, its anomalies in the window.
+/// One sensor's panel: its title, its readings reduced to columns, its anomalies in the window,
+/// and the range that was asked for (what an empty panel says it has no readings in).
 pub struct Panel {
     pub title: String,
     pub columns: Columns,
     pub anomalies: Vec<Anomaly>,
+    pub asked: (i64, i64),
 }
 
 pub async fn run(settings: &DatabaseSettings, args: PlotArgs) -> Result<(), Failure> {
@@ -129,11 +139,25 @@ pub async fn run(settings: &DatabaseSettings, args: PlotArgs) -> Result<(), Fail
         .unwrap_or(PANEL_HEIGHT * sensors.len().max(1) as u32);
     let dbs = Databases::connect(settings).await?;
     let (start, end) = (args.start_timestamp, args.end_timestamp);
-    let mut panels = Vec::new();
+    let asked = (start.timestamp_micros(), end.timestamp_micros());
+    let mut uuids = Vec::new();
     for sensor in &sensors {
-        let uuid = resolve(&dbs, sensor).await?;
+        uuids.push(resolve(&dbs, sensor).await?);
+    }
+    // One time axis for every panel: the readings' extent within the range (all sensors'), or
+    // the range itself when asked, or when there is nothing in it.
+    let mut extent: Option<(i64, i64)> = None;
+    if !args.exact_range {
+        for &uuid in &uuids {
+            if let Some((a, b)) = series::extent(&dbs.measurements, uuid, start, end).await? {
+                extent = Some(extent.map_or((a, b), |(x, y)| (x.min(a), y.max(b))));
+            }
+        }
+    }
+    let (s, e) = extent.map_or(asked, |(a, b)| padded(a, b, asked));
+    let mut panels = Vec::new();
+    for &uuid in &uuids {
         let name = series::name_of(&dbs.mapping, uuid).await?;
-        let (s, e) = (start.timestamp_micros(), end.timestamp_micros());
         let mut columns = Columns::new(s, e, plot_width(width) as usize);
         // The workers' verdicts when they are current (at the sensitivity they use): then the
         // readings are only drawn, from the hourly rollup where a column spans an hour or more.
@@ -158,6 +182,7 @@ pub async fn run(settings: &DatabaseSettings, args: PlotArgs) -> Result<(), Fail
             title: name.unwrap_or_else(|| uuid.to_string()),
             columns,
             anomalies,
+            asked,
         });
     }
     render(&panels, &args.output, format, (width, height)).map_err(|e| {
@@ -165,7 +190,139 @@ pub async fn run(settings: &DatabaseSettings, args: PlotArgs) -> Result<(), Fail
     })
 }
 
+const MINUTE: i64 = 60_000_000;
 const HOUR: i64 = 3_600_000_000;
+const DAY: i64 = 24 * HOUR;
+
+/// The axis around readings from `first` to `last`: 2 % of their span (at least a minute) on
+/// each side, within the range asked for.
+fn padded(first: i64, last: i64, asked: (i64, i64)) -> (i64, i64) {
+    let pad = ((last - first) / 50).max(MINUTE);
+    ((first - pad).max(asked.0), (last + pad).min(asked.1))
+}
+
+/// A distance between ticks: a fixed length, or calendar months.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Fixed(i64),
+    Months(i32),
+}
+
+/// The steps ticks may take, finest first.
+const STEPS: [Step; 20] = [
+    Step::Fixed(MINUTE),
+    Step::Fixed(5 * MINUTE),
+    Step::Fixed(15 * MINUTE),
+    Step::Fixed(30 * MINUTE),
+    Step::Fixed(HOUR),
+    Step::Fixed(2 * HOUR),
+    Step::Fixed(3 * HOUR),
+    Step::Fixed(6 * HOUR),
+    Step::Fixed(12 * HOUR),
+    Step::Fixed(DAY),
+    Step::Fixed(2 * DAY),
+    Step::Fixed(7 * DAY),
+    Step::Fixed(14 * DAY),
+    Step::Months(1),
+    Step::Months(3),
+    Step::Months(6),
+    Step::Months(12),
+    Step::Months(24),
+    Step::Months(60),
+    Step::Months(120),
+];
+
+/// 1970-01-05T00:00:00Z, a Monday: weeks start there.
+const MONDAY: i64 = 4 * DAY;
+
+/// Round instants (UTC) inside `[start, end]` — whole minutes, hours, days, Mondays, firsts of
+/// months, years — at the finest step that gives at most `most` of them, leaving out any within
+/// 3 % of the span of either edge (its label would be cut there); and the step.
+fn ticks(start: i64, end: i64, most: usize) -> (Vec<i64>, Step) {
+    let margin = (end - start) * 3 / 100;
+    let (low, high) = (start + margin, end - margin);
+    let mut last = (Vec::new(), STEPS[STEPS.len() - 1]);
+    for step in STEPS {
+        let points: Vec<i64> = match step {
+            Step::Fixed(length) => {
+                let origin = if length == 7 * DAY || length == 14 * DAY {
+                    MONDAY
+                } else {
+                    0
+                };
+                let first = origin + (low - origin).div_euclid(length) * length;
+                let first = if first < low { first + length } else { first };
+                if (high - first) / length >= most as i64 {
+                    continue;
+                }
+                (0..)
+                    .map(|i| first + i * length)
+                    .take_while(|&t| t <= high)
+                    .collect()
+            }
+            Step::Months(months) => {
+                let Some(from) = DateTime::from_timestamp_micros(low) else {
+                    continue;
+                };
+                let mut index = from.year() * 12 + from.month0() as i32;
+                index = index.div_euclid(months) * months;
+                let mut out = Vec::new();
+                loop {
+                    let at = month_start(index);
+                    if at > high || out.len() > most {
+                        break;
+                    }
+                    if at >= low {
+                        out.push(at);
+                    }
+                    index += months;
+                }
+                if out.len() > most {
+                    continue;
+                }
+                out
+            }
+        };
+        last = (points, step);
+        break;
+    }
+    last
+}
+
+/// The first instant of month `index` (year × 12 + month from 0), in microseconds.
+fn month_start(index: i32) -> i64 {
+    chrono::NaiveDate::from_ymd_opt(index.div_euclid(12), index.rem_euclid(12) as u32 + 1, 1)
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map_or(i64::MAX, |t| t.and_utc().timestamp_micros())
+}
+
+/// A tick's label, as fine as its step: `Dec 14 06:00`, `Dec 14`, `2014-03`, `2014`.
+fn tick_label(us: i64, step: Step) -> String {
+    let t = DateTime::from_timestamp_micros(us).unwrap_or_default();
+    let format = match step {
+        Step::Fixed(length) if length < DAY => "%b %d %H:%M",
+        Step::Fixed(_) => "%b %d",
+        Step::Months(months) if months < 12 => "%Y-%m",
+        Step::Months(_) => "%Y",
+    };
+    t.format(format).to_string()
+}
+
+/// The time axis' description: UTC, and the years when the labels do not say them.
+fn time_description(start: i64, end: i64, step: Step) -> String {
+    if matches!(step, Step::Months(_)) {
+        return "time (UTC)".into();
+    }
+    let year = |us: i64| {
+        DateTime::from_timestamp_micros(us)
+            .unwrap_or_default()
+            .year()
+    };
+    match (year(start), year(end)) {
+        (a, b) if a == b => format!("time (UTC), {a}"),
+        (a, b) => format!("time (UTC), {a}–{b}"),
+    }
+}
 
 /// Fills `columns` with `uuid`'s readings: where a column spans an hour or more, whole hours come
 /// from the rollup `measurement_hours` (their low and high, at the hour's middle: at most half an
@@ -337,6 +494,10 @@ fn colour(kind: Kind) -> RGBColor {
     }
 }
 const LINE: RGBColor = RGBColor(31, 100, 170);
+/// The opacity of a span's band, of its legend swatch, and a spike marker's radius.
+const BAND: f64 = 0.2;
+const SWATCH: f64 = 0.45;
+const MARKER: u32 = 5;
 
 fn register_font() {
     static FONT: Once = Once::new();
@@ -378,17 +539,6 @@ fn render_rgb(panels: &[Panel], size: (u32, u32)) -> Vec<u8> {
         root.present().unwrap();
     }
     buffer
-}
-
-fn time_label(us: i64, span: i64) -> String {
-    let t = DateTime::from_timestamp_micros(us).unwrap_or_default();
-    if span <= 2 * 86_400_000_000 {
-        t.format("%m-%d %H:%M").to_string()
-    } else if span <= 120 * 86_400_000_000 {
-        t.format("%Y-%m-%d %H:%M").to_string()
-    } else {
-        t.format("%Y-%m-%d").to_string()
-    }
 }
 
 /// A value axis label: at most four significant digits, thousands and up with a suffix (k, M, G,
@@ -439,22 +589,24 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, panels: &[Panel]) -> 
             count,
             if count == 1 { "anomaly" } else { "anomalies" }
         );
+        let most = (area.dim_in_pixel().0 / 150).max(2) as usize;
+        let (points, step) = ticks(start, end, most);
+        let labels = points.len();
         let mut chart = ChartBuilder::on(area)
             .caption(title, ("sans-serif", 20))
             .margin(MARGIN)
             .margin_right(RIGHT)
             .x_label_area_size(X_LABELS)
             .y_label_area_size(Y_LABELS)
-            .build_cartesian_2d(start..end, low..high)
+            .build_cartesian_2d((start..end).with_key_points(points), low..high)
             .map_err(err)?;
-        let span = end - start;
         chart
             .configure_mesh()
-            .x_labels(9)
+            .x_labels(labels)
             .y_labels(6)
-            .x_label_formatter(&|x| time_label(*x, span))
+            .x_label_formatter(&|x| tick_label(*x, step))
             .y_label_formatter(&|v| value_label(*v))
-            .x_desc("time (UTC)")
+            .x_desc(time_description(start, end, step))
             .y_desc("value")
             .label_style(("sans-serif", 13))
             .axis_desc_style(("sans-serif", 14))
@@ -463,17 +615,49 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, panels: &[Panel]) -> 
             .draw()
             .map_err(err)?;
 
-        // Spans first (under the line): stuck stretches and gaps.
-        for a in &panel.anomalies {
-            if matches!(a.kind, Kind::Stuck | Kind::Gap) {
-                let c = colour(a.kind).mix(0.18);
-                chart
-                    .draw_series(std::iter::once(Rectangle::new(
-                        [(a.start, low), (a.end.max(a.start + 1), high)],
-                        c.filled(),
-                    )))
-                    .map_err(err)?;
+        // Anomalies with a span first, under the line: a shaded band from their first to their
+        // last reading (at least three pixels wide, so a short one shows), one legend entry per
+        // kind, its swatch the band's colour.
+        let narrowest = (end - start) * 3 / plot_width(area.dim_in_pixel().0).max(1) as i64;
+        for kind in [Kind::LevelShift, Kind::Stuck, Kind::Gap] {
+            let bands: Vec<Rectangle<(i64, f64)>> = panel
+                .anomalies
+                .iter()
+                .filter(|a| a.kind == kind)
+                .map(|a| {
+                    let right = a.end.max(a.start + narrowest);
+                    let c = colour(kind).mix(BAND);
+                    Rectangle::new([(a.start, low), (right, high)], c.filled())
+                })
+                .collect();
+            if bands.is_empty() {
+                continue;
             }
+            let c = colour(kind);
+            chart
+                .draw_series(bands)
+                .map_err(err)?
+                .label(kind.as_str())
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x + 2, y - 6), (x + 14, y + 6)], c.mix(SWATCH).filled())
+                });
+        }
+        if panel.columns.readings() == 0 {
+            let note = format!(
+                "no readings between {} and {}",
+                timestamp(DateTime::from_timestamp_micros(panel.asked.0).unwrap_or_default()),
+                timestamp(DateTime::from_timestamp_micros(panel.asked.1).unwrap_or_default())
+            );
+            let style = TextStyle::from(("sans-serif", 16).into_font())
+                .color(&RGBColor(90, 90, 90))
+                .pos(Pos::new(HPos::Center, VPos::Center));
+            chart
+                .draw_series(std::iter::once(Text::new(
+                    note,
+                    (start + (end - start) / 2, (low + high) / 2.0),
+                    style,
+                )))
+                .map_err(err)?;
         }
         // The line, broken across gaps.
         let gaps: Vec<(i64, i64)> = panel
@@ -503,38 +687,24 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, panels: &[Panel]) -> 
                 });
             }
         }
-        // Level shifts: a thin line where the new level starts.
-        for a in panel
+        // Spikes: a marker on the most extreme reading; the legend shows the same marker.
+        let spikes: Vec<(i64, f64)> = panel
             .anomalies
             .iter()
-            .filter(|a| a.kind == Kind::LevelShift)
-        {
+            .filter(|a| a.kind == Kind::Spike)
+            .map(|a| (a.start, a.value.unwrap_or(low + pad / 2.0)))
+            .collect();
+        if !spikes.is_empty() {
+            let c = colour(Kind::Spike);
             chart
-                .draw_series(std::iter::once(PathElement::new(
-                    vec![(a.start, low), (a.start, high)],
-                    colour(a.kind).mix(0.55).stroke_width(1),
-                )))
-                .map_err(err)?;
-        }
-        // One marker per anomaly, a legend entry per kind present.
-        for kind in Kind::ALL {
-            let markers: Vec<(i64, f64)> = panel
-                .anomalies
-                .iter()
-                .filter(|a| a.kind == kind)
-                .map(|a| (a.start, a.value.unwrap_or(low + pad / 2.0)))
-                .collect();
-            if markers.is_empty() {
-                continue;
-            }
-            let c = colour(kind);
-            chart
-                .draw_series(markers.into_iter().map(|p| Circle::new(p, 5, c.filled())))
+                .draw_series(
+                    spikes
+                        .into_iter()
+                        .map(|p| Circle::new(p, MARKER, c.filled())),
+                )
                 .map_err(err)?
-                .label(kind.as_str())
-                .legend(move |(x, y)| {
-                    Rectangle::new([(x + 3, y - 5), (x + 13, y + 5)], c.filled())
-                });
+                .label(Kind::Spike.as_str())
+                .legend(move |(x, y)| Circle::new((x + 8, y), MARKER - 1, c.filled()));
         }
         chart
             .configure_series_labels()
@@ -619,6 +789,7 @@ mod tests {
                 title: "t".into(),
                 columns,
                 anomalies: vec![spike],
+                asked: (start, end),
             }],
             (w, h),
         );
@@ -634,6 +805,85 @@ mod tests {
         assert!(
             (mid - expected).abs() <= 1.5,
             "marker at {mid}, expected {expected}"
+        );
+    }
+
+    /// Microseconds of a UTC time written as `2013-12-14T05:46:00Z`.
+    fn at(text: &str) -> i64 {
+        DateTime::parse_from_rfc3339(text)
+            .unwrap()
+            .timestamp_micros()
+    }
+
+    fn labels(start: &str, end: &str, most: usize) -> Vec<String> {
+        let (points, step) = ticks(at(start), at(end), most);
+        points.into_iter().map(|p| tick_label(p, step)).collect()
+    }
+
+    #[test]
+    fn ticks_fall_on_round_instants_labelled_for_their_step_and_none_at_an_edge() {
+        // Eleven days: every other day at midnight (days counted from 1970-01-01), the first
+        // not at the left edge.
+        assert_eq!(
+            labels("2013-12-14T05:46:00Z", "2013-12-25T19:33:00Z", 8),
+            ["Dec 15", "Dec 17", "Dec 19", "Dec 21", "Dec 23", "Dec 25"]
+        );
+        // Half a day: every two hours.
+        assert_eq!(
+            labels("2013-12-14T05:46:00Z", "2013-12-14T17:10:00Z", 8),
+            [
+                "Dec 14 08:00",
+                "Dec 14 10:00",
+                "Dec 14 12:00",
+                "Dec 14 14:00",
+                "Dec 14 16:00"
+            ]
+        );
+        // Three months: Mondays, two weeks apart (2014-01-06 was a Monday).
+        assert_eq!(
+            labels("2014-01-01T00:00:00Z", "2014-04-01T00:00:00Z", 8),
+            ["Jan 06", "Jan 20", "Feb 03", "Feb 17", "Mar 03", "Mar 17"]
+        );
+        // A year and a half: the first of every quarter.
+        assert_eq!(
+            labels("2013-11-20T00:00:00Z", "2015-05-10T00:00:00Z", 8),
+            ["2014-01", "2014-04", "2014-07", "2014-10", "2015-01", "2015-04"]
+        );
+        // Ninety years: decades.
+        assert_eq!(
+            labels("2000-01-01T00:00:00Z", "2090-01-01T00:00:00Z", 8),
+            ["2010", "2020", "2030", "2040", "2050", "2060", "2070", "2080"]
+        );
+        // An edge on a round instant gets no label (it would be cut).
+        let (points, _) = ticks(at("2013-12-14T00:00:00Z"), at("2013-12-21T00:00:00Z"), 8);
+        assert_eq!(points.first(), Some(&at("2013-12-15T00:00:00Z")));
+        assert_eq!(points.last(), Some(&at("2013-12-20T00:00:00Z")));
+    }
+
+    #[test]
+    fn the_axis_is_the_readings_extent_within_the_range() {
+        let asked = (at("2000-01-01T00:00:00Z"), at("2100-01-01T00:00:00Z"));
+        let (first, last) = (at("2013-01-01T00:00:00Z"), at("2013-01-11T00:00:00Z"));
+        // 2 % of ten days on each side.
+        let pad = (last - first) / 50;
+        assert_eq!(padded(first, last, asked), (first - pad, last + pad));
+        // Never beyond what was asked; at least a minute around a single reading.
+        assert_eq!(padded(first, last, (first, last)), (first, last));
+        assert_eq!(
+            padded(first, first, asked),
+            (first - MINUTE, first + MINUTE)
+        );
+        assert_eq!(
+            time_description(first, last, Step::Fixed(DAY)),
+            "time (UTC), 2013"
+        );
+        assert_eq!(
+            time_description(
+                at("2013-12-20T00:00:00Z"),
+                at("2014-01-10T00:00:00Z"),
+                Step::Fixed(DAY)
+            ),
+            "time (UTC), 2013–2014"
         );
     }
 

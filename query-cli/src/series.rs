@@ -38,6 +38,30 @@ pub async fn warm_up_from(
         .map_err(failed("measurement"))
 }
 
+/// The first and last reading time of `uuid` in `[from, to]` (microseconds), if it has any: two
+/// probes of the primary key.
+pub async fn extent(
+    client: &Client,
+    uuid: Uuid,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Result<Option<(i64, i64)>, Failure> {
+    let row = client
+        .query_one(
+            "SELECT (SELECT ts FROM measurements WHERE sensor_uuid = $1 AND ts >= $2 AND ts <= $3
+                     ORDER BY ts LIMIT 1),
+                    (SELECT ts FROM measurements WHERE sensor_uuid = $1 AND ts >= $2 AND ts <= $3
+                     ORDER BY ts DESC LIMIT 1)",
+            &[&uuid, &from, &to],
+        )
+        .await
+        .map_err(failed("measurement"))?;
+    let (first, last): (Option<DateTime<Utc>>, Option<DateTime<Utc>>) = (row.get(0), row.get(1));
+    Ok(first
+        .zip(last)
+        .map(|(a, b)| (a.timestamp_micros(), b.timestamp_micros())))
+}
+
 /// The mapped name of a sensor, if it has one.
 pub async fn name_of(mapping: &Client, uuid: Uuid) -> Result<Option<String>, Failure> {
     mapping

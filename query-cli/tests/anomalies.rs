@@ -322,23 +322,12 @@ async fn plots_hold_one_marker_per_anomaly_and_have_the_asked_size() {
     let text = std::fs::read_to_string(&svg).unwrap();
     assert!(text.starts_with("<svg"), "{}", &text[..100]);
     assert!(text.trim_end().ends_with("</svg>"));
-    // One circle per anomaly (legend entries are squares), with the kind's colour.
-    let circles: Vec<&str> = text
-        .split("<circle")
-        .skip(1)
-        .map(|c| &c[..c.find("/>").unwrap()])
-        .collect();
-    assert_eq!(circles.len(), 2, "one spike and one gap");
-    assert_eq!(
-        circles.iter().filter(|c| c.contains("#D52424")).count(),
-        1,
-        "spike red"
-    );
-    assert_eq!(
-        circles.iter().filter(|c| c.contains("#5A5A5A")).count(),
-        1,
-        "gap grey"
-    );
+    // A marker on the spike (red), a shaded band over the gap (grey); the legends show the same
+    // symbols (a smaller marker, a swatch of the band).
+    assert_eq!(fills(&text, "<circle", "r=\"5\""), ["#D52424"]);
+    assert_eq!(fills(&text, "<rect", "opacity=\"0.2\""), ["#5A5A5A"]);
+    assert_eq!(fills(&text, "<circle", "r=\"4\""), ["#D52424"]);
+    assert_eq!(fills(&text, "<rect", "opacity=\"0.45\""), ["#5A5A5A"]);
     // Text elements hold their text on a line of its own.
     assert!(
         text.contains(">\npump — 8000 readings, 1 anomaly\n</text>"),
@@ -347,7 +336,7 @@ async fn plots_hold_one_marker_per_anomaly_and_have_the_asked_size() {
     assert!(text.contains(&format!(
         ">\n{UNMAPPED} — 7640 readings, 1 anomaly\n</text>"
     )));
-    assert!(text.contains(">\ntime (UTC)\n</text>"));
+    assert!(text.contains(">\ntime (UTC), 2013\n</text>"));
 
     let png = dir.path().join("pump.png");
     let png_arg = png.to_string_lossy().to_string();
@@ -460,50 +449,125 @@ async fn stored_anomalies_are_what_the_workers_found_page_by_page() {
     assert!(fails(&vars, &args, 2).await.contains("--stored"));
 }
 
-/// The title and the colours of the circles (one per anomaly) of an SVG plot.
-fn svg_summary(svg: &str) -> (String, Vec<String>) {
-    let title = svg
-        .split("</text>")
-        .map(|t| t.rsplit('>').next().unwrap().trim().to_string())
-        .find(|t| t.starts_with("pump"))
-        .unwrap();
-    let circles = svg
-        .split("<circle")
+/// A seeded store and a scratch SVG file for `plot`.
+struct Plots {
+    env: TestEnv,
+    vars: Vec<(String, String)>,
+    _dir: tempfile::TempDir,
+    svg: String,
+}
+
+impl Plots {
+    async fn new() -> Self {
+        let env = TestEnv::new().await.unwrap();
+        seeded(&env).await;
+        let vars = env.vars();
+        let dir = tempfile::tempdir().unwrap();
+        let svg = dir.path().join("pump.svg").to_string_lossy().to_string();
+        Self {
+            env,
+            vars,
+            _dir: dir,
+            svg,
+        }
+    }
+
+    /// `query-cli plot --sensor-name pump --output FILE.svg ARGS…`: the SVG it wrote.
+    async fn pump(&self, args: &[&str]) -> String {
+        let mut all = vec!["plot", "--sensor-name", "pump", "--output", &self.svg];
+        all.extend(args);
+        assert_eq!(ok(&self.vars, &all).await, "");
+        std::fs::read_to_string(&self.svg).unwrap()
+    }
+}
+
+/// The fill colours of the SVG elements `tag` (`<circle`, `<rect`) that have `attribute`.
+fn fills(svg: &str, tag: &str, attribute: &str) -> Vec<String> {
+    svg.split(tag)
         .skip(1)
-        .map(|c| {
-            let fill = &c[c.find("fill=\"").unwrap() + 6..];
+        .map(|e| &e[..e.find("/>").unwrap()])
+        .filter(|e| e.contains(attribute))
+        .map(|e| {
+            let fill = &e[e.find("fill=\"").unwrap() + 6..];
             fill[..fill.find('"').unwrap()].to_string()
         })
-        .collect();
-    (title, circles)
+        .collect()
+}
+
+/// Every text of an SVG plot, in order.
+fn texts(svg: &str) -> Vec<String> {
+    svg.split("</text>")
+        .map(|t| t.rsplit('>').next().unwrap().trim().to_string())
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+/// The title and the colours of the anomalies' marks (spike markers and the bands of the others),
+/// sorted, of an SVG plot.
+fn svg_summary(svg: &str) -> (String, Vec<String>) {
+    let title = texts(svg)
+        .into_iter()
+        .find(|t| t.starts_with("pump"))
+        .unwrap();
+    let mut marks = fills(svg, "<circle", "r=\"5\"");
+    marks.extend(fills(svg, "<rect", "opacity=\"0.2\""));
+    marks.sort();
+    (title, marks)
+}
+
+#[tokio::test]
+async fn a_plot_spans_the_readings_or_the_exact_range_and_says_when_a_panel_is_empty() {
+    let plots = Plots::new().await;
+    let plot = |range: [&'static str; 2], extra: &'static [&'static str]| {
+        let plots = &plots;
+        async move {
+            let mut args = vec!["--start-timestamp", range[0], "--end-timestamp", range[1]];
+            args.extend(extra);
+            texts(&plots.pump(&args).await)
+        }
+    };
+    // Two years asked, five and a half days of readings: the axis is the readings' (padded by
+    // 2 %), with a tick at every midnight inside it, none at an edge.
+    let two_years = ["2012-01-01", "2014-01-01"];
+    let t = plot(two_years, &[]).await;
+    let days: Vec<&String> = t.iter().filter(|t| t.starts_with("Jan 0")).collect();
+    assert_eq!(days, ["Jan 02", "Jan 03", "Jan 04", "Jan 05", "Jan 06"]);
+    assert!(t.contains(&"time (UTC), 2012–2013".to_string()), "{t:?}");
+    // --exact-range keeps the two years: a tick at each quarter.
+    let t = plot(two_years, &["--exact-range"]).await;
+    let quarters: Vec<&String> = t.iter().filter(|t| t.starts_with("201")).collect();
+    assert_eq!(
+        quarters,
+        ["2012-04", "2012-07", "2012-10", "2013-01", "2013-04", "2013-07", "2013-10"]
+    );
+    assert!(t.contains(&"time (UTC)".to_string()), "{t:?}");
+    // No readings in the range: the panel says so.
+    let t = plot(["2014-01-01", "2014-02-01"], &[]).await;
+    assert!(
+        t.contains(&"pump — 0 readings, 0 anomalies".to_string()),
+        "{t:?}"
+    );
+    assert!(
+        t.contains(
+            &"no readings between 2014-01-01T00:00:00Z and 2014-02-01T00:00:00Z".to_string()
+        ),
+        "{t:?}"
+    );
 }
 
 #[tokio::test]
 async fn plots_draw_the_workers_verdicts_and_the_hourly_rollup_when_they_are_current() {
-    let env = TestEnv::new().await.unwrap();
-    seeded(&env).await;
-    let vars = env.vars();
+    let plots = Plots::new().await;
+    let env = &plots.env;
     let db = testbed::connect(&env.measurements_db).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let svg = dir.path().join("pump.svg");
-    let svg_arg = svg.to_string_lossy().to_string();
     // 200 pixels wide: each column spans about three hours, so whole hours come from the rollup.
     let plot = |extra: &'static [&'static str]| {
-        let (vars, svg, svg_arg) = (vars.clone(), svg.clone(), svg_arg.clone());
+        let plots = &plots;
         async move {
-            let mut args = vec![
-                "plot",
-                "--sensor-name",
-                "pump",
-                "--output",
-                &svg_arg,
-                "--width",
-                "200",
-            ];
+            let mut args = vec!["--width", "200"];
             args.extend(WHOLE);
             args.extend(extra);
-            assert_eq!(ok(&vars, &args).await, "");
-            svg_summary(&std::fs::read_to_string(&svg).unwrap())
+            svg_summary(&plots.pump(&args).await)
         }
     };
     let spike_only = (
@@ -543,7 +607,7 @@ async fn plots_draw_the_workers_verdicts_and_the_hourly_rollup_when_they_are_cur
         plot(&[]).await,
         (
             "pump — 9000 readings, 2 anomalies".to_string(),
-            vec!["#D52424".to_string(), "#8840AA".to_string()]
+            vec!["#8840AA".to_string(), "#D52424".to_string()]
         )
     );
     // An hour that is not exact is read from the readings.
