@@ -835,10 +835,18 @@ async fn a_correction_with_a_new_key_never_deadlocks_a_writer_of_that_key() {
         let (touched, ()) = tokio::join!(touch, release);
         assert_eq!(touched.unwrap(), 1, "B is not aborted");
         b.batch_execute(&format!(
-            "INSERT INTO measurement_hours AS h (sensor_uuid, hour, readings, low, high)
-                 VALUES ('{U1}', '2013-01-20T08:00:00Z', 1, 7, 7)
+            "INSERT INTO measurement_hours AS h (sensor_uuid, hour, readings, low, high, total,
+                                                 first_at, first_value, last_at, last_value)
+                 VALUES ('{U1}', '2013-01-20T08:00:00Z', 1, 7, 7, 7, '2013-01-20T08:10:00Z', 7,
+                         '2013-01-20T08:10:00Z', 7)
                  ON CONFLICT (sensor_uuid, hour) DO UPDATE SET readings = h.readings + 1,
-                     low = least(h.low, 7), high = greatest(h.high, 7);
+                     low = least(h.low, 7), high = greatest(h.high, 7), total = h.total + 7,
+                     first_at = least(h.first_at, EXCLUDED.first_at),
+                     first_value = CASE WHEN EXCLUDED.first_at < h.first_at THEN 7
+                         ELSE h.first_value END,
+                     last_at = greatest(h.last_at, EXCLUDED.last_at),
+                     last_value = CASE WHEN EXCLUDED.last_at > h.last_at THEN 7
+                         ELSE h.last_value END;
              UPDATE measurement_days SET readings = readings + 1
                  WHERE sensor_uuid = '{U1}' AND day = '2013-01-20T00:00:00Z';
              COMMIT"
@@ -1281,8 +1289,10 @@ async fn a_row_written_meanwhile_sends_new_readings_back_to_the_upsert() {
         "BEGIN;
          INSERT INTO measurements (sensor_uuid, ts, value, version)
              VALUES ('{U1}', '2013-01-20T08:00:00Z', 7, 0);
-         INSERT INTO measurement_hours (sensor_uuid, hour, readings, low, high, exact)
-             VALUES ('{U1}', '2013-01-20T08:00:00Z', 1, 7, 7, true);
+         INSERT INTO measurement_hours (sensor_uuid, hour, readings, low, high, exact, total,
+                                        first_at, first_value, last_at, last_value)
+             VALUES ('{U1}', '2013-01-20T08:00:00Z', 1, 7, 7, true, 7, '2013-01-20T08:00:00Z', 7,
+                     '2013-01-20T08:00:00Z', 7);
          INSERT INTO measurement_days (sensor_uuid, day, readings)
              VALUES ('{U1}', '2013-01-20T00:00:00Z', 1);"
     ))
@@ -1593,7 +1603,8 @@ async fn migrations_are_idempotent() {
             "measurements/V2__measurement_days",
             "measurements/V3__measurement_versions",
             "measurements/V4__anomalies",
-            "measurements/V5__measurement_hours"
+            "measurements/V5__measurement_hours",
+            "measurements/V6__measurement_hour_values"
         ]
     );
     assert_eq!(
@@ -1609,7 +1620,7 @@ async fn migrations_are_idempotent() {
     let (a, b) = (a.unwrap(), b.unwrap());
     let applied: usize = a.iter().chain(&b).map(|r| r.applied.len()).sum();
     // ledger/ on both databases, mapping/ on one, measurements/ on the other.
-    assert_eq!(applied, 3 + 3 + 2 + 5, "{a:?} {b:?}");
+    assert_eq!(applied, 3 + 3 + 2 + 6, "{a:?} {b:?}");
 }
 
 #[tokio::test]

@@ -517,7 +517,8 @@ async fn upgrade_from_the_previous_schema_keeps_the_data_and_any_new_write_beats
             "mapping/V2__sensor_versions",
             "measurements/V3__measurement_versions",
             "measurements/V4__anomalies",
-            "measurements/V5__measurement_hours"
+            "measurements/V5__measurement_hours",
+            "measurements/V6__measurement_hour_values"
         ]
     );
     let ingestor = Ingestor::new(

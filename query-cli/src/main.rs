@@ -5,6 +5,7 @@
 //! (`TIMESCALE_DATABASE_URL`, defaulting to `DATABASE_URL`).
 
 mod anomalies;
+mod buckets;
 mod db;
 mod output;
 mod plot;

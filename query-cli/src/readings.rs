@@ -16,6 +16,7 @@ use sensor_pipeline::config::DatabaseSettings;
 use tokio_postgres::Client;
 use uuid::Uuid;
 
+use crate::buckets::{self, Every};
 use crate::db::{failed, Databases};
 use crate::output::{push_timestamp, push_value, Format};
 use crate::{range, Failure};
@@ -45,6 +46,16 @@ pub struct ReadingsArgs {
     /// Readings per page (needs --page-number).
     #[arg(long, value_name = "S", requires = "page_number", value_parser = page, allow_negative_numbers = true)]
     page_size: Option<u64>,
+    /// One row per time bucket of this length instead of every reading: `5m`, `1h`, `1d`, `1w`
+    /// (units s, m, h, d, w). Each row: bucket_start, readings, mean, min, max, first, last;
+    /// empty buckets are left out, and pages count buckets.
+    #[arg(long, value_name = "DURATION", value_parser = buckets::every)]
+    every: Option<Every>,
+    /// With --every: align days and weeks on this zone's midnight (an IANA name such as
+    /// Europe/Berlin; a day is 23 to 25 hours across a DST change), and print bucket starts with
+    /// its offset. Default: UTC.
+    #[arg(long, value_name = "ZONE", requires = "every")]
+    timezone: Option<String>,
     /// Output format: an aligned table for people, CSV (`timestamp,sensor_value`), or JSON lines.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
@@ -79,6 +90,8 @@ pub struct Request {
     end: DateTime<Utc>,
     /// (offset, limit) when a page was asked for.
     page: Option<(i64, i64)>,
+    /// Buckets and their zone, with --every.
+    every: Option<(Every, String)>,
     format: Format,
 }
 
@@ -103,6 +116,9 @@ impl ReadingsArgs {
             start: self.start_timestamp,
             end: self.end_timestamp,
             page,
+            every: self
+                .every
+                .map(|every| (every, self.timezone.unwrap_or_else(|| "UTC".into()))),
             format: self.format,
         })
     }
@@ -115,6 +131,17 @@ pub async fn run(
 ) -> Result<(), Failure> {
     let dbs = Databases::connect(settings).await?;
     let uuid = resolve(&dbs, &request.sensor).await?;
+    if let Some((every, zone)) = &request.every {
+        let query = buckets::Query {
+            sensor: uuid,
+            start: request.start,
+            end: request.end,
+            every: *every,
+            zone,
+            page: request.page,
+        };
+        return print_buckets(&dbs.measurements, &query, request.format, out).await;
+    }
     let mut printer = Printer::new(request.format);
     printer.header(out)?;
     let client = &dbs.measurements;
@@ -376,4 +403,80 @@ impl Printer {
         line.push(b'\n');
         out.write_all(line)
     }
+}
+
+/// Prints the buckets of `query` as they arrive, one line each, numbers as the readings'
+/// (shortest form that reads back the same).
+async fn print_buckets(
+    client: &Client,
+    query: &buckets::Query<'_>,
+    format: Format,
+    out: &mut impl Write,
+) -> Result<(), Failure> {
+    const FIELDS: [&str; 7] = [
+        "bucket_start",
+        "readings",
+        "mean",
+        "min",
+        "max",
+        "first",
+        "last",
+    ];
+    /// Table column widths: the start with its offset, then the numbers.
+    const WIDTHS: [usize; 7] = [25, 9, 14, 14, 14, 14, 14];
+    let rows = buckets::buckets(client, query).await?;
+    let mut rows = pin!(rows);
+    let mut line = String::with_capacity(160);
+    let table = |line: &mut String, cells: &[&str]| {
+        for (i, (cell, width)) in cells.iter().zip(WIDTHS).enumerate() {
+            match i {
+                0 => line.push_str(&format!("{cell:<width$}")),
+                _ => line.push_str(&format!("  {cell:>width$}")),
+            }
+        }
+    };
+    match format {
+        Format::Csv => writeln!(out, "{}", FIELDS.join(","))?,
+        Format::Table => {
+            table(&mut line, &FIELDS);
+            writeln!(out, "{line}")?;
+        }
+        Format::Json => {}
+    }
+    while let Some(b) = rows.try_next().await? {
+        let start = if b.start.offset().local_minus_utc() == 0 {
+            crate::output::timestamp(b.start.to_utc())
+        } else {
+            b.start.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+        };
+        let numbers = [b.mean, b.min, b.max, b.first, b.last].map(|v| v.to_string());
+        line.clear();
+        match format {
+            Format::Csv => {
+                line.push_str(&format!("{start},{}", b.readings));
+                for n in &numbers {
+                    line.push(',');
+                    line.push_str(n);
+                }
+            }
+            Format::Json => {
+                line.push_str(&format!(
+                    "{{\"bucket_start\":\"{start}\",\"readings\":{}",
+                    b.readings
+                ));
+                for (name, n) in FIELDS[2..].iter().zip(&numbers) {
+                    line.push_str(&format!(",\"{name}\":{n}"));
+                }
+                line.push('}');
+            }
+            Format::Table => {
+                let readings = b.readings.to_string();
+                let mut cells = vec![start.as_str(), readings.as_str()];
+                cells.extend(numbers.iter().map(String::as_str));
+                table(&mut line, &cells);
+            }
+        }
+        writeln!(out, "{line}")?;
+    }
+    Ok(())
 }

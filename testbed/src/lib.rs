@@ -229,9 +229,10 @@ pub async fn connect(url: &str) -> Result<tokio_postgres::Client> {
 /// The derived tables the ingest merge keeps beside `measurements` — the page index
 /// (`measurement_days`) and the hourly rollup (`measurement_hours`) — compared with what the
 /// stored rows say: each `(sensor, day or hour)` that differs, as text (empty when they agree).
-/// Counts must be exact, and so must an hour's low and high when it is marked exact; an hour
-/// not marked exact (left for detection to settle) must have bounds around its readings'. See
-/// [`inexact_hours`].
+/// Counts must be exact, and so must an hour's low, high, first and last reading when it is
+/// marked exact, and its total up to the rounding of adding its values in another order (within
+/// 10⁻¹² of the sum of their magnitudes); an hour not marked exact (left for detection to
+/// settle) must have bounds around its readings'. See [`inexact_hours`].
 pub async fn derived_drift(client: &tokio_postgres::Client) -> Result<Vec<String>> {
     let rows = client
         .query(
@@ -248,15 +249,41 @@ pub async fn derived_drift(client: &tokio_postgres::Client) -> Result<Vec<String
                     || ' rolled up, ' || coalesce(c::text, '-') || ' stored'
              FROM measurement_hours h
              FULL JOIN (SELECT sensor_uuid, date_trunc('hour', ts, 'UTC') AS hour,
-                               count(*) AS n, min(value) AS low, max(value) AS high
+                               count(*) AS n, min(value) AS low, max(value) AS high,
+                               sum(value) AS total, sum(abs(value)) AS magnitude,
+                               min(ts) AS first_at, (array_agg(value ORDER BY ts))[1] AS first,
+                               max(ts) AS last_at, (array_agg(value ORDER BY ts DESC))[1] AS last
                         FROM measurements GROUP BY 1, 2) c USING (sensor_uuid, hour)
              WHERE coalesce(NOT (h.readings = c.n AND CASE WHEN h.exact
                  THEN h.low = c.low AND h.high = c.high
+                     AND h.first_at = c.first_at AND h.first_value = c.first
+                     AND h.last_at = c.last_at AND h.last_value = c.last
+                     AND abs(h.total - c.total) <= 1e-12 * c.magnitude
                  ELSE h.low <= c.low AND h.high >= c.high END), true)",
             &[],
         )
         .await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Rebuilds the tables the ingest merge keeps beside `measurements` — the page index and the
+/// hourly rollup — from the stored rows, for rows written directly (benchmarks, tests).
+pub async fn derive_from_rows(client: &tokio_postgres::Client) -> Result<()> {
+    client
+        .batch_execute(
+            "TRUNCATE measurement_days, measurement_hours;
+             INSERT INTO measurement_days (sensor_uuid, day, readings)
+             SELECT sensor_uuid, date_trunc('day', ts, 'UTC'), count(*) FROM measurements
+             GROUP BY 1, 2;
+             INSERT INTO measurement_hours (sensor_uuid, hour, exact, readings, low, high, total,
+                                            first_at, first_value, last_at, last_value)
+             SELECT sensor_uuid, date_trunc('hour', ts, 'UTC'), true, count(*), min(value),
+                    max(value), sum(value), min(ts), (array_agg(value ORDER BY ts))[1],
+                    max(ts), (array_agg(value ORDER BY ts DESC))[1]
+             FROM measurements GROUP BY 1, 2",
+        )
+        .await?;
+    Ok(())
 }
 
 /// Hours of the rollup not marked exact.

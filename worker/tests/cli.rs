@@ -50,7 +50,8 @@ async fn migrate_then_ingest_all_then_again() {
         "mapping+measurement database: applied ledger/V1__ledger_and_quarantine, ledger/V2__object_versions, \
          ledger/V3__versions_without_lock, mapping/V1__sensors, mapping/V2__sensor_versions, measurements/V1__measurements, \
          measurements/V2__measurement_days, measurements/V3__measurement_versions, \
-         measurements/V4__anomalies, measurements/V5__measurement_hours; measurements is a plain \
+         measurements/V4__anomalies, measurements/V5__measurement_hours, \
+         measurements/V6__measurement_hour_values; measurements is a plain \
          table (TimescaleDB not available)\n"
     );
     let out = worker(&vars, &["migrate"]).await;

@@ -70,6 +70,7 @@ use crate::config::AnomalySettings;
 use crate::contract::Dataset;
 use crate::ingest::Fresh;
 use crate::queue::{Queue, QueueError};
+use crate::store::staging::{Hour, HourColumns, SETTLE_HOURS};
 use crate::store::{Databases, PgResultExt, StoreError};
 
 /// Readings before a span whose anomalies are judged again: a new reading can change the local
@@ -1173,36 +1174,24 @@ async fn settle_hours(
         .collect();
     hours.dedup_by_key(|h| (h.0, h.1));
     let mut held: HashMap<Uuid, HeldOf> = HashMap::new();
-    let (mut known, mut unknown) = ((vec![], vec![], vec![], vec![]), (vec![], vec![]));
+    let (mut known, mut unknown) = (HourColumns::default(), (vec![], vec![]));
     for &(sensor, at, count, now) in &hours {
         let hour = at.timestamp_micros();
         let of = held
             .entry(sensor)
             .or_insert_with(|| HeldOf::of(sensor, fresh));
         if of.proves(hour, count, now) {
-            let values = of.hours[&hour].iter().flat_map(|p| p.iter().map(|r| r.1));
-            let (low, high) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), v| {
-                (l.min(v), h.max(v))
-            });
-            known.0.push(sensor);
-            known.1.push(at);
-            known.2.push(low);
-            known.3.push(high);
+            let readings = of.hours[&hour].iter().flat_map(|p| p.iter().copied());
+            if let Some(rolled) = Hour::of_readings(readings) {
+                known.push(sensor, hour, &rolled);
+            }
         } else {
             unknown.0.push(sensor);
             unknown.1.push(at);
         }
     }
-    if !known.0.is_empty() {
-        execute(
-            tx,
-            "UPDATE measurement_hours AS h SET low = x.low, high = x.high, exact = true
-             FROM unnest($1::uuid[], $2::timestamptz[], $3::float8[], $4::float8[])
-                 AS x(u, hour, low, high)
-             WHERE h.sensor_uuid = x.u AND h.hour = x.hour",
-            &[&known.0, &known.1, &known.2, &known.3],
-        )
-        .await?;
+    if !known.sensors.is_empty() {
+        tx.execute(SETTLE_HOURS, &known.params()).await?;
     }
     if !unknown.0.is_empty() {
         tx.execute(

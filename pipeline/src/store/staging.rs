@@ -79,14 +79,20 @@ macro_rules! upsert_rest {
         SELECT sensor_uuid, date_trunc('hour', ts, 'UTC') AS hour,
                count(*) AS written, count(*) FILTER (WHERE inserted) AS added,
                bool_and(inserted) AS only_added,
-               min(value) AS low, max(value) AS high
+               min(value) AS low, max(value) AS high, sum(value) AS total,
+               min(ts) AS first_at, (array_agg(value ORDER BY ts))[1] AS first_value,
+               max(ts) AS last_at, (array_agg(value ORDER BY ts DESC))[1] AS last_value
         FROM merged GROUP BY 1, 2
     ), rolled AS (
-        INSERT INTO measurement_hours AS h (sensor_uuid, hour, readings, low, high, exact)
-        SELECT sensor_uuid, hour, added, low, high, only_added FROM hours ORDER BY 1, 2
-        ON CONFLICT (sensor_uuid, hour) DO UPDATE
-            SET readings = h.readings + EXCLUDED.readings, low = least(h.low, EXCLUDED.low),
-                high = greatest(h.high, EXCLUDED.high), exact = h.exact AND EXCLUDED.exact
+        INSERT INTO measurement_hours AS h (sensor_uuid, hour, exact, ",
+    rollup_columns!(),
+    ")
+        SELECT sensor_uuid, hour, only_added, added, low, high, total, first_at, first_value,
+               last_at, last_value
+        FROM hours ORDER BY 1, 2
+        ON CONFLICT (sensor_uuid, hour) DO UPDATE SET exact = h.exact AND EXCLUDED.exact, ",
+    widen_set!(),
+    "
     ), days AS (
         INSERT INTO measurement_days AS d (sensor_uuid, day, readings)
         SELECT sensor_uuid, date_trunc('day', hour, 'UTC'), sum(added)
@@ -99,7 +105,84 @@ macro_rules! upsert_rest {
            ARRAY(SELECT hour FROM hours WHERE NOT only_added ORDER BY sensor_uuid, 1),
            ARRAY(SELECT written FROM hours WHERE NOT only_added ORDER BY sensor_uuid, hour),
            ARRAY(SELECT low FROM hours WHERE NOT only_added ORDER BY sensor_uuid, hour),
-           ARRAY(SELECT high FROM hours WHERE NOT only_added ORDER BY sensor_uuid, hour)"
+           ARRAY(SELECT high FROM hours WHERE NOT only_added ORDER BY sensor_uuid, hour),
+           ARRAY(SELECT total FROM hours WHERE NOT only_added ORDER BY sensor_uuid, hour),
+           ARRAY(SELECT first_at FROM hours WHERE NOT only_added ORDER BY sensor_uuid, hour),
+           ARRAY(SELECT first_value FROM hours WHERE NOT only_added ORDER BY sensor_uuid, hour),
+           ARRAY(SELECT last_at FROM hours WHERE NOT only_added ORDER BY sensor_uuid, hour),
+           ARRAY(SELECT last_value FROM hours WHERE NOT only_added ORDER BY sensor_uuid, hour)"
+        )
+    };
+}
+
+/// The rollup's columns past its key and `exact`, in the order of [`HourColumns`].
+macro_rules! rollup_columns {
+    () => {
+        "readings, low, high, total, first_at, first_value, last_at, last_value"
+    };
+}
+
+/// An hour's rollup row `h` widened by the readings of `EXCLUDED`, all at other instants: the
+/// counts and sums add up, the bounds widen, and the first and last reading are the earlier and
+/// later of the two (every expression sees the row as it was).
+macro_rules! widen_set {
+    () => {
+        "readings = h.readings + EXCLUDED.readings, low = least(h.low, EXCLUDED.low),
+            high = greatest(h.high, EXCLUDED.high), total = h.total + EXCLUDED.total,
+            first_at = least(h.first_at, EXCLUDED.first_at),
+            first_value = CASE WHEN EXCLUDED.first_at < h.first_at OR h.first_at IS NULL
+                THEN EXCLUDED.first_value ELSE h.first_value END,
+            last_at = greatest(h.last_at, EXCLUDED.last_at),
+            last_value = CASE WHEN EXCLUDED.last_at > h.last_at OR h.last_at IS NULL
+                THEN EXCLUDED.last_value ELSE h.last_value END"
+    };
+}
+
+/// The hours of an [`HourColumns`] from the ten parameters starting at `$n`, as rows of
+/// (sensor_uuid, hour, and the rollup's columns).
+macro_rules! unnest_hours {
+    ($s:literal, $h:literal, $r:literal, $l:literal, $hi:literal, $t:literal, $fa:literal,
+     $f:literal, $la:literal, $ls:literal) => {
+        concat!(
+            "unnest(",
+            $s,
+            "::uuid[], ",
+            $h,
+            "::timestamptz[], ",
+            $r,
+            "::bigint[], ",
+            $l,
+            "::float8[], ",
+            $hi,
+            "::float8[], ",
+            $t,
+            "::float8[], ",
+            $fa,
+            "::timestamptz[], ",
+            $f,
+            "::float8[], ",
+            $la,
+            "::timestamptz[], ",
+            $ls,
+            "::float8[])
+            AS h(sensor_uuid, hour, ",
+            rollup_columns!(),
+            ")"
+        )
+    };
+}
+
+/// The rollup's columns of the readings `m` (ts, value) `FROM` the given source (`NULL`s but
+/// the count when it holds none).
+macro_rules! hour_of {
+    ($from:literal) => {
+        concat!(
+            "SELECT count(*) AS readings, min(m.value) AS low, max(m.value) AS high,
+                sum(m.value) AS total, min(m.ts) AS first_at,
+                (array_agg(m.value ORDER BY m.ts))[1] AS first_value, max(m.ts) AS last_at,
+                (array_agg(m.value ORDER BY m.ts DESC))[1] AS last_value
+            FROM ",
+            $from
         )
     };
 }
@@ -109,18 +192,24 @@ macro_rules! upsert_rest {
 /// up, each in (sensor, hour/day) order.
 macro_rules! widen_hours {
     () => {
-        ", rolled AS (
-        INSERT INTO measurement_hours AS h (sensor_uuid, hour, readings, low, high, exact)
-        SELECT sensor_uuid, hour, readings, low, high, true FROM hours ORDER BY 1, 2
-        ON CONFLICT (sensor_uuid, hour) DO UPDATE
-            SET readings = h.readings + EXCLUDED.readings, low = least(h.low, EXCLUDED.low),
-                high = greatest(h.high, EXCLUDED.high)
+        concat!(
+            ", rolled AS (
+        INSERT INTO measurement_hours AS h (sensor_uuid, hour, exact, ",
+            rollup_columns!(),
+            ")
+        SELECT sensor_uuid, hour, true, ",
+            rollup_columns!(),
+            " FROM hours ORDER BY 1, 2
+        ON CONFLICT (sensor_uuid, hour) DO UPDATE SET ",
+            widen_set!(),
+            "
     ), days AS (
         INSERT INTO measurement_days AS d (sensor_uuid, day, readings)
         SELECT sensor_uuid, date_trunc('day', hour, 'UTC'), sum(readings)
         FROM hours GROUP BY 1, 2 ORDER BY 1, 2
         ON CONFLICT (sensor_uuid, day) DO UPDATE SET readings = d.readings + EXCLUDED.readings
     )"
+        )
     };
 }
 
@@ -186,8 +275,9 @@ const INSERT_MEASUREMENTS: &str = concat!(
         ORDER BY sensor_uuid, ts
         RETURNING 1
     ), hours AS (
-        SELECT * FROM unnest($5::uuid[], $6::timestamptz[], $7::bigint[], $8::float8[], $9::float8[])
-            AS h(sensor_uuid, hour, readings, low, high), fresh
+        SELECT * FROM ",
+    unnest_hours!("$5", "$6", "$7", "$8", "$9", "$10", "$11", "$12", "$13", "$14"),
+    ", fresh
         WHERE fresh.fresh
     )",
     widen_hours!(),
@@ -210,10 +300,9 @@ const COPY_NEW: &str =
 /// The rollup and page index widened by new readings (`$1`–`$5`: sensors, hours, readings,
 /// lows, highs), after [`COPY_NEW`].
 const WIDEN_HOURS: &str = concat!(
-    "WITH hours AS (
-        SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::bigint[], $4::float8[], $5::float8[])
-            AS h(sensor_uuid, hour, readings, low, high)
-    )",
+    "WITH hours AS (SELECT * FROM ",
+    unnest_hours!("$1", "$2", "$3", "$4", "$5", "$6", "$7", "$8", "$9", "$10"),
+    ")",
     widen_hours!(),
     "
     SELECT count(*) FROM hours"
@@ -244,25 +333,40 @@ const KEY_ORDER: &str = "SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmap
     SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off";
 const ANY_PLAN: &str =
     "RESET enable_seqscan; RESET enable_bitmapscan; RESET enable_hashjoin; RESET enable_mergejoin";
-/// The rollup after [`replace_held`] (`$1`–`$7`: sensors, hours, readings written, their low
-/// and high, the low and high of the readings they replaced — as many: the keys are the same,
-/// so the counts and the page index stay as they are), in (sensor, hour) order. An hour keeps
-/// exact bounds when every reading it held was replaced (they are those of the readings
-/// written) or when the readings removed were all strictly within its bounds (the extremes are
-/// still there); else it is returned, for [`OUTSIDE_HOURS`]. (An hour with no rollup row, which
-/// only a damaged rollup lacks, gets one marked inexact.)
-const REPLACE_HOURS: &str = "
+/// The rollup after [`replace_held`] (`$1`–`$10`: the [`HourColumns`] of the readings written;
+/// `$11`–`$13`: the low, high and total of the readings they replaced — as many: the keys are
+/// the same, so the counts, the first and last instants and the page index stay as they are),
+/// in (sensor, hour) order. An hour whose readings were all replaced is those written. Another
+/// keeps exact bounds when the readings removed were all strictly within them (the extremes are
+/// still there): its total is corrected by the difference, and its first and last value are
+/// those written where the replaced readings include its first or last instant; else it is
+/// returned, for [`OUTSIDE_HOURS`]. (An hour with no rollup row, which only a damaged rollup
+/// lacks, gets one marked inexact.)
+const REPLACE_HOURS: &str = concat!(
+    "
     WITH x AS (
         SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::bigint[], $4::float8[],
-            $5::float8[], $6::float8[], $7::float8[])
-            AS x(sensor_uuid, hour, written, low, high, removed_low, removed_high)
+            $5::float8[], $6::float8[], $7::timestamptz[], $8::float8[], $9::timestamptz[],
+            $10::float8[], $11::float8[], $12::float8[], $13::float8[])
+            AS x(sensor_uuid, hour, ",
+    rollup_columns!(),
+    ", removed_low, removed_high, removed_total)
     ), rolled AS (
-        INSERT INTO measurement_hours AS h (sensor_uuid, hour, readings, low, high, exact)
-        SELECT sensor_uuid, hour, written, low, high, false FROM x ORDER BY 1, 2
-        ON CONFLICT (sensor_uuid, hour) DO UPDATE SET (low, high, exact) = (
-            SELECT CASE WHEN h.readings = x.written THEN x.low ELSE least(h.low, x.low) END,
-                CASE WHEN h.readings = x.written THEN x.high ELSE greatest(h.high, x.high) END,
-                h.readings = x.written
+        INSERT INTO measurement_hours AS h (sensor_uuid, hour, exact, ",
+    rollup_columns!(),
+    ")
+        SELECT sensor_uuid, hour, false, ",
+    rollup_columns!(),
+    " FROM x ORDER BY 1, 2
+        ON CONFLICT (sensor_uuid, hour) DO UPDATE
+        SET (low, high, total, first_value, last_value, exact) = (
+            SELECT CASE WHEN h.readings = x.readings THEN x.low ELSE least(h.low, x.low) END,
+                CASE WHEN h.readings = x.readings THEN x.high ELSE greatest(h.high, x.high) END,
+                CASE WHEN h.readings = x.readings THEN x.total
+                    ELSE h.total - x.removed_total + x.total END,
+                CASE WHEN x.first_at = h.first_at THEN x.first_value ELSE h.first_value END,
+                CASE WHEN x.last_at = h.last_at THEN x.last_value ELSE h.last_value END,
+                h.readings = x.readings
                     OR (h.exact AND x.removed_low > h.low AND x.removed_high < h.high)
             FROM x WHERE x.sensor_uuid = h.sensor_uuid AND x.hour = h.hour)
         RETURNING h.sensor_uuid, h.hour, h.exact, h.xmin::text::bigint AS by
@@ -271,7 +375,8 @@ const REPLACE_HOURS: &str = "
            ARRAY(SELECT hour FROM rolled WHERE NOT exact ORDER BY sensor_uuid, 1),
            ARRAY(SELECT sensor_uuid FROM rolled ORDER BY 1, hour),
            ARRAY(SELECT hour FROM rolled ORDER BY sensor_uuid, 1),
-           ARRAY(SELECT by FROM rolled ORDER BY sensor_uuid, hour)";
+           ARRAY(SELECT by FROM rolled ORDER BY sensor_uuid, hour)"
+);
 /// The rollup rows of the hours [`replace_held`] writes (`$1` sensors, `$2` hours), locked in
 /// key order before [`REPLACE_HOURS`] changes them, with the transaction that wrote each last
 /// (see [`Link`]).
@@ -281,75 +386,107 @@ const HOURS_BEFORE: &str = "
         ON h.sensor_uuid = x.u AND h.hour = x.hour
     ORDER BY 1, 2
     FOR UPDATE OF h";
-/// Settles the hours the merge overwrote readings in (`$1` sensors, `$2` hours; `$3`–`$5` the
-/// readings it wrote there, their low and high) where it wrote every reading the hour holds —
-/// a re-upload of the same readings: the hour's low and high are those of what it wrote (the
-/// rollup row is locked by this transaction's merge, so its count is exact). Returns the other
-/// hours, for [`EXACT_HOURS`]. (Recomputing a 100,000-reading re-upload's hours from the stored
-/// readings cost 142 ms of server time.)
-const COVERED_HOURS: &str = "
-    WITH x AS (
-        SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::bigint[], $4::float8[], $5::float8[])
-            AS x(sensor_uuid, hour, written, low, high)
-    ), covered AS (
-        UPDATE measurement_hours AS h SET low = x.low, high = x.high, exact = true
+/// Settles the hours the merge overwrote readings in (`$1`–`$10`: the [`HourColumns`] of the
+/// readings it wrote there) where it wrote every reading the hour holds — a re-upload of the
+/// same readings: the hour is what it wrote (the rollup row is locked by this transaction's
+/// merge, so its count is exact). Returns the other hours, for [`EXACT_HOURS`].
+/// (Recomputing a 100,000-reading re-upload's hours from the stored readings cost 142 ms of
+/// server time.)
+const COVERED_HOURS: &str = concat!(
+    "
+    WITH x AS (SELECT * FROM ",
+    unnest_hours!("$1", "$2", "$3", "$4", "$5", "$6", "$7", "$8", "$9", "$10"),
+    "), covered AS (
+        UPDATE measurement_hours AS h SET (",
+    rollup_columns!(),
+    ", exact) = (x.readings, x.low, x.high, x.total, x.first_at, x.first_value, x.last_at,
+            x.last_value, true)
         FROM x
-        WHERE h.sensor_uuid = x.sensor_uuid AND h.hour = x.hour AND h.readings = x.written
+        WHERE h.sensor_uuid = x.sensor_uuid AND h.hour = x.hour AND h.readings = x.readings
         RETURNING h.sensor_uuid, h.hour
     )
     SELECT x.sensor_uuid, x.hour FROM x
     WHERE NOT EXISTS (
         SELECT FROM covered c WHERE c.sensor_uuid = x.sensor_uuid AND c.hour = x.hour
     )
-    ORDER BY 1, 2";
+    ORDER BY 1, 2"
+);
 /// Settles the hours [`replace_held`] left inexact from the readings outside what it wrote there
-/// (`$1` sensors, `$2` hours; `$3`, `$4` the first and last instant it wrote in each, `$5`–`$7`
-/// how many readings, their low and high): when the hour holds no other reading between those
-/// instants (its count is those outside plus those written), its bounds are those of the two
-/// parts — an index range scan on either side instead of the whole hour, whose replaced rows
-/// are dead entries the scan would visit too. Returns the other hours, for [`EXACT_HOURS`].
-const OUTSIDE_HOURS: &str = "
-    WITH x AS (
-        SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[], $4::timestamptz[],
-            $5::bigint[], $6::float8[], $7::float8[])
-            AS x(sensor_uuid, hour, first, last, written, low, high)
-    ), settled AS (
+/// (`$1`–`$10`: the [`HourColumns`] of the readings written in each): when the hour holds no
+/// other reading between the first and last instant written (its count is those outside plus
+/// those written), it is the two parts together — an index range scan on either side instead of
+/// the whole hour, whose replaced rows are dead entries the scan would visit too. Returns the
+/// other hours, for [`EXACT_HOURS`].
+const OUTSIDE_HOURS: &str = concat!(
+    "
+    WITH x AS (SELECT * FROM ",
+    unnest_hours!("$1", "$2", "$3", "$4", "$5", "$6", "$7", "$8", "$9", "$10"),
+    "), settled AS (
         UPDATE measurement_hours AS h
-        SET low = least(o.low, x.low), high = greatest(o.high, x.high), exact = true
-        FROM x CROSS JOIN LATERAL (
-            SELECT count(*) AS readings, min(value) AS low, max(value) AS high FROM (
-                SELECT m.value FROM measurements AS m
-                WHERE m.sensor_uuid = x.sensor_uuid AND m.ts >= x.hour AND m.ts < x.first
+        SET low = least(o.low, x.low), high = greatest(o.high, x.high),
+            total = coalesce(o.total, 0) + x.total,
+            first_at = least(o.first_at, x.first_at),
+            first_value = CASE WHEN o.first_at < x.first_at THEN o.first_value
+                ELSE x.first_value END,
+            last_at = greatest(o.last_at, x.last_at),
+            last_value = CASE WHEN o.last_at > x.last_at THEN o.last_value ELSE x.last_value END,
+            exact = true
+        FROM x CROSS JOIN LATERAL (",
+    hour_of!(
+        "(
+                SELECT m.ts, m.value FROM measurements AS m
+                WHERE m.sensor_uuid = x.sensor_uuid AND m.ts >= x.hour AND m.ts < x.first_at
                 UNION ALL
-                SELECT m.value FROM measurements AS m
-                WHERE m.sensor_uuid = x.sensor_uuid AND m.ts > x.last
+                SELECT m.ts, m.value FROM measurements AS m
+                WHERE m.sensor_uuid = x.sensor_uuid AND m.ts > x.last_at
                     AND m.ts < x.hour + interval '1 hour'
-            ) AS outside
-        ) AS o
+            ) AS m"
+    ),
+    ") AS o
         WHERE h.sensor_uuid = x.sensor_uuid AND h.hour = x.hour
-            AND h.readings = o.readings + x.written
+            AND h.readings = o.readings + x.readings
         RETURNING h.sensor_uuid, h.hour
     )
     SELECT x.sensor_uuid, x.hour FROM x
     WHERE NOT EXISTS (
         SELECT FROM settled s WHERE s.sensor_uuid = x.sensor_uuid AND s.hour = x.hour
     )
-    ORDER BY 1, 2";
+    ORDER BY 1, 2"
+);
 /// Recomputes the hours the merge overwrote readings in (`$1` sensors, `$2` hours; their rows
 /// are locked by this transaction's merge, so every write to them before it has committed) from
 /// the stored readings, an index range scan per hour (a join let the planner scan the whole
 /// table: 350 ms per 100,000-row object at 600,000 stored rows, and growing).
-pub(crate) const EXACT_HOURS: &str = "
+pub(crate) const EXACT_HOURS: &str = concat!(
+    "
     UPDATE measurement_hours AS h
-    SET readings = r.readings, low = r.low, high = r.high, exact = true
+    SET (",
+    rollup_columns!(),
+    ", exact) = (r.readings, r.low, r.high, r.total, r.first_at, r.first_value, r.last_at,
+        r.last_value, true)
     FROM unnest($1::uuid[], $2::timestamptz[]) AS x(sensor_uuid, hour)
-    CROSS JOIN LATERAL (
-        SELECT count(*) AS readings, min(m.value) AS low, max(m.value) AS high
-        FROM measurements AS m
+    CROSS JOIN LATERAL (",
+    hour_of!(
+        "measurements AS m
         WHERE m.sensor_uuid = x.sensor_uuid
-            AND m.ts >= x.hour AND m.ts < x.hour + interval '1 hour'
-    ) AS r
-    WHERE h.sensor_uuid = x.sensor_uuid AND h.hour = x.hour AND r.readings > 0";
+            AND m.ts >= x.hour AND m.ts < x.hour + interval '1 hour'"
+    ),
+    ") AS r
+    WHERE h.sensor_uuid = x.sensor_uuid AND h.hour = x.hour AND r.readings > 0"
+);
+/// Sets the hours of `$1`–`$10` (an [`HourColumns`]) to what it says, exact: their readings
+/// are known to be all the hour holds.
+pub(crate) const SETTLE_HOURS: &str = concat!(
+    "
+    WITH x AS (SELECT * FROM ",
+    unnest_hours!("$1", "$2", "$3", "$4", "$5", "$6", "$7", "$8", "$9", "$10"),
+    ")
+    UPDATE measurement_hours AS h SET (",
+    rollup_columns!(),
+    ", exact) = (x.readings, x.low, x.high, x.total, x.first_at, x.first_value, x.last_at,
+            x.last_value, true)
+    FROM x WHERE h.sensor_uuid = x.sensor_uuid AND h.hour = x.hour"
+);
 /// Queues anomaly detection of the span each sensor's valid rows cover (`anomaly_work`, see
 /// `crate::alerts`): `$1`–`$3` sensors, first and last instants ([`Spans`], gathered while the rows
 /// were read: aggregating the staged rows again cost 50 ms per 100,000-row object), `$4` the
@@ -375,9 +512,17 @@ pub struct Spans {
     overflowed: bool,
 }
 
-/// Readings, low and high of one sensor in one hour.
+/// One sensor's readings in one hour, as the rollup keeps them: how many, the lowest and
+/// highest value, their sum, and the first and last reading (instant in µs, value).
 #[derive(Debug, Clone, Copy, PartialEq)]
-struct Hour(i64, f64, f64);
+pub(crate) struct Hour {
+    pub readings: i64,
+    pub low: f64,
+    pub high: f64,
+    pub total: f64,
+    pub first: (i64, f64),
+    pub last: (i64, f64),
+}
 
 /// The most (sensor, hour) pairs of an object gathered for the rollup (40 bytes each).
 pub const HOURS_MAX: usize = 100_000;
@@ -388,7 +533,7 @@ impl Spans {
     fn rows(&self) -> u64 {
         self.hours
             .as_ref()
-            .map_or(0, |h| h.values().map(|h| h.0 as u64).sum())
+            .map_or(0, |h| h.values().map(|h| h.readings as u64).sum())
     }
 
     /// The hours of several objects together (a (sensor, hour) pair once), or `None` if one of
@@ -404,13 +549,7 @@ impl Spans {
                 continue;
             };
             for (k, h) in hours {
-                o.entry(*k)
-                    .and_modify(|t| {
-                        t.0 += h.0;
-                        t.1 = t.1.min(h.1);
-                        t.2 = t.2.max(h.2);
-                    })
-                    .or_insert(*h);
+                o.entry(*k).and_modify(|t| t.absorb(*h)).or_insert(*h);
             }
         }
         out
@@ -428,12 +567,8 @@ impl Spans {
             sensors.insert(*u, (first.0, last.0));
             let hour = |r: &(i64, f64)| r.0.div_euclid(HOUR_MICROS) * HOUR_MICROS;
             for same in readings.chunk_by(|a, b| hour(a) == hour(b)) {
-                let (low, high) = same
-                    .iter()
-                    .fold((f64::INFINITY, f64::NEG_INFINITY), |m, r| {
-                        (m.0.min(r.1), m.1.max(r.1))
-                    });
-                hours.insert((*u, hour(&same[0])), Hour(same.len() as i64, low, high));
+                let rolled = Hour::of_readings(same.iter().copied()).expect("a reading");
+                hours.insert((*u, hour(&same[0])), rolled);
             }
         }
         Spans {
@@ -459,8 +594,8 @@ impl Spans {
         }
         hours
             .entry((sensor, hour))
-            .or_insert(Hour(0, value, value))
-            .add(value);
+            .and_modify(|h| h.add(micros, value))
+            .or_insert(Hour::of(micros, value));
     }
 }
 
@@ -702,23 +837,76 @@ fn instant(micros: i64) -> chrono::DateTime<chrono::Utc> {
     chrono::DateTime::from_timestamp_micros(micros).expect("a stored instant")
 }
 
-/// Hours as the rollup statements take them: sensors, hours, readings, lows, highs.
-type HourColumns = (
-    Vec<uuid::Uuid>,
-    Vec<chrono::DateTime<chrono::Utc>>,
-    Vec<i64>,
-    Vec<f64>,
-    Vec<f64>,
-);
+/// Hours as the rollup statements take them, a column each: sensors, hours, then the
+/// [`Hour`]'s readings, low, high, total, first instant and value, last instant and value (the
+/// rollup's columns).
+#[derive(Default)]
+pub(crate) struct HourColumns {
+    pub sensors: Vec<uuid::Uuid>,
+    pub hours: Vec<chrono::DateTime<chrono::Utc>>,
+    readings: Vec<i64>,
+    lows: Vec<f64>,
+    highs: Vec<f64>,
+    totals: Vec<f64>,
+    first_ats: Vec<chrono::DateTime<chrono::Utc>>,
+    firsts: Vec<f64>,
+    last_ats: Vec<chrono::DateTime<chrono::Utc>>,
+    lasts: Vec<f64>,
+}
 
-fn hour_columns(hours: &std::collections::HashMap<(uuid::Uuid, i64), Hour>) -> HourColumns {
-    (
-        hours.keys().map(|k| k.0).collect(),
-        hours.keys().map(|k| instant(k.1)).collect(),
-        hours.values().map(|h| h.0).collect(),
-        hours.values().map(|h| h.1).collect(),
-        hours.values().map(|h| h.2).collect(),
-    )
+impl HourColumns {
+    pub(crate) fn push(&mut self, sensor: uuid::Uuid, hour: i64, h: &Hour) {
+        self.sensors.push(sensor);
+        self.hours.push(instant(hour));
+        self.readings.push(h.readings);
+        self.lows.push(h.low);
+        self.highs.push(h.high);
+        self.totals.push(h.total);
+        self.first_ats.push(instant(h.first.0));
+        self.firsts.push(h.first.1);
+        self.last_ats.push(instant(h.last.0));
+        self.lasts.push(h.last.1);
+    }
+
+    fn of(hours: &std::collections::HashMap<(uuid::Uuid, i64), Hour>) -> Self {
+        let mut columns = Self::default();
+        for ((u, hour), h) in hours {
+            columns.push(*u, *hour, h);
+        }
+        columns
+    }
+
+    /// The ten arrays of `row` from column `at` on.
+    fn from_row(row: &tokio_postgres::Row, at: usize) -> Self {
+        Self {
+            sensors: row.get(at),
+            hours: row.get(at + 1),
+            readings: row.get(at + 2),
+            lows: row.get(at + 3),
+            highs: row.get(at + 4),
+            totals: row.get(at + 5),
+            first_ats: row.get(at + 6),
+            firsts: row.get(at + 7),
+            last_ats: row.get(at + 8),
+            lasts: row.get(at + 9),
+        }
+    }
+
+    /// The ten columns, as statement parameters.
+    pub(crate) fn params(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 10] {
+        [
+            &self.sensors,
+            &self.hours,
+            &self.readings,
+            &self.lows,
+            &self.highs,
+            &self.totals,
+            &self.first_ats,
+            &self.firsts,
+            &self.last_ats,
+            &self.lasts,
+        ]
+    }
 }
 
 /// A sensor and the first and last instant of its readings in an object.
@@ -789,13 +977,13 @@ pub async fn merge_group(
         let sensors: Vec<uuid::Uuid> = all.clone().map(|s| s.0).collect();
         let firsts: Vec<_> = all.clone().map(|s| s.1).collect();
         let lasts: Vec<_> = all.map(|s| s.2).collect();
-        let (us, starts, counts, lows, highs) = hour_columns(&hours);
+        let hours = HourColumns::of(&hours);
         let insert = tx.prepare_cached(INSERT_MEASUREMENTS).await?;
         // A single object's rows carry no version: `$1` is theirs.
         let version = members.first().map_or(0, |m| m.version);
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 9] = [
-            &version, &sensors, &firsts, &lasts, &us, &starts, &counts, &lows, &highs,
-        ];
+        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            vec![&version, &sensors, &firsts, &lasts];
+        params.extend(hours.params());
         // The detection queue, the savepoint and the insert go out in one round trip; the insert
         // last, so that the rollup and page index rows it locks are held for the shortest time
         // (concurrent objects of the same sensors and hours wait for them).
@@ -1002,7 +1190,7 @@ async fn replace_held(
     let Some(removed) = removed? else {
         return Ok(None);
     };
-    let deleted: i64 = removed.values().map(|h| h.0).sum();
+    let deleted: i64 = removed.values().map(|h| h.readings).sum();
     let keys: usize = held.values().map(Vec::len).sum();
     if deleted as usize != keys {
         return Ok(None);
@@ -1012,9 +1200,9 @@ async fn replace_held(
     tx.batch_execute(ANY_PLAN).await?;
     copy_held(tx, COPY_NEW, sensors, held, Some(version)).await?;
     let hours_written = written.hours.as_ref().expect("the hours of held readings");
-    let (us, starts, counts, lows, highs) = hour_columns(hours_written);
+    let columns = HourColumns::of(hours_written);
     let before: std::collections::HashMap<(uuid::Uuid, i64), i64> = tx
-        .query(&before, &[&us, &starts])
+        .query(&before, &[&columns.sensors, &columns.hours])
         .await?
         .iter()
         .map(|r| {
@@ -1023,22 +1211,21 @@ async fn replace_held(
         })
         .collect();
     // Every hour written replaced as many readings (the keys are the same).
-    let gone: Vec<Hour> = us
+    let gone: Vec<Hour> = columns
+        .sensors
         .iter()
-        .zip(&starts)
+        .zip(&columns.hours)
         .map(|(u, h)| removed[&(*u, h.timestamp_micros())])
         .collect();
-    let gone_lows: Vec<f64> = gone.iter().map(|h| h.1).collect();
-    let gone_highs: Vec<f64> = gone.iter().map(|h| h.2).collect();
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 7] = [
-        &us,
-        &starts,
-        &counts,
-        &lows,
-        &highs,
-        &gone_lows,
+    let gone_lows: Vec<f64> = gone.iter().map(|h| h.low).collect();
+    let gone_highs: Vec<f64> = gone.iter().map(|h| h.high).collect();
+    let gone_totals: Vec<f64> = gone.iter().map(|h| h.total).collect();
+    let mut params = columns.params().to_vec();
+    params.extend([
+        &gone_lows as &(dyn tokio_postgres::types::ToSql + Sync),
         &gone_highs,
-    ];
+        &gone_totals,
+    ]);
     let row = tx.query_one(&hours, &params).await?;
     let (inexact, hours): (Vec<uuid::Uuid>, Vec<chrono::DateTime<chrono::Utc>>) =
         (row.get(0), row.get(1));
@@ -1064,24 +1251,14 @@ async fn replace_held(
     if inexact.is_empty() || !settle {
         return Ok(Some(links));
     }
-    // What the held readings of each inexact hour are: first and last instant, count, low, high.
-    let mut within = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    // What the held readings of each inexact hour are.
+    let mut within = HourColumns::default();
     for (u, hour) in inexact.iter().zip(&hours) {
         let start = hour.timestamp_micros();
-        let readings = &held[u];
-        let from = readings.partition_point(|r| r.0 < start);
-        let to = readings.partition_point(|r| r.0 < start + HOUR_MICROS);
-        let h = hours_written[&(*u, start)];
-        within.0.push(instant(readings[from].0));
-        within.1.push(instant(readings[to - 1].0));
-        within.2.push(h.0);
-        within.3.push(h.1);
-        within.4.push(h.2);
+        within.push(*u, start, &hours_written[&(*u, start)]);
     }
     let outside = tx.prepare_cached(OUTSIDE_HOURS).await?;
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 7] = [
-        &inexact, &hours, &within.0, &within.1, &within.2, &within.3, &within.4,
-    ];
+    let params = within.params();
     let rest = tx.query(&outside, &params).await?;
     recompute_hours(tx, &rest).await?;
     Ok(Some(links))
@@ -1169,11 +1346,11 @@ impl Removed {
         match &mut self.at {
             Some((u, p, h, sum)) if *u == sensor && *h == hour => {
                 *p = place + 1;
-                sum.add(value);
+                sum.add(at, value);
             }
             _ => {
                 self.flush();
-                self.at = Some((sensor, place + 1, hour, Hour(1, value, value)));
+                self.at = Some((sensor, place + 1, hour, Hour::of(at, value)));
             }
         }
         true
@@ -1184,8 +1361,8 @@ impl Removed {
         if let Some((u, _, h, sum)) = self.at.take() {
             self.hours
                 .entry((u, h))
-                .or_insert(Hour(0, sum.1, sum.2))
-                .absorb(sum);
+                .and_modify(|h| h.absorb(sum))
+                .or_insert(sum);
         }
     }
 
@@ -1196,15 +1373,46 @@ impl Removed {
 }
 
 impl Hour {
-    /// One more reading.
-    fn add(&mut self, value: f64) {
-        self.absorb(Hour(1, value, value));
+    /// The hour of one reading.
+    pub(crate) fn of(at: i64, value: f64) -> Hour {
+        Hour {
+            readings: 1,
+            low: value,
+            high: value,
+            total: value,
+            first: (at, value),
+            last: (at, value),
+        }
     }
 
+    /// The hour of readings in time order (none: `None`).
+    pub(crate) fn of_readings(readings: impl IntoIterator<Item = (i64, f64)>) -> Option<Hour> {
+        let mut readings = readings.into_iter();
+        let (at, value) = readings.next()?;
+        let mut hour = Hour::of(at, value);
+        for (at, value) in readings {
+            hour.add(at, value);
+        }
+        Some(hour)
+    }
+
+    /// One more reading.
+    fn add(&mut self, at: i64, value: f64) {
+        self.absorb(Hour::of(at, value));
+    }
+
+    /// Other readings of the same hour (at other instants).
     fn absorb(&mut self, other: Hour) {
-        self.0 += other.0;
-        self.1 = self.1.min(other.1);
-        self.2 = self.2.max(other.2);
+        self.readings += other.readings;
+        self.low = self.low.min(other.low);
+        self.high = self.high.max(other.high);
+        self.total += other.total;
+        if other.first.0 < self.first.0 {
+            self.first = other.first;
+        }
+        if other.last.0 > self.last.0 {
+            self.last = other.last;
+        }
     }
 }
 
@@ -1220,8 +1428,7 @@ async fn copy_new(
     let widen = tx.prepare_cached(WIDEN_HOURS).await?;
     copy_held(tx, COPY_NEW, sensors, held, Some(version)).await?;
     let hours = spans.hours.as_ref().expect("the hours of held readings");
-    let (us, starts, counts, lows, highs) = hour_columns(hours);
-    tx.query_one(&widen, &[&us, &starts, &counts, &lows, &highs])
+    tx.query_one(&widen, &HourColumns::of(hours).params())
         .await?;
     Ok(())
 }
@@ -1277,13 +1484,8 @@ async fn upserted(
         }
     };
     let written: i64 = row.get(0);
-    let (inexact, hours): (Vec<uuid::Uuid>, Vec<chrono::DateTime<chrono::Utc>>) =
-        (row.get(1), row.get(2));
-    if !inexact.is_empty() {
-        let (written, lows, highs): (Vec<i64>, Vec<f64>, Vec<f64>) =
-            (row.get(3), row.get(4), row.get(5));
-        settle_inexact(tx, &inexact, &hours, &written, &lows, &highs).await?;
-    }
+    // The hours it overwrote readings in, with what it wrote there.
+    settle_inexact(tx, &HourColumns::from_row(&row, 1)).await?;
     let alone = members.len() == 1;
     Ok(works
         .into_iter()
@@ -1296,23 +1498,17 @@ async fn upserted(
         .collect())
 }
 
-/// Makes exact the hours (`sensors`, `hours`) the merge overwrote readings in, given what it wrote
-/// in each (`written`, `lows`, `highs`): [`COVERED_HOURS`], then [`EXACT_HOURS`] for the rest.
+/// Makes exact the hours the merge overwrote readings in, given what it wrote in each
+/// (`written`): [`COVERED_HOURS`], then [`EXACT_HOURS`] for the rest.
 async fn settle_inexact(
     tx: &deadpool_postgres::Transaction<'_>,
-    sensors: &[uuid::Uuid],
-    hours: &[chrono::DateTime<chrono::Utc>],
-    written: &[i64],
-    lows: &[f64],
-    highs: &[f64],
+    written: &HourColumns,
 ) -> Result<(), tokio_postgres::Error> {
-    if sensors.is_empty() {
+    if written.sensors.is_empty() {
         return Ok(());
     }
     let covered = tx.prepare_cached(COVERED_HOURS).await?;
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
-        [&sensors, &hours, &written, &lows, &highs];
-    let rest = tx.query(&covered, &params).await?;
+    let rest = tx.query(&covered, &written.params()).await?;
     recompute_hours(tx, &rest).await
 }
 
@@ -1381,8 +1577,24 @@ async fn queue(
 mod tests {
     use super::*;
 
-    /// Sensor, hour, readings, low and high.
-    type RemovedHour = (u128, i64, i64, f64, f64);
+    /// Sensor, hour, and what it holds.
+    type RemovedHour = (u128, i64, Hour);
+
+    fn hour(
+        readings: i64,
+        (low, high, total): (f64, f64, f64),
+        first: (i64, f64),
+        last: (i64, f64),
+    ) -> Hour {
+        Hour {
+            readings,
+            low,
+            high,
+            total,
+            first,
+            last,
+        }
+    }
 
     /// The removed readings of `deleted` (sensor, instant, value) in the order given, by hour;
     /// `None` when one is not held.
@@ -1396,7 +1608,7 @@ mod tests {
         let mut hours: Vec<_> = r
             .finish()
             .into_iter()
-            .map(|((u, h), s)| (u.as_u128(), h, s.0, s.1, s.2))
+            .map(|((u, h), s)| (u.as_u128(), h, s))
             .collect();
         hours.sort_by_key(|h| (h.0, h.1));
         Some(hours)
@@ -1422,10 +1634,10 @@ mod tests {
             (2, 7, 9.0),
         ];
         let expected = Some(vec![
-            (1, 0, 2, -3.0, 1.5),
-            (1, H, 2, 2.0, 4.0),
-            (2, -H, 1, 6.0, 6.0),
-            (2, 0, 1, 9.0, 9.0),
+            (1, 0, hour(2, (-3.0, 1.5, -1.5), (5, 1.5), (H - 1, -3.0))),
+            (1, H, hour(2, (2.0, 4.0, 6.0), (H, 2.0), (H + 9, 4.0))),
+            (2, -H, hour(1, (6.0, 6.0, 6.0), (-1, 6.0), (-1, 6.0))),
+            (2, 0, hour(1, (9.0, 9.0, 9.0), (7, 9.0), (7, 9.0))),
         ]);
         assert_eq!(removed(&held, &in_order), expected);
         // Out of order (another plan): each reading is looked up, and an hour met twice adds up.
@@ -1437,7 +1649,7 @@ mod tests {
         // the counts).
         assert_eq!(
             removed(&held, &[(1, H, 2.0)]),
-            Some(vec![(1, H, 1, 2.0, 2.0)])
+            Some(vec![(1, H, hour(1, (2.0, 2.0, 2.0), (H, 2.0), (H, 2.0)))])
         );
         // A removed reading that is not held, between two held ones, after the last, of
         // another sensor.
@@ -1495,15 +1707,22 @@ mod tests {
             .as_ref()
             .unwrap()
             .iter()
-            .map(|(k, h)| (*k, (h.0, h.1, h.2)))
+            .map(|(k, h)| (*k, *h))
             .collect();
         hours.sort_by_key(|(k, _)| *k);
+        const H: i64 = HOUR_MICROS;
         assert_eq!(
             hours,
             vec![
-                ((a, 3_600_000_000), (2, -1.0, 2.0)),
-                ((a, 7_200_000_000), (1, 4.0, 4.0)),
-                ((b, -3_600_000_000), (1, 9.0, 9.0)),
+                (
+                    (a, H),
+                    hour(2, (-1.0, 2.0, 1.0), (H + 5, 2.0), (2 * H - 1, -1.0))
+                ),
+                (
+                    (a, 2 * H),
+                    hour(1, (4.0, 4.0, 4.0), (2 * H, 4.0), (2 * H, 4.0))
+                ),
+                ((b, -H), hour(1, (9.0, 9.0, 9.0), (-1, 9.0), (-1, 9.0))),
             ]
         );
         assert_eq!(s.sensors[&a], (3_600_000_005, 7_200_000_000));

@@ -434,19 +434,7 @@ async fn main() -> Result<()> {
     }
     // What the ingest merge keeps beside the rows it writes (these were written directly): the
     // page index and the hourly rollup.
-    db.batch_execute(
-        "INSERT INTO measurement_days (sensor_uuid, day, readings)
-         SELECT sensor_uuid, date_trunc('day', ts, 'UTC'), count(*) FROM measurements
-         WHERE sensor_uuid IN (SELECT sensor_uuid FROM measurements GROUP BY 1 HAVING count(*) >= 1000000)
-         GROUP BY 1, 2;
-         INSERT INTO measurement_hours (sensor_uuid, hour, readings, low, high)
-         SELECT sensor_uuid, date_trunc('hour', ts, 'UTC'), count(*), min(value), max(value)
-         FROM measurements
-         WHERE sensor_uuid IN (SELECT sensor_uuid FROM measurement_days GROUP BY 1
-                               HAVING sum(readings) >= 1000000)
-         GROUP BY 1, 2",
-    )
-    .await?;
+    testbed::derive_from_rows(&db).await?;
     db.batch_execute("VACUUM ANALYZE measurements").await?;
     // What the workers do as data arrives: detect, and store the verdicts.
     let started = Instant::now();
