@@ -184,11 +184,11 @@ fn statement(every: Every) -> String {
             "hours AS (
                 SELECT hour, readings, low, high, total, first_at, first_value, last_at,
                        last_value,
-                       exact AND total IS NOT NULL AND hour >= $2
-                           AND hour + interval '1 hour' <= $3 + interval '1 microsecond'
+                       exact AND total IS NOT NULL AND hour >= $2::timestamptz
+                           AND hour + interval '1 hour' <= $3::timestamptz + interval '1 microsecond'
                            AND {bucket_hour} = {bucket_hour_end} AS whole
                 FROM measurement_hours
-                WHERE sensor_uuid = $1 AND hour >= date_trunc('hour', $2, 'UTC') AND hour <= $3
+                WHERE sensor_uuid = $1 AND hour >= date_trunc('hour', $2::timestamptz, 'UTC') AND hour <= $3::timestamptz
             ), parts AS (
                 SELECT {bucket_hour} AS bucket, readings, total, low, high, first_at,
                        first_value, last_at, last_value
@@ -197,8 +197,8 @@ fn statement(every: Every) -> String {
                 SELECT {bucket_ts}, 1, value, value, value, ts, value, ts, value
                 FROM hours CROSS JOIN LATERAL (
                     SELECT ts, value FROM measurements
-                    WHERE sensor_uuid = $1 AND ts >= greatest(hour, $2)
-                        AND ts < hour + interval '1 hour' AND ts <= $3
+                    WHERE sensor_uuid = $1 AND ts >= greatest(hour, $2::timestamptz)
+                        AND ts < hour + interval '1 hour' AND ts <= $3::timestamptz
                 ) AS m
                 WHERE NOT whole
             )"
@@ -209,7 +209,7 @@ fn statement(every: Every) -> String {
                 SELECT {bucket_ts} AS bucket, 1 AS readings, value AS total, value AS low,
                        value AS high, ts AS first_at, value AS first_value, ts AS last_at,
                        value AS last_value
-                FROM measurements WHERE sensor_uuid = $1 AND ts >= $2 AND ts <= $3
+                FROM measurements WHERE sensor_uuid = $1 AND ts >= $2::timestamptz AND ts <= $3::timestamptz
             )"
         )
     };
@@ -230,6 +230,16 @@ pub async fn buckets<'c>(
     client: &'c Client,
     query: &Query<'_>,
 ) -> Result<impl Stream<Item = Result<Bucket, Failure>> + 'c, Failure> {
+    if query.zone != "UTC" {
+        // Checked before anything is printed (the statement would fail at its first row).
+        client
+            .query_one(
+                "SELECT timestamptz 'epoch' AT TIME ZONE $1::text",
+                &[&query.zone],
+            )
+            .await
+            .map_err(|e| unknown_zone(e, query.zone))?;
+    }
     let (offset, limit) = query.page.unwrap_or((0, i64::MAX));
     let interval = query.every.interval();
     let params: [&(dyn postgres_types::ToSql + Sync); 7] = [
@@ -244,17 +254,20 @@ pub async fn buckets<'c>(
     let rows = client
         .query_raw(statement(query.every).as_str(), params)
         .await
-        .map_err(|e| match e.code() {
-            Some(&SqlState::INVALID_PARAMETER_VALUE) => Failure::Usage(format!(
-                "unknown time zone {:?}; accepted: an IANA time zone name such as \
-                 Europe/Berlin or America/New_York, or UTC",
-                query.zone
-            )),
-            _ => failed("measurement")(e),
-        })?;
+        .map_err(failed("measurement"))?;
     Ok(rows
         .map_err(|e| failed("measurement")(e))
         .and_then(|row| async move { bucket(&row).map_err(|e| failed("measurement")(e)) }))
+}
+
+fn unknown_zone(e: tokio_postgres::Error, zone: &str) -> Failure {
+    match e.code() {
+        Some(&SqlState::INVALID_PARAMETER_VALUE) => Failure::Usage(format!(
+            "unknown time zone {zone:?}; accepted: an IANA time zone name such as \
+             Europe/Berlin or America/New_York, or UTC"
+        )),
+        _ => failed("measurement")(e),
+    }
 }
 
 fn bucket(row: &tokio_postgres::Row) -> Result<Bucket, tokio_postgres::Error> {
