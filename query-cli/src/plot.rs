@@ -23,6 +23,7 @@ use std::sync::Once;
 
 use chrono::{DateTime, Datelike, Utc};
 use clap::Args;
+use futures_util::TryStreamExt;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
@@ -30,6 +31,7 @@ use sensor_pipeline::anomaly::{Anomaly, Kind};
 use sensor_pipeline::config::DatabaseSettings;
 use uuid::Uuid;
 
+use crate::buckets::{self, Every};
 use crate::db::{failed, Databases};
 use crate::output::timestamp;
 use crate::readings::{parse_uuid, resolve, Sensor};
@@ -78,6 +80,13 @@ pub struct PlotArgs {
     /// it (so `--start-timestamp 2000-01-01 --end-timestamp 2100-01-01` shows the data).
     #[arg(long)]
     exact_range: bool,
+    /// Draw buckets of this length instead of the readings: a band from each bucket's lowest to
+    /// its highest value and a line through the means (`1h`, `1d`, `1w`; as `readings --every`).
+    #[arg(long, value_name = "DURATION", value_parser = buckets::every)]
+    every: Option<Every>,
+    /// With --every: align days and weeks on this zone's midnight (as `readings --timezone`).
+    #[arg(long, value_name = "ZONE", requires = "every")]
+    timezone: Option<String>,
 }
 
 /// The picture format, from the output's extension.
@@ -110,6 +119,45 @@ pub struct Panel {
     pub columns: Columns,
     pub anomalies: Vec<Anomaly>,
     pub asked: (i64, i64),
+    /// With `--every`: what is drawn instead of the columns.
+    pub buckets: Option<Buckets>,
+}
+
+/// A panel's readings in buckets (`plot --every`).
+pub struct Buckets {
+    pub every: Every,
+    pub all: Vec<buckets::Bucket>,
+}
+
+impl Buckets {
+    fn readings(&self) -> u64 {
+        self.all.iter().map(|b| b.readings.max(0) as u64).sum()
+    }
+
+    fn value_range(&self) -> Option<(f64, f64)> {
+        self.all
+            .iter()
+            .map(|b| (b.min, b.max))
+            .reduce(|(l, h), (a, b)| (l.min(a), h.max(b)))
+    }
+
+    /// Each bucket's start and end (µs): up to the next bucket when that starts within 10 % of
+    /// the length (a local day across a DST change is an hour shorter or longer), else the length.
+    fn spans(&self) -> Vec<(i64, i64, &buckets::Bucket)> {
+        let length = self.every.micros();
+        let mut spans = Vec::with_capacity(self.all.len());
+        for (i, b) in self.all.iter().enumerate() {
+            let start = b.start.timestamp_micros();
+            let end = match self.all.get(i + 1) {
+                Some(next) if next.start.timestamp_micros() - start <= length + length / 10 => {
+                    next.start.timestamp_micros()
+                }
+                _ => start + length,
+            };
+            spans.push((start, end, b));
+        }
+        spans
+    }
 }
 
 pub async fn run(settings: &DatabaseSettings, args: PlotArgs) -> Result<(), Failure> {
@@ -167,6 +215,8 @@ pub async fn run(settings: &DatabaseSettings, args: PlotArgs) -> Result<(), Fail
             None
         };
         let anomalies = match stored {
+            // With --every, the buckets are drawn instead of the readings.
+            Some(found) if args.every.is_some() => found,
             Some(found) => {
                 draw_readings(&dbs, uuid, &mut columns).await?;
                 found
@@ -178,16 +228,39 @@ pub async fn run(settings: &DatabaseSettings, args: PlotArgs) -> Result<(), Fail
                 .await?
             }
         };
+        let buckets = match args.every {
+            Some(every) => {
+                let query = buckets::Query {
+                    sensor: uuid,
+                    start: time(s),
+                    end: time(e),
+                    every,
+                    zone: args.timezone.as_deref().unwrap_or("UTC"),
+                    page: None,
+                };
+                let all = buckets::buckets(&dbs.measurements, &query).await?;
+                Some(Buckets {
+                    every,
+                    all: all.try_collect().await?,
+                })
+            }
+            None => None,
+        };
         panels.push(Panel {
             title: name.unwrap_or_else(|| uuid.to_string()),
             columns,
             anomalies,
             asked,
+            buckets,
         });
     }
     render(&panels, &args.output, format, (width, height)).map_err(|e| {
         Failure::Infrastructure(format!("cannot write {}: {e}", args.output.display()))
     })
+}
+
+fn time(us: i64) -> DateTime<Utc> {
+    DateTime::<Utc>::from_timestamp_micros(us).expect("a plotted instant")
 }
 
 const MINUTE: i64 = 60_000_000;
@@ -498,6 +571,9 @@ const LINE: RGBColor = RGBColor(31, 100, 170);
 const BAND: f64 = 0.2;
 const SWATCH: f64 = 0.45;
 const MARKER: u32 = 5;
+/// The opacity of the band of buckets' lowest to highest values (`--every`), in the chart and
+/// its legend.
+const RANGE: f64 = 0.3;
 
 fn register_font() {
     static FONT: Once = Once::new();
@@ -573,7 +649,11 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, panels: &[Panel]) -> 
     let areas = root.split_evenly((panels.len().max(1), 1));
     for (panel, area) in panels.iter().zip(&areas) {
         let (start, end) = (panel.columns.start, panel.columns.end);
-        let (mut low, mut high) = panel.columns.value_range().unwrap_or((0.0, 1.0));
+        let (readings, range) = match &panel.buckets {
+            Some(b) => (b.readings(), b.value_range()),
+            None => (panel.columns.readings(), panel.columns.value_range()),
+        };
+        let (mut low, mut high) = range.unwrap_or((0.0, 1.0));
         for v in panel.anomalies.iter().filter_map(|a| a.value) {
             low = low.min(v);
             high = high.max(v);
@@ -585,7 +665,7 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, panels: &[Panel]) -> 
         let title = format!(
             "{} — {} readings, {} {}",
             panel.title,
-            panel.columns.readings(),
+            readings,
             count,
             if count == 1 { "anomaly" } else { "anomalies" }
         );
@@ -642,7 +722,7 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, panels: &[Panel]) -> 
                     Rectangle::new([(x + 2, y - 6), (x + 14, y + 6)], c.mix(SWATCH).filled())
                 });
         }
-        if panel.columns.readings() == 0 {
+        if readings == 0 {
             let note = format!(
                 "no readings between {} and {}",
                 timestamp(DateTime::from_timestamp_micros(panel.asked.0).unwrap_or_default()),
@@ -659,6 +739,39 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, panels: &[Panel]) -> 
                 )))
                 .map_err(err)?;
         }
+        // With --every: a band from each bucket's lowest to its highest value, and a line
+        // through the means at the buckets' middles, broken where a bucket is missing.
+        if let Some(buckets) = &panel.buckets {
+            let spans = buckets.spans();
+            let every = buckets.every;
+            chart
+                .draw_series(spans.iter().map(|&(s, e, b)| {
+                    Rectangle::new([(s, b.min), (e, b.max)], LINE.mix(RANGE).filled())
+                }))
+                .map_err(err)?
+                .label(format!("lowest–highest per {every}"))
+                .legend(|(x, y)| {
+                    Rectangle::new([(x + 2, y - 6), (x + 14, y + 6)], LINE.mix(RANGE).filled())
+                });
+            let mut means: Vec<Vec<(i64, f64)>> = vec![Vec::new()];
+            for (i, &(s, e, b)) in spans.iter().enumerate() {
+                if i > 0 && spans[i - 1].1 != s {
+                    means.push(Vec::new());
+                }
+                let mean = (s + (e - s) / 2, b.mean);
+                means.last_mut().expect("one segment").push(mean);
+            }
+            for (i, segment) in means.into_iter().enumerate() {
+                let series = chart
+                    .draw_series(LineSeries::new(segment, LINE.stroke_width(2)))
+                    .map_err(err)?;
+                if i == 0 {
+                    series.label(format!("mean per {every}")).legend(|(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 16, y)], LINE.stroke_width(2))
+                    });
+                }
+            }
+        }
         // The line, broken across gaps.
         let gaps: Vec<(i64, i64)> = panel
             .anomalies
@@ -666,7 +779,10 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, panels: &[Panel]) -> 
             .filter(|a| a.kind == Kind::Gap)
             .map(|a| (a.start, a.end))
             .collect();
-        let points = panel.columns.points();
+        let points = match panel.buckets {
+            Some(_) => Vec::new(),
+            None => panel.columns.points(),
+        };
         let mut segments: Vec<Vec<(i64, f64)>> = vec![Vec::new()];
         for (i, &p) in points.iter().enumerate() {
             if i > 0 {
@@ -678,6 +794,9 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, panels: &[Panel]) -> 
             segments.last_mut().expect("one segment").push(p);
         }
         for (i, segment) in segments.into_iter().enumerate() {
+            if segment.is_empty() {
+                continue;
+            }
             let series = chart
                 .draw_series(LineSeries::new(segment, LINE.stroke_width(1)))
                 .map_err(err)?;
@@ -790,6 +909,7 @@ mod tests {
                 columns,
                 anomalies: vec![spike],
                 asked: (start, end),
+                buckets: None,
             }],
             (w, h),
         );

@@ -422,8 +422,9 @@ async fn print_buckets(
         "first",
         "last",
     ];
-    /// Table column widths: the start with its offset, then the numbers.
-    const WIDTHS: [usize; 7] = [25, 9, 14, 14, 14, 14, 14];
+    /// Table column widths: the start with its offset, then the numbers (a mean often has all
+    /// 17 digits).
+    const WIDTHS: [usize; 7] = [25, 9, 20, 14, 14, 14, 14];
     let rows = buckets::buckets(client, query).await?;
     let mut rows = pin!(rows);
     let mut line = String::with_capacity(160);
@@ -443,40 +444,67 @@ async fn print_buckets(
         }
         Format::Json => {}
     }
+    let mut text = Vec::with_capacity(160);
     while let Some(b) = rows.try_next().await? {
-        let start = if b.start.offset().local_minus_utc() == 0 {
-            crate::output::timestamp(b.start.to_utc())
+        text.clear();
+        if b.start.offset().local_minus_utc() == 0 {
+            push_timestamp(&mut text, b.start.to_utc());
         } else {
-            b.start.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+            text.extend(
+                b.start
+                    .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+                    .bytes(),
+            );
+        }
+        let start = text.len();
+        let readings = b.readings.to_string();
+        // The numbers, each after the one before (their ends in `ends`).
+        let mut ends = [0; 5];
+        for (i, v) in [b.mean, b.min, b.max, b.first, b.last]
+            .into_iter()
+            .enumerate()
+        {
+            push_value(&mut text, v);
+            ends[i] = text.len();
+        }
+        let cell = |i: usize| {
+            let from = if i == 0 { start } else { ends[i - 1] };
+            std::str::from_utf8(&text[from..ends[i]]).expect("ASCII")
         };
-        let numbers = [b.mean, b.min, b.max, b.first, b.last].map(|v| v.to_string());
+        let stamp = std::str::from_utf8(&text[..start]).expect("ASCII");
+        let numbers = [cell(0), cell(1), cell(2), cell(3), cell(4)];
         line.clear();
         match format {
             Format::Csv => {
-                line.push_str(&format!("{start},{}", b.readings));
-                for n in &numbers {
+                line.push_str(stamp);
+                line.push(',');
+                line.push_str(&readings);
+                for n in numbers {
                     line.push(',');
                     line.push_str(n);
                 }
             }
             Format::Json => {
-                line.push_str(&format!(
-                    "{{\"bucket_start\":\"{start}\",\"readings\":{}",
-                    b.readings
-                ));
-                for (name, n) in FIELDS[2..].iter().zip(&numbers) {
-                    line.push_str(&format!(",\"{name}\":{n}"));
+                line.push_str("{\"bucket_start\":\"");
+                line.push_str(stamp);
+                line.push_str("\",\"readings\":");
+                line.push_str(&readings);
+                for (name, n) in FIELDS[2..].iter().zip(numbers) {
+                    line.push_str(",\"");
+                    line.push_str(name);
+                    line.push_str("\":");
+                    line.push_str(n);
                 }
                 line.push('}');
             }
             Format::Table => {
-                let readings = b.readings.to_string();
-                let mut cells = vec![start.as_str(), readings.as_str()];
-                cells.extend(numbers.iter().map(String::as_str));
+                let mut cells = vec![stamp, readings.as_str()];
+                cells.extend(numbers);
                 table(&mut line, &cells);
             }
         }
-        writeln!(out, "{line}")?;
+        line.push('\n');
+        out.write_all(line.as_bytes())?;
     }
     Ok(())
 }

@@ -555,6 +555,51 @@ async fn a_plot_spans_the_readings_or_the_exact_range_and_says_when_a_panel_is_e
     );
 }
 
+/// `plot --every`: a band per bucket from its lowest to its highest value (as many as
+/// `readings --every` prints), the mean line through them, the readings counted from the buckets
+/// and the anomalies as without it, and a legend naming both.
+#[tokio::test]
+async fn plots_draw_buckets_as_bands_with_the_mean_line() {
+    let plots = Plots::new().await;
+    let mut args = vec!["--every", "1h"];
+    args.extend(WHOLE);
+    let every = plots.pump(&args).await;
+    let plain = plots.pump(&WHOLE).await;
+    let mut read = vec![
+        "readings",
+        "--sensor-name",
+        "pump",
+        "--every",
+        "1h",
+        "--format",
+        "csv",
+    ];
+    read.extend(WHOLE);
+    let buckets = ok(&plots.vars, &read).await;
+    let buckets: Vec<&str> = buckets.lines().skip(1).collect();
+    assert_eq!(buckets.len(), 134, "8,000 minutes");
+    // The bands (and the legend's swatch), in the line's colour.
+    assert_eq!(
+        fills(&every, "<rect", "opacity=\"0.3\""),
+        vec!["#1F64AA"; buckets.len() + 1]
+    );
+    assert_eq!(svg_summary(&every), svg_summary(&plain));
+    let texts = texts(&every);
+    for legend in ["lowest–highest per 1h", "mean per 1h"] {
+        assert_eq!(texts.iter().filter(|t| *t == legend).count(), 1, "{legend}");
+    }
+    assert!(!texts.contains(&"readings".to_string()), "no readings line");
+    // The mean line: one polyline through every bucket (they are all there).
+    let mean = every
+        .split("<polyline")
+        .skip(1)
+        .find(|p| p.contains("stroke-width=\"2\""))
+        .unwrap();
+    let points = &mean[mean.find("points=\"").unwrap() + 8..];
+    let points = &points[..points.find('"').unwrap()];
+    assert_eq!(points.split_whitespace().count(), buckets.len());
+}
+
 #[tokio::test]
 async fn plots_draw_the_workers_verdicts_and_the_hourly_rollup_when_they_are_current() {
     let plots = Plots::new().await;

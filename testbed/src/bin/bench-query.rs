@@ -7,13 +7,18 @@
 //!
 //! Measures, as a user sees it (median of `--runs`): a page of 100 at page 1 and at page 10,000,
 //! with the process start (`query-cli --version`) reported apart so it can be subtracted; and the
-//! full-range CSV stream of one sensor to /dev/null in rows/s.
+//! full-range CSV stream of one sensor to /dev/null in rows/s; and downsampled reads of a sensor
+//! with 5-minute readings over ten years (`--every 1h` over a year, `--every 1d` over the ten),
+//! next to the same aggregates by a plain SQL over its rows.
 
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
+
+/// Readings of the sensor `decade`: every 5 minutes for ten years, besides the others.
+const DECADE: i64 = 10 * 365 * 288 + 2 * 288;
 
 #[derive(clap::Parser)]
 #[command(about = "query-cli as a user sees it: pages, a whole range, memory")]
@@ -62,7 +67,7 @@ async fn main() -> Result<()> {
     let env = testbed::TestEnv::new().await?;
     sensor_pipeline::store::migrate::migrate(&env.database_settings()).await?;
     let db = testbed::connect(&env.measurements_db).await?;
-    let total = a.sensors * a.per_sensor;
+    let total = a.sensors * a.per_sensor + DECADE;
     eprintln!(
         "storing {total} readings ({} sensors × {})",
         a.sensors, a.per_sensor
@@ -75,9 +80,16 @@ async fn main() -> Result<()> {
          SELECT ('5e500000-0000-4000-8000-' || lpad(s::text, 12, '0'))::uuid, \
                 timestamptz '2013-01-01T00:00:00Z' + make_interval(mins => i::int), \
                 20 + (i % 1000) / 100.0 \
-         FROM generate_series(1, {s}) s, generate_series(0, {n} - 1) i",
+         FROM generate_series(1, {s}) s, generate_series(0, {n} - 1) i;
+         INSERT INTO sensors VALUES ('5e500000-0000-4000-8000-decade000000', 'decade');
+         INSERT INTO measurements \
+         SELECT '5e500000-0000-4000-8000-decade000000', \
+                timestamptz '2013-01-01T00:00:00Z' + make_interval(mins => 5 * i::int), \
+                20 + 5 * sin(i / 288.0 * 2 * pi()) + (i * 7919 % 1000) / 1000.0 \
+         FROM generate_series(0::bigint, {decade} - 1) i",
         s = a.sensors,
-        n = a.per_sensor
+        n = a.per_sensor,
+        decade = DECADE,
     ))
     .await?;
     // Rows written directly, not by ingestion: the page index and rollup from them.
@@ -112,6 +124,36 @@ async fn main() -> Result<()> {
     let page1 = time(&cli, &vars, &page("1"), a.runs).await?;
     let page10k = time(&cli, &vars, &page("10000"), a.runs).await?;
     let full = time(&cli, &vars, &base, 3).await?;
+    let bucketed = |every: &'static str, end: &'static str| {
+        [
+            "readings",
+            "--sensor-name",
+            "decade",
+            "--start-timestamp",
+            "2013-01-01",
+            "--end-timestamp",
+            end,
+            "--every",
+            every,
+            "--format",
+            "csv",
+        ]
+    };
+    let hourly = time(&cli, &vars, &bucketed("1h", "2013-12-31T23:59:59"), a.runs).await?;
+    let daily = time(&cli, &vars, &bucketed("1d", "2022-12-31T23:59:59"), a.runs).await?;
+    let by_sql = |bucket: &'static str, end: &'static str| {
+        format!(
+            "SELECT date_trunc('{bucket}', ts, 'UTC') AS b, count(*), avg(value), min(value),
+                    max(value), (array_agg(value ORDER BY ts))[1],
+                    (array_agg(value ORDER BY ts DESC))[1]
+             FROM measurements
+             WHERE sensor_uuid = '5e500000-0000-4000-8000-decade000000'
+                 AND ts >= '2013-01-01Z' AND ts <= '{end}Z'
+             GROUP BY 1 ORDER BY 1"
+        )
+    };
+    let hourly_sql = sql_time(&db, &by_sql("hour", "2013-12-31T23:59:59"), a.runs).await?;
+    let daily_sql = sql_time(&db, &by_sql("day", "2022-12-31T23:59:59"), a.runs).await?;
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     println!("readings stored:           {total}");
     println!("process start (--version): {:.1} ms", ms(startup));
@@ -131,5 +173,30 @@ async fn main() -> Result<()> {
         full.as_secs_f64(),
         a.per_sensor as f64 / full.as_secs_f64()
     );
+    println!(
+        "--every 1h, a year of 5-minute readings (105,120): {:.1} ms end to end \
+         ({:.1} ms without process start); plain SQL over the rows: {:.1} ms",
+        ms(hourly),
+        ms(hourly - startup),
+        ms(hourly_sql)
+    );
+    println!(
+        "--every 1d, ten years of 5-minute readings ({DECADE}): {:.1} ms end to end \
+         ({:.1} ms without process start); plain SQL over the rows: {:.1} ms",
+        ms(daily),
+        ms(daily - startup),
+        ms(daily_sql)
+    );
     Ok(())
+}
+
+/// Runs `sql` `runs` times on `db` (rows fetched); the median wall time.
+async fn sql_time(db: &tokio_postgres::Client, sql: &str, runs: usize) -> Result<Duration> {
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let started = Instant::now();
+        db.query(sql, &[]).await?;
+        times.push(started.elapsed());
+    }
+    Ok(testbed::bench::median(&times))
 }
