@@ -517,7 +517,7 @@ impl Ingestor {
             })
             .await;
             let Ok(streamed) = streamed else {
-                let _ = cancel.cancel_query(tokio_postgres::NoTls).await;
+                self.dbs.cancel(dataset, &cancel).await;
                 break 'failure past_deadline();
             };
             match streamed {
@@ -562,7 +562,7 @@ impl Ingestor {
                     .await;
                     let merged = match committed {
                         Err(_) => {
-                            let _ = cancel.cancel_query(tokio_postgres::NoTls).await;
+                            self.dbs.cancel(dataset, &cancel).await;
                             break 'failure past_deadline();
                         }
                         Ok(Ok(merged)) => merged,

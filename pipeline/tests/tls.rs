@@ -1,7 +1,11 @@
 //! PostgreSQL over TLS with libpq's parameters, against a server started by the harness that
 //! accepts only TLS connections, with certificates made in the test.
 
-use sensor_pipeline::config::{ContractSettings, DatabaseSettings, Secret};
+use std::time::Duration;
+
+use sensor_pipeline::config::{
+    ContractSettings, DatabaseSettings, DatabaseTimeouts, LimitSettings, Secret,
+};
 use sensor_pipeline::ingest::{Disposition, Ingestor};
 use sensor_pipeline::store::{describe, migrate::migrate, pg_config, Databases};
 use testbed::tls::Pki;
@@ -124,4 +128,81 @@ async fn ingestion_works_over_verified_tls() {
         .unwrap()
         .get(0);
     assert!(encrypted);
+}
+
+/// A statement past `OBJECT_DEADLINE_SECS` is cancelled through the connection's own TLS
+/// settings: the server stops waiting on the lock the test holds (the pooled connection stays
+/// open, so nothing else would end the wait).
+#[tokio::test]
+async fn a_deadline_cancels_the_statement_over_tls() {
+    let pki = Pki::new().unwrap();
+    let (_pg, url) = testbed::owned_postgres_tls(&pki, false).await.unwrap();
+    let admin = format!("{url}?sslmode=verify-full&sslrootcert={}", pki.ca.display());
+    let (config, tls) = pg_config(&admin, "mapping").unwrap();
+    let (client, connection) = config.connect(tls).await.unwrap();
+    tokio::spawn(connection);
+    client.batch_execute("CREATE DATABASE slow").await.unwrap();
+    let db = admin.replacen("/postgres?", "/slow?", 1);
+    // Only the cancel can end the wait: the lock timeout is an hour.
+    let settings = DatabaseSettings {
+        mapping_url: Secret::new(db.clone()),
+        measurements_url: Secret::new(db.clone()),
+        timeouts: DatabaseTimeouts {
+            lock: Duration::from_secs(3600),
+            ..Default::default()
+        },
+    };
+    migrate(&settings).await.unwrap();
+    let s3 = testbed::S3Server::start("code-challenge-data")
+        .await
+        .unwrap();
+    let key = "timeseries/slow.csv";
+    s3.put(
+        key,
+        "timestamp;sensor_uuid;sensor_value\n2013-01-20T08:00:00Z;cd613e30-d8f1-4adf-91b7-584a2265b1f5;1.5\n",
+    )
+    .await
+    .unwrap();
+    let (config, tls) = pg_config(&db, "measurement").unwrap();
+    let (holder, connection) = config.connect(tls).await.unwrap();
+    tokio::spawn(connection);
+    holder
+        .batch_execute("BEGIN; LOCK TABLE measurement_days IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let dbs = Databases::connect(&settings, 2).unwrap();
+    let ingestor = Ingestor::new(s3.store().clone(), dbs.clone(), ContractSettings::default())
+        .limits(LimitSettings {
+            object_deadline: Duration::from_secs(1),
+            ..LimitSettings::default()
+        });
+    // (Cancelling without TLS, this hung: a bound turns that into a failure.)
+    let outcome = tokio::time::timeout(Duration::from_secs(60), ingestor.ingest(key, None))
+        .await
+        .expect("the ingestion ends at its deadline")
+        .unwrap();
+    assert_eq!(
+        outcome.disposition,
+        Disposition::Failed("not ingested within OBJECT_DEADLINE_SECS (1 s)".into())
+    );
+    let waiting = || async {
+        client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = 'slow' AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    // The cancel has been sent when `ingest` returns; the server ends the wait on its own time.
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        while waiting().await > 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert_eq!(ended, Ok(()), "the statement still waits on the lock");
+    holder.batch_execute("COMMIT").await.unwrap();
 }

@@ -146,11 +146,20 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    // `readings` reads and prints, nothing more: on one thread, the connection's task and the
+    // printing hand rows over without waking another thread for each batch (which was half of
+    // `readings --every 1d` over ten years). The others also compute (detection, drawing).
+    let runtime = match &cli.command {
+        Command::Readings(_) => tokio::runtime::Builder::new_current_thread(),
+        _ => {
+            let mut two = tokio::runtime::Builder::new_multi_thread();
+            two.worker_threads(2);
+            two
+        }
+    }
+    .enable_all()
+    .build();
+    let runtime = match runtime {
         Ok(rt) => rt,
         Err(e) => return Failure::Infrastructure(format!("cannot start the runtime: {e}")).exit(),
     };

@@ -314,7 +314,7 @@ impl Ingestor {
         let reads = match streamed {
             Ok(reads) => reads.map_err(|e| e.to_string())?,
             Err(_) => {
-                let _ = cancel.cancel_query(tokio_postgres::NoTls).await;
+                self.dbs.cancel(dataset, &cancel).await;
                 return Err(match versions.get(current.load(relaxed)) {
                     Some(v) => format!("{}: {}", v.key, past_deadline()),
                     None => past_deadline(),
@@ -381,7 +381,7 @@ impl Ingestor {
         match committed {
             Ok(merged) => Ok((reads, merged.map_err(|e| e.to_string())?)),
             Err(_) => {
-                let _ = cancel.cancel_query(tokio_postgres::NoTls).await;
+                self.dbs.cancel(dataset, &cancel).await;
                 Err(past_deadline())
             }
         }

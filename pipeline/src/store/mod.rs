@@ -132,6 +132,8 @@ fn permanent_sqlstate(code: &str) -> bool {
 pub struct Databases {
     mapping: Pool,
     measurements: Pool,
+    /// Each database's TLS connector, for cancelling a statement ([`Databases::cancel`]).
+    tls: (tls::MakeRustlsConnect, tls::MakeRustlsConnect),
     same: bool,
 }
 
@@ -143,14 +145,14 @@ impl Databases {
         max_connections: usize,
     ) -> Result<Self, StoreError> {
         let options = settings.timeouts.options();
-        let mapping = pool(
+        let (mapping, mapping_tls) = pool(
             settings.mapping_url.expose(),
             "mapping",
             max_connections,
             &options,
         )?;
-        let measurements = if settings.same_database() {
-            mapping.clone()
+        let (measurements, measurements_tls) = if settings.same_database() {
+            (mapping.clone(), mapping_tls.clone())
         } else {
             pool(
                 settings.measurements_url.expose(),
@@ -162,6 +164,7 @@ impl Databases {
         Ok(Self {
             mapping,
             measurements,
+            tls: (mapping_tls, measurements_tls),
             same: settings.same_database(),
         })
     }
@@ -212,6 +215,17 @@ impl Databases {
         }
     }
 
+    /// Asks the database of `dataset` to cancel the statement running on the connection of
+    /// `token` (a deadline passed), through the same TLS settings as the connection; whether it
+    /// did is seen on that connection.
+    pub async fn cancel(&self, dataset: Dataset, token: &tokio_postgres::CancelToken) {
+        let tls = match dataset {
+            Dataset::Mapping => &self.tls.0,
+            Dataset::Measurements => &self.tls.1,
+        };
+        let _ = token.cancel_query(tls.clone()).await;
+    }
+
     pub async fn client(&self, dataset: Dataset) -> Result<deadpool_postgres::Object, StoreError> {
         self.pool(dataset)
             .get()
@@ -249,7 +263,12 @@ pub fn pg_config(
 }
 
 #[cfg(feature = "ingest")]
-fn pool(url: &str, database: &'static str, max: usize, options: &str) -> Result<Pool, StoreError> {
+fn pool(
+    url: &str,
+    database: &'static str,
+    max: usize,
+    options: &str,
+) -> Result<(Pool, tls::MakeRustlsConnect), StoreError> {
     let (mut config, connector) = pg_config(url, database)?;
     // The session limits, after whatever the URL's own `options` say.
     let options = match config.get_options() {
@@ -259,7 +278,7 @@ fn pool(url: &str, database: &'static str, max: usize, options: &str) -> Result<
     config.options(&options);
     let manager = Manager::from_config(
         config,
-        connector,
+        connector.clone(),
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -278,6 +297,7 @@ fn pool(url: &str, database: &'static str, max: usize, options: &str) -> Result<
         .wait_timeout(Some(Duration::from_secs(60)))
         .create_timeout(Some(Duration::from_secs(15)))
         .build()
+        .map(|pool| (pool, connector))
         .map_err(|e| StoreError::Config {
             database,
             reason: e.to_string(),
