@@ -20,7 +20,7 @@
 //!   after an anomaly: then it is a guess) and, in the first 128 readings, only if it is a
 //!   departure by the noise of the time: a start-up transient — a machine that boots, a counter
 //!   that settles — is not what the sensor does now and then, and would otherwise mute the memory
-//!   for five days (on the bench below: 71.3 → 73.8).
+//!   for five days.
 //! - **Excursions.** A reading departs when its residual exceeds the larger of 6 × the noise and
 //!   2 × the residual exceeded in two hours of the memory — or when it is *new ground*: beyond
 //!   the remembered range of values by 10 % of that range (with a day of memory, and 5 × the
@@ -39,8 +39,8 @@
 //!   (`start` = `end` = that reading): spikes each no larger than usual that come more often than
 //!   ever — a load balancer starting to drop requests, a job that fails and retries. Not when an
 //!   anomaly was reported in the hour or within the last 96 readings (a burst after a departure
-//!   is part of it). On the NAB bench below this found the two windows that are changes of spike
-//!   rhythm (66.5 → 71.3).
+//!   is part of it). On the NAB bench below this finds the two windows that are changes of spike
+//!   rhythm.
 //! - **Daily profile.** Per epoch the level at its end is kept; a sensor *has a daily cycle* when,
 //!   over the last two days, the median level of the same hour on the three days before misses
 //!   each hour's level by at most half of what the hour before misses it by (true of a cycle with

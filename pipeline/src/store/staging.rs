@@ -23,11 +23,11 @@
 //! rejected rows are staged, and [`merge_held`] copies them straight into `measurements` in key
 //! order when none is stored yet — the work of a bare `COPY`. Measured with `bench-ingest` (24
 //! objects of 100,000 readings, detection on): the staging `COPY` (112 ms per object on the
-//! server) and the insert from it (345–364 ms) became one `COPY` of the table, and the whole
-//! run went from 0.99–1.19× to 0.71–0.81× of `psql \copy`. Readings that meet stored ones
+//! server) and the insert from it (345–364 ms) became one `COPY` of the table: the whole run is
+//! at 0.71–0.81× of `psql \copy`. Readings that meet stored ones
 //! replace them the same way when the stored readings they beat within their spans are exactly
 //! their keys (a re-upload or correction: [`replace_held`] deletes those rows and copies the
-//! readings in — 12 corrections of 100,000 readings went from 6.3–6.8 s to 4.5–4.8 s); otherwise
+//! readings in — 12 corrections of 100,000 readings take 4.5–4.8 s, upserted 6.3–6.8 s); otherwise
 //! they are staged after all and upserted as below. With detection on, a replacement leaves the
 //! rollup hours whose new bounds it cannot tell marked inexact, their bounds around the
 //! readings' (a plot reads such an hour's readings), for the detection it queues to settle: that
