@@ -28,6 +28,19 @@ pub fn fleet_readings(offset: usize, rows: usize) -> String {
 /// `YYYY-MM-DD HH:MM:SS` — what the worker reads with `NAIVE_TIMEZONE=Europe/Berlin`, and
 /// `psql` with `PGTZ=Europe/Berlin`.
 pub fn fleet_readings_of(offset: usize, rows: usize, sensors: usize, naive: f64) -> String {
+    fleet_readings_every(offset, rows, sensors, 1, naive)
+}
+
+/// [`fleet_readings_of`] with each sensor reading every `interval` seconds: the same number of
+/// readings over a longer span, as fleets in the field read (a minute to hours apart). Naive
+/// timestamps need the span to end before Berlin's summer time of 2013.
+pub fn fleet_readings_every(
+    offset: usize,
+    rows: usize,
+    sensors: usize,
+    interval: i64,
+    naive: f64,
+) -> String {
     use std::fmt::Write as _;
     let sensors = sensors.max(1);
     let mut out = String::with_capacity(rows * 70);
@@ -35,10 +48,11 @@ pub fn fleet_readings_of(offset: usize, rows: usize, sensors: usize, naive: f64)
     let per_thousand = (naive.clamp(0.0, 1.0) * 1000.0).round() as usize;
     for r in 0..rows {
         let i = offset + r;
-        let secs = crate::data::FIRST_READING + (i / sensors) as i64;
+        let secs = crate::data::FIRST_READING + (i / sensors) as i64 * interval.max(1);
         let ts = chrono::DateTime::from_timestamp(secs, 0).expect("in range");
         assert!(
-            ts < chrono::DateTime::from_timestamp(1_364_691_600, 0).expect("in range"),
+            naive == 0.0
+                || ts < chrono::DateTime::from_timestamp(1_364_691_600, 0).expect("in range"),
             "naive Berlin winter time only holds before 2013-03-31T01:00:00Z"
         );
         let value = 20.0 + ((i * 7919) % 10_000) as f64 / 1000.0;
