@@ -20,3 +20,4 @@ pub mod object_store;
 #[cfg(feature = "ingest")]
 pub mod queue;
 pub mod store;
+pub mod time;

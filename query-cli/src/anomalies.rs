@@ -121,9 +121,7 @@ impl Record for AnomalyRecord {
     }
 }
 
-fn time(us: i64) -> DateTime<Utc> {
-    DateTime::from_timestamp_micros(us).unwrap_or(DateTime::<Utc>::MAX_UTC)
-}
+use sensor_pipeline::time::instant as time;
 
 impl AnomalyRecord {
     fn new(uuid: Uuid, name: Option<String>, a: &Anomaly) -> Self {

@@ -50,7 +50,7 @@ enum Unit {
 }
 
 const DAY_SECONDS: u64 = 86_400;
-const HOUR: i64 = 3_600_000_000;
+const HOUR: i64 = sensor_pipeline::time::HOUR_MICROS;
 
 impl Every {
     fn seconds(self) -> u64 {

@@ -259,13 +259,11 @@ pub async fn run(settings: &DatabaseSettings, args: PlotArgs) -> Result<(), Fail
     })
 }
 
-fn time(us: i64) -> DateTime<Utc> {
-    DateTime::<Utc>::from_timestamp_micros(us).expect("a plotted instant")
-}
+use sensor_pipeline::time::instant as time;
 
 const MINUTE: i64 = 60_000_000;
-const HOUR: i64 = 3_600_000_000;
-const DAY: i64 = 24 * HOUR;
+const HOUR: i64 = sensor_pipeline::time::HOUR_MICROS;
+const DAY: i64 = sensor_pipeline::time::DAY_MICROS;
 
 /// The axis around readings from `first` to `last`: 2 % of their span (at least a minute) on
 /// each side, within the range asked for.

@@ -185,7 +185,7 @@ pub async fn run(
 
 /// Offsets up to this are skipped by PostgreSQL directly; beyond, the page index is consulted.
 const DIRECT_OFFSET: i64 = 10_000;
-const DAY_MICROS: i64 = 86_400_000_000;
+use sensor_pipeline::time::DAY_MICROS;
 
 /// Where page `offset` starts: an instant to read from and how many rows to skip after it.
 ///

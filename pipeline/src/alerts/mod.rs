@@ -72,6 +72,7 @@ use crate::ingest::Fresh;
 use crate::queue::{Queue, QueueError};
 use crate::store::staging::{Hour, HourColumns, SETTLE_HOURS};
 use crate::store::{Databases, PgResultExt, StoreError};
+use crate::time::{hour_of, instant as time, HOUR_MICROS};
 
 /// Readings before a span whose anomalies are judged again: a new reading can change the local
 /// level (two half-windows of 16) and so the verdict on anomalies that far back.
@@ -182,10 +183,6 @@ pub struct Alerts {
 /// RFC 3339 UTC, with as many fractional digits as needed (as `query-cli` prints them).
 pub fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
-}
-
-fn time(us: i64) -> DateTime<Utc> {
-    DateTime::from_timestamp_micros(us).unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
 impl Alerts {
@@ -1012,8 +1009,6 @@ async fn judge(
 /// (from one object, or several that wrote it one after the other).
 type HeldHour<'f> = (i64, Vec<&'f [(i64, f64)]>);
 
-const HOUR_MICROS: i64 = 3_600_000_000;
-
 /// The transaction detection runs in.
 type Tx<'a> = deadpool_postgres::Transaction<'a>;
 
@@ -1079,7 +1074,7 @@ impl<'f> HeldOf<'f> {
         for piece in pieces {
             let mut rest = piece;
             while let Some(&(at, _)) = rest.first() {
-                let hour = at.div_euclid(HOUR_MICROS) * HOUR_MICROS;
+                let hour = hour_of(at);
                 let n = rest.partition_point(|r| r.0 < hour + HOUR_MICROS);
                 hours.entry(hour).or_default().push(&rest[..n]);
                 rest = &rest[n..];

@@ -39,7 +39,7 @@ const STUCK_MIN: u32 = 12;
 /// `NOVELTY_RANK` epochs.
 const STUCK_FACTOR: f64 = 3.0;
 /// Epochs in a day: the daily profile compares an epoch with the same epoch of earlier days.
-const DAY_MICROS: i64 = 86_400_000_000;
+use crate::time::DAY_MICROS;
 const EPOCHS_PER_DAY: usize = (DAY_MICROS / EPOCH_MICROS) as usize;
 /// Earlier days the daily profile is made of (their epochs must be in the memory, with the
 /// epochs the profile is judged over: `DAYS * EPOCHS_PER_DAY + DAILY_EPOCHS <= EPOCHS`).

@@ -47,6 +47,7 @@ use tokio_postgres::{CopyInSink, Transaction};
 use super::copy::CopyEncoder;
 use super::versions::{incoming_beats_stored, version_beats};
 use crate::contract::{Dataset, Reading, SensorName};
+use crate::time::{hour_of, instant};
 
 /// The session's staging table, emptied at every commit; an aborted transaction leaves its rows
 /// dead until the next commit on the connection truncates the table.
@@ -174,7 +175,7 @@ macro_rules! unnest_hours {
 
 /// The rollup's columns of the readings `m` (ts, value) `FROM` the given source (`NULL`s but
 /// the count when it holds none).
-macro_rules! hour_of {
+macro_rules! rollup_of {
     ($from:literal) => {
         concat!(
             "SELECT count(*) AS readings, min(m.value) AS low, max(m.value) AS high,
@@ -432,7 +433,7 @@ const OUTSIDE_HOURS: &str = concat!(
             last_value = CASE WHEN o.last_at > x.last_at THEN o.last_value ELSE x.last_value END,
             exact = true
         FROM x CROSS JOIN LATERAL (",
-    hour_of!(
+    rollup_of!(
         "(
                 SELECT m.ts, m.value FROM measurements AS m
                 WHERE m.sensor_uuid = x.sensor_uuid AND m.ts >= x.hour AND m.ts < x.first_at
@@ -466,7 +467,7 @@ pub(crate) const EXACT_HOURS: &str = concat!(
         r.last_value, true)
     FROM unnest($1::uuid[], $2::timestamptz[]) AS x(sensor_uuid, hour)
     CROSS JOIN LATERAL (",
-    hour_of!(
+    rollup_of!(
         "measurements AS m
         WHERE m.sensor_uuid = x.sensor_uuid
             AND m.ts >= x.hour AND m.ts < x.hour + interval '1 hour'"
@@ -526,7 +527,6 @@ pub(crate) struct Hour {
 
 /// The most (sensor, hour) pairs of an object gathered for the rollup (40 bytes each).
 pub const HOURS_MAX: usize = 100_000;
-const HOUR_MICROS: i64 = 3_600_000_000;
 
 impl Spans {
     /// The valid rows gathered (all of them while the hours are kept).
@@ -565,7 +565,7 @@ impl Spans {
                 continue;
             };
             sensors.insert(*u, (first.0, last.0));
-            let hour = |r: &(i64, f64)| r.0.div_euclid(HOUR_MICROS) * HOUR_MICROS;
+            let hour = |r: &(i64, f64)| hour_of(r.0);
             for same in readings.chunk_by(|a, b| hour(a) == hour(b)) {
                 let rolled = Hour::of_readings(same.iter().copied()).expect("a reading");
                 hours.insert((*u, hour(&same[0])), rolled);
@@ -586,7 +586,7 @@ impl Spans {
             return;
         }
         let hours = self.hours.get_or_insert_with(Default::default);
-        let hour = micros.div_euclid(HOUR_MICROS) * HOUR_MICROS;
+        let hour = hour_of(micros);
         if hours.len() >= HOURS_MAX && !hours.contains_key(&(sensor, hour)) {
             self.hours = None;
             self.overflowed = true;
@@ -830,11 +830,6 @@ async fn quarantine_one(
 fn met_a_stored_key(e: &tokio_postgres::Error) -> bool {
     e.code() == Some(&SqlState::UNIQUE_VIOLATION)
         || e.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED)
-}
-
-/// A stored instant from microseconds since the Unix epoch.
-fn instant(micros: i64) -> chrono::DateTime<chrono::Utc> {
-    chrono::DateTime::from_timestamp_micros(micros).expect("a stored instant")
 }
 
 /// Hours as the rollup statements take them, a column each: sensors, hours, then the
@@ -1328,7 +1323,7 @@ impl Removed {
         let Some(readings) = held.get(&sensor) else {
             return false;
         };
-        let hour = at.div_euclid(HOUR_MICROS) * HOUR_MICROS;
+        let hour = hour_of(at);
         let mut place = match self.at {
             Some((u, place, ..)) if u == sensor => place,
             _ => 0,
@@ -1576,6 +1571,7 @@ async fn queue(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::time::HOUR_MICROS;
 
     /// Sensor, hour, and what it holds.
     type RemovedHour = (u128, i64, Hour);
