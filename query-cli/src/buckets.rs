@@ -5,7 +5,7 @@
 //! their length must divide a day; days and weeks are calendar days (a local day is 23 to 25 hours
 //! long across a DST change) counted from Monday 2000-01-03, so `1w` starts on Mondays.
 //!
-//! Buckets of an hour or more are built from the hourly rollup `measurement_hours`, which the
+//! Buckets of whole hours are built from the hourly rollup `measurement_hours`, which the
 //! ingest merge keeps exact in the same transaction as the readings: a year of one sensor is
 //! 8,760 rollup rows instead of 105,000 readings. An hour comes from the readings instead when
 //! its rollup row cannot stand for it — not marked exact (a correction's detection has not
