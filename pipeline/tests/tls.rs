@@ -83,36 +83,61 @@ async fn a_client_certificate_is_accepted_when_the_server_requires_one() {
     );
 }
 
+/// A TLS-only PostgreSQL of the test's own with a migrated database `name` reached over
+/// `verify-full`, an admin session on it, and an S3 server holding one object of one reading.
+struct TlsStack {
+    _pg: testbed::OwnedServer,
+    admin: tokio_postgres::Client,
+    url: String,
+    settings: DatabaseSettings,
+    s3: testbed::S3Server,
+}
+
+const ONE_READING: &str = "timestamp;sensor_uuid;sensor_value\n\
+    2013-01-20T08:00:00Z;cd613e30-d8f1-4adf-91b7-584a2265b1f5;1.5\n";
+
+impl TlsStack {
+    async fn new(pki: &Pki, name: &str, key: &str, timeouts: DatabaseTimeouts) -> Self {
+        let (pg, url) = testbed::owned_postgres_tls(pki, false).await.unwrap();
+        let admin = format!("{url}?sslmode=verify-full&sslrootcert={}", pki.ca.display());
+        let (config, tls) = pg_config(&admin, "mapping").unwrap();
+        let (client, connection) = config.connect(tls).await.unwrap();
+        tokio::spawn(connection);
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        let url = admin.replacen("/postgres?", &format!("/{name}?"), 1);
+        let settings = DatabaseSettings {
+            mapping_url: Secret::new(url.clone()),
+            measurements_url: Secret::new(url.clone()),
+            timeouts,
+        };
+        migrate(&settings).await.unwrap();
+        let s3 = testbed::S3Server::start("code-challenge-data")
+            .await
+            .unwrap();
+        s3.put(key, ONE_READING).await.unwrap();
+        Self {
+            _pg: pg,
+            admin: client,
+            url,
+            settings,
+            s3,
+        }
+    }
+}
+
 /// Migrations and ingestion over `verify-full`.
 #[tokio::test]
 async fn ingestion_works_over_verified_tls() {
     let pki = Pki::new().unwrap();
-    let (_pg, url) = testbed::owned_postgres_tls(&pki, false).await.unwrap();
-    let admin = format!("{url}?sslmode=verify-full&sslrootcert={}", pki.ca.display());
-    let (config, tls) = pg_config(&admin, "mapping").unwrap();
-    let (client, connection) = config.connect(tls).await.unwrap();
-    tokio::spawn(connection);
-    client.batch_execute("CREATE DATABASE tls").await.unwrap();
-    let db = admin.replacen("/postgres?", "/tls?", 1);
-    let settings = DatabaseSettings {
-        mapping_url: Secret::new(db.clone()),
-        measurements_url: Secret::new(db),
-        timeouts: Default::default(),
-    };
-    migrate(&settings).await.unwrap();
-    let s3 = testbed::S3Server::start("code-challenge-data")
-        .await
-        .unwrap();
     let key = "timeseries/tls.csv";
-    s3.put(
-        key,
-        "timestamp;sensor_uuid;sensor_value\n2013-01-20T08:00:00Z;cd613e30-d8f1-4adf-91b7-584a2265b1f5;1.5\n",
-    )
-    .await
-    .unwrap();
+    let stack = TlsStack::new(&pki, "tls", key, Default::default()).await;
+    let client = &stack.admin;
     let ingestor = Ingestor::new(
-        s3.store().clone(),
-        Databases::connect(&settings, 2).unwrap(),
+        stack.s3.store().clone(),
+        Databases::connect(&stack.settings, 2).unwrap(),
         ContractSettings::default(),
     );
     let outcome = ingestor.ingest(key, None).await.unwrap();
@@ -136,43 +161,24 @@ async fn ingestion_works_over_verified_tls() {
 #[tokio::test]
 async fn a_deadline_cancels_the_statement_over_tls() {
     let pki = Pki::new().unwrap();
-    let (_pg, url) = testbed::owned_postgres_tls(&pki, false).await.unwrap();
-    let admin = format!("{url}?sslmode=verify-full&sslrootcert={}", pki.ca.display());
-    let (config, tls) = pg_config(&admin, "mapping").unwrap();
-    let (client, connection) = config.connect(tls).await.unwrap();
-    tokio::spawn(connection);
-    client.batch_execute("CREATE DATABASE slow").await.unwrap();
-    let db = admin.replacen("/postgres?", "/slow?", 1);
-    // Only the cancel can end the wait: the lock timeout is an hour.
-    let settings = DatabaseSettings {
-        mapping_url: Secret::new(db.clone()),
-        measurements_url: Secret::new(db.clone()),
-        timeouts: DatabaseTimeouts {
-            lock: Duration::from_secs(3600),
-            ..Default::default()
-        },
-    };
-    migrate(&settings).await.unwrap();
-    let s3 = testbed::S3Server::start("code-challenge-data")
-        .await
-        .unwrap();
     let key = "timeseries/slow.csv";
-    s3.put(
-        key,
-        "timestamp;sensor_uuid;sensor_value\n2013-01-20T08:00:00Z;cd613e30-d8f1-4adf-91b7-584a2265b1f5;1.5\n",
-    )
-    .await
-    .unwrap();
-    let (config, tls) = pg_config(&db, "measurement").unwrap();
+    // Only the cancel can end the wait: the lock timeout is an hour.
+    let timeouts = DatabaseTimeouts {
+        lock: Duration::from_secs(3600),
+        ..Default::default()
+    };
+    let stack = TlsStack::new(&pki, "slow", key, timeouts).await;
+    let (settings, s3, client) = (&stack.settings, &stack.s3, &stack.admin);
+    let (config, tls) = pg_config(&stack.url, "measurement").unwrap();
     let (holder, connection) = config.connect(tls).await.unwrap();
     tokio::spawn(connection);
     holder
         .batch_execute("BEGIN; LOCK TABLE measurement_days IN ACCESS EXCLUSIVE MODE")
         .await
         .unwrap();
-    let dbs = Databases::connect(&settings, 2).unwrap();
-    let ingestor = Ingestor::new(s3.store().clone(), dbs.clone(), ContractSettings::default())
-        .limits(LimitSettings {
+    let dbs = Databases::connect(settings, 2).unwrap();
+    let ingestor =
+        Ingestor::new(s3.store().clone(), dbs, ContractSettings::default()).limits(LimitSettings {
             object_deadline: Duration::from_secs(1),
             ..LimitSettings::default()
         });

@@ -1,8 +1,9 @@
 //! `query-cli anomalies` and `query-cli plot` as a user runs them, against real PostgreSQL with
 //! readings stored by ingesting objects.
 
-use std::process::Output;
+mod common;
 
+use common::{ok, query};
 use sensor_pipeline::anomaly::{detect, Anomaly, Kind};
 use sensor_pipeline::config::ContractSettings;
 use sensor_pipeline::ingest::Ingestor;
@@ -67,18 +68,6 @@ async fn seeded(env: &TestEnv) {
     for key in ["mapping/sensors.csv", "timeseries/all.csv"] {
         assert_eq!(ingestor.ingest(key, None).await.unwrap().rows_rejected, 0);
     }
-}
-
-async fn query(env: &[(String, String)], args: &[&str]) -> Output {
-    testbed::run_binary(env!("CARGO_BIN_EXE_query-cli"), env, args).await
-}
-
-async fn ok(env: &[(String, String)], args: &[&str]) -> String {
-    let out = query(env, args).await;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
-    assert_eq!(stderr, "", "{args:?}");
-    String::from_utf8(out.stdout).unwrap()
 }
 
 async fn fails(env: &[(String, String)], args: &[&str], code: i32) -> String {

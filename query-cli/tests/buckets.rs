@@ -2,9 +2,10 @@
 //! stored readings, after re-uploads and corrections, in UTC and in zones with DST or a
 //! half-hour offset, over whole and cut ranges, paged; and its usage errors.
 
-use std::process::Output;
+mod common;
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
+use common::{ok, query, text};
 use sensor_pipeline::config::ContractSettings;
 use sensor_pipeline::ingest::Ingestor;
 use sensor_pipeline::store::{migrate::migrate, Databases};
@@ -120,26 +121,6 @@ async fn stored(env: &TestEnv) {
     assert!(testbed::inexact_hours(&client).await.unwrap() > 0);
 }
 
-async fn query(env: &[(String, String)], args: &[&str]) -> Output {
-    testbed::run_binary(env!("CARGO_BIN_EXE_query-cli"), env, args).await
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-async fn ok(env: &[(String, String)], args: &[&str]) -> String {
-    let out = query(env, args).await;
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{args:?}: {}",
-        text(&out.stderr)
-    );
-    assert_eq!(text(&out.stderr), "", "{args:?}");
-    text(&out.stdout)
-}
-
 /// The CSV `readings --every` must print, by a plain SQL over the stored readings: buckets by
 /// `bucket` (SQL over `ts`, in the session's time zone `zone`), aggregates by window functions.
 async fn expected(
@@ -201,6 +182,23 @@ fn utc(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
 }
 
+/// `readings --sensor-name bucketed` over 2013 in buckets of `every`, then `extra`.
+fn over_2013(every: &'static str, extra: &[&'static str]) -> Vec<&'static str> {
+    let mut args = vec![
+        "readings",
+        "--sensor-name",
+        "bucketed",
+        "--start-timestamp",
+        "2013-01-01",
+        "--end-timestamp",
+        "2014-01-01",
+        "--every",
+        every,
+    ];
+    args.extend(extra);
+    args
+}
+
 #[tokio::test]
 async fn every_bucket_is_what_sql_over_the_readings_says() {
     let env = TestEnv::new().await.unwrap();
@@ -260,21 +258,7 @@ async fn every_bucket_is_what_sql_over_the_readings_says() {
     // Days in Berlin across the change to summer time: the day of 2013-03-31 is 23 hours long.
     let days = ok(
         &vars,
-        &[
-            "readings",
-            "--sensor-name",
-            "bucketed",
-            "--start-timestamp",
-            "2013-01-01",
-            "--end-timestamp",
-            "2014-01-01",
-            "--every",
-            "1d",
-            "--timezone",
-            "Europe/Berlin",
-            "--format",
-            "json",
-        ],
+        &over_2013("1d", &["--timezone", "Europe/Berlin", "--format", "json"]),
     )
     .await;
     let starts: Vec<String> = days
@@ -291,27 +275,11 @@ async fn every_bucket_is_what_sql_over_the_readings_says() {
         ]
     );
     // Pages count buckets.
-    let hours = |page: &[&str]| {
-        let mut args = vec![
-            "readings",
-            "--sensor-name",
-            "bucketed",
-            "--start-timestamp",
-            "2013-01-01",
-            "--end-timestamp",
-            "2014-01-01",
-            "--every",
-            "1h",
-            "--format",
-            "csv",
-        ];
+    let hours = |page: &'static [&'static str]| {
+        let mut args = over_2013("1h", &["--format", "csv"]);
         args.extend(page);
-        let vars = vars.clone();
-        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        async move {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            ok(&vars, &args).await
-        }
+        let vars = &vars;
+        async move { ok(vars, &args).await }
     };
     let all = hours(&[]).await;
     let lines: Vec<&str> = all.lines().collect();

@@ -1,7 +1,10 @@
 //! `query-cli` as a user runs it, against real PostgreSQL (and S3 where ledger entries are needed).
 
+mod common;
+
 use std::path::Path;
-use std::process::Output;
+
+use common::{ok, query, text};
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use sensor_pipeline::config::ContractSettings;
@@ -97,27 +100,6 @@ fn assert_same_lines(actual: &str, expected: &str, what: &str) {
         "{what}: line counts differ"
     );
     assert_eq!(actual, expected, "{what}");
-}
-
-async fn query(env: &[(String, String)], args: &[&str]) -> Output {
-    testbed::run_binary(env!("CARGO_BIN_EXE_query-cli"), env, args).await
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// Runs a command that must succeed and returns its stdout.
-async fn ok(env: &[(String, String)], args: &[&str]) -> String {
-    let out = query(env, args).await;
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{args:?}: {}",
-        text(&out.stderr)
-    );
-    assert_eq!(text(&out.stderr), "", "{args:?}");
-    text(&out.stdout)
 }
 
 /// Runs a command that must fail: exit code, the one stderr line, nothing on stdout.
