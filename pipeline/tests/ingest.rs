@@ -1604,7 +1604,8 @@ async fn migrations_are_idempotent() {
             "measurements/V3__measurement_versions",
             "measurements/V4__anomalies",
             "measurements/V5__measurement_hours",
-            "measurements/V6__measurement_hour_values"
+            "measurements/V6__measurement_hour_values",
+            "measurements/V7__measurement_day_values"
         ]
     );
     assert_eq!(
@@ -1620,7 +1621,7 @@ async fn migrations_are_idempotent() {
     let (a, b) = (a.unwrap(), b.unwrap());
     let applied: usize = a.iter().chain(&b).map(|r| r.applied.len()).sum();
     // ledger/ on both databases, mapping/ on one, measurements/ on the other.
-    assert_eq!(applied, 3 + 3 + 2 + 6, "{a:?} {b:?}");
+    assert_eq!(applied, 3 + 3 + 2 + 7, "{a:?} {b:?}");
 }
 
 #[tokio::test]

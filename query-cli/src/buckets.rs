@@ -5,29 +5,34 @@
 //! their length must divide a day; days and weeks are calendar days (a local day is 23 to 25 hours
 //! long across a DST change) counted from Monday 2000-01-03, so `1w` starts on Mondays.
 //!
-//! Buckets of whole hours are built from the hourly rollup `measurement_hours`, which the
-//! ingest merge keeps exact in the same transaction as the readings: a year of one sensor is
-//! 8,760 rollup rows instead of 105,000 readings. An hour comes from the readings instead when
-//! its rollup row cannot stand for it — not marked exact (a correction's detection has not
-//! settled it yet), written by a worker older than the rollup's sums, cut by the range's ends,
-//! or straddling two buckets (a time zone whose midnight is not on a UTC hour). Shorter buckets
-//! come from the readings. The mean is the bucket's sum over its count; summed per hour first,
-//! it can differ from `avg()` over the rows in the last bits, as any two summation orders do.
+//! Buckets of whole hours are built from the hourly rollup `measurement_hours`, and whole UTC
+//! days and weeks from the daily one `measurement_day_values`, which ingestion keeps exact in
+//! the same transaction as the readings: a year of one sensor is 8,760 hours instead of 105,000
+//! readings, ten years 3,650 days. A rollup row is read finer — a day from its hours, an hour
+//! from its readings — where it cannot stand for its span: not marked exact (a correction's
+//! detection has not settled it yet), written by a worker older than the rollup's sums, holding
+//! readings outside the range, or (an hour) straddling two buckets in a time zone whose midnight
+//! is not on a UTC hour. Shorter buckets come from the readings. The mean is the bucket's sum over
+//! its count; summed per hour first, it can differ from `avg()` over the rows in the last bits,
+//! as any two summation orders do.
 //!
-//! PostgreSQL sends the parts — rollup hours, and readings where an hour is not whole — in time
-//! order, a page of hours at a time, and they are summed into buckets here as they arrive
-//! ([`buckets`]). Measured with `bench-query` (10 M readings stored): the same aggregates by
-//! `GROUP BY` over the rollup took 330 ms (a sort per bucket for its first and last value, and a
-//! query the planner compiled); a `GROUP BY` over the raw rows 106 ms for a year of 5-minute
-//! readings in hours.
+//! PostgreSQL sends the parts — rollup rows, and finer parts where a row does not stand — in time
+//! order, and they are summed into buckets here as they arrive ([`buckets`]): the few finer
+//! parts first, then the rollup rows streamed, in one round trip. Measured with `bench-query`
+//! (10 M readings stored, end to end with the process start): a year of 5-minute readings in
+//! hours 16 ms, ten years in days 12 ms (a `GROUP BY` over the raw rows: 119 and 870 ms). Before,
+//! the rows came in pages collected whole and ten years were read as 87,600 hours: 24 and 139 ms;
+//! a `GROUP BY` over the rollup cost 330 ms (a sort per bucket for its first and last value).
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::pin::Pin;
 
 use chrono::{DateTime, FixedOffset, Offset, Utc};
-use futures_util::{Stream, StreamExt, TryStreamExt};
+use futures_util::TryStreamExt;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::Client;
+use tokio_postgres::types::Type;
+use tokio_postgres::{Client, Row, RowStream};
 use uuid::Uuid;
 
 use crate::db::failed;
@@ -50,7 +55,6 @@ enum Unit {
 }
 
 const DAY_SECONDS: u64 = 86_400;
-const HOUR: i64 = sensor_pipeline::time::HOUR_MICROS;
 
 impl Every {
     fn seconds(self) -> u64 {
@@ -202,254 +206,332 @@ fn zoned(every: Every, z: Option<(&str, &str)>, t: &str) -> String {
     }
 }
 
-/// The readings of one sensor (`$1`) in `[$2, $3]`, in time order, each as a part: instant,
-/// count (1), and its value as sum, low, high, first and last; in a zone (`$4` length, `$5`
-/// zone), also its bucket and the zone's offset then.
-fn readings_statement(every: Every, utc: bool) -> String {
-    format!(
-        "SELECT ts, 1::bigint, value, value, value, value, value{}
-         FROM measurements WHERE sensor_uuid = $1 AND ts >= $2 AND ts <= $3
-         ORDER BY ts",
-        zoned(every, (!utc).then_some(("$4", "$5")), "ts")
-    )
-}
-
-/// [`readings_statement`] for several ranges (`$2`, `$3`: their first and last instants, in
-/// time order and apart): the hours the rollup does not stand for.
-fn hours_readings_statement(every: Every, utc: bool) -> String {
-    format!(
-        "SELECT m.ts, 1::bigint, m.value, m.value, m.value, m.value, m.value{}
-         FROM unnest($2::timestamptz[], $3::timestamptz[]) AS r(a, b)
-         CROSS JOIN LATERAL (
-             SELECT ts, value FROM measurements
-             WHERE sensor_uuid = $1 AND ts >= r.a AND ts <= r.b
-         ) AS m
-         ORDER BY m.ts",
-        zoned(every, (!utc).then_some(("$4", "$5")), "m.ts")
-    )
-}
-
-/// Rollup hours read at a time: bounds the memory for any range (a page of hours is held while
-/// the readings of those it does not stand for are read).
-const HOURS_PAGE: i64 = 20_000;
-
-/// A page of the rollup's hours of one sensor (`$1`) from `$2` to `$3`, in time order: hour,
-/// count, sum, low, high, first and last value, and whether the row stands for the hour (exact,
-/// with its sums; in a zone, `$4` length and `$5` zone, also within one bucket), then in a zone
-/// its bucket and the zone's offset then.
-fn hours_statement(every: Every, utc: bool) -> String {
-    let z = (!utc).then_some(("$4", "$5"));
-    // An hour straddles two buckets only in a zone whose midnight is not on a UTC hour.
-    let within = match z {
-        None => String::new(),
-        Some(z) => format!(
-            " AND {} = {}",
-            bucket_of(every, z, "hour"),
-            bucket_of(
-                every,
-                z,
-                "(hour + interval '1 hour' - interval '1 microsecond')"
-            )
-        ),
+/// The parts of one sensor's (`$1`) buckets in the query's range `[$2, $3]`, within the window
+/// `[$4, $5]` (in a zone, `$6` the bucket length and `$7` the zone), as two statements sent
+/// together: the coarse parts, rollup rows that stand for their span (streamed), and the fine
+/// parts of the others (few, read first); each in time order, each part as instant, count,
+/// sum, low, high, first and last value, and in a zone its bucket and the zone's offset then.
+///
+/// Buckets shorter than an hour are made of readings (all coarse). Buckets of whole hours are
+/// made of rollup hours where a row stands for its hour, and of that hour's readings where it
+/// does not; whole days in UTC, of daily rollup rows where they stand, and of hours (or
+/// readings) where not. A rollup row stands for its span when it is exact, has its sums, holds
+/// no reading outside the range (its first and last reading are within it: a row cut by the
+/// range's ends may still stand) and, in a zone, lies within one bucket (an hour straddles two
+/// only in a zone whose midnight is not on a UTC hour). Windows start on a UTC hour (or day).
+fn statements(every: Every, utc: bool) -> (String, Option<String>) {
+    let z = (!utc).then_some(("$6", "$7"));
+    // Whether row `r` of a rollup stands for its span, from `r.{span}` to `{end}`.
+    let stands = |r: &str, span: &str, end: &str| {
+        let within = match z {
+            None => String::new(),
+            Some(z) => format!(
+                " AND {} = {}",
+                bucket_of(every, z, &format!("{r}.{span}")),
+                bucket_of(every, z, &format!("({end} - interval '1 microsecond')"))
+            ),
+        };
+        format!(
+            "({r}.exact AND {r}.total IS NOT NULL AND {r}.first_at >= $2 AND {r}.last_at <= $3\
+             {within}) IS TRUE"
+        )
     };
-    format!(
-        "SELECT hour, readings, total, low, high, first_value, last_value,
-                exact AND total IS NOT NULL{within}{}
-         FROM measurement_hours
-         WHERE sensor_uuid = $1 AND hour >= $2 AND hour <= $3
-         ORDER BY hour LIMIT {HOURS_PAGE}",
-        zoned(every, z, "hour")
-    )
+    // A rollup row `r` as a part, with whether it stands (`stands`: SQL).
+    let rollup = |r: &str, span: &str, stands: &str| {
+        format!(
+            "SELECT {r}.{span}, {r}.readings, {r}.total, {r}.low, {r}.high, {r}.first_value, \
+             {r}.last_value, {stands}{}",
+            zoned(every, z, &format!("{r}.{span}"))
+        )
+    };
+    let readings = format!(
+        "SELECT m.ts, 1::bigint, m.value, m.value, m.value, m.value, m.value, true{}",
+        zoned(every, z, "m.ts")
+    );
+    if !every.whole_hours() {
+        let coarse = format!(
+            "{readings} FROM measurements AS m
+             WHERE m.sensor_uuid = $1 AND m.ts >= $4 AND m.ts <= $5 ORDER BY m.ts"
+        );
+        return (coarse, None);
+    }
+    // The readings of the hours `h` that do not stand, within the range (the subquery kept
+    // apart, `OFFSET 0`, so that it runs per hour: joined, the planner scanned all the
+    // sensor's readings for what are usually none).
+    let hour_readings = format!(
+        "{readings} FROM h CROSS JOIN LATERAL (
+             SELECT ts, value FROM measurements
+             WHERE sensor_uuid = $1 AND ts >= greatest(h.hour, $2)
+                 AND ts <= least(h.hour + interval '1 hour' - interval '1 microsecond', $3)
+             OFFSET 0
+         ) AS m
+         WHERE NOT h.stands"
+    );
+    let hour_stands = stands("h", "hour", "h.hour + interval '1 hour'");
+    let hours = "measurement_hours AS h WHERE h.sensor_uuid = $1 AND h.hour >= $4 AND h.hour <= $5";
+    // The coarse rows are all the rows of the window, those that do not stand skipped here: so
+    // PostgreSQL sends them as it walks the index (the `LIMIT`, a window's most, says so; with
+    // the condition in SQL it collected them all and sorted them before sending the first).
+    if !(utc && every.in_days()) {
+        let coarse = format!(
+            "{} FROM {hours} ORDER BY h.hour LIMIT {WINDOW}",
+            rollup("h", "hour", &hour_stands)
+        );
+        let fine = format!(
+            "WITH h AS (SELECT h.hour, false AS stands FROM {hours} AND NOT {hour_stands})
+             {hour_readings} ORDER BY 1"
+        );
+        return (coarse, Some(fine));
+    }
+    // Days are 24 hours from UTC midnight.
+    let days =
+        "measurement_day_values AS d WHERE d.sensor_uuid = $1 AND d.day >= $4 AND d.day <= $5";
+    let day_stands = stands("d", "day", "d.day + interval '24 hours'");
+    let coarse = format!(
+        "{} FROM {days} ORDER BY d.day LIMIT {WINDOW}",
+        rollup("d", "day", &day_stands)
+    );
+    let fine = format!(
+        "WITH h AS (
+             SELECT h.*, {hour_stands} AS stands
+             FROM (SELECT d.day FROM {days} AND NOT {day_stands}) AS d
+             JOIN measurement_hours AS h ON h.sensor_uuid = $1
+                 AND h.hour >= d.day AND h.hour < d.day + interval '24 hours'
+         )
+         {} FROM h WHERE h.stands
+         UNION ALL
+         {hour_readings}
+         ORDER BY 1",
+        rollup("h", "hour", "true")
+    );
+    (coarse, Some(fine))
 }
+
+/// The hours (or days) read at once: the fine parts of a window are held while its coarse ones
+/// stream, so this bounds the memory for any range.
+const WINDOW: i64 = 20_000;
 
 /// The buckets of `query`, in time order, as they arrive. An unknown zone is a usage error.
 ///
-/// Consecutive parts of a bucket — hours of the rollup where they stand for their hour, readings
-/// elsewhere, in time order — are summed up as they arrive: no `GROUP BY` in SQL, whose per-group
+/// PostgreSQL sends the parts of the buckets in time order ([`statements`]) and consecutive
+/// parts of a bucket are summed up here as they arrive: no `GROUP BY` in SQL, whose per-group
 /// sorts for the first and last value cost PostgreSQL 25 ms for a year of hours, more than all
 /// the rest. In UTC the bucket is computed here from each part's instant; in a zone, by
 /// PostgreSQL, which knows the zone's rules.
-pub async fn buckets<'c>(
-    client: &'c Client,
-    query: &Query<'_>,
-) -> Result<impl Stream<Item = Result<Bucket, Failure>> + 'c, Failure> {
+pub async fn buckets<'c>(client: &'c Client, query: &Query<'_>) -> Result<Buckets<'c>, Failure> {
     let utc = query.zone.eq_ignore_ascii_case("UTC");
     if !utc {
         // Checked before anything is printed (the statement would fail at its first row).
         client
-            .query_one(
+            .query_typed(
                 "SELECT timestamptz 'epoch' AT TIME ZONE $1::text",
-                &[&query.zone],
+                &[(&query.zone, Type::TEXT)],
             )
             .await
             .map_err(|e| unknown_zone(e, query.zone))?;
     }
-    let mut parts = Parts {
+    // The rows of a level start on its span: (span, window) in µs.
+    let (span, window) = match (query.every.whole_hours(), utc && query.every.in_days()) {
+        (false, _) => (1, i64::MAX),
+        (true, false) => (HOUR, WINDOW * HOUR),
+        (true, true) => (DAY, WINDOW * DAY),
+    };
+    let (coarse, fine) = statements(query.every, utc);
+    let parts = Parts {
         client,
-        every: query.every,
-        zone: (!utc).then(|| (query.every.interval(), query.zone.to_string())),
+        coarse,
+        fine,
         sensor: query.sensor,
         start: query.start,
         end: query.end,
-        rows: None,
-        next_hour: (query.every.whole_hours())
-            .then(|| query.start.timestamp_micros().div_euclid(HOUR) * HOUR),
-        queue: VecDeque::new(),
+        zone: (!utc).then(|| (query.every.interval(), query.zone.to_string())),
+        window,
+        next_window: Some(query.start.timestamp_micros().div_euclid(span) * span),
+        stream: None,
+        held: None,
+        fine_parts: VecDeque::new(),
     };
-    if !query.every.whole_hours() {
-        let statement = readings_statement(query.every, utc);
-        let mut params: Vec<&(dyn postgres_types::ToSql + Sync)> =
-            vec![&query.sensor, &query.start, &query.end];
-        let zone = parts.zone.clone();
-        if let Some((length, zone)) = &zone {
-            params.extend([length as &(dyn postgres_types::ToSql + Sync), zone]);
-        }
-        let rows = client
-            .query_raw(statement.as_str(), params.iter().copied())
-            .await
-            .map_err(failed("measurement"))?;
-        parts.rows = Some(Box::pin(rows));
-    }
     let (skip, take) = query.page.unwrap_or((0, i64::MAX));
-    // (the parts, until they end; the bucket being summed up)
-    let buckets = futures_util::stream::try_unfold(
-        (Some(parts), None::<Bucket>),
-        move |(parts, mut open)| async move {
-            let Some(mut parts) = parts else {
+    Ok(Buckets {
+        parts,
+        stride: utc.then(|| query.every.micros()),
+        open: None,
+        ended: false,
+        skip: skip.max(0),
+        left: take.max(0),
+    })
+}
+
+/// The buckets of a query ([`buckets`]), read with [`Buckets::next`].
+pub struct Buckets<'c> {
+    parts: Parts<'c>,
+    /// In UTC, the bucket length in µs.
+    stride: Option<i64>,
+    /// The bucket being summed up.
+    open: Option<Bucket>,
+    /// Whether the parts have ended.
+    ended: bool,
+    /// Buckets still to skip, and to pass on (a page).
+    skip: i64,
+    left: i64,
+}
+
+impl Buckets<'_> {
+    /// The next bucket, in time order.
+    pub async fn next(&mut self) -> Result<Option<Bucket>, Failure> {
+        while self.left > 0 {
+            let Some(bucket) = self.next_whole().await? else {
                 return Ok(None);
             };
-            while let Some(part) = parts.next().await? {
-                match &mut open {
-                    Some(b) if b.start == part.start => b.absorb(&part),
-                    _ => {
-                        if let Some(done) = open.replace(part) {
-                            return Ok(Some((done, (Some(parts), open))));
-                        }
+            if self.skip > 0 {
+                self.skip -= 1;
+                continue;
+            }
+            self.left -= 1;
+            return Ok(Some(bucket.finish()));
+        }
+        Ok(None)
+    }
+
+    /// Consecutive parts of a bucket summed up; the parts are not asked for more past their end.
+    async fn next_whole(&mut self) -> Result<Option<Bucket>, Failure> {
+        if self.ended {
+            return Ok(self.open.take());
+        }
+        while let Some(row) = self.parts.next().await? {
+            let part = part(&row, self.stride).map_err(failed("measurement"))?;
+            match &mut self.open {
+                Some(b) if b.start == part.start => b.absorb(&part),
+                _ => {
+                    if let Some(done) = self.open.replace(part) {
+                        return Ok(Some(done));
                     }
                 }
             }
-            // The parts are not asked for more past their end.
-            Ok(open.take().map(|done| (done, (None, None))))
-        },
-    );
-    Ok(buckets
-        .map_ok(Bucket::finish)
-        .skip(skip.max(0) as usize)
-        .take(take.max(0) as usize))
+        }
+        self.ended = true;
+        Ok(self.open.take())
+    }
+
+    /// All the (remaining) buckets.
+    pub async fn all(mut self) -> Result<Vec<Bucket>, Failure> {
+        let mut all = Vec::new();
+        while let Some(b) = self.next().await? {
+            all.push(b);
+        }
+        Ok(all)
+    }
 }
 
-/// The parts of the buckets of a query, in time order.
+const HOUR: i64 = sensor_pipeline::time::HOUR_MICROS;
+const DAY: i64 = sensor_pipeline::time::DAY_MICROS;
+
+/// The parts of the buckets of a query, in time order: window after window, the fine parts
+/// (held) merged into the coarse ones (streamed).
 struct Parts<'c> {
     client: &'c Client,
-    every: Every,
-    /// In a zone: the bucket length as PostgreSQL reads it, and the zone.
-    zone: Option<(String, String)>,
+    coarse: String,
+    fine: Option<String>,
     sensor: Uuid,
     start: DateTime<Utc>,
     end: DateTime<Utc>,
-    /// Buckets shorter than an hour: the readings, streamed.
-    rows: Option<std::pin::Pin<Box<tokio_postgres::RowStream>>>,
-    /// Buckets of whole hours: the next rollup hour to read (µs), until they are all read.
-    next_hour: Option<i64>,
-    queue: VecDeque<Bucket>,
+    /// In a zone: the bucket length as PostgreSQL reads it, and the zone.
+    zone: Option<(String, String)>,
+    window: i64,
+    /// Where the next window starts (µs), until the range is read.
+    next_window: Option<i64>,
+    /// The window's coarse parts, until they end.
+    stream: Option<Pin<Box<RowStream>>>,
+    /// The coarse part read and not yet passed on.
+    held: Option<Row>,
+    fine_parts: VecDeque<Row>,
+}
+
+/// Whether a part stands for its span (column 7).
+fn stands(row: &Row) -> Result<bool, Failure> {
+    row.try_get(7).map_err(failed("measurement"))
+}
+
+fn instant(row: &Row) -> Result<i64, Failure> {
+    Ok(row
+        .try_get::<_, DateTime<Utc>>(0)
+        .map_err(failed("measurement"))?
+        .timestamp_micros())
 }
 
 impl Parts<'_> {
-    fn stride(&self) -> Option<i64> {
-        self.zone.is_none().then(|| self.every.micros())
-    }
-
-    async fn next(&mut self) -> Result<Option<Bucket>, Failure> {
-        if let Some(rows) = &mut self.rows {
-            let Some(row) = rows.try_next().await.map_err(failed("measurement"))? else {
-                self.rows = None;
-                return Ok(None);
-            };
-            return part(&row, self.stride(), 7)
-                .map(Some)
-                .map_err(failed("measurement"));
-        }
-        while self.queue.is_empty() {
-            let Some(from) = self.next_hour else {
-                return Ok(None);
-            };
-            self.read_hours(from).await?;
-        }
-        Ok(self.queue.pop_front())
-    }
-
-    /// Reads a page of rollup hours from `from` on, and the readings of those that do not stand
-    /// for their hour, into the queue.
-    async fn read_hours(&mut self, from: i64) -> Result<(), Failure> {
-        let utc = self.zone.is_none();
-        let at = |us: i64| DateTime::from_timestamp_micros(us).unwrap_or(DateTime::<Utc>::MAX_UTC);
-        let from = at(from);
-        let mut params: Vec<&(dyn postgres_types::ToSql + Sync)> =
-            vec![&self.sensor, &from, &self.end];
-        if let Some((length, zone)) = &self.zone {
-            params.extend([length as &(dyn postgres_types::ToSql + Sync), zone]);
-        }
-        let hours = self
-            .client
-            .query(hours_statement(self.every, utc).as_str(), &params)
-            .await
-            .map_err(failed("measurement"))?;
-        self.next_hour = match hours.last() {
-            Some(last) if hours.len() as i64 == HOURS_PAGE => {
-                Some(last.get::<_, DateTime<Utc>>(0).timestamp_micros() + HOUR)
+    async fn next(&mut self) -> Result<Option<Row>, Failure> {
+        loop {
+            if self.held.is_none() {
+                if let Some(stream) = &mut self.stream {
+                    // (rows that do not stand are among the fine parts)
+                    loop {
+                        match stream.try_next().await.map_err(failed("measurement"))? {
+                            Some(row) if !stands(&row)? => continue,
+                            Some(row) => self.held = Some(row),
+                            None => self.stream = None,
+                        }
+                        break;
+                    }
+                }
             }
-            _ => None,
+            let fine_first = match (self.fine_parts.front(), &self.held) {
+                (Some(f), Some(c)) => instant(f)? < instant(c)?,
+                (Some(_), None) => self.stream.is_none(),
+                (None, Some(_)) => false,
+                (None, None) => {
+                    if self.stream.is_none() && !self.open_window().await? {
+                        return Ok(None);
+                    }
+                    continue;
+                }
+            };
+            return Ok(match fine_first {
+                true => self.fine_parts.pop_front(),
+                false => self.held.take(),
+            });
+        }
+    }
+
+    /// Sends the next window's statements: reads its fine parts and starts streaming its coarse
+    /// ones. False when the range is read.
+    async fn open_window(&mut self) -> Result<bool, Failure> {
+        let end = self.end.timestamp_micros();
+        let Some(from) = self.next_window.filter(|from| *from <= end) else {
+            return Ok(false);
         };
-        let (start, end) = (self.start.timestamp_micros(), self.end.timestamp_micros());
-        // Each hour: whether its row stands for it, else the range of its readings to read.
-        let whole: Vec<bool> = hours
-            .iter()
-            .map(|h| {
-                let hour = h.get::<_, DateTime<Utc>>(0).timestamp_micros();
-                h.get::<_, bool>(7) && hour >= start && hour + HOUR - 1 <= end
-            })
-            .collect();
-        let (mut firsts, mut lasts) = (Vec::new(), Vec::new());
-        for (h, _) in hours.iter().zip(&whole).filter(|(_, w)| !**w) {
-            let hour = h.get::<_, DateTime<Utc>>(0).timestamp_micros();
-            firsts.push(at(hour.max(start)));
-            lasts.push(at((hour + HOUR - 1).min(end)));
+        let to = from.saturating_add(self.window - 1).min(end);
+        self.next_window = to.checked_add(1);
+        let at = |us: i64| DateTime::from_timestamp_micros(us).unwrap_or(DateTime::<Utc>::MAX_UTC);
+        let (from, to) = (at(from), at(to));
+        let mut params: Vec<(&(dyn postgres_types::ToSql + Sync), Type)> = vec![
+            (&self.sensor, Type::UUID),
+            (&self.start, Type::TIMESTAMPTZ),
+            (&self.end, Type::TIMESTAMPTZ),
+            (&from, Type::TIMESTAMPTZ),
+            (&to, Type::TIMESTAMPTZ),
+        ];
+        if let Some((length, zone)) = &self.zone {
+            params.extend([(length as _, Type::TEXT), (zone as _, Type::TEXT)]);
         }
-        let mut readings = Vec::new();
-        if !firsts.is_empty() {
-            let mut params: Vec<&(dyn postgres_types::ToSql + Sync)> =
-                vec![&self.sensor, &firsts, &lasts];
-            if let Some((length, zone)) = &self.zone {
-                params.extend([length as &(dyn postgres_types::ToSql + Sync), zone]);
+        // All in one round trip. The planner cannot tell how many readings the hours that do
+        // not stand hold, guesses millions and would compile the query (JIT: 400 ms for what
+        // runs in 1).
+        let setup = self.client.batch_execute("SET jit = off");
+        let fine = async {
+            match &self.fine {
+                Some(fine) => self.client.query_typed(fine, &params).await,
+                None => Ok(Vec::new()),
             }
-            // The planner cannot tell how many readings the ranges hold, guesses millions and
-            // would compile the query (JIT: 400 ms for what runs in 1); sent with it, in one
-            // round trip.
-            let statement = hours_readings_statement(self.every, utc);
-            let (jit_off, rows) = tokio::join!(
-                self.client.batch_execute("SET jit = off"),
-                self.client.query(statement.as_str(), &params)
-            );
-            jit_off.map_err(failed("measurement"))?;
-            readings = rows.map_err(failed("measurement"))?;
-        }
-        let stride = self.stride();
-        let mut readings = readings.iter().peekable();
-        for (h, whole) in hours.iter().zip(whole) {
-            if whole {
-                self.queue
-                    .push_back(part(h, stride, 8).map_err(failed("measurement"))?);
-                continue;
-            }
-            let after = h.get::<_, DateTime<Utc>>(0).timestamp_micros() + HOUR;
-            while let Some(r) =
-                readings.next_if(|r| r.get::<_, DateTime<Utc>>(0).timestamp_micros() < after)
-            {
-                self.queue
-                    .push_back(part(r, stride, 7).map_err(failed("measurement"))?);
-            }
-        }
-        Ok(())
+        };
+        let coarse = self
+            .client
+            .query_typed_raw(&self.coarse, params.iter().cloned());
+        let (setup, fine, coarse) = tokio::join!(setup, fine, coarse);
+        setup.map_err(failed("measurement"))?;
+        self.fine_parts = fine.map_err(failed("measurement"))?.into();
+        self.stream = Some(Box::pin(coarse.map_err(failed("measurement"))?));
+        Ok(true)
     }
 }
 
@@ -466,11 +548,8 @@ fn unknown_zone(e: tokio_postgres::Error, zone: &str) -> Failure {
 /// One part of a bucket, as a [`Bucket`] whose `mean` holds the sum until [`Bucket::finish`];
 /// in UTC (`stride`: the bucket length in µs) its bucket from its instant, else from columns
 /// `zoned` (bucket) and `zoned + 1` (offset).
-fn part(
-    row: &tokio_postgres::Row,
-    stride: Option<i64>,
-    zoned: usize,
-) -> Result<Bucket, tokio_postgres::Error> {
+fn part(row: &Row, stride: Option<i64>) -> Result<Bucket, tokio_postgres::Error> {
+    let zoned = 8;
     let start = match stride {
         Some(stride) => {
             let at = row.try_get::<_, DateTime<Utc>>(0)?.timestamp_micros();

@@ -17,17 +17,21 @@ pub struct Databases {
 
 impl Databases {
     pub async fn connect(settings: &DatabaseSettings) -> Result<Self, Failure> {
-        let mapping = Arc::new(connect(settings.mapping_url.expose(), "mapping").await?);
         if settings.same_database() {
+            let mapping = Arc::new(connect(settings.mapping_url.expose(), "mapping").await?);
             return Ok(Self {
                 measurements: mapping.clone(),
                 mapping,
                 same: true,
             });
         }
-        let measurements = connect(settings.measurements_url.expose(), "measurement").await?;
+        // Both at once: a connection's start is a few round trips and a server process forked.
+        let (mapping, measurements) = tokio::try_join!(
+            connect(settings.mapping_url.expose(), "mapping"),
+            connect(settings.measurements_url.expose(), "measurement")
+        )?;
         Ok(Self {
-            mapping,
+            mapping: Arc::new(mapping),
             measurements: Arc::new(measurements),
             same: false,
         })

@@ -23,7 +23,6 @@ use std::sync::Once;
 
 use chrono::{DateTime, Datelike, Utc};
 use clap::Args;
-use futures_util::TryStreamExt;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
@@ -241,7 +240,7 @@ pub async fn run(settings: &DatabaseSettings, args: PlotArgs) -> Result<(), Fail
                 let all = buckets::buckets(&dbs.measurements, &query).await?;
                 Some(Buckets {
                     every,
-                    all: all.try_collect().await?,
+                    all: all.all().await?,
                 })
             }
             None => None,

@@ -11,7 +11,7 @@ use std::pin::pin;
 use chrono::{DateTime, Duration, Utc};
 use clap::Args;
 use futures_util::TryStreamExt;
-use postgres_types::ToSql;
+use postgres_types::{ToSql, Type};
 use sensor_pipeline::config::DatabaseSettings;
 use tokio_postgres::Client;
 use uuid::Uuid;
@@ -287,9 +287,9 @@ pub async fn resolve(dbs: &Databases, sensor: &Sensor) -> Result<Uuid, Failure> 
         Sensor::Name(name) => {
             let rows = dbs
                 .mapping
-                .query(
+                .query_typed(
                     "SELECT sensor_uuid FROM sensors WHERE sensor_name = $1 ORDER BY sensor_uuid",
-                    &[&name.trim()],
+                    &[(&name.trim(), Type::TEXT)],
                 )
                 .await
                 .map_err(failed("mapping"))?;
@@ -425,8 +425,7 @@ async fn print_buckets(
     /// Table column widths: the start with its offset, then the numbers (a mean often has all
     /// 17 digits).
     const WIDTHS: [usize; 7] = [25, 9, 20, 14, 14, 14, 14];
-    let rows = buckets::buckets(client, query).await?;
-    let mut rows = pin!(rows);
+    let mut rows = buckets::buckets(client, query).await?;
     let mut line = String::with_capacity(160);
     let table = |line: &mut String, cells: &[&str]| {
         for (i, (cell, width)) in cells.iter().zip(WIDTHS).enumerate() {
@@ -445,7 +444,7 @@ async fn print_buckets(
         Format::Json => {}
     }
     let mut text = Vec::with_capacity(160);
-    while let Some(b) = rows.try_next().await? {
+    while let Some(b) = rows.next().await? {
         text.clear();
         if b.start.offset().local_minus_utc() == 0 {
             push_timestamp(&mut text, b.start.to_utc());

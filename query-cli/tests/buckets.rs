@@ -386,3 +386,67 @@ async fn bad_bucket_flags_are_usage_errors() {
         );
     }
 }
+
+/// Ranges longer than what is read at once (20,000 hours, or days): the buckets are the same,
+/// one that spans two reads included.
+#[tokio::test]
+async fn long_ranges_are_read_in_parts_and_buckets_span_them() {
+    let env = TestEnv::new().await.unwrap();
+    migrate(&env.database_settings()).await.unwrap();
+    env.s3
+        .put(
+            "mapping/sensors.csv",
+            format!("sensor_uuid;sensor_name\n{SENSOR};bucketed\n"),
+        )
+        .await
+        .unwrap();
+    // 20,000 hours after 2013-01-01T00:00Z is 2015-04-13T08:00Z: the last two readings are
+    // read apart, and lie in one local day in Berlin.
+    let rows = [
+        (at("2013-01-01T00:30:00Z"), 1.5),
+        (at("2015-04-13T07:10:00Z"), 2.25),
+        (at("2015-04-13T08:20:00Z"), -4.0),
+    ];
+    env.s3
+        .put("timeseries/long.csv", csv_of(SENSOR, &rows))
+        .await
+        .unwrap();
+    let dbs = Databases::connect(&env.database_settings(), 2).unwrap();
+    let ingestor = Ingestor::new(env.s3.store().clone(), dbs, ContractSettings::default());
+    for key in ["mapping/sensors.csv", "timeseries/long.csv"] {
+        assert_eq!(ingestor.ingest(key, None).await.unwrap().rows_rejected, 0);
+    }
+    let client = testbed::connect(&env.measurements_db).await.unwrap();
+    let vars = env.vars();
+    let range = (at("2013-01-01T00:10:00Z"), at("2016-01-01T00:00:00Z"));
+    let (start, end) = (utc(range.0), utc(range.1));
+    for (every, zone, bucket, buckets) in [
+        ("1h", "UTC", "date_trunc('hour', ts)", 3),
+        ("1d", "Europe/Berlin", "date_trunc('day', ts)", 2),
+        ("1w", "UTC", "date_trunc('week', ts)", 2),
+    ] {
+        let mut args = vec![
+            "readings",
+            "--sensor-name",
+            "bucketed",
+            "--start-timestamp",
+            &start,
+            "--end-timestamp",
+            &end,
+            "--every",
+            every,
+            "--format",
+            "csv",
+        ];
+        if zone != "UTC" {
+            args.extend(["--timezone", zone]);
+        }
+        let printed = ok(&vars, &args).await;
+        assert_eq!(printed.lines().count(), 1 + buckets, "{every} in {zone}");
+        assert_eq!(
+            printed,
+            expected(&client, range, zone, bucket).await,
+            "{every} in {zone}"
+        );
+    }
+}

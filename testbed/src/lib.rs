@@ -227,12 +227,14 @@ pub async fn connect(url: &str) -> Result<tokio_postgres::Client> {
 }
 
 /// The derived tables the ingest merge keeps beside `measurements` — the page index
-/// (`measurement_days`) and the hourly rollup (`measurement_hours`) — compared with what the
+/// (`measurement_days`) and the hourly and daily rollups — compared with what the
 /// stored rows say: each `(sensor, day or hour)` that differs, as text (empty when they agree).
 /// Counts must be exact, and so must an hour's low, high, first and last reading when it is
 /// marked exact, and its total up to the rounding of adding its values in another order (within
 /// 10⁻¹² of the sum of their magnitudes); an hour not marked exact (left for detection to
-/// settle) must have bounds around its readings'. See [`inexact_hours`].
+/// settle) must have bounds around its readings'. The daily rollup (`measurement_day_values`)
+/// is held to the same, and must be exact exactly when all its hours are. See
+/// [`inexact_hours`].
 pub async fn derived_drift(client: &tokio_postgres::Client) -> Result<Vec<String>> {
     let rows = client
         .query(
@@ -259,7 +261,28 @@ pub async fn derived_drift(client: &tokio_postgres::Client) -> Result<Vec<String
                      AND h.first_at = c.first_at AND h.first_value = c.first
                      AND h.last_at = c.last_at AND h.last_value = c.last
                      AND abs(h.total - c.total) <= 1e-12 * c.magnitude
-                 ELSE h.low <= c.low AND h.high >= c.high END), true)",
+                 ELSE h.low <= c.low AND h.high >= c.high END), true)
+             UNION ALL
+             SELECT 'day values ' || coalesce(d.sensor_uuid, c.sensor_uuid)::text || ' '
+                    || coalesce(d.day, c.day)::text || ': ' || coalesce(d::text, '-')
+                    || ' rolled up, ' || coalesce(c::text, '-') || ' stored'
+             FROM measurement_day_values d
+             FULL JOIN (SELECT sensor_uuid, date_trunc('day', ts, 'UTC') AS day,
+                               count(*) AS n, min(value) AS low, max(value) AS high,
+                               sum(value) AS total, sum(abs(value)) AS magnitude,
+                               min(ts) AS first_at, (array_agg(value ORDER BY ts))[1] AS first,
+                               max(ts) AS last_at, (array_agg(value ORDER BY ts DESC))[1] AS last,
+                               bool_and(h.exact) AS exact_hours
+                        FROM measurements
+                        JOIN measurement_hours h USING (sensor_uuid)
+                        WHERE h.hour = date_trunc('hour', ts, 'UTC')
+                        GROUP BY 1, 2) c USING (sensor_uuid, day)
+             WHERE coalesce(NOT (d.readings = c.n AND d.exact = c.exact_hours AND CASE WHEN d.exact
+                 THEN d.low = c.low AND d.high = c.high
+                     AND d.first_at = c.first_at AND d.first_value = c.first
+                     AND d.last_at = c.last_at AND d.last_value = c.last
+                     AND abs(d.total - c.total) <= 1e-12 * c.magnitude
+                 ELSE d.low <= c.low AND d.high >= c.high END), true)",
             &[],
         )
         .await?;
@@ -267,11 +290,11 @@ pub async fn derived_drift(client: &tokio_postgres::Client) -> Result<Vec<String
 }
 
 /// Rebuilds the tables the ingest merge keeps beside `measurements` — the page index and the
-/// hourly rollup — from the stored rows, for rows written directly (benchmarks, tests).
+/// hourly rollup (and so the daily one) — from the stored rows, for rows written directly (benchmarks, tests).
 pub async fn derive_from_rows(client: &tokio_postgres::Client) -> Result<()> {
     client
         .batch_execute(
-            "TRUNCATE measurement_days, measurement_hours;
+            "TRUNCATE measurement_days, measurement_hours, measurement_day_values;
              INSERT INTO measurement_days (sensor_uuid, day, readings)
              SELECT sensor_uuid, date_trunc('day', ts, 'UTC'), count(*) FROM measurements
              GROUP BY 1, 2;

@@ -35,6 +35,10 @@ struct Args {
     /// Runs of each measurement; the median is reported.
     #[arg(long, default_value_t = 7)]
     runs: usize,
+    /// After measuring, print the environment and keep the databases until stdin closes, to
+    /// run `query-cli` against them by hand.
+    #[arg(long)]
+    hold: bool,
 }
 
 /// Runs the CLI `runs` times with stdout to /dev/null; the median wall time.
@@ -187,6 +191,13 @@ async fn main() -> Result<()> {
         ms(daily - startup),
         ms(daily_sql)
     );
+    if a.hold {
+        for (name, value) in &vars {
+            println!("export {name}='{value}'");
+        }
+        let mut line = String::new();
+        while std::io::stdin().read_line(&mut line)? > 0 {}
+    }
     Ok(())
 }
 
