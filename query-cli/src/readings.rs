@@ -148,16 +148,23 @@ pub async fn run(
     match request.page {
         Some((offset, limit)) => {
             let (anchor, within) = page_anchor(client, uuid, request, offset).await?;
-            let stmt = client
-                .prepare(
+            // Sent with its parameters' types: one round trip, no prepare.
+            let rows = client
+                .query_typed_raw(
                     "SELECT ts, value FROM measurements \
                      WHERE sensor_uuid = $1 AND ts >= $2 AND ts <= $3 \
                      ORDER BY ts LIMIT $4 OFFSET $5",
+                    [
+                        (&uuid as &(dyn ToSql + Sync), Type::UUID),
+                        (&anchor, Type::TIMESTAMPTZ),
+                        (&request.end, Type::TIMESTAMPTZ),
+                        (&limit, Type::INT8),
+                        (&within, Type::INT8),
+                    ],
                 )
                 .await
                 .map_err(failed("measurement"))?;
-            let params: [&(dyn ToSql + Sync); 5] = [&uuid, &anchor, &request.end, &limit, &within];
-            stream(client, &stmt, &params, &mut printer, out).await?;
+            print_rows(rows, &mut printer, out).await?;
         }
         None => {
             let stmt = client
@@ -172,7 +179,11 @@ pub async fn run(
             let mut after = request.start - Duration::microseconds(1);
             loop {
                 let params: [&(dyn ToSql + Sync); 4] = [&uuid, &after, &request.end, &BATCH];
-                let (rows, last) = stream(client, &stmt, &params, &mut printer, out).await?;
+                let rows = client
+                    .query_raw(&stmt, params)
+                    .await
+                    .map_err(failed("measurement"))?;
+                let (rows, last) = print_rows(rows, &mut printer, out).await?;
                 match last {
                     Some(last) if rows == BATCH => after = last,
                     _ => break,
@@ -209,29 +220,40 @@ async fn page_anchor(
     if first_day >= after_days {
         return Ok((start, offset));
     }
-    let head: i64 = client
-        .query_one(
+    // The readings before the first whole day, and the whole days: sent together, each with
+    // its parameters' types (one round trip, no prepare).
+    let head_params: [(&(dyn ToSql + Sync), Type); 3] = [
+        (&uuid, Type::UUID),
+        (&start, Type::TIMESTAMPTZ),
+        (&first_day, Type::TIMESTAMPTZ),
+    ];
+    let (head, days) = tokio::join!(
+        client.query_typed(
             "SELECT count(*) FROM measurements WHERE sensor_uuid = $1 AND ts >= $2 AND ts < $3",
-            &[&uuid, &start, &first_day],
+            &head_params,
+        ),
+        client.query_typed_raw(
+            "SELECT day, readings FROM measurement_days \
+             WHERE sensor_uuid = $1 AND day >= $2 AND day < $3 ORDER BY day",
+            [
+                (&uuid as &(dyn ToSql + Sync), Type::UUID),
+                (&first_day, Type::TIMESTAMPTZ),
+                (&after_days, Type::TIMESTAMPTZ),
+            ],
         )
-        .await
+    );
+    let head: i64 = head
         .map_err(failed("measurement"))?
-        .try_get(0)
+        .first()
+        .map_or(Ok(0), |row| row.try_get(0))
         .map_err(failed("measurement"))?;
+    let days = days.map_err(failed("measurement"))?;
     if offset < head {
         return Ok((start, offset));
     }
     // Walk the whole days in order, summing, until the day that holds row `rest`. The stream is
     // dropped there, so only the days before the page are read.
     let mut rest = offset - head;
-    let days = client
-        .query_raw(
-            "SELECT day, readings FROM measurement_days \
-             WHERE sensor_uuid = $1 AND day >= $2 AND day < $3 ORDER BY day",
-            [&uuid as &(dyn ToSql + Sync), &first_day, &after_days],
-        )
-        .await
-        .map_err(failed("measurement"))?;
     let mut days = pin!(days);
     while let Some(row) = days.try_next().await.map_err(failed("measurement"))? {
         let readings: i64 = row.try_get(1).map_err(failed("measurement"))?;
@@ -256,18 +278,12 @@ fn micros_to_time(us: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_micros(us).unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
-/// Runs one query and prints its rows as they arrive; returns how many and the last timestamp.
-async fn stream(
-    client: &Client,
-    stmt: &tokio_postgres::Statement,
-    params: &[&(dyn ToSql + Sync)],
+/// Prints a query's rows as they arrive; returns how many and the last timestamp.
+async fn print_rows(
+    rows: tokio_postgres::RowStream,
     printer: &mut Printer,
     out: &mut impl Write,
 ) -> Result<(i64, Option<DateTime<Utc>>), Failure> {
-    let rows = client
-        .query_raw(stmt, params.iter().copied())
-        .await
-        .map_err(failed("measurement"))?;
     let mut rows = pin!(rows);
     let mut count = 0;
     let mut last = None;

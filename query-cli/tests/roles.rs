@@ -213,3 +213,73 @@ async fn each_part_of_the_pipeline_works_with_its_own_least_privilege_role() {
         "42501"
     );
 }
+
+/// A server with the two databases and the roles of `postgres/10-roles.sh`, started with
+/// `settings`; the superuser's URL of `measurements` and the server.
+async fn server_with_roles(settings: &[&str]) -> (testbed::OwnedServer, String) {
+    let (server, admin) = testbed::owned_postgres_with(settings).await.unwrap();
+    let client = testbed::connect(&admin).await.unwrap();
+    for database in ["sensors", "measurements"] {
+        client
+            .batch_execute(&format!("CREATE DATABASE {database}"))
+            .await
+            .unwrap();
+        create_roles(server.port, database).await;
+    }
+    let measurements = format!("{}/measurements", admin.rsplit_once('/').unwrap().0);
+    (server, measurements)
+}
+
+/// The migrations run as `sensors_migrate` in every state of a server with TimescaleDB
+/// installed: not preloaded, a plain table, and `migrate` says why; preloaded, a hypertable (the
+/// extension is trusted: the role creates it); preloaded but the role may not create it (no
+/// CREATE on the database), they stop with the statement a superuser must run, and once it has,
+/// a hypertable. Where TimescaleDB is not installed (CI) there is nothing to test.
+#[tokio::test]
+async fn migrations_as_the_owner_role_in_every_timescaledb_state() {
+    use sensor_pipeline::store::migrate::MeasurementsTable;
+    let (server, measurements) = server_with_roles(&[]).await;
+    let installed = testbed::timescaledb_installed(&measurements).await.unwrap();
+    if !installed {
+        eprintln!("TimescaleDB is not installed on this machine: nothing to test");
+        return;
+    }
+    // Installed, not preloaded.
+    let migrator = settings(server.port, "sensors_migrate", "m1grate");
+    let reports = migrate(&migrator).await.unwrap();
+    assert_eq!(
+        reports[1].measurements,
+        Some(MeasurementsTable::PlainNotPreloaded)
+    );
+    drop(server);
+
+    // Preloaded: the role creates the extension.
+    let preload = ["shared_preload_libraries=timescaledb"];
+    let (server, _) = server_with_roles(&preload).await;
+    let migrator = settings(server.port, "sensors_migrate", "m1grate");
+    let reports = migrate(&migrator).await.unwrap();
+    assert_eq!(reports[1].measurements, Some(MeasurementsTable::Hypertable));
+    drop(server);
+
+    // Preloaded, the role without CREATE on the database: it says what to run.
+    let (server, measurements) = server_with_roles(&preload).await;
+    let admin = testbed::connect(&measurements).await.unwrap();
+    admin
+        .batch_execute("REVOKE CREATE ON DATABASE measurements FROM sensors_migrate")
+        .await
+        .unwrap();
+    let migrator = settings(server.port, "sensors_migrate", "m1grate");
+    assert_eq!(
+        migrate(&migrator).await.unwrap_err().to_string(),
+        "migrating the measurement database: error applying migration V1__measurements: \
+         timescaledb is preloaded but cannot be created by sensors_migrate: permission denied \
+         to create extension \"timescaledb\" (SQLSTATE P0001); hint: run as a superuser: psql \
+         -d measurements -c \"CREATE EXTENSION timescaledb\", then migrate again"
+    );
+    admin
+        .batch_execute("CREATE EXTENSION timescaledb")
+        .await
+        .unwrap();
+    let reports = migrate(&migrator).await.unwrap();
+    assert_eq!(reports[1].measurements, Some(MeasurementsTable::Hypertable));
+}

@@ -35,7 +35,8 @@ use sensor_pipeline::config::{
 pub use processes::{
     database, find_pg_binary, free_port, init_cluster, is_root, nats, nats_server, owned_nats,
     owned_nats_cluster, owned_nats_with, owned_nats_with_env, owned_postgres, owned_postgres_tls,
-    postgres, postgres_command, wait_until, wait_until_async, which, Nats, OwnedServer, Postgres,
+    owned_postgres_with, postgres, postgres_command, wait_until, wait_until_async, which, Nats,
+    OwnedServer, Postgres,
 };
 pub use s3::{NotifyTarget, S3Server};
 
@@ -307,6 +308,19 @@ pub async fn derive_from_rows(client: &tokio_postgres::Client) -> Result<()> {
         )
         .await?;
     Ok(())
+}
+
+/// Whether the server of `url` has the `timescaledb` extension installed (tests of what the
+/// migrations make of `measurements` depend on it; CI's server has not).
+pub async fn timescaledb_installed(url: &str) -> Result<bool> {
+    Ok(connect(url)
+        .await?
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb')",
+            &[],
+        )
+        .await?
+        .get(0))
 }
 
 /// Hours of the rollup not marked exact.

@@ -26,7 +26,8 @@ pub async fn database() -> Result<String> {
     postgres().await?.create_database().await
 }
 
-/// The process-wide PostgreSQL server (started on first use, or `TEST_DATABASE_URL`).
+/// The process-wide PostgreSQL server (started on first use, or `TEST_DATABASE_URL`; with
+/// `TESTBED_PRELOAD` as its `shared_preload_libraries`).
 ///
 /// The first caller starts it on a blocking thread (initdb takes seconds), so an async test's
 /// runtime, which may also serve the in-process S3 server, keeps running; other callers wait.
@@ -253,12 +254,20 @@ fn start_postgres() -> Result<Postgres> {
         port,
         command: server,
         stop,
-    } = pg_server(&[
-        "full_page_writes=off",
-        "max_connections=400",
-        "shared_buffers=256MB",
-        "max_wal_size=4GB",
-    ])?;
+    } = {
+        let mut settings = vec![
+            "full_page_writes=off".to_string(),
+            "max_connections=400".into(),
+            "shared_buffers=256MB".into(),
+            "max_wal_size=4GB".into(),
+        ];
+        // `TESTBED_PRELOAD=timescaledb`: benchmarks on TimescaleDB where it is installed.
+        if let Ok(libraries) = std::env::var("TESTBED_PRELOAD") {
+            settings.push(format!("shared_preload_libraries={libraries}"));
+        }
+        let refs: Vec<&str> = settings.iter().map(String::as_str).collect();
+        pg_server(&refs)?
+    };
     let watchdog = spawn_watchdog(&server, &dir, &stop, &dir.join("postgres.log"))?;
     wait_until(
         Duration::from_secs(60),
@@ -667,7 +676,19 @@ async fn start_owned_postgres(pg: PgServer) -> Result<(OwnedServer, String)> {
 
 /// A PostgreSQL server of the test's own; returns it and the superuser URL of `postgres`.
 pub async fn owned_postgres() -> Result<(OwnedServer, String)> {
+    owned_postgres_with(&[]).await
+}
+
+/// [`owned_postgres`] with more server settings (`name=value`, e.g.
+/// `shared_preload_libraries=timescaledb`).
+pub async fn owned_postgres_with(settings: &[&str]) -> Result<(OwnedServer, String)> {
+    let mut all = vec!["max_connections=100".to_string()];
+    all.extend(settings.iter().map(|s| s.to_string()));
     // initdb takes a second or two: off the runtime's threads.
-    let pg = tokio::task::spawn_blocking(|| pg_server(&["max_connections=100"])).await??;
+    let pg = tokio::task::spawn_blocking(move || {
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        pg_server(&refs)
+    })
+    .await??;
     start_owned_postgres(pg).await
 }

@@ -70,7 +70,7 @@ use crate::config::AnomalySettings;
 use crate::contract::Dataset;
 use crate::ingest::Fresh;
 use crate::queue::{Queue, QueueError};
-use crate::store::staging::{Hour, HourColumns, SETTLE_HOURS};
+use crate::store::rollup::{Hour, HourColumns, SETTLE_HOURS};
 use crate::store::{Databases, PgResultExt, StoreError};
 use crate::time::{hour_of, instant as time, HOUR_MICROS};
 
@@ -1189,11 +1189,8 @@ async fn settle_hours(
         tx.execute(SETTLE_HOURS, &known.params()).await?;
     }
     if !unknown.0.is_empty() {
-        tx.execute(
-            crate::store::staging::EXACT_HOURS,
-            &[&unknown.0, &unknown.1],
-        )
-        .await?;
+        tx.execute(crate::store::rollup::EXACT_HOURS, &[&unknown.0, &unknown.1])
+            .await?;
     }
     Ok(hours.len())
 }

@@ -58,18 +58,40 @@ impl MigrationSet {
     }
 }
 
-/// Migrations amended in place after they shipped: (set, version, checksum of the old text).
+/// Migrations amended in place after they shipped: (set, version, name, an earlier text).
 ///
-/// `measurements/V1` now looks at `shared_preload_libraries` before `CREATE EXTENSION timescaledb`:
-/// on a server where the extension is installed but not preloaded, the old text ended the session
-/// with `FATAL: extension "timescaledb" must be preloaded` (so it was never applied there); on
-/// every other server both texts do the same.
-const AMENDED: &[(MigrationSet, i32, u64)] = &[(
-    MigrationSet::Measurements,
-    1,
-    MEASUREMENTS_V1_BEFORE_PRELOAD_CHECK,
-)];
-const MEASUREMENTS_V1_BEFORE_PRELOAD_CHECK: u64 = 10_378_167_297_425_692_550;
+/// `measurements/V1` looked at nothing before `CREATE EXTENSION timescaledb` at first: on a server
+/// where the extension is installed but not preloaded, that ended the session with `FATAL:
+/// extension "timescaledb" must be preloaded` (so it was never applied there). Then it read
+/// `shared_preload_libraries`, which only superusers and `pg_read_all_settings` may read: as the
+/// least-privilege owner role it failed with 42501 wherever TimescaleDB is installed (so it was
+/// never applied there either). Now it asks for a setting the preloaded extension defines, and a
+/// preloaded extension the role cannot create stops the migration with the statement to run
+/// (before, the table silently stayed plain). Where an earlier text was applied, the current one
+/// would have done the same but in that last case.
+const AMENDED: &[(MigrationSet, i32, &str, &str)] = &[
+    (
+        MigrationSet::Measurements,
+        1,
+        "V1__measurements",
+        include_str!("../../tests/fixtures/migrations/measurements_V1_before_preload_check.sql"),
+    ),
+    (
+        MigrationSet::Measurements,
+        1,
+        "V1__measurements",
+        include_str!(
+            "../../tests/fixtures/migrations/measurements_V1_reading_shared_preload_libraries.sql"
+        ),
+    ),
+];
+
+/// The checksum refinery records for a migration's text.
+fn text_checksum(name: &str, text: &str) -> u64 {
+    refinery::Migration::unapplied(name, text)
+        .expect("an amended migration's name")
+        .checksum()
+}
 
 /// What `migrate` did to one database.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -266,7 +288,8 @@ async fn amend(
     set: MigrationSet,
 ) -> Result<(), tokio_postgres::Error> {
     let table = format!("schema_history_{}", set.name());
-    for &(_, version, old) in AMENDED.iter().filter(|(s, ..)| *s == set) {
+    for &(_, version, name, text) in AMENDED.iter().filter(|(s, ..)| *s == set) {
+        let old = text_checksum(name, text);
         let exists: bool = client
             .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
             .await?
@@ -300,15 +323,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn amended_checksums_are_of_the_previous_text() {
-        let before = include_str!(
-            "../../tests/fixtures/migrations/measurements_V1_before_preload_check.sql"
-        );
-        let old = refinery::Migration::unapplied("V1__measurements", before).unwrap();
-        assert_eq!(old.checksum(), MEASUREMENTS_V1_BEFORE_PRELOAD_CHECK);
+    fn amended_checksums_are_of_the_previous_texts() {
+        // What the first text recorded (the fixture is that text).
+        let [first, second] = AMENDED else {
+            panic!("two earlier texts of measurements/V1")
+        };
+        assert_eq!(text_checksum(first.2, first.3), 10_378_167_297_425_692_550);
+        let current = checksum(MigrationSet::Measurements, 1);
+        assert_ne!(text_checksum(second.2, second.3), current);
         assert_ne!(
-            checksum(MigrationSet::Measurements, 1),
-            MEASUREMENTS_V1_BEFORE_PRELOAD_CHECK
+            text_checksum(first.2, first.3),
+            text_checksum(second.2, second.3)
         );
     }
 }

@@ -11,6 +11,8 @@ pub mod ledger;
 #[cfg(feature = "ingest")]
 pub mod migrate;
 #[cfg(feature = "ingest")]
+pub mod rollup;
+#[cfg(feature = "ingest")]
 pub mod staging;
 pub mod tls;
 #[cfg(feature = "ingest")]
@@ -51,7 +53,7 @@ pub enum StoreError {
         reason: String,
     },
     #[cfg(feature = "ingest")]
-    #[error("migrating the {database} database: {source}")]
+    #[error("migrating the {database} database: {}", migration_failure(source))]
     Migration {
         database: &'static str,
         #[source]
@@ -106,6 +108,26 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
             }
             text
         }
+    }
+}
+
+/// A failed migration as an operator needs it: which one, and the server's message and hint
+/// (refinery's own text says only "`error applying migration V1__x`, `db error`").
+#[cfg(feature = "ingest")]
+fn migration_failure(e: &refinery::Error) -> String {
+    let db = std::iter::successors(std::error::Error::source(e), |e| e.source())
+        .find_map(|e| e.downcast_ref::<tokio_postgres::Error>())
+        .and_then(|e| e.as_db_error());
+    match (e.kind(), db) {
+        (refinery::error::Kind::Connection(what, _), Some(db)) => {
+            let mut text = format!("{what}: {} (SQLSTATE {})", db.message(), db.code().code());
+            if let Some(hint) = db.hint() {
+                text.push_str("; hint: ");
+                text.push_str(hint);
+            }
+            text
+        }
+        _ => e.to_string(),
     }
 }
 

@@ -24,7 +24,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 
 #[derive(clap::Parser)]
 #[command(about = "ingest --all against psql \\copy of the same rows, side by side")]
@@ -54,6 +54,11 @@ struct Args {
     /// seven hours; 60 with 20 sensors spans 83 days, 12,000 with 200 sensors 4.5 years.
     #[arg(long, default_value_t = 1)]
     interval: i64,
+    /// On TimescaleDB (built and installed on this machine): the server preloads it, the
+    /// pipeline's `measurements` is the hypertable its migrations make, and the baseline a
+    /// hypertable of the same chunking (7 days).
+    #[arg(long)]
+    timescaledb: bool,
 }
 
 /// A digest of every (sensor, instant, value) of `table`, in key order.
@@ -87,6 +92,10 @@ fn changed(csv: &str) -> String {
 #[tokio::main]
 async fn main() -> Result<()> {
     let a = <Args as clap::Parser>::parse();
+    if a.timescaledb {
+        // Read by the testbed when it starts its server, below, before any other thread.
+        std::env::set_var("TESTBED_PRELOAD", "timescaledb");
+    }
     let worker = testbed::bench::binary(&a.worker, "sensors-worker")?;
     let env = testbed::TestEnv::new().await?;
     let dir = tempfile::tempdir()?;
@@ -137,6 +146,15 @@ async fn main() -> Result<()> {
                  value double precision NOT NULL, PRIMARY KEY (sensor_uuid, ts))",
             )
             .await?;
+        if a.timescaledb {
+            client
+                .batch_execute(
+                    "CREATE EXTENSION IF NOT EXISTS timescaledb;
+                     SELECT create_hypertable('baseline', 'ts',
+                                              chunk_time_interval => INTERVAL '7 days')",
+                )
+                .await?;
+        }
         admin.batch_execute("CHECKPOINT").await?;
         let t = Instant::now();
         let out = std::process::Command::new("psql")
@@ -180,6 +198,21 @@ async fn main() -> Result<()> {
         let out = run_worker(&["migrate"])?;
         if !out.status.success() {
             bail!("migrate failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        if a.timescaledb {
+            let hypertable: bool = testbed::connect(&db)
+                .await?
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM timescaledb_information.hypertables \
+                     WHERE hypertable_name = 'measurements')",
+                    &[],
+                )
+                .await?
+                .get(0);
+            ensure!(
+                hypertable,
+                "the migrations did not make measurements a hypertable"
+            );
         }
         admin.batch_execute("CHECKPOINT").await?;
         // `--all`, unless the corrections are in the bucket too: then the originals by name.
