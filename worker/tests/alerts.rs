@@ -157,7 +157,7 @@ fn opened(
             assert_eq!(subject, &format!("{}.{}", a.prefix, m.kind));
             assert_eq!((m.state.as_str(), m.sensor_uuid.as_str()), ("open", U1));
             assert_eq!(m.object_key, key);
-            (m.kind.clone(), m.start.clone(), m.end.clone())
+            (m.kind.to_string(), m.start.clone(), m.end.clone())
         })
         .collect();
     out.sort_by(|x, y| (&x.1, &x.0).cmp(&(&y.1, &y.0)));
@@ -185,7 +185,7 @@ async fn a_spike_opens_one_alert_and_a_newer_write_without_it_resolves_it() {
     let spike = messages
         .iter()
         .map(|(_, m)| m)
-        .find(|m| m.kind == "spike")
+        .find(|m| m.kind == anomaly::Kind::Spike)
         .unwrap();
     assert_eq!(spike.value, Some(with_spike[SPIKE_AT].1));
     assert_eq!(spike.sensor_name, None);

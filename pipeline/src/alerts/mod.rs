@@ -101,6 +101,9 @@ pub enum AlertError {
     Store(#[from] StoreError),
     #[error("publishing anomalies: {0}")]
     Queue(#[from] QueueError),
+    /// The table's CHECK admits only the kinds this version knows: another version wrote it.
+    #[error("publishing anomalies: a stored anomaly of a kind this version does not know: {0}")]
+    UnknownKind(String),
 }
 
 /// What one [`Alerts::detect_due`] call did.
@@ -147,25 +150,26 @@ impl Detected {
 pub struct AnomalyMessage {
     pub sensor_uuid: String,
     pub sensor_name: Option<String>,
-    pub kind: String,
+    pub kind: Kind,
     pub start: String,
     pub end: String,
     pub value: Option<f64>,
     pub expected: Option<f64>,
     pub score: f64,
-    pub state: String,
+    pub state: State,
     pub object_key: String,
 }
 
-/// Stored state of an anomaly row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
+/// Stored state of an anomaly row; in messages `open` or `resolved`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
     Open,
     Resolved,
 }
 
 impl State {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             State::Open => "open",
             State::Resolved => "resolved",
@@ -435,19 +439,25 @@ impl Alerts {
         let names = self.names(&sensors).await?;
         for row in &rows {
             let sensor: Uuid = row.get(0);
-            let kind: String = row.get(1);
+            let kind: Kind = row
+                .get::<_, &str>(1)
+                .parse()
+                .map_err(AlertError::UnknownKind)?;
             let start: DateTime<Utc> = row.get(2);
             let revision: i32 = row.get(9);
             let message = AnomalyMessage {
                 sensor_uuid: sensor.to_string(),
                 sensor_name: names.get(&sensor).cloned(),
-                kind: kind.clone(),
+                kind,
                 start: rfc3339(start),
                 end: rfc3339(row.get(3)),
                 value: row.get(4),
                 expected: row.get(5),
                 score: row.get(6),
-                state: row.get(7),
+                state: match row.get::<_, &str>(7) {
+                    "open" => State::Open,
+                    _ => State::Resolved,
+                },
                 object_key: row.get(8),
             };
             let id = format!("{sensor}:{kind}:{}:{revision}", start.timestamp_micros());
@@ -459,7 +469,7 @@ impl Alerts {
             tx.execute(
                 "UPDATE anomalies SET published_revision = $4
                  WHERE sensor_uuid = $1 AND start_ts = $2 AND kind = $3",
-                &[&sensor, &start, &kind, &revision],
+                &[&sensor, &start, &kind.as_str(), &revision],
             )
             .await
             .db(db)?;
@@ -1410,6 +1420,43 @@ fn same(s: &Stored, a: &Anomaly, end: DateTime<Utc>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What subscribers read (SPEC §7's fields, the state and the object), unchanged by the
+    /// kind and state being typed.
+    #[test]
+    fn messages_name_kinds_and_states_as_before() {
+        let message = AnomalyMessage {
+            sensor_uuid: "0a5a2b8e-7c0f-4a55-9a39-000000000001".into(),
+            sensor_name: Some("boiler".into()),
+            kind: Kind::LevelShift,
+            start: "2013-01-01T00:05:00Z".into(),
+            end: "2013-01-01T01:00:00Z".into(),
+            value: Some(31.5),
+            expected: None,
+            score: 7.25,
+            state: State::Resolved,
+            object_key: "timeseries/a.csv".into(),
+        };
+        let text = serde_json::to_string(&message).unwrap();
+        assert_eq!(
+            text,
+            "{\"sensor_uuid\":\"0a5a2b8e-7c0f-4a55-9a39-000000000001\",\"sensor_name\":\"boiler\",\
+             \"kind\":\"level_shift\",\"start\":\"2013-01-01T00:05:00Z\",\
+             \"end\":\"2013-01-01T01:00:00Z\",\"value\":31.5,\"expected\":null,\"score\":7.25,\
+             \"state\":\"resolved\",\"object_key\":\"timeseries/a.csv\"}"
+        );
+        assert_eq!(
+            serde_json::from_str::<AnomalyMessage>(&text).unwrap(),
+            message
+        );
+        for kind in Kind::ALL {
+            assert_eq!(
+                serde_json::to_string(&kind).unwrap(),
+                format!("\"{}\"", kind.as_str())
+            );
+        }
+        assert_eq!(serde_json::to_string(&State::Open).unwrap(), "\"open\"");
+    }
 
     fn fresh(sensor: Uuid, readings: &[i64]) -> Fresh {
         let mut f = Fresh::default();

@@ -92,8 +92,11 @@ mod window;
 
 pub use detector::{Detector, WARM_UP_MICROS, WARM_UP_READINGS};
 
-/// What kind of anomaly (SPEC §7).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// What kind of anomaly (SPEC §7); in messages by its [`Kind::as_str`] name.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
 pub enum Kind {
     /// One or a few readings far off the local level, then back.
     Spike,
