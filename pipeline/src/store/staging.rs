@@ -123,9 +123,11 @@ macro_rules! upsert_rest {
 /// Upserts the last line of every key where this version beats the stored row's, then widens the
 /// hourly rollup `measurement_hours` by the rows written (an hour with overwrites — `xmax` is 0
 /// only for a freshly inserted row version — is marked inexact: the value replaced may have been
-/// its extreme; [`EXACT_HOURS`](super::rollup::EXACT_HOURS) recomputes those) and adds the rows that were new to the page
+/// its extreme; [`EXACT_HOURS`] recomputes those) and adds the rows that were new to the page
 /// index `measurement_days`, each in (sensor, hour/day) order so concurrent ingestions lock their
 /// rows in one order. `$1` is the version. Returns the rows written and the inexact hours.
+///
+/// [`EXACT_HOURS`]: super::rollup::EXACT_HOURS
 const MERGE_MEASUREMENTS: &str = concat!(
     "WITH merged AS (
         INSERT INTO measurements AS target (sensor_uuid, ts, value, version)
@@ -784,7 +786,7 @@ pub async fn merge_held(
 /// spans that version `version` beats are exactly their keys (a re-upload or correction of the
 /// same readings: the common case): deletes those ([`REPLACED`]), copies the held readings
 /// straight into the table ([`COPY_NEW`]), and settles the bounds of the rollup's hours
-/// ([`REPLACE_HOURS`], then — with `settle` — [`OUTSIDE_HOURS`] and [`EXACT_HOURS`](super::rollup::EXACT_HOURS) for the
+/// ([`REPLACE_HOURS`], then — with `settle` — [`OUTSIDE_HOURS`] and [`EXACT_HOURS`] for the
 /// hours whose bounds it cannot tell; without, those hours are left inexact, their bounds around
 /// the readings', for the detection this transaction queues to settle from the readings it
 /// holds: `crate::alerts`); the counts and the page index do not change. Returns the [`Link`]s
@@ -805,6 +807,8 @@ pub async fn merge_held(
 /// of server time; deleting the replaced rows 110 ms and copying the new ones in 200–290 ms. An
 /// overwrite cannot be cheaper than writing a new row version and its index entry; the delete
 /// and `COPY` do exactly that, with the `COPY`'s batched inserts, and skip the staging table.
+///
+/// [`EXACT_HOURS`]: super::rollup::EXACT_HOURS
 async fn replace_held(
     tx: &deadpool_postgres::Transaction<'_>,
     version: i64,
