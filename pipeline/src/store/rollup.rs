@@ -84,10 +84,8 @@ macro_rules! rollup_of {
 }
 
 /// What follows the `hours` of new readings (sensor, hour, readings, low, high) in
-/// [`INSERT_MEASUREMENTS`] and [`WIDEN_HOURS`]: the rollup widened and the page index counted
-/// up, each in (sensor, hour/day) order.
-///
-/// [`INSERT_MEASUREMENTS`]: super::staging::INSERT_MEASUREMENTS
+/// `staging::INSERT_MEASUREMENTS` and [`WIDEN_HOURS`]: the rollup widened and the page index
+/// counted up, each in (sensor, hour/day) order.
 macro_rules! widen_hours {
     () => {
         concat!(
@@ -112,9 +110,7 @@ macro_rules! widen_hours {
 }
 
 /// The rollup and page index widened by new readings (`$1`–`$5`: sensors, hours, readings,
-/// lows, highs), after [`COPY_NEW`].
-///
-/// [`COPY_NEW`]: super::staging::COPY_NEW
+/// lows, highs), after `staging::COPY_NEW`.
 pub(super) const WIDEN_HOURS: &str = concat!(
     "WITH hours AS (SELECT * FROM ",
     unnest_hours!("$1", "$2", "$3", "$4", "$5", "$6", "$7", "$8", "$9", "$10"),
@@ -124,17 +120,15 @@ pub(super) const WIDEN_HOURS: &str = concat!(
     SELECT count(*) FROM hours"
 );
 
-/// The rollup after [`replace_held`] (`$1`–`$10`: the [`HourColumns`] of the readings written;
-/// `$11`–`$13`: the low, high and total of the readings they replaced — as many: the keys are
-/// the same, so the counts, the first and last instants and the page index stay as they are),
+/// The rollup after `staging::replace_held` (`$1`–`$10`: the [`HourColumns`] of the readings
+/// written; `$11`–`$13`: the low, high and total of the readings they replaced — as many: the keys
+/// are the same, so the counts, the first and last instants and the page index stay as they are),
 /// in (sensor, hour) order. An hour whose readings were all replaced is those written. Another
 /// keeps exact bounds when the readings removed were all strictly within them (the extremes are
 /// still there): its total is corrected by the difference, and its first and last value are
 /// those written where the replaced readings include its first or last instant; else it is
 /// returned, for [`OUTSIDE_HOURS`]. (An hour with no rollup row, which only a damaged rollup
 /// lacks, gets one marked inexact.)
-///
-/// [`replace_held`]: super::staging::replace_held
 pub(super) const REPLACE_HOURS: &str = concat!(
     "
     WITH x AS (
@@ -170,12 +164,11 @@ pub(super) const REPLACE_HOURS: &str = concat!(
            ARRAY(SELECT hour FROM rolled ORDER BY sensor_uuid, 1),
            ARRAY(SELECT by FROM rolled ORDER BY sensor_uuid, hour)"
 );
-/// The rollup rows of the hours [`replace_held`] writes (`$1` sensors, `$2` hours), locked in
-/// key order before [`REPLACE_HOURS`] changes them, with the transaction that wrote each last
+/// The rollup rows of the hours `staging::replace_held` writes (`$1` sensors, `$2` hours), locked
+/// in key order before [`REPLACE_HOURS`] changes them, with the transaction that wrote each last
 /// (see [`Link`]).
 ///
 /// [`Link`]: super::staging::Link
-/// [`replace_held`]: super::staging::replace_held
 pub(super) const HOURS_BEFORE: &str = "
     SELECT h.sensor_uuid, h.hour, h.xmin::text::bigint FROM measurement_hours AS h
     JOIN unnest($1::uuid[], $2::timestamptz[]) AS x(u, hour)
@@ -207,14 +200,12 @@ pub(super) const COVERED_HOURS: &str = concat!(
     )
     ORDER BY 1, 2"
 );
-/// Settles the hours [`replace_held`] left inexact from the readings outside what it wrote there
-/// (`$1`–`$10`: the [`HourColumns`] of the readings written in each): when the hour holds no
+/// Settles the hours `staging::replace_held` left inexact from the readings outside what it wrote
+/// there (`$1`–`$10`: the [`HourColumns`] of the readings written in each): when the hour holds no
 /// other reading between the first and last instant written (its count is those outside plus
 /// those written), it is the two parts together — an index range scan on either side instead of
 /// the whole hour, whose replaced rows are dead entries the scan would visit too. Returns the
 /// other hours, for [`EXACT_HOURS`].
-///
-/// [`replace_held`]: super::staging::replace_held
 pub(super) const OUTSIDE_HOURS: &str = concat!(
     "
     WITH x AS (SELECT * FROM ",
