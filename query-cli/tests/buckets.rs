@@ -182,6 +182,33 @@ fn utc(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
 }
 
+/// What `readings --sensor-name bucketed --every EVERY --format csv` prints over `[start, end]`
+/// (RFC 3339), buckets aligned in `zone`.
+async fn csv_buckets(
+    vars: &[(String, String)],
+    (start, end): (&str, &str),
+    every: &str,
+    zone: &str,
+) -> String {
+    let mut args = vec![
+        "readings",
+        "--sensor-name",
+        "bucketed",
+        "--start-timestamp",
+        start,
+        "--end-timestamp",
+        end,
+        "--every",
+        every,
+        "--format",
+        "csv",
+    ];
+    if zone != "UTC" {
+        args.extend(["--timezone", zone]);
+    }
+    ok(vars, &args).await
+}
+
 /// `readings --sensor-name bucketed` over 2013 in buckets of `every`, then `extra`.
 fn over_2013(every: &'static str, extra: &[&'static str]) -> Vec<&'static str> {
     let mut args = vec![
@@ -231,23 +258,7 @@ async fn every_bucket_is_what_sql_over_the_readings_says() {
     for (every, zone, bucket) in cases {
         for range in [whole, cut] {
             let (start, end) = (utc(range.0), utc(range.1));
-            let mut args = vec![
-                "readings",
-                "--sensor-name",
-                "bucketed",
-                "--start-timestamp",
-                &start,
-                "--end-timestamp",
-                &end,
-                "--every",
-                every,
-                "--format",
-                "csv",
-            ];
-            if zone != "UTC" {
-                args.extend(["--timezone", zone]);
-            }
-            let printed = ok(&vars, &args).await;
+            let printed = csv_buckets(&vars, (&start, &end), every, zone).await;
             assert_eq!(
                 printed,
                 expected(&client, range, zone, bucket).await,
@@ -425,23 +436,7 @@ async fn long_ranges_are_read_in_parts_and_buckets_span_them() {
         ("1d", "Europe/Berlin", "date_trunc('day', ts)", 2),
         ("1w", "UTC", "date_trunc('week', ts)", 2),
     ] {
-        let mut args = vec![
-            "readings",
-            "--sensor-name",
-            "bucketed",
-            "--start-timestamp",
-            &start,
-            "--end-timestamp",
-            &end,
-            "--every",
-            every,
-            "--format",
-            "csv",
-        ];
-        if zone != "UTC" {
-            args.extend(["--timezone", zone]);
-        }
-        let printed = ok(&vars, &args).await;
+        let printed = csv_buckets(&vars, (&start, &end), every, zone).await;
         assert_eq!(printed.lines().count(), 1 + buckets, "{every} in {zone}");
         assert_eq!(
             printed,

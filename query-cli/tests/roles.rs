@@ -62,16 +62,8 @@ async fn refused(url: &str, sql: &str) -> String {
 
 #[tokio::test]
 async fn each_part_of_the_pipeline_works_with_its_own_least_privilege_role() {
-    let (_server, admin) = testbed::owned_postgres().await.unwrap();
+    let (_server, _) = server_with_roles(&[]).await;
     let port = _server.port;
-    let client = testbed::connect(&admin).await.unwrap();
-    for database in ["sensors", "measurements"] {
-        client
-            .batch_execute(&format!("CREATE DATABASE {database}"))
-            .await
-            .unwrap();
-        create_roles(port, database).await;
-    }
     // Safe to run again.
     create_roles(port, "sensors").await;
 
