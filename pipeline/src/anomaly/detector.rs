@@ -51,12 +51,8 @@ const DAYS_MIN: usize = 2;
 const DAILY_EPOCHS: usize = 48;
 /// … by this factor (summed errors), for the sensor to count as having a daily cycle.
 const DAILY_RATIO: f64 = 0.5;
-/// A reading is on *empty ground* when none of the last `VALUES` readings (kept as `f32`: 4 KB)
-/// came within `EMPTY_WIDTH` of the remembered range of it …
-const VALUES: usize = 1024;
-const EMPTY_WIDTH: f64 = 0.06;
-/// … and it counts when `REST` readings passed since the last anomaly or excursion (a burst of
-/// new values is one event).
+/// A burst counts when `REST` readings passed since the last anomaly or excursion (a burst after
+/// a departure is part of it).
 const REST: u32 = 96;
 /// A reading is *outstanding* when it is off the local level by this share of the novelty scale
 /// (the residual exceeded in `NOVELTY_RANK` epochs) or of the noise threshold, whichever is
@@ -83,15 +79,11 @@ const GAP_MAX_FACTOR: f64 = 2.0;
 /// be that of a run from the beginning of time: its epoch memory (at least) …
 pub const WARM_UP_MICROS: i64 = (EPOCHS as i64 + 1) * EPOCH_MICROS;
 /// … and its windows counted in readings.
-pub const WARM_UP_READINGS: usize = if VALUES > 2 * RESIDUALS {
-    VALUES
-} else {
-    2 * RESIDUALS
-};
+pub const WARM_UP_READINGS: usize = 2 * RESIDUALS;
 
 /// The version of [`Detector::to_bytes`]' layout *and* of the method: bump it whenever either
 /// changes, so that states saved by another version are not resumed.
-const STATE_FORMAT: u32 = 4;
+const STATE_FORMAT: u32 = 5;
 
 /// A streaming detector for one sensor's readings.
 #[derive(Debug, Clone)]
@@ -124,9 +116,7 @@ pub struct Detector {
     run: Run,
     epoch_run: f64,
     epoch_runs: SortedRing,
-    /// The last values (for empty ground), and the readings since the last anomaly was reported
-    /// or an excursion was open.
-    values: Ring<f32>,
+    /// Readings since the last anomaly was reported or an excursion was open.
     since_alarm: u32,
     /// The level at the end of each past epoch (NaN: no readings), and per epoch of the last
     /// `DAILY_EPOCHS` how far its level was from the daily profile and from the epoch before.
@@ -221,7 +211,6 @@ impl Detector {
             epoch_run: 0.0,
             epoch_runs: SortedRing::new(EPOCHS),
             levels: Ring::new(EPOCHS),
-            values: Ring::new(VALUES),
             since_alarm: 0,
             daily_errors: Ring::new(DAILY_EPOCHS),
             hourly_errors: Ring::new(DAILY_EPOCHS),
@@ -271,7 +260,6 @@ impl Detector {
             self.since_alarm.saturating_add(1)
         };
         self.epoch(value, value - expected);
-        self.values.push(value as f32);
         self.last = Some((at, value));
     }
 
@@ -355,7 +343,6 @@ impl Detector {
         e.f64(self.epoch_run);
         e.sorted(&self.epoch_runs);
         e.ring_f64(&self.levels);
-        e.ring_f32(&self.values);
         e.u32(self.since_alarm);
         e.ring_f64(&self.daily_errors);
         e.ring_f64(&self.hourly_errors);
@@ -439,7 +426,6 @@ impl Detector {
         let epoch_run = d.f64()?;
         let epoch_runs = d.sorted(EPOCHS)?;
         let levels = d.ring_f64(EPOCHS)?;
-        let values = d.ring_f32(VALUES)?;
         let since_alarm = d.u32()?;
         let daily_errors = d.ring_f64(DAILY_EPOCHS)?;
         let hourly_errors = d.ring_f64(DAILY_EPOCHS)?;
@@ -483,7 +469,6 @@ impl Detector {
             epoch_run,
             epoch_runs,
             levels,
-            values,
             since_alarm,
             daily_errors,
             hourly_errors,
@@ -632,14 +617,6 @@ impl Detector {
             } else {
                 0.0
             };
-            let beyond = if beyond == 0.0
-                && self.since_alarm > REST
-                && residual.abs() > Z * self.sigma / self.sensitivity
-            {
-                self.empty_ground(value) * residual.signum()
-            } else {
-                beyond
-            };
             if residual.abs() > threshold || beyond != 0.0 {
                 let side = if beyond != 0.0 {
                     beyond
@@ -699,22 +676,6 @@ impl Detector {
             -1.0
         } else {
             0.0
-        }
-    }
-
-    /// 1 when `value` is on empty ground: none of the last `VALUES` readings (at least half that
-    /// many seen) came within `EMPTY_WIDTH` of the remembered range of it; else 0. The ring is
-    /// scanned only for readings already far off the local level, which are rare.
-    fn empty_ground(&self, value: f64) -> f64 {
-        if self.values.len() < VALUES / 2 {
-            return 0.0;
-        }
-        let (low, high) = self.remembered_range();
-        let near = EMPTY_WIDTH * (high - low) / self.sensitivity;
-        if !near.is_finite() || self.values.any(|v| (f64::from(v) - value).abs() <= near) {
-            0.0
-        } else {
-            1.0
         }
     }
 

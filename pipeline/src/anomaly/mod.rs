@@ -28,11 +28,6 @@
 //!   threshold) extend it: back within five readings it is a `spike` (`start`..`end` = the
 //!   readings away, `value` the most extreme, `expected` the level it left); six readings away
 //!   make it a `level_shift` starting at its first reading, and the level is relearned from there.
-//! - **Empty ground.** A reading 6 × the noise off the local level that lands where none of the
-//!   last 1,024 readings came within 6 % of the remembered range (between an idle level and its
-//!   usual bursts, say) starts an excursion too — unless an anomaly was reported or an excursion
-//!   open within the last 96 readings (a burst of new values is one event). The ring is scanned
-//!   only for readings already far off the level, so it costs nothing on the common path.
 //! - **Bursts.** A reading off the level by half the larger of the two thresholds above is
 //!   *outstanding*; each hour's count of them is remembered too. The reading that gives an hour
 //!   twice the count reached in two hours of the memory (and at least 4) is a `spike` of its own
@@ -76,13 +71,16 @@
 //! # Measured
 //!
 //! `bench-anomalies` (crate `testbed`), NAB's standard profile on the 44 labelled series of the
-//! anomaly bench, end to end through ingestion and `query-cli anomalies`: 65.3 (73 of 83 windows,
-//! 269 false alarms; realAWSCloudwatch 70.0, artificialWithAnomaly 92.8, realAdExchange 59.0,
-//! realTweets 58.7, none on artificialNoAnomaly). Left out of tuning (`bench-anomalies --loco`):
-//! 92.8, 59.2, 59.0, 58.7 — the rules above were found on realAWSCloudwatch and
-//! artificialWithAnomaly and carry poorly to the bursty counts and sparse series they were not
-//! shown. 5.2–5.5 million readings/s through the detector in-process. (A bound on the hourly
-//! *level* scored higher on the former bench but alarmed over and over on white noise: not kept.) On
+//! anomaly bench, end to end through ingestion and `query-cli anomalies`: 65.1 (68 of 83 windows,
+//! 181 false alarms; artificialWithAnomaly 92.8, realAWSCloudwatch 62.6, realAdExchange 59.0,
+//! realTweets 65.0, none on artificialNoAnomaly). Left out of tuning (`bench-anomalies --loco`):
+//! 92.8, 62.6, 59.0, 65.0, mean 69.8 — short of a detector that holds on kinds of sensor it was
+//! never shown (the goal is 70 for every real category left out). A rule for readings on *empty
+//! ground* (where none of the last 1,024 readings went) was removed: it found three windows of
+//! realAWSCloudwatch, where it was devised, and raised 75 false alarms on the bursty counts of
+//! realTweets, which it was not shown (left-out mean 67.4 → 69.8, whole bench 65.3 → 65.1).
+//! 7.1 million readings/s through the detector in-process. (A bound on the hourly *level* scored
+//! higher on the former bench but alarmed over and over on white noise: not kept.) On
 //! `cargo xtask gen` data its truth file is found with precision and recall 1.0 for every kind
 //! (`xtask` test `the_detector_finds_what_was_injected`).
 

@@ -341,35 +341,6 @@ fn a_level_shift_on_a_daily_cycle_is_reported_once() {
     );
 }
 
-#[test]
-fn a_reading_where_the_sensor_never_goes_is_a_spike() {
-    // Idle near 0.1 with a burst to 1.5 every 6 hours (usual, so not news); one reading at 0.6,
-    // between the two, inside the remembered range, is.
-    let step = 5 * MINUTE;
-    let odd = 10 * 288 + 31;
-    let s = series(14 * 288, step, 23, |i, r| {
-        if i == odd {
-            0.6
-        } else if i % 72 == 40 {
-            1.5 + 0.02 * r.normal()
-        } else {
-            0.1 + 0.01 * r.normal()
-        }
-    });
-    // Skip the first two days: the bursts are news until the memory has seen them.
-    let later = |found: Vec<Anomaly>| {
-        kinds(&found)
-            .into_iter()
-            .filter(|a| a.1 >= at(2 * 288, step))
-            .collect::<Vec<_>>()
-    };
-    let found = detect(s.clone(), 1.0);
-    assert_eq!(later(found), [(Kind::Spike, at(odd, step), at(odd, step))]);
-    let mut usual = s;
-    usual[odd].1 = 0.1;
-    assert_eq!(later(detect(usual, 1.0)), []);
-}
-
 /// Spikes of the usual size that come more often than ever: a sensor at 10 (with a little noise)
 /// that spikes to 30 twice in every sixth hour, then four times in one hour on day 8. The
 /// regular spikes are how it is; the reading that makes that hour twice as busy as any is one

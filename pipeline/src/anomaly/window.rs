@@ -48,11 +48,6 @@ impl<T: Copy> Ring<T> {
         }
     }
 
-    /// Whether any value held satisfies `f`.
-    pub(crate) fn any(&self, f: impl Fn(T) -> bool) -> bool {
-        self.values.iter().any(|&v| f(v))
-    }
-
     /// The `k`-th newest value (k = 1: the last pushed), if there are that many.
     pub(crate) fn recent(&self, k: usize) -> Option<T> {
         (k >= 1 && k <= self.len()).then(|| self.get(self.len() - k))
@@ -275,10 +270,6 @@ impl Encoder {
         self.ring(r, Self::i64);
     }
 
-    pub(crate) fn ring_f32(&mut self, r: &Ring<f32>) {
-        self.ring(r, |e, v| e.0.extend_from_slice(&v.to_le_bytes()));
-    }
-
     pub(crate) fn ring_f64(&mut self, r: &Ring<f64>) {
         self.ring(r, Self::f64);
     }
@@ -334,10 +325,6 @@ impl Decoder<'_> {
 
     pub(crate) fn ring_i64(&mut self, capacity: usize) -> Option<Ring<i64>> {
         self.ring(capacity, Self::i64)
-    }
-
-    pub(crate) fn ring_f32(&mut self, capacity: usize) -> Option<Ring<f32>> {
-        self.ring(capacity, |d| d.take().map(f32::from_le_bytes))
     }
 
     pub(crate) fn ring_f64(&mut self, capacity: usize) -> Option<Ring<f64>> {
