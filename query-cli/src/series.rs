@@ -2,7 +2,7 @@
 //! (`anomalies`, `plot`): the library's keyset streaming ([`readings`]), with query-cli's errors.
 
 use chrono::{DateTime, Duration, Utc};
-use sensor_pipeline::anomaly::readings;
+use sensor_pipeline::store::measurements as readings;
 use tokio_postgres::Client;
 use uuid::Uuid;
 

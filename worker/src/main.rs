@@ -11,6 +11,7 @@ mod dlq;
 mod health;
 mod logging;
 mod run;
+mod settle;
 mod shutdown;
 mod stranded;
 mod telemetry;

@@ -42,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
 use crate::health::Health;
+use crate::settle::{settle, Action, Verdict};
 use crate::{detect, shutdown, stranded, telemetry};
 
 /// `sensors-worker run`: the metrics server, JetStream provisioning of what is missing (retried
@@ -165,20 +166,6 @@ pub struct Worker {
     pub grace: Duration,
     /// Where the anomaly detection queued by ingested objects goes (none: detection is off).
     pub detections: Option<detect::Handoff>,
-}
-
-/// What to tell JetStream about a message.
-enum Verdict {
-    Ack,
-    /// Transient: try again later (or dead-letter once deliveries are used up).
-    Retry(String),
-    /// Permanent: file it with the reason and ack.
-    DeadLetter {
-        reason: String,
-        keys: Vec<String>,
-    },
-    /// Shutdown deadline: give it back for another worker, now.
-    HandBack,
 }
 
 impl Worker {
@@ -339,42 +326,32 @@ impl Worker {
         metrics::gauge!(telemetry::IN_FLIGHT).decrement(1.0);
 
         let settings = self.queue.settings();
-        let (reason, keys) = match verdict {
-            Verdict::Ack => {
+        let (reason, keys) = match settle(verdict, delivered, settings.max_deliver) {
+            Action::Ack => {
                 ack(&message).await;
                 return;
             }
-            Verdict::HandBack if delivered < settings.max_deliver => {
+            Action::HandBack => {
                 let _ = message.ack_with(AckKind::Nak(None)).await;
                 return;
             }
-            // Its last delivery: handed back, nobody would get it again.
-            Verdict::HandBack => {
-                metrics::counter!(telemetry::STRANDED, "path" => "last_delivery").increment(1);
-                (
-                    format!(
-                        "handed back at shutdown on its last delivery ({delivered} of \
-                         NATS_MAX_DELIVER {})",
-                        settings.max_deliver
-                    ),
-                    event_keys(&message.payload),
-                )
-            }
-            Verdict::Retry(reason) if delivered < settings.max_deliver => {
-                let delay = Duration::from_secs(1 << (delivered.clamp(1, 7) - 1));
+            Action::Retry { reason, delay } => {
                 warn!(%reason, delivered, retry_in = ?delay, "transient failure; the event will be redelivered");
                 metrics::counter!(telemetry::OBJECTS, "outcome" => "retried").increment(1);
                 let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
                 return;
             }
-            Verdict::Retry(reason) => {
-                metrics::counter!(telemetry::STRANDED, "path" => "last_delivery").increment(1);
-                (
-                    format!("gave up after {delivered} deliveries: {reason}"),
-                    event_keys(&message.payload),
-                )
+            Action::DeadLetter {
+                reason,
+                keys,
+                stranded,
+            } => {
+                if stranded {
+                    metrics::counter!(telemetry::STRANDED, "path" => "last_delivery").increment(1);
+                }
+                let keys = keys.unwrap_or_else(|| event_keys(&message.payload));
+                (reason, keys)
             }
-            Verdict::DeadLetter { reason, keys } => (reason, keys),
         };
         let filing = Filing {
             payload: &message.payload,
@@ -475,26 +452,19 @@ impl Worker {
     /// aborted (shutdown) first.
     async fn hold(&self, message: &jetstream::Message, abort: &CancellationToken) -> bool {
         metrics::gauge!(telemetry::HELD).increment(1.0);
-        let mut progress = tokio::time::interval(self.queue.settings().ack_wait / 3);
-        let mut poll = tokio::time::interval(HOLD_POLL);
-        poll.tick().await; // the first tick is immediate
-        let back = loop {
-            tokio::select! {
-                _ = abort.cancelled() => break false,
-                _ = progress.tick() => {
-                    if let Err(e) = message.ack_with(AckKind::Progress).await {
-                        warn!(error = %e, "cannot send an in-progress ack");
-                    }
-                }
-                _ = poll.tick() => {
-                    metrics::counter!(telemetry::WAITED, "what" => "event")
-                        .increment(HOLD_POLL.as_secs());
-                    if self.health.check().await.is_ok() {
-                        break true;
-                    }
+        let back = async {
+            let mut poll = tokio::time::interval(HOLD_POLL);
+            poll.tick().await; // the first tick is immediate
+            loop {
+                poll.tick().await;
+                metrics::counter!(telemetry::WAITED, "what" => "event")
+                    .increment(HOLD_POLL.as_secs());
+                if self.health.check().await.is_ok() {
+                    break;
                 }
             }
         };
+        let back = self.heartbeat(message, abort, back).await.is_some();
         metrics::gauge!(telemetry::HELD).decrement(1.0);
         back
     }
@@ -510,12 +480,25 @@ impl Worker {
         let ingest = self
             .grouper
             .ingest(&event.key, event.etag.as_deref(), event.size, waiting);
-        tokio::pin!(ingest);
+        self.heartbeat(message, abort, ingest).await
+    }
+
+    /// Runs `work` while telling JetStream every third of the ack wait that `message` is in
+    /// progress (so it is not handed to another worker); `None` if aborted first. The first
+    /// in-progress ack goes out a third of the ack wait in: a message comes here right after its
+    /// delivery or its last in-progress ack.
+    async fn heartbeat<T>(
+        &self,
+        message: &jetstream::Message,
+        abort: &CancellationToken,
+        work: impl std::future::Future<Output = T>,
+    ) -> Option<T> {
+        tokio::pin!(work);
         let mut progress = tokio::time::interval(self.queue.settings().ack_wait / 3);
         progress.tick().await; // the first tick is immediate
         loop {
             tokio::select! {
-                result = &mut ingest => return Some(result),
+                done = &mut work => return Some(done),
                 _ = progress.tick() => {
                     if let Err(e) = message.ack_with(AckKind::Progress).await {
                         warn!(error = %e, "cannot send an in-progress ack");

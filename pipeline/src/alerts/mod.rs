@@ -65,11 +65,12 @@ use thiserror::Error;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
-use crate::anomaly::{readings, Anomaly, Detector, Kind, WARM_UP_MICROS, WARM_UP_READINGS};
+use crate::anomaly::{Anomaly, Detector, Kind, WARM_UP_MICROS, WARM_UP_READINGS};
 use crate::config::AnomalySettings;
 use crate::contract::Dataset;
 use crate::ingest::Fresh;
 use crate::queue::{Queue, QueueError};
+use crate::store::measurements as readings;
 use crate::store::rollup::{Hour, HourColumns, SETTLE_HOURS};
 use crate::store::{Databases, PgResultExt, StoreError};
 use crate::time::{hour_of, instant as time, HOUR_MICROS};

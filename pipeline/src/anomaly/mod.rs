@@ -85,7 +85,6 @@
 //! (`xtask` test `the_detector_finds_what_was_injected`).
 
 mod detector;
-pub mod readings;
 mod window;
 
 pub use detector::{Detector, WARM_UP_MICROS, WARM_UP_READINGS};

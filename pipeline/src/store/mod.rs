@@ -8,6 +8,7 @@
 #[cfg(feature = "ingest")]
 pub mod copy;
 pub mod ledger;
+pub mod measurements;
 #[cfg(feature = "ingest")]
 pub mod migrate;
 #[cfg(feature = "ingest")]

@@ -1,7 +1,8 @@
-//! Reading one sensor's stored readings in time order for the detector: keyset batches on
-//! `(sensor_uuid, ts)` (the primary key), so memory stays flat however many readings there are,
-//! and where to start so that the detector is warmed up. Used by `query-cli` (`anomalies`,
-//! `plot`) and by the workers' detection ([`crate::alerts`]).
+//! Reads of the `measurements` table: one sensor's stored readings in time order for the detector,
+//! in keyset batches on `(sensor_uuid, ts)` (the primary key), so memory stays flat however many
+//! readings there are, and where to start so that the detector is warmed up. Used by `query-cli`
+//! (`anomalies`, `plot`) and by the workers' detection ([`crate::alerts`]). The detector itself
+//! ([`crate::anomaly`]) reads nothing: it is fed readings.
 
 use std::pin::pin;
 
