@@ -41,15 +41,19 @@ const STUCK_FACTOR: f64 = 3.0;
 /// Epochs in a day: the daily profile compares an epoch with the same epoch of earlier days.
 use crate::time::DAY_MICROS;
 const EPOCHS_PER_DAY: usize = (DAY_MICROS / EPOCH_MICROS) as usize;
-/// Earlier days the daily profile is made of (their epochs must be in the memory, with the
-/// epochs the profile is judged over: `DAYS * EPOCHS_PER_DAY + DAILY_EPOCHS <= EPOCHS`).
+/// The cycles a sensor may follow, in epochs: a day and a week. The profile of a cycle is the
+/// same epoch of the `DAYS` cycles before.
+const CYCLES: [usize; 2] = [EPOCHS_PER_DAY, 7 * EPOCHS_PER_DAY];
+/// Earlier cycles a profile is made of (their epochs must be in the season memory).
 const DAYS: usize = 3;
 /// Of those, how many must have readings in the epoch for the profile to say anything.
 const DAYS_MIN: usize = 2;
-/// Epochs over which the daily profile must predict each epoch's level better than the epoch
+/// Epochs of levels and of value ranges kept: three weeks, for the weekly profile.
+const SEASON_EPOCHS: usize = DAYS * 7 * EPOCHS_PER_DAY;
+/// Epochs over which a cycle's profile must predict each epoch's level better than the epoch
 /// before does …
 const DAILY_EPOCHS: usize = 48;
-/// … by this factor (summed errors), for the sensor to count as having a daily cycle.
+/// … by this factor (summed errors), for the sensor to count as following the cycle.
 const DAILY_RATIO: f64 = 0.5;
 /// A burst counts when `REST` readings passed since the last anomaly or excursion (a burst after
 /// a departure is part of it).
@@ -77,13 +81,13 @@ const GAP_MAX_FACTOR: f64 = 2.0;
 
 /// How far before a window's start the detector must begin reading for its state at the start to
 /// be that of a run from the beginning of time: its epoch memory (at least) …
-pub const WARM_UP_MICROS: i64 = (EPOCHS as i64 + 1) * EPOCH_MICROS;
+pub const WARM_UP_MICROS: i64 = (SEASON_EPOCHS as i64 + DAILY_EPOCHS as i64 + 1) * EPOCH_MICROS;
 /// … and its windows counted in readings.
 pub const WARM_UP_READINGS: usize = 2 * RESIDUALS;
 
 /// The version of [`Detector::to_bytes`]' layout *and* of the method: bump it whenever either
 /// changes, so that states saved by another version are not resumed.
-const STATE_FORMAT: u32 = 5;
+const STATE_FORMAT: u32 = 6;
 
 /// A streaming detector for one sensor's readings.
 #[derive(Debug, Clone)]
@@ -108,6 +112,9 @@ pub struct Detector {
     epoch_low: f64,
     highs: SortedRing,
     lows: SortedRing,
+    /// The lowest and highest value of each of the last `SEASON_EPOCHS` epochs (NaN: no
+    /// readings), for the profiles of the cycles.
+    ranges: Ring<(f32, f32)>,
     /// The last intervals between readings (gaps excluded).
     intervals: SortedRing,
     last: Option<(i64, f64)>,
@@ -119,17 +126,19 @@ pub struct Detector {
     /// Readings since the last anomaly was reported or an excursion was open.
     since_alarm: u32,
     /// The level at the end of each past epoch (NaN: no readings), and per epoch of the last
-    /// `DAILY_EPOCHS` how far its level was from the daily profile and from the epoch before.
+    /// `DAILY_EPOCHS` how far its level was from each cycle's profile and from the epoch before.
     levels: Ring<f64>,
-    daily_errors: Ring<f64>,
+    cycle_errors: [Ring<f64>; 2],
     hourly_errors: Ring<f64>,
-    /// Whether the daily profile predicts this sensor (see [`Detector::profile`]).
-    daily: bool,
-    /// The current epoch's range and level on the earlier days (when there are enough of them).
+    /// The cycle (in epochs) whose profile predicts this sensor, if any (see
+    /// [`Detector::profile`]).
+    cycle: Option<usize>,
+    /// The current epoch's range and level in the earlier cycles (when there are enough of
+    /// them).
     season: Option<Season>,
     /// A reading left that range and nothing was back in it since (one alarm per departure).
     season_away: bool,
-    /// No departure from the daily profile counts before this time (after a level shift).
+    /// No departure from the profile counts before this time (after a level shift).
     season_quiet_until: i64,
     /// Outstanding readings in the current epoch, whether an anomaly was reported in it, and
     /// the count of each past epoch.
@@ -138,7 +147,7 @@ pub struct Detector {
     outstanding: SortedRing,
 }
 
-/// What the same epoch of the earlier days held.
+/// What the same epoch of the earlier cycles held.
 #[derive(Debug, Clone, Copy)]
 struct Season {
     low: f64,
@@ -168,7 +177,7 @@ struct Excursion {
     unit: f64,
     extreme: f64,
     values: Vec<(i64, f64)>,
-    /// Started by leaving the daily profile (see [`Detector::off_season`]).
+    /// Started by leaving the profile (see [`Detector::off_season`]).
     seasonal: bool,
 }
 
@@ -198,6 +207,7 @@ impl Detector {
             epoch_low: f64::INFINITY,
             highs: SortedRing::new(EPOCHS),
             lows: SortedRing::new(EPOCHS),
+            ranges: Ring::new(SEASON_EPOCHS),
             intervals: SortedRing::new(INTERVALS),
             last: None,
             run: Run {
@@ -210,11 +220,11 @@ impl Detector {
             },
             epoch_run: 0.0,
             epoch_runs: SortedRing::new(EPOCHS),
-            levels: Ring::new(EPOCHS),
+            levels: Ring::new(SEASON_EPOCHS),
             since_alarm: 0,
-            daily_errors: Ring::new(DAILY_EPOCHS),
+            cycle_errors: [Ring::new(DAILY_EPOCHS), Ring::new(DAILY_EPOCHS)],
             hourly_errors: Ring::new(DAILY_EPOCHS),
-            daily: false,
+            cycle: None,
             season: None,
             season_away: false,
             season_quiet_until: i64::MIN,
@@ -327,6 +337,7 @@ impl Detector {
         e.f64(self.epoch_low);
         e.sorted(&self.highs);
         e.sorted(&self.lows);
+        e.ring_f32_pairs(&self.ranges);
         e.sorted(&self.intervals);
         e.bool(self.last.is_some());
         if let Some((at, v)) = self.last {
@@ -344,9 +355,11 @@ impl Detector {
         e.sorted(&self.epoch_runs);
         e.ring_f64(&self.levels);
         e.u32(self.since_alarm);
-        e.ring_f64(&self.daily_errors);
+        for r in &self.cycle_errors {
+            e.ring_f64(r);
+        }
         e.ring_f64(&self.hourly_errors);
-        e.bool(self.daily);
+        e.u32(self.cycle.map_or(0, |c| c as u32));
         e.bool(self.season.is_some());
         if let Some(x) = self.season {
             for v in [x.low, x.high, x.level] {
@@ -409,6 +422,7 @@ impl Detector {
         let epoch_low = d.f64()?;
         let highs = d.sorted(EPOCHS)?;
         let lows = d.sorted(EPOCHS)?;
+        let ranges = d.ring_f32_pairs(SEASON_EPOCHS)?;
         let intervals = d.sorted(INTERVALS)?;
         let last = if d.bool()? {
             Some((d.i64()?, d.f64()?))
@@ -425,11 +439,15 @@ impl Detector {
         };
         let epoch_run = d.f64()?;
         let epoch_runs = d.sorted(EPOCHS)?;
-        let levels = d.ring_f64(EPOCHS)?;
+        let levels = d.ring_f64(SEASON_EPOCHS)?;
         let since_alarm = d.u32()?;
-        let daily_errors = d.ring_f64(DAILY_EPOCHS)?;
+        let cycle_errors = [d.ring_f64(DAILY_EPOCHS)?, d.ring_f64(DAILY_EPOCHS)?];
         let hourly_errors = d.ring_f64(DAILY_EPOCHS)?;
-        let daily = d.bool()?;
+        let cycle = match d.u32()? as usize {
+            0 => None,
+            c if CYCLES.contains(&c) => Some(c),
+            _ => return None,
+        };
         let season = if d.bool()? {
             Some(Season {
                 low: d.f64()?,
@@ -463,6 +481,7 @@ impl Detector {
             epoch_low,
             highs,
             lows,
+            ranges,
             intervals,
             last,
             run,
@@ -470,9 +489,9 @@ impl Detector {
             epoch_runs,
             levels,
             since_alarm,
-            daily_errors,
+            cycle_errors,
             hourly_errors,
-            daily,
+            cycle,
             season,
             season_away,
             season_quiet_until,
@@ -584,7 +603,16 @@ impl Detector {
     fn level(&mut self, at: i64, value: f64, found: &mut Vec<Anomaly>) {
         if let Some(mut e) = self.pending.take() {
             let away = (value - e.expected) * e.side;
-            if away > e.threshold * HYSTERESIS {
+            // A departure from the profile lasts while the readings stay off what their own
+            // epoch held in the cycles before (the level it is measured from is smeared over
+            // the cycle's edges when readings are sparse); any other while they stay away from
+            // the level they left.
+            let stays = if e.seasonal {
+                self.beyond_profile(value, HYSTERESIS) == e.side
+            } else {
+                away > e.threshold * HYSTERESIS
+            };
+            if stays {
                 e.end = at;
                 if away > (e.extreme - e.expected) * e.side {
                     e.extreme = value;
@@ -592,8 +620,8 @@ impl Detector {
                 e.values.push((at, value));
                 if e.values.len() >= CONFIRM {
                     if !e.seasonal {
-                        // The daily profile of the earlier days is the old level's: it is not
-                        // asked again until it has days of the new one.
+                        // The profile of the earlier cycles is the old level's: it is not asked
+                        // again for days (and by then only if it predicts the new level).
                         self.season_quiet_until = at.saturating_add(DAYS as i64 * DAY_MICROS);
                     }
                     found.push(e.level_shift());
@@ -679,25 +707,36 @@ impl Detector {
         }
     }
 
-    /// For a sensor with a daily cycle: +1 (or -1) and the usual level when `value` is above (or
-    /// below) what the same epoch held on each of the earlier days by a clear margin — the first
-    /// reading of such a departure only.
-    fn off_season(&mut self, at: i64, value: f64) -> Option<(f64, f64)> {
-        let season = self.season?;
+    /// +1 (or -1) when `value` is above (or below) what the current epoch held in the earlier
+    /// cycles by `share` of the margin a departure needs; else 0.
+    fn beyond_profile(&self, value: f64, share: f64) -> f64 {
+        let Some(season) = self.season else {
+            return 0.0;
+        };
         let (low, high) = self.remembered_range();
-        let margin = NEW_GROUND * (high - low) / self.sensitivity;
-        let side = if value > season.high + margin {
+        let margin = share * NEW_GROUND * (high - low) / self.sensitivity;
+        if !margin.is_finite() {
+            0.0
+        } else if value > season.high + margin {
             1.0
         } else if value < season.low - margin {
             -1.0
         } else {
             0.0
-        };
-        if side == 0.0 || !margin.is_finite() {
+        }
+    }
+
+    /// For a sensor that follows a cycle: +1 (or -1) and the usual level when `value` is above
+    /// (or below) what the same epoch held in each of the earlier cycles by a clear margin — the
+    /// first reading of such a departure only.
+    fn off_season(&mut self, at: i64, value: f64) -> Option<(f64, f64)> {
+        let season = self.season?;
+        let side = self.beyond_profile(value, 1.0);
+        if side == 0.0 {
             self.season_away = false;
             return None;
         }
-        if !self.daily
+        if self.cycle.is_none()
             || at < self.season_quiet_until
             || std::mem::replace(&mut self.season_away, true)
         {
@@ -802,16 +841,26 @@ impl Detector {
         self.outstanding.push(f64::from(self.epoch_outstanding));
         self.highs.push(self.epoch_high);
         self.lows.push(-self.epoch_low);
-        let quiet = (next - self.epoch - 1).clamp(0, EPOCHS as i64);
-        for _ in 0..quiet {
+        let range = if self.epoch_high >= self.epoch_low {
+            (self.epoch_low as f32, self.epoch_high as f32)
+        } else {
+            (f32::NAN, f32::NAN)
+        };
+        self.ranges.push(range);
+        // Epochs without readings (at most as many as any memory holds).
+        let quiet = (next - self.epoch - 1).clamp(0, SEASON_EPOCHS as i64) as usize;
+        for _ in 0..quiet.min(EPOCHS.max(EPOCHS)) {
             self.epoch_maxima.push(0.0);
             self.epoch_runs.push(0.0);
             self.outstanding.push(0.0);
             self.highs.push(f64::NEG_INFINITY);
             self.lows.push(f64::NEG_INFINITY);
         }
+        for _ in 0..quiet {
+            self.ranges.push((f32::NAN, f32::NAN));
+        }
         self.novelty = self.epoch_maxima.largest(NOVELTY_RANK);
-        self.profile(quiet as usize);
+        self.profile(quiet);
 
         self.epoch_max = 0.0;
         self.epoch_run = 0.0;
@@ -822,39 +871,44 @@ impl Detector {
     }
 
     /// Records the closing epoch's level (and `quiet` epochs without readings after it), judges
-    /// whether the daily profile predicts the sensor, and sets the next epoch's [`Season`].
+    /// which cycle's profile predicts the sensor, and sets the next epoch's [`Season`].
     ///
-    /// The sensor has a daily cycle when, summed over the last `DAILY_EPOCHS` epochs, the median
-    /// level of the same epoch on the `DAYS` earlier days misses an epoch's level by at most
-    /// `DAILY_RATIO` of what the level of the epoch before misses it by: true of a cycle with
-    /// steep edges, not of noise (both miss by about as much) nor of a drift (the hour before is
-    /// nearer).
+    /// A cycle's profile predicts the sensor when, summed over the last `DAILY_EPOCHS` epochs,
+    /// the median level of the same epoch in the `DAYS` earlier cycles misses an epoch's level by
+    /// at most `DAILY_RATIO` of what the level of the epoch before misses it by: true of a cycle
+    /// with steep edges, not of noise (both miss by about as much) nor of a drift (the hour before
+    /// is nearer). The sensor follows the longest cycle that predicts it: what repeats every day
+    /// repeats every week too, and only the weekly profile knows the weekend.
     fn profile(&mut self, quiet: usize) {
         let level = self.newer.median();
         let previous = self.levels.recent(1).unwrap_or(f64::NAN);
-        self.daily_errors
-            .push((level - usual_level(&self.levels)).abs());
+        for (errors, cycle) in self.cycle_errors.iter_mut().zip(CYCLES) {
+            errors.push((level - usual_level(&self.levels, cycle)).abs());
+        }
         self.hourly_errors.push((level - previous).abs());
         self.levels.push(level);
         for _ in 0..quiet {
-            self.daily_errors.push(f64::NAN);
+            for errors in &mut self.cycle_errors {
+                errors.push(f64::NAN);
+            }
             self.hourly_errors.push(f64::NAN);
             self.levels.push(f64::NAN);
         }
-        let (mut daily, mut hourly, mut n) = (0.0, 0.0, 0);
-        for i in 0..self.daily_errors.len() {
-            let (d, h) = (self.daily_errors.get(i), self.hourly_errors.get(i));
-            if d.is_finite() && h.is_finite() {
-                daily += d;
-                hourly += h;
-                n += 1;
-            }
-        }
-        self.daily = n == DAILY_EPOCHS && hourly > 0.0 && daily <= DAILY_RATIO * hourly;
+        let hourly_errors = &self.hourly_errors;
+        self.cycle = CYCLES
+            .into_iter()
+            .zip(&self.cycle_errors)
+            .rev()
+            .find(|(_, errors)| predicts(errors, hourly_errors))
+            .map(|(cycle, _)| cycle);
+        let cycle = self.cycle.unwrap_or(EPOCHS_PER_DAY);
         let (mut low, mut high, mut days) = (f64::INFINITY, f64::NEG_INFINITY, 0);
         for k in 1..=DAYS {
-            let h = self.highs.recent(k * EPOCHS_PER_DAY);
-            let l = -self.lows.recent(k * EPOCHS_PER_DAY);
+            let (l, h) = self
+                .ranges
+                .recent(k * cycle)
+                .unwrap_or((f32::NAN, f32::NAN));
+            let (l, h) = (f64::from(l), f64::from(h));
             if h.is_finite() && l.is_finite() {
                 high = high.max(h);
                 low = low.min(l);
@@ -862,7 +916,7 @@ impl Detector {
             }
         }
         // The levels ring's newest is now the epoch before the next one.
-        let usual = usual_level(&self.levels);
+        let usual = usual_level(&self.levels, cycle);
         self.season = (days >= DAYS_MIN && usual.is_finite()).then_some(Season {
             low,
             high,
@@ -887,11 +941,27 @@ impl Detector {
     }
 }
 
-/// The median level, on the `DAYS` earlier days, of the epoch after the newest in `levels` (NaN
+/// Whether a profile whose misses per epoch are `errors` predicts better than the epoch before,
+/// whose misses are `hourly` (see [`Detector::profile`]).
+fn predicts(errors: &Ring<f64>, hourly: &Ring<f64>) -> bool {
+    let (mut missed, mut moved, mut n) = (0.0, 0.0, 0);
+    for i in 0..errors.len() {
+        let (d, h) = (errors.get(i), hourly.get(i));
+        if d.is_finite() && h.is_finite() {
+            missed += d;
+            moved += h;
+            n += 1;
+        }
+    }
+    n == DAILY_EPOCHS && moved > 0.0 && missed <= DAILY_RATIO * moved
+}
+
+/// The median level, in the `DAYS` earlier cycles of `cycle` epochs, of the epoch after the newest
+/// in `levels` (NaN
 /// unless `DAYS_MIN` of them had readings).
-fn usual_level(levels: &Ring<f64>) -> f64 {
+fn usual_level(levels: &Ring<f64>, cycle: usize) -> f64 {
     let mut usual: Vec<f64> = (1..=DAYS)
-        .filter_map(|k| levels.recent(k * EPOCHS_PER_DAY))
+        .filter_map(|k| levels.recent(k * cycle))
         .filter(|v| v.is_finite())
         .collect();
     if usual.len() >= DAYS_MIN {
@@ -902,7 +972,7 @@ fn usual_level(levels: &Ring<f64>) -> f64 {
 }
 
 impl Excursion {
-    /// The excursion as a spike; none for a departure from the daily profile (which counts
+    /// The excursion as a spike; none for a departure from the profile (which counts
     /// only once it lasts: as a level shift).
     fn spike(&self) -> Option<Anomaly> {
         (!self.seasonal).then(|| Anomaly {

@@ -36,15 +36,20 @@
 //!   anomaly was reported in the hour or within the last 96 readings (a burst after a departure
 //!   is part of it). On the NAB bench below this finds the two windows that are changes of spike
 //!   rhythm.
-//! - **Daily profile.** Per epoch the level at its end is kept; a sensor *has a daily cycle* when,
-//!   over the last two days, the median level of the same hour on the three days before misses
-//!   each hour's level by at most half of what the hour before misses it by (true of a cycle with
-//!   steep edges; not of noise, where both miss alike, nor of a drift, where the hour before is
-//!   nearer). For such a sensor a reading beyond the range that hour held on each of the three
-//!   days before (by 10 % of the remembered range) departs from the profile: counted once per
-//!   departure, and only if it lasts — a `level_shift` whose `expected` is the usual level of the
-//!   hour (a peak that does not come, a day at half height). After a level shift found the usual
-//!   way the profile is the old level's, so it is not consulted for three days.
+//! - **Cycles.** Per epoch the level at its end and the range of values are kept for three
+//!   weeks. A sensor *follows a cycle*, a day or a week, when over the last two days the median
+//!   level of the same hour in the three cycles before misses each hour's level by at most half
+//!   of what the hour before misses it by (true of a cycle with steep edges; not of noise, where
+//!   both miss alike, nor of a drift, where the hour before is nearer). It follows the longest
+//!   cycle that predicts it: what repeats every day repeats every week, and only the weekly
+//!   profile knows the weekend (until two weeks are in the memory, a sensor that rests at
+//!   weekends departs from its daily profile on its first Saturdays). For such a sensor a reading
+//!   beyond the range that hour held in each of the three cycles before (by 10 % of the
+//!   remembered range) departs from the profile: counted once per departure, and only if it
+//!   lasts, six readings each off their own hour's range by half that margin — a `level_shift`
+//!   whose `expected` is the usual level of the hour (a peak that does not come, a day at half
+//!   height, a holiday, a storm). After a level shift found the usual way the profile is the old
+//!   level's, so it is not consulted for three days.
 //! - **`stuck`**: a run of one exact value longer than 12 readings and 3 × the run length
 //!   exceeded in two hours of the memory (only judged when the run began with a history: a sensor
 //!   constant from its first reading is how it is). **`gap`**: an interval longer than 8 × the
@@ -55,7 +60,8 @@
 //! - **Sensitivity** divides every threshold; 1 needs no tuning.
 //!
 //! Window independence: the state at a reading depends only on the epochs of the memory (the
-//! daily profile looks back 3 days + 2 days ≤ 128 epochs) and windows counted in readings, so a run started [`WARM_UP_MICROS`] (and at least
+//! weekly profile looks back three weeks and judges itself over two days) and windows counted
+//! in readings, so a run started [`WARM_UP_MICROS`] (and at least
 //! [`WARM_UP_READINGS`] readings) before a window reports for the window what a run from the
 //! beginning reports (`query-cli anomalies` reads that warm-up; a unit test checks it).
 //!

@@ -402,3 +402,50 @@ fn a_start_up_transient_and_a_relearned_level_do_not_mute_the_memory() {
         ]
     );
 }
+
+/// Demand every 30 minutes with a daily and a weekly rhythm (two rush hours on weekdays, one
+/// broad afternoon at the weekend; 2013-01-01 is a Tuesday), ±5 % noise. On day 48, a Monday,
+/// a holiday has the weekend's shape; on day 54, a Sunday, a storm takes demand to 15 % from
+/// noon on.
+fn demand(holiday: bool, storm: bool) -> Vec<(i64, f64)> {
+    let step = 30 * MINUTE;
+    series(70 * 48, step, 41, |i, r| {
+        let (day, hour) = (i / 48, (i % 48) as f64 / 2.0);
+        let bump = |at: f64, width: f64| (-((hour - at) / width).powi(2)).exp();
+        let weekend = matches!((day + 2) % 7, 0 | 6) || (holiday && day == 48);
+        let shape = if weekend {
+            8_000.0 + 9_000.0 * bump(14.0, 5.0)
+        } else {
+            6_000.0 + 12_000.0 * bump(9.0, 2.5) + 14_000.0 * bump(19.0, 3.0)
+        };
+        let stormy = storm && day == 54 && hour >= 12.0;
+        (shape * (1.0 + 0.1 * (r.unit() - 0.5)) * if stormy { 0.15 } else { 1.0 }).round()
+    })
+}
+
+#[test]
+fn a_weekly_rhythm_is_learned_and_a_holiday_and_a_storm_leave_it() {
+    let step = 30 * MINUTE;
+    let day = |d: usize, hour: usize| at(d * 48 + hour * 2, step);
+    let found = |s| {
+        kinds(&detect(s, 1.0))
+            .into_iter()
+            .map(|(kind, start, _)| (kind, start))
+            .collect::<Vec<_>>()
+    };
+    // The first two Saturdays leave the daily profile: until two weeks are in the memory,
+    // nothing says that weekends are different. From then on the weekly profile holds.
+    let first_weekends = [
+        (Kind::LevelShift, day(4, 0)),
+        (Kind::LevelShift, day(11, 0)),
+    ];
+    assert_eq!(found(demand(false, false)), first_weekends);
+    // The holiday is found at its first hour (its night is the weekend's, busier than a working
+    // Monday's), the storm at its first reading.
+    let mut events = first_weekends.to_vec();
+    events.extend([
+        (Kind::LevelShift, day(48, 0)),
+        (Kind::LevelShift, day(54, 12)),
+    ]);
+    assert_eq!(found(demand(true, true)), events);
+}

@@ -121,11 +121,6 @@ impl SortedRing {
         }
     }
 
-    /// The `k`-th newest value (k = 1: the last pushed); NaN when fewer are held.
-    pub(crate) fn recent(&self, k: usize) -> f64 {
-        self.ring.recent(k).unwrap_or(f64::NAN)
-    }
-
     /// The smallest value; NaN when empty.
     pub(crate) fn smallest(&self) -> f64 {
         self.sorted.first().copied().unwrap_or(f64::NAN)
@@ -274,6 +269,13 @@ impl Encoder {
         self.ring(r, Self::f64);
     }
 
+    pub(crate) fn ring_f32_pairs(&mut self, r: &Ring<(f32, f32)>) {
+        self.ring(r, |e, (a, b)| {
+            e.0.extend_from_slice(&a.to_le_bytes());
+            e.0.extend_from_slice(&b.to_le_bytes());
+        });
+    }
+
     pub(crate) fn sorted(&mut self, r: &SortedRing) {
         self.ring_f64(&r.ring);
     }
@@ -329,6 +331,13 @@ impl Decoder<'_> {
 
     pub(crate) fn ring_f64(&mut self, capacity: usize) -> Option<Ring<f64>> {
         self.ring(capacity, Self::f64)
+    }
+
+    pub(crate) fn ring_f32_pairs(&mut self, capacity: usize) -> Option<Ring<(f32, f32)>> {
+        self.ring(capacity, |d| {
+            let a = f32::from_le_bytes(d.take()?);
+            Some((a, f32::from_le_bytes(d.take()?)))
+        })
     }
 
     pub(crate) fn sorted(&mut self, capacity: usize) -> Option<SortedRing> {
