@@ -3,12 +3,13 @@
 //! file; the system's roots when absent), `sslcert`/`sslkey` (a client certificate, PEM).
 //!
 //! tokio-postgres parses only `disable`/`prefer`/`require` and no certificate parameters, so they
-//! are taken out of the connection string here ([`connector`]) and turn into a rustls client
+//! are taken out of the connection string ([`split_tls`], with the database settings) and turn
+//! here ([`connector`]) into a rustls client
 //! configuration (ring provider) for `tokio-postgres-rustls`. As in libpq, `prefer` and `require`
 //! encrypt without checking the server's certificate — unless `sslrootcert` is given, which makes
 //! them `verify-ca`; `verify-ca` checks the chain, `verify-full` the chain and the host name.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -19,104 +20,15 @@ use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureSc
 use tokio_postgres::config::SslMode;
 pub use tokio_postgres_rustls::MakeRustlsConnect;
 
-/// What `sslmode` asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    Disable,
-    Prefer,
-    Require,
-    VerifyCa,
-    VerifyFull,
-}
-
-impl std::str::FromStr for Mode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        Ok(match s {
-            "disable" => Mode::Disable,
-            "allow" | "prefer" => Mode::Prefer,
-            "require" => Mode::Require,
-            "verify-ca" => Mode::VerifyCa,
-            "verify-full" => Mode::VerifyFull,
-            other => {
-                return Err(format!(
-                "sslmode {other:?} is not one of disable, prefer, require, verify-ca, verify-full"
-            ))
-            }
-        })
-    }
-}
-
-/// The TLS parameters of a connection string.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsParams {
-    pub mode: Mode,
-    pub root_cert: Option<PathBuf>,
-    pub cert: Option<PathBuf>,
-    pub key: Option<PathBuf>,
-}
-
-/// The connection string without its TLS parameters, and them. Both forms libpq takes: a URL
-/// (`postgres://…?sslmode=verify-full&sslrootcert=/ca.pem`) and `key=value` words.
-pub fn split(url: &str) -> Result<(String, TlsParams), String> {
-    let mut params = TlsParams {
-        mode: Mode::Prefer,
-        root_cert: None,
-        cert: None,
-        key: None,
-    };
-    let mut take = |key: &str, value: String| -> Result<bool, String> {
-        match key {
-            "sslmode" => params.mode = value.parse()?,
-            "sslrootcert" => params.root_cert = Some(value.into()),
-            "sslcert" => params.cert = Some(value.into()),
-            "sslkey" => params.key = Some(value.into()),
-            _ => return Ok(false),
-        }
-        Ok(true)
-    };
-    let rest = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        match url.split_once('?') {
-            None => url.to_string(),
-            Some((base, query)) => {
-                let mut kept = Vec::new();
-                for pair in query.split('&').filter(|p| !p.is_empty()) {
-                    let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-                    let value = percent_encoding::percent_decode_str(v)
-                        .decode_utf8_lossy()
-                        .into_owned();
-                    if !take(k, value)? {
-                        kept.push(pair);
-                    }
-                }
-                if kept.is_empty() {
-                    base.to_string()
-                } else {
-                    format!("{base}?{}", kept.join("&"))
-                }
-            }
-        }
-    } else {
-        let mut kept = Vec::new();
-        for word in url.split_whitespace() {
-            let (k, v) = word.split_once('=').unwrap_or((word, ""));
-            let value = v.trim_matches('\'').to_string();
-            if !take(k.trim(), value)? {
-                kept.push(word);
-            }
-        }
-        kept.join(" ")
-    };
-    Ok((rest, params))
-}
+use crate::config::{split_tls, TlsMode, TlsParams};
 
 /// The connection configuration of `url` and the TLS connector its parameters ask for.
 pub fn connector(url: &str) -> Result<(tokio_postgres::Config, MakeRustlsConnect), String> {
-    let (rest, params) = split(url)?;
+    let (rest, params) = split_tls(url)?;
     let mut config: tokio_postgres::Config = rest.parse().map_err(|e| format!("{e}"))?;
     config.ssl_mode(match params.mode {
-        Mode::Disable => SslMode::Disable,
-        Mode::Prefer => SslMode::Prefer,
+        TlsMode::Disable => SslMode::Disable,
+        TlsMode::Prefer => SslMode::Prefer,
         _ => SslMode::Require,
     });
     Ok((config, MakeRustlsConnect::new(client_config(&params)?)))
@@ -127,14 +39,14 @@ fn client_config(params: &TlsParams) -> Result<rustls::ClientConfig, String> {
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?;
-    let checked =
-        matches!(params.mode, Mode::VerifyCa | Mode::VerifyFull) || params.root_cert.is_some();
+    let checked = matches!(params.mode, TlsMode::VerifyCa | TlsMode::VerifyFull)
+        || params.root_cert.is_some();
     let verifier: Arc<dyn ServerCertVerifier> = if checked {
         let roots = Arc::new(roots(params.root_cert.as_deref())?);
         let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
             .build()
             .map_err(|e| e.to_string())?;
-        if params.mode == Mode::VerifyFull {
+        if params.mode == TlsMode::VerifyFull {
             webpki
         } else {
             Arc::new(ChainOnly(webpki))
@@ -278,33 +190,5 @@ impl ServerCertVerifier for Unchecked {
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tls_parameters_are_taken_out_of_both_forms() {
-        let (rest, p) = split(
-            "postgres://u@db:5432/x?sslmode=verify-full&application_name=w&sslrootcert=%2Fetc%2Fca.pem",
-        )
-        .unwrap();
-        assert_eq!(rest, "postgres://u@db:5432/x?application_name=w");
-        assert_eq!(p.mode, Mode::VerifyFull);
-        assert_eq!(p.root_cert, Some(PathBuf::from("/etc/ca.pem")));
-        let (rest, p) =
-            split("host=db user=u sslmode=require sslcert=/c.pem sslkey=/k.pem").unwrap();
-        assert_eq!(rest, "host=db user=u");
-        assert_eq!(
-            (p.mode, p.cert, p.key),
-            (Mode::Require, Some("/c.pem".into()), Some("/k.pem".into()))
-        );
-        assert_eq!(split("postgres://db/x").unwrap().1.mode, Mode::Prefer);
-        assert_eq!(
-            split("postgres://db/x?sslmode=sometimes").unwrap_err(),
-            "sslmode \"sometimes\" is not one of disable, prefer, require, verify-ca, verify-full"
-        );
     }
 }
