@@ -16,6 +16,7 @@ use tracing::{info, warn};
 use crate::config::{ContractSettings, LimitSettings};
 use crate::contract::{self, Columns, Dataset, FileError, RecordError, RecordReader};
 use crate::object_store::{is_transport_error, ObjectStore, ObjectStoreError, OpenedObject};
+use crate::readings::Held;
 use crate::store::ledger::{self, Entry, ObjectVersion, Status};
 use crate::store::staging::{self, Staging};
 use crate::store::versions;
@@ -107,7 +108,7 @@ pub struct Outcome {
     /// The readings this version stored, per sensor in time order, when they are exactly what is
     /// stored for its keys now (the merge changed every one) and few enough to keep
     /// ([`FRESH_MAX`]): detection reads them from here instead of the database.
-    pub fresh: Option<std::sync::Arc<Fresh>>,
+    pub fresh: Option<std::sync::Arc<Held>>,
     /// Readings were stored within the spans this version wrote ([`staging::Merged::met_stored`]):
     /// its detection reads on to each sensor's newest readings.
     pub met_stored: bool,
@@ -167,55 +168,6 @@ impl Reservation {
 impl Drop for Reservation {
     fn drop(&mut self) {
         self.release();
-    }
-}
-
-/// One object's valid readings per sensor, in time order, one per instant (the last line wins).
-#[derive(Debug, Default)]
-pub struct Fresh {
-    pub readings: staging::Held,
-    /// When the readings replaced stored ones: the rollup rows of the hours written, and who
-    /// wrote them ([`staging::Link`]), for detection to tell whether they are still all those
-    /// hours hold.
-    pub links: Vec<staging::Link>,
-}
-
-impl Fresh {
-    fn push(&mut self, r: &contract::Reading) {
-        self.readings
-            .entry(r.sensor_uuid)
-            .or_default()
-            .push((r.unix_micros, r.value));
-    }
-
-    /// How many readings it holds.
-    pub fn len(&self) -> usize {
-        self.readings.values().map(Vec::len).sum()
-    }
-
-    /// Whether it holds no reading.
-    pub fn is_empty(&self) -> bool {
-        self.readings.values().all(Vec::is_empty)
-    }
-
-    /// Sorts each sensor's readings by time, keeping the last line of each instant; returns how
-    /// many remain.
-    fn settle(&mut self) -> u64 {
-        let mut n = 0;
-        for v in self.readings.values_mut() {
-            // Stable: lines of one instant stay in file order, and the last one is kept.
-            v.sort_by_key(|r| r.0);
-            let mut out: Vec<(i64, f64)> = Vec::with_capacity(v.len());
-            for &r in v.iter() {
-                match out.last_mut() {
-                    Some(last) if last.0 == r.0 => *last = r,
-                    _ => out.push(r),
-                }
-            }
-            n += out.len() as u64;
-            *v = out;
-        }
-        n
     }
 }
 
@@ -318,7 +270,7 @@ struct Streamed {
     counts: Counts,
     /// The valid readings, when detection is on or they are held, and there are at most
     /// [`Ingestor::hold_most`] of them.
-    fresh: Option<Fresh>,
+    fresh: Option<Held>,
     /// Each sensor's span and hours of the staged readings (none while they are held).
     spans: staging::Spans,
     /// The valid readings are in `fresh`, not staged.
@@ -528,7 +480,7 @@ impl Ingestor {
                     held,
                     reserved: _reserved,
                 }) => {
-                    let distinct = fresh.as_mut().map(Fresh::settle);
+                    let distinct = fresh.as_mut().map(Held::settle);
                     let held = fresh.as_ref().filter(|_| held);
                     let committed = tokio::time::timeout_at(deadline, async move {
                         let id = ledger::record(&tx, &entry(Status::Done, counts, None))
@@ -701,7 +653,7 @@ impl Ingestor {
         let mut counts = Counts::default();
         let hold = hold && dataset == Dataset::Measurements;
         let detect = self.detect_anomalies && dataset == Dataset::Measurements;
-        let mut fresh = (detect || hold).then(Fresh::default);
+        let mut fresh = (detect || hold).then(Held::default);
         let mut held = hold;
         let mut reserved = Reservation::new(self.holding.clone());
         let mut spans = staging::Spans::default();
@@ -777,7 +729,7 @@ impl Ingestor {
     async fn spill(
         staging: &mut Staging,
         spans: &mut staging::Spans,
-        held: Fresh,
+        held: Held,
     ) -> Result<(), tokio_postgres::Error> {
         for (sensor_uuid, readings) in held.readings {
             for (line, (unix_micros, value)) in readings.into_iter().enumerate() {
@@ -876,7 +828,7 @@ mod tests {
     #[test]
     fn fresh_readings_are_in_time_order_with_the_last_line_of_an_instant() {
         let u = uuid::Uuid::from_u128(7);
-        let mut f = Fresh::default();
+        let mut f = Held::default();
         for (at, value) in [(30, 1.0), (10, 2.0), (30, 3.0), (20, 4.0), (10, 5.0)] {
             f.push(&contract::Reading {
                 sensor_uuid: u,

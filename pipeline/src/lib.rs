@@ -19,5 +19,7 @@ pub mod ingest;
 pub mod object_store;
 #[cfg(feature = "ingest")]
 pub mod queue;
+#[cfg(feature = "ingest")]
+pub mod readings;
 pub mod store;
 pub mod time;

@@ -145,7 +145,7 @@ pub async fn ingest_all(
     // read the data after each of them again; together they read it once.
     // Their readings are kept for it too, up to [`crate::detect::WAITING`] of them.
     let mut corrections: Vec<Vec<i64>> = Vec::new();
-    let mut corrected: Vec<std::sync::Arc<sensor_pipeline::ingest::Fresh>> = Vec::new();
+    let mut corrected: Vec<std::sync::Arc<sensor_pipeline::readings::Held>> = Vec::new();
     let mut keeping = 0;
     for phase in [mapping, rest] {
         let grouper = &grouper;

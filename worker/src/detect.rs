@@ -16,8 +16,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use sensor_pipeline::alerts::{AlertError, Alerts, Detected};
-use sensor_pipeline::ingest::Fresh;
 use sensor_pipeline::queue::Queue;
+use sensor_pipeline::readings::Held;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -28,7 +28,7 @@ use crate::telemetry;
 const SWEEP: Duration = Duration::from_secs(2);
 
 /// One ingested object's queued work and its readings, for the loop to detect now.
-pub type Work = (Vec<i64>, Option<Arc<Fresh>>);
+pub type Work = (Vec<i64>, Option<Arc<Held>>);
 /// Readings that wait for the loop at most, over all objects (an object holds up to `FRESH_MAX`,
 /// 24 MB; so this is at most four large objects, or thousands of small ones); the work of an
 /// object whose readings do not fit waits without them (they are read back).
@@ -66,7 +66,7 @@ pub fn handoff() -> (Handoff, Pending) {
 impl Handoff {
     /// Hands over one object's work and, room permitting, its readings. False if the loop is gone
     /// (the work stays queued in the database for the sweep of any worker).
-    pub fn send(&self, ids: Vec<i64>, fresh: Option<Arc<Fresh>>) -> bool {
+    pub fn send(&self, ids: Vec<i64>, fresh: Option<Arc<Held>>) -> bool {
         let fresh = fresh.filter(|f| {
             let more = f.len();
             self.holding
@@ -181,7 +181,7 @@ pub async fn run_loop(alerts: Alerts, queue: Queue, mut work: Pending, stop: Can
 /// Detects the work of `objects` as one batch (see [`Alerts::detect_batch`]), counting it.
 pub async fn batch(alerts: &Alerts, objects: &[Work]) -> Result<Detected, AlertError> {
     let ids: Vec<i64> = objects.iter().flat_map(|o| o.0.iter().copied()).collect();
-    let fresh: Vec<&Fresh> = objects.iter().filter_map(|o| o.1.as_deref()).collect();
+    let fresh: Vec<&Held> = objects.iter().filter_map(|o| o.1.as_deref()).collect();
     let d = alerts.detect_batch(&ids, &fresh).await?;
     record(&d);
     Ok(d)
@@ -200,14 +200,14 @@ pub async fn batch(alerts: &Alerts, objects: &[Work]) -> Result<Detected, AlertE
 pub async fn corrections(
     alerts: &Alerts,
     ids: Vec<i64>,
-    fresh: Vec<std::sync::Arc<Fresh>>,
+    fresh: Vec<std::sync::Arc<Held>>,
     parallel: usize,
 ) -> Result<Detected, AlertError> {
     let (ids, fresh) = (std::sync::Arc::new(ids), std::sync::Arc::new(fresh));
     let runs = (0..parallel.max(1)).map(|_| {
         let (alerts, ids, fresh) = (alerts.clone(), ids.clone(), fresh.clone());
         tokio::spawn(async move {
-            let fresh: Vec<&Fresh> = fresh.iter().map(|f| &**f).collect();
+            let fresh: Vec<&Held> = fresh.iter().map(|f| &**f).collect();
             let d = alerts.detect_held(Some(&ids), &fresh).await?;
             record(&d);
             Ok::<_, AlertError>(d)

@@ -45,7 +45,7 @@
 //! decided yet ([`Detector::provisional`]) and those after its end are judged again: what it
 //! decided cannot change by appending. When the object's own readings are all that lies after
 //! that detector (it is the newest saved, no other queued work overlaps the span, and the merge
-//! stored every one of them: [`crate::ingest::Outcome::fresh`]), they are fed to it from memory
+//! stored every one of them: [`crate::readings::Held`]), they are fed to it from memory
 //! and only the tail is read. Without one (the first data, late data, corrections) the
 //! detection starts from a warm-up before the span — the one `query-cli anomalies` uses
 //! ([`WARM_UP_MICROS`] and [`WARM_UP_READINGS`]), capped at [`WARM_UP_MAX_READINGS`] for sensors
@@ -68,8 +68,8 @@ use uuid::Uuid;
 use crate::anomaly::{Anomaly, Detector, Kind, WARM_UP_MICROS, WARM_UP_READINGS};
 use crate::config::AnomalySettings;
 use crate::contract::Dataset;
-use crate::ingest::Fresh;
 use crate::queue::{Queue, QueueError};
+use crate::readings::Held;
 use crate::store::measurements as readings;
 use crate::store::rollup::{Hour, HourColumns, SETTLE_HOURS};
 use crate::store::{Databases, PgResultExt, StoreError};
@@ -214,7 +214,7 @@ impl Alerts {
     pub async fn detect_held(
         &self,
         only: Option<&[i64]>,
-        fresh: &[&Fresh],
+        fresh: &[&Held],
     ) -> Result<Detected, AlertError> {
         self.detect_steps(only, fresh, HELD_SENSORS).await
     }
@@ -223,7 +223,7 @@ impl Alerts {
     async fn detect_steps(
         &self,
         only: Option<&[i64]>,
-        fresh: &[&Fresh],
+        fresh: &[&Held],
         sensors: i64,
     ) -> Result<Detected, AlertError> {
         let mut done = Detected::default();
@@ -249,14 +249,10 @@ impl Alerts {
     /// remembers, so a backlog of them costs one pass instead of one each. Rows another detection
     /// holds are skipped (it is doing them).
     ///
-    /// `fresh`: the objects' own readings (see [`Outcome::fresh`](crate::ingest::Outcome)); a
+    /// `fresh`: the objects' own readings ([`Held`], as ingestion returns them); a
     /// sensor with one work row here, whose saved detector is the newest and whose span nothing
     /// else wrote into, is fed from them instead of reading them back.
-    pub async fn detect_batch(
-        &self,
-        ids: &[i64],
-        fresh: &[&Fresh],
-    ) -> Result<Detected, AlertError> {
+    pub async fn detect_batch(&self, ids: &[i64], fresh: &[&Held]) -> Result<Detected, AlertError> {
         let db = Dataset::Measurements;
         let t0 = Instant::now();
         let mut client = self.dbs.client(db).await?;
@@ -373,7 +369,7 @@ impl Alerts {
     async fn detect_step(
         &self,
         only: Option<&[i64]>,
-        fresh: &[&Fresh],
+        fresh: &[&Held],
         sensors: i64,
         done: &mut Detected,
     ) -> Result<bool, AlertError> {
@@ -589,7 +585,7 @@ fn one_span_per_sensor(work: &[Work]) -> Vec<Work> {
 /// per row, spanning it, and no two overlapping (overlapping objects may have overwritten each
 /// other's readings; the stored ones are read back then). `None` otherwise.
 fn own_readings<'f>(
-    fresh: &[&'f Fresh],
+    fresh: &[&'f Held],
     sensor: Uuid,
     spans: &[(i64, i64)],
 ) -> Option<Vec<&'f [(i64, f64)]>> {
@@ -639,7 +635,7 @@ struct Resumed<'a> {
 async fn judge_batch(
     tx: &Tx<'_>,
     work: &[Work],
-    fresh: &[&Fresh],
+    fresh: &[&Held],
     changes: &mut Detected,
 ) -> Result<(), tokio_postgres::Error> {
     let memory = chrono::Duration::microseconds(WARM_UP_MICROS);
@@ -903,7 +899,7 @@ async fn judge(
     sensor: Uuid,
     (from, to): (DateTime<Utc>, DateTime<Utc>),
     key: &str,
-    fresh: &[&Fresh],
+    fresh: &[&Held],
     changes: &mut Detected,
 ) -> Result<(), tokio_postgres::Error> {
     // The newest saved detector from before the span (to resume), and the newest of all.
@@ -1060,7 +1056,7 @@ struct HeldOf<'f> {
 }
 
 impl<'f> HeldOf<'f> {
-    fn of(sensor: Uuid, fresh: &[&'f Fresh]) -> Self {
+    fn of(sensor: Uuid, fresh: &[&'f Held]) -> Self {
         let mut links: HashMap<i64, Vec<(Option<i64>, i64)>> = HashMap::new();
         let mut pieces: Vec<&[(i64, f64)]> = Vec::new();
         for f in fresh {
@@ -1114,7 +1110,7 @@ impl<'f> HeldOf<'f> {
 async fn held_hours<'f>(
     tx: &Tx<'_>,
     sensor: Uuid,
-    fresh: &[&'f Fresh],
+    fresh: &[&'f Held],
 ) -> Result<Vec<HeldHour<'f>>, tokio_postgres::Error> {
     let held = HeldOf::of(sensor, fresh);
     if held.hours.is_empty() {
@@ -1155,7 +1151,7 @@ async fn held_hours<'f>(
 async fn settle_hours(
     tx: &Tx<'_>,
     work: &[Work],
-    fresh: &[&Fresh],
+    fresh: &[&Held],
 ) -> Result<usize, tokio_postgres::Error> {
     let sensors: Vec<Uuid> = work.iter().map(|w| w.sensor).collect();
     let firsts: Vec<DateTime<Utc>> = work.iter().map(|w| w.from).collect();
@@ -1459,8 +1455,8 @@ mod tests {
         assert_eq!(serde_json::to_string(&State::Open).unwrap(), "\"open\"");
     }
 
-    fn fresh(sensor: Uuid, readings: &[i64]) -> Fresh {
-        let mut f = Fresh::default();
+    fn fresh(sensor: Uuid, readings: &[i64]) -> Held {
+        let mut f = Held::default();
         f.readings
             .insert(sensor, readings.iter().map(|&t| (t, t as f64)).collect());
         f
@@ -1483,7 +1479,7 @@ mod tests {
     fn held_readings_are_fed_only_when_they_are_exactly_what_the_work_stored() {
         let (u, other) = (Uuid::from_u128(1), Uuid::from_u128(2));
         let (a, b, c) = (fresh(u, &[1, 2, 3]), fresh(u, &[5, 6]), fresh(other, &[4]));
-        let fed = |held: &[&Fresh], spans: &[(i64, i64)]| {
+        let fed = |held: &[&Held], spans: &[(i64, i64)]| {
             own_readings(held, u, spans).map(|p| p.concat().iter().map(|r| r.0).collect())
         };
         // Two pieces, held in any order, each spanning one work row: one run in time order.

@@ -41,10 +41,11 @@ use futures_util::future::join_all;
 use tokio::sync::{mpsc, oneshot, Mutex, OwnedSemaphorePermit, Semaphore};
 use tracing::{info, warn};
 
-use super::{route, Compression, Counts, Disposition, Fresh, IngestError, Ingestor, Outcome};
+use super::{route, Compression, Counts, Disposition, IngestError, Ingestor, Outcome};
 use super::{Route, StreamError};
 use crate::contract::{Dataset, FileError, RecordReader};
 use crate::object_store::OpenedObject;
+use crate::readings::Held;
 use crate::store::ledger::{self, Entry, ObjectVersion, Status};
 use crate::store::staging::{self, Member, Staging};
 use crate::store::versions;
@@ -64,7 +65,7 @@ struct Opened {
 
 /// How a member's rows went.
 enum Read {
-    Ok(Counts, Option<Fresh>, staging::Spans),
+    Ok(Counts, Option<Held>, staging::Spans),
     Failed(FileError),
     Unread(IngestError),
     AlreadyDone,
@@ -205,7 +206,7 @@ impl Ingestor {
                         let m = merged.next().expect("a merge per ingested member");
                         let mut o = outcome(Disposition::Done, counts);
                         let mut fresh = fresh;
-                        let distinct = fresh.as_mut().map(Fresh::settle);
+                        let distinct = fresh.as_mut().map(Held::settle);
                         if distinct == Some(m.changed) && !m.work.is_empty() {
                             o.fresh = fresh.map(Arc::new);
                         }

@@ -51,6 +51,7 @@ use super::rollup::{
 };
 use super::versions::{incoming_beats_stored, version_beats};
 use crate::contract::{Dataset, Reading, SensorName};
+use crate::readings::BySensor;
 use crate::time::{hour_of, instant};
 
 /// The session's staging table, emptied at every commit; an aborted transaction leaves its rows
@@ -289,7 +290,7 @@ impl Spans {
 
     /// The spans and hours of readings held per sensor in time order, one per instant (all of
     /// them: there are at most as many hours as readings, and the readings are held already).
-    pub fn of_settled(held: &Held) -> Spans {
+    pub fn of_settled(held: &BySensor) -> Spans {
         let mut hours = std::collections::HashMap::new();
         let mut sensors = std::collections::HashMap::with_capacity(held.len());
         for (u, readings) in held {
@@ -677,9 +678,6 @@ pub async fn merge_group(
     }
 }
 
-/// An object's valid readings held in memory: per sensor, in time order, one per instant.
-pub type Held = std::collections::HashMap<uuid::Uuid, Vec<(i64, f64)>>;
-
 /// [`merge`] for a measurement object whose valid readings were held in memory (`held`) instead
 /// of staged (its rejected rows are staged): when none of them is stored yet, they are copied
 /// straight into the table in key order ([`COPY_NEW`], half the server time of staging them and
@@ -695,7 +693,7 @@ pub async fn merge_held(
     quarantine: Option<i64>,
     key: &str,
     version: i64,
-    held: &Held,
+    held: &BySensor,
     detect: bool,
 ) -> Result<Merged, tokio_postgres::Error> {
     quarantine_one(tx, quarantine, key, version).await?;
@@ -817,7 +815,7 @@ async fn replace_held(
         &[chrono::DateTime<chrono::Utc>],
         &[chrono::DateTime<chrono::Utc>],
     ),
-    held: &Held,
+    held: &BySensor,
     written: &Spans,
     settle: bool,
 ) -> Result<Option<Vec<Link>>, tokio_postgres::Error> {
@@ -981,7 +979,7 @@ struct Removed {
 
 impl Removed {
     /// Adds a deleted reading; false when it is not one of the held readings.
-    fn add(&mut self, held: &Held, sensor: uuid::Uuid, at: i64, value: f64) -> bool {
+    fn add(&mut self, held: &BySensor, sensor: uuid::Uuid, at: i64, value: f64) -> bool {
         let Some(readings) = held.get(&sensor) else {
             return false;
         };
@@ -1035,7 +1033,7 @@ async fn copy_new(
     tx: &deadpool_postgres::Transaction<'_>,
     version: i64,
     sensors: &[uuid::Uuid],
-    held: &Held,
+    held: &BySensor,
     spans: &Spans,
 ) -> Result<(), tokio_postgres::Error> {
     let widen = tx.prepare_cached(WIDEN_HOURS).await?;
@@ -1053,7 +1051,7 @@ async fn copy_held(
     tx: &deadpool_postgres::Transaction<'_>,
     statement: &str,
     sensors: &[uuid::Uuid],
-    held: &Held,
+    held: &BySensor,
     version: Option<i64>,
 ) -> Result<(), tokio_postgres::Error> {
     let sink = tx.copy_in(statement).await?;
@@ -1183,7 +1181,7 @@ mod tests {
 
     /// The removed readings of `deleted` (sensor, instant, value) in the order given, by hour;
     /// `None` when one is not held.
-    fn removed(held: &Held, deleted: &[(u128, i64, f64)]) -> Option<Vec<RemovedHour>> {
+    fn removed(held: &BySensor, deleted: &[(u128, i64, f64)]) -> Option<Vec<RemovedHour>> {
         let mut r = Removed::default();
         for &(u, at, value) in deleted {
             if !r.add(held, uuid::Uuid::from_u128(u), at, value) {
@@ -1202,7 +1200,7 @@ mod tests {
     #[test]
     fn removed_readings_are_checked_against_the_held_ones_and_gathered_by_hour() {
         const H: i64 = HOUR_MICROS;
-        let held: Held = [
+        let held: BySensor = [
             (
                 uuid::Uuid::from_u128(1),
                 vec![(5, 1.0), (H - 1, 3.0), (H, 2.0), (H + 9, 0.5)],
