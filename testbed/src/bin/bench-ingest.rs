@@ -4,12 +4,14 @@
 //! ```text
 //! cargo build --release -p sensors-worker -p testbed
 //! target/release/bench-ingest [--files 24] [--rows-per-file 100000] [--worker target/release/sensors-worker]
-//!     [--sensors 100] [--interval 1] [--naive-share 0]
+//!     [--sensors 100] [--interval 1] [--naive-share 0] [--shapes 100x1,20x60,200x420,200x12000]
+//!     [--timescaledb] [--conflict]
 //! ```
 //!
 //! The rows are clean (the baseline cannot validate anything), spread over `--sensors` sensors
 //! each reading every `--interval` seconds, so every (sensor, timestamp) is unique: the fleet's
-//! shape (`--sensors 20 --interval 60`: 83 days; `--sensors 200 --interval 12000`: 4.5 years); in UTC, except the share
+//! shape (`--sensors 20 --interval 60`: 83 days; `--sensors 200 --interval 12000`: 4.5 years;
+//! `--shapes` runs several and prints the worst ratio over them last); in UTC, except the share
 //! `--naive-share` written without an offset in Berlin time, which the worker converts
 //! (`NAIVE_TIMEZONE`'s default) and `psql` reads with `PGTZ=Europe/Berlin`.
 //!
@@ -59,6 +61,10 @@ struct Args {
     /// hypertable of the same chunking (7 days).
     #[arg(long)]
     timescaledb: bool,
+    /// Several shapes in one run, each `SENSORSxINTERVAL` (e.g. `100x1,20x60,200x420,200x12000`),
+    /// instead of `--sensors`/`--interval`; the worst ratio over them is printed last.
+    #[arg(long, value_delimiter = ',')]
+    shapes: Vec<Shape>,
 }
 
 /// A digest of every (sensor, instant, value) of `table`, in key order.
@@ -89,6 +95,32 @@ fn changed(csv: &str) -> String {
     out
 }
 
+/// A fleet shape: sensors, and seconds between two readings of one sensor.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    sensors: usize,
+    interval: i64,
+}
+
+impl std::str::FromStr for Shape {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (sensors, interval) = s
+            .split_once('x')
+            .ok_or_else(|| format!("{s:?}: expected SENSORSxINTERVAL, e.g. 200x12000"))?;
+        let sensors = sensors
+            .parse()
+            .map_err(|e| format!("{s:?}: sensors: {e}"))?;
+        let interval = interval
+            .parse()
+            .map_err(|e| format!("{s:?}: interval: {e}"))?;
+        if sensors == 0 || interval <= 0 {
+            return Err(format!("{s:?}: sensors and interval must be positive"));
+        }
+        Ok(Self { sensors, interval })
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let a = <Args as clap::Parser>::parse();
@@ -97,6 +129,39 @@ async fn main() -> Result<()> {
         std::env::set_var("TESTBED_PRELOAD", "timescaledb");
     }
     let worker = testbed::bench::binary(&a.worker, "sensors-worker")?;
+    let shapes = if a.shapes.is_empty() {
+        vec![Shape {
+            sensors: a.sensors,
+            interval: a.interval,
+        }]
+    } else {
+        a.shapes.clone()
+    };
+    let mut ratios = Vec::new();
+    for shape in &shapes {
+        ratios.push((measure(&a, &worker, *shape).await?, *shape));
+    }
+    if let Some((worst, shape)) = ratios
+        .iter()
+        .copied()
+        .max_by(|x, y| x.0.total_cmp(&y.0))
+        .filter(|_| ratios.len() > 1)
+    {
+        let best = ratios.iter().map(|r| r.0).fold(f64::INFINITY, f64::min);
+        println!(
+            "worst ratio over {} shapes: {worst:.2} ({} sensors every {} s); best {best:.2}",
+            ratios.len(),
+            shape.sensors,
+            shape.interval
+        );
+    }
+    Ok(())
+}
+
+/// One shape, both sides, `--runs` times: prints the medians; returns ingest's ratio to
+/// `psql \copy`.
+async fn measure(a: &Args, worker: &std::path::Path, shape: Shape) -> Result<f64> {
+    let Shape { sensors, interval } = shape;
     let env = testbed::TestEnv::new().await?;
     let dir = tempfile::tempdir()?;
     let baseline_file = dir.path().join("all.csv");
@@ -112,8 +177,8 @@ async fn main() -> Result<()> {
         let csv = testbed::bench::fleet_readings_every(
             f * a.rows_per_file,
             a.rows_per_file,
-            a.sensors,
-            a.interval,
+            sensors,
+            interval,
             a.naive_share,
         );
         let key = format!("timeseries/bench/part-{f:04}.csv");
@@ -188,7 +253,7 @@ async fn main() -> Result<()> {
             }
         }
         let run_worker = |args: &[&str]| {
-            std::process::Command::new(&worker)
+            std::process::Command::new(worker)
                 .args(args)
                 .env_clear()
                 .envs(vars.iter().map(|(k, v)| (k, v)))
@@ -273,9 +338,9 @@ async fn main() -> Result<()> {
     let (copy, ingest) = (median(&copy_times), median(&ingest_times));
     println!(
         "shape: {} sensors, one reading every {} s each ({:.1} days in all)",
-        a.sensors,
-        a.interval,
-        (total_rows / a.sensors.max(1)) as f64 * a.interval as f64 / 86_400.0
+        sensors,
+        interval,
+        (total_rows / sensors.max(1)) as f64 * interval as f64 / 86_400.0
     );
     println!(
         "{total_rows} rows in {} files: psql \\copy {:.2} s ({:.0} rows/s); ingest --all {:.2} s ({:.0} rows/s); ratio {:.2}",
@@ -295,5 +360,5 @@ async fn main() -> Result<()> {
             took.as_secs_f64() / copy.as_secs_f64()
         );
     }
-    Ok(())
+    Ok(ingest.as_secs_f64() / copy.as_secs_f64())
 }
