@@ -277,6 +277,45 @@ pub(crate) const SETTLE_HOURS: &str = concat!(
     FROM x WHERE h.sensor_uuid = x.sensor_uuid AND h.hour = x.hour"
 );
 
+/// The rows of hours (`$1` a sensor, `$2` its hours): hour, readings, and the transaction that
+/// wrote the row last (`xmin`), which says whether held readings are all the hour holds.
+pub(crate) const HOURS_AND_WRITERS: &str =
+    "SELECT hour, readings, xmin::text::bigint FROM measurement_hours
+     WHERE sensor_uuid = $1 AND hour = ANY($2)";
+
+/// The inexact hours within spans (`$1` sensors, `$2` first and `$3` last instant of each), locked
+/// for settling: sensor, hour, readings, and the transaction that wrote the row last (`xmin`).
+/// Hours another transaction is writing are skipped (that writer's detection settles them); an
+/// hour two spans share comes twice.
+pub(crate) const INEXACT_HOURS_IN_SPANS: &str = "
+    SELECT h.sensor_uuid, h.hour, h.readings, h.xmin::text::bigint
+    FROM measurement_hours AS h
+    JOIN unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[]) AS w(u, first, last)
+        ON h.sensor_uuid = w.u AND h.hour >= date_trunc('hour', w.first, 'UTC')
+            AND h.hour <= w.last
+    WHERE NOT h.exact
+    ORDER BY 1, 2
+    FOR UPDATE OF h SKIP LOCKED";
+
+/// Settles locked hours exact: those whose readings are `known` to what they say
+/// ([`SETTLE_HOURS`]), the `unknown` ones (sensors, hours) from the stored readings
+/// ([`EXACT_HOURS`]).
+pub(crate) async fn settle(
+    client: &impl tokio_postgres::GenericClient,
+    known: &HourColumns,
+    unknown: (&[uuid::Uuid], &[chrono::DateTime<chrono::Utc>]),
+) -> Result<(), tokio_postgres::Error> {
+    if !known.sensors.is_empty() {
+        client.execute(SETTLE_HOURS, &known.params()).await?;
+    }
+    if !unknown.0.is_empty() {
+        client
+            .execute(EXACT_HOURS, &[&unknown.0, &unknown.1])
+            .await?;
+    }
+    Ok(())
+}
+
 /// One sensor's readings in one hour, as the rollup keeps them: how many, the lowest and
 /// highest value, their sum, and the first and last reading (instant in µs, value).
 #[derive(Debug, Clone, Copy, PartialEq)]
