@@ -18,8 +18,8 @@ use crate::contract::{self, Columns, Dataset, FileError, RecordError, RecordRead
 use crate::object_store::{is_transport_error, ObjectStore, ObjectStoreError, OpenedObject};
 use crate::readings::Held;
 use crate::store::ledger::{self, Entry, ObjectVersion, Status};
-use crate::store::staging::{self, Staging};
 use crate::store::versions;
+use crate::store::write::{self, Staging};
 use crate::store::{Databases, PgResultExt, StoreError};
 
 mod group;
@@ -109,13 +109,13 @@ pub struct Outcome {
     /// stored for its keys now (the merge changed every one) and few enough to keep
     /// ([`FRESH_MAX`]): detection reads them from here instead of the database.
     pub fresh: Option<std::sync::Arc<Held>>,
-    /// Readings were stored within the spans this version wrote ([`staging::Merged::met_stored`]):
+    /// Readings were stored within the spans this version wrote ([`write::Merged::met_stored`]):
     /// its detection reads on to each sensor's newest readings.
     pub met_stored: bool,
 }
 
 /// The most readings of one object held in memory (16 bytes each), by default: to write them
-/// straight into the table when they are new (see [`staging::merge_held`]), and for detection.
+/// straight into the table when they are new (see [`write::merge_held`]), and for detection.
 pub const FRESH_MAX: usize = 1_000_000;
 
 /// The most readings held in memory by all the objects an ingestor (and its clones) stream at
@@ -272,7 +272,7 @@ struct Streamed {
     /// [`Ingestor::hold_most`] of them.
     fresh: Option<Held>,
     /// Each sensor's span and hours of the staged readings (none while they are held).
-    spans: staging::Spans,
+    spans: write::Spans,
     /// The valid readings are in `fresh`, not staged.
     held: bool,
     /// The share of the hold budget they take.
@@ -490,7 +490,7 @@ impl Ingestor {
                         let quarantine = (counts.rejected > 0).then_some(id);
                         let merged = match held {
                             Some(held) => {
-                                staging::merge_held(
+                                write::merge_held(
                                     &tx,
                                     quarantine,
                                     key,
@@ -501,10 +501,8 @@ impl Ingestor {
                                 .await
                             }
                             None => {
-                                staging::merge(
-                                    &tx, dataset, quarantine, key, number, &spans, detect,
-                                )
-                                .await
+                                write::merge(&tx, dataset, quarantine, key, number, &spans, detect)
+                                    .await
                             }
                         }
                         .db(dataset)?;
@@ -656,7 +654,7 @@ impl Ingestor {
         let mut fresh = (detect || hold).then(Held::default);
         let mut held = hold;
         let mut reserved = Reservation::new(self.holding.clone());
-        let mut spans = staging::Spans::default();
+        let mut spans = write::Spans::default();
         while let Some(rec) = reader.next_record().await.map_err(read_error)? {
             // Records that are already buffered never make this loop wait: give the runtime its
             // turn now and then, so that the tasks beside it (the consumer's in-progress acks)
@@ -728,7 +726,7 @@ impl Ingestor {
     /// come.
     async fn spill(
         staging: &mut Staging,
-        spans: &mut staging::Spans,
+        spans: &mut write::Spans,
         held: Held,
     ) -> Result<(), tokio_postgres::Error> {
         for (sensor_uuid, readings) in held.readings {

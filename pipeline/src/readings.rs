@@ -1,13 +1,13 @@
 //! An object's valid readings held in memory, per sensor, in time order, one per instant: the
 //! one type ingestion fills ([`crate::ingest`]), the store writes without staging them
-//! ([`crate::store::staging::merge_held`]) and detection reads instead of the table
+//! ([`crate::store::write::merge_held`]) and detection reads instead of the table
 //! ([`crate::alerts`]).
 
 use std::collections::HashMap;
 
 use uuid::Uuid;
 
-use crate::store::staging::Link;
+use crate::store::write::Link;
 
 /// Readings per sensor: microseconds since the epoch and value, in time order.
 pub type BySensor = HashMap<Uuid, Vec<(i64, f64)>>;

@@ -9,7 +9,7 @@ use super::*;
 pub(super) type HeldHour<'f> = (i64, Vec<&'f [(i64, f64)]>);
 
 /// What the objects of a batch (`fresh`) hold of one sensor in the hours their replacing merges
-/// wrote ([`Link`](crate::store::staging::Link)): each hour's readings, in time order, and the
+/// wrote ([`Link`](crate::store::write::Link)): each hour's readings, in time order, and the
 /// links of the merges that wrote it. Empty when none of them replaced readings of the sensor,
 /// or when their readings of it overlap (which of two wins a key is for the stored versions to
 /// say).
@@ -102,7 +102,7 @@ pub(super) async fn held_hours<'f>(
 }
 
 /// Settles the rollup hours within the spans of `work` that are not exact (a replacing merge
-/// with detection on leaves those whose bounds it cannot tell: [`crate::store::staging`]): from
+/// with detection on leaves those whose bounds it cannot tell: [`crate::store::write`]): from
 /// the readings the objects hold where they provably are all the hour holds ([`HeldOf`]), else
 /// from the stored readings. Hours another transaction is writing are skipped (their writer's
 /// detection settles them). Returns how many were settled.

@@ -18,7 +18,7 @@
 //! ([`WARM_UP_MICROS`] and [`WARM_UP_READINGS`]), capped at [`WARM_UP_MAX_READINGS`] for sensors
 //! that read more often than every 23 s; given the objects' readings ([`Alerts::detect_held`]:
 //! `ingest` keeps those of re-uploads), it feeds the hours they provably are all of from memory
-//! (see [`Link`](crate::store::staging::Link)) and reads back only the rest. Either way, when
+//! (see [`Link`](crate::store::write::Link)) and reads back only the rest. Either way, when
 //! readings before a saved detector's end changed, the detection reads on to the newest one's
 //! end (within the memory), judges all of it, and replaces the detectors it made stale with one
 //! saved there.

@@ -3,7 +3,7 @@
 //!
 //! # The flow
 //!
-//! 1. **Queue.** After the merge of a measurement object ([`crate::store::staging`]), in the
+//! 1. **Queue.** After the merge of a measurement object ([`crate::store::write`]), in the
 //!    object's own transaction, one `anomaly_work` row per sensor with valid rows in the object:
 //!    the sensor and its first and last instant there. So detection is never lost (the work
 //!    commits with the rows) and never in the way: it runs after the commit, and its errors cannot
@@ -172,7 +172,7 @@ impl Alerts {
     }
 
     /// [`Alerts::detect_due`], with the readings of the objects that queued the work (`fresh`):
-    /// where they provably are all an hour holds (see [`Link`](crate::store::staging::Link)),
+    /// where they provably are all an hour holds (see [`Link`](crate::store::write::Link)),
     /// they are fed from here instead of read back — what makes detecting a re-upload cheap: its
     /// readings replaced stored ones, whose index entries a read walks past until vacuum. A step
     /// takes the work of [`HELD_SENSORS`] sensors at a time, in one transaction.

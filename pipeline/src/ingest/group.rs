@@ -47,8 +47,8 @@ use crate::contract::{Dataset, FileError, RecordReader};
 use crate::object_store::OpenedObject;
 use crate::readings::Held;
 use crate::store::ledger::{self, Entry, ObjectVersion, Status};
-use crate::store::staging::{self, Member, Staging};
 use crate::store::versions;
+use crate::store::write::{self, Member, Staging};
 use crate::store::{PgResultExt, StoreError};
 
 /// The largest object ingested in a group (stored size); larger ones get a transaction of their
@@ -65,7 +65,7 @@ struct Opened {
 
 /// How a member's rows went.
 enum Read {
-    Ok(Counts, Option<Held>, staging::Spans),
+    Ok(Counts, Option<Held>, write::Spans),
     Failed(FileError),
     Unread(IngestError),
     AlreadyDone,
@@ -234,7 +234,7 @@ impl Ingestor {
         versions: &[ObjectVersion],
         sizes: &[u64],
         t0: Instant,
-    ) -> Result<(Vec<Read>, Vec<staging::Merged>), String> {
+    ) -> Result<(Vec<Read>, Vec<write::Merged>), String> {
         let dataset = Dataset::Measurements;
         let started_at = Utc::now();
         let limits = self.limits;
@@ -372,7 +372,7 @@ impl Ingestor {
                     Read::AlreadyDone => {}
                 }
             }
-            let merged = staging::merge_group(&tx, &group, &unstage, self.detect_anomalies)
+            let merged = write::merge_group(&tx, &group, &unstage, self.detect_anomalies)
                 .await
                 .db(dataset)?;
             tx.commit().await.db(dataset)?;

@@ -13,11 +13,11 @@ pub mod measurements;
 pub mod migrate;
 #[cfg(feature = "ingest")]
 pub mod rollup;
-#[cfg(feature = "ingest")]
-pub mod staging;
 pub mod tls;
 #[cfg(feature = "ingest")]
 pub mod versions;
+#[cfg(feature = "ingest")]
+pub mod write;
 
 use std::time::Duration;
 
@@ -310,7 +310,7 @@ fn pool(
         .post_create(deadpool_postgres::Hook::async_fn(|client, _| {
             Box::pin(async move {
                 client
-                    .batch_execute(staging::CREATE_STAGING)
+                    .batch_execute(write::CREATE_STAGING)
                     .await
                     .map_err(deadpool_postgres::HookError::Backend)
             })

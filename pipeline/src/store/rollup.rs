@@ -84,7 +84,7 @@ macro_rules! rollup_of {
 }
 
 /// What follows the `hours` of new readings (sensor, hour, readings, low, high) in
-/// `staging::INSERT_MEASUREMENTS` and [`WIDEN_HOURS`]: the rollup widened and the page index
+/// `write::INSERT_MEASUREMENTS` and [`WIDEN_HOURS`]: the rollup widened and the page index
 /// counted up, each in (sensor, hour/day) order.
 macro_rules! widen_hours {
     () => {
@@ -110,7 +110,7 @@ macro_rules! widen_hours {
 }
 
 /// The rollup and page index widened by new readings (`$1`–`$5`: sensors, hours, readings,
-/// lows, highs), after `staging::COPY_NEW`.
+/// lows, highs), after `write::COPY_NEW`.
 pub(super) const WIDEN_HOURS: &str = concat!(
     "WITH hours AS (SELECT * FROM ",
     unnest_hours!("$1", "$2", "$3", "$4", "$5", "$6", "$7", "$8", "$9", "$10"),
@@ -120,7 +120,7 @@ pub(super) const WIDEN_HOURS: &str = concat!(
     SELECT count(*) FROM hours"
 );
 
-/// The rollup after `staging::replace_held` (`$1`–`$10`: the [`HourColumns`] of the readings
+/// The rollup after `write::replace_held` (`$1`–`$10`: the [`HourColumns`] of the readings
 /// written; `$11`–`$13`: the low, high and total of the readings they replaced — as many: the keys
 /// are the same, so the counts, the first and last instants and the page index stay as they are),
 /// in (sensor, hour) order. An hour whose readings were all replaced is those written. Another
@@ -164,11 +164,11 @@ pub(super) const REPLACE_HOURS: &str = concat!(
            ARRAY(SELECT hour FROM rolled ORDER BY sensor_uuid, 1),
            ARRAY(SELECT by FROM rolled ORDER BY sensor_uuid, hour)"
 );
-/// The rollup rows of the hours `staging::replace_held` writes (`$1` sensors, `$2` hours), locked
+/// The rollup rows of the hours `write::replace_held` writes (`$1` sensors, `$2` hours), locked
 /// in key order before [`REPLACE_HOURS`] changes them, with the transaction that wrote each last
 /// (see [`Link`]).
 ///
-/// [`Link`]: super::staging::Link
+/// [`Link`]: super::write::Link
 pub(super) const HOURS_BEFORE: &str = "
     SELECT h.sensor_uuid, h.hour, h.xmin::text::bigint FROM measurement_hours AS h
     JOIN unnest($1::uuid[], $2::timestamptz[]) AS x(u, hour)
@@ -200,7 +200,7 @@ pub(super) const COVERED_HOURS: &str = concat!(
     )
     ORDER BY 1, 2"
 );
-/// Settles the hours `staging::replace_held` left inexact from the readings outside what it wrote
+/// Settles the hours `write::replace_held` left inexact from the readings outside what it wrote
 /// there (`$1`–`$10`: the [`HourColumns`] of the readings written in each): when the hour holds no
 /// other reading between the first and last instant written (its count is those outside plus
 /// those written), it is the two parts together — an index range scan on either side instead of
