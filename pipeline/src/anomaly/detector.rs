@@ -1,7 +1,7 @@
 //! The streaming detector: one per sensor, fed readings in time order. See the module doc of
 //! [`crate::anomaly`] for the method.
 
-use super::window::{median_in_place, Decoder, Encoder, Ring, SortedRing};
+use super::window::{median_in_place, Ring, SortedRing};
 use super::{Anomaly, Kind};
 
 /// Readings in each half of the local-level window.
@@ -87,10 +87,10 @@ pub const WARM_UP_READINGS: usize = 2 * RESIDUALS;
 
 /// The version of [`Detector::to_bytes`]' layout *and* of the method: bump it whenever either
 /// changes, so that states saved by another version are not resumed.
-const STATE_FORMAT: u32 = 6;
+const STATE_FORMAT: u32 = 7;
 
 /// A streaming detector for one sensor's readings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Detector {
     sensitivity: f64,
     /// Older and newer halves of the local-level window, and the window's timestamps.
@@ -148,14 +148,14 @@ pub struct Detector {
 }
 
 /// What the same epoch of the earlier cycles held.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 struct Season {
     low: f64,
     high: f64,
     level: f64,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 struct Run {
     start: i64,
     end: i64,
@@ -167,7 +167,7 @@ struct Run {
 }
 
 /// Readings away from the local level, not yet known to be a spike or a level shift.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Excursion {
     start: i64,
     end: i64,
@@ -304,201 +304,52 @@ impl Detector {
     }
 
     /// The whole state, to resume later exactly where this detector is ([`Detector::from_bytes`]):
-    /// a few kilobytes (its windows are bounded).
+    /// the format version, then the fields (serde, `postcard`'s compact encoding); a few
+    /// kilobytes, its windows being bounded.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut e = Encoder(Vec::with_capacity(12 * 1024));
-        e.u32(STATE_FORMAT);
-        e.f64(self.sensitivity);
-        e.sorted(&self.older);
-        e.sorted(&self.newer);
-        e.ring_i64(&self.level_ts);
-        e.sorted(&self.residuals);
-        e.f64(self.sigma);
-        e.f64(self.novelty);
-        e.bool(self.pending.is_some());
-        if let Some(x) = &self.pending {
-            for v in [x.start, x.end] {
-                e.i64(v);
-            }
-            for v in [x.expected, x.side, x.threshold, x.unit, x.extreme] {
-                e.f64(v);
-            }
-            e.u32(x.values.len() as u32);
-            for &(at, v) in &x.values {
-                e.i64(at);
-                e.f64(v);
-            }
-            e.bool(x.seasonal);
-        }
-        e.i64(self.epoch);
-        e.f64(self.epoch_max);
-        e.sorted(&self.epoch_maxima);
-        e.f64(self.epoch_high);
-        e.f64(self.epoch_low);
-        e.sorted(&self.highs);
-        e.sorted(&self.lows);
-        e.ring_f32_pairs(&self.ranges);
-        e.sorted(&self.intervals);
-        e.bool(self.last.is_some());
-        if let Some((at, v)) = self.last {
-            e.i64(at);
-            e.f64(v);
-        }
-        let r = &self.run;
-        e.i64(r.start);
-        e.i64(r.end);
-        e.f64(r.value);
-        e.u32(r.len);
-        e.f64(r.expected);
-        e.bool(r.judged);
-        e.f64(self.epoch_run);
-        e.sorted(&self.epoch_runs);
-        e.ring_f64(&self.levels);
-        e.u32(self.since_alarm);
-        for r in &self.cycle_errors {
-            e.ring_f64(r);
-        }
-        e.ring_f64(&self.hourly_errors);
-        e.u32(self.cycle.map_or(0, |c| c as u32));
-        e.bool(self.season.is_some());
-        if let Some(x) = self.season {
-            for v in [x.low, x.high, x.level] {
-                e.f64(v);
-            }
-        }
-        e.bool(self.season_away);
-        e.i64(self.season_quiet_until);
-        e.u32(self.epoch_outstanding);
-        e.bool(self.epoch_alarmed);
-        e.sorted(&self.outstanding);
-        e.0
+        postcard::to_allocvec(&(STATE_FORMAT, self)).expect("a detector always serializes")
     }
 
     /// A detector resumed from [`Detector::to_bytes`]; `None` if the bytes are not a state of
     /// this version of the detector (then start over from the readings).
     pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
-        let mut d = Decoder(bytes);
-        if d.u32()? != STATE_FORMAT {
+        let (version, rest) = postcard::take_from_bytes::<u32>(bytes).ok()?;
+        if version != STATE_FORMAT {
             return None;
         }
-        let sensitivity = d.f64()?;
-        let older = d.sorted(HALF)?;
-        let newer = d.sorted(HALF)?;
-        let level_ts = d.ring_i64(2 * HALF)?;
-        let residuals = d.sorted(RESIDUALS)?;
-        let sigma = d.f64()?;
-        let novelty = d.f64()?;
-        let pending = if d.bool()? {
-            let (start, end) = (d.i64()?, d.i64()?);
-            let (expected, side, threshold, unit, extreme) =
-                (d.f64()?, d.f64()?, d.f64()?, d.f64()?, d.f64()?);
-            let n = d.u32()? as usize;
-            if n > CONFIRM {
-                return None;
-            }
-            let mut values = Vec::with_capacity(n);
-            for _ in 0..n {
-                values.push((d.i64()?, d.f64()?));
-            }
-            let seasonal = d.bool()?;
-            Some(Excursion {
-                start,
-                end,
-                expected,
-                side,
-                threshold,
-                unit,
-                extreme,
-                values,
-                seasonal,
-            })
-        } else {
-            None
-        };
-        let epoch = d.i64()?;
-        let epoch_max = d.f64()?;
-        let epoch_maxima = d.sorted(EPOCHS)?;
-        let epoch_high = d.f64()?;
-        let epoch_low = d.f64()?;
-        let highs = d.sorted(EPOCHS)?;
-        let lows = d.sorted(EPOCHS)?;
-        let ranges = d.ring_f32_pairs(SEASON_EPOCHS)?;
-        let intervals = d.sorted(INTERVALS)?;
-        let last = if d.bool()? {
-            Some((d.i64()?, d.f64()?))
-        } else {
-            None
-        };
-        let run = Run {
-            start: d.i64()?,
-            end: d.i64()?,
-            value: d.f64()?,
-            len: d.u32()?,
-            expected: d.f64()?,
-            judged: d.bool()?,
-        };
-        let epoch_run = d.f64()?;
-        let epoch_runs = d.sorted(EPOCHS)?;
-        let levels = d.ring_f64(SEASON_EPOCHS)?;
-        let since_alarm = d.u32()?;
-        let cycle_errors = [d.ring_f64(DAILY_EPOCHS)?, d.ring_f64(DAILY_EPOCHS)?];
-        let hourly_errors = d.ring_f64(DAILY_EPOCHS)?;
-        let cycle = match d.u32()? as usize {
-            0 => None,
-            c if CYCLES.contains(&c) => Some(c),
-            _ => return None,
-        };
-        let season = if d.bool()? {
-            Some(Season {
-                low: d.f64()?,
-                high: d.f64()?,
-                level: d.f64()?,
-            })
-        } else {
-            None
-        };
-        let season_away = d.bool()?;
-        let season_quiet_until = d.i64()?;
-        let epoch_outstanding = d.u32()?;
-        let epoch_alarmed = d.bool()?;
-        let outstanding = d.sorted(EPOCHS)?;
-        if !d.0.is_empty() {
-            return None;
-        }
-        Some(Self {
-            sensitivity,
-            older,
-            newer,
-            level_ts,
-            residuals,
-            sigma,
-            novelty,
-            pending,
-            epoch,
-            epoch_max,
-            epoch_maxima,
-            epoch_high,
-            epoch_low,
-            highs,
-            lows,
-            ranges,
-            intervals,
-            last,
-            run,
-            epoch_run,
-            epoch_runs,
-            levels,
-            since_alarm,
-            cycle_errors,
-            hourly_errors,
-            cycle,
-            season,
-            season_away,
-            season_quiet_until,
-            epoch_outstanding,
-            epoch_alarmed,
-            outstanding,
-        })
+        let (d, rest) = postcard::take_from_bytes::<Self>(rest).ok()?;
+        (rest.is_empty() && d.has_its_shape()).then_some(d)
+    }
+
+    /// Whether every window has the capacity this version gives it (and an open excursion no
+    /// more readings than decide it): a state that passed for this version's but was not.
+    fn has_its_shape(&self) -> bool {
+        let sorted = [
+            (&self.older, HALF),
+            (&self.newer, HALF),
+            (&self.residuals, RESIDUALS),
+            (&self.epoch_maxima, EPOCHS),
+            (&self.highs, EPOCHS),
+            (&self.lows, EPOCHS),
+            (&self.intervals, INTERVALS),
+            (&self.epoch_runs, EPOCHS),
+            (&self.outstanding, EPOCHS),
+        ];
+        let rings = [
+            (&self.levels, SEASON_EPOCHS),
+            (&self.cycle_errors[0], DAILY_EPOCHS),
+            (&self.cycle_errors[1], DAILY_EPOCHS),
+            (&self.hourly_errors, DAILY_EPOCHS),
+        ];
+        sorted.iter().all(|(r, c)| r.capacity() == *c)
+            && rings.iter().all(|(r, c)| r.capacity() == *c)
+            && self.level_ts.capacity() == 2 * HALF
+            && self.ranges.capacity() == SEASON_EPOCHS
+            && self.cycle.is_none_or(|c| CYCLES.contains(&c))
+            && self
+                .pending
+                .as_ref()
+                .is_none_or(|e| e.values.len() <= CONFIRM)
     }
 
     /// Ends the series: reports what is still open (an excursion as a spike, a stuck run).

@@ -449,3 +449,47 @@ fn a_weekly_rhythm_is_learned_and_a_holiday_and_a_storm_leave_it() {
     ]);
     assert_eq!(found(demand(true, true)), events);
 }
+
+/// The saved state's encoding is pinned: a detector two and a half days into an office-hours
+/// series (no transcendental functions: the same bits on every machine) serializes to exactly
+/// the committed bytes, and those bytes resume it. A change to the layout or to the method fails
+/// here: bump `STATE_FORMAT` (saved states of the old version are then refused and rebuilt from
+/// the readings) and rewrite the file with `UPDATE_GOLDEN=1 cargo test -p sensor-pipeline --lib
+/// pinned`.
+#[test]
+fn the_saved_state_is_pinned_to_its_bytes() {
+    let step = 5 * MINUTE;
+    let s = series(4 * 288, step, 29, office_hours);
+    let cut = 2 * 288 + 144;
+    let mut d = Detector::new(1.0);
+    let mut found = Vec::new();
+    for &(t, v) in &s[..cut] {
+        d.push(t, v, &mut found);
+    }
+    let bytes = d.to_bytes();
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/src/anomaly/testdata/detector-state.bin"
+    );
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(path, &bytes).unwrap();
+    }
+    let golden = std::fs::read(path).unwrap();
+    assert_eq!(
+        bytes, golden,
+        "the state's encoding changed: bump STATE_FORMAT and rewrite the file"
+    );
+    let mut resumed = Detector::from_bytes(&golden).expect("the pinned state resumes");
+    let (mut went_on, mut after) = (Vec::new(), Vec::new());
+    for &(t, v) in &s[cut..] {
+        d.push(t, v, &mut went_on);
+        resumed.push(t, v, &mut after);
+    }
+    assert_eq!(after, went_on);
+    assert_eq!(resumed.to_bytes(), d.to_bytes());
+    // One byte more, or a field cut short, is not a state.
+    let mut longer = golden.clone();
+    longer.push(0);
+    assert!(Detector::from_bytes(&longer).is_none());
+    assert!(Detector::from_bytes(&golden[..golden.len() - 1]).is_none());
+}

@@ -3,7 +3,12 @@
 //! move of at most N values — N is at most a few dozen here, so that move is one cache line or two).
 
 /// The last `capacity` values, oldest first.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(into = "Stored<T>", try_from = "Stored<T>")]
+#[serde(bound(
+    serialize = "T: Copy + serde::Serialize",
+    deserialize = "T: Copy + serde::de::DeserializeOwned"
+))]
 pub(crate) struct Ring<T> {
     values: Vec<T>,
     next: usize,
@@ -35,6 +40,10 @@ impl<T: Copy> Ring<T> {
         self.values.len()
     }
 
+    pub(crate) fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     pub(crate) fn is_full(&self) -> bool {
         self.values.len() == self.capacity
     }
@@ -59,8 +68,57 @@ impl<T: Copy> Ring<T> {
     }
 }
 
+/// A ring as the detector's state stores it: its capacity and its values, oldest first.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(crate) struct Stored<T> {
+    capacity: u32,
+    values: Vec<T>,
+}
+
+impl<T: Copy> From<Ring<T>> for Stored<T> {
+    fn from(r: Ring<T>) -> Self {
+        Self {
+            capacity: r.capacity as u32,
+            values: (0..r.len()).map(|i| r.get(i)).collect(),
+        }
+    }
+}
+
+impl<T: Copy> TryFrom<Stored<T>> for Ring<T> {
+    type Error = &'static str;
+    fn try_from(s: Stored<T>) -> Result<Self, Self::Error> {
+        let capacity = s.capacity as usize;
+        if capacity == 0 || s.values.len() > capacity {
+            return Err("a ring holds more values than its capacity");
+        }
+        let mut r = Ring::new(capacity);
+        for v in s.values {
+            r.push(v);
+        }
+        Ok(r)
+    }
+}
+
+impl From<SortedRing> for Ring<f64> {
+    fn from(s: SortedRing) -> Self {
+        s.ring
+    }
+}
+
+impl From<Ring<f64>> for SortedRing {
+    fn from(ring: Ring<f64>) -> Self {
+        let mut s = SortedRing::new(ring.capacity);
+        for i in 0..ring.len() {
+            s.push(ring.get(i));
+        }
+        s
+    }
+}
+
 /// The last `capacity` values, also kept in sorted order.
-#[derive(Debug, Clone)]
+/// Stored as its ring (the sorted order is rebuilt when it is read).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(into = "Ring<f64>", from = "Ring<f64>")]
 pub(crate) struct SortedRing {
     ring: Ring<f64>,
     sorted: Vec<f64>,
@@ -100,6 +158,10 @@ impl SortedRing {
 
     pub(crate) fn len(&self) -> usize {
         self.ring.len()
+    }
+
+    pub(crate) fn capacity(&self) -> usize {
+        self.ring.capacity
     }
 
     pub(crate) fn is_full(&self) -> bool {
@@ -227,125 +289,5 @@ mod tests {
             (ring.recent(1), ring.recent(2), ring.recent(3)),
             (Some(3), Some(2), None)
         );
-    }
-}
-
-/// A compact little-endian encoding of the detector's state (what `Detector::to_bytes` writes):
-/// fixed-width numbers, rings as a length and their values oldest first. Hand-written: a few
-/// dozen lines against a serialisation crate and its derive for one private struct.
-#[derive(Default)]
-pub(crate) struct Encoder(pub(crate) Vec<u8>);
-
-impl Encoder {
-    pub(crate) fn f64(&mut self, v: f64) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-
-    pub(crate) fn i64(&mut self, v: i64) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-
-    pub(crate) fn u32(&mut self, v: u32) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-
-    pub(crate) fn bool(&mut self, v: bool) {
-        self.0.push(u8::from(v));
-    }
-
-    /// A ring: its length, then each value (oldest first) written by `value`.
-    fn ring<T: Copy>(&mut self, r: &Ring<T>, value: impl Fn(&mut Self, T)) {
-        self.u32(r.len() as u32);
-        for i in 0..r.len() {
-            value(self, r.get(i));
-        }
-    }
-
-    pub(crate) fn ring_i64(&mut self, r: &Ring<i64>) {
-        self.ring(r, Self::i64);
-    }
-
-    pub(crate) fn ring_f64(&mut self, r: &Ring<f64>) {
-        self.ring(r, Self::f64);
-    }
-
-    pub(crate) fn ring_f32_pairs(&mut self, r: &Ring<(f32, f32)>) {
-        self.ring(r, |e, (a, b)| {
-            e.0.extend_from_slice(&a.to_le_bytes());
-            e.0.extend_from_slice(&b.to_le_bytes());
-        });
-    }
-
-    pub(crate) fn sorted(&mut self, r: &SortedRing) {
-        self.ring_f64(&r.ring);
-    }
-}
-
-/// Reads what [`Encoder`] wrote; `None` at the first byte missing or a ring longer than its
-/// capacity.
-pub(crate) struct Decoder<'a>(pub(crate) &'a [u8]);
-
-impl Decoder<'_> {
-    fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
-        let (head, rest) = self.0.split_first_chunk::<N>()?;
-        self.0 = rest;
-        Some(*head)
-    }
-
-    pub(crate) fn f64(&mut self) -> Option<f64> {
-        self.take().map(f64::from_le_bytes)
-    }
-
-    pub(crate) fn i64(&mut self) -> Option<i64> {
-        self.take().map(i64::from_le_bytes)
-    }
-
-    pub(crate) fn u32(&mut self) -> Option<u32> {
-        self.take().map(u32::from_le_bytes)
-    }
-
-    pub(crate) fn bool(&mut self) -> Option<bool> {
-        self.take::<1>().map(|[b]| b != 0)
-    }
-
-    /// A ring of at most `capacity` values, each read by `value`.
-    fn ring<T: Copy>(
-        &mut self,
-        capacity: usize,
-        value: impl Fn(&mut Self) -> Option<T>,
-    ) -> Option<Ring<T>> {
-        let n = self.u32()? as usize;
-        let mut r = Ring::new(capacity);
-        if n > capacity {
-            return None;
-        }
-        for _ in 0..n {
-            r.push(value(self)?);
-        }
-        Some(r)
-    }
-
-    pub(crate) fn ring_i64(&mut self, capacity: usize) -> Option<Ring<i64>> {
-        self.ring(capacity, Self::i64)
-    }
-
-    pub(crate) fn ring_f64(&mut self, capacity: usize) -> Option<Ring<f64>> {
-        self.ring(capacity, Self::f64)
-    }
-
-    pub(crate) fn ring_f32_pairs(&mut self, capacity: usize) -> Option<Ring<(f32, f32)>> {
-        self.ring(capacity, |d| {
-            let a = f32::from_le_bytes(d.take()?);
-            Some((a, f32::from_le_bytes(d.take()?)))
-        })
-    }
-
-    pub(crate) fn sorted(&mut self, capacity: usize) -> Option<SortedRing> {
-        let ring = self.ring_f64(capacity)?;
-        let mut r = SortedRing::new(capacity);
-        for i in 0..ring.len() {
-            r.push(ring.get(i));
-        }
-        Some(r)
     }
 }
