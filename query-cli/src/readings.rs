@@ -196,7 +196,7 @@ pub async fn run(
 
 /// Offsets up to this are skipped by PostgreSQL directly; beyond, the page index is consulted.
 const DIRECT_OFFSET: i64 = 10_000;
-use sensor_pipeline::time::DAY_MICROS;
+use sensor_pipeline::time::{instant, DAY_MICROS};
 
 /// Where page `offset` starts: an instant to read from and how many rows to skip after it.
 ///
@@ -215,8 +215,8 @@ async fn page_anchor(
         return Ok((start, offset));
     }
     // Whole days inside the range: [first_day, after_days).
-    let first_day = micros_to_time(ceil_to(start.timestamp_micros(), DAY_MICROS));
-    let after_days = micros_to_time(floor_to(end.timestamp_micros() + 1, DAY_MICROS));
+    let first_day = instant(ceil_to(start.timestamp_micros(), DAY_MICROS));
+    let after_days = instant(floor_to(end.timestamp_micros() + 1, DAY_MICROS));
     if first_day >= after_days {
         return Ok((start, offset));
     }
@@ -272,10 +272,6 @@ fn ceil_to(us: i64, step: i64) -> i64 {
 
 fn floor_to(us: i64, step: i64) -> i64 {
     us.div_euclid(step) * step
-}
-
-fn micros_to_time(us: i64) -> DateTime<Utc> {
-    DateTime::from_timestamp_micros(us).unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
 /// Prints a query's rows as they arrive; returns how many and the last timestamp.

@@ -16,7 +16,7 @@ const Z: f64 = 6.0;
 /// residual, the highest and lowest value and the longest run of one value in each of the last
 /// `EPOCHS` epochs of `EPOCH_MICROS` (epochs are aligned to the Unix epoch, so two runs over the
 /// same readings agree on them wherever they started).
-const EPOCH_MICROS: i64 = 3_600_000_000;
+const EPOCH_MICROS: i64 = crate::time::HOUR_MICROS;
 const EPOCHS: usize = 128;
 /// What is exceeded in `NOVELTY_RANK` epochs of the memory is not news.
 const NOVELTY_RANK: usize = 2;
