@@ -6,6 +6,7 @@
 
 mod backfill;
 mod batch;
+mod consumer;
 mod detect;
 mod dlq;
 mod health;
