@@ -700,7 +700,7 @@ impl Detector {
         self.ranges.push(range);
         // Epochs without readings (at most as many as any memory holds).
         let quiet = (next - self.epoch - 1).clamp(0, SEASON_EPOCHS as i64) as usize;
-        for _ in 0..quiet.min(EPOCHS.max(EPOCHS)) {
+        for _ in 0..quiet.min(EPOCHS) {
             self.epoch_maxima.push(0.0);
             self.epoch_runs.push(0.0);
             self.outstanding.push(0.0);
