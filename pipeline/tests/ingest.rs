@@ -527,21 +527,33 @@ async fn a_correction_of_its_own_readings_replaces_them_and_keeps_the_rollup_exa
         .unwrap();
     let ingest = h.ingestor.ingest("timeseries/new.csv", None);
     let watch = async {
-        let waiting = loop {
+        let pid = loop {
             let rows = h
                 .measurements
                 .query(
-                    "SELECT left(query, 30) FROM pg_stat_activity
+                    "SELECT pid FROM pg_stat_activity
                      WHERE datname = current_database() AND wait_event_type = 'Lock'",
                     &[],
                 )
                 .await
                 .unwrap();
             if let Some(row) = rows.first() {
-                break row.get::<_, String>(0);
+                break row.get::<_, i32>(0);
             }
             tokio::task::yield_now().await;
         };
+        // One read of pg_stat_activity may pair a backend's current wait with the text of the
+        // statement before (the texts are copied first, the waits read live): read the text
+        // again now that the statement is held on the test's row.
+        let waiting: String = h
+            .measurements
+            .query_one(
+                "SELECT left(query, 30) FROM pg_stat_activity WHERE pid = $1",
+                &[&pid],
+            )
+            .await
+            .unwrap()
+            .get(0);
         holder.batch_execute("COMMIT").await.unwrap();
         waiting
     };
