@@ -1,6 +1,6 @@
 //! Judging a sensor's spans: resume a saved detector or warm one up, run it over the readings
 //! (from memory where the objects' own readings provably are what was stored), and bring the
-//! stored verdicts in line — for many sensors at once ([`judge_batch`]) or one ([`judge`]).
+//! stored verdicts in line — one path for a batch of sensors and for one ([`judge`]).
 //!
 //! # Resuming, and bounds
 //!
@@ -54,19 +54,20 @@ pub(super) fn own_readings<'f>(
     (spanning && apart).then_some(pieces)
 }
 
-/// A saved detector: its end (`through`), its state, and the end of the sensor's newest one.
-pub(super) type Saved = (DateTime<Utc>, Vec<u8>, DateTime<Utc>);
-
-/// A sensor of a batch that resumes a saved detector.
-pub(super) struct Resumed<'a> {
+/// One sensor's span being judged: its detector as it runs over the readings, what it found,
+/// and the states to save.
+pub(super) struct Judging<'a> {
     pub(super) work: &'a Work,
-    /// Readings after this are read from the database (the saved detector's end, or the span's
-    /// end when the object's own readings were fed).
-    pub(super) after: DateTime<Utc>,
     pub(super) detector: Detector,
+    /// The anomalies starting here are judged again: from what the resumed detector left
+    /// undecided, or [`LOOKBACK`] readings before the span.
     pub(super) judged_from: DateTime<Utc>,
+    /// And up to here: the span's end, or the newest saved detector's end when the span changed
+    /// readings before it (within the detector's memory).
     pub(super) judged_to: DateTime<Utc>,
-    pub(super) decided: (i64, Vec<(Kind, i64)>),
+    /// A resumed detector's end and what it left undecided (see [`reconcile`]).
+    pub(super) decided: Option<(i64, Vec<(Kind, i64)>)>,
+    /// The state to save: after the last reading judged, before the tail.
     pub(super) snapshot: Option<Detector>,
     /// When the judged range goes on past the span: the detector at the span's end, saved too
     /// (later corrections of the data after it resume it instead of a warm-up).
@@ -74,10 +75,71 @@ pub(super) struct Resumed<'a> {
     pub(super) found: Vec<Anomaly>,
 }
 
-/// [`judge`] for many sensors at once: those with one span here and a saved detector to resume
-/// share each statement (saved detectors, readings, stored anomalies, saving); the rest are
-/// judged one by one.
-pub(super) async fn judge_batch(
+impl<'a> Judging<'a> {
+    fn new(
+        work: &'a Work,
+        detector: Detector,
+        judged_from: DateTime<Utc>,
+        latest: Option<DateTime<Utc>>,
+    ) -> Self {
+        let memory = chrono::Duration::microseconds(WARM_UP_MICROS);
+        let judged_to = match latest {
+            Some(t) if t > work.to && t - work.to <= memory => t,
+            _ => work.to,
+        };
+        Judging {
+            work,
+            detector,
+            judged_from,
+            judged_to,
+            decided: None,
+            snapshot: None,
+            at_span_end: None,
+            found: Vec::new(),
+        }
+    }
+
+    /// Feeds the next reading, keeping the states to save as the judged range and the span end.
+    fn push(&mut self, at: i64, value: f64) {
+        let (span_end, last_judged) = (
+            self.work.to.timestamp_micros(),
+            self.judged_to.timestamp_micros(),
+        );
+        if at > span_end && last_judged > span_end && self.at_span_end.is_none() {
+            self.at_span_end = Some(self.detector.clone());
+        }
+        if at > last_judged && self.snapshot.is_none() {
+            self.snapshot = Some(self.detector.clone());
+        }
+        self.detector.push(at, value, &mut self.found);
+    }
+
+    /// After the last reading: the anomalies found within the judged range.
+    fn finish(&mut self) {
+        if self.snapshot.is_none() {
+            self.snapshot = Some(self.detector.clone());
+        }
+        self.detector.finish(&mut self.found);
+        let (lo, hi) = (
+            self.judged_from.timestamp_micros(),
+            self.judged_to.timestamp_micros(),
+        );
+        self.found.retain(|a| a.start >= lo && a.start <= hi);
+    }
+}
+
+/// A sensor's saved detectors: the newest one's end, and the newest saved before the span (its
+/// end and state: the one to resume).
+#[derive(Default)]
+struct Saved {
+    newest: Option<DateTime<Utc>>,
+    base: Option<(DateTime<Utc>, Vec<u8>)>,
+}
+
+/// Judges the spans of `work` (each sensor's rows as one span) and brings the stored verdicts in
+/// line. Sensors with a saved detector to resume share each statement (readings, stored
+/// anomalies, saving); the others warm up one by one ([`warm_up`]).
+pub(super) async fn judge(
     tx: &Tx<'_>,
     work: &[Work],
     fresh: &[&Held],
@@ -93,38 +155,45 @@ pub(super) async fn judge_batch(
             .push((w.from.timestamp_micros(), w.to.timestamp_micros()));
     }
     let work = one_span_per_sensor(work);
-    let work = &work[..];
-    let single: Vec<&Work> = work.iter().collect();
-    let sensors: Vec<Uuid> = single.iter().map(|w| w.sensor).collect();
-    let froms: Vec<DateTime<Utc>> = single.iter().map(|w| w.from).collect();
-    // The newest saved detector before each span, and the newest of each sensor.
-    let mut bases: HashMap<Uuid, Saved> = query(
+    let sensors: Vec<Uuid> = work.iter().map(|w| w.sensor).collect();
+    let froms: Vec<DateTime<Utc>> = work.iter().map(|w| w.from).collect();
+    // Each sensor's newest saved detector, and the newest saved before its span (to resume).
+    let mut saved: HashMap<Uuid, Saved> = query(
         tx,
-        "SELECT DISTINCT ON (d.sensor_uuid) d.sensor_uuid, d.through, d.state,
-                    (SELECT max(e.through) FROM anomaly_detectors e
-                     WHERE e.sensor_uuid = d.sensor_uuid)
-             FROM anomaly_detectors d
-             JOIN unnest($1::uuid[], $2::timestamptz[]) AS w(u, f)
-               ON d.sensor_uuid = w.u AND d.through < w.f
-             ORDER BY d.sensor_uuid, d.through DESC",
+        "SELECT w.u, newest.through, base.through, base.state
+             FROM unnest($1::uuid[], $2::timestamptz[]) AS w(u, f)
+             CROSS JOIN LATERAL (
+                 SELECT max(through) AS through FROM anomaly_detectors WHERE sensor_uuid = w.u
+             ) AS newest
+             LEFT JOIN LATERAL (
+                 SELECT through, state FROM anomaly_detectors
+                 WHERE sensor_uuid = w.u AND through < w.f ORDER BY through DESC LIMIT 1
+             ) AS base ON true",
         &[&sensors, &froms],
     )
     .await?
     .iter()
-    .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3))))
+    .map(|r| {
+        let base = r.get::<_, Option<DateTime<Utc>>>(2).map(|t| (t, r.get(3)));
+        (
+            r.get(0),
+            Saved {
+                newest: r.get(1),
+                base,
+            },
+        )
+    })
     .collect();
-    let mut resumed = Vec::new();
-    let mut alone: Vec<&Work> = Vec::new();
     // Sensors whose span other queued work overlaps (from the saved detectors' ends on): their
     // stored readings may not be this object's alone.
     let crowded: std::collections::HashSet<Uuid> = match fresh {
         [] => Default::default(),
         _ => {
-            let afters: Vec<DateTime<Utc>> = single
+            let afters: Vec<DateTime<Utc>> = work
                 .iter()
-                .map(|w| bases.get(&w.sensor).map_or(w.from, |b| b.0))
+                .map(|w| saved[&w.sensor].base.as_ref().map_or(w.from, |b| b.0))
                 .collect();
-            let uptos: Vec<DateTime<Utc>> = single.iter().map(|w| w.to).collect();
+            let uptos: Vec<DateTime<Utc>> = work.iter().map(|w| w.to).collect();
             query(
                 tx,
                 "SELECT DISTINCT q.sensor_uuid FROM anomaly_work q
@@ -139,68 +208,109 @@ pub(super) async fn judge_batch(
             .collect()
         }
     };
-    for w in single {
-        let plan = bases
-            .remove(&w.sensor)
-            .filter(|(through, ..)| w.from - *through <= memory)
-            .and_then(|(through, bytes, latest)| {
-                let detector = Detector::from_bytes(&bytes)?;
-                Some((through, detector, latest))
-            });
-        let Some((through, mut detector, latest)) = plan else {
-            alone.push(w);
+    let mut resumed = Vec::new();
+    // Readings after each resumed detector are read from the database after this instant (its
+    // end, or the span's end when the object's own readings were fed).
+    let mut afters = Vec::new();
+    let mut alone: Vec<(&Work, Option<DateTime<Utc>>)> = Vec::new();
+    for w in &work {
+        let Saved {
+            newest: latest,
+            base,
+        } = saved.remove(&w.sensor).unwrap_or_default();
+        let plan = base
+            .filter(|(through, _)| w.from - *through <= memory)
+            .and_then(|(through, bytes)| Some((through, Detector::from_bytes(&bytes)?)));
+        let Some((through, detector)) = plan else {
+            alone.push((w, latest));
             continue;
         };
+        // Nothing before what was undecided when it stopped can change.
         let undecided = detector.unsettled_since().map_or(through, time);
         let decided = (through.timestamp_micros(), detector.provisional());
+        let mut j = Judging::new(w, detector, undecided.min(w.from), latest);
+        j.decided = Some(decided);
         // The objects' own readings are all there is after the saved detector: feed them.
         let own = Some(fresh)
-            .filter(|_| latest == through && !crowded.contains(&w.sensor))
+            .filter(|_| latest == Some(through) && !crowded.contains(&w.sensor))
             .and_then(|f| own_readings(f, w.sensor, &spans[&w.sensor]));
-        let mut found = Vec::new();
-        let mut snapshot = None;
         let mut after = through;
         if let Some(own) = own {
             for &(at, value) in own.into_iter().flatten() {
-                detector.push(at, value, &mut found);
+                j.push(at, value);
             }
-            snapshot = Some(detector.clone());
+            j.snapshot = Some(j.detector.clone());
             after = w.to;
             changes.fed += 1;
         }
-        resumed.push(Resumed {
-            work: w,
-            after,
-            detector,
-            judged_from: undecided.min(w.from),
-            judged_to: if latest > w.to && latest - w.to <= memory {
-                latest
-            } else {
-                w.to
-            },
-            decided,
-            snapshot,
-            at_span_end: None,
-            found,
-        });
-    }
-    alone.sort_by_key(|w| w.id);
-    for w in alone {
-        judge(tx, w.sensor, (w.from, w.to), &w.key, fresh, changes).await?;
-    }
-    if resumed.is_empty() {
-        return Ok(());
+        resumed.push(j);
+        afters.push(after);
     }
     changes.resumed += resumed.len();
+    alone.sort_by_key(|(w, _)| w.id);
+    let mut judged = Vec::with_capacity(work.len());
+    for (w, latest) in alone {
+        judged.push(warm_up(tx, w, latest, fresh, changes).await?);
+    }
+    if !resumed.is_empty() {
+        read_on(tx, &mut resumed, &afters).await?;
+    }
+    judged.append(&mut resumed);
+    for j in &mut judged {
+        j.finish();
+    }
+    reconcile_all(tx, &judged, changes).await?;
+    save(tx, &judged).await
+}
 
-    // Every resumed sensor's readings after its detector, and a tail, in one stream.
+/// A detector warmed up for a sensor with no saved one to resume, run over its span: from a
+/// warm-up before it (the one `query-cli anomalies` uses, [`WARM_UP_MICROS`] and
+/// [`WARM_UP_READINGS`], capped at [`WARM_UP_MAX_READINGS`]), the hours the objects' readings
+/// provably are all of fed from memory ([`held_hours`]) and the rest read.
+async fn warm_up<'a>(
+    tx: &Tx<'_>,
+    w: &'a Work,
+    latest: Option<DateTime<Utc>>,
+    fresh: &[&Held],
+    changes: &mut Detected,
+) -> Result<Judging<'a>, tokio_postgres::Error> {
+    let memory = chrono::Duration::microseconds(WARM_UP_MICROS);
+    let (sensor, from) = (w.sensor, w.from);
+    let (read_from, judged_from) = match readings::nth_before(&**tx, sensor, from, LOOKBACK).await?
+    {
+        // No reading before the span (the sensor's first data, or all of it again): no warm-up
+        // to look for.
+        None => (from, from),
+        Some(judged_from) => {
+            let warm = readings::warm_up_from(&**tx, sensor, judged_from, memory, WARM_UP_READINGS)
+                .await?;
+            let cap =
+                readings::nth_before(&**tx, sensor, judged_from, WARM_UP_MAX_READINGS).await?;
+            (cap.map_or(warm, |c| c.max(warm)), judged_from)
+        }
+    };
+    let mut j = Judging::new(w, Detector::default(), judged_from, latest);
+    let read_to = readings::nth_after(&**tx, sensor, j.judged_to, TAIL).await?;
+    let held = held_hours(tx, sensor, fresh).await?;
+    changes.held += each_reading_held(tx, sensor, (read_from, read_to), &held, |at, value| {
+        j.push(at, value)
+    })
+    .await?;
+    Ok(j)
+}
+
+/// Every resumed sensor's readings after `afters`, and a tail, in one stream.
+async fn read_on(
+    tx: &Tx<'_>,
+    resumed: &mut [Judging<'_>],
+    afters: &[DateTime<Utc>],
+) -> Result<(), tokio_postgres::Error> {
     let index: HashMap<Uuid, usize> = resumed
         .iter()
         .enumerate()
         .map(|(i, r)| (r.work.sensor, i))
         .collect();
     let us: Vec<Uuid> = resumed.iter().map(|r| r.work.sensor).collect();
-    let afters: Vec<DateTime<Utc>> = resumed.iter().map(|r| r.after).collect();
     let uptos: Vec<DateTime<Utc>> = resumed.iter().map(|r| r.judged_to).collect();
     let tail = TAIL as i64;
     let params: [&(dyn ToSql + Sync); 4] = [&us, &afters, &uptos, &tail];
@@ -227,30 +337,20 @@ pub(super) async fn judge_batch(
     while let Some(row) = futures_util::TryStreamExt::try_next(&mut rows).await? {
         let sensor: Uuid = row.try_get(0)?;
         let at = row.try_get::<_, DateTime<Utc>>(1)?.timestamp_micros();
-        let value: f64 = row.try_get(2)?;
-        let r = &mut resumed[index[&sensor]];
-        if at > r.work.to.timestamp_micros() && r.judged_to > r.work.to && r.at_span_end.is_none() {
-            r.at_span_end = Some(r.detector.clone());
-        }
-        if at > r.judged_to.timestamp_micros() && r.snapshot.is_none() {
-            r.snapshot = Some(r.detector.clone());
-        }
-        r.detector.push(at, value, &mut r.found);
+        resumed[index[&sensor]].push(at, row.try_get(2)?);
     }
-    for r in &mut resumed {
-        if r.snapshot.is_none() {
-            r.snapshot = Some(r.detector.clone());
-        }
-        r.detector.finish(&mut r.found);
-        let (lo, hi) = (
-            r.judged_from.timestamp_micros(),
-            r.judged_to.timestamp_micros(),
-        );
-        r.found.retain(|a| a.start >= lo && a.start <= hi);
-    }
+    Ok(())
+}
 
-    // The stored anomalies of every judged range.
-    let los: Vec<DateTime<Utc>> = resumed.iter().map(|r| r.judged_from).collect();
+/// The stored anomalies of every judged range, brought in line with what was found there.
+async fn reconcile_all(
+    tx: &Tx<'_>,
+    judged: &[Judging<'_>],
+    changes: &mut Detected,
+) -> Result<(), tokio_postgres::Error> {
+    let us: Vec<Uuid> = judged.iter().map(|j| j.work.sensor).collect();
+    let los: Vec<DateTime<Utc>> = judged.iter().map(|j| j.judged_from).collect();
+    let his: Vec<DateTime<Utc>> = judged.iter().map(|j| j.judged_to).collect();
     let mut stored: HashMap<Uuid, HashMap<(Kind, i64), Stored>> = HashMap::new();
     for row in query(
         tx,
@@ -259,7 +359,7 @@ pub(super) async fn judge_batch(
              FROM anomalies a
              JOIN unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[]) AS w(u, lo, hi)
                ON a.sensor_uuid = w.u AND a.start_ts >= w.lo AND a.start_ts <= w.hi",
-        &[&us, &los, &uptos],
+        &[&us, &los, &his],
     )
     .await?
     {
@@ -267,183 +367,18 @@ pub(super) async fn judge_batch(
             stored.entry(row.get(0)).or_default().insert(k, v);
         }
     }
-    for r in &resumed {
-        let s = stored.remove(&r.work.sensor).unwrap_or_default();
+    for j in judged {
+        let s = stored.remove(&j.work.sensor).unwrap_or_default();
         reconcile(
             tx,
-            r.work.sensor,
-            &r.found,
+            j.work.sensor,
+            &j.found,
             s,
-            Some(&r.decided),
-            &r.work.key,
+            j.decided.as_ref(),
+            &j.work.key,
             changes,
         )
         .await?;
     }
-
-    // Save the detectors, in place of those the spans made stale; keep the newest few.
-    let changed: Vec<DateTime<Utc>> = resumed.iter().map(|r| r.work.from).collect();
-    execute(
-        tx,
-        "DELETE FROM anomaly_detectors d USING unnest($1::uuid[], $2::timestamptz[]) AS w(u, f)
-         WHERE d.sensor_uuid = w.u AND d.through >= w.f",
-        &[&us, &changed],
-    )
-    .await?;
-    let mut saved_us = Vec::new();
-    let mut throughs = Vec::new();
-    let mut states = Vec::new();
-    for r in &resumed {
-        let snapshot = r.snapshot.as_ref().expect("set above");
-        // (The same detector when no reading lies between the span's end and the range's.)
-        let at_span_end = r
-            .at_span_end
-            .as_ref()
-            .filter(|d| d.last_reading() != snapshot.last_reading());
-        for detector in [Some(snapshot), at_span_end].into_iter().flatten() {
-            if let Some(last) = detector.last_reading() {
-                saved_us.push(r.work.sensor);
-                throughs.push(time(last));
-                states.push(detector.to_bytes());
-            }
-        }
-    }
-    execute(
-        tx,
-        "INSERT INTO anomaly_detectors (sensor_uuid, through, state)
-         SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::bytea[])
-         ON CONFLICT (sensor_uuid, through) DO UPDATE
-             SET state = EXCLUDED.state, updated_at = now()",
-        &[&saved_us, &throughs, &states],
-    )
-    .await?;
-    execute(
-        tx,
-        "DELETE FROM anomaly_detectors d WHERE d.sensor_uuid = ANY($1) AND d.through < (
-             SELECT e.through FROM anomaly_detectors e WHERE e.sensor_uuid = d.sensor_uuid
-             ORDER BY e.through DESC OFFSET $2 LIMIT 1)",
-        &[&us, &(SAVED_DETECTORS as i64 - 1)],
-    )
-    .await?;
     Ok(())
-}
-
-/// Detects over one span of one sensor and brings the stored anomalies of its judged range in
-/// line with what was found.
-pub(super) async fn judge(
-    tx: &Tx<'_>,
-    sensor: Uuid,
-    (from, to): (DateTime<Utc>, DateTime<Utc>),
-    key: &str,
-    fresh: &[&Held],
-    changes: &mut Detected,
-) -> Result<(), tokio_postgres::Error> {
-    // The newest saved detector from before the span (to resume), and the newest of all.
-    let memory = chrono::Duration::microseconds(WARM_UP_MICROS);
-    let base: Option<(DateTime<Utc>, Vec<u8>)> = tx
-        .query_opt(
-            &st(
-                tx,
-                "SELECT through, state FROM anomaly_detectors
-             WHERE sensor_uuid = $1 AND through < $2 ORDER BY through DESC LIMIT 1",
-            )
-            .await?,
-            &[&sensor, &from],
-        )
-        .await?
-        .map(|r| (r.get(0), r.get(1)));
-    let latest: Option<DateTime<Utc>> = tx
-        .query_one(
-            &st(
-                tx,
-                "SELECT max(through) FROM anomaly_detectors WHERE sensor_uuid = $1",
-            )
-            .await?,
-            &[&sensor],
-        )
-        .await?
-        .get(0);
-    // Readings before a saved detector's end changed: read on to the newest one's end (when it
-    // is within the detector's memory), judge all of it and save the detector there afresh.
-    let judged_to = match latest {
-        Some(t) if t > to && t - to <= memory => t,
-        _ => to,
-    };
-    // Resume when a saved detector ends before the span, not too long before it.
-    let resumed = base
-        .filter(|(through, _)| from - *through <= memory)
-        .and_then(|(through, bytes)| Some((through, Detector::from_bytes(&bytes)?)));
-    // Resumed: stored anomalies up to `through` were decided before, except the provisional ones.
-    let mut decided_through: Option<(i64, Vec<(Kind, i64)>)> = None;
-    let (mut detector, read_from, judged_from) = match resumed {
-        Some((through, detector)) => {
-            // Nothing before what was undecided when it stopped can change.
-            let undecided = detector.unsettled_since().map_or(through, time);
-            let read_from = through + chrono::Duration::microseconds(1);
-            decided_through = Some((through.timestamp_micros(), detector.provisional()));
-            changes.resumed += 1;
-            (detector, read_from, undecided.min(from))
-        }
-        None => match readings::nth_before(&**tx, sensor, from, LOOKBACK).await? {
-            // No reading before the span (the sensor's first data, or all of it again): no
-            // warm-up to look for.
-            None => (Detector::default(), from, from),
-            Some(judged_from) => {
-                let warm =
-                    readings::warm_up_from(&**tx, sensor, judged_from, memory, WARM_UP_READINGS)
-                        .await?;
-                let cap =
-                    readings::nth_before(&**tx, sensor, judged_from, WARM_UP_MAX_READINGS).await?;
-                let read_from = cap.map_or(warm, |c| c.max(warm));
-                (Detector::default(), read_from, judged_from)
-            }
-        },
-    };
-    let read_to = readings::nth_after(&**tx, sensor, judged_to, TAIL).await?;
-    let mut found = Vec::new();
-    // The state to save: after the last reading judged, before the tail.
-    let mut snapshot = None;
-    // And when the judged range goes on past the span, the detector at the span's end (later
-    // corrections of what follows resume it instead of a warm-up).
-    let mut at_span_end = None;
-    let last_judged = judged_to.timestamp_micros();
-    let span_end = to.timestamp_micros();
-    let held = held_hours(tx, sensor, fresh).await?;
-    let feed = |at, value| {
-        if at > span_end && last_judged > span_end && at_span_end.is_none() {
-            at_span_end = Some(detector.clone());
-        }
-        if at > last_judged && snapshot.is_none() {
-            snapshot = Some(detector.clone());
-        }
-        detector.push(at, value, &mut found)
-    };
-    changes.held += each_reading_held(tx, sensor, (read_from, read_to), &held, feed).await?;
-    let snapshot = snapshot.unwrap_or_else(|| detector.clone());
-    detector.finish(&mut found);
-    save_state(tx, sensor, &snapshot, at_span_end.as_ref(), from).await?;
-    let (lo, hi) = (judged_from.timestamp_micros(), last_judged);
-    found.retain(|a| a.start >= lo && a.start <= hi);
-    let (judged_from, to) = (judged_from, judged_to);
-
-    let stored: HashMap<(Kind, i64), Stored> = query(
-        tx,
-        "SELECT kind, start_ts, end_ts, value, expected, score, state FROM anomalies
-             WHERE sensor_uuid = $1 AND start_ts >= $2 AND start_ts <= $3",
-        &[&sensor, &judged_from, &to],
-    )
-    .await?
-    .iter()
-    .filter_map(|r| stored_row(r, 0))
-    .collect();
-    reconcile(
-        tx,
-        sensor,
-        &found,
-        stored,
-        decided_through.as_ref(),
-        key,
-        changes,
-    )
-    .await
 }

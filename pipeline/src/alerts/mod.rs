@@ -259,7 +259,7 @@ impl Alerts {
                 &[&SENSOR_LOCK, &sensors],
             )
             .await?;
-            judge_batch(&tx, &work, fresh, &mut changes).await?;
+            judge(&tx, &work, fresh, &mut changes).await?;
             changes.settled += settle_hours(&tx, &work, fresh).await?;
             execute(
                 &tx,
