@@ -1,39 +1,28 @@
 //! Anomalies as data arrives: detect over the spans an object wrote, keep the verdicts in the
 //! `anomalies` table, publish each change to NATS JetStream.
 //!
-//! # The flow
-//!
-//! 1. **Queue.** After the merge of a measurement object ([`crate::store::write`]), in the
-//!    object's own transaction, one `anomaly_work` row per sensor with valid rows in the object:
-//!    the sensor and its first and last instant there. So detection is never lost (the work
-//!    commits with the rows) and never in the way: it runs after the commit, and its errors cannot
-//!    touch the object's outcome. (A version that lost to a newer one queues work that changes
-//!    nothing; a version already `done` queues none.)
-//! 2. **Detect.** [`Alerts::detect_due`] takes one sensor's queued work at a time, in a transaction
-//!    that locks the work rows (`FOR UPDATE SKIP LOCKED`: two workers never take the same row)
-//!    and then the sensor (a transaction-level advisory lock: detections of one sensor run one
-//!    after the other, whichever worker runs them). For each span it runs the library's
-//!    [`Detector`] from a warm-up before the span to a few readings after it, reading the stored
-//!    readings (the merged truth, whatever order objects came in), and compares what it finds
-//!    whose first reading lies in the *judged range* — from [`LOOKBACK`] readings before the span
-//!    to its end — with the stored anomalies of that range: new ones are opened, stored open ones
-//!    no longer found are resolved (a newer write removed their reason), resolved ones found again
-//!    are reopened, the rest are left as they are (their end, value and score are refreshed).
-//!    It also settles the rollup hours within the spans that a replacing merge left inexact
-//!    (from the objects' own readings when they provably are all the hour holds, else from the
-//!    stored readings). The work rows are deleted in the same transaction. An error rolls it
-//!    all back and the work rows are retried later with a growing delay (`not_before`); a
-//!    worker killed half-way leaves them for the next one.
+//! 1. **Queue.** The object's own transaction ([`crate::store::write`]) queues one `anomaly_work`
+//!    row per sensor it wrote: the sensor and its first and last instant there. Detection is
+//!    never lost (the work commits with the rows) and never in the way (it runs after the
+//!    commit; its errors cannot touch the object's outcome).
+//! 2. **Detect.** [`Alerts::detect_due`] claims queued work (`FOR UPDATE SKIP LOCKED`), locks its
+//!    sensors (detections of one sensor run one after the other, whichever worker runs them) and
+//!    runs the [`Detector`] over the stored readings — the merged truth, whatever order objects
+//!    came in — from a warm-up or a saved detector to a few readings after the span. What it
+//!    finds in the *judged range* (from [`LOOKBACK`] readings before the span to its end) is
+//!    compared with the stored anomalies there: new ones opened, open ones no longer found
+//!    resolved, resolved ones found again reopened. It settles the rollup hours a replacing
+//!    merge left inexact, and deletes the work rows, in the same transaction; an error rolls
+//!    it all back and the rows are retried after a growing delay.
 //! 3. **Publish.** Every change of state bumps the row's `revision`; rows whose
 //!    `published_revision` is behind are the outbox. [`Alerts::publish_due`] publishes them to
 //!    `<prefix>.<kind>` with the message id `<sensor>:<kind>:<start µs>:<revision>`, then records
-//!    the revision. A publisher killed between the two publishes again with the same id, which
-//!    JetStream drops within the stream's duplicate window: one message per change.
+//!    the revision: a publisher killed between the two publishes again with the same id, which
+//!    JetStream drops as a duplicate.
 //!
-//! Re-ingesting, redelivered events and replays queue no work (the ledger makes them no-ops, and
-//! an older version changes no row); two workers on overlapping data are serialised per sensor
-//! and see the same stored readings, so the table has one row per (sensor, start, kind) and a
-//! verdict changes only when the readings do.
+//! Redelivered events and replays queue no work (the ledger makes them no-ops); two workers on
+//! overlapping data see the same stored readings one after the other, so a verdict changes only
+//! when the readings do.
 //!
 //! Where: `work` (the queue, its claim's backoff, the history queued by `detect --all`),
 //! `judge` (one path for a batch of sensors and for one; resuming saved detectors), `held`

@@ -81,12 +81,11 @@
 //! 181 false alarms; artificialWithAnomaly 92.8, realAWSCloudwatch 62.6, realAdExchange 59.0,
 //! realTweets 65.0, none on artificialNoAnomaly). Left out of tuning (`bench-anomalies --loco`):
 //! 92.8, 62.6, 59.0, 65.0, mean 69.8 — short of a detector that holds on kinds of sensor it was
-//! never shown (the goal is 70 for every real category left out). A rule for readings on *empty
-//! ground* (where none of the last 1,024 readings went) was removed: it found three windows of
-//! realAWSCloudwatch, where it was devised, and raised 75 false alarms on the bursty counts of
-//! realTweets, which it was not shown (left-out mean 67.4 → 69.8, whole bench 65.3 → 65.1).
-//! 7.1 million readings/s through the detector in-process. (A bound on the hourly *level* scored
-//! higher on the former bench but alarmed over and over on white noise: not kept.) On
+//! never shown (the goal is 70 for every real category left out). Rules tried and removed because
+//! they did not carry to a category they were not found on: readings on *empty ground* (where none
+//! of the last 1,024 readings went: 75 false alarms on realTweets), a bound on the hourly level
+//! (alarmed over and over on white noise).
+//! 6.5 million readings/s through the detector in-process. On
 //! `cargo xtask gen` data its truth file is found with precision and recall 1.0 for every kind
 //! (`xtask` test `the_detector_finds_what_was_injected`).
 
