@@ -3,6 +3,7 @@
 //! ([`crate::store::write::merge_held`]) and detection reads instead of the table
 //! ([`crate::alerts`]).
 
+use crate::time::Micros;
 use std::collections::HashMap;
 
 use uuid::Uuid;
@@ -10,7 +11,7 @@ use uuid::Uuid;
 use crate::store::write::Link;
 
 /// Readings per sensor: microseconds since the epoch and value, in time order.
-pub type BySensor = HashMap<Uuid, Vec<(i64, f64)>>;
+pub type BySensor = HashMap<Uuid, Vec<(Micros, f64)>>;
 
 /// One object's valid readings per sensor, in time order, one per instant (the last line wins).
 #[derive(Debug, Default)]
@@ -47,7 +48,7 @@ impl Held {
         for v in self.readings.values_mut() {
             // Stable: lines of one instant stay in file order, and the last one is kept.
             v.sort_by_key(|r| r.0);
-            let mut out: Vec<(i64, f64)> = Vec::with_capacity(v.len());
+            let mut out: Vec<(Micros, f64)> = Vec::with_capacity(v.len());
             for &r in v.iter() {
                 match out.last_mut() {
                     Some(last) if last.0 == r.0 => *last = r,

@@ -3,16 +3,20 @@
 
 use chrono::{DateTime, Utc};
 
-pub const HOUR_MICROS: i64 = 3_600_000_000;
-pub const DAY_MICROS: i64 = 24 * HOUR_MICROS;
+/// An instant in microseconds since the Unix epoch, UTC (a reading's time, an anomaly's start):
+/// named where instants are kept, so that `i64` elsewhere is a count.
+pub type Micros = i64;
+
+pub const HOUR_MICROS: Micros = 3_600_000_000;
+pub const DAY_MICROS: Micros = 24 * HOUR_MICROS;
 
 /// The instant `micros` after the epoch; past chrono's range, its last instant.
-pub fn instant(micros: i64) -> DateTime<Utc> {
+pub fn instant(micros: Micros) -> DateTime<Utc> {
     DateTime::from_timestamp_micros(micros).unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
 /// The start of the UTC hour `micros` falls in.
-pub fn hour_of(micros: i64) -> i64 {
+pub fn hour_of(micros: Micros) -> Micros {
     micros.div_euclid(HOUR_MICROS) * HOUR_MICROS
 }
 

@@ -6,6 +6,7 @@
 //! for a window does not depend on where the window begins; anomalies are those whose first
 //! reading lies in `[start, end]`.
 
+use sensor_pipeline::time::Micros;
 use std::io::{IsTerminal, Write};
 
 use chrono::{DateTime, Duration, Utc};
@@ -146,7 +147,7 @@ pub async fn detect(
     start: DateTime<Utc>,
     end: DateTime<Utc>,
     sensitivity: f64,
-    mut in_window: impl FnMut(i64, f64),
+    mut in_window: impl FnMut(Micros, f64),
 ) -> Result<Vec<Anomaly>, Failure> {
     let client = &dbs.measurements;
     let from = series::warm_up_from(

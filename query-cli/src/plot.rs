@@ -18,6 +18,7 @@
 //! Text is drawn with DejaVu Sans from the `dejavu` crate through `plotters`' ab_glyph back end:
 //! no system font is needed (CI and containers have none).
 
+use sensor_pipeline::time::Micros;
 use std::path::{Path, PathBuf};
 use std::sync::Once;
 
@@ -308,7 +309,7 @@ const MONDAY: i64 = 4 * DAY;
 /// Round instants (UTC) inside `[start, end]` — whole minutes, hours, days, Mondays, firsts of
 /// months, years — at the finest step that gives at most `most` of them, leaving out any within
 /// 3 % of the span of either edge (its label would be cut there); and the step.
-fn ticks(start: i64, end: i64, most: usize) -> (Vec<i64>, Step) {
+fn ticks(start: Micros, end: Micros, most: usize) -> (Vec<i64>, Step) {
     let margin = (end - start) * 3 / 100;
     let (low, high) = (start + margin, end - margin);
     let mut last = (Vec::new(), STEPS[STEPS.len() - 1]);
@@ -379,7 +380,7 @@ fn tick_label(us: i64, step: Step) -> String {
 }
 
 /// The time axis' description: UTC, and the years when the labels do not say them.
-fn time_description(start: i64, end: i64, step: Step) -> String {
+fn time_description(start: Micros, end: Micros, step: Step) -> String {
     if matches!(step, Step::Months(_)) {
         return "time (UTC)".into();
     }
@@ -449,15 +450,15 @@ fn plot_width(width: u32) -> u32 {
 /// The x pixel (in the whole picture) at which instant `at` is drawn in a `width`-wide picture
 /// of `[start, end]`.
 #[cfg(test)]
-fn x_pixel(width: u32, start: i64, end: i64, at: i64) -> f64 {
+fn x_pixel(width: u32, start: Micros, end: Micros, at: Micros) -> f64 {
     let left = (MARGIN + Y_LABELS) as f64;
     left + (at - start) as f64 / (end - start) as f64 * plot_width(width) as f64
 }
 
 /// Readings reduced to pixel columns: per column the first, lowest, highest and last reading.
 pub struct Columns {
-    start: i64,
-    end: i64,
+    start: Micros,
+    end: Micros,
     buckets: Vec<Bucket>,
     readings: u64,
 }
@@ -465,14 +466,14 @@ pub struct Columns {
 #[derive(Debug, Clone, Copy, Default)]
 struct Bucket {
     n: u32,
-    first: (i64, f64),
-    low: (i64, f64),
-    high: (i64, f64),
-    last: (i64, f64),
+    first: (Micros, f64),
+    low: (Micros, f64),
+    high: (Micros, f64),
+    last: (Micros, f64),
 }
 
 impl Columns {
-    pub fn new(start: i64, end: i64, columns: usize) -> Self {
+    pub fn new(start: Micros, end: Micros, columns: usize) -> Self {
         Self {
             start,
             end: end.max(start + 1),
@@ -482,7 +483,7 @@ impl Columns {
     }
 
     /// Adds a reading (in time order) inside `[start, end]`; others are ignored.
-    pub fn push(&mut self, at: i64, value: f64) {
+    pub fn push(&mut self, at: Micros, value: f64) {
         if at < self.start || at > self.end || !value.is_finite() {
             return;
         }
@@ -513,7 +514,7 @@ impl Columns {
 
     /// Adds `readings` readings summarised by their `low` and `high`, drawn at `at` (in time
     /// order with the other pushes).
-    pub fn push_summary(&mut self, at: i64, low: f64, high: f64, readings: i64) {
+    pub fn push_summary(&mut self, at: Micros, low: f64, high: f64, readings: i64) {
         let before = self.readings;
         self.push(at, low);
         self.push(at, high);
@@ -523,7 +524,7 @@ impl Columns {
     }
 
     /// The points the line visits, in time order (at most four per column).
-    pub fn points(&self) -> Vec<(i64, f64)> {
+    pub fn points(&self) -> Vec<(Micros, f64)> {
         let mut points = Vec::new();
         for b in self.buckets.iter().filter(|b| b.n > 0) {
             let (a, c) = if b.low.0 <= b.high.0 {
@@ -697,7 +698,7 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, panels: &[Panel]) -> 
         // kind, its swatch the band's colour.
         let narrowest = (end - start) * 3 / plot_width(area.dim_in_pixel().0).max(1) as i64;
         for kind in [Kind::LevelShift, Kind::Stuck, Kind::Gap] {
-            let bands: Vec<Rectangle<(i64, f64)>> = panel
+            let bands: Vec<Rectangle<(Micros, f64)>> = panel
                 .anomalies
                 .iter()
                 .filter(|a| a.kind == kind)
@@ -750,7 +751,7 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, panels: &[Panel]) -> 
                 .legend(|(x, y)| {
                     Rectangle::new([(x + 2, y - 6), (x + 14, y + 6)], LINE.mix(RANGE).filled())
                 });
-            let mut means: Vec<Vec<(i64, f64)>> = vec![Vec::new()];
+            let mut means: Vec<Vec<(Micros, f64)>> = vec![Vec::new()];
             for (i, &(s, e, b)) in spans.iter().enumerate() {
                 if i > 0 && spans[i - 1].1 != s {
                     means.push(Vec::new());
@@ -780,7 +781,7 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, panels: &[Panel]) -> 
             Some(_) => Vec::new(),
             None => panel.columns.points(),
         };
-        let mut segments: Vec<Vec<(i64, f64)>> = vec![Vec::new()];
+        let mut segments: Vec<Vec<(Micros, f64)>> = vec![Vec::new()];
         for (i, &p) in points.iter().enumerate() {
             if i > 0 {
                 let previous = points[i - 1].0;
@@ -804,7 +805,7 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, panels: &[Panel]) -> 
             }
         }
         // Spikes: a marker on the most extreme reading; the legend shows the same marker.
-        let spikes: Vec<(i64, f64)> = panel
+        let spikes: Vec<(Micros, f64)> = panel
             .anomalies
             .iter()
             .filter(|a| a.kind == Kind::Spike)

@@ -3,6 +3,7 @@
 
 use chrono::{DateTime, Duration, Utc};
 use sensor_pipeline::store::measurements as readings;
+use sensor_pipeline::time::Micros;
 use tokio_postgres::Client;
 use uuid::Uuid;
 
@@ -16,7 +17,7 @@ pub async fn each_reading(
     uuid: Uuid,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
-    each: impl FnMut(i64, f64),
+    each: impl FnMut(Micros, f64),
 ) -> Result<u64, Failure> {
     readings::each_reading(client, uuid, from, to, each)
         .await

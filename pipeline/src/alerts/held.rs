@@ -3,10 +3,11 @@
 //! settled from them or from the stored readings.
 
 use super::*;
+use crate::time::Micros;
 
 /// An hour's start (microseconds since the epoch) and the held readings it holds, in time order
 /// (from one object, or several that wrote it one after the other).
-pub(super) type HeldHour<'f> = (i64, Vec<&'f [(i64, f64)]>);
+pub(super) type HeldHour<'f> = (Micros, Vec<&'f [(Micros, f64)]>);
 
 /// What the objects of a batch (`fresh`) hold of one sensor in the hours their replacing merges
 /// wrote ([`Link`](crate::store::write::Link)): each hour's readings, in time order, and the
@@ -15,14 +16,14 @@ pub(super) type HeldHour<'f> = (i64, Vec<&'f [(i64, f64)]>);
 /// say).
 #[derive(Default)]
 pub(super) struct HeldOf<'f> {
-    pub(super) hours: std::collections::BTreeMap<i64, Vec<&'f [(i64, f64)]>>,
+    pub(super) hours: std::collections::BTreeMap<Micros, Vec<&'f [(Micros, f64)]>>,
     pub(super) links: HashMap<i64, Vec<(Option<i64>, i64)>>,
 }
 
 impl<'f> HeldOf<'f> {
     pub(super) fn of(sensor: Uuid, fresh: &[&'f Held]) -> Self {
         let mut links: HashMap<i64, Vec<(Option<i64>, i64)>> = HashMap::new();
-        let mut pieces: Vec<&[(i64, f64)]> = Vec::new();
+        let mut pieces: Vec<&[(Micros, f64)]> = Vec::new();
         for f in fresh {
             let mut linked = false;
             for l in f.links.iter().filter(|l| l.sensor == sensor) {
@@ -41,7 +42,8 @@ impl<'f> HeldOf<'f> {
         if pieces.is_empty() || !apart {
             return Self::default();
         }
-        let mut hours: std::collections::BTreeMap<i64, Vec<&'f [(i64, f64)]>> = Default::default();
+        let mut hours: std::collections::BTreeMap<Micros, Vec<&'f [(Micros, f64)]>> =
+            Default::default();
         for piece in pieces {
             let mut rest = piece;
             while let Some(&(at, _)) = rest.first() {
@@ -59,7 +61,7 @@ impl<'f> HeldOf<'f> {
     /// the hour, each of them wrote it right after the one before (so nothing else wrote into
     /// the hour from the first of them on), and they hold as many readings as it counts (so it
     /// holds nothing else).
-    pub(super) fn proves(&self, hour: i64, count: i64, now: i64) -> bool {
+    pub(super) fn proves(&self, hour: Micros, count: i64, now: i64) -> bool {
         let held: usize = self
             .hours
             .get(&hour)
@@ -172,7 +174,7 @@ pub(super) async fn each_reading_held(
     sensor: Uuid,
     (from, to): (DateTime<Utc>, DateTime<Utc>),
     held: &[HeldHour<'_>],
-    mut each: impl FnMut(i64, f64),
+    mut each: impl FnMut(Micros, f64),
 ) -> Result<u64, tokio_postgres::Error> {
     let (lo, hi) = (from.timestamp_micros(), to.timestamp_micros());
     // The first instant not fed yet.

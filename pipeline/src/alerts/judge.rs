@@ -24,6 +24,7 @@
 //! saved there.
 
 use super::*;
+use crate::time::Micros;
 
 /// The readings of `sensor` that the batch's objects hold (`fresh`), in time order, when they are
 /// exactly what its work rows (`spans`, first and last instant of each) stored: one held piece
@@ -33,8 +34,8 @@ pub(super) fn own_readings<'f>(
     fresh: &[&'f Held],
     sensor: Uuid,
     spans: &[(i64, i64)],
-) -> Option<Vec<&'f [(i64, f64)]>> {
-    let mut pieces: Vec<&[(i64, f64)]> = fresh
+) -> Option<Vec<&'f [(Micros, f64)]>> {
+    let mut pieces: Vec<&[(Micros, f64)]> = fresh
         .iter()
         .filter_map(|f| f.readings.get(&sensor).map(Vec::as_slice))
         .collect();
@@ -100,7 +101,7 @@ impl<'a> Judging<'a> {
     }
 
     /// Feeds the next reading, keeping the states to save as the judged range and the span end.
-    fn push(&mut self, at: i64, value: f64) {
+    fn push(&mut self, at: Micros, value: f64) {
         let (span_end, last_judged) = (
             self.work.to.timestamp_micros(),
             self.judged_to.timestamp_micros(),

@@ -3,6 +3,7 @@
 
 use super::window::{median_in_place, Ring, SortedRing};
 use super::{Anomaly, Kind};
+use crate::time::{Micros, DAY_MICROS, HOUR_MICROS};
 
 /// Readings in each half of the local-level window.
 const HALF: usize = 16;
@@ -16,7 +17,7 @@ const Z: f64 = 6.0;
 /// residual, the highest and lowest value and the longest run of one value in each of the last
 /// `EPOCHS` epochs of `EPOCH_MICROS` (epochs are aligned to the Unix epoch, so two runs over the
 /// same readings agree on them wherever they started).
-const EPOCH_MICROS: i64 = crate::time::HOUR_MICROS;
+const EPOCH_MICROS: Micros = HOUR_MICROS;
 const EPOCHS: usize = 128;
 /// What is exceeded in `NOVELTY_RANK` epochs of the memory is not news.
 const NOVELTY_RANK: usize = 2;
@@ -39,7 +40,6 @@ const STUCK_MIN: u32 = 12;
 /// `NOVELTY_RANK` epochs.
 const STUCK_FACTOR: f64 = 3.0;
 /// Epochs in a day: the daily profile compares an epoch with the same epoch of earlier days.
-use crate::time::DAY_MICROS;
 const EPOCHS_PER_DAY: usize = (DAY_MICROS / EPOCH_MICROS) as usize;
 /// The cycles a sensor may follow, in epochs: a day and a week. The profile of a cycle is the
 /// same epoch of the `DAYS` cycles before.
@@ -117,7 +117,7 @@ pub struct Detector {
     ranges: Ring<(f32, f32)>,
     /// The last intervals between readings (gaps excluded).
     intervals: SortedRing,
-    last: Option<(i64, f64)>,
+    last: Option<(Micros, f64)>,
     /// The run of equal values ending at the last reading; the longest run that ended in this
     /// epoch, and those of past epochs.
     run: Run,
@@ -157,8 +157,8 @@ struct Season {
 
 #[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 struct Run {
-    start: i64,
-    end: i64,
+    start: Micros,
+    end: Micros,
     value: f64,
     len: u32,
     expected: f64,
@@ -169,14 +169,14 @@ struct Run {
 /// Readings away from the local level, not yet known to be a spike or a level shift.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Excursion {
-    start: i64,
-    end: i64,
+    start: Micros,
+    end: Micros,
     expected: f64,
     side: f64,
     threshold: f64,
     unit: f64,
     extreme: f64,
-    values: Vec<(i64, f64)>,
+    values: Vec<(Micros, f64)>,
     /// Started by leaving the profile (see [`Detector::off_season`]).
     seasonal: bool,
 }
@@ -236,7 +236,7 @@ impl Detector {
 
     /// Feeds the next reading (`at` in microseconds since the epoch, strictly after the previous
     /// one); appends what it completes to `found`.
-    pub fn push(&mut self, at: i64, value: f64, found: &mut Vec<Anomaly>) {
+    pub fn push(&mut self, at: Micros, value: f64, found: &mut Vec<Anomaly>) {
         let reported = found.len();
         if let Some((previous, last_value)) = self.last {
             self.interval(previous, at, found);
@@ -360,7 +360,7 @@ impl Detector {
         self.end_run(found);
     }
 
-    fn interval(&mut self, previous: i64, at: i64, found: &mut Vec<Anomaly>) {
+    fn interval(&mut self, previous: Micros, at: Micros, found: &mut Vec<Anomaly>) {
         let dt = (at - previous) as f64;
         if self.intervals.len() >= MIN_INTERVALS {
             let typical = self.intervals.median();
@@ -422,7 +422,7 @@ impl Detector {
 
     /// The local level at `at`: the median of the newer half, moved along the slope between the
     /// two halves' medians.
-    fn expected(&self, at: i64) -> f64 {
+    fn expected(&self, at: Micros) -> f64 {
         let newer = self.newer.median();
         if self.older.len() < HALF {
             return newer;
@@ -451,7 +451,7 @@ impl Detector {
         self.older.is_full() && self.residuals.len() >= MIN_RESIDUALS
     }
 
-    fn level(&mut self, at: i64, value: f64, found: &mut Vec<Anomaly>) {
+    fn level(&mut self, at: Micros, value: f64, found: &mut Vec<Anomaly>) {
         if let Some(mut e) = self.pending.take() {
             let away = (value - e.expected) * e.side;
             // A departure from the profile lasts while the readings stay off what their own
@@ -580,7 +580,7 @@ impl Detector {
     /// For a sensor that follows a cycle: +1 (or -1) and the usual level when `value` is above
     /// (or below) what the same epoch held in each of the earlier cycles by a clear margin — the
     /// first reading of such a departure only.
-    fn off_season(&mut self, at: i64, value: f64) -> Option<(f64, f64)> {
+    fn off_season(&mut self, at: Micros, value: f64) -> Option<(f64, f64)> {
         let season = self.season?;
         let side = self.beyond_profile(value, 1.0);
         if side == 0.0 {
@@ -601,7 +601,7 @@ impl Detector {
     /// an excursion: that is reported in its own right).
     fn burst(
         &mut self,
-        at: i64,
+        at: Micros,
         value: f64,
         expected: f64,
         alarmed: bool,
@@ -643,7 +643,7 @@ impl Detector {
         self.run.judged && self.run.len > STUCK_MIN && self.is_stuck(self.run.len)
     }
 
-    fn accept(&mut self, at: i64, value: f64, residual: f64) {
+    fn accept(&mut self, at: Micros, value: f64, residual: f64) {
         self.add_to_level(at, value);
         if self.stuck_now() || !residual.is_finite() {
             return;
@@ -654,7 +654,7 @@ impl Detector {
 
     /// Closes the current epoch if `at` is past it (before the reading at `at` is judged, so that
     /// it is judged with what the epochs before it held).
-    fn advance_epoch(&mut self, at: i64) {
+    fn advance_epoch(&mut self, at: Micros) {
         let epoch = at.div_euclid(EPOCH_MICROS);
         if epoch != self.epoch {
             if self.epoch != i64::MIN {
@@ -775,14 +775,14 @@ impl Detector {
         });
     }
 
-    fn add_to_level(&mut self, at: i64, value: f64) {
+    fn add_to_level(&mut self, at: Micros, value: f64) {
         if let Some(out) = self.newer.push(value) {
             self.older.push(out);
         }
         self.level_ts.push(at);
     }
 
-    fn restart_level(&mut self, values: &[(i64, f64)]) {
+    fn restart_level(&mut self, values: &[(Micros, f64)]) {
         self.older.clear();
         self.newer.clear();
         self.level_ts.clear();

@@ -94,6 +94,8 @@ mod window;
 
 pub use detector::{Detector, WARM_UP_MICROS, WARM_UP_READINGS};
 
+use crate::time::Micros;
+
 /// What kind of anomaly (SPEC §7); in messages by its [`Kind::as_str`] name.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
@@ -147,9 +149,9 @@ impl std::str::FromStr for Kind {
 pub struct Anomaly {
     pub kind: Kind,
     /// The first reading of the anomaly (a gap: the last reading before the silence).
-    pub start: i64,
+    pub start: Micros,
     /// The last reading of the anomaly (a gap: the first reading after the silence).
-    pub end: i64,
+    pub end: Micros,
     /// The most extreme reading (a gap: none).
     pub value: Option<f64>,
     /// The local level the anomaly departs from (a gap: none).
@@ -159,7 +161,7 @@ pub struct Anomaly {
 }
 
 /// Runs a detector over readings in time order; the anomalies sorted by start.
-pub fn detect(readings: impl IntoIterator<Item = (i64, f64)>, sensitivity: f64) -> Vec<Anomaly> {
+pub fn detect(readings: impl IntoIterator<Item = (Micros, f64)>, sensitivity: f64) -> Vec<Anomaly> {
     let mut detector = Detector::new(sensitivity);
     let mut found = Vec::new();
     for (at, value) in readings {

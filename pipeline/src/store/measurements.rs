@@ -4,6 +4,7 @@
 //! (`anomalies`, `plot`) and by the workers' detection ([`crate::alerts`]). The detector itself
 //! ([`crate::anomaly`]) reads nothing: it is fed readings.
 
+use crate::time::Micros;
 use std::pin::pin;
 
 use chrono::{DateTime, Duration, Utc};
@@ -22,7 +23,7 @@ pub async fn each_reading(
     uuid: Uuid,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
-    mut each: impl FnMut(i64, f64),
+    mut each: impl FnMut(Micros, f64),
 ) -> Result<u64, Error> {
     let stmt = client
         .prepare(

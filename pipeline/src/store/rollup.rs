@@ -10,6 +10,7 @@
 //! its readings.
 
 use crate::time::instant;
+use crate::time::Micros;
 
 /// The rollup's columns past its key and `exact`, in the order of [`HourColumns`].
 macro_rules! rollup_columns {
@@ -79,6 +80,29 @@ macro_rules! rollup_of {
                 (array_agg(m.value ORDER BY m.ts DESC))[1] AS last_value
             FROM ",
             $from
+        )
+    };
+}
+
+/// A statement over the hours of `$1`–`$10` (the [`HourColumns`] as `x`): an `UPDATE` of
+/// `measurement_hours AS h` from `x` (the parts given, concatenated) settles what it can, and the
+/// hours it did not settle are returned, in key order.
+macro_rules! settle_or_return {
+    ($($update:tt)*) => {
+        concat!(
+            "
+    WITH x AS (SELECT * FROM ",
+            unnest_hours!("$1", "$2", "$3", "$4", "$5", "$6", "$7", "$8", "$9", "$10"),
+            "), settled AS (",
+            $($update)*,
+            "
+        RETURNING h.sensor_uuid, h.hour
+    )
+    SELECT x.sensor_uuid, x.hour FROM x
+    WHERE NOT EXISTS (
+        SELECT FROM settled s WHERE s.sensor_uuid = x.sensor_uuid AND s.hour = x.hour
+    )
+    ORDER BY 1, 2"
         )
     };
 }
@@ -181,24 +205,15 @@ pub(super) const HOURS_BEFORE: &str = "
 /// merge, so its count is exact). Returns the other hours, for [`EXACT_HOURS`].
 /// (Recomputing a 100,000-reading re-upload's hours from the stored readings cost 142 ms of
 /// server time.)
-pub(super) const COVERED_HOURS: &str = concat!(
+pub(super) const COVERED_HOURS: &str = settle_or_return!(
     "
-    WITH x AS (SELECT * FROM ",
-    unnest_hours!("$1", "$2", "$3", "$4", "$5", "$6", "$7", "$8", "$9", "$10"),
-    "), covered AS (
         UPDATE measurement_hours AS h SET (",
     rollup_columns!(),
     ", exact) = (x.readings, x.low, x.high, x.total, x.first_at, x.first_value, x.last_at,
             x.last_value, true)
         FROM x
         WHERE h.sensor_uuid = x.sensor_uuid AND h.hour = x.hour AND h.readings = x.readings
-        RETURNING h.sensor_uuid, h.hour
-    )
-    SELECT x.sensor_uuid, x.hour FROM x
-    WHERE NOT EXISTS (
-        SELECT FROM covered c WHERE c.sensor_uuid = x.sensor_uuid AND c.hour = x.hour
-    )
-    ORDER BY 1, 2"
+"
 );
 /// Settles the hours `write::replace_held` left inexact from the readings outside what it wrote
 /// there (`$1`–`$10`: the [`HourColumns`] of the readings written in each): when the hour holds no
@@ -206,11 +221,8 @@ pub(super) const COVERED_HOURS: &str = concat!(
 /// those written), it is the two parts together — an index range scan on either side instead of
 /// the whole hour, whose replaced rows are dead entries the scan would visit too. Returns the
 /// other hours, for [`EXACT_HOURS`].
-pub(super) const OUTSIDE_HOURS: &str = concat!(
+pub(super) const OUTSIDE_HOURS: &str = settle_or_return!(
     "
-    WITH x AS (SELECT * FROM ",
-    unnest_hours!("$1", "$2", "$3", "$4", "$5", "$6", "$7", "$8", "$9", "$10"),
-    "), settled AS (
         UPDATE measurement_hours AS h
         SET low = least(o.low, x.low), high = greatest(o.high, x.high),
             total = coalesce(o.total, 0) + x.total,
@@ -234,13 +246,7 @@ pub(super) const OUTSIDE_HOURS: &str = concat!(
     ") AS o
         WHERE h.sensor_uuid = x.sensor_uuid AND h.hour = x.hour
             AND h.readings = o.readings + x.readings
-        RETURNING h.sensor_uuid, h.hour
-    )
-    SELECT x.sensor_uuid, x.hour FROM x
-    WHERE NOT EXISTS (
-        SELECT FROM settled s WHERE s.sensor_uuid = x.sensor_uuid AND s.hour = x.hour
-    )
-    ORDER BY 1, 2"
+"
 );
 /// Recomputes the hours the merge overwrote readings in (`$1` sensors, `$2` hours; their rows
 /// are locked by this transaction's merge, so every write to them before it has committed) from
@@ -324,8 +330,8 @@ pub(crate) struct Hour {
     pub low: f64,
     pub high: f64,
     pub total: f64,
-    pub first: (i64, f64),
-    pub last: (i64, f64),
+    pub first: (Micros, f64),
+    pub last: (Micros, f64),
 }
 
 /// Hours as the rollup statements take them, a column each: sensors, hours, then the
@@ -346,7 +352,7 @@ pub(crate) struct HourColumns {
 }
 
 impl HourColumns {
-    pub(crate) fn push(&mut self, sensor: uuid::Uuid, hour: i64, h: &Hour) {
+    pub(crate) fn push(&mut self, sensor: uuid::Uuid, hour: Micros, h: &Hour) {
         self.sensors.push(sensor);
         self.hours.push(instant(hour));
         self.readings.push(h.readings);
@@ -402,7 +408,7 @@ impl HourColumns {
 
 impl Hour {
     /// The hour of one reading.
-    pub(crate) fn of(at: i64, value: f64) -> Hour {
+    pub(crate) fn of(at: Micros, value: f64) -> Hour {
         Hour {
             readings: 1,
             low: value,
@@ -414,7 +420,7 @@ impl Hour {
     }
 
     /// The hour of readings in time order (none: `None`).
-    pub(crate) fn of_readings(readings: impl IntoIterator<Item = (i64, f64)>) -> Option<Hour> {
+    pub(crate) fn of_readings(readings: impl IntoIterator<Item = (Micros, f64)>) -> Option<Hour> {
         let mut readings = readings.into_iter();
         let (at, value) = readings.next()?;
         let mut hour = Hour::of(at, value);
@@ -425,7 +431,7 @@ impl Hour {
     }
 
     /// One more reading.
-    pub(super) fn add(&mut self, at: i64, value: f64) {
+    pub(super) fn add(&mut self, at: Micros, value: f64) {
         self.absorb(Hour::of(at, value));
     }
 

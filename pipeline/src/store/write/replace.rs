@@ -3,6 +3,7 @@
 //! correction) with the rollup corrected for what left.
 
 use super::*;
+use crate::time::Micros;
 
 /// Whether any reading is stored within a sensor's span (`$1`–`$3`: sensors, first and last
 /// instants; one index probe per sensor).
@@ -62,7 +63,7 @@ pub(super) const ANY_PLAN: &str =
 pub struct Link {
     pub sensor: uuid::Uuid,
     /// The hour's start, in microseconds since the epoch.
-    pub hour: i64,
+    pub hour: Micros,
     pub before: Option<i64>,
     pub by: i64,
 }
@@ -368,7 +369,13 @@ pub(super) struct Removed {
 
 impl Removed {
     /// Adds a deleted reading; false when it is not one of the held readings.
-    pub(super) fn add(&mut self, held: &BySensor, sensor: uuid::Uuid, at: i64, value: f64) -> bool {
+    pub(super) fn add(
+        &mut self,
+        held: &BySensor,
+        sensor: uuid::Uuid,
+        at: Micros,
+        value: f64,
+    ) -> bool {
         let Some(readings) = held.get(&sensor) else {
             return false;
         };

@@ -2,6 +2,7 @@
 //! span), so detection is never lost and never in the way ([`crate::alerts`]).
 
 use super::*;
+use crate::time::Micros;
 
 /// Queues anomaly detection of the span each sensor's valid rows cover (`anomaly_work`, see
 /// `crate::alerts`): `$1`–`$3` sensors, first and last instants ([`Spans`], gathered while the rows
@@ -68,7 +69,7 @@ impl Spans {
                 continue;
             };
             sensors.insert(*u, (first.0, last.0));
-            let hour = |r: &(i64, f64)| hour_of(r.0);
+            let hour = |r: &(Micros, f64)| hour_of(r.0);
             for same in readings.chunk_by(|a, b| hour(a) == hour(b)) {
                 let rolled = Hour::of_readings(same.iter().copied()).expect("a reading");
                 hours.insert((*u, hour(&same[0])), rolled);
@@ -81,7 +82,7 @@ impl Spans {
         }
     }
 
-    pub fn add(&mut self, sensor: uuid::Uuid, micros: i64, value: f64) {
+    pub fn add(&mut self, sensor: uuid::Uuid, micros: Micros, value: f64) {
         let span = self.sensors.entry(sensor).or_insert((micros, micros));
         span.0 = span.0.min(micros);
         span.1 = span.1.max(micros);
