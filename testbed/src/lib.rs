@@ -227,6 +227,12 @@ pub async fn connect(url: &str) -> Result<tokio_postgres::Client> {
     Ok(client)
 }
 
+/// The aggregates of a bucket's readings a rollup row must agree with.
+const AGGREGATE: &str = "count(*) AS n, min(value) AS low, max(value) AS high,
+    sum(value) AS total, sum(abs(value)) AS magnitude,
+    min(ts) AS first_at, (array_agg(value ORDER BY ts))[1] AS first,
+    max(ts) AS last_at, (array_agg(value ORDER BY ts DESC))[1] AS last";
+
 /// The derived tables the ingest merge keeps beside `measurements` — the page index
 /// (`measurement_days`) and the hourly and daily rollups — compared with what the
 /// stored rows say: each `(sensor, day or hour)` that differs, as text (empty when they agree).
@@ -237,9 +243,22 @@ pub async fn connect(url: &str) -> Result<tokio_postgres::Client> {
 /// is held to the same, and must be exact exactly when all its hours are. See
 /// [`inexact_hours`].
 pub async fn derived_drift(client: &tokio_postgres::Client) -> Result<Vec<String>> {
+    // A rollup row `r` against the aggregate `c` of the readings it rolls up.
+    let agrees = |r: &str| {
+        format!(
+            "CASE WHEN {r}.exact
+                 THEN {r}.low = c.low AND {r}.high = c.high
+                     AND {r}.first_at = c.first_at AND {r}.first_value = c.first
+                     AND {r}.last_at = c.last_at AND {r}.last_value = c.last
+                     AND abs({r}.total - c.total) <= 1e-12 * c.magnitude
+                 ELSE {r}.low <= c.low AND {r}.high >= c.high END"
+        )
+    };
+    let (h, d) = (agrees("h"), agrees("d"));
     let rows = client
         .query(
-            "SELECT 'day ' || coalesce(d.sensor_uuid, c.sensor_uuid)::text || ' '
+            &format!(
+                "SELECT 'day ' || coalesce(d.sensor_uuid, c.sensor_uuid)::text || ' '
                     || coalesce(d.day, c.day)::text || ': ' || coalesce(d.readings::text, '-')
                     || ' indexed, ' || coalesce(c.n::text, '-') || ' stored'
              FROM measurement_days d
@@ -252,38 +271,23 @@ pub async fn derived_drift(client: &tokio_postgres::Client) -> Result<Vec<String
                     || ' rolled up, ' || coalesce(c::text, '-') || ' stored'
              FROM measurement_hours h
              FULL JOIN (SELECT sensor_uuid, date_trunc('hour', ts, 'UTC') AS hour,
-                               count(*) AS n, min(value) AS low, max(value) AS high,
-                               sum(value) AS total, sum(abs(value)) AS magnitude,
-                               min(ts) AS first_at, (array_agg(value ORDER BY ts))[1] AS first,
-                               max(ts) AS last_at, (array_agg(value ORDER BY ts DESC))[1] AS last
+                               {AGGREGATE}
                         FROM measurements GROUP BY 1, 2) c USING (sensor_uuid, hour)
-             WHERE coalesce(NOT (h.readings = c.n AND CASE WHEN h.exact
-                 THEN h.low = c.low AND h.high = c.high
-                     AND h.first_at = c.first_at AND h.first_value = c.first
-                     AND h.last_at = c.last_at AND h.last_value = c.last
-                     AND abs(h.total - c.total) <= 1e-12 * c.magnitude
-                 ELSE h.low <= c.low AND h.high >= c.high END), true)
+             WHERE coalesce(NOT (h.readings = c.n AND {h}), true)
              UNION ALL
              SELECT 'day values ' || coalesce(d.sensor_uuid, c.sensor_uuid)::text || ' '
                     || coalesce(d.day, c.day)::text || ': ' || coalesce(d::text, '-')
                     || ' rolled up, ' || coalesce(c::text, '-') || ' stored'
              FROM measurement_day_values d
              FULL JOIN (SELECT sensor_uuid, date_trunc('day', ts, 'UTC') AS day,
-                               count(*) AS n, min(value) AS low, max(value) AS high,
-                               sum(value) AS total, sum(abs(value)) AS magnitude,
-                               min(ts) AS first_at, (array_agg(value ORDER BY ts))[1] AS first,
-                               max(ts) AS last_at, (array_agg(value ORDER BY ts DESC))[1] AS last,
+                               {AGGREGATE},
                                bool_and(h.exact) AS exact_hours
                         FROM measurements
                         JOIN measurement_hours h USING (sensor_uuid)
                         WHERE h.hour = date_trunc('hour', ts, 'UTC')
                         GROUP BY 1, 2) c USING (sensor_uuid, day)
-             WHERE coalesce(NOT (d.readings = c.n AND d.exact = c.exact_hours AND CASE WHEN d.exact
-                 THEN d.low = c.low AND d.high = c.high
-                     AND d.first_at = c.first_at AND d.first_value = c.first
-                     AND d.last_at = c.last_at AND d.last_value = c.last
-                     AND abs(d.total - c.total) <= 1e-12 * c.magnitude
-                 ELSE d.low <= c.low AND d.high >= c.high END), true)",
+             WHERE coalesce(NOT (d.readings = c.n AND d.exact = c.exact_hours AND {d}), true)"
+            ),
             &[],
         )
         .await?;
