@@ -118,7 +118,7 @@ pub struct Panel {
     pub title: String,
     pub columns: Columns,
     pub anomalies: Vec<Anomaly>,
-    pub asked: (i64, i64),
+    pub asked: (Micros, Micros),
     /// With `--every`: what is drawn instead of the columns.
     pub buckets: Option<Buckets>,
 }
@@ -194,7 +194,7 @@ pub async fn run(settings: &DatabaseSettings, args: PlotArgs) -> Result<(), Fail
     }
     // One time axis for every panel: the readings' extent within the range (all sensors'), or
     // the range itself when asked, or when there is nothing in it.
-    let mut extent: Option<(i64, i64)> = None;
+    let mut extent: Option<(Micros, Micros)> = None;
     if !args.exact_range {
         for &uuid in &uuids {
             if let Some((a, b)) = series::extent(&dbs.measurements, uuid, start, end).await? {
@@ -267,7 +267,7 @@ const DAY: i64 = sensor_pipeline::time::DAY_MICROS;
 
 /// The axis around readings from `first` to `last`: 2 % of their span (at least a minute) on
 /// each side, within the range asked for.
-fn padded(first: i64, last: i64, asked: (i64, i64)) -> (i64, i64) {
+fn padded(first: Micros, last: Micros, asked: (Micros, Micros)) -> (Micros, Micros) {
     let pad = ((last - first) / 50).max(MINUTE);
     ((first - pad).max(asked.0), (last + pad).min(asked.1))
 }
@@ -771,7 +771,7 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, panels: &[Panel]) -> 
             }
         }
         // The line, broken across gaps.
-        let gaps: Vec<(i64, i64)> = panel
+        let gaps: Vec<(Micros, Micros)> = panel
             .anomalies
             .iter()
             .filter(|a| a.kind == Kind::Gap)

@@ -46,7 +46,7 @@ pub async fn extent(
     uuid: Uuid,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
-) -> Result<Option<(i64, i64)>, Failure> {
+) -> Result<Option<(Micros, Micros)>, Failure> {
     let row = client
         .query_one(
             "SELECT (SELECT ts FROM measurements WHERE sensor_uuid = $1 AND ts >= $2 AND ts <= $3

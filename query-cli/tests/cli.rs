@@ -135,23 +135,7 @@ fn range_args<'a>(start: &'a str, end: &'a str) -> Vec<&'a str> {
 async fn the_seed_example_works_exactly_as_written() {
     let env = TestEnv::new().await.unwrap();
     seeded(&env).await;
-    let out = ok(
-        &env.vars(),
-        &[
-            "readings",
-            "--sensor-name",
-            "sensor_00007",
-            "--start-timestamp",
-            "2012-12-31T23:07:00+00",
-            "--end-timestamp",
-            "2013-02-16T11:03:00+00",
-            "--page-number",
-            "2",
-            "--page-size",
-            "10",
-        ],
-    )
-    .await;
+    let out = ok(&env.vars(), &testbed::data::EXAMPLE_QUERY).await;
     let page: Vec<_> = in_range(at("2012-12-31T23:07:00Z"), at("2013-02-16T11:03:00Z"))
         .into_iter()
         .skip(10)

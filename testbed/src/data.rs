@@ -5,6 +5,22 @@ use std::fmt::Write as _;
 /// 2013-01-01T00:00:00Z, where generated readings start.
 pub const FIRST_READING: i64 = 1_356_998_400;
 
+/// The contract's example query (page 2 of 10 of `sensor_00007`), as `query-cli` arguments: the
+/// demo prints its answer, the CLI tests check it.
+pub const EXAMPLE_QUERY: [&str; 11] = [
+    "readings",
+    "--sensor-name",
+    "sensor_00007",
+    "--start-timestamp",
+    "2012-12-31T23:07:00+00",
+    "--end-timestamp",
+    "2013-02-16T11:03:00+00",
+    "--page-number",
+    "2",
+    "--page-size",
+    "10",
+];
+
 /// A measurement file of `rows` readings of `sensor`, one a second from [`FIRST_READING`], every
 /// one with `value`.
 pub fn steady_readings(sensor: &str, rows: usize, value: f64) -> String {

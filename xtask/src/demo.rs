@@ -204,19 +204,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let status = bin.query(&env_file, &["status"])?;
     let totals = status.lines().last().unwrap_or_default();
     println!("\n{totals}");
-    let example = [
-        "readings",
-        "--sensor-name",
-        "sensor_00007",
-        "--start-timestamp",
-        "2012-12-31T23:07:00+00",
-        "--end-timestamp",
-        "2013-02-16T11:03:00+00",
-        "--page-number",
-        "2",
-        "--page-size",
-        "10",
-    ];
+    let example = testbed::data::EXAMPLE_QUERY;
     let answer = bin.query(&env_file, &example)?;
     println!(
         "\n$ query-cli {}\n{answer}",

@@ -33,7 +33,7 @@ use crate::time::Micros;
 pub(super) fn own_readings<'f>(
     fresh: &[&'f Held],
     sensor: Uuid,
-    spans: &[(i64, i64)],
+    spans: &[(Micros, Micros)],
 ) -> Option<Vec<&'f [(Micros, f64)]>> {
     let mut pieces: Vec<&[(Micros, f64)]> = fresh
         .iter()
@@ -148,7 +148,7 @@ pub(super) async fn judge(
 ) -> Result<(), tokio_postgres::Error> {
     let memory = chrono::Duration::microseconds(WARM_UP_MICROS);
     let ours: Vec<i64> = work.iter().map(|w| w.id).collect();
-    let mut spans: HashMap<Uuid, Vec<(i64, i64)>> = HashMap::new();
+    let mut spans: HashMap<Uuid, Vec<(Micros, Micros)>> = HashMap::new();
     for w in work {
         spans
             .entry(w.sensor)

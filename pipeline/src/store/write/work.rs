@@ -24,8 +24,8 @@ pub(super) const QUEUE_DETECTION: &str = "
 /// [`HOURS_MAX`] (bounded memory; the object is then upserted).
 #[derive(Debug, Default, Clone)]
 pub struct Spans {
-    pub(super) sensors: std::collections::HashMap<uuid::Uuid, (i64, i64)>,
-    pub(super) hours: Option<std::collections::HashMap<(uuid::Uuid, i64), Hour>>,
+    pub(super) sensors: std::collections::HashMap<uuid::Uuid, (Micros, Micros)>,
+    pub(super) hours: Option<std::collections::HashMap<(uuid::Uuid, Micros), Hour>>,
     pub(super) overflowed: bool,
 }
 
@@ -44,8 +44,8 @@ impl Spans {
     /// them gave up gathering them (or none has a valid row).
     pub(super) fn hours_of<'a>(
         all: impl Iterator<Item = &'a Spans>,
-    ) -> Option<std::collections::HashMap<(uuid::Uuid, i64), Hour>> {
-        let mut out: Option<std::collections::HashMap<(uuid::Uuid, i64), Hour>> = None;
+    ) -> Option<std::collections::HashMap<(uuid::Uuid, Micros), Hour>> {
+        let mut out: Option<std::collections::HashMap<(uuid::Uuid, Micros), Hour>> = None;
         for s in all.filter(|s| !s.sensors.is_empty()) {
             let hours = s.hours.as_ref()?;
             let Some(o) = out.as_mut() else {
