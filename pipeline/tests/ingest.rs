@@ -1634,6 +1634,32 @@ async fn migrations_are_idempotent() {
     );
     let second = migrate(&db).await.unwrap();
     assert!(second[0].applied.is_empty());
+    // Where an earlier text of the amended measurements/V1 was applied (its checksum recorded),
+    // `migrate` goes on and records the current text's checksum instead of refusing the history.
+    let client = testbed::connect(&env.measurements_db).await.unwrap();
+    let recorded = || async {
+        client
+            .query_one(
+                "SELECT checksum FROM schema_history_measurements WHERE version = 1",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, String>(0)
+    };
+    let current = recorded().await;
+    for earlier in ["10378167297425692550", "2844391930722834833"] {
+        client
+            .execute(
+                "UPDATE schema_history_measurements SET checksum = $1 WHERE version = 1",
+                &[&earlier],
+            )
+            .await
+            .unwrap();
+        let again = migrate(&db).await.unwrap();
+        assert_eq!(again[0].applied, Vec::<String>::new());
+        assert_eq!(recorded().await, current);
+    }
     // Concurrent runs serialise on the advisory lock.
     let env2 = TestEnv::with_two_databases().await.unwrap();
     let db2 = env2.database_settings();
