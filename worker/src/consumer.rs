@@ -67,10 +67,10 @@ impl Worker {
         let consumer = self.queue.consumer().await?;
         let worker = Arc::new(self);
         // Every event in flight holds a slot, and a waiting slot until its object is being
-        // ingested (a small one: taken into a group; any other: to the end). A fetch asks for no
-        // more than both have free, so a worker never holds more events than `concurrency` that
-        // it is not working on (the others stay for the other workers), while the groups of
-        // small objects in progress let it hold more in all.
+        // ingested (a small one: queued for the next group; any other: to the end). A fetch asks
+        // for no more than both have free, so a worker never holds more large objects' events
+        // than `concurrency` that it is not working on (the others stay for the other workers),
+        // while small objects fill the next groups up to the slots.
         let slots = Arc::new(Semaphore::new(
             worker.grouper.in_flight().max(worker.concurrency),
         ));
