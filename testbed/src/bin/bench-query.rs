@@ -7,7 +7,8 @@
 //!
 //! Measures, as a user sees it (median of `--runs`): a page of 100 at page 1 and at page 10,000,
 //! with the process start (`query-cli --version`) reported apart so it can be subtracted; and the
-//! full-range CSV stream of one sensor to /dev/null in rows/s; and downsampled reads of a sensor
+//! full-range CSV stream of one sensor to /dev/null in rows/s, against `psql \copy (…) TO` of the
+//! same rows; and downsampled reads of a sensor
 //! with 5-minute readings over ten years (`--every 1h` over a year, `--every 1d` over the ten),
 //! next to the same aggregates by a plain SQL over its rows.
 
@@ -128,6 +129,38 @@ async fn main() -> Result<()> {
     let page1 = time(&cli, &vars, &page("1"), a.runs).await?;
     let page10k = time(&cli, &vars, &page("10000"), a.runs).await?;
     let full = time(&cli, &vars, &base, 3).await?;
+    // The baseline: psql's own `\copy (…) TO` of the same range, process start included.
+    let psql_full = {
+        let copy = format!(
+            "\\copy (SELECT ts, value FROM measurements \
+             WHERE sensor_uuid = '5e500000-0000-4000-8000-000000000003' \
+             AND ts >= '{start}T00:00:00Z' AND ts <= '{end}T00:00:00Z' ORDER BY ts) \
+             TO '/dev/null' WITH (FORMAT csv, HEADER)"
+        );
+        let mut times = Vec::new();
+        for _ in 0..3 {
+            let started = Instant::now();
+            let out = tokio::process::Command::new("psql")
+                .args([
+                    env.measurements_db.as_str(),
+                    "-X",
+                    "-q",
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                    "-c",
+                ])
+                .arg(&copy)
+                .output()
+                .await?;
+            times.push(started.elapsed());
+            ensure!(
+                out.status.success(),
+                "psql failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        testbed::bench::median(&times)
+    };
     let bucketed = |every: &'static str, end: &'static str| {
         [
             "readings",
@@ -172,10 +205,13 @@ async fn main() -> Result<()> {
         ms(page10k - startup)
     );
     println!(
-        "full range, one sensor:    {} rows in {:.2} s = {:.0} rows/s (CSV to /dev/null)",
+        "full range, one sensor:    {} rows in {:.2} s = {:.0} rows/s (CSV to /dev/null); \
+         psql \\copy (…) TO {:.2} s: {:.2}×",
         a.per_sensor,
         full.as_secs_f64(),
-        a.per_sensor as f64 / full.as_secs_f64()
+        a.per_sensor as f64 / full.as_secs_f64(),
+        psql_full.as_secs_f64(),
+        full.as_secs_f64() / psql_full.as_secs_f64()
     );
     println!(
         "--every 1h, a year of 5-minute readings (105,120): {:.1} ms end to end \
