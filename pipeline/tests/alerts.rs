@@ -3,12 +3,13 @@
 //! any order (late data starts over from a warm-up) — leaves the anomalies table holding exactly
 //! what the detector finds over the whole series.
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use sensor_pipeline::alerts::Alerts;
 use sensor_pipeline::anomaly::{self, Anomaly};
 use sensor_pipeline::config::{AnomalySettings, ContractSettings, Env};
 use sensor_pipeline::ingest::Ingestor;
 use sensor_pipeline::store::{migrate::migrate, Databases};
+use testbed::data::rfc3339_micros as time;
 use testbed::TestEnv;
 
 const SENSOR: &str = "5e500000-0000-4000-8000-00000000a1e7";
@@ -17,12 +18,6 @@ const OTHER: &str = "5e500000-0000-4000-8000-00000000a1e8";
 const T0: i64 = 1_356_998_400; // 2013-01-01T00:00:00Z
 const READINGS: usize = 12_000;
 const PIECES: usize = 8;
-
-fn time(us: i64) -> String {
-    DateTime::<Utc>::from_timestamp_micros(us)
-        .unwrap()
-        .to_rfc3339_opts(SecondsFormat::AutoSi, true)
-}
 
 /// Minute readings with a daily cycle, a ripple, spikes, a level shift, a stuck stretch, a gap.
 fn series() -> Vec<(i64, f64)> {

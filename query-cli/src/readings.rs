@@ -13,6 +13,7 @@ use clap::Args;
 use futures_util::TryStreamExt;
 use postgres_types::{ToSql, Type};
 use sensor_pipeline::config::DatabaseSettings;
+use sensor_pipeline::time::{instant, DAY_MICROS};
 use tokio_postgres::Client;
 use uuid::Uuid;
 
@@ -196,7 +197,6 @@ pub async fn run(
 
 /// Offsets up to this are skipped by PostgreSQL directly; beyond, the page index is consulted.
 const DIRECT_OFFSET: i64 = 10_000;
-use sensor_pipeline::time::{instant, DAY_MICROS};
 
 /// Where page `offset` starts: an instant to read from and how many rows to skip after it.
 ///

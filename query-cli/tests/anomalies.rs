@@ -8,6 +8,7 @@ use sensor_pipeline::anomaly::{detect, Anomaly, Kind};
 use sensor_pipeline::config::ContractSettings;
 use sensor_pipeline::ingest::Ingestor;
 use sensor_pipeline::store::{migrate::migrate, Databases};
+use testbed::data::rfc3339_micros as time;
 use testbed::TestEnv;
 
 const PUMP: &str = "7d1c6a55-0000-4000-8000-000000000001";
@@ -16,12 +17,6 @@ const UNMAPPED: &str = "7d1c6a55-0000-4000-8000-0000000000ff";
 const T0: i64 = 1_356_998_400_000_000;
 const MINUTE: i64 = 60_000_000;
 const READINGS: i64 = 8_000;
-
-fn time(us: i64) -> String {
-    chrono::DateTime::from_timestamp_micros(us)
-        .unwrap()
-        .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
-}
 
 /// The pump: a level with a little deterministic noise and one spike at reading 6,000.
 fn pump() -> Vec<(i64, f64)> {
@@ -91,6 +86,11 @@ fn spec_line(uuid: &str, name: Option<&str>, a: &Anomaly) -> serde_json::Value {
     })
 }
 
+/// Each anomaly's kind, start and end.
+fn spans(found: &[Anomaly]) -> Vec<(Kind, i64, i64)> {
+    found.iter().map(|a| (a.kind, a.start, a.end)).collect()
+}
+
 fn json_lines(text: &str) -> Vec<serde_json::Value> {
     text.lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -113,18 +113,12 @@ async fn anomalies_are_what_the_detector_finds_with_the_spec_fields() {
     // The library over the same readings: one spike in the pump, one gap in the other sensor.
     let pump_found = detect(pump(), 1.0);
     assert_eq!(
-        pump_found
-            .iter()
-            .map(|a| (a.kind, a.start, a.end))
-            .collect::<Vec<_>>(),
+        spans(&pump_found),
         [(Kind::Spike, T0 + 6_000 * MINUTE, T0 + 6_000 * MINUTE)]
     );
     let gap_found = detect(unmapped(), 1.0);
     assert_eq!(
-        gap_found
-            .iter()
-            .map(|a| (a.kind, a.start, a.end))
-            .collect::<Vec<_>>(),
+        spans(&gap_found),
         [(Kind::Gap, T0 + 4_999 * MINUTE, T0 + 5_360 * MINUTE)]
     );
 

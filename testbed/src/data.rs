@@ -21,6 +21,14 @@ pub const EXAMPLE_QUERY: [&str; 11] = [
     "10",
 ];
 
+/// The instant `us` microseconds after the epoch as SPEC §7's messages write it (RFC 3339, UTC,
+/// `Z`, only the fractional digits it needs).
+pub fn rfc3339_micros(us: i64) -> String {
+    chrono::DateTime::from_timestamp_micros(us)
+        .expect("in range")
+        .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+}
+
 /// A measurement file of `rows` readings of `sensor`, one a second from [`FIRST_READING`], every
 /// one with `value`.
 pub fn steady_readings(sensor: &str, rows: usize, value: f64) -> String {
