@@ -190,22 +190,11 @@ async fn csv_buckets(
     every: &str,
     zone: &str,
 ) -> String {
-    let mut args = vec![
-        "readings",
-        "--sensor-name",
-        "bucketed",
-        "--start-timestamp",
-        start,
-        "--end-timestamp",
-        end,
-        "--every",
-        every,
-        "--format",
-        "csv",
-    ];
+    let mut extra = vec!["--every", every];
     if zone != "UTC" {
-        args.extend(["--timezone", zone]);
+        extra.extend(["--timezone", zone]);
     }
+    let args = testbed::data::readings_args("bucketed", start, end, &extra);
     ok(vars, &args).await
 }
 

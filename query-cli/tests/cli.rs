@@ -118,17 +118,7 @@ async fn fails(env: &[(String, String)], args: &[&str], code: i32) -> String {
 }
 
 fn range_args<'a>(start: &'a str, end: &'a str) -> Vec<&'a str> {
-    vec![
-        "readings",
-        "--sensor-name",
-        "sensor_00007",
-        "--start-timestamp",
-        start,
-        "--end-timestamp",
-        end,
-        "--format",
-        "csv",
-    ]
+    testbed::data::readings_args("sensor_00007", start, end, &[])
 }
 
 #[tokio::test]

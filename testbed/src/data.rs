@@ -21,6 +21,28 @@ pub const EXAMPLE_QUERY: [&str; 11] = [
     "10",
 ];
 
+/// `query-cli` arguments for `readings` of `sensor` in `[start, end]` as CSV, `extra` (such as
+/// `--every 1h`) before the format.
+pub fn readings_args<'a>(
+    sensor: &'a str,
+    start: &'a str,
+    end: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec![
+        "readings",
+        "--sensor-name",
+        sensor,
+        "--start-timestamp",
+        start,
+        "--end-timestamp",
+        end,
+    ];
+    args.extend(extra);
+    args.extend(["--format", "csv"]);
+    args
+}
+
 /// The instant `us` microseconds after the epoch as SPEC §7's messages write it (RFC 3339, UTC,
 /// `Z`, only the fractional digits it needs).
 pub fn rfc3339_micros(us: i64) -> String {

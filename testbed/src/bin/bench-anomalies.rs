@@ -449,18 +449,16 @@ async fn main() -> Result<()> {
         "--end-timestamp",
         "2014-01-01",
     ];
-    let mut args = vec!["anomalies", "--sensor-name", "speed_1m", "--format", "json"];
-    args.extend(range);
-    let (t1, rss1) = median_of(&cli, &vars, &args)?;
-    let mut args = vec![
-        "anomalies",
-        "--sensor-name",
-        "speed_10m",
-        "--format",
-        "json",
-    ];
-    args.extend(range);
-    let (t10, rss10) = median_of(&cli, &vars, &args)?;
+    // `query-cli COMMAND --sensor-name SENSOR EXTRA… <range>`: median wall time and peak RSS.
+    let timed = |command: &str, sensor: &str, extra: &[&str]| {
+        let mut args = vec![command, "--sensor-name", sensor];
+        args.extend(extra);
+        args.extend(range);
+        median_of(&cli, &vars, &args)
+    };
+    let json = ["--format", "json"];
+    let (t1, rss1) = timed("anomalies", "speed_1m", &json)?;
+    let (t10, rss10) = timed("anomalies", "speed_10m", &json)?;
     println!(
         "query-cli anomalies, 1 M readings: {:.2} s wall, peak RSS {rss1:.1} MiB \
          (10 M readings: {:.2} s, {rss10:.1} MiB)",
@@ -475,24 +473,14 @@ async fn main() -> Result<()> {
         picture("speed_1m.png"),
         picture("speed_10m_detector.png"),
     );
-    let mut args = vec!["plot", "--sensor-name", "speed_10m", "--output", &png10];
-    args.extend(range);
-    let (tp, rssp) = median_of(&cli, &vars, &args)?;
-    let mut args = vec!["plot", "--sensor-name", "speed_1m", "--output", &png1];
-    args.extend(range);
-    let (tp1, rssp1) = median_of(&cli, &vars, &args)?;
+    let (tp, rssp) = timed("plot", "speed_10m", &["--output", &png10])?;
+    let (tp1, rssp1) = timed("plot", "speed_1m", &["--output", &png1])?;
     // Another sensitivity than the workers': the detector runs over every reading.
-    let mut args = vec![
+    let (tpd, rsspd) = timed(
         "plot",
-        "--sensor-name",
         "speed_10m",
-        "--output",
-        &png_detector,
-        "--sensitivity",
-        "0.999",
-    ];
-    args.extend(range);
-    let (tpd, rsspd) = median_of(&cli, &vars, &args)?;
+        &["--output", &png_detector, "--sensitivity", "0.999"],
+    )?;
     println!(
         "query-cli plot, 10 M readings: {:.2} s wall, peak RSS {rssp:.1} MiB \
          (1 M readings: {:.2} s, {rssp1:.1} MiB; 10 M running the detector: {:.2} s, \

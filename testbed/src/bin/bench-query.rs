@@ -109,17 +109,7 @@ async fn main() -> Result<()> {
     let vars = env.vars();
     let start = "2013-01-01";
     let end = "2100-01-01";
-    let base = [
-        "readings",
-        "--sensor-name",
-        "sensor_00003",
-        "--start-timestamp",
-        start,
-        "--end-timestamp",
-        end,
-        "--format",
-        "csv",
-    ];
+    let base = testbed::data::readings_args("sensor_00003", start, end, &[]);
     let page = |n: &'static str| {
         let mut v = base.to_vec();
         v.extend(["--page-number", n, "--page-size", "100"]);
@@ -162,19 +152,7 @@ async fn main() -> Result<()> {
         testbed::bench::median(&times)
     };
     let bucketed = |every: &'static str, end: &'static str| {
-        [
-            "readings",
-            "--sensor-name",
-            "decade",
-            "--start-timestamp",
-            "2013-01-01",
-            "--end-timestamp",
-            end,
-            "--every",
-            every,
-            "--format",
-            "csv",
-        ]
+        testbed::data::readings_args("decade", "2013-01-01", end, &["--every", every])
     };
     let hourly = time(&cli, &vars, &bucketed("1h", "2013-12-31T23:59:59"), a.runs).await?;
     let daily = time(&cli, &vars, &bucketed("1d", "2022-12-31T23:59:59"), a.runs).await?;
