@@ -188,30 +188,24 @@ async fn anomalies_are_what_the_detector_finds_with_the_spec_fields() {
     );
 
     // A window that starts later finds the same thing: the detector warms up before it.
-    let args = [
-        "anomalies",
-        "--sensor-name",
-        "pump",
-        "--format",
-        "json",
-        "--start-timestamp",
-        "2013-01-05T03:59:00Z",
-        "--end-timestamp",
-        "2013-01-05T04:00:00Z",
-    ];
+    // The pump's anomalies as JSON over `[start, end]`.
+    let window = |start: &'static str, end: &'static str| {
+        [
+            "anomalies",
+            "--sensor-name",
+            "pump",
+            "--format",
+            "json",
+            "--start-timestamp",
+            start,
+            "--end-timestamp",
+            end,
+        ]
+    };
+    let args = window("2013-01-05T03:59:00Z", "2013-01-05T04:00:00Z");
     assert_eq!(json_lines(&ok(&vars, &args).await), lines);
     // A window without it is empty, and a tiny sensitivity hides it.
-    let args = [
-        "anomalies",
-        "--sensor-name",
-        "pump",
-        "--format",
-        "json",
-        "--start-timestamp",
-        "2013-01-05T04:01:00Z",
-        "--end-timestamp",
-        "2013-01-07",
-    ];
+    let args = window("2013-01-05T04:01:00Z", "2013-01-07");
     assert_eq!(ok(&vars, &args).await, "");
     let mut args = vec![
         "anomalies",

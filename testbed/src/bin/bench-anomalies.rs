@@ -326,37 +326,26 @@ async fn main() -> Result<()> {
     let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
     let started = Instant::now();
     for (name, first, last) in &ranges {
-        let out = run(
-            &cli,
-            &vars,
-            &[
-                "anomalies",
+        // `query-cli COMMAND` over the series' range, then `extra`.
+        let query = |command: &str, extra: &[&str]| {
+            let mut args = vec![
+                command,
                 "--sensor-name",
                 name,
                 "--start-timestamp",
                 first,
                 "--end-timestamp",
                 last,
-                "--format",
-                "json",
-            ],
-        )?;
+            ];
+            args.extend(extra);
+            run(&cli, &vars, &args)
+        };
+        let out = query("anomalies", &["--format", "json"])?;
         if let Some(dir) = &a.plots {
             std::fs::create_dir_all(dir)?;
             let png = dir.join(format!("{}.png", name.replace('/', "__")));
             let png = png.to_string_lossy();
-            let args = [
-                "plot",
-                "--sensor-name",
-                name,
-                "--start-timestamp",
-                first,
-                "--end-timestamp",
-                last,
-                "--output",
-                &png,
-            ];
-            run(&cli, &vars, &args)?;
+            query("plot", &["--output", &png])?;
         }
         let starts = detections.entry(name.clone()).or_default();
         for line in out.lines() {
