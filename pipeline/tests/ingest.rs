@@ -151,11 +151,7 @@ impl Harness {
     }
 
     async fn count(&self, client: &tokio_postgres::Client, table: &str) -> i64 {
-        client
-            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
-            .await
-            .unwrap()
-            .get(0)
+        testbed::scalar(client, &format!("SELECT count(*) FROM {table}")).await
     }
 }
 
@@ -815,15 +811,12 @@ async fn a_correction_with_a_new_key_never_deadlocks_a_writer_of_that_key() {
     let client = &h.measurements;
     let waiting = |n: i64| async move {
         loop {
-            let now: i64 = client
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity
+            let now: i64 = testbed::scalar(
+                client,
+                "SELECT count(*) FROM pg_stat_activity
                      WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .get(0);
+            )
+            .await;
             if now == n {
                 return;
             }
@@ -2026,11 +2019,7 @@ async fn a_transaction_left_idle_is_ended_by_the_server() {
         .client(sensor_pipeline::contract::Dataset::Measurements)
         .await
         .unwrap();
-    let pid: i32 = client
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let pid: i32 = testbed::scalar(&client, "SELECT pg_backend_pid()").await;
     client.batch_execute("BEGIN").await.unwrap();
     let started = std::time::Instant::now();
     loop {
@@ -2059,7 +2048,7 @@ async fn a_transaction_left_idle_is_ended_by_the_server() {
         .client(sensor_pipeline::contract::Dataset::Measurements)
         .await
         .unwrap();
-    let one: i32 = fresh.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    let one: i32 = testbed::scalar(&fresh, "SELECT 1").await;
     assert_eq!(one, 1);
 }
 

@@ -298,23 +298,17 @@ async fn end_state_is_the_newest_write(grouped: bool) {
         assert_eq!(got_readings, want_readings, "seed {seed}: {versions:#?}");
         assert_eq!(got_names, want_names, "seed {seed}: {versions:#?}");
         // One `done` ledger entry per version, and the page index counts every stored row.
-        let done: i64 = client
-            .query_one(
-                "SELECT count(*) FROM ingest_ledger WHERE status = 'done'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
+        let done: i64 = testbed::scalar(
+            &client,
+            "SELECT count(*) FROM ingest_ledger WHERE status = 'done'",
+        )
+        .await;
         assert_eq!(done, versions.len() as i64, "seed {seed}");
-        let indexed: i64 = client
-            .query_one(
-                "SELECT coalesce(sum(readings), 0)::bigint FROM measurement_days",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
+        let indexed: i64 = testbed::scalar(
+            &client,
+            "SELECT coalesce(sum(readings), 0)::bigint FROM measurement_days",
+        )
+        .await;
         assert_eq!(indexed, want_readings.len() as i64, "seed {seed}");
         let drift = testbed::derived_drift(&client).await.unwrap();
         assert_eq!(drift, Vec::<String>::new(), "seed {seed}");
@@ -441,11 +435,7 @@ async fn a_key_that_goes_back_to_earlier_content_ends_with_it() {
         let o = ingestor.ingest(key, None).await.unwrap();
         assert_eq!(o.disposition, Disposition::Done, "version {i}");
     }
-    let value: f64 = db
-        .query_one("SELECT value FROM measurements", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let value: f64 = testbed::scalar(&db, "SELECT value FROM measurements").await;
     assert_eq!(value, 1.0);
     let ledger: Vec<(String, i64)> = pairs(&db, "SELECT status, extract(epoch FROM written_at)::bigint FROM ingest_ledger ORDER BY written_at").await;
     assert_eq!(
@@ -475,11 +465,7 @@ async fn objects_without_an_etag_are_told_apart_by_their_write_time() {
         let o = ingestor.ingest_object(key, opened(&v)).await.unwrap();
         assert_eq!(o.disposition, Disposition::Done, "version {i}");
     }
-    let value: f64 = db
-        .query_one("SELECT value FROM measurements", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let value: f64 = testbed::scalar(&db, "SELECT value FROM measurements").await;
     assert_eq!(value, 2.0);
 }
 

@@ -143,15 +143,12 @@ async fn ingestion_works_over_verified_tls() {
     let outcome = ingestor.ingest(key, None).await.unwrap();
     assert_eq!(outcome.disposition, Disposition::Done);
     assert_eq!(outcome.rows_ok, 1);
-    let encrypted: bool = client
-        .query_one(
-            "SELECT bool_and(ssl) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
+    let encrypted: bool = testbed::scalar(
+        client,
+        "SELECT bool_and(ssl) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
              WHERE datname = 'tls'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    )
+    .await;
     assert!(encrypted);
 }
 

@@ -458,11 +458,7 @@ async fn errors_say_what_is_wrong_with_distinct_exit_codes() {
 
     // The evil name did nothing.
     let client = testbed::connect(&env.measurements_db).await.unwrap();
-    let n: i64 = client
-        .query_one("SELECT count(*) FROM measurements", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n: i64 = testbed::scalar(&client, "SELECT count(*) FROM measurements").await;
     assert_eq!(n, READINGS + 2);
 }
 

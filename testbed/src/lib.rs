@@ -327,6 +327,19 @@ pub async fn timescaledb_installed(url: &str) -> Result<bool> {
         .get(0))
 }
 
+/// The first column of the one row `sql` returns (a count, a value): panics otherwise, as a test
+/// wants.
+pub async fn scalar<T>(client: &tokio_postgres::Client, sql: &str) -> T
+where
+    T: for<'a> tokio_postgres::types::FromSql<'a>,
+{
+    client
+        .query_one(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
+}
+
 /// Hours of the rollup not marked exact.
 pub async fn inexact_hours(client: &tokio_postgres::Client) -> Result<i64> {
     Ok(client

@@ -288,11 +288,7 @@ async fn the_same_event_four_times_to_two_workers_opens_each_anomaly_once() {
     assert_eq!(unpublished(&p).await, (0, want.len() as i64));
     assert_eq!(opened(&a.messages(&p).await, &a, key), want);
     // Nothing more comes: the work queue is empty and every change is published.
-    let queued: i64 =
-        p.db.query_one("SELECT count(*) FROM anomaly_work", &[])
-            .await
-            .unwrap()
-            .get(0);
+    let queued: i64 = testbed::scalar(&p.db, "SELECT count(*) FROM anomaly_work").await;
     assert_eq!(queued, 0);
 }
 
@@ -387,17 +383,9 @@ async fn a_locked_anomalies_table_delays_detection_not_ingestion() {
         r#"sensors_anomaly_detection_errors_total{stage="detect"}"#,
     );
     assert!(detect_errors >= Some(1.0), "{m}");
-    let readings_stored: i64 =
-        p.db.query_one("SELECT count(*) FROM measurements", &[])
-            .await
-            .unwrap()
-            .get(0);
+    let readings_stored: i64 = testbed::scalar(&p.db, "SELECT count(*) FROM measurements").await;
     assert_eq!(readings_stored, READINGS as i64);
-    let queued: i64 =
-        p.db.query_one("SELECT count(*) FROM anomaly_work", &[])
-            .await
-            .unwrap()
-            .get(0);
+    let queued: i64 = testbed::scalar(&p.db, "SELECT count(*) FROM anomaly_work").await;
     assert_eq!(queued, 1);
 
     lock.release().await;
@@ -415,10 +403,6 @@ async fn cli(p: &Pipeline, extra: &[(&str, &str)], args: &[&str]) -> (i32, Strin
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
-}
-
-async fn count(p: &Pipeline, sql: &str) -> i64 {
-    p.db.query_one(sql, &[]).await.unwrap().get(0)
 }
 
 /// `detect --all --since T` that finds nothing new, saying `queued` on stderr.
@@ -444,7 +428,7 @@ async fn detect_all_fills_the_table_from_stored_history_and_resumes() {
     let (code, out, err) = cli(&p, &[("ANOMALY_DETECTION", "off")], &["ingest", "--all"]).await;
     assert_eq!(code, 0, "{out}{err}");
     assert!(!out.contains("anomalies:"), "{out}");
-    assert_eq!(count(&p, "SELECT count(*) FROM anomaly_work").await, 0);
+    assert_eq!(p.count("SELECT count(*) FROM anomaly_work").await, 0);
     let (code, _, err) = cli(&p, &[("ANOMALY_DETECTION", "maybe")], &["ingest", "--all"]).await;
     assert_eq!(code, 2);
     assert_eq!(
@@ -465,7 +449,7 @@ async fn detect_all_fills_the_table_from_stored_history_and_resumes() {
     assert_eq!(stored(&p, "open").await, want);
     // History is not news: recorded as published, nothing sent.
     assert_eq!(unpublished(&p).await, (0, want.len() as i64));
-    assert_eq!(count(&p, "SELECT count(*) FROM anomaly_work").await, 0);
+    assert_eq!(p.count("SELECT count(*) FROM anomaly_work").await, 0);
 
     // An interrupted run left work behind: the next run resumes it instead of queueing again.
     p.db.batch_execute(&format!(
@@ -499,12 +483,9 @@ async fn detect_all_fills_the_table_from_stored_history_and_resumes() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("anomalies: 0 opened\n"), "{out}");
     assert_eq!(
-        count(
-            &p,
-            "SELECT count(*) FROM anomalies WHERE kind = 'spike' AND state = 'resolved'"
-        )
-        .await,
+        p.count("SELECT count(*) FROM anomalies WHERE kind = 'spike' AND state = 'resolved'")
+            .await,
         1
     );
-    assert_eq!(count(&p, "SELECT count(*) FROM anomaly_work").await, 0);
+    assert_eq!(p.count("SELECT count(*) FROM anomaly_work").await, 0);
 }

@@ -28,13 +28,7 @@ fn summary(out: &Output) -> String {
 }
 
 async fn count(url: &str, sql: &str) -> i64 {
-    testbed::connect(url)
-        .await
-        .unwrap()
-        .query_one(sql, &[])
-        .await
-        .unwrap()
-        .get(0)
+    testbed::scalar(&testbed::connect(url).await.unwrap(), sql).await
 }
 
 #[tokio::test]

@@ -116,11 +116,7 @@ async fn assert_big_file_stored(p: &Pipeline, rows: usize) {
         p.count("SELECT count(*) FROM measurements").await,
         rows as i64
     );
-    let sum: f64 =
-        p.db.query_one("SELECT sum(value) FROM measurements", &[])
-            .await
-            .unwrap()
-            .get(0);
+    let sum: f64 = testbed::scalar(&p.db, "SELECT sum(value) FROM measurements").await;
     let want: f64 = (0..rows).map(|i| (i % 1000) as f64 + 0.5).sum();
     assert_eq!(sum, want);
 }

@@ -104,7 +104,7 @@ impl Pipeline {
     }
 
     pub async fn count(&self, sql: &str) -> i64 {
-        self.db.query_one(sql, &[]).await.unwrap().get(0)
+        testbed::scalar(&self.db, sql).await
     }
 
     /// Waits until `key`'s latest ledger entry has `status`.
