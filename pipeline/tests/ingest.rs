@@ -95,33 +95,15 @@ impl Harness {
             let inexact = testbed::inexact_hours(&self.measurements).await.unwrap();
             assert_eq!(inexact, 0, "hours left inexact without detection");
         }
-        self.measurements
-            .query(
-                "SELECT sensor_uuid::text, to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), value
-                 FROM measurements ORDER BY sensor_uuid, ts",
-                &[],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2)))
-            .collect()
+        testbed::rows(&self.measurements, "SELECT sensor_uuid::text, to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), value
+                 FROM measurements ORDER BY sensor_uuid, ts").await
     }
 
     async fn quarantine(
         &self,
         client: &tokio_postgres::Client,
     ) -> Vec<(String, i64, String, String)> {
-        client
-            .query(
-                "SELECT object_key, line, convert_from(raw, 'UTF8'), reason FROM ingest_quarantine ORDER BY object_key, line",
-                &[],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
-            .collect()
+        testbed::rows(client, "SELECT object_key, line, convert_from(raw, 'UTF8'), reason FROM ingest_quarantine ORDER BY object_key, line").await
     }
 
     /// (key, status, rows_ok, rows_rejected, reason) of every ledger entry in `client`'s database.
@@ -129,16 +111,7 @@ impl Harness {
         &self,
         client: &tokio_postgres::Client,
     ) -> Vec<(String, String, i64, i64, Option<String>)> {
-        client
-            .query(
-                "SELECT object_key, status, rows_ok, rows_rejected, reason FROM ingest_ledger ORDER BY object_key, id",
-                &[],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
-            .collect()
+        testbed::rows(client, "SELECT object_key, status, rows_ok, rows_rejected, reason FROM ingest_ledger ORDER BY object_key, id").await
     }
 
     async fn sensor_names(&self) -> Vec<String> {
@@ -405,18 +378,12 @@ async fn overwritten_hours_keep_their_exact_low_and_high() {
         .unwrap();
     let o = h.ingestor.ingest("timeseries/new.csv", None).await.unwrap();
     assert_done(&o, 4, 0);
-    let hours: Vec<(String, i64, f64, f64, bool)> = h
-        .measurements
-        .query(
-            "SELECT to_char(hour AT TIME ZONE 'UTC', 'HH24'), readings, low, high, exact
+    let hours: Vec<(String, i64, f64, f64, bool)> = testbed::rows(
+        &h.measurements,
+        "SELECT to_char(hour AT TIME ZONE 'UTC', 'HH24'), readings, low, high, exact
              FROM measurement_hours ORDER BY hour",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
-        .collect();
+    )
+    .await;
     assert_eq!(
         hours,
         vec![
@@ -571,19 +538,13 @@ async fn a_correction_of_its_own_readings_replaces_them_and_keeps_the_rollup_exa
             reading(U1, "2013-01-20T10:00:00.000000Z", 50.0),
         ]
     );
-    let hours: Vec<(String, String, i64, f64, f64)> = h
-        .measurements
-        .query(
-            "SELECT sensor_uuid::text, to_char(hour AT TIME ZONE 'UTC', 'HH24'), readings, low,
+    let hours: Vec<(String, String, i64, f64, f64)> = testbed::rows(
+        &h.measurements,
+        "SELECT sensor_uuid::text, to_char(hour AT TIME ZONE 'UTC', 'HH24'), readings, low,
                     high
              FROM measurement_hours WHERE exact ORDER BY sensor_uuid, hour",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
-        .collect();
+    )
+    .await;
     let hour = |u: &str, hh: &str, n: i64, low: f64, high: f64| {
         (u.to_string(), hh.to_string(), n, low, high)
     };
@@ -902,17 +863,11 @@ async fn assert_sample_end_state_values_only(h: &Harness) {
         })
         .collect();
     want.sort();
-    let got: Vec<(String, String)> = h
-        .mapping
-        .query(
-            "SELECT sensor_uuid::text, sensor_name FROM sensors ORDER BY 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let got: Vec<(String, String)> = testbed::rows(
+        &h.mapping,
+        "SELECT sensor_uuid::text, sensor_name FROM sensors ORDER BY 1",
+    )
+    .await;
     assert_eq!(got, want);
 }
 
@@ -1699,14 +1654,11 @@ async fn nul_bytes_reject_their_row_and_are_escaped_in_reasons() {
     assert_done(&o, 1, 1);
     assert_eq!(h.sensor_names().await, vec!["pump"]);
     // (The raw line is bytea and keeps its NUL.)
-    let rejected: Vec<(i64, Vec<u8>, String)> = h
-        .mapping
-        .query("SELECT line, raw, reason FROM ingest_quarantine", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect();
+    let rejected: Vec<(i64, Vec<u8>, String)> = testbed::rows(
+        &h.mapping,
+        "SELECT line, raw, reason FROM ingest_quarantine",
+    )
+    .await;
     assert_eq!(
         rejected,
         vec![(
@@ -1724,17 +1676,11 @@ async fn nul_bytes_reject_their_row_and_are_escaped_in_reasons() {
         )
         .await;
     assert_done(&o, 0, 1);
-    let reasons: Vec<String> = h
-        .measurements
-        .query(
-            "SELECT reason FROM ingest_quarantine WHERE object_key = 'timeseries/nul.csv'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let reasons: Vec<String> = testbed::column(
+        &h.measurements,
+        "SELECT reason FROM ingest_quarantine WHERE object_key = 'timeseries/nul.csv'",
+    )
+    .await;
     assert_eq!(
         reasons,
         vec![format!(

@@ -288,13 +288,13 @@ async fn end_state_is_the_newest_write(grouped: bool) {
             .iter()
             .map(|r| ((r.get(0), r.get(1)), r.get(2)))
             .collect();
-        let got_names: BTreeMap<String, String> = client
-            .query("SELECT sensor_uuid::text, sensor_name FROM sensors", &[])
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect();
+        let got_names: BTreeMap<String, String> = testbed::rows(
+            &client,
+            "SELECT sensor_uuid::text, sensor_name FROM sensors",
+        )
+        .await
+        .into_iter()
+        .collect();
         assert_eq!(got_readings, want_readings, "seed {seed}: {versions:#?}");
         assert_eq!(got_names, want_names, "seed {seed}: {versions:#?}");
         // One `done` ledger entry per version, and the page index counts every stored row.
@@ -350,22 +350,8 @@ async fn harness() -> (TestEnv, Ingestor, tokio_postgres::Client) {
     (env, ingestor, db)
 }
 
-/// The rows of a two-column query.
-async fn pairs<A, B>(db: &tokio_postgres::Client, sql: &str) -> Vec<(A, B)>
-where
-    A: for<'a> tokio_postgres::types::FromSql<'a>,
-    B: for<'a> tokio_postgres::types::FromSql<'a>,
-{
-    db.query(sql, &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect()
-}
-
 async fn names(db: &tokio_postgres::Client) -> Vec<(String, String)> {
-    pairs(
+    testbed::rows(
         db,
         "SELECT sensor_uuid::text, sensor_name FROM sensors ORDER BY 1",
     )
@@ -437,7 +423,7 @@ async fn a_key_that_goes_back_to_earlier_content_ends_with_it() {
     }
     let value: f64 = testbed::scalar(&db, "SELECT value FROM measurements").await;
     assert_eq!(value, 1.0);
-    let ledger: Vec<(String, i64)> = pairs(&db, "SELECT status, extract(epoch FROM written_at)::bigint FROM ingest_ledger ORDER BY written_at").await;
+    let ledger: Vec<(String, i64)> = testbed::rows(&db, "SELECT status, extract(epoch FROM written_at)::bigint FROM ingest_ledger ORDER BY written_at").await;
     assert_eq!(
         ledger,
         vec![
@@ -534,7 +520,7 @@ async fn upgrade_from_the_previous_schema_keeps_the_data_and_any_new_write_beats
         let o = ingestor.ingest(key, None).await.unwrap();
         assert_eq!(o.disposition, Disposition::Done);
     }
-    let readings: Vec<(String, f64)> = pairs(
+    let readings: Vec<(String, f64)> = testbed::rows(
         &db,
         "SELECT to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD'), value FROM measurements ORDER BY ts",
     )
@@ -549,7 +535,7 @@ async fn upgrade_from_the_previous_schema_keeps_the_data_and_any_new_write_beats
     );
     assert_eq!(names(&db).await, vec![(U1.to_string(), "new".to_string())]);
     // The page index still counts every stored row.
-    let days: Vec<(String, i64)> = pairs(&db, "SELECT to_char(day AT TIME ZONE 'UTC', 'YYYY-MM-DD'), readings FROM measurement_days ORDER BY day").await;
+    let days: Vec<(String, i64)> = testbed::rows(&db, "SELECT to_char(day AT TIME ZONE 'UTC', 'YYYY-MM-DD'), readings FROM measurement_days ORDER BY day").await;
     assert_eq!(
         days,
         vec![
@@ -560,7 +546,7 @@ async fn upgrade_from_the_previous_schema_keeps_the_data_and_any_new_write_beats
     );
     // The hourly rollup was filled from the rows stored before (V5) and kept by the merge: the
     // overwritten 2013-01-20 reading's hour holds the new value only.
-    let hours: Vec<(String, f64)> = pairs(
+    let hours: Vec<(String, f64)> = testbed::rows(
         &db,
         "SELECT to_char(hour AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24'), high FROM measurement_hours \
          ORDER BY hour",
@@ -579,7 +565,7 @@ async fn upgrade_from_the_previous_schema_keeps_the_data_and_any_new_write_beats
         Vec::<String>::new()
     );
     // The earlier ledger entry is kept, without a write time.
-    let ledger: Vec<(String, bool)> = pairs(
+    let ledger: Vec<(String, bool)> = testbed::rows(
         &db,
         "SELECT object_key, written_at = '-infinity' FROM ingest_ledger ORDER BY object_key",
     )
@@ -638,15 +624,10 @@ async fn versions_of_one_second_get_distinct_numbers_without_a_lock() {
     )
     .await
     .unwrap();
-    let versions: Vec<String> = db
-        .query(
-            "SELECT object_key FROM object_versions ORDER BY object_key",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let versions: Vec<String> = testbed::column(
+        &db,
+        "SELECT object_key FROM object_versions ORDER BY object_key",
+    )
+    .await;
     assert_eq!(versions, vec!["a.csv", "b.csv", "c.csv"]);
 }

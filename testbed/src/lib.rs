@@ -340,6 +340,47 @@ where
         .get(0)
 }
 
+/// A row of a test's query as a tuple of its columns ([`rows`]).
+pub trait FromRow {
+    fn from_row(row: &tokio_postgres::Row) -> Self;
+}
+
+macro_rules! from_row_for_tuples {
+    ($(($($t:ident $i:tt),+)),+) => {$(
+        impl<$($t: for<'a> tokio_postgres::types::FromSql<'a>),+> FromRow for ($($t,)+) {
+            fn from_row(row: &tokio_postgres::Row) -> Self {
+                ($(row.get($i),)+)
+            }
+        }
+    )+};
+}
+from_row_for_tuples!((A 0, B 1), (A 0, B 1, C 2), (A 0, B 1, C 2, D 3), (A 0, B 1, C 2, D 3, E 4));
+
+/// Every row `sql` returns, each as a tuple: panics on an error, as a test wants.
+pub async fn rows<T: FromRow>(client: &tokio_postgres::Client, sql: &str) -> Vec<T> {
+    client
+        .query(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .iter()
+        .map(T::from_row)
+        .collect()
+}
+
+/// The first column of every row `sql` returns.
+pub async fn column<T>(client: &tokio_postgres::Client, sql: &str) -> Vec<T>
+where
+    T: for<'a> tokio_postgres::types::FromSql<'a>,
+{
+    client
+        .query(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 /// Hours of the rollup not marked exact.
 pub async fn inexact_hours(client: &tokio_postgres::Client) -> Result<i64> {
     Ok(client

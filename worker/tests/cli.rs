@@ -205,17 +205,12 @@ async fn ingest_detects_the_corrections_of_several_sensors_after_the_last_object
         "objects: 3 done, 0 already done, 0 failed, 0 ignored, 0 errors\nrows:    6000 ok, 0 rejected\nanomalies: 3 opened"
     );
     let client = testbed::connect(&env.measurements_db).await.unwrap();
-    let anomalies: Vec<(String, String, String, i64)> = client
-        .query(
-            "SELECT sensor_uuid::text, kind, state, extract(epoch FROM start_ts)::bigint
+    let anomalies: Vec<(String, String, String, i64)> = testbed::rows(
+        &client,
+        "SELECT sensor_uuid::text, kind, state, extract(epoch FROM start_ts)::bigint
              FROM anomalies ORDER BY 1, 4",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
-        .collect();
+    )
+    .await;
     let first = testbed::data::FIRST_READING;
     let want: Vec<(String, String, String, i64)> = sensors
         .iter()
