@@ -36,20 +36,28 @@ fn at(s: &str) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(s).unwrap().to_utc()
 }
 
+/// Migrates the test's databases, uploads the mapping `rows` (after the header) and returns an
+/// ingestor for them.
+async fn migrated(env: &TestEnv, rows: &str) -> Ingestor {
+    migrate(&env.database_settings()).await.unwrap();
+    env.s3
+        .put(
+            "mapping/sensors.csv",
+            format!("sensor_uuid;sensor_name\n{rows}"),
+        )
+        .await
+        .unwrap();
+    let dbs = Databases::connect(&env.database_settings(), 2).unwrap();
+    Ingestor::new(env.s3.store().clone(), dbs, ContractSettings::default())
+}
+
 /// Stores, by ingesting objects one after the other (each written later than the one before):
 /// readings every 5 minutes over the DST change of 2013-03-31 in Europe/Berlin, re-uploaded with
 /// other values; a correction of part of a day whose hours are left to detection; new readings
 /// between stored ones with some stored ones overwritten; and a correction settled in its own
 /// transaction. Values are multiples of 1/8, so that sums are exact in any order.
 async fn stored(env: &TestEnv) {
-    migrate(&env.database_settings()).await.unwrap();
-    env.s3
-        .put(
-            "mapping/sensors.csv",
-            format!("sensor_uuid;sensor_name\n{SENSOR};bucketed\n{OTHER};other\n"),
-        )
-        .await
-        .unwrap();
+    let ingestor = migrated(env, &format!("{SENSOR};bucketed\n{OTHER};other\n")).await;
     let start = at("2013-03-29T20:00:00Z");
     let n = 12 * 56 + 1;
     let first = every_5m(start, n, |i| ((i * 37) % 201 - 100) as f64 / 8.0);
@@ -94,8 +102,6 @@ async fn stored(env: &TestEnv) {
             false,
         ),
     ];
-    let dbs = Databases::connect(&env.database_settings(), 2).unwrap();
-    let ingestor = Ingestor::new(env.s3.store().clone(), dbs, ContractSettings::default());
     let outcome = ingestor.ingest("mapping/sensors.csv", None).await.unwrap();
     assert_eq!(outcome.rows_rejected, 0);
     let now = std::time::SystemTime::now();
@@ -198,8 +204,8 @@ async fn csv_buckets(
     ok(vars, &args).await
 }
 
-/// `readings --sensor-name bucketed` over 2013 in buckets of `every`, then `extra`.
-fn over_2013(every: &'static str, extra: &[&'static str]) -> Vec<&'static str> {
+/// `readings --sensor-name bucketed` over 2013, then `extra`.
+fn over_2013(extra: &[&'static str]) -> Vec<&'static str> {
     let mut args = vec![
         "readings",
         "--sensor-name",
@@ -208,8 +214,6 @@ fn over_2013(every: &'static str, extra: &[&'static str]) -> Vec<&'static str> {
         "2013-01-01",
         "--end-timestamp",
         "2014-01-01",
-        "--every",
-        every,
     ];
     args.extend(extra);
     args
@@ -258,7 +262,14 @@ async fn every_bucket_is_what_sql_over_the_readings_says() {
     // Days in Berlin across the change to summer time: the day of 2013-03-31 is 23 hours long.
     let days = ok(
         &vars,
-        &over_2013("1d", &["--timezone", "Europe/Berlin", "--format", "json"]),
+        &over_2013(&[
+            "--every",
+            "1d",
+            "--timezone",
+            "Europe/Berlin",
+            "--format",
+            "json",
+        ]),
     )
     .await;
     let starts: Vec<String> = days
@@ -276,7 +287,7 @@ async fn every_bucket_is_what_sql_over_the_readings_says() {
     );
     // Pages count buckets.
     let hours = |page: &'static [&'static str]| {
-        let mut args = over_2013("1h", &["--format", "csv"]);
+        let mut args = over_2013(&["--every", "1h", "--format", "csv"]);
         args.extend(page);
         let vars = &vars;
         async move { ok(vars, &args).await }
@@ -343,15 +354,6 @@ async fn bad_bucket_flags_are_usage_errors() {
     let env = TestEnv::new().await.unwrap();
     stored(&env).await;
     let vars = env.vars();
-    let base = [
-        "readings",
-        "--sensor-name",
-        "bucketed",
-        "--start-timestamp",
-        "2013-01-01",
-        "--end-timestamp",
-        "2014-01-01",
-    ];
     let cases: [(&[&str], &str); 4] = [
         (
             &["--every", "7h"],
@@ -376,9 +378,7 @@ async fn bad_bucket_flags_are_usage_errors() {
         ),
     ];
     for (flags, message) in cases {
-        let mut args = base.to_vec();
-        args.extend(flags);
-        let out = query(&vars, &args).await;
+        let out = query(&vars, &over_2013(flags)).await;
         assert_eq!(
             (out.status.code(), text(&out.stderr), text(&out.stdout)),
             (Some(2), message.to_string(), String::new()),
@@ -392,14 +392,7 @@ async fn bad_bucket_flags_are_usage_errors() {
 #[tokio::test]
 async fn long_ranges_are_read_in_parts_and_buckets_span_them() {
     let env = TestEnv::new().await.unwrap();
-    migrate(&env.database_settings()).await.unwrap();
-    env.s3
-        .put(
-            "mapping/sensors.csv",
-            format!("sensor_uuid;sensor_name\n{SENSOR};bucketed\n"),
-        )
-        .await
-        .unwrap();
+    let ingestor = migrated(&env, &format!("{SENSOR};bucketed\n")).await;
     // 20,000 hours after 2013-01-01T00:00Z is 2015-04-13T08:00Z: the last two readings are
     // read apart, and lie in one local day in Berlin.
     let rows = [
@@ -411,8 +404,6 @@ async fn long_ranges_are_read_in_parts_and_buckets_span_them() {
         .put("timeseries/long.csv", csv_of(SENSOR, &rows))
         .await
         .unwrap();
-    let dbs = Databases::connect(&env.database_settings(), 2).unwrap();
-    let ingestor = Ingestor::new(env.s3.store().clone(), dbs, ContractSettings::default());
     for key in ["mapping/sensors.csv", "timeseries/long.csv"] {
         assert_eq!(ingestor.ingest(key, None).await.unwrap().rows_rejected, 0);
     }

@@ -327,19 +327,6 @@ pub async fn timescaledb_installed(url: &str) -> Result<bool> {
         .get(0))
 }
 
-/// The first column of the one row `sql` returns (a count, a value): panics otherwise, as a test
-/// wants.
-pub async fn scalar<T>(client: &tokio_postgres::Client, sql: &str) -> T
-where
-    T: for<'a> tokio_postgres::types::FromSql<'a>,
-{
-    client
-        .query_one(sql, &[])
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-        .get(0)
-}
-
 /// A row of a test's query as a tuple of its columns ([`rows`]).
 pub trait FromRow {
     fn from_row(row: &tokio_postgres::Row) -> Self;
@@ -354,9 +341,15 @@ macro_rules! from_row_for_tuples {
         }
     )+};
 }
-from_row_for_tuples!((A 0, B 1), (A 0, B 1, C 2), (A 0, B 1, C 2, D 3), (A 0, B 1, C 2, D 3, E 4));
+from_row_for_tuples!(
+    (A 0),
+    (A 0, B 1),
+    (A 0, B 1, C 2),
+    (A 0, B 1, C 2, D 3),
+    (A 0, B 1, C 2, D 3, E 4)
+);
 
-/// Every row `sql` returns, each as a tuple: panics on an error, as a test wants.
+/// Every row `sql` (no parameters) returns, each as a tuple: panics on an error, as a test wants.
 pub async fn rows<T: FromRow>(client: &tokio_postgres::Client, sql: &str) -> Vec<T> {
     client
         .query(sql, &[])
@@ -372,13 +365,18 @@ pub async fn column<T>(client: &tokio_postgres::Client, sql: &str) -> Vec<T>
 where
     T: for<'a> tokio_postgres::types::FromSql<'a>,
 {
-    client
-        .query(sql, &[])
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
+    let rows: Vec<(T,)> = rows(client, sql).await;
+    rows.into_iter().map(|(v,)| v).collect()
+}
+
+/// The first column of the one row `sql` returns (a count, a value): panics otherwise.
+pub async fn scalar<T>(client: &tokio_postgres::Client, sql: &str) -> T
+where
+    T: for<'a> tokio_postgres::types::FromSql<'a>,
+{
+    let mut values = column(client, sql).await;
+    assert_eq!(values.len(), 1, "{sql}: one row");
+    values.remove(0)
 }
 
 /// Hours of the rollup not marked exact.
