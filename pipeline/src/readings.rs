@@ -3,12 +3,12 @@
 //! ([`crate::store::write::merge_held`]) and detection reads instead of the table
 //! ([`crate::alerts`]).
 
-use crate::time::Micros;
 use std::collections::HashMap;
 
 use uuid::Uuid;
 
 use crate::store::write::Link;
+use crate::time::Micros;
 
 /// Readings per sensor: microseconds since the epoch and value, in time order.
 pub type BySensor = HashMap<Uuid, Vec<(Micros, f64)>>;

@@ -6,13 +6,14 @@
 //! for a window does not depend on where the window begins; anomalies are those whose first
 //! reading lies in `[start, end]`.
 
-use sensor_pipeline::time::Micros;
 use std::io::{IsTerminal, Write};
 
 use chrono::{DateTime, Duration, Utc};
 use clap::Args;
 use sensor_pipeline::anomaly::{Anomaly, Detector, Kind, WARM_UP_MICROS, WARM_UP_READINGS};
 use sensor_pipeline::config::DatabaseSettings;
+use sensor_pipeline::store::measurements;
+use sensor_pipeline::time::{instant as time, Micros};
 use uuid::Uuid;
 
 use crate::db::{failed, Databases};
@@ -122,8 +123,6 @@ impl Record for AnomalyRecord {
     }
 }
 
-use sensor_pipeline::time::instant as time;
-
 impl AnomalyRecord {
     fn new(uuid: Uuid, name: Option<String>, a: &Anomaly) -> Self {
         Self {
@@ -150,14 +149,10 @@ pub async fn detect(
     mut in_window: impl FnMut(Micros, f64),
 ) -> Result<Vec<Anomaly>, Failure> {
     let client = &dbs.measurements;
-    let from = series::warm_up_from(
-        client,
-        uuid,
-        start,
-        Duration::microseconds(WARM_UP_MICROS),
-        WARM_UP_READINGS,
-    )
-    .await?;
+    let memory = Duration::microseconds(WARM_UP_MICROS);
+    let from = measurements::warm_up_from(&**client, uuid, start, memory, WARM_UP_READINGS)
+        .await
+        .map_err(failed("measurement"))?;
     let mut detector = Detector::new(sensitivity);
     let mut found = Vec::new();
     let (first, last) = (start.timestamp_micros(), end.timestamp_micros());

@@ -18,7 +18,6 @@
 //! Text is drawn with DejaVu Sans from the `dejavu` crate through `plotters`' ab_glyph back end:
 //! no system font is needed (CI and containers have none).
 
-use sensor_pipeline::time::Micros;
 use std::path::{Path, PathBuf};
 use std::sync::Once;
 
@@ -29,6 +28,7 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use sensor_pipeline::anomaly::{Anomaly, Kind};
 use sensor_pipeline::config::DatabaseSettings;
+use sensor_pipeline::time::Micros;
 use uuid::Uuid;
 
 use crate::buckets::{self, Every};

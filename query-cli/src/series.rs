@@ -1,7 +1,7 @@
 //! Streaming one sensor's readings in time order for the commands that compute over readings
 //! (`anomalies`, `plot`): the library's keyset streaming ([`readings`]), with query-cli's errors.
 
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Utc};
 use sensor_pipeline::store::measurements as readings;
 use sensor_pipeline::time::Micros;
 use tokio_postgres::Client;
@@ -20,21 +20,6 @@ pub async fn each_reading(
     each: impl FnMut(Micros, f64),
 ) -> Result<u64, Failure> {
     readings::each_reading(client, uuid, from, to, each)
-        .await
-        .map_err(failed("measurement"))
-}
-
-/// Where to start reading so that a detector is warmed up at `start`: the earlier of
-/// `span` before it and the `readings`-th reading before it (the first reading when there are
-/// fewer).
-pub async fn warm_up_from(
-    client: &Client,
-    uuid: Uuid,
-    start: DateTime<Utc>,
-    span: Duration,
-    count: usize,
-) -> Result<DateTime<Utc>, Failure> {
-    readings::warm_up_from(client, uuid, start, span, count)
         .await
         .map_err(failed("measurement"))
 }

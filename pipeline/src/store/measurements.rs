@@ -4,7 +4,6 @@
 //! (`anomalies`, `plot`) and by the workers' detection ([`crate::alerts`]). The detector itself
 //! ([`crate::anomaly`]) reads nothing: it is fed readings.
 
-use crate::time::Micros;
 use std::pin::pin;
 
 use chrono::{DateTime, Duration, Utc};
@@ -12,6 +11,8 @@ use futures_util::TryStreamExt;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Error, GenericClient};
 use uuid::Uuid;
+
+use crate::time::Micros;
 
 /// Rows fetched per keyset batch.
 const BATCH: i64 = 100_000;

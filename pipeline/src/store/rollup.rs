@@ -9,8 +9,7 @@
 //! with bounds around the readings', until it is settled. Readers take an inexact hour from
 //! its readings.
 
-use crate::time::instant;
-use crate::time::Micros;
+use crate::time::{instant, Micros};
 
 /// The rollup's columns past its key and `exact`, in the order of [`HourColumns`].
 macro_rules! rollup_columns {
