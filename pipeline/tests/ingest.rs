@@ -1545,6 +1545,42 @@ async fn unknown_sensors_are_kept_and_mapping_may_come_later() {
     assert_eq!(h.count(&h.mapping, "sensors").await, 1);
 }
 
+/// The check every test here makes of the derived tables (`testbed::derived_drift`) reports
+/// what disagrees with the readings: a wrong count in the page index, a wrong bound in the hourly
+/// rollup, and the daily value recomputed from that hour.
+#[tokio::test]
+async fn the_derived_tables_check_reports_what_disagrees() {
+    let h = Harness::without_detection().await;
+    let csv = format!("timestamp;sensor_uuid;sensor_value\n2013-01-20T08:00:00Z;{U1};1\n");
+    assert_done(&h.put_and_ingest("timeseries/one.csv", csv).await, 1, 0);
+    assert_eq!(
+        testbed::derived_drift(&h.measurements).await.unwrap(),
+        Vec::<String>::new()
+    );
+    h.measurements
+        .batch_execute(
+            "UPDATE measurement_hours SET high = 2; UPDATE measurement_days SET readings = 3;
+             SET TIME ZONE 'UTC'",
+        )
+        .await
+        .unwrap();
+    let mut found: Vec<String> = testbed::derived_drift(&h.measurements)
+        .await
+        .unwrap()
+        .iter()
+        .map(|line| line[..line.find(": ").unwrap()].to_string())
+        .collect();
+    found.sort();
+    assert_eq!(
+        found,
+        [
+            format!("day {U1} 2013-01-20 00:00:00+00"),
+            format!("day values {U1} 2013-01-20 00:00:00+00"),
+            format!("hour {U1} 2013-01-20 08:00:00+00"),
+        ]
+    );
+}
+
 #[tokio::test]
 async fn migrations_are_idempotent() {
     let env = TestEnv::new().await.unwrap();

@@ -255,6 +255,18 @@ pub async fn derived_drift(client: &tokio_postgres::Client) -> Result<Vec<String
         )
     };
     let (h, d) = (agrees("h"), agrees("d"));
+    // A rollup table's rows as `alias`, each described beside the readings' aggregate `c`.
+    let described = |label: &str, table: &str, alias: &str, bucket: &str| {
+        format!(
+            "SELECT '{label} ' || coalesce({alias}.sensor_uuid, c.sensor_uuid)::text || ' '
+                    || coalesce({alias}.{bucket}, c.{bucket})::text || ': '
+                    || coalesce({alias}::text, '-') || ' rolled up, '
+                    || coalesce(c::text, '-') || ' stored'
+             FROM {table} {alias}"
+        )
+    };
+    let hours = described("hour", "measurement_hours", "h", "hour");
+    let days = described("day values", "measurement_day_values", "d", "day");
     let rows = client
         .query(
             &format!(
@@ -266,19 +278,13 @@ pub async fn derived_drift(client: &tokio_postgres::Client) -> Result<Vec<String
                         FROM measurements GROUP BY 1, 2) c USING (sensor_uuid, day)
              WHERE d.readings IS DISTINCT FROM c.n
              UNION ALL
-             SELECT 'hour ' || coalesce(h.sensor_uuid, c.sensor_uuid)::text || ' '
-                    || coalesce(h.hour, c.hour)::text || ': ' || coalesce(h::text, '-')
-                    || ' rolled up, ' || coalesce(c::text, '-') || ' stored'
-             FROM measurement_hours h
+             {hours}
              FULL JOIN (SELECT sensor_uuid, date_trunc('hour', ts, 'UTC') AS hour,
                                {AGGREGATE}
                         FROM measurements GROUP BY 1, 2) c USING (sensor_uuid, hour)
              WHERE coalesce(NOT (h.readings = c.n AND {h}), true)
              UNION ALL
-             SELECT 'day values ' || coalesce(d.sensor_uuid, c.sensor_uuid)::text || ' '
-                    || coalesce(d.day, c.day)::text || ': ' || coalesce(d::text, '-')
-                    || ' rolled up, ' || coalesce(c::text, '-') || ' stored'
-             FROM measurement_day_values d
+             {days}
              FULL JOIN (SELECT sensor_uuid, date_trunc('day', ts, 'UTC') AS day,
                                {AGGREGATE},
                                bool_and(h.exact) AS exact_hours
