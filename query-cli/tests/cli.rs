@@ -201,6 +201,38 @@ async fn pages_compose_to_the_unpaginated_stream() {
             );
         }
     }
+
+    // Small pages anywhere: in the partial first day, across a day's end, inside a whole day,
+    // in the partial last day, and the last one.
+    let (start, end) = ("2012-12-01T00:31:00Z", "2013-02-20T05:17:30Z");
+    let expected = csv_of(&in_range(crate::parse(start), crate::parse(end)));
+    let lines: Vec<&str> = expected.lines().collect();
+    let size = 7;
+    for page in [
+        1,
+        2,
+        100,
+        206,
+        207,
+        4_000,
+        8_350,
+        8_352,
+        lines.len().div_ceil(size),
+    ] {
+        let mut args = range_args(start, end);
+        let (page_text, size_text) = (page.to_string(), size.to_string());
+        args.extend(["--page-number", &page_text, "--page-size", &size_text]);
+        let first = (page - 1) * size;
+        let want: String = lines[first..(first + size).min(lines.len())]
+            .iter()
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(
+            ok(&vars, &args).await,
+            format!("timestamp,sensor_value\n{want}"),
+            "page {page} of {size}"
+        );
+    }
 }
 
 fn parse(s: &str) -> DateTime<Utc> {
