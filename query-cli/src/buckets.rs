@@ -257,12 +257,15 @@ fn statements(every: Every, utc: bool) -> (String, Option<String>) {
     }
     // The readings of the hours `h` that do not stand, within the range (the subquery kept
     // apart, `OFFSET 0`, so that it runs per hour: joined, the planner scanned all the
-    // sensor's readings for what are usually none).
+    // sensor's readings for what are usually none). Its hours lie in the window's days: said
+    // in constants too, so that on a TimescaleDB hypertable only those chunks are planned (with
+    // the hour's bounds alone, every chunk was: 100 ms a query at ten years of 7-day chunks).
     let hour_readings = format!(
         "{readings} FROM h CROSS JOIN LATERAL (
              SELECT ts, value FROM measurements
              WHERE sensor_uuid = $1 AND ts >= greatest(h.hour, $2)
                  AND ts <= least(h.hour + interval '1 hour' - interval '1 microsecond', $3)
+                 AND ts >= $4 AND ts < $5 + interval '1 day'
              OFFSET 0
          ) AS m
          WHERE NOT h.stands"
