@@ -95,15 +95,25 @@ impl Harness {
             let inexact = testbed::inexact_hours(&self.measurements).await.unwrap();
             assert_eq!(inexact, 0, "hours left inexact without detection");
         }
-        testbed::rows(&self.measurements, "SELECT sensor_uuid::text, to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), value
-                 FROM measurements ORDER BY sensor_uuid, ts").await
+        testbed::rows(
+            &self.measurements,
+            "SELECT sensor_uuid::text,
+                    to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), value
+             FROM measurements ORDER BY sensor_uuid, ts",
+        )
+        .await
     }
 
     async fn quarantine(
         &self,
         client: &tokio_postgres::Client,
     ) -> Vec<(String, i64, String, String)> {
-        testbed::rows(client, "SELECT object_key, line, convert_from(raw, 'UTF8'), reason FROM ingest_quarantine ORDER BY object_key, line").await
+        testbed::rows(
+            client,
+            "SELECT object_key, line, convert_from(raw, 'UTF8'), reason FROM ingest_quarantine
+             ORDER BY object_key, line",
+        )
+        .await
     }
 
     /// (key, status, rows_ok, rows_rejected, reason) of every ledger entry in `client`'s database.
@@ -111,7 +121,12 @@ impl Harness {
         &self,
         client: &tokio_postgres::Client,
     ) -> Vec<(String, String, i64, i64, Option<String>)> {
-        testbed::rows(client, "SELECT object_key, status, rows_ok, rows_rejected, reason FROM ingest_ledger ORDER BY object_key, id").await
+        testbed::rows(
+            client,
+            "SELECT object_key, status, rows_ok, rows_rejected, reason FROM ingest_ledger
+             ORDER BY object_key, id",
+        )
+        .await
     }
 
     async fn sensor_names(&self) -> Vec<String> {

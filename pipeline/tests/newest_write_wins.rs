@@ -423,7 +423,12 @@ async fn a_key_that_goes_back_to_earlier_content_ends_with_it() {
     }
     let value: f64 = testbed::scalar(&db, "SELECT value FROM measurements").await;
     assert_eq!(value, 1.0);
-    let ledger: Vec<(String, i64)> = testbed::rows(&db, "SELECT status, extract(epoch FROM written_at)::bigint FROM ingest_ledger ORDER BY written_at").await;
+    let ledger: Vec<(String, i64)> = testbed::rows(
+        &db,
+        "SELECT status, extract(epoch FROM written_at)::bigint FROM ingest_ledger
+         ORDER BY written_at",
+    )
+    .await;
     assert_eq!(
         ledger,
         vec![
@@ -535,7 +540,12 @@ async fn upgrade_from_the_previous_schema_keeps_the_data_and_any_new_write_beats
     );
     assert_eq!(names(&db).await, vec![(U1.to_string(), "new".to_string())]);
     // The page index still counts every stored row.
-    let days: Vec<(String, i64)> = testbed::rows(&db, "SELECT to_char(day AT TIME ZONE 'UTC', 'YYYY-MM-DD'), readings FROM measurement_days ORDER BY day").await;
+    let days: Vec<(String, i64)> = testbed::rows(
+        &db,
+        "SELECT to_char(day AT TIME ZONE 'UTC', 'YYYY-MM-DD'), readings FROM measurement_days
+         ORDER BY day",
+    )
+    .await;
     assert_eq!(
         days,
         vec![

@@ -238,7 +238,12 @@ async fn an_older_version_that_commits_last_does_not_overwrite_the_newer_one() {
     .await;
     assert_eq!(done(v1.etag.clone()).await, Some((100_000, 1)));
     assert_eq!(done(v2.etag.clone()).await, Some((1_000, 1)));
-    let by_value: Vec<(f64, i64, String)> = testbed::rows(&p.db, "SELECT value, count(*), max(ts AT TIME ZONE 'UTC')::text FROM measurements GROUP BY 1 ORDER BY 1").await;
+    let by_value: Vec<(f64, i64, String)> = testbed::rows(
+        &p.db,
+        "SELECT value, count(*), max(ts AT TIME ZONE 'UTC')::text FROM measurements
+         GROUP BY 1 ORDER BY 1",
+    )
+    .await;
     assert_eq!(
         by_value,
         vec![
