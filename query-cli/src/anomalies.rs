@@ -17,7 +17,7 @@ use sensor_pipeline::time::{instant as time, Micros};
 use uuid::Uuid;
 
 use crate::db::{failed, Databases};
-use crate::output::{render, timestamp, Align, Format, Record};
+use crate::output::{render, timestamp, Column, Format, Record};
 use crate::readings::{page, parse_uuid, resolve, Sensor};
 use crate::{range, series, Failure};
 
@@ -97,30 +97,24 @@ impl Record for AnomalyRecord {
         "expected",
         "score",
     ];
-    const TABLE: &'static [(&'static str, Align)] = &[
-        ("sensor", Align::Left),
-        ("kind", Align::Left),
-        ("start", Align::Left),
-        ("end", Align::Left),
-        ("value", Align::Right),
-        ("expected", Align::Right),
-        ("score", Align::Right),
-    ];
-
-    fn table_cells(&self) -> Vec<String> {
-        let number = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.6}"));
-        vec![
-            self.sensor_name
+    const TABLE: &'static [Column<Self>] = &[
+        Column::left("sensor", |r| {
+            r.sensor_name
                 .clone()
-                .unwrap_or_else(|| self.sensor_uuid.clone()),
-            self.kind.to_string(),
-            self.start.clone(),
-            self.end.clone(),
-            number(self.value),
-            number(self.expected),
-            format!("{:.1}", self.score),
-        ]
-    }
+                .unwrap_or_else(|| r.sensor_uuid.clone())
+        }),
+        Column::left("kind", |r| r.kind.to_string()),
+        Column::left("start", |r| r.start.clone()),
+        Column::left("end", |r| r.end.clone()),
+        Column::right("value", |r| number(r.value)),
+        Column::right("expected", |r| number(r.expected)),
+        Column::right("score", |r| format!("{:.1}", r.score)),
+    ];
+}
+
+/// A value or expectation in the table: six decimals, `-` for none.
+fn number(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".to_string(), |v| format!("{v:.6}"))
 }
 
 impl AnomalyRecord {

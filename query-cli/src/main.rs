@@ -16,11 +16,10 @@ mod series;
 mod status;
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use sensor_pipeline::config::{DatabaseSettings, Env};
+use sensor_pipeline::config::{DatabaseSettings, EnvFile};
 
 use crate::output::Format;
 
@@ -41,9 +40,8 @@ const EXIT_CODES: &str = "Exit codes:\n  \
     )
 )]
 struct Cli {
-    /// Load settings from this file instead of config/.env (the environment still wins).
-    #[arg(long, global = true, value_name = "PATH")]
-    env_file: Option<PathBuf>,
+    #[command(flatten)]
+    env_file: EnvFile,
     #[command(subcommand)]
     command: Command,
 }
@@ -170,7 +168,9 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
-    let settings = Env::load(cli.env_file.as_deref())
+    let settings = cli
+        .env_file
+        .load()
         .and_then(|env| DatabaseSettings::from_env(&env))
         .map_err(|e| Failure::Infrastructure(e.to_string()))?;
     let stdout = std::io::stdout();

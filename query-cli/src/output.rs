@@ -107,12 +107,36 @@ pub fn push_value(buf: &mut Vec<u8>, v: f64) {
 
 /// One record of a command's output. CSV and JSON serialise it as it is (`None` is an empty CSV
 /// field and a JSON `null`); the table picks and formats cells for people.
-pub trait Record: serde::Serialize {
+pub trait Record: serde::Serialize + Sized + 'static {
     /// The CSV header: the record's field names, in order.
     const FIELDS: &'static [&'static str];
-    /// Table columns: header and alignment.
-    const TABLE: &'static [(&'static str, Align)];
-    fn table_cells(&self) -> Vec<String>;
+    /// The table's columns, in order.
+    const TABLE: &'static [Column<Self>];
+}
+
+/// A table column: its header, its alignment and the cell a record shows in it.
+pub struct Column<R> {
+    header: &'static str,
+    align: Align,
+    cell: fn(&R) -> String,
+}
+
+impl<R> Column<R> {
+    pub const fn left(header: &'static str, cell: fn(&R) -> String) -> Self {
+        Self {
+            header,
+            align: Align::Left,
+            cell,
+        }
+    }
+
+    pub const fn right(header: &'static str, cell: fn(&R) -> String) -> Self {
+        Self {
+            header,
+            align: Align::Right,
+            cell,
+        }
+    }
 }
 
 /// Writes `records` in `format`: CSV with a header row (also when there are no records), JSON one
@@ -140,8 +164,13 @@ pub fn render<R: Record>(
             csv.flush()?;
         }
         Format::Table => {
-            let rows: Vec<Vec<String>> = records.iter().map(R::table_cells).collect();
-            write_table(out, R::TABLE, &rows)?;
+            let columns: Vec<(&str, Align)> =
+                R::TABLE.iter().map(|c| (c.header, c.align)).collect();
+            let rows: Vec<Vec<String>> = records
+                .iter()
+                .map(|r| R::TABLE.iter().map(|c| (c.cell)(r)).collect())
+                .collect();
+            write_table(out, &columns, &rows)?;
         }
     }
     Ok(())

@@ -37,16 +37,28 @@ use crate::output::timestamp;
 use crate::readings::{parse_uuid, resolve, Sensor};
 use crate::{anomalies, range, series, Failure};
 
-/// Default picture width, and height per sensor panel.
-const WIDTH: u32 = 1400;
-const PANEL_HEIGHT: u32 = 380;
-/// Layout in pixels: outer margin, the band for the y labels, the band for the x labels, the
-/// caption band. The plot area of a panel spans x from `MARGIN + Y_LABELS` to `width - RIGHT`
-/// (the right margin leaves room for the last time label).
-const MARGIN: u32 = 14;
-const RIGHT: u32 = 60;
-const Y_LABELS: u32 = 64;
-const X_LABELS: u32 = 44;
+/// The picture's layout in pixels. A panel's plot area spans x from `margin + y_labels` to
+/// `width - right`.
+struct Layout {
+    /// The default width of the picture, and its height per sensor panel.
+    width: u32,
+    panel_height: u32,
+    /// The outer margin.
+    margin: u32,
+    /// The right margin: room for the last time label.
+    right: u32,
+    /// The bands for the y labels and for the x labels.
+    y_labels: u32,
+    x_labels: u32,
+}
+const LAYOUT: Layout = Layout {
+    width: 1400,
+    panel_height: 380,
+    margin: 14,
+    right: 60,
+    y_labels: 64,
+    x_labels: 44,
+};
 
 #[derive(Debug, Args)]
 #[group(skip)]
@@ -174,7 +186,7 @@ pub async fn run(settings: &DatabaseSettings, args: PlotArgs) -> Result<(), Fail
             "--sensitivity must be a number above 0".into(),
         ));
     }
-    let width = args.width.unwrap_or(WIDTH);
+    let width = args.width.unwrap_or(LAYOUT.width);
     let sensors: Vec<Sensor> = args
         .sensor_names
         .iter()
@@ -184,7 +196,7 @@ pub async fn run(settings: &DatabaseSettings, args: PlotArgs) -> Result<(), Fail
         .collect();
     let height = args
         .height
-        .unwrap_or(PANEL_HEIGHT * sensors.len().max(1) as u32);
+        .unwrap_or(LAYOUT.panel_height * sensors.len().max(1) as u32);
     let dbs = Databases::connect(settings).await?;
     let (start, end) = (args.start_timestamp, args.end_timestamp);
     let asked = (start.timestamp_micros(), end.timestamp_micros());
@@ -444,14 +456,16 @@ async fn draw_readings(dbs: &Databases, uuid: Uuid, columns: &mut Columns) -> Re
 }
 
 fn plot_width(width: u32) -> u32 {
-    width.saturating_sub(MARGIN + RIGHT + Y_LABELS).max(1)
+    width
+        .saturating_sub(LAYOUT.margin + LAYOUT.right + LAYOUT.y_labels)
+        .max(1)
 }
 
 /// The x pixel (in the whole picture) at which instant `at` is drawn in a `width`-wide picture
 /// of `[start, end]`.
 #[cfg(test)]
 fn x_pixel(width: u32, start: Micros, end: Micros, at: Micros) -> f64 {
-    let left = (MARGIN + Y_LABELS) as f64;
+    let left = (LAYOUT.margin + LAYOUT.y_labels) as f64;
     left + (at - start) as f64 / (end - start) as f64 * plot_width(width) as f64
 }
 
@@ -672,10 +686,10 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, panels: &[Panel]) -> 
         let labels = points.len();
         let mut chart = ChartBuilder::on(area)
             .caption(title, ("sans-serif", 20))
-            .margin(MARGIN)
-            .margin_right(RIGHT)
-            .x_label_area_size(X_LABELS)
-            .y_label_area_size(Y_LABELS)
+            .margin(LAYOUT.margin)
+            .margin_right(LAYOUT.right)
+            .x_label_area_size(LAYOUT.x_labels)
+            .y_label_area_size(LAYOUT.y_labels)
             .build_cartesian_2d((start..end).with_key_points(points), low..high)
             .map_err(err)?;
         chart

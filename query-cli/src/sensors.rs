@@ -11,7 +11,7 @@ use sensor_pipeline::config::DatabaseSettings;
 use uuid::Uuid;
 
 use crate::db::{failed, Databases};
-use crate::output::{render, timestamp, Align, Format, Record};
+use crate::output::{render, timestamp, Column, Format, Record};
 use crate::Failure;
 
 #[derive(Default)]
@@ -36,24 +36,18 @@ struct SensorRecord {
 impl Record for SensorRecord {
     const FIELDS: &'static [&'static str] =
         &["sensor_uuid", "sensor_name", "readings", "first", "last"];
-    const TABLE: &'static [(&'static str, Align)] = &[
-        ("sensor_uuid", Align::Left),
-        ("sensor_name", Align::Left),
-        ("readings", Align::Right),
-        ("first", Align::Left),
-        ("last", Align::Left),
+    const TABLE: &'static [Column<Self>] = &[
+        Column::left("sensor_uuid", |r| r.sensor_uuid.clone()),
+        Column::left("sensor_name", |r| or(&r.sensor_name, "(unmapped)")),
+        Column::right("readings", |r| r.readings.to_string()),
+        Column::left("first", |r| or(&r.first, "-")),
+        Column::left("last", |r| or(&r.last, "-")),
     ];
+}
 
-    fn table_cells(&self) -> Vec<String> {
-        let or = |v: &Option<String>, none: &str| v.clone().unwrap_or_else(|| none.to_string());
-        vec![
-            self.sensor_uuid.clone(),
-            or(&self.sensor_name, "(unmapped)"),
-            self.readings.to_string(),
-            or(&self.first, "-"),
-            or(&self.last, "-"),
-        ]
-    }
+/// A table cell: the value, or `none` when there is none.
+fn or(v: &Option<String>, none: &str) -> String {
+    v.clone().unwrap_or_else(|| none.to_string())
 }
 
 pub async fn run(

@@ -10,7 +10,7 @@ use sensor_pipeline::config::DatabaseSettings;
 use tokio_postgres::Client;
 
 use crate::db::{failed, Databases};
-use crate::output::{render, timestamp, Align, Format, Record};
+use crate::output::{render, timestamp, Column, Format, Record};
 use crate::Failure;
 use sensor_pipeline::store::ledger::Status;
 
@@ -27,19 +27,6 @@ pub struct StatusArgs {
     format: Format,
 }
 
-struct Version {
-    key: String,
-    etag: String,
-    status: String,
-    rows_ok: i64,
-    rows_rejected: i64,
-    reason: Option<String>,
-    attempts: i32,
-    finished: DateTime<Utc>,
-    /// The version's write time (Last-Modified); none for keys that were never read.
-    written: Option<DateTime<Utc>>,
-}
-
 /// One line of `query-cli status` (SPEC §5 field names, then attempts and times).
 #[derive(serde::Serialize)]
 struct VersionRecord {
@@ -53,22 +40,9 @@ struct VersionRecord {
     finished_at: String,
     /// The version's write time; `None` for keys that were never read.
     written_at: Option<String>,
-}
-
-impl From<&Version> for VersionRecord {
-    fn from(v: &Version) -> Self {
-        Self {
-            key: v.key.clone(),
-            etag: v.etag.clone(),
-            status: v.status.clone(),
-            rows_ok: v.rows_ok,
-            rows_rejected: v.rows_rejected,
-            reason: v.reason.clone(),
-            attempts: v.attempts,
-            finished_at: timestamp(v.finished),
-            written_at: v.written.map(timestamp),
-        }
-    }
+    /// `finished_at` to sort by (its text is not fixed-width).
+    #[serde(skip)]
+    finished: DateTime<Utc>,
 }
 
 impl Record for VersionRecord {
@@ -83,29 +57,16 @@ impl Record for VersionRecord {
         "finished_at",
         "written_at",
     ];
-    const TABLE: &'static [(&'static str, Align)] = &[
-        ("key", Align::Left),
-        ("etag", Align::Left),
-        ("status", Align::Left),
-        ("rows_ok", Align::Right),
-        ("rows_rejected", Align::Right),
-        ("attempts", Align::Right),
-        ("finished_at", Align::Left),
-        ("reason", Align::Left),
+    const TABLE: &'static [Column<Self>] = &[
+        Column::left("key", |r| r.key.clone()),
+        Column::left("etag", |r| r.etag.clone()),
+        Column::left("status", |r| r.status.clone()),
+        Column::right("rows_ok", |r| r.rows_ok.to_string()),
+        Column::right("rows_rejected", |r| r.rows_rejected.to_string()),
+        Column::right("attempts", |r| r.attempts.to_string()),
+        Column::left("finished_at", |r| r.finished_at.clone()),
+        Column::left("reason", |r| r.reason.clone().unwrap_or_default()),
     ];
-
-    fn table_cells(&self) -> Vec<String> {
-        vec![
-            self.key.clone(),
-            self.etag.clone(),
-            self.status.clone(),
-            self.rows_ok.to_string(),
-            self.rows_rejected.to_string(),
-            self.attempts.to_string(),
-            self.finished_at.clone(),
-            self.reason.clone().unwrap_or_default(),
-        ]
-    }
 }
 
 /// One line of `query-cli status --object KEY`: a rejected row.
@@ -120,28 +81,12 @@ struct RejectedRecord {
 
 impl Record for RejectedRecord {
     const FIELDS: &'static [&'static str] = &["key", "etag", "line", "reason", "raw"];
-    const TABLE: &'static [(&'static str, Align)] = &[
-        ("etag", Align::Left),
-        ("line", Align::Right),
-        ("reason", Align::Left),
-        ("raw", Align::Left),
+    const TABLE: &'static [Column<Self>] = &[
+        Column::left("etag", |r| r.etag.clone()),
+        Column::right("line", |r| r.line.to_string()),
+        Column::left("reason", |r| r.reason.clone()),
+        Column::left("raw", |r| r.raw.escape_debug().to_string()),
     ];
-
-    fn table_cells(&self) -> Vec<String> {
-        vec![
-            self.etag.clone(),
-            self.line.to_string(),
-            self.reason.clone(),
-            self.raw.escape_debug().to_string(),
-        ]
-    }
-}
-
-struct Rejected {
-    etag: String,
-    line: i64,
-    reason: String,
-    raw: String,
 }
 
 pub async fn run(
@@ -179,7 +124,9 @@ async fn versions(
             .map_err(failed(database))?;
         for r in rows {
             let get = |e| failed(database)(e);
-            versions.push(Version {
+            let finished = r.try_get(7).map_err(get)?;
+            let written: Option<DateTime<Utc>> = r.try_get(8).map_err(get)?;
+            versions.push(VersionRecord {
                 key: r.try_get(0).map_err(get)?,
                 etag: r.try_get(1).map_err(get)?,
                 status: r.try_get(2).map_err(get)?,
@@ -187,15 +134,14 @@ async fn versions(
                 rows_rejected: r.try_get(4).map_err(get)?,
                 reason: r.try_get(5).map_err(get)?,
                 attempts: r.try_get(6).map_err(get)?,
-                finished: r.try_get(7).map_err(get)?,
-                written: r.try_get(8).map_err(get)?,
+                finished_at: timestamp(finished),
+                written_at: written.map(timestamp),
+                finished,
             });
         }
     }
     versions.sort_by(|a, b| (&a.key, a.finished, &a.etag).cmp(&(&b.key, b.finished, &b.etag)));
-
-    let records: Vec<VersionRecord> = versions.iter().map(VersionRecord::from).collect();
-    render(out, format, &records)?;
+    render(out, format, &versions)?;
     if format == Format::Table {
         let count = |s: Status| {
             versions
@@ -246,7 +192,8 @@ async fn rejected_rows(
         for r in rows {
             let get = |e| failed(database)(e);
             let raw: Vec<u8> = r.try_get(3).map_err(get)?;
-            rejected.push(Rejected {
+            rejected.push(RejectedRecord {
+                key: key.to_string(),
                 etag: r.try_get(0).map_err(get)?,
                 line: r.try_get(1).map_err(get)?,
                 reason: r.try_get(2).map_err(get)?,
@@ -259,19 +206,9 @@ async fn rejected_rows(
             "no object {key:?} in the ledger (`query-cli status` lists every object version)"
         )));
     }
-    let records: Vec<RejectedRecord> = rejected
-        .into_iter()
-        .map(|r| RejectedRecord {
-            key: key.to_string(),
-            etag: r.etag,
-            line: r.line,
-            reason: r.reason,
-            raw: r.raw,
-        })
-        .collect();
-    render(out, format, &records)?;
+    render(out, format, &rejected)?;
     if format == Format::Table {
-        writeln!(out, "\n{} rejected rows in {key}", records.len())?;
+        writeln!(out, "\n{} rejected rows in {key}", rejected.len())?;
     }
     Ok(())
 }
@@ -293,6 +230,7 @@ mod tests {
             attempts: 1,
             finished_at: "t".into(),
             written_at: None,
+            finished: DateTime::UNIX_EPOCH,
         };
         assert_eq!(serde_header(&v), VersionRecord::FIELDS.join(","));
         let r = RejectedRecord {

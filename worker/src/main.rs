@@ -17,14 +17,13 @@ mod shutdown;
 mod stranded;
 mod telemetry;
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use sensor_pipeline::alerts::Alerts;
 use sensor_pipeline::config::{
-    AnomalySettings, ContractSettings, DatabaseSettings, Env, LimitSettings, NatsSettings,
+    AnomalySettings, ContractSettings, DatabaseSettings, Env, EnvFile, LimitSettings, NatsSettings,
     ObjectStoreSettings, WorkerSettings,
 };
 use sensor_pipeline::ingest::Ingestor;
@@ -42,11 +41,10 @@ use sensor_pipeline::store::{migrate, Databases};
                   Exit codes: 0 success; 1 an object failed; 2 usage, configuration or infrastructure error."
 )]
 struct Cli {
-    /// Load settings from this file instead of config/.env (the environment still wins).
-    #[arg(long, global = true, value_name = "PATH")]
-    env_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    env_file: EnvFile,
 }
 
 #[derive(Debug, Subcommand)]
@@ -171,7 +169,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let env = Env::load(cli.env_file.as_deref())?;
+    let env = cli.env_file.load()?;
     match cli.command {
         Command::Migrate => {
             logging::init(&env, "info")?;

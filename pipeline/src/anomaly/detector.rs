@@ -23,22 +23,10 @@ const EPOCHS: usize = 128;
 const NOVELTY_RANK: usize = 2;
 /// Threshold as a multiple of the residual exceeded in `NOVELTY_RANK` epochs.
 const NOVELTY: f64 = 2.0;
-/// A reading is new ground when it is beyond the remembered range of values (the `NOVELTY_RANK`-th
-/// highest epoch maximum, lowest epoch minimum) by this share of that range.
-const NEW_GROUND: f64 = 0.1;
-/// … and when the reading is this many robust standard deviations off the local level.
-const NEW_GROUND_Z: f64 = 5.0;
-/// Epochs remembered before new ground is reported (a day: the range of a daily cycle).
-const NEW_GROUND_EPOCHS: usize = 24;
 /// A reading back within this share of the threshold ends an excursion.
 const HYSTERESIS: f64 = 0.5;
 /// Readings away from the level that make an excursion a level shift rather than a spike.
 const CONFIRM: usize = 6;
-/// Shortest run of one value that can count as stuck.
-const STUCK_MIN: u32 = 12;
-/// A run is stuck when it is this many times longer than the run length exceeded in
-/// `NOVELTY_RANK` epochs.
-const STUCK_FACTOR: f64 = 3.0;
 /// Epochs in a day: the daily profile compares an epoch with the same epoch of earlier days.
 const EPOCHS_PER_DAY: usize = (DAY_MICROS / EPOCH_MICROS) as usize;
 /// The cycles a sensor may follow, in epochs: a day and a week. The profile of a cycle is the
@@ -55,29 +43,77 @@ const SEASON_EPOCHS: usize = DAYS * 7 * EPOCHS_PER_DAY;
 const DAILY_EPOCHS: usize = 48;
 /// … by this factor (summed errors), for the sensor to count as following the cycle.
 const DAILY_RATIO: f64 = 0.5;
-/// A burst counts when `REST` readings passed since the last anomaly or excursion (a burst after
-/// a departure is part of it).
-const REST: u32 = 96;
-/// A reading is *outstanding* when it is off the local level by this share of the novelty scale
-/// (the residual exceeded in `NOVELTY_RANK` epochs) or of the noise threshold, whichever is
-/// larger …
-const BURST_SHARE: f64 = 0.5;
-/// … and an epoch with `BURST_FACTOR` times as many outstanding readings as the memory's
-/// `NOVELTY_RANK`-th busiest epoch (and at least `BURST_MIN`) is a burst: spikes that are each
-/// as large as usual, but come more often than ever.
-const BURST_FACTOR: f64 = 2.0;
-const BURST_MIN: f64 = 4.0;
-/// Epochs remembered before a burst is reported: two days, so that what happens once a day (the
-/// edges of a daily cycle) has been seen in two epochs.
-const BURST_EPOCHS: usize = 2 * EPOCHS_PER_DAY;
-/// Intervals the typical interval is the median of.
-const INTERVALS: usize = 256;
-/// Intervals needed before a gap is reported.
-const MIN_INTERVALS: usize = 32;
-/// A silence is a gap when it is this many times the typical interval …
-const GAP_FACTOR: f64 = 8.0;
-/// … and this many times the second-longest of the recent intervals.
-const GAP_MAX_FACTOR: f64 = 2.0;
+/// When a reading is new ground: beyond the remembered range of values (the `NOVELTY_RANK`-th
+/// highest epoch maximum, lowest epoch minimum) by a share of that range.
+struct NewGround {
+    /// The share of the remembered range …
+    share: f64,
+    /// … and how many robust standard deviations off the local level the reading must be.
+    z: f64,
+    /// Epochs remembered before new ground is reported (a day: the range of a daily cycle).
+    epochs: usize,
+}
+const NEW_GROUND: NewGround = NewGround {
+    share: 0.1,
+    z: 5.0,
+    epochs: 24,
+};
+
+/// When a run of one value is stuck.
+struct Stuck {
+    /// The shortest run that can count as stuck.
+    min: u32,
+    /// A run is stuck when it is this many times longer than the run length exceeded in
+    /// `NOVELTY_RANK` epochs.
+    factor: f64,
+}
+const STUCK: Stuck = Stuck {
+    min: 12,
+    factor: 3.0,
+};
+
+/// When readings burst: spikes that are each as large as usual, but come more often than ever.
+struct Burst {
+    /// A burst counts when this many readings passed since the last anomaly or excursion (a burst
+    /// after a departure is part of it).
+    rest: u32,
+    /// A reading is *outstanding* when it is off the local level by this share of the novelty
+    /// scale (the residual exceeded in `NOVELTY_RANK` epochs) or of the noise threshold, whichever
+    /// is larger …
+    share: f64,
+    /// … and an epoch with this many times as many outstanding readings as the memory's
+    /// `NOVELTY_RANK`-th busiest epoch (and at least `min`) is a burst.
+    factor: f64,
+    min: f64,
+    /// Epochs remembered before a burst is reported: two days, so that what happens once a day
+    /// (the edges of a daily cycle) has been seen in two epochs.
+    epochs: usize,
+}
+const BURST: Burst = Burst {
+    rest: 96,
+    share: 0.5,
+    factor: 2.0,
+    min: 4.0,
+    epochs: 2 * EPOCHS_PER_DAY,
+};
+
+/// When a silence is a gap.
+struct Gap {
+    /// Intervals the typical interval is the median of.
+    intervals: usize,
+    /// Intervals needed before a gap is reported.
+    min_intervals: usize,
+    /// A silence is a gap when it is this many times the typical interval …
+    factor: f64,
+    /// … and this many times the second-longest of the recent intervals.
+    max_factor: f64,
+}
+const GAP: Gap = Gap {
+    intervals: 256,
+    min_intervals: 32,
+    factor: 8.0,
+    max_factor: 2.0,
+};
 
 /// How far before a window's start the detector must begin reading for its state at the start to
 /// be that of a run from the beginning of time: its epoch memory (at least) …
@@ -208,7 +244,7 @@ impl Detector {
             highs: SortedRing::new(EPOCHS),
             lows: SortedRing::new(EPOCHS),
             ranges: Ring::new(SEASON_EPOCHS),
-            intervals: SortedRing::new(INTERVALS),
+            intervals: SortedRing::new(GAP.intervals),
             last: None,
             run: Run {
                 start: 0,
@@ -331,7 +367,7 @@ impl Detector {
             (&self.epoch_maxima, EPOCHS),
             (&self.highs, EPOCHS),
             (&self.lows, EPOCHS),
-            (&self.intervals, INTERVALS),
+            (&self.intervals, GAP.intervals),
             (&self.epoch_runs, EPOCHS),
             (&self.outstanding, EPOCHS),
         ];
@@ -362,9 +398,9 @@ impl Detector {
 
     fn interval(&mut self, previous: Micros, at: Micros, found: &mut Vec<Anomaly>) {
         let dt = (at - previous) as f64;
-        if self.intervals.len() >= MIN_INTERVALS {
+        if self.intervals.len() >= GAP.min_intervals {
             let typical = self.intervals.median();
-            let threshold = (GAP_FACTOR * typical).max(GAP_MAX_FACTOR * self.intervals.largest(2));
+            let threshold = (GAP.factor * typical).max(GAP.max_factor * self.intervals.largest(2));
             if dt > threshold / self.sensitivity {
                 found.push(Anomaly {
                     kind: Kind::Gap,
@@ -415,7 +451,7 @@ impl Detector {
     fn is_stuck(&self, len: u32) -> bool {
         self.epoch_runs.len() >= NOVELTY_RANK && {
             let threshold =
-                (STUCK_FACTOR * self.epoch_runs.largest(NOVELTY_RANK)).max(STUCK_MIN as f64);
+                (STUCK.factor * self.epoch_runs.largest(NOVELTY_RANK)).max(STUCK.min as f64);
             len as f64 > threshold / self.sensitivity
         }
     }
@@ -491,7 +527,7 @@ impl Detector {
             let threshold = unit / self.sensitivity;
             // New ground counts when the reading also stands out from the local level (a noisy
             // sensor sets a new high now and then without anything happening).
-            let beyond = if residual.abs() > NEW_GROUND_Z * self.sigma / self.sensitivity {
+            let beyond = if residual.abs() > NEW_GROUND.z * self.sigma / self.sensitivity {
                 self.new_ground(value)
             } else {
                 0.0
@@ -545,10 +581,10 @@ impl Detector {
     /// +1 when `value` is above the recent range of values by a clear margin, -1 below, else 0.
     fn new_ground(&self, value: f64) -> f64 {
         let (low, high) = self.remembered_range();
-        if self.highs.len() < NEW_GROUND_EPOCHS || !(high - low).is_finite() {
+        if self.highs.len() < NEW_GROUND.epochs || !(high - low).is_finite() {
             return 0.0;
         }
-        let margin = NEW_GROUND * (high - low) / self.sensitivity;
+        let margin = NEW_GROUND.share * (high - low) / self.sensitivity;
         if value > high + margin {
             1.0
         } else if value < low - margin {
@@ -565,7 +601,7 @@ impl Detector {
             return 0.0;
         };
         let (low, high) = self.remembered_range();
-        let margin = share * NEW_GROUND * (high - low) / self.sensitivity;
+        let margin = share * NEW_GROUND.share * (high - low) / self.sensitivity;
         if !margin.is_finite() {
             0.0
         } else if value > season.high + margin {
@@ -610,19 +646,19 @@ impl Detector {
         self.epoch_alarmed |= alarmed;
         let residual = value - expected;
         let scale = self.novelty.max(Z * self.sigma);
-        let outstanding = self.ready() && scale > 0.0 && residual.abs() > BURST_SHARE * scale;
+        let outstanding = self.ready() && scale > 0.0 && residual.abs() > BURST.share * scale;
         if !outstanding {
             return;
         }
         self.epoch_outstanding += 1;
         if self.epoch_alarmed
-            || self.since_alarm <= REST
-            || self.outstanding.len() < BURST_EPOCHS
+            || self.since_alarm <= BURST.rest
+            || self.outstanding.len() < BURST.epochs
             || self.pending.as_ref().is_some_and(|e| e.start == at)
         {
             return;
         }
-        let limit = (BURST_FACTOR * self.outstanding.largest(NOVELTY_RANK)).max(BURST_MIN)
+        let limit = (BURST.factor * self.outstanding.largest(NOVELTY_RANK)).max(BURST.min)
             / self.sensitivity;
         if f64::from(self.epoch_outstanding) >= limit {
             self.epoch_alarmed = true;
@@ -640,7 +676,7 @@ impl Detector {
     /// Whether the current run is already long enough to be stuck (its readings then teach the
     /// detector nothing about the sensor's noise).
     fn stuck_now(&self) -> bool {
-        self.run.judged && self.run.len > STUCK_MIN && self.is_stuck(self.run.len)
+        self.run.judged && self.run.len > STUCK.min && self.is_stuck(self.run.len)
     }
 
     fn accept(&mut self, at: Micros, value: f64, residual: f64) {

@@ -33,6 +33,21 @@ impl fmt::Display for Secret {
     }
 }
 
+/// The `--env-file` flag both commands take: where [`Env::load`] reads settings from.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct EnvFile {
+    /// Load settings from this file instead of config/.env (the environment still wins).
+    #[arg(long = "env-file", global = true, value_name = "PATH")]
+    path: Option<PathBuf>,
+}
+
+impl EnvFile {
+    /// The process environment after loading the named file (or `config/.env`).
+    pub fn load(&self) -> Result<Env, ConfigError> {
+        Env::load(self.path.as_deref())
+    }
+}
+
 /// Where settings are looked up: the process environment, or a fixed map (tests).
 #[derive(Debug, Clone, Default)]
 pub struct Env {

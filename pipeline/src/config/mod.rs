@@ -25,7 +25,7 @@ use thiserror::Error;
 pub use anomaly::AnomalySettings;
 pub use contract::ContractSettings;
 pub use database::{split_tls, DatabaseSettings, DatabaseTimeouts, TlsMode, TlsParams};
-pub use env::{Env, Secret};
+pub use env::{Env, EnvFile, Secret};
 pub use nats::{NatsAuth, NatsSettings};
 pub use object_store::ObjectStoreSettings;
 pub use setting::Setting;
