@@ -20,6 +20,11 @@ pub fn hour_of(micros: Micros) -> Micros {
     micros.div_euclid(HOUR_MICROS) * HOUR_MICROS
 }
 
+/// The start of the UTC day `micros` falls in.
+pub fn day_of(micros: Micros) -> Micros {
+    micros.div_euclid(DAY_MICROS) * DAY_MICROS
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -28,6 +33,8 @@ mod tests {
     fn hours_and_instants() {
         assert_eq!(hour_of(HOUR_MICROS + 5), HOUR_MICROS);
         assert_eq!(hour_of(-1), -HOUR_MICROS);
+        assert_eq!(day_of(DAY_MICROS + HOUR_MICROS), DAY_MICROS);
+        assert_eq!(day_of(-1), -DAY_MICROS);
         assert_eq!(instant(0).to_rfc3339(), "1970-01-01T00:00:00+00:00");
         assert_eq!(instant(i64::MAX), DateTime::<Utc>::MAX_UTC);
     }

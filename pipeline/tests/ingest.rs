@@ -79,6 +79,22 @@ impl Harness {
         self.ingestor.ingest(key, None).await.unwrap()
     }
 
+    /// Returns once `n` sessions of the measurement database wait for a lock.
+    async fn until_waiting(&self, n: i64) {
+        loop {
+            let now: i64 = testbed::scalar(
+                &self.measurements,
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .await;
+            if now == n {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+
     /// All readings as (uuid, RFC 3339 UTC with microseconds, value), ordered.
     /// Also checks that the page index (`measurement_days`) counts exactly the stored rows and
     /// that the hourly rollup (`measurement_hours`) holds their exact count, and their low and
@@ -784,25 +800,10 @@ async fn a_correction_with_a_new_key_never_deadlocks_a_writer_of_that_key() {
     ))
     .await
     .unwrap();
-    let client = &h.measurements;
-    let waiting = |n: i64| async move {
-        loop {
-            let now: i64 = testbed::scalar(
-                client,
-                "SELECT count(*) FROM pg_stat_activity
-                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
-            )
-            .await;
-            if now == n {
-                return;
-            }
-            tokio::task::yield_now().await;
-        }
-    };
     let ingest = h.ingestor.ingest("timeseries/new.csv", None);
     let others = async {
         // The correction has deleted 08:20 and waits for 08:40.
-        waiting(1).await;
+        h.until_waiting(1).await;
         let touch = b.execute(
             "UPDATE measurements SET value = value
              WHERE sensor_uuid = $1::text::uuid AND ts = '2013-01-20T08:20:00Z'",
@@ -810,7 +811,7 @@ async fn a_correction_with_a_new_key_never_deadlocks_a_writer_of_that_key() {
         );
         let release = async {
             // B waits for 08:20 too: let the correction go on.
-            waiting(2).await;
+            h.until_waiting(2).await;
             c.batch_execute("COMMIT").await.unwrap();
         };
         let (touched, ()) = tokio::join!(touch, release);
@@ -845,6 +846,133 @@ async fn a_correction_with_a_new_key_never_deadlocks_a_writer_of_that_key() {
             reading(U1, "2013-01-20T08:40:00.000000Z", 4.0),
         ]
     );
+}
+
+/// An object whose sensors read over several days copies the rollup and page index rows of the
+/// days strictly inside each sensor's span, and upserts those of the first and last day, which
+/// the sensor's neighbouring objects may share: here the second object's first day is the first
+/// object's last, and one hour holds readings of both.
+#[tokio::test]
+async fn objects_over_several_days_share_their_first_and_last_days() {
+    let h = Harness::new().await;
+    let first = format!(
+        "timestamp;sensor_uuid;sensor_value\n\
+         2013-01-01T10:00:00Z;{U1};1\n\
+         2013-01-02T10:00:00Z;{U1};2\n\
+         2013-01-02T10:20:00Z;{U1};3\n\
+         2013-01-03T23:59:59Z;{U1};4\n\
+         2013-01-04T10:00:00Z;{U1};5\n\
+         2013-01-02T05:00:00Z;{U2};6\n\
+         2013-01-05T05:00:00Z;{U2};7\n"
+    );
+    assert_done(&h.put_and_ingest("timeseries/first.csv", first).await, 7, 0);
+    let second = format!(
+        "timestamp;sensor_uuid;sensor_value\n\
+         2013-01-04T10:30:00Z;{U1};8\n\
+         2013-01-05T00:00:00Z;{U1};9\n\
+         2013-01-07T12:00:00Z;{U1};10\n"
+    );
+    assert_done(
+        &h.put_and_ingest("timeseries/second.csv", second).await,
+        3,
+        0,
+    );
+    assert_eq!(
+        h.readings().await,
+        vec![
+            reading(U2, "2013-01-02T05:00:00.000000Z", 6.0),
+            reading(U2, "2013-01-05T05:00:00.000000Z", 7.0),
+            reading(U1, "2013-01-01T10:00:00.000000Z", 1.0),
+            reading(U1, "2013-01-02T10:00:00.000000Z", 2.0),
+            reading(U1, "2013-01-02T10:20:00.000000Z", 3.0),
+            reading(U1, "2013-01-03T23:59:59.000000Z", 4.0),
+            reading(U1, "2013-01-04T10:00:00.000000Z", 5.0),
+            reading(U1, "2013-01-04T10:30:00.000000Z", 8.0),
+            reading(U1, "2013-01-05T00:00:00.000000Z", 9.0),
+            reading(U1, "2013-01-07T12:00:00.000000Z", 10.0),
+        ]
+    );
+    let days: Vec<(String, String, i64)> = testbed::rows(
+        &h.measurements,
+        "SELECT sensor_uuid::text, to_char(day AT TIME ZONE 'UTC', 'MM-DD'), readings
+         FROM measurement_days ORDER BY 1 DESC, 2",
+    )
+    .await;
+    let day = |u: &str, d: &str, n: i64| (u.to_string(), d.to_string(), n);
+    assert_eq!(
+        days,
+        vec![
+            day(U1, "01-01", 1),
+            day(U1, "01-02", 2),
+            day(U1, "01-03", 1),
+            day(U1, "01-04", 2),
+            day(U1, "01-05", 1),
+            day(U1, "01-07", 1),
+            day(U2, "01-02", 1),
+            day(U2, "01-05", 1),
+        ]
+    );
+}
+
+/// Another transaction writing an hour inside an object's days, not yet committed (so the
+/// object's check cannot see it), makes the object's `COPY` of that hour's rollup row wait, and
+/// fail when it commits: the object's rows are then upserted, and the hour counts both.
+#[tokio::test]
+async fn an_hour_another_writer_adds_meanwhile_sends_the_rollup_copy_back_to_the_upsert() {
+    let h = Harness::without_detection().await;
+    let csv = format!(
+        "timestamp;sensor_uuid;sensor_value\n\
+         2013-01-01T10:00:00Z;{U1};1\n\
+         2013-01-02T10:00:00Z;{U1};2\n\
+         2013-01-03T10:00:00Z;{U1};3\n"
+    );
+    h.env.s3.put("timeseries/days.csv", csv).await.unwrap();
+    let b = testbed::connect(&h.env.measurements_db).await.unwrap();
+    b.batch_execute(&format!(
+        "BEGIN;
+         INSERT INTO measurements (sensor_uuid, ts, value, version)
+             VALUES ('{U1}', '2013-01-02T10:30:00Z', 7, 0);
+         INSERT INTO measurement_hours (sensor_uuid, hour, readings, low, high, total,
+                                        first_at, first_value, last_at, last_value)
+             VALUES ('{U1}', '2013-01-02T10:00:00Z', 1, 7, 7, 7, '2013-01-02T10:30:00Z', 7,
+                     '2013-01-02T10:30:00Z', 7);
+         INSERT INTO measurement_days (sensor_uuid, day, readings)
+             VALUES ('{U1}', '2013-01-02T00:00:00Z', 1)"
+    ))
+    .await
+    .unwrap();
+    let ingest = h.ingestor.ingest("timeseries/days.csv", None);
+    let other = async {
+        // The object's rollup `COPY` waits for B's hour: let B commit.
+        h.until_waiting(1).await;
+        let waiting: String = testbed::scalar(
+            &h.measurements,
+            "SELECT left(query, 22) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .await;
+        assert_eq!(waiting, "COPY measurement_hours");
+        b.batch_execute("COMMIT").await.unwrap();
+    };
+    let (outcome, ()) = tokio::join!(ingest, other);
+    assert_done(&outcome.unwrap(), 3, 0);
+    assert_eq!(
+        h.readings().await,
+        vec![
+            reading(U1, "2013-01-01T10:00:00.000000Z", 1.0),
+            reading(U1, "2013-01-02T10:00:00.000000Z", 2.0),
+            reading(U1, "2013-01-02T10:30:00.000000Z", 7.0),
+            reading(U1, "2013-01-03T10:00:00.000000Z", 3.0),
+        ]
+    );
+    let hour: (i64, f64, f64) = testbed::rows(
+        &h.measurements,
+        "SELECT readings, low, high FROM measurement_hours
+         WHERE hour = '2013-01-02T10:00:00Z'",
+    )
+    .await
+    .remove(0);
+    assert_eq!(hour, (2, 2.0, 7.0));
 }
 
 /// Row identities including their physical version (`xmin`, `ctid`): unchanged iff never rewritten.
@@ -1283,22 +1411,7 @@ async fn a_row_written_meanwhile_sends_new_readings_back_to_the_upsert() {
     let ingest = h.ingestor.ingest("timeseries/meanwhile.csv", None);
     let release = async {
         // The object's insert waits on the uncommitted row: then commit it.
-        loop {
-            let waiting: i64 = h
-                .measurements
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity
-                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            if waiting == 1 {
-                break;
-            }
-            tokio::task::yield_now().await;
-        }
+        h.until_waiting(1).await;
         held.batch_execute("COMMIT").await.unwrap();
     };
     let (outcome, ()) = tokio::join!(ingest, release);

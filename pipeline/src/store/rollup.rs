@@ -9,7 +9,7 @@
 //! with bounds around the readings', until it is settled. Readers take an inexact hour from
 //! its readings.
 
-use crate::time::{instant, Micros};
+use crate::time::{day_of, instant, Micros};
 
 /// The rollup's columns past its key and `exact`, in the order of [`HourColumns`].
 macro_rules! rollup_columns {
@@ -130,6 +130,74 @@ macro_rules! widen_hours {
     )"
         )
     };
+}
+
+/// The rollup rows of new hours, by a binary `COPY` ([`copy_new_hours`]).
+const COPY_HOURS: &str = concat!(
+    "COPY measurement_hours (sensor_uuid, hour, ",
+    rollup_columns!(),
+    ") FROM STDIN (FORMAT binary)"
+);
+
+/// The page index rows of new days, by a binary `COPY` ([`copy_new_hours`]).
+const COPY_DAYS: &str =
+    "COPY measurement_days (sensor_uuid, day, readings) FROM STDIN (FORMAT binary)";
+
+/// Writes the rollup and page index rows of `hours`, in (sensor, hour) order, when no day they
+/// fall in holds a stored reading: the work of [`WIDEN_HOURS`] by two binary `COPY`s. The daily
+/// rollup follows by its trigger, as after an insert. A row another transaction wrote meanwhile
+/// fails the `COPY` (a unique violation); the caller then upserts instead.
+///
+/// Why: where a sensor reads every few hours, an object holds about as many hours as readings.
+/// `WIDEN_HOURS`' upsert of 100,000 new hours and 14,000 days (200 sensors reading every
+/// 12,000 s) took 0.87 s of server time on an empty PostgreSQL 15 table, the `COPY`s 0.25 s
+/// and 0.02 s (the daily rollup's trigger 0.2 s either way).
+pub(super) async fn copy_new_hours(
+    tx: &deadpool_postgres::Transaction<'_>,
+    sorted: &[(&(uuid::Uuid, Micros), &Hour)],
+) -> Result<(), tokio_postgres::Error> {
+    use futures_util::SinkExt;
+    if sorted.is_empty() {
+        return Ok(());
+    }
+    let mut enc = super::copy::CopyEncoder::new();
+    let sink = tx.copy_in(COPY_HOURS).await?;
+    let mut sink = std::pin::pin!(sink);
+    for ((u, hour), h) in sorted {
+        enc.row(10);
+        enc.uuid(u);
+        enc.timestamptz(*hour);
+        enc.int8(h.readings);
+        enc.float8(h.low);
+        enc.float8(h.high);
+        enc.float8(h.total);
+        enc.timestamptz(h.first.0);
+        enc.float8(h.first.1);
+        enc.timestamptz(h.last.0);
+        enc.float8(h.last.1);
+        if let Some(chunk) = enc.take_if_full() {
+            sink.send(chunk).await?;
+        }
+    }
+    sink.send(enc.finish()).await?;
+    sink.as_mut().finish().await?;
+    let mut enc = super::copy::CopyEncoder::new();
+    let sink = tx.copy_in(COPY_DAYS).await?;
+    let mut sink = std::pin::pin!(sink);
+    let day = |(u, hour): &(uuid::Uuid, Micros)| (*u, day_of(*hour));
+    for same in sorted.chunk_by(|a, b| day(a.0) == day(b.0)) {
+        let (u, day) = day(same[0].0);
+        enc.row(3);
+        enc.uuid(&u);
+        enc.timestamptz(day);
+        enc.int8(same.iter().map(|(_, h)| h.readings).sum());
+        if let Some(chunk) = enc.take_if_full() {
+            sink.send(chunk).await?;
+        }
+    }
+    sink.send(enc.finish()).await?;
+    sink.as_mut().finish().await?;
+    Ok(())
 }
 
 /// The rollup and page index widened by new readings (`$1`–`$5`: sensors, hours, readings,
@@ -364,7 +432,9 @@ impl HourColumns {
         self.lasts.push(h.last.1);
     }
 
-    pub(super) fn of(hours: &std::collections::HashMap<(uuid::Uuid, i64), Hour>) -> Self {
+    pub(super) fn of<'a>(
+        hours: impl IntoIterator<Item = (&'a (uuid::Uuid, Micros), &'a Hour)>,
+    ) -> Self {
         let mut columns = Self::default();
         for ((u, hour), h) in hours {
             columns.push(*u, *hour, h);

@@ -56,13 +56,13 @@ use tokio_postgres::{CopyInSink, Transaction};
 
 use super::copy::CopyEncoder;
 use super::rollup::{
-    recompute_hours, rollup_columns, settle_inexact, unnest_hours, widen_hours, widen_set, Hour,
-    HourColumns, HOURS_BEFORE, OUTSIDE_HOURS, REPLACE_HOURS, WIDEN_HOURS,
+    copy_new_hours, recompute_hours, rollup_columns, settle_inexact, unnest_hours, widen_hours,
+    widen_set, Hour, HourColumns, HOURS_BEFORE, OUTSIDE_HOURS, REPLACE_HOURS, WIDEN_HOURS,
 };
 use super::versions::{incoming_beats_stored, version_beats};
 use crate::contract::{Dataset, Reading, SensorName};
 use crate::readings::BySensor;
-use crate::time::{hour_of, instant};
+use crate::time::{day_of, hour_of, instant};
 
 pub use merge::{merge, merge_group, Member, Merged};
 pub use replace::{merge_held, Link};

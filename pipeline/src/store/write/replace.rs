@@ -5,14 +5,23 @@
 use super::*;
 use crate::time::Micros;
 
-/// Whether any reading is stored within a sensor's span (`$1`–`$3`: sensors, first and last
-/// instants; one index probe per sensor).
+/// Whether any reading is stored within a sensor's span, and whether any is stored in the days
+/// strictly between the first and the last day of a span (`$1`–`$3`: sensors, first and last
+/// instants; two index probes per sensor).
 pub(super) const STORED_WITHIN: &str = "
     SELECT EXISTS (
         SELECT FROM unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[]) AS w(u, first, last)
         CROSS JOIN LATERAL (
             SELECT FROM measurements m
             WHERE m.sensor_uuid = w.u AND m.ts >= w.first AND m.ts <= w.last LIMIT 1
+        ) AS stored
+    ), EXISTS (
+        SELECT FROM unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[]) AS w(u, first, last)
+        CROSS JOIN LATERAL (
+            SELECT FROM measurement_days d
+            WHERE d.sensor_uuid = w.u AND d.day > date_trunc('day', w.first, 'UTC')
+                AND d.day < date_trunc('day', w.last, 'UTC')
+            LIMIT 1
         ) AS stored
     )";
 
@@ -132,9 +141,10 @@ pub async fn merge_held(
     );
     let mut works = works?;
     set?;
-    let met_stored = stored?.get::<_, bool>(0);
+    let stored = stored?;
+    let (met_stored, inner_days_stored) = (stored.get::<_, bool>(0), stored.get::<_, bool>(1));
     let written = match met_stored {
-        false => copy_new(tx, version, &sensors, held, &spans)
+        false => copy_new(tx, version, &sensors, held, &spans, inner_days_stored)
             .await
             .map(|()| Some(Vec::new())),
         true => {
@@ -423,20 +433,40 @@ impl Removed {
     }
 }
 
-/// [`COPY_NEW`] of the held readings of `sensors` (in key order) as version `version`, then
-/// [`WIDEN_HOURS`] by their hours.
+/// Copies new held readings straight into the table ([`COPY_NEW`]) and widens the rollup and page
+/// index by their hours. Where no reading is stored in the days strictly between the first and
+/// the last day of any sensor's span (`inner_days_stored` false), the hours of those inner days
+/// are copied in as new rows ([`copy_new_hours`]) and only the hours of each span's first and
+/// last day — which a neighbouring object of the sensor may share, and may be writing now — are
+/// upserted ([`WIDEN_HOURS`]), last: a neighbour's transaction that holds those rows is waited
+/// for at the end of this one, not for all of it; else all are upserted.
 pub(super) async fn copy_new(
     tx: &deadpool_postgres::Transaction<'_>,
     version: i64,
     sensors: &[uuid::Uuid],
     held: &BySensor,
     spans: &Spans,
+    inner_days_stored: bool,
 ) -> Result<(), tokio_postgres::Error> {
-    let widen = tx.prepare_cached(WIDEN_HOURS).await?;
     copy_held(tx, COPY_NEW, sensors, held, Some(version)).await?;
     let hours = spans.hours.as_ref().expect("the hours of held readings");
-    tx.query_one(&widen, &HourColumns::of(hours).params())
-        .await?;
+    let widen = tx.prepare_cached(WIDEN_HOURS).await?;
+    if inner_days_stored {
+        tx.query_one(&widen, &HourColumns::of(hours).params())
+            .await?;
+        return Ok(());
+    }
+    let (mut inner, edges): (Vec<_>, Vec<_>) = hours.iter().partition(|((u, hour), _)| {
+        let (first, last) = spans.sensors[u];
+        let day = day_of(*hour);
+        day > day_of(first) && day < day_of(last)
+    });
+    inner.sort_unstable_by_key(|(key, _)| **key);
+    copy_new_hours(tx, &inner).await?;
+    if !edges.is_empty() {
+        tx.query_one(&widen, &HourColumns::of(edges).params())
+            .await?;
+    }
     Ok(())
 }
 
