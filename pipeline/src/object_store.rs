@@ -5,6 +5,7 @@
 //! ([`TransportError`]) so that the reader further down can tell "the network broke" (retry) from
 //! "the gzip data is corrupt" (fail the object).
 
+use futures_util::StreamExt;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -123,25 +124,46 @@ impl ObjectStore {
     /// Every object under `prefix` (all pages), in the store's (lexicographic) order.
     pub async fn list(&self, prefix: Option<&str>) -> Result<Vec<ListedObject>, ObjectStoreError> {
         let mut out = Vec::new();
-        let mut pages = self
+        let mut pages = std::pin::pin!(self.list_pages(prefix));
+        while let Some(page) = pages.next().await {
+            out.extend(page?);
+        }
+        Ok(out)
+    }
+
+    /// The objects under `prefix` a page (up to 1,000) at a time, in the store's order, as the
+    /// store answers: a caller can work on the first page while the next is listed.
+    pub fn list_pages(
+        &self,
+        prefix: Option<&str>,
+    ) -> impl futures_util::Stream<Item = Result<Vec<ListedObject>, ObjectStoreError>> + 'static
+    {
+        let pages = self
             .client
             .list_objects_v2()
             .bucket(&self.bucket)
             .set_prefix(prefix.map(str::to_string))
             .into_paginator()
             .send();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| self.error("ListObjectsV2", None, e))?;
-            for obj in page.contents() {
-                if let Some(key) = obj.key() {
-                    out.push(ListedObject {
-                        key: key.to_string(),
-                        size: obj.size().unwrap_or(0),
-                    });
-                }
-            }
-        }
-        Ok(out)
+        let store = self.clone();
+        futures_util::stream::unfold((pages, store), |(mut pages, store)| async move {
+            let page = pages
+                .next()
+                .await?
+                .map_err(|e| store.error("ListObjectsV2", None, e));
+            let listed = page.map(|page| {
+                page.contents()
+                    .iter()
+                    .filter_map(|obj| {
+                        Some(ListedObject {
+                            key: obj.key()?.to_string(),
+                            size: obj.size().unwrap_or(0),
+                        })
+                    })
+                    .collect()
+            });
+            Some((listed, (pages, store)))
+        })
     }
 
     /// Whether the store answers (for health checks): any answer but a server error counts — a

@@ -5,11 +5,13 @@
 use std::fmt;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use backon::{ExponentialBuilder, Retryable};
-use futures_util::stream::{self, StreamExt};
+use futures_util::stream::{self, StreamExt, TryStreamExt};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use sensor_pipeline::alerts::Alerts;
 use sensor_pipeline::ingest::{Disposition, Grouper, IngestError, Ingestor, Outcome};
+use sensor_pipeline::object_store::ObjectStore;
 use tracing::warn;
 
 /// Transient failures (database, object store, network) are retried this way before the object is
@@ -20,6 +22,56 @@ fn retry_policy() -> ExponentialBuilder {
         .with_max_delay(Duration::from_secs(10))
         .with_max_times(6)
         .with_jitter()
+}
+
+/// What `ingest` ingests: the mapping objects, all of them before the others, and the others as
+/// they are listed (a listing's error ends them).
+pub struct Keys {
+    pub mapping: Vec<(String, Option<i64>)>,
+    pub rest: futures_util::stream::BoxStream<'static, anyhow::Result<(String, Option<i64>)>>,
+}
+
+impl Keys {
+    /// Keys given on the command line (no sizes known): the mapping ones first.
+    pub fn given(keys: Vec<String>) -> Self {
+        let (mapping, rest): (Vec<_>, Vec<_>) = keys
+            .into_iter()
+            .map(|k| (k, None))
+            .partition(|k| is_mapping(&k.0));
+        Self {
+            mapping,
+            rest: stream::iter(rest).map(Ok).boxed(),
+        }
+    }
+
+    /// Every object of the bucket: the mapping objects listed first, then the whole bucket
+    /// page by page (its mapping objects left out).
+    pub async fn listed(store: &ObjectStore) -> anyhow::Result<Self> {
+        let mapping = store
+            .list(Some(MAPPING_PREFIX))
+            .await
+            .context("listing the bucket")?
+            .into_iter()
+            .map(|o| (o.key, Some(o.size)))
+            .collect();
+        let rest = store
+            .list_pages(None)
+            .map(|page| -> anyhow::Result<_> {
+                let page = page.context("listing the bucket")?;
+                let rest = page.into_iter().filter(|o| !is_mapping(&o.key));
+                Ok(stream::iter(rest.map(|o| Ok((o.key, Some(o.size))))))
+            })
+            .try_flatten()
+            .boxed();
+        Ok(Self { mapping, rest })
+    }
+}
+
+/// Where mapping objects are: ingested before all others.
+const MAPPING_PREFIX: &str = "mapping/";
+
+fn is_mapping(key: &str) -> bool {
+    key.starts_with(MAPPING_PREFIX)
 }
 
 /// What an `ingest` run did.
@@ -38,6 +90,8 @@ pub struct Summary {
     /// detections that failed (their work stays queued for the workers).
     pub anomalies: Option<u64>,
     pub detection_errors: u64,
+    /// Why listing the bucket stopped part of the way (the objects after were not ingested).
+    pub listing: Option<String>,
     pub elapsed: Duration,
 }
 
@@ -114,20 +168,26 @@ impl fmt::Display for Summary {
 /// [`crate::detect::WAITING`] readings of theirs are kept for it. Objects whose readings met
 /// stored ones (corrections, re-uploads) are detected after the last object, with their
 /// readings, on `2 × concurrency` connections ([`crate::detect::corrections`]).
+///
+/// `keys` are (key, listed size) as a listing gives them, page by page: objects are ingested while
+/// the next page is listed. A listing that fails part of the way ends the run after what was
+/// listed; its error is [`Summary::listing`].
 pub async fn ingest_all(
     ingestor: &Ingestor,
     alerts: Option<&Alerts>,
-    keys: Vec<(String, Option<i64>)>,
+    keys: Keys,
     concurrency: usize,
 ) -> Summary {
     let t0 = Instant::now();
-    let (mapping, rest): (Vec<_>, Vec<_>) =
-        keys.into_iter().partition(|k| k.0.starts_with("mapping/"));
+    let Keys { mapping, rest } = keys;
     // Small objects (by the listed size) are ingested in groups, `concurrency` transactions at
-    // once; enough of them are in flight for the groups to form.
+    // once; enough of them are in flight for the groups to form, and for a full group to wait
+    // behind each lane's.
     let grouper = Grouper::new(ingestor.clone(), concurrency);
-    let in_flight = grouper.in_flight();
-    let bar = progress_bar((mapping.len() + rest.len()) as u64);
+    let in_flight = 2 * grouper.in_flight();
+    // Its length grows as keys are listed.
+    let bar = progress_bar(0);
+    let listing = std::cell::RefCell::new(None);
     let mut summary = Summary {
         anomalies: alerts.map(|_| 0),
         ..Summary::default()
@@ -147,9 +207,22 @@ pub async fn ingest_all(
     let mut corrections: Vec<Vec<i64>> = Vec::new();
     let mut corrected: Vec<std::sync::Arc<sensor_pipeline::readings::Held>> = Vec::new();
     let mut keeping = 0;
+    let mapping = stream::iter(mapping).map(Ok).boxed();
     for phase in [mapping, rest] {
         let grouper = &grouper;
-        let mut results = stream::iter(phase)
+        let mut results = phase
+            .take_while(|listed| {
+                let go = match listed {
+                    Ok(_) => true,
+                    Err(e) => {
+                        *listing.borrow_mut() = Some(format!("{e:#}"));
+                        false
+                    }
+                };
+                std::future::ready(go)
+            })
+            .filter_map(|listed| std::future::ready(listed.ok()))
+            .inspect(|_| bar.inc_length(1))
             .map(|(key, size)| async move {
                 let result = (|| grouper.ingest(&key, None, size, None))
                     .retry(retry_policy())
@@ -178,6 +251,7 @@ pub async fn ingest_all(
             bar.set_message(format!("{} rows", summary.rows_ok));
         }
     }
+    summary.listing = listing.into_inner();
     drop(work);
     if let Some(task) = detection {
         bar.set_message(format!("{} rows, detecting anomalies", summary.rows_ok));

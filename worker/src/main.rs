@@ -19,7 +19,6 @@ mod telemetry;
 
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use sensor_pipeline::alerts::Alerts;
 use sensor_pipeline::config::{
@@ -196,19 +195,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let alerts = anomalies
                 .enabled
                 .then(|| Alerts::new(ingestor.databases().clone(), anomalies));
-            let keys = if args.all {
-                let listed = ingestor
-                    .store()
-                    .list(None)
-                    .await
-                    .context("listing the bucket")?;
-                listed.into_iter().map(|o| (o.key, Some(o.size))).collect()
-            } else {
-                args.keys.into_iter().map(|k| (k, None)).collect()
+            let keys = match args.all {
+                true => batch::Keys::listed(ingestor.store()).await?,
+                false => batch::Keys::given(args.keys),
             };
             let summary =
                 batch::ingest_all(&ingestor, alerts.as_ref(), keys, worker.concurrency).await;
             print!("{summary}");
+            if let Some(error) = &summary.listing {
+                anyhow::bail!("{error} (the objects listed before were ingested)");
+            }
             Ok(if summary.all_settled_ok() {
                 ExitCode::SUCCESS
             } else {

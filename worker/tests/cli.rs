@@ -92,6 +92,50 @@ async fn migrate_then_ingest_all_then_again() {
     );
 }
 
+/// `ingest --all` ingests a listing's pages as they come: a bucket of 1,002 objects (two pages of
+/// the store's 1,000) is ingested whole, the objects of both pages once each.
+#[tokio::test]
+async fn ingest_all_takes_every_page_of_the_listing() {
+    let env = TestEnv::new().await.unwrap();
+    let sensor = "9b6a3c39-1f6e-4a53-9e3e-2f6b1c3c3b11";
+    env.s3
+        .put(
+            "mapping/names.csv",
+            format!("sensor_uuid;sensor_name\n{sensor};pump\n"),
+        )
+        .await
+        .unwrap();
+    env.s3.put("other/notes.txt", "not ours").await.unwrap();
+    for i in 0..1000 {
+        let csv = format!(
+            "timestamp;sensor_uuid;sensor_value\n2013-01-01T{:02}:{:02}:00Z;{sensor};{i}\n",
+            i / 60,
+            i % 60
+        );
+        env.s3
+            .put(&format!("timeseries/{i:04}.csv"), csv)
+            .await
+            .unwrap();
+    }
+    let mut vars = env.vars();
+    vars.push(("ANOMALY_DETECTION".into(), "off".into()));
+    assert!(worker(&vars, &["migrate"]).await.status.success());
+    let out = worker(&vars, &["ingest", "--all"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        summary(&out),
+        "objects: 1001 done, 0 already done, 0 failed, 1 ignored, 0 errors\nrows:    1001 ok, 0 rejected"
+    );
+    assert_eq!(
+        count(
+            &env.measurements_db,
+            "SELECT count(DISTINCT value) FROM measurements"
+        )
+        .await,
+        1000
+    );
+}
+
 fn readings(rows: usize, value: f64) -> String {
     testbed::data::steady_readings("cd613e30-d8f1-4adf-91b7-584a2265b1f5", rows, value)
 }
