@@ -7,13 +7,18 @@ use crate::time::Micros;
 
 /// Whether any reading is stored within a sensor's span, and whether any is stored in the days
 /// strictly between the first and the last day of a span (`$1`–`$3`: sensors, first and last
-/// instants; two index probes per sensor).
+/// instants; two index probes per sensor). `$4` and `$5`, the earliest first and the latest last
+/// instant, bound the readings' probe for the planner too: on a TimescaleDB hypertable it then
+/// plans the chunks of the object's time range only (200 sensors over 69 days among ten years
+/// of 7-day chunks: 42 ms a call without the bounds).
 pub(super) const STORED_WITHIN: &str = "
     SELECT EXISTS (
         SELECT FROM unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[]) AS w(u, first, last)
         CROSS JOIN LATERAL (
             SELECT FROM measurements m
-            WHERE m.sensor_uuid = w.u AND m.ts >= w.first AND m.ts <= w.last LIMIT 1
+            WHERE m.sensor_uuid = w.u AND m.ts >= w.first AND m.ts <= w.last
+                AND m.ts >= $4 AND m.ts <= $5
+            LIMIT 1
         ) AS stored
     ), EXISTS (
         SELECT FROM unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[]) AS w(u, first, last)
@@ -128,7 +133,10 @@ pub async fn merge_held(
     let firsts: Vec<_> = within.iter().map(|s| s.1).collect();
     let lasts: Vec<_> = within.iter().map(|s| s.2).collect();
     let within = [within];
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&sensors, &firsts, &lasts];
+    let earliest = firsts.iter().min().expect("a sensor");
+    let latest = lasts.iter().max().expect("a sensor");
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+        [&sensors, &firsts, &lasts, earliest, latest];
     let (works, set, stored) = tokio::join!(
         queue(
             tx,
