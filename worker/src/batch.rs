@@ -181,10 +181,9 @@ pub async fn ingest_all(
     let t0 = Instant::now();
     let Keys { mapping, rest } = keys;
     // Small objects (by the listed size) are ingested in groups, `concurrency` transactions at
-    // once; enough of them are in flight for the groups to form, and for a full group to wait
-    // behind each lane's.
+    // once; enough of them are in flight for the groups to form.
     let grouper = Grouper::new(ingestor.clone(), concurrency);
-    let in_flight = 2 * grouper.in_flight();
+    let in_flight = grouper.in_flight();
     // Its length grows as keys are listed.
     let bar = progress_bar(0);
     let listing = std::cell::RefCell::new(None);

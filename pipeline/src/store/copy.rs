@@ -13,6 +13,7 @@
 //! PostgreSQL that CPU is throughput. Encoding alone: 2.2 ms per 100,000 rows (22 ns a row).
 
 use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::SinkExt;
 
 /// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01 UTC).
 const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
@@ -87,4 +88,27 @@ impl CopyEncoder {
         self.buf.put_i16(-1);
         self.buf.freeze()
     }
+}
+
+/// Runs `statement` (a binary `COPY … FROM STDIN`) with `rows`, each written by `encode` (which
+/// starts the row with [`CopyEncoder::row`]), sent in chunks of [`FLUSH_AT`].
+#[cfg(feature = "ingest")]
+pub async fn copy_rows<T: Sync>(
+    tx: &tokio_postgres::Transaction<'_>,
+    statement: &str,
+    rows: &[T],
+    encode: fn(&mut CopyEncoder, &T),
+) -> Result<(), tokio_postgres::Error> {
+    let sink = tx.copy_in(statement).await?;
+    let mut sink = std::pin::pin!(sink);
+    let mut enc = CopyEncoder::new();
+    for row in rows {
+        encode(&mut enc, row);
+        if let Some(chunk) = enc.take_if_full() {
+            sink.send(chunk).await?;
+        }
+    }
+    sink.send(enc.finish()).await?;
+    sink.as_mut().finish().await?;
+    Ok(())
 }

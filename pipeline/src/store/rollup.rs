@@ -156,14 +156,11 @@ pub(super) async fn copy_new_hours(
     tx: &deadpool_postgres::Transaction<'_>,
     sorted: &[(&(uuid::Uuid, Micros), &Hour)],
 ) -> Result<(), tokio_postgres::Error> {
-    use futures_util::SinkExt;
+    use super::copy::copy_rows;
     if sorted.is_empty() {
         return Ok(());
     }
-    let mut enc = super::copy::CopyEncoder::new();
-    let sink = tx.copy_in(COPY_HOURS).await?;
-    let mut sink = std::pin::pin!(sink);
-    for ((u, hour), h) in sorted {
+    copy_rows(tx, COPY_HOURS, sorted, |enc, ((u, hour), h)| {
         enc.row(10);
         enc.uuid(u);
         enc.timestamptz(*hour);
@@ -175,29 +172,23 @@ pub(super) async fn copy_new_hours(
         enc.float8(h.first.1);
         enc.timestamptz(h.last.0);
         enc.float8(h.last.1);
-        if let Some(chunk) = enc.take_if_full() {
-            sink.send(chunk).await?;
-        }
-    }
-    sink.send(enc.finish()).await?;
-    sink.as_mut().finish().await?;
-    let mut enc = super::copy::CopyEncoder::new();
-    let sink = tx.copy_in(COPY_DAYS).await?;
-    let mut sink = std::pin::pin!(sink);
+    })
+    .await?;
     let day = |(u, hour): &(uuid::Uuid, Micros)| (*u, day_of(*hour));
-    for same in sorted.chunk_by(|a, b| day(a.0) == day(b.0)) {
-        let (u, day) = day(same[0].0);
+    let days: Vec<(uuid::Uuid, Micros, i64)> = sorted
+        .chunk_by(|a, b| day(a.0) == day(b.0))
+        .map(|same| {
+            let (u, day) = day(same[0].0);
+            (u, day, same.iter().map(|(_, h)| h.readings).sum())
+        })
+        .collect();
+    copy_rows(tx, COPY_DAYS, &days, |enc, (u, day, readings)| {
         enc.row(3);
-        enc.uuid(&u);
-        enc.timestamptz(day);
-        enc.int8(same.iter().map(|(_, h)| h.readings).sum());
-        if let Some(chunk) = enc.take_if_full() {
-            sink.send(chunk).await?;
-        }
-    }
-    sink.send(enc.finish()).await?;
-    sink.as_mut().finish().await?;
-    Ok(())
+        enc.uuid(u);
+        enc.timestamptz(*day);
+        enc.int8(*readings);
+    })
+    .await
 }
 
 /// The rollup and page index widened by new readings (`$1`–`$5`: sensors, hours, readings,
