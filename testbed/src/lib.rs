@@ -19,6 +19,7 @@
 
 pub mod bench;
 pub mod data;
+pub mod kinds;
 pub mod nab;
 pub mod nats_auth;
 mod processes;

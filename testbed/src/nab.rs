@@ -72,6 +72,39 @@ pub fn load(bench: &Path) -> Result<Vec<Series>> {
     Ok(series)
 }
 
+/// NAB's timestamp text for microseconds since the Unix epoch (UTC).
+fn nab_time(micros: i64) -> String {
+    chrono::DateTime::from_timestamp_micros(micros)
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+        .unwrap_or_default()
+}
+
+/// Writes series as a bench folder [`load`] reads back: `data/<name>` (`timestamp,value`) and
+/// `windows.json`.
+pub fn export(series: &[Series], dir: &Path) -> Result<()> {
+    let mut windows = BTreeMap::new();
+    for s in series {
+        let path = dir.join("data").join(&s.name);
+        std::fs::create_dir_all(path.parent().context("a file in a folder")?)?;
+        let mut text = String::from("timestamp,value\n");
+        for &(at, value) in &s.readings {
+            text.push_str(&format!("{},{value}\n", nab_time(at)));
+        }
+        std::fs::write(&path, text).with_context(|| format!("writing {path:?}"))?;
+        let spans: Vec<(String, String)> = s
+            .windows
+            .iter()
+            .map(|&(a, b)| (nab_time(a), nab_time(b)))
+            .collect();
+        windows.insert(s.name.clone(), spans);
+    }
+    std::fs::write(
+        dir.join("windows.json"),
+        serde_json::to_vec_pretty(&windows)?,
+    )?;
+    Ok(())
+}
+
 /// One series' or one category's result.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Tally {

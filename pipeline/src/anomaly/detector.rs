@@ -105,7 +105,9 @@ struct Gap {
     min_intervals: usize,
     /// A silence is a gap when it is this many times the typical interval …
     factor: f64,
-    /// … and this many times the second-longest of the recent intervals.
+    /// … and this many times the second-longest of the recent intervals, and `NOVELTY` times
+    /// the longest interval of the `NOVELTY_RANK`-th epoch of the memory (a sensor that goes
+    /// quiet for an hour every day, irregular sampling, does not report each time).
     max_factor: f64,
 }
 const GAP: Gap = Gap {
@@ -123,7 +125,7 @@ pub const WARM_UP_READINGS: usize = 2 * RESIDUALS;
 
 /// The version of [`Detector::to_bytes`]' layout *and* of the method: bump it whenever either
 /// changes, so that states saved by another version are not resumed.
-const STATE_FORMAT: u32 = 7;
+const STATE_FORMAT: u32 = 8;
 
 /// A streaming detector for one sensor's readings.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -153,6 +155,9 @@ pub struct Detector {
     ranges: Ring<(f32, f32)>,
     /// The last intervals between readings (gaps excluded).
     intervals: SortedRing,
+    /// The longest interval of the current epoch (gaps included), and of past epochs.
+    epoch_gap: f64,
+    epoch_gaps: SortedRing,
     last: Option<(Micros, f64)>,
     /// The run of equal values ending at the last reading; the longest run that ended in this
     /// epoch, and those of past epochs.
@@ -245,6 +250,8 @@ impl Detector {
             lows: SortedRing::new(EPOCHS),
             ranges: Ring::new(SEASON_EPOCHS),
             intervals: SortedRing::new(GAP.intervals),
+            epoch_gap: 0.0,
+            epoch_gaps: SortedRing::new(EPOCHS),
             last: None,
             run: Run {
                 start: 0,
@@ -368,6 +375,7 @@ impl Detector {
             (&self.highs, EPOCHS),
             (&self.lows, EPOCHS),
             (&self.intervals, GAP.intervals),
+            (&self.epoch_gaps, EPOCHS),
             (&self.epoch_runs, EPOCHS),
             (&self.outstanding, EPOCHS),
         ];
@@ -398,9 +406,13 @@ impl Detector {
 
     fn interval(&mut self, previous: Micros, at: Micros, found: &mut Vec<Anomaly>) {
         let dt = (at - previous) as f64;
+        let usual = self.epoch_gaps.largest(NOVELTY_RANK);
+        self.epoch_gap = self.epoch_gap.max(dt);
         if self.intervals.len() >= GAP.min_intervals {
             let typical = self.intervals.median();
-            let threshold = (GAP.factor * typical).max(GAP.max_factor * self.intervals.largest(2));
+            let threshold = (GAP.factor * typical)
+                .max(GAP.max_factor * self.intervals.largest(2))
+                .max(NOVELTY * usual);
             if dt > threshold / self.sensitivity {
                 found.push(Anomaly {
                     kind: Kind::Gap,
@@ -725,6 +737,7 @@ impl Detector {
         }
         self.epoch_maxima.push(self.epoch_max);
         self.epoch_runs.push(self.epoch_run);
+        self.epoch_gaps.push(self.epoch_gap);
         self.outstanding.push(f64::from(self.epoch_outstanding));
         self.highs.push(self.epoch_high);
         self.lows.push(-self.epoch_low);
@@ -739,6 +752,7 @@ impl Detector {
         for _ in 0..quiet.min(EPOCHS) {
             self.epoch_maxima.push(0.0);
             self.epoch_runs.push(0.0);
+            self.epoch_gaps.push(0.0);
             self.outstanding.push(0.0);
             self.highs.push(f64::NEG_INFINITY);
             self.lows.push(f64::NEG_INFINITY);
@@ -751,6 +765,7 @@ impl Detector {
 
         self.epoch_max = 0.0;
         self.epoch_run = 0.0;
+        self.epoch_gap = 0.0;
         self.epoch_outstanding = 0;
         self.epoch_alarmed = false;
         self.epoch_high = f64::NEG_INFINITY;

@@ -493,3 +493,28 @@ fn the_saved_state_is_pinned_to_its_bytes() {
     assert!(Detector::from_bytes(&longer).is_none());
     assert!(Detector::from_bytes(&golden[..golden.len() - 1]).is_none());
 }
+
+#[test]
+fn silences_the_sensor_keeps_are_not_gaps_and_a_longer_one_is() {
+    // A reading every minute, with a silence of 40 minutes every 6 hours (a sensor that uploads in
+    // batches, a link that sleeps) and one of 4 hours on day 8.
+    let step = MINUTE;
+    let mut s = series(12 * 1440, step, 11, |_, r| 50.0 + r.normal());
+    let routine = |i: usize| i % 360 >= 320;
+    let long = 8 * 1440..8 * 1440 + 240;
+    s.retain(|&(t, _)| {
+        let i = ((t - T0) / step) as usize;
+        !routine(i) && !long.contains(&i)
+    });
+    let found = detect(s, 1.0);
+    // The first two silences are news; from then on the memory holds two hours with one, and a
+    // silence counts when it is twice as long as those; the four hours are.
+    assert_eq!(
+        kinds(&found),
+        [
+            (Kind::Gap, at(319, step), at(360, step)),
+            (Kind::Gap, at(679, step), at(720, step)),
+            (Kind::Gap, at(8 * 1440 - 41, step), at(8 * 1440 + 240, step)),
+        ]
+    );
+}

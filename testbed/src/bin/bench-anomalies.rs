@@ -3,7 +3,8 @@
 //! ```text
 //! cargo build --release -p sensors-worker -p query-cli -p testbed
 //! target/release/bench-anomalies [--bench ../shared/anomaly-bench] [--skip-speed]
-//! target/release/bench-anomalies --loco [--files] [--bench ../shared/anomaly-bench]
+//! target/release/bench-anomalies --loco [--files] [--alarms FILE] [--bench ../shared/anomaly-bench]
+//! target/release/bench-anomalies --loco --kinds [--files] [--alarms FILE] [--export DIR]
 //! ```
 //!
 //! `--loco` runs only the discipline against tuning to the bench, in-process (no servers): every
@@ -11,7 +12,9 @@
 //! that scores best on all the *other* series is chosen and the left-out category is scored with
 //! it. It prints the four left-out scores, the whole bench tuned on everything, and what the
 //! shipped default scores — the five figures a commit that touches detection reports. A change
-//! that raises the whole bench while lowering the left-out mean is not kept.
+//! that raises the whole bench while lowering the left-out mean is not kept. `--kinds` runs the
+//! same protocol on generated series of kinds of sensor the bench does not hold
+//! (`testbed::kinds`): a second yardstick, for what the bench cannot show.
 //!
 //! 1. Quality: every series of `<bench>/data/` (NAB files, `timestamp,value`, read as UTC) becomes
 //!    one sensor named after its file, is uploaded as a CSV object and ingested with
@@ -50,6 +53,17 @@ struct Args {
     /// With `--loco`: also each series' windows hit and false alarms at the shipped setting.
     #[arg(long, requires = "loco")]
     files: bool,
+    /// With `--loco`: write every series' anomalies at the shipped setting to this JSON file
+    /// (`{"category/file.csv": [[start µs, end µs, "kind", score], …]}`), to look at them.
+    #[arg(long, requires = "loco", value_name = "FILE")]
+    alarms: Option<PathBuf>,
+    /// With `--loco`: run it on the generated series of other kinds of sensor
+    /// (`testbed::kinds`) instead of the bench.
+    #[arg(long, requires = "loco")]
+    kinds: bool,
+    /// With `--kinds`: also write those series as a bench folder (`data/`, `windows.json`).
+    #[arg(long, requires = "kinds", value_name = "DIR")]
+    export: Option<PathBuf>,
     /// Also write a PNG per labelled series into this folder (`query-cli plot`).
     #[arg(long, value_name = "DIR")]
     plots: Option<PathBuf>,
@@ -190,11 +204,25 @@ fn run_grid(series: &[testbed::nab::Series]) -> Vec<Vec<testbed::nab::Tally>> {
 }
 
 /// The leave-one-category-out protocol (module doc).
-fn loco(bench: &Path, files: bool) -> Result<()> {
+fn loco(series: &[testbed::nab::Series], files: bool, alarms: Option<&Path>) -> Result<()> {
     use testbed::nab::{by_category, Tally};
-    let series = testbed::nab::load(bench)?;
+    if let Some(path) = alarms {
+        let all: BTreeMap<&str, Vec<(i64, i64, &str, f64)>> = series
+            .iter()
+            .map(|s| {
+                let found = sensor_pipeline::anomaly::detect(s.readings.iter().copied(), 1.0);
+                let found = found
+                    .iter()
+                    .map(|a| (a.start, a.end, a.kind.as_str(), a.score))
+                    .collect();
+                (s.name.as_str(), found)
+            })
+            .collect();
+        std::fs::write(path, serde_json::to_vec(&all)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     let started = Instant::now();
-    let runs = run_grid(&series);
+    let runs = run_grid(series);
     // The score over the series `keep` selects, for grid setting `g`.
     let score_of = |g: usize, keep: &dyn Fn(&str) -> bool| {
         let mut t = Tally::default();
@@ -223,7 +251,7 @@ fn loco(bench: &Path, files: bool) -> Result<()> {
             );
         }
     }
-    let categories = by_category(&series, &runs[shipped]);
+    let categories = by_category(series, &runs[shipped]);
     println!(
         "leave-one-category-out over sensitivity {GRID:?} ({} series, {:.1} s)",
         series.len(),
@@ -277,7 +305,16 @@ fn loco(bench: &Path, files: bool) -> Result<()> {
 async fn main() -> Result<()> {
     let a = <Args as clap::Parser>::parse();
     if a.loco {
-        return loco(&a.bench, a.files);
+        let series = if a.kinds {
+            let series = testbed::kinds::all();
+            if let Some(dir) = &a.export {
+                testbed::nab::export(&series, dir)?;
+            }
+            series
+        } else {
+            testbed::nab::load(&a.bench)?
+        };
+        return loco(&series, a.files, a.alarms.as_deref());
     }
     let worker = testbed::bench::binary(&a.worker, "sensors-worker")?;
     let cli = testbed::bench::binary(&a.query_cli, "query-cli")?;
