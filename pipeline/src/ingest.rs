@@ -288,6 +288,7 @@ pub struct Ingestor {
     detect_anomalies: bool,
     limits: LimitSettings,
     hold_most: usize,
+    hours_most: usize,
     hold_budget: usize,
     holding: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
@@ -303,6 +304,7 @@ impl Ingestor {
             detect_anomalies: true,
             limits: LimitSettings::default(),
             hold_most: FRESH_MAX,
+            hours_most: write::HOURS_MAX,
             hold_budget: HOLD_BUDGET,
             holding: Default::default(),
         }
@@ -313,6 +315,14 @@ impl Ingestor {
     /// low to exercise both.
     pub fn hold_most(mut self, readings: usize) -> Self {
         self.hold_most = readings;
+        self
+    }
+
+    /// The most (sensor, hour) pairs of one staged object whose rollup rows the reader gathers
+    /// ([`write::HOURS_MAX`] unless set): past them, the insert counts the hours from the rows it
+    /// writes. Tests set it low to exercise both.
+    pub fn hours_most(mut self, hours: usize) -> Self {
+        self.hours_most = hours;
         self
     }
 
@@ -654,7 +664,7 @@ impl Ingestor {
         let mut fresh = (detect || hold).then(Held::default);
         let mut held = hold;
         let mut reserved = Reservation::new(self.holding.clone());
-        let mut spans = write::Spans::default();
+        let mut spans = write::Spans::with_hours_max(self.hours_most);
         while let Some(rec) = reader.next_record().await.map_err(read_error)? {
             // Records that are already buffered never make this loop wait: give the runtime its
             // turn now and then, so that the tasks beside it (the consumer's in-progress acks)

@@ -1314,6 +1314,132 @@ async fn an_object_too_large_to_hold_is_staged_as_it_streams() {
     assert!(o.fresh.is_some());
 }
 
+/// A staged object over more hours than the reader gathers: when its readings are all new, they
+/// are inserted and the insert counts the rollup and page index rows from them; a repeated key,
+/// or a stored reading within its span, sends it to the upsert. The harness checks the rollup
+/// and page index against the readings after each test.
+#[tokio::test]
+async fn an_object_with_more_hours_than_gathered_counts_them_as_it_inserts() {
+    let h = Harness::new().await;
+    let ingestor = h.ingestor.clone().hold_most(0).hours_most(2);
+    let ingest = |key: &'static str, csv: String| {
+        let ingestor = &ingestor;
+        let s3 = &h.env.s3;
+        async move {
+            s3.put(key, csv).await.unwrap();
+            ingestor.ingest(key, None).await.unwrap()
+        }
+    };
+    let o = ingest(
+        "timeseries/long.csv",
+        format!(
+            "timestamp;sensor_uuid;sensor_value\n\
+             2013-01-20T08:00:00Z;{U1};1\n\
+             2013-01-20T08:30:00Z;{U1};2\n\
+             2013-01-20T08:15:00Z;{U2};5\n\
+             2013-01-20T09:00:00Z;{U1};3\n\
+             2013-01-20T09:00:00Z;{U1}\n\
+             2013-01-21T11:00:00Z;{U1};4\n\
+             2013-01-20T10:00:00Z;{U2};6\n"
+        ),
+    )
+    .await;
+    assert_done(&o, 6, 1);
+    assert!(!o.met_stored, "inserted, not upserted");
+    let hours = || {
+        testbed::rows::<(String, String, i64, String)>(
+            &h.measurements,
+            "SELECT sensor_uuid::text, to_char(hour AT TIME ZONE 'UTC', 'DD HH24'), readings,
+                    concat_ws(' ', low, high, first_value, last_value)
+             FROM measurement_hours ORDER BY 1 DESC, 2",
+        )
+    };
+    let hour = |u: &str, at: &str, n: i64, low_high_first_last: &str| {
+        (
+            u.to_string(),
+            at.to_string(),
+            n,
+            low_high_first_last.to_string(),
+        )
+    };
+    assert_eq!(
+        hours().await,
+        vec![
+            hour(U1, "20 08", 2, "1 2 1 2"),
+            hour(U1, "20 09", 1, "3 3 3 3"),
+            hour(U1, "21 11", 1, "4 4 4 4"),
+            hour(U2, "20 08", 1, "5 5 5 5"),
+            hour(U2, "20 10", 1, "6 6 6 6"),
+        ]
+    );
+    let days = || {
+        testbed::rows::<(String, String, i64)>(
+            &h.measurements,
+            "SELECT sensor_uuid::text, to_char(day AT TIME ZONE 'UTC', 'DD'), readings
+             FROM measurement_days ORDER BY 1 DESC, 2",
+        )
+    };
+    let day = |u: &str, d: &str, n: i64| (u.to_string(), d.to_string(), n);
+    assert_eq!(
+        days().await,
+        vec![day(U1, "20", 3), day(U1, "21", 1), day(U2, "20", 2)]
+    );
+
+    // New readings, one key twice: the insert fails on it and the upsert keeps the last line.
+    let o = ingest(
+        "timeseries/twice.csv",
+        format!(
+            "timestamp;sensor_uuid;sensor_value\n\
+             2013-01-22T08:00:00Z;{U1};7\n\
+             2013-01-22T09:00:00Z;{U1};8\n\
+             2013-01-22T10:00:00Z;{U1};9\n\
+             2013-01-22T08:00:00Z;{U1};10\n"
+        ),
+    )
+    .await;
+    assert_done(&o, 4, 0);
+    assert!(o.met_stored, "upserted");
+    // Readings within the stored span of U2: upserted.
+    let o = ingest(
+        "timeseries/within.csv",
+        format!(
+            "timestamp;sensor_uuid;sensor_value\n\
+             2013-01-20T09:00:00Z;{U2};11\n\
+             2013-01-20T11:00:00Z;{U2};12\n\
+             2013-01-20T12:00:00Z;{U2};13\n"
+        ),
+    )
+    .await;
+    assert_done(&o, 3, 0);
+    assert!(o.met_stored, "upserted");
+    assert_eq!(
+        h.readings().await,
+        vec![
+            reading(U2, "2013-01-20T08:15:00.000000Z", 5.0),
+            reading(U2, "2013-01-20T09:00:00.000000Z", 11.0),
+            reading(U2, "2013-01-20T10:00:00.000000Z", 6.0),
+            reading(U2, "2013-01-20T11:00:00.000000Z", 12.0),
+            reading(U2, "2013-01-20T12:00:00.000000Z", 13.0),
+            reading(U1, "2013-01-20T08:00:00.000000Z", 1.0),
+            reading(U1, "2013-01-20T08:30:00.000000Z", 2.0),
+            reading(U1, "2013-01-20T09:00:00.000000Z", 3.0),
+            reading(U1, "2013-01-21T11:00:00.000000Z", 4.0),
+            reading(U1, "2013-01-22T08:00:00.000000Z", 10.0),
+            reading(U1, "2013-01-22T09:00:00.000000Z", 8.0),
+            reading(U1, "2013-01-22T10:00:00.000000Z", 9.0),
+        ]
+    );
+    assert_eq!(
+        days().await,
+        vec![
+            day(U1, "20", 3),
+            day(U1, "21", 1),
+            day(U1, "22", 3),
+            day(U2, "20", 5)
+        ]
+    );
+}
+
 /// Objects with repeated keys, rejected rows and keys shared with other objects, ingested in a
 /// scrambled order by ingestors that hold 5, 20 or all of an object's readings: the stored
 /// readings are exactly what a model says — for each key the last line of the newest object that

@@ -19,8 +19,10 @@
 //!   ones: all new, inserted as they are ([`INSERT_MEASUREMENTS`]); else upserted
 //!   ([`MERGE_MEASUREMENTS`]), repeated keys collapsed to the last line and a stored row
 //!   overwritten only by a version that beats the one it came from ([`super::versions`]); the
-//!   same version again writes nothing. Objects too large to hold stage as they stream; a group
-//!   of small objects stages its rows tagged with their versions ([`crate::ingest::Grouper`]).
+//!   same version again writes nothing. Objects too large to hold stage as they stream (past
+//!   [`HOURS_MAX`] sensor-hours, the insert counts the rollup's hours itself: [`INSERT_COUNTED`]);
+//!   a group of small objects stages its rows tagged with their versions
+//!   ([`crate::ingest::Grouper`]).
 //!
 //! Either path keeps the page index (`measurement_days`) and the hourly rollup
 //! (`measurement_hours`, what `query-cli plot` draws wide columns from) in step with the rows.

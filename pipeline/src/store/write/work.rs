@@ -21,23 +21,43 @@ pub(super) const QUEUE_DETECTION: &str = "
 /// instant (µs since the Unix epoch), and its readings per UTC hour (count, low, high) — the
 /// rollup rows of [`INSERT_MEASUREMENTS`], which then needs no `RETURNING` of every row (that
 /// and its aggregation cost as much as a third of the insert). Hours are dropped past
-/// [`HOURS_MAX`] (bounded memory; the object is then upserted).
-#[derive(Debug, Default, Clone)]
+/// [`HOURS_MAX`] (bounded memory; the insert then counts them from the rows it writes,
+/// [`INSERT_COUNTED`]).
+#[derive(Debug, Clone)]
 pub struct Spans {
     pub(super) sensors: std::collections::HashMap<uuid::Uuid, (Micros, Micros)>,
     pub(super) hours: Option<std::collections::HashMap<(uuid::Uuid, Micros), Hour>>,
     pub(super) overflowed: bool,
+    /// The most hours gathered ([`HOURS_MAX`] unless [`Spans::with_hours_max`]).
+    hours_max: usize,
+    /// The valid rows gathered.
+    count: u64,
+}
+
+impl Default for Spans {
+    fn default() -> Self {
+        Self::with_hours_max(HOURS_MAX)
+    }
 }
 
 /// The most (sensor, hour) pairs of an object gathered for the rollup (40 bytes each).
 pub const HOURS_MAX: usize = 100_000;
 
 impl Spans {
-    /// The valid rows gathered (all of them while the hours are kept).
+    /// Spans that gather at most `hours` (sensor, hour) pairs (tests set it low).
+    pub fn with_hours_max(hours: usize) -> Self {
+        Self {
+            sensors: Default::default(),
+            hours: None,
+            overflowed: false,
+            hours_max: hours,
+            count: 0,
+        }
+    }
+
+    /// The valid rows gathered.
     pub(super) fn rows(&self) -> u64 {
-        self.hours
-            .as_ref()
-            .map_or(0, |h| h.values().map(|h| h.readings as u64).sum())
+        self.count
     }
 
     /// The hours of several objects together (a (sensor, hour) pair once), or `None` if one of
@@ -79,6 +99,8 @@ impl Spans {
             sensors,
             hours: Some(hours),
             overflowed: false,
+            hours_max: HOURS_MAX,
+            count: held.values().map(|r| r.len() as u64).sum(),
         }
     }
 
@@ -86,12 +108,13 @@ impl Spans {
         let span = self.sensors.entry(sensor).or_insert((micros, micros));
         span.0 = span.0.min(micros);
         span.1 = span.1.max(micros);
+        self.count += 1;
         if self.overflowed {
             return;
         }
         let hours = self.hours.get_or_insert_with(Default::default);
         let hour = hour_of(micros);
-        if hours.len() >= HOURS_MAX && !hours.contains_key(&(sensor, hour)) {
+        if hours.len() >= self.hours_max && !hours.contains_key(&(sensor, hour)) {
             self.hours = None;
             self.overflowed = true;
             return;
