@@ -14,9 +14,10 @@ const MIN_RESIDUALS: usize = 128;
 /// Threshold in robust standard deviations of the residual.
 const Z: f64 = 6.0;
 /// The detector's memory of what the sensor does now and then is kept per epoch: the largest
-/// residual, the highest and lowest value and the longest run of one value in each of the last
-/// `EPOCHS` epochs of `EPOCH_MICROS` (epochs are aligned to the Unix epoch, so two runs over the
-/// same readings agree on them wherever they started).
+/// residual, the longest run of one value and the longest interval in each of the last `EPOCHS`
+/// epochs of `EPOCH_MICROS`, the highest and lowest value in each of the last `RANGE_EPOCHS`
+/// (epochs are aligned to the Unix epoch, so two runs over the same readings agree on them
+/// wherever they started).
 const EPOCH_MICROS: Micros = HOUR_MICROS;
 const EPOCHS: usize = 128;
 /// What is exceeded in `NOVELTY_RANK` epochs of the memory is not news.
@@ -36,6 +37,10 @@ const CYCLES: [usize; 2] = [EPOCHS_PER_DAY, 7 * EPOCHS_PER_DAY];
 const DAYS: usize = 3;
 /// Of those, how many must have readings in the epoch for the profile to say anything.
 const DAYS_MIN: usize = 2;
+/// Epochs whose highest and lowest value make the remembered range of values new ground is judged
+/// against: two weeks, so that a weekly rhythm has shown its range twice (with five days, a
+/// bursty sensor's ordinary busy days kept breaking a calm week's range).
+const RANGE_EPOCHS: usize = 2 * 7 * EPOCHS_PER_DAY;
 /// Epochs of levels and of value ranges kept: three weeks, for the weekly profile.
 const SEASON_EPOCHS: usize = DAYS * 7 * EPOCHS_PER_DAY;
 /// Epochs over which a cycle's profile must predict each epoch's level better than the epoch
@@ -119,13 +124,22 @@ const GAP: Gap = Gap {
 
 /// How far before a window's start the detector must begin reading for its state at the start to
 /// be that of a run from the beginning of time: its epoch memory (at least) …
-pub const WARM_UP_MICROS: i64 = (SEASON_EPOCHS as i64 + DAILY_EPOCHS as i64 + 1) * EPOCH_MICROS;
+pub const WARM_UP_MICROS: i64 =
+    (max(SEASON_EPOCHS, RANGE_EPOCHS) as i64 + DAILY_EPOCHS as i64 + 1) * EPOCH_MICROS;
+
+const fn max(a: usize, b: usize) -> usize {
+    if a > b {
+        a
+    } else {
+        b
+    }
+}
 /// … and its windows counted in readings.
 pub const WARM_UP_READINGS: usize = 2 * RESIDUALS;
 
 /// The version of [`Detector::to_bytes`]' layout *and* of the method: bump it whenever either
 /// changes, so that states saved by another version are not resumed.
-const STATE_FORMAT: u32 = 8;
+const STATE_FORMAT: u32 = 9;
 
 /// A streaming detector for one sensor's readings.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -246,8 +260,8 @@ impl Detector {
             epoch_maxima: SortedRing::new(EPOCHS),
             epoch_high: f64::NEG_INFINITY,
             epoch_low: f64::INFINITY,
-            highs: SortedRing::new(EPOCHS),
-            lows: SortedRing::new(EPOCHS),
+            highs: SortedRing::new(RANGE_EPOCHS),
+            lows: SortedRing::new(RANGE_EPOCHS),
             ranges: Ring::new(SEASON_EPOCHS),
             intervals: SortedRing::new(GAP.intervals),
             epoch_gap: 0.0,
@@ -372,8 +386,8 @@ impl Detector {
             (&self.newer, HALF),
             (&self.residuals, RESIDUALS),
             (&self.epoch_maxima, EPOCHS),
-            (&self.highs, EPOCHS),
-            (&self.lows, EPOCHS),
+            (&self.highs, RANGE_EPOCHS),
+            (&self.lows, RANGE_EPOCHS),
             (&self.intervals, GAP.intervals),
             (&self.epoch_gaps, EPOCHS),
             (&self.epoch_runs, EPOCHS),
@@ -748,14 +762,17 @@ impl Detector {
         };
         self.ranges.push(range);
         // Epochs without readings (at most as many as any memory holds).
-        let quiet = (next - self.epoch - 1).clamp(0, SEASON_EPOCHS as i64) as usize;
+        let quiet =
+            (next - self.epoch - 1).clamp(0, max(SEASON_EPOCHS, RANGE_EPOCHS) as i64) as usize;
+        for _ in 0..quiet.min(RANGE_EPOCHS) {
+            self.highs.push(f64::NEG_INFINITY);
+            self.lows.push(f64::NEG_INFINITY);
+        }
         for _ in 0..quiet.min(EPOCHS) {
             self.epoch_maxima.push(0.0);
             self.epoch_runs.push(0.0);
             self.epoch_gaps.push(0.0);
             self.outstanding.push(0.0);
-            self.highs.push(f64::NEG_INFINITY);
-            self.lows.push(f64::NEG_INFINITY);
         }
         for _ in 0..quiet {
             self.ranges.push((f32::NAN, f32::NAN));
