@@ -139,7 +139,7 @@ pub const WARM_UP_READINGS: usize = 2 * RESIDUALS;
 
 /// The version of [`Detector::to_bytes`]' layout *and* of the method: bump it whenever either
 /// changes, so that states saved by another version are not resumed.
-const STATE_FORMAT: u32 = 9;
+const STATE_FORMAT: u32 = 10;
 
 /// A streaming detector for one sensor's readings.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -234,6 +234,9 @@ struct Excursion {
     values: Vec<(Micros, f64)>,
     /// Started by leaving the profile (see [`Detector::off_season`]).
     seasonal: bool,
+    /// Started by new ground too close to the level to stand out: the bound it must stay beyond
+    /// to count (as a level shift; it is never a spike).
+    ground: Option<f64>,
 }
 
 impl Default for Detector {
@@ -346,7 +349,11 @@ impl Detector {
     /// first reading): the undecided excursion as a spike, the current run as stuck.
     pub fn provisional(&self) -> Vec<(Kind, i64)> {
         let mut out = Vec::new();
-        if let Some(e) = self.pending.as_ref().filter(|e| !e.seasonal) {
+        if let Some(e) = self
+            .pending
+            .as_ref()
+            .filter(|e| !e.seasonal && e.ground.is_none())
+        {
             out.push((Kind::Spike, e.start));
         }
         if self.run.len > 0 {
@@ -520,7 +527,9 @@ impl Detector {
             // epoch held in the cycles before (the level it is measured from is smeared over
             // the cycle's edges when readings are sparse); any other while they stay away from
             // the level they left.
-            let stays = if e.seasonal {
+            let stays = if let Some(bound) = e.ground {
+                (value - bound) * e.side > 0.0
+            } else if e.seasonal {
                 self.beyond_profile(value, HYSTERESIS) == e.side
             } else {
                 away > e.threshold * HYSTERESIS
@@ -574,6 +583,24 @@ impl Detector {
                     extreme: value,
                     values: vec![(at, value)],
                     seasonal: false,
+                    ground: None,
+                });
+                return;
+            }
+            // New ground the noise scale hides (a sensor whose jumps, a job at full load, widen
+            // it): counted only if it lasts.
+            if let Some((side, bound)) = self.quiet_ground(value, expected) {
+                self.pending = Some(Excursion {
+                    start: at,
+                    end: at,
+                    expected,
+                    side,
+                    threshold: unit * 1e-3,
+                    unit,
+                    extreme: value,
+                    values: vec![(at, value)],
+                    seasonal: false,
+                    ground: Some(bound),
                 });
                 return;
             }
@@ -589,6 +616,7 @@ impl Detector {
                     extreme: value,
                     values: vec![(at, value)],
                     seasonal: true,
+                    ground: None,
                 });
                 return;
             }
@@ -618,6 +646,23 @@ impl Detector {
         } else {
             0.0
         }
+    }
+
+    /// New ground without the margin from the level, `expected`, when that level is inside the
+    /// remembered range (not one relearned beyond it after a level shift): the side and the bound
+    /// (half the margin inside the range's edge) the following readings must stay beyond.
+    fn quiet_ground(&self, value: f64, expected: f64) -> Option<(f64, f64)> {
+        let side = self.new_ground(value);
+        let (low, high) = self.remembered_range();
+        if side == 0.0 || !(low..=high).contains(&expected) {
+            return None;
+        }
+        let margin = HYSTERESIS * NEW_GROUND.share * (high - low) / self.sensitivity;
+        Some(if side > 0.0 {
+            (side, high + margin)
+        } else {
+            (side, low - margin)
+        })
     }
 
     /// +1 (or -1) when `value` is above (or below) what the current epoch held in the earlier
@@ -894,7 +939,7 @@ impl Excursion {
     /// The excursion as a spike; none for a departure from the profile (which counts
     /// only once it lasts: as a level shift).
     fn spike(&self) -> Option<Anomaly> {
-        (!self.seasonal).then(|| Anomaly {
+        (!self.seasonal && self.ground.is_none()).then(|| Anomaly {
             kind: Kind::Spike,
             start: self.start,
             end: self.end,

@@ -515,3 +515,38 @@ fn silences_the_sensor_keeps_are_not_gaps_and_a_longer_one_is() {
         ]
     );
 }
+
+#[test]
+fn a_busy_sensor_falling_below_everything_it_did_is_a_level_shift() {
+    // A CPU at 35 % (noise 3) that jobs drive to 90–100 % for 15 to 90 minutes every two to six
+    // hours: the jobs' edges widen the noise scale until a drop to 3 % is not far from the level
+    // in its units (the drop was missed before new ground the noise hides counted when it
+    // lasts). The service dies at reading 8,000 (six hours near 3 %), then comes back.
+    let step = 5 * MINUTE;
+    let mut rng = Rng(12);
+    let mut s = series(10_000, step, 13, |_, r| 35.0 + 3.0 * r.normal());
+    let mut i = 0;
+    while i < s.len() {
+        i += 24 + (rng.unit() * 48.0) as usize;
+        let len = 3 + (rng.unit() * 15.0) as usize;
+        let high = 90.0 + 10.0 * rng.unit();
+        for r in s.iter_mut().skip(i).take(len) {
+            r.1 = (high + 3.0 * rng.normal()).min(100.0);
+        }
+        i += len;
+    }
+    for r in &mut s[8_000..8_072] {
+        r.1 = 3.0 + 0.3 * rng.normal();
+    }
+    let found = detect(s, 1.0);
+    // What happens from an hour before the drop to its end: the drop, one level shift. (Three of
+    // the jobs elsewhere are level shifts too, as the detector judged them before.)
+    let around: Vec<_> = kinds(&found)
+        .into_iter()
+        .filter(|&(_, start, _)| (at(7_988, step)..at(8_072, step)).contains(&start))
+        .collect();
+    assert_eq!(
+        around,
+        [(Kind::LevelShift, at(8_000, step), at(8_005, step))]
+    );
+}
