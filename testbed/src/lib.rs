@@ -334,6 +334,18 @@ pub async fn timescaledb_installed(url: &str) -> Result<bool> {
         .get(0))
 }
 
+/// Whether the server at `url` (a superuser connection) preloads TimescaleDB.
+pub async fn timescaledb_preloaded(url: &str) -> Result<bool> {
+    Ok(connect(url)
+        .await?
+        .query_one(
+            "SELECT current_setting('shared_preload_libraries') ~ 'timescaledb'",
+            &[],
+        )
+        .await?
+        .get(0))
+}
+
 /// A row of a test's query as a tuple of its columns ([`rows`]).
 pub trait FromRow {
     fn from_row(row: &tokio_postgres::Row) -> Self;
