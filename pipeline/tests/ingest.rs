@@ -1438,32 +1438,25 @@ async fn an_object_with_more_hours_than_gathered_counts_them_as_it_inserts() {
     );
 
     // New readings, one key twice: the insert fails on it and the upsert keeps the last line.
-    let o = ingest(
-        "timeseries/twice.csv",
-        format!(
-            "timestamp;sensor_uuid;sensor_value\n\
-             2013-01-22T08:00:00Z;{U1};7\n\
-             2013-01-22T09:00:00Z;{U1};8\n\
-             2013-01-22T10:00:00Z;{U1};9\n\
-             2013-01-22T08:00:00Z;{U1};10\n"
-        ),
-    )
-    .await;
-    assert_done(&o, 4, 0);
-    assert!(o.met_stored, "upserted");
-    // Readings within the stored span of U2: upserted.
-    let o = ingest(
-        "timeseries/within.csv",
-        format!(
-            "timestamp;sensor_uuid;sensor_value\n\
-             2013-01-20T09:00:00Z;{U2};11\n\
-             2013-01-20T11:00:00Z;{U2};12\n\
-             2013-01-20T12:00:00Z;{U2};13\n"
-        ),
-    )
-    .await;
-    assert_done(&o, 3, 0);
-    assert!(o.met_stored, "upserted");
+    // Then readings within the stored span of U2: upserted.
+    let twice = format!(
+        "timestamp;sensor_uuid;sensor_value\n\
+         2013-01-22T08:00:00Z;{U1};7\n2013-01-22T09:00:00Z;{U1};8\n\
+         2013-01-22T10:00:00Z;{U1};9\n2013-01-22T08:00:00Z;{U1};10\n"
+    );
+    let within = format!(
+        "timestamp;sensor_uuid;sensor_value\n\
+         2013-01-20T09:00:00Z;{U2};11\n2013-01-20T11:00:00Z;{U2};12\n\
+         2013-01-20T12:00:00Z;{U2};13\n"
+    );
+    for (key, csv, rows) in [
+        ("timeseries/twice.csv", twice, 4),
+        ("timeseries/within.csv", within, 3),
+    ] {
+        let o = ingest(key, csv).await;
+        assert_done(&o, rows, 0);
+        assert!(o.met_stored, "{key} upserted");
+    }
     assert_eq!(
         h.readings().await,
         vec![

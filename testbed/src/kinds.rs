@@ -2,7 +2,7 @@
 //! yardstick of `bench-anomalies --loco --kinds`, so that a change to the detector is also judged
 //! on data of other shapes than the bench it was developed on.
 //!
-//! Five kinds, three series each (two with anomalies, one without, each with its own seed, level
+//! Five kinds, six series each (four with anomalies, two without, each with its own seed, level
 //! and scale): a CPU that saturates at a ceiling every few hours (`kindCeiling`), counts of events
 //! with a daily rhythm (`kindCounts`), a demand with a daily and a weekly rhythm (`kindDemand`), a
 //! temperature whose baseline drifts (`kindDrift`) and a road sensor read at irregular intervals,
@@ -11,51 +11,15 @@
 //! weekday like a Sunday, a storm, an accident, a rate six times the usual, a count that stops.
 //! Windows are NAB's: a tenth of the series shared among its anomalies, centred on each start.
 //!
-//! The random numbers are SplitMix64 (written out: the same series on every machine, forever).
+//! The random numbers are [`crate::rng::Rng`]'s: the same series on every machine, forever.
 
 use crate::nab::Series;
+use crate::rng::Rng;
 
 const T0: i64 = 1_614_556_800_000_000; // 2021-03-01T00:00:00Z
 const SECOND: i64 = 1_000_000;
 const HOUR: f64 = 3600.0;
 const DAY: f64 = 86_400.0;
-
-struct Rng(u64);
-
-impl Rng {
-    fn unit(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    fn uniform(&mut self, low: f64, high: f64) -> f64 {
-        low + (high - low) * self.unit()
-    }
-
-    /// Standard normal (Box–Muller).
-    fn normal(&mut self) -> f64 {
-        let u = self.unit().max(f64::MIN_POSITIVE);
-        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * self.unit()).cos()
-    }
-
-    fn exponential(&mut self, mean: f64) -> f64 {
-        -mean * (1.0 - self.unit()).ln()
-    }
-
-    /// Poisson (Knuth's method: the rates here are small).
-    fn poisson(&mut self, rate: f64) -> f64 {
-        let limit = (-rate).exp();
-        let (mut k, mut p) = (0.0, self.unit());
-        while p > limit {
-            k += 1.0;
-            p *= self.unit();
-        }
-        k
-    }
-}
 
 /// One series from its offsets in seconds, values and the offsets at which anomalies start.
 fn labelled(kind: &str, name: String, seconds: &[f64], values: &[f64], starts: &[f64]) -> Series {
@@ -308,7 +272,7 @@ fn counts(r: &mut Rng, anomalous: bool) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
 
 type Generator = fn(&mut Rng, bool) -> (Vec<f64>, Vec<f64>, Vec<f64>);
 
-/// Every series, by kind: seeds 0 and 1 with anomalies, seed 2 without.
+/// Every series, by kind: seeds 0 to 3 with anomalies, 4 and 5 without.
 pub fn all() -> Vec<Series> {
     let kinds: [(&str, &str, Generator); 5] = [
         ("kindCeiling", "cpu", ceiling),
@@ -319,9 +283,9 @@ pub fn all() -> Vec<Series> {
     ];
     let mut out = Vec::new();
     for (k, (kind, name, generate)) in kinds.into_iter().enumerate() {
-        for seed in 0..3u64 {
+        for seed in 0..6u64 {
             let mut r = Rng(1_000 * k as u64 + seed);
-            let (t, v, starts) = generate(&mut r, seed < 2);
+            let (t, v, starts) = generate(&mut r, seed < 4);
             out.push(labelled(kind, format!("{name}_{seed}"), &t, &v, &starts));
         }
     }

@@ -23,6 +23,7 @@ pub mod kinds;
 pub mod nab;
 pub mod nats_auth;
 mod processes;
+pub mod rng;
 mod s3;
 pub mod tls;
 

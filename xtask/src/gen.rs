@@ -8,13 +8,15 @@
 //! objects (sensor, kind, start, end: what `query-cli anomalies` should find). A configurable share of the messiness the data contract allows or rejects: timestamps
 //! without offset (Berlin wall time) or with `+01:00`, decimal commas, duplicate keys (the later
 //! line wins), and bad rows (not a number, not a UUID, a missing field). The same seed gives the
-//! same bytes; the random generator is SplitMix64, written out here so that stays true forever.
+//! same bytes; the random generator is SplitMix64 (`testbed::rng`), written out so that stays true
+//! forever.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use chrono::{DateTime, Datelike, Duration, TimeZone, Utc};
+use testbed::rng::Rng;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct GenArgs {
@@ -57,29 +59,6 @@ pub struct Generated {
     pub bad_rows: u64,
     /// `anomalies.json`: what was injected.
     pub truth: Option<PathBuf>,
-}
-
-/// SplitMix64: tiny, fast, and its sequence never changes.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Approximately normal (sum of uniforms), mean 0, deviation 1.
-    fn normal(&mut self) -> f64 {
-        (0..12).map(|_| self.unit()).sum::<f64>() - 6.0
-    }
 }
 
 struct Sensor {
@@ -163,7 +142,7 @@ pub fn generate(args: &GenArgs) -> Result<Generated> {
     let sensors: Vec<Sensor> = (0..args.sensors)
         .map(|_| Sensor {
             uuid: uuid::Builder::from_random_bytes(
-                [rng.next().to_le_bytes(), rng.next().to_le_bytes()]
+                [rng.next_u64().to_le_bytes(), rng.next_u64().to_le_bytes()]
                     .concat()
                     .try_into()
                     .expect("16 bytes"),
@@ -265,9 +244,9 @@ pub fn generate(args: &GenArgs) -> Result<Generated> {
             let kind = rng.unit();
             if kind < m / 4.0 && !s.plan.keep(step) {
                 // A bad row instead of this reading.
-                let bad = match rng.next() % 3 {
+                let bad = match rng.next_u64() % 3 {
                     0 => format!("{ts};{};n/a\n", s.uuid),
-                    1 => format!("{ts};sensor-{};{value_text}\n", rng.next() % 100),
+                    1 => format!("{ts};sensor-{};{value_text}\n", rng.next_u64() % 100),
                     _ => format!("{ts};{}\n", s.uuid),
                 };
                 w.write(bad.as_bytes())?;

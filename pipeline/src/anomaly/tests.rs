@@ -2,24 +2,7 @@
 //! nothing on pure noise of any scale, and the same result wherever the window begins.
 
 use super::{detect, Anomaly, Detector, Kind, WARM_UP_MICROS, WARM_UP_READINGS};
-
-/// SplitMix64: a fixed sequence, so every run sees the same series.
-struct Rng(u64);
-
-impl Rng {
-    fn unit(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Approximately standard normal (sum of twelve uniforms).
-    fn normal(&mut self) -> f64 {
-        (0..12).map(|_| self.unit()).sum::<f64>() - 6.0
-    }
-}
+use testbed::rng::Rng;
 
 const T0: i64 = 1_356_998_400_000_000; // 2013-01-01T00:00:00Z
 const MINUTE: i64 = 60_000_000;

@@ -93,19 +93,11 @@ pub(super) const MERGE_GROUP: &str = concat!(
     upsert_rest!()
 );
 
-/// The fast path of a measurement object whose readings are all new: when no stored reading lies
-/// within any sensor's span in the object (`$2`–`$4`: sensors, first and last instants; one index
-/// probe per sensor — as a semi-join the planner hashed the whole table), a plain `INSERT` of the
-/// staged rows (no speculative insertion: 40 % less server time than the upsert for 100,000 new
-/// rows), and the hourly rollup and page index widened by the reader's
-/// hours (`$5`–`$9`: sensors, hours, readings, lows, highs); otherwise nothing. Returns whether it
-/// ran and the rows inserted. A repeated key within the object, or rows another ingestion inserted meanwhile, fail it
-/// with a unique violation: [`merge`] runs it in a savepoint and falls back to
-/// [`MERGE_MEASUREMENTS`]. Locks are taken in the upsert's order, so that the two cannot deadlock
-/// (the upsert would report that as an error): the rows in key order, and all of them before the
-/// page index and rollup — the main query counts them, which runs the insert first (the other
-/// data-modifying CTEs run after the main query, the last one first).
-pub(super) const INSERT_MEASUREMENTS: &str = concat!(
+/// The start of [`INSERT_MEASUREMENTS`] and [`INSERT_COUNTED`]: whether no stored reading lies
+/// within any sensor's span in the object (`fresh`), and if so the insert of the staged rows in
+/// key order (`inserted`, its `RETURNING` clause to follow).
+macro_rules! insert_if_fresh {
+    () => {
     "
     WITH fresh AS (
         SELECT NOT EXISTS (
@@ -119,7 +111,25 @@ pub(super) const INSERT_MEASUREMENTS: &str = concat!(
         INSERT INTO measurements (sensor_uuid, ts, value, version)
         SELECT sensor_uuid, ts, value, coalesce(object_version, $1::bigint)
         FROM staging_rows, fresh WHERE reason IS NULL AND fresh.fresh
-        ORDER BY sensor_uuid, ts
+        ORDER BY sensor_uuid, ts"
+    };
+}
+
+/// The fast path of a measurement object whose readings are all new: when no stored reading lies
+/// within any sensor's span in the object (`$2`–`$4`: sensors, first and last instants; one index
+/// probe per sensor — as a semi-join the planner hashed the whole table), a plain `INSERT` of the
+/// staged rows (no speculative insertion: 40 % less server time than the upsert for 100,000 new
+/// rows), and the hourly rollup and page index widened by the reader's
+/// hours (`$5`–`$9`: sensors, hours, readings, lows, highs); otherwise nothing. Returns whether it
+/// ran and the rows inserted. A repeated key within the object, or rows another ingestion inserted meanwhile, fail it
+/// with a unique violation: [`merge`] runs it in a savepoint and falls back to
+/// [`MERGE_MEASUREMENTS`]. Locks are taken in the upsert's order, so that the two cannot deadlock
+/// (the upsert would report that as an error): the rows in key order, and all of them before the
+/// page index and rollup — the main query counts them, which runs the insert first (the other
+/// data-modifying CTEs run after the main query, the last one first).
+pub(super) const INSERT_MEASUREMENTS: &str = concat!(
+    insert_if_fresh!(),
+    "
         RETURNING 1
     ), hours AS (
         SELECT * FROM ",
@@ -137,20 +147,8 @@ pub(super) const INSERT_MEASUREMENTS: &str = concat!(
 /// by the hours the insert counts from the rows it returns. Plain inserts where the upsert used to
 /// run for such objects (16.5 M new readings of 100 sensors over 114 days: see the README).
 pub(super) const INSERT_COUNTED: &str = concat!(
+    insert_if_fresh!(),
     "
-    WITH fresh AS (
-        SELECT NOT EXISTS (
-            SELECT FROM unnest($2::uuid[], $3::timestamptz[], $4::timestamptz[]) AS w(u, first, last)
-            CROSS JOIN LATERAL (
-                SELECT FROM measurements m
-                WHERE m.sensor_uuid = w.u AND m.ts >= w.first AND m.ts <= w.last LIMIT 1
-            ) AS stored
-        ) AS fresh
-    ), inserted AS (
-        INSERT INTO measurements (sensor_uuid, ts, value, version)
-        SELECT sensor_uuid, ts, value, coalesce(object_version, $1::bigint)
-        FROM staging_rows, fresh WHERE reason IS NULL AND fresh.fresh
-        ORDER BY sensor_uuid, ts
         RETURNING sensor_uuid, ts, value
     ), hours AS (
         SELECT sensor_uuid, date_trunc('hour', ts, 'UTC') AS hour, count(*) AS readings,
