@@ -562,8 +562,9 @@ impl Detector {
             let threshold = unit / self.sensitivity;
             // New ground counts when the reading also stands out from the local level (a noisy
             // sensor sets a new high now and then without anything happening).
+            let ground = self.new_ground(value);
             let beyond = if residual.abs() > NEW_GROUND.z * self.sigma / self.sensitivity {
-                self.new_ground(value)
+                ground
             } else {
                 0.0
             };
@@ -589,12 +590,12 @@ impl Detector {
             }
             // New ground the noise scale hides (a sensor whose jumps, a job at full load, widen
             // it): counted only if it lasts.
-            if let Some((side, bound)) = self.quiet_ground(value, expected) {
+            if let Some(bound) = self.quiet_ground(ground, expected) {
                 self.pending = Some(Excursion {
                     start: at,
                     end: at,
                     expected,
-                    side,
+                    side: ground,
                     threshold: unit * 1e-3,
                     unit,
                     extreme: value,
@@ -648,20 +649,20 @@ impl Detector {
         }
     }
 
-    /// New ground without the margin from the level, `expected`, when that level is inside the
-    /// remembered range (not one relearned beyond it after a level shift): the side and the bound
-    /// (half the margin inside the range's edge) the following readings must stay beyond.
-    fn quiet_ground(&self, value: f64, expected: f64) -> Option<(f64, f64)> {
-        let side = self.new_ground(value);
+    /// For new ground on `side` (±1, 0: none) without the margin from the level, `expected`,
+    /// when that level is inside the remembered range (not one relearned beyond it after a level
+    /// shift): the bound (half the margin inside the range's edge) the following readings must
+    /// stay beyond.
+    fn quiet_ground(&self, side: f64, expected: f64) -> Option<f64> {
         let (low, high) = self.remembered_range();
         if side == 0.0 || !(low..=high).contains(&expected) {
             return None;
         }
         let margin = HYSTERESIS * NEW_GROUND.share * (high - low) / self.sensitivity;
         Some(if side > 0.0 {
-            (side, high + margin)
+            high + margin
         } else {
-            (side, low - margin)
+            low - margin
         })
     }
 
