@@ -36,9 +36,9 @@ use sensor_pipeline::config::{
 
 pub use processes::{
     database, find_pg_binary, free_port, init_cluster, is_root, nats, nats_server, owned_nats,
-    owned_nats_cluster, owned_nats_with, owned_nats_with_env, owned_postgres, owned_postgres_tls,
-    owned_postgres_with, postgres, postgres_command, wait_until, wait_until_async, which, Nats,
-    OwnedServer, Postgres,
+    owned_nats_cluster, owned_nats_with, owned_nats_with_env, owned_pgbouncer, owned_postgres,
+    owned_postgres_tls, owned_postgres_with, postgres, postgres_command, wait_until,
+    wait_until_async, which, Nats, OwnedServer, Postgres,
 };
 pub use s3::{NotifyTarget, S3Server};
 

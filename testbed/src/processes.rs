@@ -692,3 +692,72 @@ pub async fn owned_postgres_with(settings: &[&str]) -> Result<(OwnedServer, Stri
     .await??;
     start_owned_postgres(pg).await
 }
+
+/// A PgBouncer of its own in session mode in front of `url`'s database (trust authentication,
+/// plain TCP on a free loopback port, as the harness's PostgreSQL), when `pgbouncer` is on PATH
+/// (Debian's package; `None` without it). Returns it and the URL that reaches the database
+/// through it. Its server connections stay open between clients, so a client reaches a warm
+/// backend instead of a freshly forked one: what a pooler in front of the database gives
+/// one-shot clients such as `query-cli`.
+pub async fn owned_pgbouncer(url: &str) -> Result<Option<(OwnedServer, String)>> {
+    let Some(bin) = which("pgbouncer") else {
+        return Ok(None);
+    };
+    let target: tokio_postgres::Config = url.parse()?;
+    let (Some(tokio_postgres::config::Host::Tcp(host)), Some(port), Some(db), Some(user)) = (
+        target.get_hosts().first(),
+        target.get_ports().first(),
+        target.get_dbname(),
+        target.get_user(),
+    ) else {
+        bail!("{url}: a pooler needs a TCP host, port, database and user");
+    };
+    let password = match target.get_password() {
+        Some(p) => format!(" password={}", String::from_utf8_lossy(p)),
+        None => String::new(),
+    };
+    let dir = tempfile::Builder::new()
+        .prefix("testbed-pgbouncer-")
+        .tempdir()?
+        .keep();
+    // The `postgres` user runs it when we are root (PgBouncer refuses root): it writes its
+    // pid file here.
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))?;
+    let listen = free_port()?;
+    let ini = dir.join("pgbouncer.ini");
+    std::fs::write(
+        &ini,
+        format!(
+            "[databases]\n{db} = host={host} port={port} dbname={db} user={user}{password}\n\
+             [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {listen}\nunix_socket_dir =\n\
+             auth_type = trust\nauth_file = {users}\npool_mode = session\n\
+             default_pool_size = 4\npidfile = {pid}\n\
+             ignore_startup_parameters = extra_float_digits,options\n",
+            users = dir.join("users.txt").display(),
+            pid = dir.join("pgbouncer.pid").display(),
+        ),
+    )?;
+    std::fs::write(dir.join("users.txt"), format!("\"{user}\" \"\"\n"))?;
+    let mut command = format!("{} {}", shell_quote(&bin), shell_quote(&ini));
+    if is_root() {
+        command = format!("runuser -u postgres -- {command}");
+    }
+    let stop = format!(
+        "kill -INT $(cat {}) 2>/dev/null",
+        shell_quote(&dir.join("pgbouncer.pid"))
+    );
+    let mut server = OwnedServer {
+        port: listen,
+        log: dir.join("pgbouncer.log"),
+        dir,
+        command,
+        stop,
+        ready: Box::new(move || std::net::TcpStream::connect(("127.0.0.1", listen)).is_ok()),
+        watchdog: None,
+    };
+    server.start().await?;
+    Ok(Some((
+        server,
+        format!("postgres://{user}@127.0.0.1:{listen}/{db}"),
+    )))
+}

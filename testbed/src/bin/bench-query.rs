@@ -6,7 +6,9 @@
 //! ```
 //!
 //! Measures, as a user sees it (median of `--runs`): a page of 100 at page 1 and at page 10,000,
-//! with the process start (`query-cli --version`) reported apart so it can be subtracted; and the
+//! with the process start (`query-cli --version`) reported apart so it can be subtracted, and the
+//! same pages through a PgBouncer in session mode when `pgbouncer` is on PATH (a warm backend
+//! instead of a freshly forked one: most of a one-shot client's milliseconds); and the
 //! full-range CSV stream of one sensor to /dev/null in rows/s, against `psql \copy (…) TO` of the
 //! same rows; and downsampled reads of a sensor
 //! with 5-minute readings over ten years (`--every 1h` over a year, `--every 1d` over the ten),
@@ -118,6 +120,25 @@ async fn main() -> Result<()> {
     let startup = time(&cli, &vars, &["--version"], a.runs).await?;
     let page1 = time(&cli, &vars, &page("1"), a.runs).await?;
     let page10k = time(&cli, &vars, &page("10000"), a.runs).await?;
+    // The same pages through a pooler, when PgBouncer is installed: a warm backend instead of a
+    // forked one (its first client forks it, so one page is read before timing).
+    let pooled = match testbed::owned_pgbouncer(&env.measurements_db).await? {
+        Some((server, url)) => {
+            let vars: Vec<(String, String)> = vars
+                .iter()
+                .map(|(k, v)| match k.as_str() {
+                    "DATABASE_URL" | "TIMESCALE_DATABASE_URL" => (k.clone(), url.clone()),
+                    _ => (k.clone(), v.clone()),
+                })
+                .collect();
+            time(&cli, &vars, &page("1"), 1).await?;
+            let page1 = time(&cli, &vars, &page("1"), a.runs).await?;
+            let page10k = time(&cli, &vars, &page("10000"), a.runs).await?;
+            drop(server);
+            Some((page1, page10k))
+        }
+        None => None,
+    };
     let full = time(&cli, &vars, &base, 3).await?;
     // The baseline: psql's own `\copy (…) TO` of the same range, process start included.
     let psql_full = {
@@ -182,6 +203,15 @@ async fn main() -> Result<()> {
         ms(page10k),
         ms(page10k - startup)
     );
+    match pooled {
+        Some((page1, page10k)) => println!(
+            "through PgBouncer (session mode, warm backends): page 1 {:.1} ms, page 10,000 \
+             {:.1} ms end to end",
+            ms(page1),
+            ms(page10k)
+        ),
+        None => println!("through PgBouncer: not measured (pgbouncer is not on PATH)"),
+    }
     println!(
         "full range, one sensor:    {} rows in {:.2} s = {:.0} rows/s (CSV to /dev/null); \
          psql \\copy (…) TO {:.2} s: {:.2}×",
