@@ -425,3 +425,72 @@ async fn long_ranges_are_read_in_parts_and_buckets_span_them() {
         );
     }
 }
+
+/// Hours that do not stand, on days far apart: their readings are read run by run (a run ends
+/// where a day passes without such an hour; each run's statement bounded by the run's span), or
+/// all in one statement past sixteen runs. The buckets are SQL's either way.
+#[tokio::test]
+async fn hours_read_from_their_readings_on_days_far_apart() {
+    let env = TestEnv::new().await.unwrap();
+    let ingestor = migrated(&env, &format!("{SENSOR};bucketed\n")).await;
+    // Sixty days of a reading every 30 minutes; then twenty corrections, each of the reading at
+    // 10:00 of every third day (one of its hour's two, so one of its extremes), their hours left
+    // to the detection that follows an object (which does not run here).
+    let from = at("2013-05-01T00:00:00Z");
+    let rows: Vec<(DateTime<Utc>, f64)> = (0..60 * 48)
+        .map(|i| {
+            (
+                from + Duration::minutes(30 * i),
+                ((i * 29) % 97) as f64 / 8.0,
+            )
+        })
+        .collect();
+    env.s3
+        .put("timeseries/days.csv", csv_of(SENSOR, &rows))
+        .await
+        .unwrap();
+    for key in ["mapping/sensors.csv", "timeseries/days.csv"] {
+        assert_eq!(ingestor.ingest(key, None).await.unwrap().rows_rejected, 0);
+    }
+    let now = std::time::SystemTime::now();
+    for k in 0..20 {
+        let at_10 = from + Duration::days(3 * k) + Duration::hours(10);
+        let key = format!("timeseries/correction-{k:02}.csv");
+        let body = csv_of(SENSOR, &[(at_10, -(k as f64) - 0.5)]);
+        env.s3.put(&key, body).await.unwrap();
+        env.s3
+            .set_written_at(
+                &key,
+                now + std::time::Duration::from_secs(60 * (k as u64 + 1)),
+            )
+            .unwrap();
+        let outcome = ingestor
+            .clone()
+            .detect_anomalies(true)
+            .ingest(&key, None)
+            .await
+            .unwrap();
+        assert_eq!(outcome.rows_rejected, 0, "{key}");
+    }
+    let client = testbed::connect(&env.measurements_db).await.unwrap();
+    assert_eq!(testbed::inexact_hours(&client).await.unwrap(), 20);
+    let vars = env.vars();
+    // The whole sixty days: twenty runs, read at once. From the first to the ninth day, cut
+    // within hours: three runs.
+    let whole = (from, from + Duration::days(60));
+    let three = (at("2013-05-01T10:20:00Z"), at("2013-05-09T23:10:00Z"));
+    for range in [whole, three] {
+        let (start, end) = (utc(range.0), utc(range.1));
+        for (every, zone, bucket) in [
+            ("1h", "UTC", "date_trunc('hour', ts)"),
+            ("1d", "UTC", "date_trunc('day', ts)"),
+            ("1h", "Asia/Kolkata", "date_trunc('hour', ts)"),
+        ] {
+            assert_eq!(
+                csv_buckets(&vars, (&start, &end), every, zone).await,
+                expected(&client, range, zone, bucket).await,
+                "{every} in {zone} over {start} – {end}"
+            );
+        }
+    }
+}
