@@ -1900,7 +1900,8 @@ async fn migrations_are_idempotent() {
             "measurements/V4__anomalies",
             "measurements/V5__measurement_hours",
             "measurements/V6__measurement_hour_values",
-            "measurements/V7__measurement_day_values"
+            "measurements/V7__measurement_day_values",
+            "measurements/V8__measurements_without_time_index"
         ]
     );
     // CI's test server does not preload TimescaleDB: a plain table, for the reason that holds
@@ -1919,11 +1920,19 @@ async fn migrations_are_idempotent() {
             (false, _) => MeasurementsTable::PlainNotAvailable,
         })
     );
+    // One index on the readings, the primary key: TimescaleDB's own on ts alone is dropped (V8).
+    let client = testbed::connect(&env.measurements_db).await.unwrap();
+    let indexes: Vec<String> = testbed::column(
+        &client,
+        "SELECT indexname FROM pg_indexes WHERE schemaname = 'public' \
+         AND tablename = 'measurements' ORDER BY 1",
+    )
+    .await;
+    assert_eq!(indexes, ["measurements_pkey"]);
     let second = migrate(&db).await.unwrap();
     assert!(second[0].applied.is_empty());
     // Where an earlier text of the amended measurements/V1 was applied (its checksum recorded),
     // `migrate` goes on and records the current text's checksum instead of refusing the history.
-    let client = testbed::connect(&env.measurements_db).await.unwrap();
     let recorded = || async {
         client
             .query_one(
@@ -1954,7 +1963,7 @@ async fn migrations_are_idempotent() {
     let (a, b) = (a.unwrap(), b.unwrap());
     let applied: usize = a.iter().chain(&b).map(|r| r.applied.len()).sum();
     // ledger/ on both databases, mapping/ on one, measurements/ on the other.
-    assert_eq!(applied, 3 + 3 + 2 + 7, "{a:?} {b:?}");
+    assert_eq!(applied, 3 + 3 + 2 + 8, "{a:?} {b:?}");
 }
 
 #[tokio::test]
