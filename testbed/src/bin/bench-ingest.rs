@@ -204,6 +204,7 @@ async fn measure(a: &Args, worker: &std::path::Path, shape: Shape) -> Result<f64
     for run in 0..a.runs {
         // Baseline: psql \copy into a fresh table with the same primary key.
         let db = pg.create_database().await?;
+        let baseline_db = db.clone();
         let client = testbed::connect(&db).await?;
         client
             .batch_execute(
@@ -333,6 +334,17 @@ async fn measure(a: &Args, worker: &std::path::Path, shape: Shape) -> Result<f64
         );
         copy_times.push(copy);
         ingest_times.push(ingest);
+        // Gigabytes a run: not left on a server that outlives the benchmark (TEST_DATABASE_URL).
+        drop(client);
+        for url in [&baseline_db, &db] {
+            let config: tokio_postgres::Config = url.parse()?;
+            let name = config
+                .get_dbname()
+                .context("a database URL names its database")?;
+            admin
+                .batch_execute(&format!("DROP DATABASE \"{name}\" WITH (FORCE)"))
+                .await?;
+        }
     }
     let median = testbed::bench::median;
     let (copy, ingest) = (median(&copy_times), median(&ingest_times));
