@@ -713,11 +713,6 @@ mod tests {
             assert!(every(bad).is_err(), "{bad:?}");
         }
     }
-}
-
-#[cfg(test)]
-mod runs_tests {
-    use super::*;
 
     #[test]
     fn runs_end_where_a_day_passes_and_many_are_one() {
