@@ -112,6 +112,12 @@ pub struct Outcome {
     /// Readings were stored within the spans this version wrote ([`write::Merged::met_stored`]):
     /// its detection reads on to each sensor's newest readings.
     pub met_stored: bool,
+    /// Its valid readings streamed straight into the table as they were read (an object too
+    /// large to hold: [`write::Staging::stream_in`]).
+    pub streamed_in: bool,
+    /// Streaming straight in met a stored or repeated key, and the object was read again to be
+    /// staged.
+    pub read_again: bool,
 }
 
 /// The most readings of one object held in memory (16 bytes each), by default: to write them
@@ -240,6 +246,14 @@ pub enum IngestError {
         #[source]
         source: std::io::Error,
     },
+    /// The object had to be read twice (to stage what could not stream straight into the table)
+    /// and was overwritten in between: ingest its current version.
+    #[error("object {key:?} was overwritten while it was ingested (ETag {read:?}, now {now:?})")]
+    Overwritten {
+        key: String,
+        read: String,
+        now: String,
+    },
 }
 
 /// Why streaming the rows stopped early.
@@ -250,12 +264,40 @@ enum StreamError {
     Read(IngestError),
     /// The database refused or failed (the `COPY`, and so the transaction, is broken).
     Store(StoreError),
+    /// Streaming straight into the table met a stored or repeated key (the transaction is
+    /// broken): read the object again and stage it.
+    MetStored,
+}
+
+/// A failed `COPY` of the rows: [`StreamError::MetStored`] when they were `straight` into the
+/// table and met a stored or repeated key.
+fn copy_failed(e: tokio_postgres::Error, straight: bool, dataset: Dataset) -> StreamError {
+    if straight && write::met_a_stored_key(&e) {
+        return StreamError::MetStored;
+    }
+    StreamError::Store(StoreError::Postgres {
+        database: crate::store::database_name(dataset),
+        source: e,
+    })
 }
 
 impl From<StoreError> for StreamError {
     fn from(e: StoreError) -> Self {
         StreamError::Store(e)
     }
+}
+
+/// What becomes of an object's valid readings as they are read ([`Ingestor::stream_rows`]).
+#[derive(Clone, Copy)]
+enum Keep<'t> {
+    /// Staged (a group's members).
+    Staged,
+    /// Measurements held in memory, as long as there are at most [`Ingestor::hold_most`] of them
+    /// ([`Streamed::held`]), then staged; only rejected rows are staged while they are held.
+    Held,
+    /// Held, then streamed straight into the table when the ones held allow
+    /// ([`write::may_stream_in`]): the object's transaction and version number.
+    HeldThenStraight(&'t tokio_postgres::Transaction<'t>, i64),
 }
 
 /// Row counts of one object.
@@ -275,6 +317,10 @@ struct Streamed {
     spans: write::Spans,
     /// The valid readings are in `fresh`, not staged.
     held: bool,
+    /// The valid readings streamed straight into the table ([`Staging::stream_in`]).
+    streamed_in: bool,
+    /// Streamed straight in: the readings of each (sensor, UTC day), when few enough to count.
+    days: Option<Vec<(uuid::Uuid, crate::time::Micros, i64)>>,
     /// The share of the hold budget they take.
     reserved: Reservation,
 }
@@ -457,7 +503,12 @@ impl Ingestor {
                 limits.object_deadline.as_secs()
             ))
         };
-        let failure = 'failure: {
+        // The object's bytes; taken by the first read.
+        let mut unread = Some(object.body);
+        // Whether a large object's valid rows may stream straight into the table.
+        let mut straight = dataset == Dataset::Measurements;
+        let mut read_again = false;
+        let failure = 'failure: loop {
             if size > limits.max_object_bytes {
                 break 'failure FileError::Limit(format!(
                     "the object has {size} bytes, more than MAX_OBJECT_BYTES ({})",
@@ -467,14 +518,28 @@ impl Ingestor {
             let Some(tx) = ledger::begin(&mut client, &v).await.db(dataset)? else {
                 return Ok(self.already_done(v, dataset, size, t0));
             };
-            let body = self.body(object.body, compression, size);
+            let raw = match unread.take() {
+                Some(raw) => raw,
+                None => {
+                    read_again = true;
+                    self.read_again(key, &v.etag).await?
+                }
+            };
+            let body = self.body(raw, compression, size);
             let mut reader = RecordReader::new(body, self.contract.delimiter);
             let streamed = tokio::time::timeout_at(deadline, async {
                 let mut staging = Staging::open(&tx, dataset).await.db(dataset)?;
+                let keep = match straight {
+                    true => Keep::HeldThenStraight(&tx, number),
+                    false => Keep::Held,
+                };
                 let read = self
-                    .stream_rows(&mut staging, &mut reader, dataset, compression, key, true)
+                    .stream_rows(&mut staging, &mut reader, dataset, compression, key, keep)
                     .await?;
-                staging.finish().await.db(dataset)?;
+                staging
+                    .finish(&tx)
+                    .await
+                    .map_err(|e| copy_failed(e, read.streamed_in, dataset))?;
                 Ok(read)
             })
             .await;
@@ -488,6 +553,8 @@ impl Ingestor {
                     mut fresh,
                     spans,
                     held,
+                    streamed_in,
+                    days,
                     reserved: _reserved,
                 }) => {
                     let distinct = fresh.as_mut().map(Held::settle);
@@ -499,6 +566,12 @@ impl Ingestor {
                         let detect = self.detect_anomalies;
                         let quarantine = (counts.rejected > 0).then_some(id);
                         let merged = match held {
+                            _ if streamed_in => {
+                                write::merge_streamed(
+                                    &tx, quarantine, key, number, &spans, days, detect,
+                                )
+                                .await
+                            }
                             Some(held) => {
                                 write::merge_held(
                                     &tx,
@@ -544,19 +617,30 @@ impl Ingestor {
                     }
                     outcome.anomaly_work = merged.work;
                     outcome.met_stored = merged.met_stored;
+                    outcome.streamed_in = streamed_in;
+                    outcome.read_again = read_again;
                     info!(
                         rows_ok = outcome.rows_ok,
                         rows_rejected = outcome.rows_rejected,
+                        streamed_in,
+                        read_again,
                         ms = outcome.elapsed.as_millis() as u64,
                         "object ingested"
                     );
                     return Ok(outcome);
                 }
                 Err(StreamError::Read(e)) => return Err(e),
-                Err(StreamError::Store(e)) if e.is_permanent() => FileError::Refused(e.to_string()),
+                Err(StreamError::Store(e)) if e.is_permanent() => {
+                    break 'failure FileError::Refused(e.to_string())
+                }
                 Err(StreamError::Store(e)) => return Err(e.into()),
                 // Dropping the transaction rolls back whatever was staged.
-                Err(StreamError::File(f)) => f,
+                Err(StreamError::File(f)) => break 'failure f,
+                Err(StreamError::MetStored) => {
+                    info!("a stored or repeated key met while streaming straight in: staging the object");
+                    drop(tx);
+                    straight = false;
+                }
             }
         };
 
@@ -573,14 +657,16 @@ impl Ingestor {
         .await
         .db(dataset)?;
         tx.commit().await.db(dataset)?;
-        Ok(self.outcome(
+        let mut outcome = self.outcome(
             v,
             dataset,
             Disposition::Failed(reason),
             Counts::default(),
             size,
             t0,
-        ))
+        );
+        outcome.read_again = read_again;
+        Ok(outcome)
     }
 
     /// The object's bytes as CSV: decompressed, and failing once more bytes passed than the
@@ -618,9 +704,7 @@ impl Ingestor {
         }
     }
 
-    /// Reads the header and every row into `staging`. With `hold` (measurements), the valid
-    /// readings are held in memory instead, as long as there are at most
-    /// [`Ingestor::hold_most`] of them ([`Streamed::held`]); only rejected rows are staged.
+    /// Reads the header and every row into `staging`, or as `keep` says.
     async fn stream_rows<R: AsyncRead + Unpin>(
         &self,
         staging: &mut Staging,
@@ -628,7 +712,7 @@ impl Ingestor {
         dataset: Dataset,
         compression: Compression,
         key: &str,
-        hold: bool,
+        keep: Keep<'_>,
     ) -> Result<Streamed, StreamError> {
         let read_error = |e: RecordError| match e {
             RecordError::TooLarge { .. } => StreamError::File(FileError::Unreadable(e.to_string())),
@@ -659,12 +743,20 @@ impl Ingestor {
         };
         let zone = self.contract.naive_timezone;
         let mut counts = Counts::default();
-        let hold = hold && dataset == Dataset::Measurements;
+        let hold = !matches!(keep, Keep::Staged) && dataset == Dataset::Measurements;
+        let straight = match keep {
+            Keep::HeldThenStraight(tx, version) if hold => Some((tx, version)),
+            _ => None,
+        };
         let detect = self.detect_anomalies && dataset == Dataset::Measurements;
         let mut fresh = (detect || hold).then(Held::default);
         let mut held = hold;
         let mut reserved = Reservation::new(self.holding.clone());
         let mut spans = write::Spans::with_hours_max(self.hours_most);
+        // Streaming straight in: the readings read since the last chunk was written, how many,
+        // and how many a chunk holds (as many as were held: the memory they had).
+        let mut chunk: Option<(&tokio_postgres::Transaction<'_>, crate::readings::BySensor)> = None;
+        let (mut chunk_len, mut chunk_most) = (0, 0);
         while let Some(rec) = reader.next_record().await.map_err(read_error)? {
             // Records that are already buffered never make this loop wait: give the runtime its
             // turn now and then, so that the tasks beside it (the consumer's in-progress acks)
@@ -677,20 +769,53 @@ impl Ingestor {
                             && (counts.ok == self.hold_most as u64
                                 || !reserved.cover(counts.ok as usize + 1, self.hold_budget))
                         {
-                            // Too many to hold: stage what is held, and the rest as it comes.
+                            // Too many to hold: stream the rest straight into the table, in
+                            // chunks of as many as are held; or stage what is held, and the rest
+                            // as it comes.
                             held = false;
+                            if let (Some((tx, version)), Some(f)) = (straight, fresh.as_ref()) {
+                                if staging
+                                    .stream_in(tx, version, &f.readings)
+                                    .await
+                                    .db(dataset)?
+                                {
+                                    let f = fresh.take().unwrap_or_default();
+                                    for (u, readings) in &f.readings {
+                                        for &(at, value) in readings {
+                                            spans.add(*u, at, value);
+                                        }
+                                    }
+                                    // The rollup's hours are written a chunk at a time.
+                                    spans.forget_hours();
+                                    chunk_len = f.len();
+                                    chunk_most = chunk_len.max(1);
+                                    chunk = Some((tx, f.readings));
+                                }
+                            }
                             if let Some(f) = fresh.take() {
                                 Self::spill(staging, &mut spans, f).await.db(dataset)?;
+                                reserved.release();
                             }
-                            reserved.release();
                         }
                         match fresh.as_mut() {
                             Some(f) if counts.ok < self.hold_most as u64 => f.push(&r),
                             _ => fresh = None,
                         }
                         if !held {
-                            staging.reading(rec.line, &r);
                             spans.add(r.sensor_uuid, r.unix_micros, r.value);
+                            match chunk.as_mut() {
+                                None => staging.reading(rec.line, &r),
+                                Some((tx, c)) => {
+                                    c.entry(r.sensor_uuid)
+                                        .or_default()
+                                        .push((r.unix_micros, r.value));
+                                    chunk_len += 1;
+                                    if chunk_len >= chunk_most {
+                                        Self::stream_chunk(staging, tx, c, dataset).await?;
+                                        chunk_len = 0;
+                                    }
+                                }
+                            }
                         }
                         None
                     }
@@ -719,15 +844,40 @@ impl Ingestor {
                     counts.rejected += 1;
                 }
             }
-            staging.flush_if_full().await.db(dataset)?;
+            if let Err(e) = staging.flush_if_full().await {
+                return Err(copy_failed(e, staging.streams_in(), dataset));
+            }
+        }
+        if let Some((tx, c)) = chunk.as_mut() {
+            Self::stream_chunk(staging, tx, c, dataset).await?;
         }
         Ok(Streamed {
             counts,
             fresh,
             spans,
             held,
+            streamed_in: staging.streams_in(),
+            days: staging.days_streamed_in(),
             reserved,
         })
+    }
+
+    /// Writes a chunk of the readings streaming straight into the table, each sensor's in time
+    /// order (sensors in key order), and empties it. Sorted, the readings of a sensor lie
+    /// together in the table as the staged path's sorted insert leaves them: detection read
+    /// 16.5 M readings of 100 sensors written in file order back in 85.6 s of server time, 8.2 s
+    /// when they were sorted.
+    async fn stream_chunk(
+        staging: &mut Staging,
+        tx: &tokio_postgres::Transaction<'_>,
+        chunk: &mut crate::readings::BySensor,
+        dataset: Dataset,
+    ) -> Result<(), StreamError> {
+        match staging.stream_sorted(tx, chunk).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(StreamError::MetStored),
+            Err(e) => Err(copy_failed(e, true, dataset)),
+        }
     }
 
     /// Stages the readings held so far (`held`, in file order per sensor) and gathers their
@@ -752,6 +902,23 @@ impl Ingestor {
             }
         }
         Ok(())
+    }
+
+    /// The bytes of `key` once more, if its version is still the one read (`etag`).
+    async fn read_again(
+        &self,
+        key: &str,
+        etag: &str,
+    ) -> Result<Box<dyn tokio::io::AsyncBufRead + Send + Unpin>, IngestError> {
+        let again = self.store.open(key).await?;
+        if again.etag != etag {
+            return Err(IngestError::Overwritten {
+                key: key.to_string(),
+                read: etag.to_string(),
+                now: again.etag,
+            });
+        }
+        Ok(again.body)
     }
 
     /// Records an ignored key (in the database of its dataset, or the mapping database).
@@ -791,6 +958,8 @@ impl Ingestor {
             anomaly_work: Vec::new(),
             fresh: None,
             met_stored: false,
+            streamed_in: false,
+            read_again: false,
         })
     }
 
@@ -825,6 +994,8 @@ impl Ingestor {
             anomaly_work: Vec::new(),
             fresh: None,
             met_stored: false,
+            streamed_in: false,
+            read_again: false,
         }
     }
 }

@@ -42,7 +42,7 @@ use tokio::sync::{mpsc, oneshot, Mutex, OwnedSemaphorePermit, Semaphore};
 use tracing::{info, warn};
 
 use super::{route, Compression, Counts, Disposition, IngestError, Ingestor, Outcome};
-use super::{Route, StreamError};
+use super::{Keep, Route, StreamError};
 use crate::contract::{Dataset, FileError, RecordReader};
 use crate::object_store::OpenedObject;
 use crate::readings::Held;
@@ -297,7 +297,7 @@ impl Ingestor {
                         dataset,
                         m.compression,
                         &m.key,
-                        false,
+                        Keep::Staged,
                     )
                     .await;
                 reads.push(match read {
@@ -305,10 +305,13 @@ impl Ingestor {
                     Err(StreamError::File(f)) => Read::Failed(f),
                     Err(StreamError::Read(e)) => Read::Unread(e),
                     Err(StreamError::Store(e)) => return Err(e),
+                    Err(StreamError::MetStored) => {
+                        unreachable!("a group's rows are staged, never streamed straight in")
+                    }
                 });
             }
             current.store(usize::MAX, relaxed);
-            staging.finish().await.db(dataset)?;
+            staging.finish(&tx).await.db(dataset)?;
             Ok::<_, StoreError>(reads)
         })
         .await;

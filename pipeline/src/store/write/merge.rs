@@ -220,7 +220,7 @@ pub async fn merge(
 /// Whether the fast path's write of new readings failed because another ingestion wrote one of
 /// their keys meanwhile (or a repeated key in them, or a deadlock with such a writer): then it is
 /// rolled back to the savepoint and the readings are upserted.
-pub(super) fn met_a_stored_key(e: &tokio_postgres::Error) -> bool {
+pub fn met_a_stored_key(e: &tokio_postgres::Error) -> bool {
     e.code() == Some(&SqlState::UNIQUE_VIOLATION)
         || e.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED)
 }

@@ -2,10 +2,11 @@
 //! rollup upkeep, and its detection work — all in the object's transaction.
 //!
 //! Where: `staging` (the staging table and its `COPY`), `merge` (insert or upsert from it, one
-//! object or a group), `replace` (held readings written without staging), `quarantine`,
-//! `mapping`, `work` (the detection queue an object's transaction writes).
+//! object or a group), `replace` (held readings written without staging), `straight` (a large
+//! object streamed straight into the table), `quarantine`, `mapping`, `work` (the detection
+//! queue an object's transaction writes).
 //!
-//! # Two paths
+//! # Three paths
 //!
 //! - **Held.** An object of up to a million valid readings ([`crate::ingest::FRESH_MAX`]), the
 //!   usual upload, is held in memory by the reader, sorted and collapsed to the last line of
@@ -13,18 +14,23 @@
 //!   into `measurements` in key order when none of their keys is stored — the work of a bare
 //!   `COPY` — and, when the stored readings they beat within their spans are exactly their keys
 //!   (a re-upload or a correction), [`replace_held`] deletes those rows and copies the readings
-//!   in. Otherwise they are staged after all and take the other path.
+//!   in. Otherwise they are staged after all and take the staged path.
+//! - **Streamed in.** An object too large to hold whose held readings are new and distinct
+//!   ([`may_stream_in`]) streams the rest of its valid rows straight into `measurements` as it is
+//!   read ([`Staging::stream_in`]), a chunk at a time in key order, each chunk followed by the
+//!   rollup and page index widened by its hours ([`Staging::stream_sorted`]). A stored or
+//!   repeated key met on the way fails the stream: the object is read again and staged.
 //! - **Staged.** Every line, valid or rejected, goes through one binary `COPY` into the staging
 //!   table, then one set-based merge moves rejected rows into quarantine and writes the valid
 //!   ones: all new, inserted as they are ([`INSERT_MEASUREMENTS`]); else upserted
 //!   ([`MERGE_MEASUREMENTS`]), repeated keys collapsed to the last line and a stored row
 //!   overwritten only by a version that beats the one it came from ([`super::versions`]); the
-//!   same version again writes nothing. Objects too large to hold stage as they stream (past
-//!   [`HOURS_MAX`] sensor-hours, the insert counts the rollup's hours itself: [`INSERT_COUNTED`]);
-//!   a group of small objects stages its rows tagged with their versions
+//!   same version again writes nothing. Objects too large to hold that cannot stream in stage as
+//!   they stream (past [`HOURS_MAX`] sensor-hours, the insert counts the rollup's hours itself:
+//!   [`INSERT_COUNTED`]); a group of small objects stages its rows tagged with their versions
 //!   ([`crate::ingest::Grouper`]).
 //!
-//! Either path keeps the page index (`measurement_days`) and the hourly rollup
+//! Every path keeps the page index (`measurement_days`) and the hourly rollup
 //! (`measurement_hours`, what `query-cli plot` draws wide columns from) in step with the rows.
 //!
 //! # Decisions
@@ -47,6 +53,7 @@ mod merge;
 mod quarantine;
 mod replace;
 mod staging;
+mod straight;
 mod work;
 
 use std::pin::Pin;
@@ -66,9 +73,10 @@ use crate::contract::{Dataset, Reading, SensorName};
 use crate::readings::BySensor;
 use crate::time::{day_of, hour_of, instant};
 
-pub use merge::{merge, merge_group, Member, Merged};
+pub use merge::{merge, merge_group, met_a_stored_key, Member, Merged};
 pub use replace::{merge_held, Link};
-pub use staging::{Staging, CREATE_STAGING};
+pub use staging::{Staging, CREATE_STAGING, DAYS_MAX};
+pub use straight::{may_stream_in, merge_streamed};
 pub use work::{Spans, HOURS_MAX};
 
 use mapping::*;

@@ -104,6 +104,12 @@ impl Spans {
         }
     }
 
+    /// Stops gathering hours (and drops those gathered): the rows' hours are written otherwise.
+    pub fn forget_hours(&mut self) {
+        self.hours = None;
+        self.overflowed = true;
+    }
+
     pub fn add(&mut self, sensor: uuid::Uuid, micros: Micros, value: f64) {
         let span = self.sensors.entry(sensor).or_insert((micros, micros));
         span.0 = span.0.min(micros);
