@@ -1586,6 +1586,23 @@ async fn a_large_new_object_streams_straight_into_the_table() {
         assert_done(&o, 3, 1);
         assert_eq!(path(&o), (false, true, true));
 
+        // Repeated within one chunk after the switch (the held two and the next make the first
+        // chunk; the repeat is found before the second is written): the same.
+        let o = ingest(
+            "timeseries/repeated-in-chunk.csv",
+            format!(
+                "timestamp;sensor_uuid;sensor_value\n\
+                 2013-01-23T08:00:00Z;{U2};1\n\
+                 2013-01-23T09:00:00Z;{U2};2\n\
+                 2013-01-23T10:00:00Z;{U2};3\n\
+                 2013-01-23T11:00:00Z;{U2};4\n\
+                 2013-01-23T11:00:00Z;{U2};5\n"
+            ),
+        )
+        .await;
+        assert_done(&o, 5, 0);
+        assert_eq!(path(&o), (false, true, true));
+
         // A correction of stored readings, written later: staged at the switch, read once.
         let key = "timeseries/correction.csv";
         h.env
@@ -1611,6 +1628,10 @@ async fn a_large_new_object_streams_straight_into_the_table() {
             vec![
                 reading(U2, "2013-01-20T08:15:00.000000Z", 15.0),
                 reading(U2, "2013-01-21T10:00:00.000000Z", 6.0),
+                reading(U2, "2013-01-23T08:00:00.000000Z", 1.0),
+                reading(U2, "2013-01-23T09:00:00.000000Z", 2.0),
+                reading(U2, "2013-01-23T10:00:00.000000Z", 3.0),
+                reading(U2, "2013-01-23T11:00:00.000000Z", 5.0),
                 reading(U1, "2013-01-20T08:00:00.000000Z", 11.0),
                 reading(U1, "2013-01-20T09:00:00.000000Z", 13.0),
                 reading(U1, "2013-01-20T10:00:00.000000Z", 7.0),
