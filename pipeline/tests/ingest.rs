@@ -105,6 +105,27 @@ impl Harness {
         }
     }
 
+    /// A connection whose open transaction holds an older write of one key (`U1` at
+    /// 2013-01-20T08:00:00Z, value 7, version 0: it loses to any object), uncommitted, with its
+    /// page index and rollup entries.
+    async fn older_write_held(&self) -> tokio_postgres::Client {
+        let held = testbed::connect(&self.env.measurements_db).await.unwrap();
+        held.batch_execute(&format!(
+            "BEGIN;
+             INSERT INTO measurements (sensor_uuid, ts, value, version)
+                 VALUES ('{U1}', '2013-01-20T08:00:00Z', 7, 0);
+             INSERT INTO measurement_hours (sensor_uuid, hour, readings, low, high, exact, total,
+                                            first_at, first_value, last_at, last_value)
+                 VALUES ('{U1}', '2013-01-20T08:00:00Z', 1, 7, 7, true, 7,
+                         '2013-01-20T08:00:00Z', 7, '2013-01-20T08:00:00Z', 7);
+             INSERT INTO measurement_days (sensor_uuid, day, readings)
+                 VALUES ('{U1}', '2013-01-20T00:00:00Z', 1);"
+        ))
+        .await
+        .unwrap();
+        held
+    }
+
     /// All readings as (uuid, RFC 3339 UTC with microseconds, value), ordered.
     /// Also checks that the page index (`measurement_days`) counts exactly the stored rows and
     /// that the hourly rollup (`measurement_hours`) holds their exact count, and their low and
@@ -1669,22 +1690,7 @@ async fn a_large_new_object_streams_straight_into_the_table() {
 #[tokio::test]
 async fn a_large_object_overwritten_before_it_is_read_again_is_tried_again() {
     let h = Harness::new().await;
-    let held = testbed::connect(&h.env.measurements_db).await.unwrap();
-    // An older write of one of the object's keys (version 0 loses to any object), uncommitted,
-    // with its page index and rollup entries.
-    held.batch_execute(&format!(
-        "BEGIN;
-         INSERT INTO measurements (sensor_uuid, ts, value, version)
-             VALUES ('{U1}', '2013-01-20T08:00:00Z', 7, 0);
-         INSERT INTO measurement_hours (sensor_uuid, hour, readings, low, high, exact, total,
-                                        first_at, first_value, last_at, last_value)
-             VALUES ('{U1}', '2013-01-20T08:00:00Z', 1, 7, 7, true, 7, '2013-01-20T08:00:00Z', 7,
-                     '2013-01-20T08:00:00Z', 7);
-         INSERT INTO measurement_days (sensor_uuid, day, readings)
-             VALUES ('{U1}', '2013-01-20T00:00:00Z', 1);"
-    ))
-    .await
-    .unwrap();
+    let held = h.older_write_held().await;
     let key = "timeseries/large.csv";
     let first = format!(
         "timestamp;sensor_uuid;sensor_value\n\
@@ -1803,22 +1809,7 @@ async fn any_mix_of_held_staged_new_and_overwritten_readings_ends_as_the_model_s
 #[tokio::test]
 async fn a_row_written_meanwhile_sends_new_readings_back_to_the_upsert() {
     let h = Harness::new().await;
-    let held = testbed::connect(&h.env.measurements_db).await.unwrap();
-    // An older write of one of the object's keys (version 0 loses to any object), uncommitted,
-    // with its page index and rollup entries.
-    held.batch_execute(&format!(
-        "BEGIN;
-         INSERT INTO measurements (sensor_uuid, ts, value, version)
-             VALUES ('{U1}', '2013-01-20T08:00:00Z', 7, 0);
-         INSERT INTO measurement_hours (sensor_uuid, hour, readings, low, high, exact, total,
-                                        first_at, first_value, last_at, last_value)
-             VALUES ('{U1}', '2013-01-20T08:00:00Z', 1, 7, 7, true, 7, '2013-01-20T08:00:00Z', 7,
-                     '2013-01-20T08:00:00Z', 7);
-         INSERT INTO measurement_days (sensor_uuid, day, readings)
-             VALUES ('{U1}', '2013-01-20T00:00:00Z', 1);"
-    ))
-    .await
-    .unwrap();
+    let held = h.older_write_held().await;
     let csv = format!(
         "timestamp;sensor_uuid;sensor_value\n\
          2013-01-20T08:30:00Z;{U2};4\n\
