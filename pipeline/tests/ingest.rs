@@ -1520,168 +1520,166 @@ async fn an_object_with_more_hours_than_gathered_counts_them_as_it_inserts() {
 /// streaming in.
 #[tokio::test]
 async fn a_large_new_object_streams_straight_into_the_table() {
-    {
-        let h = Harness::new().await;
-        let ingestor = h.ingestor.clone().hold_most(2);
-        let ingest = |key: &'static str, csv: String| {
-            let ingestor = &ingestor;
-            let s3 = &h.env.s3;
-            async move {
-                s3.put(key, csv).await.unwrap();
-                ingestor.ingest(key, None).await.unwrap()
-            }
-        };
-        let path = |o: &Outcome| (o.streamed_in, o.read_again, o.met_stored);
+    let h = Harness::new().await;
+    let ingestor = h.ingestor.clone().hold_most(2);
+    let ingest = |key: &'static str, csv: String| {
+        let ingestor = &ingestor;
+        let s3 = &h.env.s3;
+        async move {
+            s3.put(key, csv).await.unwrap();
+            ingestor.ingest(key, None).await.unwrap()
+        }
+    };
+    let path = |o: &Outcome| (o.streamed_in, o.read_again, o.met_stored);
 
-        let o = ingest(
-            "timeseries/large.csv",
-            format!(
-                "timestamp;sensor_uuid;sensor_value\n\
-                 2013-01-20T08:00:00Z;{U1};1\n\
-                 2013-01-20T08:10:00Z;{U1}\n\
-                 2013-01-20T08:15:00Z;{U2};5\n\
-                 2013-01-20T09:00:00Z;{U1};3\n\
-                 2013-01-20T09:30:00Z;{U2}\n\
-                 2013-01-21T10:00:00Z;{U2};6\n"
-            ),
-        )
-        .await;
-        assert_done(&o, 4, 2);
-        assert_eq!(path(&o), (true, false, false));
-        assert_eq!(o.anomaly_work.len(), 2);
-        assert_eq!(
-            h.readings().await,
-            vec![
-                reading(U2, "2013-01-20T08:15:00.000000Z", 5.0),
-                reading(U2, "2013-01-21T10:00:00.000000Z", 6.0),
-                reading(U1, "2013-01-20T08:00:00.000000Z", 1.0),
-                reading(U1, "2013-01-20T09:00:00.000000Z", 3.0),
-            ]
-        );
-        let short = "row has 2 field(s), the header has 3".to_string();
-        let quarantined =
-            |key: &str, line: i64, raw: String| (key.to_string(), line, raw, short.clone());
-        assert_eq!(
-            h.quarantine(&h.measurements).await,
-            vec![
-                quarantined(
-                    "timeseries/large.csv",
-                    3,
-                    format!("2013-01-20T08:10:00Z;{U1}")
-                ),
-                quarantined(
-                    "timeseries/large.csv",
-                    6,
-                    format!("2013-01-20T09:30:00Z;{U2}")
-                ),
-            ]
-        );
-
-        // New keys on a day that holds stored readings: streamed in, and detection reads on.
-        let o = ingest(
-            "timeseries/later.csv",
-            format!(
-                "timestamp;sensor_uuid;sensor_value\n\
-                 2013-01-20T10:00:00Z;{U1};7\n\
-                 2013-01-20T11:00:00Z;{U1};8\n\
-                 2013-01-20T12:00:00Z;{U1};9\n"
-            ),
-        )
-        .await;
-        assert_done(&o, 3, 0);
-        assert_eq!(path(&o), (true, false, true));
-
-        // A key repeated after the switch: read again and staged, the last line winning (the
-        // repeat sends the staged rows to the upsert, which counts as meeting a stored key).
-        let o = ingest(
-            "timeseries/repeated.csv",
-            format!(
-                "timestamp;sensor_uuid;sensor_value\n\
-                 2013-01-22T08:00:00Z;{U1};1\n\
-                 2013-01-22T09:00:00Z;{U1};2\n\
-                 2013-01-22T08:00:00Z;{U1};3\n\
-                 2013-01-22T10:00:00Z;{U1}\n"
-            ),
-        )
-        .await;
-        assert_done(&o, 3, 1);
-        assert_eq!(path(&o), (false, true, true));
-
-        // Repeated within one chunk after the switch (the held two and the next make the first
-        // chunk; the repeat is found before the second is written): the same.
-        let o = ingest(
-            "timeseries/repeated-in-chunk.csv",
-            format!(
-                "timestamp;sensor_uuid;sensor_value\n\
-                 2013-01-23T08:00:00Z;{U2};1\n\
-                 2013-01-23T09:00:00Z;{U2};2\n\
-                 2013-01-23T10:00:00Z;{U2};3\n\
-                 2013-01-23T11:00:00Z;{U2};4\n\
-                 2013-01-23T11:00:00Z;{U2};5\n"
-            ),
-        )
-        .await;
-        assert_done(&o, 5, 0);
-        assert_eq!(path(&o), (false, true, true));
-
-        // A correction of stored readings, written later: staged at the switch, read once.
-        let key = "timeseries/correction.csv";
-        h.env
-            .s3
-            .put(
-                key,
-                format!(
-                    "timestamp;sensor_uuid;sensor_value\n\
-                     2013-01-20T08:00:00Z;{U1};11\n\
-                     2013-01-20T08:15:00Z;{U2};15\n\
-                     2013-01-20T09:00:00Z;{U1};13\n"
-                ),
-            )
-            .await
-            .unwrap();
-        h.env.s3.set_written_at(key, later(60)).unwrap();
-        let o = ingestor.ingest(key, None).await.unwrap();
-        assert_done(&o, 3, 0);
-        assert_eq!(path(&o), (false, false, true));
-
-        assert_eq!(
-            h.readings().await,
-            vec![
-                reading(U2, "2013-01-20T08:15:00.000000Z", 15.0),
-                reading(U2, "2013-01-21T10:00:00.000000Z", 6.0),
-                reading(U2, "2013-01-23T08:00:00.000000Z", 1.0),
-                reading(U2, "2013-01-23T09:00:00.000000Z", 2.0),
-                reading(U2, "2013-01-23T10:00:00.000000Z", 3.0),
-                reading(U2, "2013-01-23T11:00:00.000000Z", 5.0),
-                reading(U1, "2013-01-20T08:00:00.000000Z", 11.0),
-                reading(U1, "2013-01-20T09:00:00.000000Z", 13.0),
-                reading(U1, "2013-01-20T10:00:00.000000Z", 7.0),
-                reading(U1, "2013-01-20T11:00:00.000000Z", 8.0),
-                reading(U1, "2013-01-20T12:00:00.000000Z", 9.0),
-                reading(U1, "2013-01-22T08:00:00.000000Z", 3.0),
-                reading(U1, "2013-01-22T09:00:00.000000Z", 2.0),
-            ]
-        );
-        let mut want = vec![
+    let o = ingest(
+        "timeseries/large.csv",
+        format!(
+            "timestamp;sensor_uuid;sensor_value\n\
+             2013-01-20T08:00:00Z;{U1};1\n\
+             2013-01-20T08:10:00Z;{U1}\n\
+             2013-01-20T08:15:00Z;{U2};5\n\
+             2013-01-20T09:00:00Z;{U1};3\n\
+             2013-01-20T09:30:00Z;{U2}\n\
+             2013-01-21T10:00:00Z;{U2};6\n"
+        ),
+    )
+    .await;
+    assert_done(&o, 4, 2);
+    assert_eq!(path(&o), (true, false, false));
+    assert_eq!(o.anomaly_work.len(), 2);
+    assert_eq!(
+        h.readings().await,
+        vec![
+            reading(U2, "2013-01-20T08:15:00.000000Z", 5.0),
+            reading(U2, "2013-01-21T10:00:00.000000Z", 6.0),
+            reading(U1, "2013-01-20T08:00:00.000000Z", 1.0),
+            reading(U1, "2013-01-20T09:00:00.000000Z", 3.0),
+        ]
+    );
+    let short = "row has 2 field(s), the header has 3".to_string();
+    let quarantined =
+        |key: &str, line: i64, raw: String| (key.to_string(), line, raw, short.clone());
+    assert_eq!(
+        h.quarantine(&h.measurements).await,
+        vec![
             quarantined(
                 "timeseries/large.csv",
                 3,
-                format!("2013-01-20T08:10:00Z;{U1}"),
+                format!("2013-01-20T08:10:00Z;{U1}")
             ),
             quarantined(
                 "timeseries/large.csv",
                 6,
-                format!("2013-01-20T09:30:00Z;{U2}"),
+                format!("2013-01-20T09:30:00Z;{U2}")
             ),
-            quarantined(
-                "timeseries/repeated.csv",
-                5,
-                format!("2013-01-22T10:00:00Z;{U1}"),
+        ]
+    );
+
+    // New keys on a day that holds stored readings: streamed in, and detection reads on.
+    let o = ingest(
+        "timeseries/later.csv",
+        format!(
+            "timestamp;sensor_uuid;sensor_value\n\
+             2013-01-20T10:00:00Z;{U1};7\n\
+             2013-01-20T11:00:00Z;{U1};8\n\
+             2013-01-20T12:00:00Z;{U1};9\n"
+        ),
+    )
+    .await;
+    assert_done(&o, 3, 0);
+    assert_eq!(path(&o), (true, false, true));
+
+    // A key repeated after the switch: read again and staged, the last line winning (the
+    // repeat sends the staged rows to the upsert, which counts as meeting a stored key).
+    let o = ingest(
+        "timeseries/repeated.csv",
+        format!(
+            "timestamp;sensor_uuid;sensor_value\n\
+             2013-01-22T08:00:00Z;{U1};1\n\
+             2013-01-22T09:00:00Z;{U1};2\n\
+             2013-01-22T08:00:00Z;{U1};3\n\
+             2013-01-22T10:00:00Z;{U1}\n"
+        ),
+    )
+    .await;
+    assert_done(&o, 3, 1);
+    assert_eq!(path(&o), (false, true, true));
+
+    // Repeated within one chunk after the switch (the held two and the next make the first
+    // chunk; the repeat is found before the second is written): the same.
+    let o = ingest(
+        "timeseries/repeated-in-chunk.csv",
+        format!(
+            "timestamp;sensor_uuid;sensor_value\n\
+             2013-01-23T08:00:00Z;{U2};1\n\
+             2013-01-23T09:00:00Z;{U2};2\n\
+             2013-01-23T10:00:00Z;{U2};3\n\
+             2013-01-23T11:00:00Z;{U2};4\n\
+             2013-01-23T11:00:00Z;{U2};5\n"
+        ),
+    )
+    .await;
+    assert_done(&o, 5, 0);
+    assert_eq!(path(&o), (false, true, true));
+
+    // A correction of stored readings, written later: staged at the switch, read once.
+    let key = "timeseries/correction.csv";
+    h.env
+        .s3
+        .put(
+            key,
+            format!(
+                "timestamp;sensor_uuid;sensor_value\n\
+                 2013-01-20T08:00:00Z;{U1};11\n\
+                 2013-01-20T08:15:00Z;{U2};15\n\
+                 2013-01-20T09:00:00Z;{U1};13\n"
             ),
-        ];
-        want.sort();
-        assert_eq!(h.quarantine(&h.measurements).await, want);
-    }
+        )
+        .await
+        .unwrap();
+    h.env.s3.set_written_at(key, later(60)).unwrap();
+    let o = ingestor.ingest(key, None).await.unwrap();
+    assert_done(&o, 3, 0);
+    assert_eq!(path(&o), (false, false, true));
+
+    assert_eq!(
+        h.readings().await,
+        vec![
+            reading(U2, "2013-01-20T08:15:00.000000Z", 15.0),
+            reading(U2, "2013-01-21T10:00:00.000000Z", 6.0),
+            reading(U2, "2013-01-23T08:00:00.000000Z", 1.0),
+            reading(U2, "2013-01-23T09:00:00.000000Z", 2.0),
+            reading(U2, "2013-01-23T10:00:00.000000Z", 3.0),
+            reading(U2, "2013-01-23T11:00:00.000000Z", 5.0),
+            reading(U1, "2013-01-20T08:00:00.000000Z", 11.0),
+            reading(U1, "2013-01-20T09:00:00.000000Z", 13.0),
+            reading(U1, "2013-01-20T10:00:00.000000Z", 7.0),
+            reading(U1, "2013-01-20T11:00:00.000000Z", 8.0),
+            reading(U1, "2013-01-20T12:00:00.000000Z", 9.0),
+            reading(U1, "2013-01-22T08:00:00.000000Z", 3.0),
+            reading(U1, "2013-01-22T09:00:00.000000Z", 2.0),
+        ]
+    );
+    let mut want = vec![
+        quarantined(
+            "timeseries/large.csv",
+            3,
+            format!("2013-01-20T08:10:00Z;{U1}"),
+        ),
+        quarantined(
+            "timeseries/large.csv",
+            6,
+            format!("2013-01-20T09:30:00Z;{U2}"),
+        ),
+        quarantined(
+            "timeseries/repeated.csv",
+            5,
+            format!("2013-01-22T10:00:00Z;{U1}"),
+        ),
+    ];
+    want.sort();
+    assert_eq!(h.quarantine(&h.measurements).await, want);
 }
 
 /// A row another transaction writes meanwhile into a key an object streams straight in fails the
