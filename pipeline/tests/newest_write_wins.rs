@@ -497,7 +497,8 @@ async fn upgrade_from_the_previous_schema_keeps_the_data_and_any_new_write_beats
             "measurements/V5__measurement_hours",
             "measurements/V6__measurement_hour_values",
             "measurements/V7__measurement_day_values",
-            "measurements/V8__measurements_without_time_index"
+            "measurements/V8__measurements_without_time_index",
+            "measurements/V9__days_written_by_their_writer"
         ]
     );
     let ingestor = Ingestor::new(

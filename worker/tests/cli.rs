@@ -60,7 +60,8 @@ async fn migrate_then_ingest_all_then_again() {
              measurements/V2__measurement_days, measurements/V3__measurement_versions, \
              measurements/V4__anomalies, measurements/V5__measurement_hours, \
              measurements/V6__measurement_hour_values, measurements/V7__measurement_day_values, \
-             measurements/V8__measurements_without_time_index; measurements is {plain}\n"
+             measurements/V8__measurements_without_time_index, \
+             measurements/V9__days_written_by_their_writer; measurements is {plain}\n"
         )
     );
     let out = worker(&vars, &["migrate"]).await;

@@ -56,6 +56,11 @@ impl CopyEncoder {
         self.buf.put_i64(v);
     }
 
+    pub fn boolean(&mut self, v: bool) {
+        self.buf.put_i32(1);
+        self.buf.put_u8(u8::from(v));
+    }
+
     pub fn float8(&mut self, v: f64) {
         self.buf.put_i32(8);
         self.buf.put_f64(v);
