@@ -2080,6 +2080,51 @@ async fn unknown_sensors_are_kept_and_mapping_may_come_later() {
     assert_eq!(h.count(&h.mapping, "sensors").await, 1);
 }
 
+/// `measurements/V9`: while `sensor_pipeline.days_written` is on (the merge's `COPY` of hours
+/// whose days it writes itself), the daily trigger leaves the days of the hours written alone;
+/// otherwise it recomputes them, and a rollback to a savepoint turns the setting off again.
+#[tokio::test]
+async fn the_daily_trigger_leaves_days_to_a_writer_that_writes_them() {
+    let h = Harness::new().await;
+    let hour = |at: &str| {
+        format!(
+            "INSERT INTO measurement_hours (sensor_uuid, hour, readings, low, high, total,
+                                            first_at, first_value, last_at, last_value)
+             VALUES ('{U1}', '{at}', 1, 2, 2, 2, '{at}', 2, '{at}', 2);"
+        )
+    };
+    h.measurements
+        .batch_execute(&format!(
+            "BEGIN;
+             SAVEPOINT before;
+             SET LOCAL sensor_pipeline.days_written = 'on';
+             {}
+             ROLLBACK TO SAVEPOINT before;
+             {}
+             SET LOCAL sensor_pipeline.days_written = 'on';
+             {}
+             SET LOCAL sensor_pipeline.days_written = 'off';
+             {}
+             COMMIT;",
+            hour("2013-01-19T08:00:00Z"),
+            hour("2013-01-20T08:00:00Z"),
+            hour("2013-01-21T08:00:00Z"),
+            hour("2013-01-22T08:00:00Z"),
+        ))
+        .await
+        .unwrap();
+    let days: Vec<(String, i64)> = testbed::rows(
+        &h.measurements,
+        "SELECT to_char(day AT TIME ZONE 'UTC', 'MM-DD'), readings FROM measurement_day_values
+         ORDER BY 1",
+    )
+    .await;
+    assert_eq!(
+        days,
+        vec![("01-20".to_string(), 1), ("01-22".to_string(), 1)]
+    );
+}
+
 /// The check every test here makes of the derived tables (`testbed::derived_drift`) reports
 /// what disagrees with the readings: a wrong count in the page index, a wrong bound in the hourly
 /// rollup, and the daily value recomputed from that hour.
