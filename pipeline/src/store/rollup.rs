@@ -177,16 +177,7 @@ pub(super) async fn copy_new_hours(
     tx.batch_execute(DAYS_WRITTEN).await?;
     copy_rows(tx, COPY_HOURS, sorted, |enc, ((u, hour), h)| {
         enc.row(10);
-        enc.uuid(u);
-        enc.timestamptz(*hour);
-        enc.int8(h.readings);
-        enc.float8(h.low);
-        enc.float8(h.high);
-        enc.float8(h.total);
-        enc.timestamptz(h.first.0);
-        enc.float8(h.first.1);
-        enc.timestamptz(h.last.0);
-        enc.float8(h.last.1);
+        encode_rolled(enc, u, *hour, h);
     })
     .await?;
     tx.batch_execute(DAYS_FROM_HOURS).await?;
@@ -204,16 +195,7 @@ pub(super) async fn copy_new_hours(
         .collect();
     copy_rows(tx, COPY_DAY_VALUES, &days, |enc, (u, day, d)| {
         enc.row(11);
-        enc.uuid(u);
-        enc.timestamptz(*day);
-        enc.int8(d.readings);
-        enc.float8(d.low);
-        enc.float8(d.high);
-        enc.float8(d.total);
-        enc.timestamptz(d.first.0);
-        enc.float8(d.first.1);
-        enc.timestamptz(d.last.0);
-        enc.float8(d.last.1);
+        encode_rolled(enc, u, *day, d);
         enc.boolean(true);
     })
     .await?;
@@ -224,6 +206,20 @@ pub(super) async fn copy_new_hours(
         enc.int8(d.readings);
     })
     .await
+}
+
+/// The sensor, the hour or day `at`, and the rollup's columns of `h`, as `COPY` fields.
+fn encode_rolled(enc: &mut super::copy::CopyEncoder, u: &uuid::Uuid, at: Micros, h: &Hour) {
+    enc.uuid(u);
+    enc.timestamptz(at);
+    enc.int8(h.readings);
+    enc.float8(h.low);
+    enc.float8(h.high);
+    enc.float8(h.total);
+    enc.timestamptz(h.first.0);
+    enc.float8(h.first.1);
+    enc.timestamptz(h.last.0);
+    enc.float8(h.last.1);
 }
 
 /// The rollup and page index widened by new readings (`$1`–`$5`: sensors, hours, readings,
