@@ -120,6 +120,11 @@ pub struct Outcome {
     pub read_again: bool,
 }
 
+/// The fewest readings a chunk streamed straight into the table holds (1 MiB), unless fewer are
+/// held at all ([`Ingestor::hold_most`]): an object that switches to streaming in when the hold
+/// budget is short still writes chunks worth their round trips.
+const CHUNK_LEAST: usize = 65_536;
+
 /// The most readings of one object held in memory (16 bytes each), by default: to write them
 /// straight into the table when they are new (see [`write::merge_held`]), and for detection.
 pub const FRESH_MAX: usize = 1_000_000;
@@ -788,7 +793,11 @@ impl Ingestor {
                                     // The rollup's hours are written a chunk at a time.
                                     spans.forget_hours();
                                     chunk_len = f.len();
-                                    chunk_most = chunk_len.max(1);
+                                    // Not fewer than a floor, when the budget shared with the
+                                    // objects in flight cut the hold short: each chunk costs
+                                    // round trips.
+                                    chunk_most =
+                                        chunk_len.max(CHUNK_LEAST.min(self.hold_most)).max(1);
                                     chunk = Some((tx, f.readings));
                                 }
                             }
