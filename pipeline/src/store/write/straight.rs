@@ -1,6 +1,7 @@
 //! An object too large to hold whose valid rows streamed straight into `measurements`
-//! ([`Staging::stream_in`]): whether it may, and what follows the stream in its transaction —
-//! the quarantine, the rollup and page index widened, the detection queued.
+//! ([`Staging::stream_in`]; the rollup and page index are widened chunk by chunk there,
+//! [`Staging::stream_sorted`]): whether it may, and what follows the stream in its transaction —
+//! the quarantine, whether readings are stored beside its own, the detection queued.
 //!
 //! It may when none of the readings held before the stream began is stored, or repeated
 //! ([`may_stream_in`]): a re-upload or correction then stages as before, without a wasted read.
