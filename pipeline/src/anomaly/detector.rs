@@ -77,6 +77,21 @@ const STUCK: Stuck = Stuck {
     factor: 3.0,
 };
 
+/// When the sensor stays away: a run of readings on one side of the middle of the remembered
+/// range of values, the side where the memory's readings spent at most `share` of their time (a
+/// CPU's busy side, not its idle one; neither side of a cycle or a drift, which split their time),
+/// that is `factor` times longer than the `NOVELTY_RANK`-th longest such run of the memory's
+/// epochs (and at least `STUCK.min` readings) — a job that never ends, at a ceiling its jobs reach
+/// every few hours. A side never visited in the memory is new ground's business, not this.
+struct Stay {
+    share: f64,
+    factor: f64,
+}
+const STAY: Stay = Stay {
+    share: 1.0 / 3.0,
+    factor: 5.0,
+};
+
 /// When readings burst: spikes that are each as large as usual, but come more often than ever.
 struct Burst {
     /// A burst counts when this many readings passed since the last anomaly or excursion (a burst
@@ -139,7 +154,7 @@ pub const WARM_UP_READINGS: usize = 2 * RESIDUALS;
 
 /// The version of [`Detector::to_bytes`]' layout *and* of the method: bump it whenever either
 /// changes, so that states saved by another version are not resumed.
-const STATE_FORMAT: u32 = 10;
+const STATE_FORMAT: u32 = 11;
 
 /// A streaming detector for one sensor's readings.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -164,6 +179,22 @@ pub struct Detector {
     epoch_low: f64,
     highs: SortedRing,
     lows: SortedRing,
+    /// The `NOVELTY_RANK`-th lowest and highest level past epochs ended at, over the last
+    /// `RANGE_EPOCHS` (from `levels`), and whether the level is beyond them now (one alarm per
+    /// departure).
+    level_range: (f64, f64),
+    level_away: bool,
+    /// The run of readings on one side of the middle of the remembered range, the longest such
+    /// run of the current epoch (ended or not), and those of past epochs.
+    /// Per side (below, above), the `NOVELTY_RANK`-th longest of those runs (see [`STAY`]).
+    dwell: Dwell,
+    epoch_dwell: [u32; 2],
+    dwells: [Ring<u32>; 2],
+    usual_dwell: [u32; 2],
+    /// Readings on each side in the current epoch, in past epochs, and their sums over the memory.
+    epoch_sides: [u32; 2],
+    sides: [Ring<u32>; 2],
+    side_sums: [u64; 2],
     /// The lowest and highest value of each of the last `SEASON_EPOCHS` epochs (NaN: no
     /// readings), for the profiles of the cycles.
     ranges: Ring<(f32, f32)>,
@@ -208,6 +239,20 @@ struct Season {
     low: f64,
     high: f64,
     level: f64,
+}
+
+/// A run of readings on one side of the middle of the remembered range of values.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
+struct Dwell {
+    side: i8,
+    start: Micros,
+    len: u32,
+    expected: f64,
+    /// Whether there was a history of runs when it began (else it is how the sensor is: its
+    /// length counts into the memory while it lasts, as a judged run's does when it ends) …
+    judged: bool,
+    /// … and whether it may still be reported (nothing was reported since it began).
+    open: bool,
 }
 
 #[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
@@ -265,6 +310,15 @@ impl Detector {
             epoch_low: f64::INFINITY,
             highs: SortedRing::new(RANGE_EPOCHS),
             lows: SortedRing::new(RANGE_EPOCHS),
+            level_range: (f64::NAN, f64::NAN),
+            level_away: false,
+            dwell: Dwell::default(),
+            epoch_dwell: [0; 2],
+            dwells: [Ring::new(RANGE_EPOCHS), Ring::new(RANGE_EPOCHS)],
+            usual_dwell: [0; 2],
+            epoch_sides: [0; 2],
+            sides: [Ring::new(RANGE_EPOCHS), Ring::new(RANGE_EPOCHS)],
+            side_sums: [0; 2],
             ranges: Ring::new(SEASON_EPOCHS),
             intervals: SortedRing::new(GAP.intervals),
             epoch_gap: 0.0,
@@ -323,6 +377,18 @@ impl Detector {
             .map_or_else(|| self.expected(at), |e| e.expected);
         self.advance_epoch(at);
         self.level(at, value, found);
+        if found.len() > reported {
+            self.level_away = true;
+        } else if self.pending.is_none() {
+            self.level_ground(found);
+        }
+        self.dwell(
+            at,
+            value,
+            expected,
+            found.len() > reported || self.pending.is_some(),
+            found,
+        );
         self.burst(at, value, expected, found.len() > reported, found);
         self.since_alarm = if found.len() > reported || self.pending.is_some() {
             0
@@ -339,10 +405,12 @@ impl Detector {
     pub fn unsettled_since(&self) -> Option<i64> {
         let run = (self.run.len > 0).then_some(self.run.start);
         let excursion = self.pending.as_ref().map(|e| e.start);
-        match (run, excursion) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        // A run that may yet stay away too long, and a level that may yet leave its range (from
+        // the first reading of its window on).
+        let dwell = (self.dwell.len > 0 && self.dwell.judged && self.dwell.open)
+            .then_some(self.dwell.start);
+        let level = (self.level_ts.len() == 2 * HALF).then(|| self.level_ts.get(HALF));
+        [run, excursion, dwell, level].into_iter().flatten().min()
     }
 
     /// What [`Detector::finish`] would report now that more readings could still change (kind and
@@ -406,7 +474,14 @@ impl Detector {
             (&self.cycle_errors[1], DAILY_EPOCHS),
             (&self.hourly_errors, DAILY_EPOCHS),
         ];
+        let counts = [
+            &self.dwells[0],
+            &self.dwells[1],
+            &self.sides[0],
+            &self.sides[1],
+        ];
         sorted.iter().all(|(r, c)| r.capacity() == *c)
+            && counts.iter().all(|r| r.capacity() == RANGE_EPOCHS)
             && rings.iter().all(|(r, c)| r.capacity() == *c)
             && self.level_ts.capacity() == 2 * HALF
             && self.ranges.capacity() == SEASON_EPOCHS
@@ -633,6 +708,107 @@ impl Detector {
         (low, high)
     }
 
+    /// Reports a level shift when the local level (its window full) settles beyond every value the
+    /// memory holds (the remembered range of values) and beyond the levels its epochs ended at by
+    /// the margin new ground needs: a sensor that settles where it never was, though no single
+    /// reading is far enough off the level, or off the range, to count (a service dying a little
+    /// below a busy CPU's quiet readings). Once per departure: not again until the level is back
+    /// within those bounds, nor after another anomaly until then.
+    fn level_ground(&mut self, found: &mut Vec<Anomaly>) {
+        if !self.newer.is_full() || !self.older.is_full() || self.highs.len() < NEW_GROUND.epochs {
+            return;
+        }
+        let level = self.newer.median();
+        let (low, high) = self.level_range;
+        // The values of past epochs only: the current one's are the departure's own.
+        let (value_low, value_high) = (
+            -self.lows.largest(NOVELTY_RANK),
+            self.highs.largest(NOVELTY_RANK),
+        );
+        let margin = NEW_GROUND.share * (value_high - value_low) / self.sensitivity;
+        if !(high - low).is_finite() || !margin.is_finite() {
+            return;
+        }
+        let (side, edge, bound) = if level > (high + margin).max(value_high) {
+            (1.0, high, (high + margin).max(value_high))
+        } else if level < (low - margin).min(value_low) {
+            (-1.0, low, (low - margin).min(value_low))
+        } else {
+            self.level_away = false;
+            return;
+        };
+        if std::mem::replace(&mut self.level_away, true) {
+            return;
+        }
+        // The departure began at the first reading of the level's window beyond the bound.
+        let first = (0..HALF)
+            .find(|&i| (self.newer.get(i) - bound) * side > 0.0)
+            .unwrap_or(0);
+        found.push(Anomaly {
+            kind: Kind::LevelShift,
+            start: self.level_ts.get(HALF + first),
+            end: self.level_ts.get(2 * HALF - 1),
+            value: Some(level),
+            expected: Some(edge),
+            score: (level - edge).abs() / margin.max(f64::MIN_POSITIVE),
+        });
+    }
+
+    /// Counts the reading into the run on its side of the middle of the remembered range; reports
+    /// a level shift when the run stays away (see [`STAY`]) — once per run, and not when something
+    /// else was reported since it began (that is the same event).
+    fn dwell(
+        &mut self,
+        at: Micros,
+        value: f64,
+        expected: f64,
+        alarmed: bool,
+        found: &mut Vec<Anomaly>,
+    ) {
+        let (low, high) = self.remembered_range();
+        if self.highs.len() < NEW_GROUND.epochs || !(high - low).is_finite() {
+            return;
+        }
+        let side = i8::from(value > (low + high) / 2.0);
+        if side != self.dwell.side || self.dwell.len == 0 {
+            let ended = &mut self.epoch_dwell[self.dwell.side as usize];
+            *ended = (*ended).max(self.dwell.len);
+            self.dwell = Dwell {
+                side,
+                start: at,
+                len: 0,
+                expected,
+                judged: self.dwells[side as usize].len() >= BURST.epochs,
+                open: true,
+            };
+        }
+        self.dwell.len += 1;
+        self.epoch_sides[side as usize] += 1;
+        let total = (self.side_sums[0] + self.side_sums[1]) as f64;
+        let away = self.side_sums[side as usize] as f64 <= STAY.share * total;
+        if alarmed {
+            self.dwell.open = false;
+        }
+        let usual = f64::from(self.usual_dwell[side as usize]);
+        let threshold = (STAY.factor * usual).max(STUCK.min as f64) / self.sensitivity;
+        if away
+            && usual > 0.0
+            && self.dwell.judged
+            && self.dwell.open
+            && f64::from(self.dwell.len) > threshold
+        {
+            self.dwell.open = false;
+            found.push(Anomaly {
+                kind: Kind::LevelShift,
+                start: self.dwell.start,
+                end: at,
+                value: Some(value),
+                expected: Some(self.dwell.expected),
+                score: f64::from(self.dwell.len) / usual.max(1.0),
+            });
+        }
+    }
+
     /// +1 when `value` is above the recent range of values by a clear margin, -1 below, else 0.
     fn new_ground(&self, value: f64) -> f64 {
         let (low, high) = self.remembered_range();
@@ -799,6 +975,20 @@ impl Detector {
         self.epoch_runs.push(self.epoch_run);
         self.epoch_gaps.push(self.epoch_gap);
         self.outstanding.push(f64::from(self.epoch_outstanding));
+        for side in 0..2 {
+            // A judged run counts when it ends; one that began before there was any history is
+            // how this sensor is, and counts while it lasts.
+            let current = if self.dwell.side as usize == side && !self.dwell.judged {
+                self.dwell.len
+            } else {
+                0
+            };
+            let longest = std::mem::take(&mut self.epoch_dwell[side]).max(current);
+            self.dwells[side].push(longest);
+            let count = std::mem::take(&mut self.epoch_sides[side]);
+            let gone = self.sides[side].push(count).unwrap_or(0);
+            self.side_sums[side] = self.side_sums[side] + u64::from(count) - u64::from(gone);
+        }
         self.highs.push(self.epoch_high);
         self.lows.push(-self.epoch_low);
         let range = if self.epoch_high >= self.epoch_low {
@@ -813,6 +1003,11 @@ impl Detector {
         for _ in 0..quiet.min(RANGE_EPOCHS) {
             self.highs.push(f64::NEG_INFINITY);
             self.lows.push(f64::NEG_INFINITY);
+            for side in 0..2 {
+                self.dwells[side].push(0);
+                let gone = self.sides[side].push(0).unwrap_or(0);
+                self.side_sums[side] -= u64::from(gone);
+            }
         }
         for _ in 0..quiet.min(EPOCHS) {
             self.epoch_maxima.push(0.0);
@@ -825,6 +1020,8 @@ impl Detector {
         }
         self.novelty = self.epoch_maxima.largest(NOVELTY_RANK);
         self.profile(quiet);
+        self.level_range = level_range(&self.levels);
+        self.usual_dwell = [0, 1].map(|side| kth_largest(&self.dwells[side], NOVELTY_RANK));
 
         self.epoch_max = 0.0;
         self.epoch_run = 0.0;
@@ -904,6 +1101,45 @@ impl Detector {
             self.add_to_level(at, value);
         }
     }
+}
+
+/// The `NOVELTY_RANK`-th lowest and highest of the finite levels of the last `RANGE_EPOCHS`
+/// epochs (NaN when there are fewer).
+fn level_range(levels: &Ring<f64>) -> (f64, f64) {
+    let mut low = [f64::INFINITY; NOVELTY_RANK];
+    let mut high = [f64::NEG_INFINITY; NOVELTY_RANK];
+    for i in levels.len().saturating_sub(RANGE_EPOCHS)..levels.len() {
+        let v = levels.get(i);
+        if v.is_finite() {
+            if v < low[NOVELTY_RANK - 1] {
+                low[NOVELTY_RANK - 1] = v;
+                low.sort_by(f64::total_cmp);
+            }
+            if v > high[NOVELTY_RANK - 1] {
+                high[NOVELTY_RANK - 1] = v;
+                high.sort_by(|a, b| b.total_cmp(a));
+            }
+        }
+    }
+    let (low, high) = (low[NOVELTY_RANK - 1], high[NOVELTY_RANK - 1]);
+    if low.is_finite() && high.is_finite() {
+        (low, high)
+    } else {
+        (f64::NAN, f64::NAN)
+    }
+}
+
+/// The `k`-th largest count in `ring` (0 when it holds fewer).
+fn kth_largest(ring: &Ring<u32>, k: usize) -> u32 {
+    let mut top = vec![0; k];
+    for i in 0..ring.len() {
+        let v = ring.get(i);
+        if v > top[k - 1] {
+            top[k - 1] = v;
+            top.sort_unstable_by(|a, b| b.cmp(a));
+        }
+    }
+    top[k - 1]
 }
 
 /// Whether a profile whose misses per epoch are `errors` predicts better than the epoch before,

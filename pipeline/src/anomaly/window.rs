@@ -160,6 +160,11 @@ impl SortedRing {
         self.ring.len()
     }
 
+    /// The `i`-th oldest value held.
+    pub(crate) fn get(&self, i: usize) -> f64 {
+        self.ring.get(i)
+    }
+
     pub(crate) fn capacity(&self) -> usize {
         self.ring.capacity
     }
