@@ -154,7 +154,7 @@ pub const WARM_UP_READINGS: usize = 2 * RESIDUALS;
 
 /// The version of [`Detector::to_bytes`]' layout *and* of the method: bump it whenever either
 /// changes, so that states saved by another version are not resumed.
-const STATE_FORMAT: u32 = 11;
+const STATE_FORMAT: u32 = 12;
 
 /// A streaming detector for one sensor's readings.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -184,6 +184,12 @@ pub struct Detector {
     /// departure).
     level_range: (f64, f64),
     level_away: bool,
+    /// The epoch of the last level shift reported: the levels and stays of the sensor's earlier
+    /// regime are not what it does now (the range of levels and the runs count from there).
+    regime_epoch: i64,
+    /// The middle of the remembered range the runs and sides of the memory were measured
+    /// against (NaN: not yet settled).
+    stay_middle: f64,
     /// The run of readings on one side of the middle of the remembered range, the longest such
     /// run of the current epoch (ended or not), and those of past epochs.
     /// Per side (below, above), the `NOVELTY_RANK`-th longest of those runs (see [`STAY`]).
@@ -312,6 +318,8 @@ impl Detector {
             lows: SortedRing::new(RANGE_EPOCHS),
             level_range: (f64::NAN, f64::NAN),
             level_away: false,
+            regime_epoch: i64::MIN,
+            stay_middle: f64::NAN,
             dwell: Dwell::default(),
             epoch_dwell: [0; 2],
             dwells: [Ring::new(RANGE_EPOCHS), Ring::new(RANGE_EPOCHS)],
@@ -389,6 +397,9 @@ impl Detector {
             found.len() > reported || self.pending.is_some(),
             found,
         );
+        if found[reported..].iter().any(|a| a.kind == Kind::LevelShift) {
+            self.new_regime();
+        }
         self.burst(at, value, expected, found.len() > reported, found);
         self.since_alarm = if found.len() > reported || self.pending.is_some() {
             0
@@ -715,7 +726,11 @@ impl Detector {
     /// below a busy CPU's quiet readings). Once per departure: not again until the level is back
     /// within those bounds, nor after another anomaly until then.
     fn level_ground(&mut self, found: &mut Vec<Anomaly>) {
-        if !self.newer.is_full() || !self.older.is_full() || self.highs.len() < NEW_GROUND.epochs {
+        if !self.newer.is_full()
+            || !self.older.is_full()
+            || self.highs.len() < NEW_GROUND.epochs
+            || self.epoch.saturating_sub(self.regime_epoch) <= NEW_GROUND.epochs as i64
+        {
             return;
         }
         let level = self.newer.median();
@@ -752,6 +767,27 @@ impl Detector {
             expected: Some(edge),
             score: (level - edge).abs() / margin.max(f64::MIN_POSITIVE),
         });
+    }
+
+    /// A level shift was reported: forget the stays of the regime before it (the range of levels
+    /// counts from here too, see [`Detector::close_epoch`]).
+    fn new_regime(&mut self) {
+        self.regime_epoch = self.epoch;
+        self.forget_stays();
+    }
+
+    /// Forgets the runs and the time on each side (they were measured against another middle).
+    fn forget_stays(&mut self) {
+        self.stay_middle = f64::NAN;
+        for side in 0..2 {
+            self.dwells[side].clear();
+            self.sides[side].clear();
+        }
+        self.side_sums = [0; 2];
+        self.epoch_dwell = [0; 2];
+        self.epoch_sides = [0; 2];
+        self.usual_dwell = [0; 2];
+        self.dwell = Dwell::default();
     }
 
     /// Counts the reading into the run on its side of the middle of the remembered range; reports
@@ -1020,7 +1056,22 @@ impl Detector {
         }
         self.novelty = self.epoch_maxima.largest(NOVELTY_RANK);
         self.profile(quiet);
-        self.level_range = level_range(&self.levels);
+        // When the middle of the remembered range has moved by the new-ground margin (a regime
+        // or an anomaly left the two weeks, a drift), the runs were measured against another
+        // middle: they count from here.
+        let (low, high) = (
+            -self.lows.largest(NOVELTY_RANK),
+            self.highs.largest(NOVELTY_RANK),
+        );
+        let middle = (low + high) / 2.0;
+        if (middle - self.stay_middle).abs() > NEW_GROUND.share * (high - low) {
+            self.forget_stays();
+        }
+        if self.stay_middle.is_nan() && middle.is_finite() {
+            self.stay_middle = middle;
+        }
+        let regime = (next - 1).saturating_sub(self.regime_epoch);
+        self.level_range = level_range(&self.levels, regime.clamp(0, RANGE_EPOCHS as i64) as usize);
         self.usual_dwell = [0, 1].map(|side| kth_largest(&self.dwells[side], NOVELTY_RANK));
 
         self.epoch_max = 0.0;
@@ -1077,6 +1128,18 @@ impl Detector {
                 days += 1;
             }
         }
+        // What the same epoch held a week before is not news to a daily profile either: a
+        // sensor that rests at weekends is judged by its daily profile until its weekly one is
+        // known, and its second Saturday is then like its first.
+        if cycle == EPOCHS_PER_DAY {
+            if let Some((l, h)) = self.ranges.recent(7 * EPOCHS_PER_DAY) {
+                let (l, h) = (f64::from(l), f64::from(h));
+                if h.is_finite() && l.is_finite() {
+                    high = high.max(h);
+                    low = low.min(l);
+                }
+            }
+        }
         // The levels ring's newest is now the epoch before the next one.
         let usual = usual_level(&self.levels, cycle);
         self.season = (days >= DAYS_MIN && usual.is_finite()).then_some(Season {
@@ -1103,12 +1166,12 @@ impl Detector {
     }
 }
 
-/// The `NOVELTY_RANK`-th lowest and highest of the finite levels of the last `RANGE_EPOCHS`
-/// epochs (NaN when there are fewer).
-fn level_range(levels: &Ring<f64>) -> (f64, f64) {
+/// The `NOVELTY_RANK`-th lowest and highest of the finite levels of the last `epochs` epochs
+/// (NaN when there are fewer).
+fn level_range(levels: &Ring<f64>, epochs: usize) -> (f64, f64) {
     let mut low = [f64::INFINITY; NOVELTY_RANK];
     let mut high = [f64::NEG_INFINITY; NOVELTY_RANK];
-    for i in levels.len().saturating_sub(RANGE_EPOCHS)..levels.len() {
+    for i in levels.len().saturating_sub(epochs)..levels.len() {
         let v = levels.get(i);
         if v.is_finite() {
             if v < low[NOVELTY_RANK - 1] {
