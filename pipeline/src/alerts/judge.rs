@@ -186,7 +186,12 @@ pub(super) async fn judge(
     })
     .collect();
     // Sensors whose span other queued work overlaps (from the saved detectors' ends on): their
-    // stored readings may not be this object's alone.
+    // stored readings may not be this object's alone. Our own work rows are left out by an anti
+    // join planned for the ids at hand: under a generic plan (a cached statement run more than
+    // five times) `NOT q.id = ANY($4)` scans the array per row, and `unnest($4)` is taken for ten
+    // rows (a nested loop again) — 16.8 s instead of 79 ms with 25,600 ids against 300,000
+    // queued rows, and `ingest --all` of objects that each write a hundred sensors took up to a
+    // minute.
     let crowded: std::collections::HashSet<Uuid> = match fresh {
         [] => Default::default(),
         _ => {
@@ -195,12 +200,12 @@ pub(super) async fn judge(
                 .map(|w| saved[&w.sensor].base.as_ref().map_or(w.from, |b| b.0))
                 .collect();
             let uptos: Vec<DateTime<Utc>> = work.iter().map(|w| w.to).collect();
-            query(
-                tx,
+            // Planned for these ids each time (not a cached statement): see above.
+            tx.query(
                 "SELECT DISTINCT q.sensor_uuid FROM anomaly_work q
                  JOIN unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[]) AS c(u, after, upto)
                    ON q.sensor_uuid = c.u AND q.span_end > c.after AND q.span_start <= c.upto
-                 WHERE NOT q.id = ANY($4)",
+                 WHERE NOT EXISTS (SELECT FROM unnest($4::bigint[]) AS o(id) WHERE o.id = q.id)",
                 &[&sensors, &afters, &uptos, &ours],
             )
             .await?
