@@ -128,7 +128,7 @@
 //! three, 71.2 (38 windows, 22 false alarms), left out mean 63.5 (the saturating CPU 3 of 8
 //! windows, now 8 of 8). Its weakest kind is the road sensor (4 of 8), whose night of roadworks
 //! at 70 % speed stays inside the range its rush hours span.
-//! 6.2 million readings/s through the detector in-process. On
+//! 5.4–6.3 million readings/s through the detector in-process (two runs). On
 //! `cargo xtask gen` data its truth file is found with precision and recall 1.0 for every kind
 //! (`xtask` test `the_detector_finds_what_was_injected`).
 
