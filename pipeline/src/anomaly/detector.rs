@@ -46,7 +46,8 @@ const SEASON_EPOCHS: usize = DAYS * 7 * EPOCHS_PER_DAY;
 /// Epochs over which a cycle's profile must predict each epoch's level better than the epoch
 /// before does …
 const DAILY_EPOCHS: usize = 48;
-/// … by this factor (summed errors), for the sensor to count as following the cycle.
+/// … by this factor (root of the summed squared errors), for the sensor to count as following the
+/// cycle.
 const DAILY_RATIO: f64 = 0.5;
 /// When a reading is new ground: beyond the remembered range of values (the `NOVELTY_RANK`-th
 /// highest epoch maximum, lowest epoch minimum) by a share of that range.
@@ -154,7 +155,7 @@ pub const WARM_UP_READINGS: usize = 2 * RESIDUALS;
 
 /// The version of [`Detector::to_bytes`]' layout *and* of the method: bump it whenever either
 /// changes, so that states saved by another version are not resumed.
-const STATE_FORMAT: u32 = 12;
+const STATE_FORMAT: u32 = 13;
 
 /// A streaming detector for one sensor's readings.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -1086,11 +1087,14 @@ impl Detector {
     /// Records the closing epoch's level (and `quiet` epochs without readings after it), judges
     /// which cycle's profile predicts the sensor, and sets the next epoch's [`Season`].
     ///
-    /// A cycle's profile predicts the sensor when, summed over the last `DAILY_EPOCHS` epochs,
-    /// the median level of the same epoch in the `DAYS` earlier cycles misses an epoch's level by
-    /// at most `DAILY_RATIO` of what the level of the epoch before misses it by: true of a cycle
-    /// with steep edges, not of noise (both miss by about as much) nor of a drift (the hour before
-    /// is nearer). The sensor follows the longest cycle that predicts it: what repeats every day
+    /// A cycle's profile predicts the sensor when, in squared errors summed over the last
+    /// `DAILY_EPOCHS` epochs, the median level of the same epoch in the `DAYS` earlier cycles
+    /// misses an epoch's level by at most `DAILY_RATIO`² of what the level of the epoch before
+    /// misses it by: true of a cycle with steep edges, not of noise (both miss by about as much:
+    /// some 0.7 in squares) nor of a drift (the hour before is nearer). Squares, because what a cycle
+    /// predicts is its edges: a road's rush hours on an otherwise flat, noisy day were outweighed
+    /// by the flat hours' noise in absolute errors (weekly profile 61 against the hour before's
+    /// 100). The sensor follows the longest cycle that predicts it: what repeats every day
     /// repeats every week too, and only the weekly profile knows the weekend.
     fn profile(&mut self, quiet: usize) {
         let level = self.newer.median();
@@ -1212,12 +1216,12 @@ fn predicts(errors: &Ring<f64>, hourly: &Ring<f64>) -> bool {
     for i in 0..errors.len() {
         let (d, h) = (errors.get(i), hourly.get(i));
         if d.is_finite() && h.is_finite() {
-            missed += d;
-            moved += h;
+            missed += d * d;
+            moved += h * h;
             n += 1;
         }
     }
-    n == DAILY_EPOCHS && moved > 0.0 && missed <= DAILY_RATIO * moved
+    n == DAILY_EPOCHS && moved > 0.0 && missed <= DAILY_RATIO * DAILY_RATIO * moved
 }
 
 /// The median level, in the `DAYS` earlier cycles of `cycle` epochs, of the epoch after the newest

@@ -414,9 +414,10 @@ fn a_weekly_rhythm_is_learned_and_a_holiday_and_a_storm_leave_it() {
             .collect::<Vec<_>>()
     };
     // The first Saturday leaves the daily profile: nothing says yet that weekends are different.
-    // The second is like the first (what the same hour held a week before is not news), and
-    // from then on the weekly profile holds.
-    let first_weekends = [(Kind::LevelShift, day(4, 0))];
+    // It is found at its second hour (its first is the hour the profile was last judged on, by
+    // Friday's evening). The second is like the first (what the same hour held a week before is
+    // not news), and from then on the weekly profile holds.
+    let first_weekends = [(Kind::LevelShift, day(4, 1))];
     assert_eq!(found(demand(false, false)), first_weekends);
     // The holiday is found at its first hour (its night is the weekend's, busier than a working
     // Monday's), the storm at its first reading.
