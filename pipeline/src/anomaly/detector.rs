@@ -191,9 +191,9 @@ pub struct Detector {
     /// The middle of the remembered range the runs and sides of the memory were measured
     /// against (NaN: not yet settled).
     stay_middle: f64,
-    /// The run of readings on one side of the middle of the remembered range, the longest such
-    /// run of the current epoch (ended or not), and those of past epochs.
-    /// Per side (below, above), the `NOVELTY_RANK`-th longest of those runs (see [`STAY`]).
+    /// The run of readings on one side of the middle of the remembered range; per side (below,
+    /// above) the longest run that ended in the current epoch, those of past epochs, and the
+    /// `NOVELTY_RANK`-th longest of them (see [`STAY`]).
     dwell: Dwell,
     epoch_dwell: [u32; 2],
     dwells: [Ring<u32>; 2],
