@@ -82,8 +82,9 @@ const STUCK: Stuck = Stuck {
 /// range of values, the side where the memory's readings spent at most `share` of their time (a
 /// CPU's busy side, not its idle one; neither side of a cycle or a drift, which split their time),
 /// that is `factor` times longer than the `NOVELTY_RANK`-th longest such run of the memory's
-/// epochs (and at least `STUCK.min` readings) — a job that never ends, at a ceiling its jobs reach
-/// every few hours. A side never visited in the memory is new ground's business, not this.
+/// epochs (and at least `STUCK.min` readings), once a week of runs is remembered — a job that
+/// never ends, at a ceiling its jobs reach every few hours. A side never visited in the memory is
+/// new ground's business, not this.
 struct Stay {
     share: f64,
     factor: f64,
@@ -155,7 +156,7 @@ pub const WARM_UP_READINGS: usize = 2 * RESIDUALS;
 
 /// The version of [`Detector::to_bytes`]' layout *and* of the method: bump it whenever either
 /// changes, so that states saved by another version are not resumed.
-const STATE_FORMAT: u32 = 13;
+const STATE_FORMAT: u32 = 14;
 
 /// A streaming detector for one sensor's readings.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -815,7 +816,9 @@ impl Detector {
                 start: at,
                 len: 0,
                 expected,
-                judged: self.dwells[side as usize].len() >= BURST.epochs,
+                // A week of runs remembered (since the start or since they were forgotten): a
+                // weekly rhythm's stays have been seen (a Monday's rush after a weekend without).
+                judged: self.dwells[side as usize].len() >= CYCLES[1],
                 open: true,
             };
         }
