@@ -103,11 +103,14 @@ pub struct Outcome {
     /// Stored size of the object (compressed size for `.csv.gz`).
     pub size_bytes: u64,
     pub elapsed: Duration,
-    /// Anomaly detection this version queued (`anomaly_work` ids; see [`crate::alerts`]).
+    /// Anomaly detection this version queued (`anomaly_work` ids; see [`crate::alerts`]). A group
+    /// of small objects queues one row per sensor for all its members, and its last ingested
+    /// member carries them (the others carry none).
     pub anomaly_work: Vec<i64>,
     /// The readings this version stored, per sensor in time order, when they are exactly what is
     /// stored for its keys now (the merge changed every one) and few enough to keep
-    /// ([`FRESH_MAX`]): detection reads them from here instead of the database.
+    /// ([`FRESH_MAX`]): detection reads them from here instead of the database. In a group, the
+    /// member that carries the work carries all the members' readings.
     pub fresh: Option<std::sync::Arc<Held>>,
     /// Readings were stored within the spans this version wrote ([`write::Merged::met_stored`]):
     /// its detection reads on to each sensor's newest readings.

@@ -31,6 +31,15 @@ impl Held {
             .push((r.unix_micros, r.value));
     }
 
+    /// Adds `other`'s readings and links (call [`Held::settle`] after: each sensor's readings are
+    /// appended, not merged in time order).
+    pub(crate) fn absorb(&mut self, other: Held) {
+        for (sensor, readings) in other.readings {
+            self.readings.entry(sensor).or_default().extend(readings);
+        }
+        self.links.extend(other.links);
+    }
+
     /// How many readings it holds.
     pub fn len(&self) -> usize {
         self.readings.values().map(Vec::len).sum()

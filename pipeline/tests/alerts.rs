@@ -188,6 +188,66 @@ async fn pieces_in_any_order_end_where_the_whole_series_does() {
     assert_eq!(arrive(&[3, 0, 1, 7, 2, 5, 4, 6]).await, (want, 12, 2));
 }
 
+/// The series cut into `pieces` small objects, ingested a group at a time (`groups`: the pieces
+/// of each, one `ingest_many` call) and each group's work detected as the worker does, with the
+/// readings its outcomes carry; returns the open anomalies, how many detections resumed a saved
+/// detector and how many of those were fed from memory.
+async fn arrive_in_groups(pieces: usize, groups: &[Vec<usize>]) -> (Open, usize, usize) {
+    let (env, ingestor, alerts) = setup().await;
+    let s = series();
+    let size = s.len().div_ceil(pieces);
+    let (mut resumed, mut fed) = (0, 0);
+    for group in groups {
+        let (mut wanted, mut readings) = (Vec::new(), 0);
+        for &piece in group {
+            let key = format!("timeseries/small-{piece:02}.csv");
+            let part = &s[piece * size..((piece + 1) * size).min(s.len())];
+            env.s3.put(&key, csv(part)).await.unwrap();
+            wanted.push((key, None));
+            readings += 2 * part.len();
+        }
+        let outcomes: Vec<_> = ingestor
+            .ingest_many(&wanted)
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        // One work row per sensor for the whole group, and every member's readings with it.
+        let work: Vec<i64> = outcomes
+            .iter()
+            .flat_map(|o| o.anomaly_work.iter().copied())
+            .collect();
+        assert_eq!(work.len(), 2);
+        let fresh: Vec<_> = outcomes.iter().filter_map(|o| o.fresh.as_deref()).collect();
+        assert_eq!(fresh.len(), 1);
+        assert_eq!(fresh[0].len(), readings);
+        let done = alerts.detect_batch(&work, &fresh).await.unwrap();
+        assert_eq!((done.spans, done.sensors), (2, 2));
+        fed += done.fed;
+        resumed += done.resumed;
+    }
+    (open_anomalies(&env).await, resumed, fed)
+}
+
+#[tokio::test]
+async fn small_objects_ingested_in_groups_end_where_the_whole_series_does() {
+    let want = whole();
+    // 24 pieces of 500 readings, six to a group, in time order: every group after the first
+    // resumes (for both sensors) the detector the one before saved, fed its members' readings.
+    let groups: Vec<Vec<usize>> = (0..4).map(|g| (6 * g..6 * g + 6).collect()).collect();
+    assert_eq!(arrive_in_groups(24, &groups).await, (want.clone(), 6, 6));
+    // Groups whose pieces interleave: the second's span holds the third's pieces, not yet
+    // stored; the third's come before what the second's detection judged, so its readings are
+    // read back from a warm-up. The same end.
+    let groups = vec![
+        (0..6).collect(),
+        vec![6, 8, 10, 12],
+        vec![7, 9, 11, 13],
+        (14..24).collect(),
+    ];
+    assert_eq!(arrive_in_groups(24, &groups).await, (want, 6, 4));
+}
+
 /// `secs` from now: when an object is written later than the others.
 fn later(secs: u64) -> std::time::SystemTime {
     std::time::SystemTime::now() + std::time::Duration::from_secs(secs)

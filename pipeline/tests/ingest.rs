@@ -2688,6 +2688,61 @@ async fn a_group_commits_each_object_as_it_would_alone() {
         "timeseries/g/a.csv",
     ];
     let results = put_and_ingest_many(&h, &ingestor, &objects, &wanted).await;
+    // The group's detection work is one row per sensor, carried with every member's readings by
+    // its last ingested member (d).
+    let held: Vec<(String, Vec<(i64, f64)>)> = results
+        .iter()
+        .filter_map(|r| r.as_ref().unwrap().fresh.as_deref())
+        .flat_map(|f| {
+            let mut by: Vec<_> = f
+                .readings
+                .iter()
+                .map(|(u, r)| (u.to_string(), r.clone()))
+                .collect();
+            by.sort_by(|a, b| a.0.cmp(&b.0));
+            by
+        })
+        .collect();
+    let (t8, t9) = (1_358_668_800_000_000_i64, 1_358_672_400_000_000_i64);
+    let mut want_held = vec![
+        (
+            U1.to_string(),
+            vec![(t8, 1.0), (t8 + 60_000_000, 2.0), (t9, 7.0)],
+        ),
+        (U2.to_string(), vec![(t8, 5.0)]),
+    ];
+    want_held.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(held, want_held);
+    let queued: Vec<(String, String, String, String)> = h
+        .measurements
+        .query(
+            "SELECT sensor_uuid::text, to_char(span_start AT TIME ZONE 'UTC', 'HH24:MI'),
+                    to_char(span_end AT TIME ZONE 'UTC', 'HH24:MI'), object_key
+             FROM anomaly_work ORDER BY object_key",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    assert_eq!(
+        queued,
+        vec![
+            (
+                U2.into(),
+                "08:00".into(),
+                "08:00".into(),
+                "timeseries/g/b.csv".into()
+            ),
+            (
+                U1.into(),
+                "08:00".into(),
+                "09:00".into(),
+                "timeseries/g/d.csv".into()
+            ),
+        ]
+    );
     let got: Vec<(Disposition, u64, u64, usize, bool)> = results
         .into_iter()
         .map(|r| {
@@ -2715,8 +2770,8 @@ async fn a_group_commits_each_object_as_it_would_alone() {
     assert_eq!(
         got,
         vec![
-            (Disposition::Done, 2, 1, 1, true),
-            (Disposition::Done, 1, 0, 1, true),
+            (Disposition::Done, 2, 1, 0, false),
+            (Disposition::Done, 1, 0, 0, false),
             (
                 Disposition::Failed("the file has no header row".into()),
                 0,
@@ -2724,7 +2779,7 @@ async fn a_group_commits_each_object_as_it_would_alone() {
                 0,
                 false
             ),
-            (Disposition::Done, 1, 0, 1, true),
+            (Disposition::Done, 1, 0, 2, true),
             (Disposition::Failed(too_many.clone()), 0, 0, 0, false),
             (Disposition::AlreadyDone, 0, 0, 0, false),
         ]

@@ -195,7 +195,7 @@ impl Alerts {
             .then_some(done))
     }
 
-    /// Detects the work rows `ids` (those of one or more objects: one per sensor and object) in
+    /// Detects the work rows `ids` (those of one or more objects: one per sensor and object, or group of objects) in
     /// one transaction, the sensors that resume a saved detector together in a handful of
     /// statements (what keeps detection cheap next to ingestion), the others one by one. A
     /// sensor's rows are judged as one span, from the first one's start to the last one's end:

@@ -1,5 +1,5 @@
-//! The detection work queue (`anomaly_work`): one row per sensor and object, queued in the
-//! object's transaction, claimed per sensor, retried after a growing delay when detection fails;
+//! The detection work queue (`anomaly_work`): one row per sensor and object (or group of small
+//! objects ingested together), queued in the object's transaction, claimed per sensor, retried after a growing delay when detection fails;
 //! and the history queued by `sensors-worker detect --all`.
 
 use super::*;

@@ -192,12 +192,18 @@ impl Ingestor {
             }
         };
         let mut merged = merged.into_iter();
-        reads
+        // The group's detection work is its last ingested member's (one row per sensor, see
+        // `write::queue`): that member takes the readings of all of them to detection, when every
+        // member stored exactly its own (all new: a key two members share fails the insert).
+        let mut pooled = Some(Held::default());
+        let mut owner = None;
+        let mut outcomes: Vec<Result<Outcome, IngestError>> = reads
             .into_iter()
             .zip(versions)
             .zip(sizes)
             .zip(&keys)
-            .map(|(((read, v), size), key)| {
+            .enumerate()
+            .map(|(i, (((read, v), size), key))| {
                 let outcome = |disposition, counts| {
                     self.outcome(v.clone(), Dataset::Measurements, disposition, counts, size, t0)
                 };
@@ -207,8 +213,14 @@ impl Ingestor {
                         let mut o = outcome(Disposition::Done, counts);
                         let mut fresh = fresh;
                         let distinct = fresh.as_mut().map(Held::settle);
-                        if distinct == Some(m.changed) && !m.work.is_empty() {
-                            o.fresh = fresh.map(Arc::new);
+                        match (&mut pooled, fresh) {
+                            (Some(all), Some(own)) if distinct == Some(m.changed) => {
+                                all.absorb(own);
+                            }
+                            _ => pooled = None,
+                        }
+                        if !m.work.is_empty() {
+                            owner = Some(i);
                         }
                         o.anomaly_work = m.work;
                         o.met_stored = m.met_stored;
@@ -223,7 +235,14 @@ impl Ingestor {
                     Read::Unread(e) => Err(e),
                 }
             })
-            .collect()
+            .collect();
+        if let (Some(i), Some(mut all)) = (owner, pooled) {
+            all.settle();
+            if let Some(Ok(o)) = outcomes.get_mut(i) {
+                o.fresh = Some(Arc::new(all));
+            }
+        }
+        outcomes
     }
 
     /// The group's transaction: what each member read, and the merge of each one ingested (in

@@ -167,7 +167,8 @@ pub(super) const INSERT_COUNTED: &str = concat!(
 pub struct Merged {
     /// Stored rows inserted or overwritten.
     pub changed: u64,
-    /// The `anomaly_work` entries queued (one per sensor with valid rows in the object).
+    /// The `anomaly_work` entries queued (one per sensor with valid rows in the object; a group's
+    /// all in its last member's, see [`queue`]).
     pub work: Vec<i64>,
     /// Readings were stored within the spans written (they were upserted): a correction, or
     /// data that interleaves with stored data, whose detection reads on to the newest readings.
