@@ -139,17 +139,24 @@ pub const HOLD_BUDGET: usize = 4 * FRESH_MAX;
 /// Readings are taken from the budget this many at a time (one atomic operation per chunk).
 const HOLD_CHUNK: usize = 65_536;
 
+/// A group's member takes the budget in these steps: a group holds up to [`Grouper::MOST`]
+/// members' readings at once, and most are a few hundred.
+const MEMBER_CHUNK: usize = 1_024;
+
 /// A share of the hold budget, given back when dropped.
 struct Reservation {
     holding: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     readings: usize,
+    /// Readings taken at a time.
+    step: usize,
 }
 
 impl Reservation {
-    fn new(holding: std::sync::Arc<std::sync::atomic::AtomicUsize>) -> Self {
+    fn new(holding: std::sync::Arc<std::sync::atomic::AtomicUsize>, step: usize) -> Self {
         Self {
             holding,
             readings: 0,
+            step,
         }
     }
 
@@ -159,7 +166,7 @@ impl Reservation {
         if readings <= self.readings {
             return true;
         }
-        let chunk = HOLD_CHUNK.min(budget).max(readings - self.readings);
+        let chunk = self.step.min(budget).max(readings - self.readings);
         let taken = self
             .holding
             .fetch_update(SeqCst, SeqCst, |n| {
@@ -298,8 +305,9 @@ impl From<StoreError> for StreamError {
 /// What becomes of an object's valid readings as they are read ([`Ingestor::stream_rows`]).
 #[derive(Clone, Copy)]
 enum Keep<'t> {
-    /// Staged (a group's members).
-    Staged,
+    /// [`Keep::Held`] for a group's member ([`Ingestor::ingest_many`]): the budget is taken in
+    /// small steps ([`MEMBER_CHUNK`]).
+    Member,
     /// Measurements held in memory, as long as there are at most [`Ingestor::hold_most`] of them
     /// ([`Streamed::held`]), then staged; only rejected rows are staged while they are held.
     Held,
@@ -751,7 +759,7 @@ impl Ingestor {
         };
         let zone = self.contract.naive_timezone;
         let mut counts = Counts::default();
-        let hold = !matches!(keep, Keep::Staged) && dataset == Dataset::Measurements;
+        let hold = dataset == Dataset::Measurements;
         let straight = match keep {
             Keep::HeldThenStraight(tx, version) if hold => Some((tx, version)),
             _ => None,
@@ -759,7 +767,11 @@ impl Ingestor {
         let detect = self.detect_anomalies && dataset == Dataset::Measurements;
         let mut fresh = (detect || hold).then(Held::default);
         let mut held = hold;
-        let mut reserved = Reservation::new(self.holding.clone());
+        let step = match keep {
+            Keep::Member => MEMBER_CHUNK,
+            _ => HOLD_CHUNK,
+        };
+        let mut reserved = Reservation::new(self.holding.clone(), step);
         let mut spans = write::Spans::with_hours_max(self.hours_most);
         // Streaming straight in: the readings read since the last chunk was written, how many,
         // and how many a chunk holds (as many as were held: the memory they had).

@@ -2901,6 +2901,195 @@ async fn a_group_with_stored_or_shared_keys_upserts_and_the_newest_write_wins() 
     );
 }
 
+/// Every reading with the key of the object version it came from, ordered.
+async fn readings_by_object(h: &Harness) -> Vec<(String, String, f64, String)> {
+    h.readings().await;
+    testbed::rows(
+        &h.measurements,
+        "SELECT m.sensor_uuid::text, to_char(m.ts AT TIME ZONE 'UTC', 'HH24:MI'), m.value,
+                v.object_key
+         FROM measurements m JOIN object_versions v ON v.version = m.version
+         ORDER BY m.sensor_uuid, m.ts",
+    )
+    .await
+}
+
+/// (rows_ok, met_stored, carries readings to detection) of each result.
+fn group_outcomes(
+    results: Vec<Result<Outcome, sensor_pipeline::ingest::IngestError>>,
+) -> Vec<(u64, bool, bool)> {
+    results
+        .into_iter()
+        .map(|r| {
+            let o = r.unwrap();
+            assert_eq!(o.disposition, Disposition::Done);
+            (o.rows_ok, o.met_stored, o.fresh.is_some())
+        })
+        .collect()
+}
+
+/// A group whose readings are new within each member's spans copies them straight into the table,
+/// each under its own object's version, even where a stored reading lies between two members'
+/// (first probe over each sensor's span in all members, then per member); a member whose span
+/// holds a stored reading, a member whose readings interleave with another's, or a member that
+/// held too many readings and staged them sends the group to the staged merge — with the same end
+/// state.
+#[tokio::test]
+async fn a_group_copies_new_readings_straight_in_around_stored_ones() {
+    let h = Harness::new().await;
+    let header = "timestamp;sensor_uuid;sensor_value\n";
+    let at = |hh_mm: &str, u: &str, v: f64| format!("2013-01-20T{hh_mm}:00Z;{u};{v}\n");
+    let one = format!("{header}{}{}", at("08:01", U1, 3.0), at("08:05", U1, 9.0));
+    assert_done(
+        &h.put_and_ingest("timeseries/h/stored.csv", one).await,
+        2,
+        0,
+    );
+    // Around the stored 08:01: straight in, the readings pooled for detection.
+    let objects = [
+        (
+            "timeseries/h/a.csv",
+            format!("{header}{}{}", at("08:00", U1, 1.0), at("08:00", U2, 5.0)),
+        ),
+        (
+            "timeseries/h/b.csv",
+            format!("{header}{}{}", at("08:03", U1, 4.0), at("08:02", U1, 2.0)),
+        ),
+    ];
+    let keys = ["timeseries/h/a.csv", "timeseries/h/b.csv"];
+    let results = put_and_ingest_many(&h, &h.ingestor, &objects, &keys).await;
+    let pooled = results[1].as_ref().unwrap().fresh.as_ref().unwrap().len();
+    assert_eq!(
+        group_outcomes(results),
+        vec![(2, false, false), (2, false, true)]
+    );
+    assert_eq!(pooled, 4);
+    // d's span holds the stored 08:05: the group is upserted.
+    let objects = [
+        (
+            "timeseries/h/c.csv",
+            format!("{header}{}", at("09:00", U2, 6.0)),
+        ),
+        (
+            "timeseries/h/d.csv",
+            format!("{header}{}{}", at("08:04", U1, 7.0), at("08:06", U1, 8.0)),
+        ),
+    ];
+    let keys = ["timeseries/h/c.csv", "timeseries/h/d.csv"];
+    let results = put_and_ingest_many(&h, &h.ingestor, &objects, &keys).await;
+    assert_eq!(
+        group_outcomes(results),
+        vec![(1, true, false), (2, true, false)]
+    );
+    // e and f interleave at 10:00–10:02: staged, then inserted (nothing is stored there).
+    let objects = [
+        (
+            "timeseries/h/e.csv",
+            format!("{header}{}{}", at("10:00", U1, 10.0), at("10:02", U1, 12.0)),
+        ),
+        (
+            "timeseries/h/f.csv",
+            format!("{header}{}", at("10:01", U1, 11.0)),
+        ),
+    ];
+    let keys = ["timeseries/h/e.csv", "timeseries/h/f.csv"];
+    let results = put_and_ingest_many(&h, &h.ingestor, &objects, &keys).await;
+    assert_eq!(
+        group_outcomes(results),
+        vec![(2, false, false), (1, false, true)]
+    );
+    // g holds more readings than the ingestor holds (one): staged, and h's held ones with it.
+    let objects = [
+        (
+            "timeseries/h/g.csv",
+            format!("{header}{}{}", at("11:00", U2, 13.0), at("11:01", U2, 14.0)),
+        ),
+        (
+            "timeseries/h/h.csv",
+            format!("{header}{}", at("11:02", U2, 15.0)),
+        ),
+    ];
+    let keys = ["timeseries/h/g.csv", "timeseries/h/h.csv"];
+    let ingestor = h.ingestor.clone().hold_most(1);
+    let results = put_and_ingest_many(&h, &ingestor, &objects, &keys).await;
+    assert_eq!(
+        group_outcomes(results),
+        vec![(2, false, false), (1, false, false)]
+    );
+    let row = |u: &str, t: &str, v: f64, o: &str| {
+        (
+            u.to_string(),
+            t.to_string(),
+            v,
+            format!("timeseries/h/{o}.csv"),
+        )
+    };
+    assert_eq!(
+        readings_by_object(&h).await,
+        vec![
+            row(U2, "08:00", 5.0, "a"),
+            row(U2, "09:00", 6.0, "c"),
+            row(U2, "11:00", 13.0, "g"),
+            row(U2, "11:01", 14.0, "g"),
+            row(U2, "11:02", 15.0, "h"),
+            row(U1, "08:00", 1.0, "a"),
+            row(U1, "08:01", 3.0, "stored"),
+            row(U1, "08:02", 2.0, "b"),
+            row(U1, "08:03", 4.0, "b"),
+            row(U1, "08:04", 7.0, "d"),
+            row(U1, "08:05", 9.0, "stored"),
+            row(U1, "08:06", 8.0, "d"),
+            row(U1, "10:00", 10.0, "e"),
+            row(U1, "10:01", 11.0, "f"),
+            row(U1, "10:02", 12.0, "e"),
+        ]
+    );
+}
+
+/// A key another transaction inserts while a group's readings are copied straight in (invisible
+/// to the probe, committed while the `COPY` waits on it) sends the group back to the upsert,
+/// where the newer write wins as always.
+#[tokio::test]
+async fn a_row_written_meanwhile_sends_a_groups_readings_back_to_the_upsert() {
+    let h = Harness::new().await;
+    let held = h.older_write_held().await;
+    let header = "timestamp;sensor_uuid;sensor_value\n";
+    let objects = [
+        (
+            "timeseries/m/a.csv",
+            format!("{header}2013-01-20T08:30:00Z;{U2};4\n2013-01-20T08:00:00Z;{U1};1\n"),
+        ),
+        (
+            "timeseries/m/b.csv",
+            format!("{header}2013-01-20T09:00:00Z;{U1};2\n"),
+        ),
+    ];
+    for (key, body) in &objects {
+        h.env.s3.put(key, body.clone()).await.unwrap();
+    }
+    let wanted: Vec<(String, Option<String>)> =
+        objects.iter().map(|(k, _)| (k.to_string(), None)).collect();
+    let ingest = h.ingestor.ingest_many(&wanted);
+    let release = async {
+        // The group's `COPY` waits on the uncommitted row: then commit it.
+        h.until_waiting(1).await;
+        held.batch_execute("COMMIT").await.unwrap();
+    };
+    let (results, ()) = tokio::join!(ingest, release);
+    assert_eq!(
+        group_outcomes(results),
+        vec![(2, true, false), (1, true, false)]
+    );
+    assert_eq!(
+        h.readings().await,
+        vec![
+            reading(U2, "2013-01-20T08:30:00.000000Z", 4.0),
+            reading(U1, "2013-01-20T08:00:00.000000Z", 1.0),
+            reading(U1, "2013-01-20T09:00:00.000000Z", 2.0),
+        ]
+    );
+}
+
 /// A database error breaks the group's transaction: nothing of it is stored and each object gets
 /// an error naming it; the grouper then ingests each alone, where the object the database refuses
 /// fails with the reason and the others are done.

@@ -7,10 +7,12 @@
 //! each a statement to execute. In the small-objects benchmark that overhead, not the rows, was
 //! the time. [`Ingestor::ingest_many`] ingests the measurement objects of a request of up to
 //! [`Grouper::MOST`] keys that are at most [`GROUP_OBJECT_BYTES`] large together: their versions
-//! locked, looked up in the ledger and registered in one pipelined round trip, their rows in one
-//! `COPY` (each row tagged with its version), their ledger entries and detection queues pipelined,
-//! and one insert of all their rows when none is stored yet (otherwise one upsert of them all,
-//! where of the group's own lines for a key the newest version's wins).
+//! locked, looked up in the ledger and registered in one pipelined round trip, their valid
+//! readings held in memory (rejected rows staged, tagged with their version), their ledger entries
+//! and detection queues pipelined, and one `COPY` of all their readings straight into the table
+//! when none is stored within their spans ([`write::merge_group_held`]); otherwise they are
+//! staged and upserted at once, where of the group's own lines for a key the newest version's
+//! wins.
 //! What the contract promises of one object holds for each of them:
 //!
 //! - Rows, quarantine and ledger entry of an object commit together (the group commits as one).
@@ -63,9 +65,10 @@ struct Opened {
     object: OpenedObject,
 }
 
-/// How a member's rows went.
+/// How a member's rows went: its counts, its readings (when detection is on or they are held),
+/// the spans of its readings, and whether they are held (not staged).
 enum Read {
-    Ok(Counts, Option<Held>, write::Spans),
+    Ok(Counts, Option<Held>, write::Spans, bool),
     Failed(FileError),
     Unread(IngestError),
     AlreadyDone,
@@ -208,7 +211,7 @@ impl Ingestor {
                     self.outcome(v.clone(), Dataset::Measurements, disposition, counts, size, t0)
                 };
                 match read {
-                    Read::Ok(counts, fresh, _) => {
+                    Read::Ok(counts, fresh, ..) => {
                         let m = merged.next().expect("a merge per ingested member");
                         let mut o = outcome(Disposition::Done, counts);
                         let mut fresh = fresh;
@@ -293,6 +296,8 @@ impl Ingestor {
         let streamed = tokio::time::timeout_at(deadline, async {
             let mut staging = Staging::open_group(&tx).await.db(dataset)?;
             let mut reads = Vec::with_capacity(members.len());
+            // The members' shares of the hold budget, kept until the group is written.
+            let mut reserved = Vec::with_capacity(members.len());
             for (i, m) in members.into_iter().enumerate() {
                 if statuses[i] == Some(Status::Done) {
                     reads.push(Read::AlreadyDone);
@@ -316,25 +321,36 @@ impl Ingestor {
                         dataset,
                         m.compression,
                         &m.key,
-                        Keep::Staged,
+                        Keep::Member,
                     )
                     .await;
                 reads.push(match read {
-                    Ok(s) => Read::Ok(s.counts, s.fresh, s.spans),
+                    Ok(mut s) => {
+                        // Held: settled (in time order, one per instant) and spanned here, for
+                        // the merge to copy them straight in.
+                        if s.held {
+                            if let Some(f) = s.fresh.as_mut() {
+                                f.settle();
+                                s.spans = write::Spans::of_settled(&f.readings);
+                            }
+                        }
+                        reserved.push(s.reserved);
+                        Read::Ok(s.counts, s.fresh, s.spans, s.held)
+                    }
                     Err(StreamError::File(f)) => Read::Failed(f),
                     Err(StreamError::Read(e)) => Read::Unread(e),
                     Err(StreamError::Store(e)) => return Err(e),
                     Err(StreamError::MetStored) => {
-                        unreachable!("a group's rows are staged, never streamed straight in")
+                        unreachable!("a group's rows are never streamed straight in")
                     }
                 });
             }
             current.store(usize::MAX, relaxed);
             staging.finish(&tx).await.db(dataset)?;
-            Ok::<_, StoreError>(reads)
+            Ok::<_, StoreError>((reads, reserved))
         })
         .await;
-        let reads = match streamed {
+        let (reads, _reserved) = match streamed {
             Ok(reads) => reads.map_err(|e| e.to_string())?,
             Err(_) => {
                 self.dbs.cancel(dataset, &cancel).await;
@@ -382,21 +398,26 @@ impl Ingestor {
             }
             let mut unstage = Vec::new();
             let mut group = Vec::new();
+            let mut held = Vec::new();
             for (i, read) in reads.iter().enumerate() {
                 match read {
-                    Read::Ok(counts, _, spans) => group.push(Member {
-                        version: numbers[i],
-                        key: &versions[i].key,
-                        quarantine: (counts.rejected > 0).then_some(ids[i]).flatten(),
-                        spans,
-                    }),
+                    Read::Ok(counts, fresh, spans, is_held) => {
+                        group.push(Member {
+                            version: numbers[i],
+                            key: &versions[i].key,
+                            quarantine: (counts.rejected > 0).then_some(ids[i]).flatten(),
+                            spans,
+                        });
+                        held.push(fresh.as_ref().filter(|_| *is_held).map(|f| &f.readings));
+                    }
                     Read::Failed(_) | Read::Unread(_) => unstage.push(numbers[i]),
                     Read::AlreadyDone => {}
                 }
             }
-            let merged = write::merge_group(&tx, &group, &unstage, self.detect_anomalies)
-                .await
-                .db(dataset)?;
+            let merged =
+                write::merge_group_held(&tx, &group, &held, &unstage, self.detect_anomalies)
+                    .await
+                    .db(dataset)?;
             tx.commit().await.db(dataset)?;
             Ok::<_, StoreError>(merged)
         })

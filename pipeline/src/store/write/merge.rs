@@ -255,6 +255,17 @@ pub async fn merge_group(
     unstage: &[i64],
     detect: bool,
 ) -> Result<Vec<Merged>, tokio_postgres::Error> {
+    unstage_and_quarantine(tx, members, unstage).await?;
+    merge_staged(tx, members, detect).await
+}
+
+/// The first steps of a group's merge: drops the staged rows of the versions in `unstage`, then
+/// moves each member's rejected rows into quarantine.
+async fn unstage_and_quarantine(
+    tx: &deadpool_postgres::Transaction<'_>,
+    members: &[Member<'_>],
+    unstage: &[i64],
+) -> Result<(), tokio_postgres::Error> {
     use futures_util::future::try_join_all;
     if !unstage.is_empty() {
         tx.execute(UNSTAGE, &[&unstage]).await?;
@@ -269,10 +280,12 @@ pub async fn merge_group(
         }))
         .await?;
     }
-    if members.is_empty() {
-        return Ok(Vec::new());
-    }
-    let spans: Vec<Vec<SensorSpan>> = members
+    Ok(())
+}
+
+/// Each member's sensors with their first and last instant.
+fn member_spans(members: &[Member<'_>]) -> Vec<Vec<SensorSpan>> {
+    members
         .iter()
         .map(|m| {
             m.spans
@@ -281,7 +294,19 @@ pub async fn merge_group(
                 .map(|(u, s)| (*u, instant(s.0), instant(s.1)))
                 .collect()
         })
-        .collect();
+        .collect()
+}
+
+/// The rest of [`merge_group`], once the members' valid rows are all staged.
+async fn merge_staged(
+    tx: &deadpool_postgres::Transaction<'_>,
+    members: &[Member<'_>],
+    detect: bool,
+) -> Result<Vec<Merged>, tokio_postgres::Error> {
+    if members.is_empty() {
+        return Ok(Vec::new());
+    }
+    let spans = member_spans(members);
     // Prepared before anything is sent: statements pipelined with the insert must go out in
     // their order, and preparing would send this one only after its round trip.
     let queue_statement = match detect {
@@ -376,4 +401,223 @@ pub(super) async fn upsert(
 ) -> Result<tokio_postgres::Row, tokio_postgres::Error> {
     let merge = tx.prepare_cached(MERGE_MEASUREMENTS).await?;
     tx.query_one(&merge, &[&version]).await
+}
+
+/// Held readings of a group staged after all, each row with its member's version, its line the
+/// reading's place among its sensor's in the member (one per instant: no two lines of a key).
+const COPY_GROUP_HELD: &str =
+    "COPY staging_rows (object_version, line, sensor_uuid, ts, value) FROM STDIN (FORMAT binary)";
+
+/// [`merge_group`] for members whose valid readings were held in memory, each settled (in time
+/// order per sensor, one per instant): `held`, in member order (`None`: that member held too
+/// many and staged them). When every member held its readings, no reading is stored within the
+/// members' spans ([`STORED_IN_SPANS`]: one probe per sensor over all the members, and only if
+/// that finds one, one per sensor and member) and no two members' readings of a sensor
+/// interleave, they are copied straight into the table in key order, each
+/// row with its member's version ([`COPY_NEW`]), and the rollup and page index widened by their
+/// hours ([`WIDEN_HOURS`]) — what [`merge_held`] does for one object. Otherwise (or if a
+/// concurrent ingestion inserted one of their keys meanwhile: the `COPY` fails with a unique
+/// violation and is rolled back to the savepoint) they are staged and merged as
+/// [`merge_group`] merges staged rows.
+///
+/// Why: staging a group's rows and inserting them from the staging table cost the server 1.44 s
+/// and 3.7 s for 5,000 objects of 100 readings of 100 sensors; a `COPY` of the same rows into the
+/// table, about 1.3 s.
+pub async fn merge_group_held(
+    tx: &deadpool_postgres::Transaction<'_>,
+    members: &[Member<'_>],
+    held: &[Option<&BySensor>],
+    unstage: &[i64],
+    detect: bool,
+) -> Result<Vec<Merged>, tokio_postgres::Error> {
+    debug_assert_eq!(members.len(), held.len());
+    let all_held: Option<Vec<&BySensor>> = held.iter().copied().collect();
+    let pieces = all_held.as_deref().and_then(|h| in_key_order(members, h));
+    let (Some(all_held), Some(pieces)) = (all_held, pieces) else {
+        stage_held(tx, members, held).await?;
+        return merge_group(tx, members, unstage, detect).await;
+    };
+    unstage_and_quarantine(tx, members, unstage).await?;
+    if pieces.is_empty() {
+        return Ok(members.iter().map(|_| Merged::default()).collect());
+    }
+    let spans = member_spans(members);
+    let queue_statement = match detect {
+        true => Some(tx.prepare_cached(QUEUE_DETECTION).await?),
+        false => None,
+    };
+    let stored = tx.prepare_cached(STORED_IN_SPANS).await?;
+    // First each sensor's span over all members (one probe per sensor); only if a reading is
+    // stored there, each member's (the members' readings may lie between another's).
+    let union = sensor_spans(&spans);
+    let (works, set, in_union) = tokio::join!(
+        queue(tx, queue_statement.as_ref(), members, &spans),
+        tx.batch_execute(MERGE_WORK_MEM),
+        stored_in(tx, &stored, union.iter())
+    );
+    let works = works?;
+    set?;
+    let stored = match in_union? {
+        false => Ok(false),
+        true => stored_in(tx, &stored, spans.iter().flatten()).await,
+    };
+    if !stored? {
+        let written = async {
+            copy_pieces(tx, &pieces).await?;
+            let hours = Spans::hours_of(members.iter().map(|m| m.spans))
+                .expect("the hours of held readings");
+            let widen = tx.prepare_cached(WIDEN_HOURS).await?;
+            tx.query_one(&widen, &HourColumns::of(&hours).params())
+                .await
+        }
+        .await;
+        match written {
+            Ok(_) => {
+                return Ok(members
+                    .iter()
+                    .zip(works)
+                    .map(|(m, work)| Merged {
+                        changed: m.spans.rows(),
+                        work,
+                        met_stored: false,
+                        links: Vec::new(),
+                    })
+                    .collect())
+            }
+            Err(e) if met_a_stored_key(&e) => {
+                tx.batch_execute("ROLLBACK TO SAVEPOINT fresh_rows").await?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let held: Vec<Option<&BySensor>> = all_held.into_iter().map(Some).collect();
+    stage_held(tx, members, &held).await?;
+    upserted(tx, members, works).await
+}
+
+/// Whether any reading is stored within one of `spans` (sensor, first and last instant; one index
+/// probe each). `$4` and `$5`, the earliest first and the latest last instant, bound the probe for
+/// the planner too (on a TimescaleDB hypertable it then plans the chunks of that range only).
+const STORED_IN_SPANS: &str = "
+    SELECT EXISTS (
+        SELECT FROM unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[]) AS w(u, first, last)
+        CROSS JOIN LATERAL (
+            SELECT FROM measurements m
+            WHERE m.sensor_uuid = w.u AND m.ts >= w.first AND m.ts <= w.last
+                AND m.ts >= $4 AND m.ts <= $5
+            LIMIT 1
+        ) AS stored
+    )";
+
+/// Runs [`STORED_IN_SPANS`] (prepared) over `spans`.
+async fn stored_in(
+    tx: &deadpool_postgres::Transaction<'_>,
+    statement: &tokio_postgres::Statement,
+    spans: impl Iterator<Item = &SensorSpan> + Clone,
+) -> Result<bool, tokio_postgres::Error> {
+    let sensors: Vec<uuid::Uuid> = spans.clone().map(|s| s.0).collect();
+    let firsts: Vec<_> = spans.clone().map(|s| s.1).collect();
+    let lasts: Vec<_> = spans.map(|s| s.2).collect();
+    let (Some(earliest), Some(latest)) = (firsts.iter().min(), lasts.iter().max()) else {
+        return Ok(false);
+    };
+    let row = tx
+        .query_one(statement, &[&sensors, &firsts, &lasts, earliest, latest])
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Each sensor's span over all the members that hold it.
+fn sensor_spans(spans: &[Vec<SensorSpan>]) -> Vec<SensorSpan> {
+    let mut union: std::collections::HashMap<uuid::Uuid, SensorSpan> = Default::default();
+    for &(u, first, last) in spans.iter().flatten() {
+        union
+            .entry(u)
+            .and_modify(|s| {
+                s.1 = s.1.min(first);
+                s.2 = s.2.max(last);
+            })
+            .or_insert((u, first, last));
+    }
+    union.into_values().collect()
+}
+
+/// One member's readings of one sensor: the sensor, the member's version, the readings.
+type Piece<'h> = (uuid::Uuid, i64, &'h [(crate::time::Micros, f64)]);
+
+/// The members' held readings as pieces in key order (by sensor, then time), or `None` when two
+/// members' readings of a sensor interleave (which of two readings of a key wins, and whether
+/// their keys differ at all, is the upsert's to say).
+fn in_key_order<'h>(members: &[Member<'_>], held: &[&'h BySensor]) -> Option<Vec<Piece<'h>>> {
+    let mut pieces: Vec<Piece<'h>> = members
+        .iter()
+        .zip(held)
+        .flat_map(|(m, h)| {
+            h.iter()
+                .filter(|(_, r)| !r.is_empty())
+                .map(move |(u, r)| (*u, m.version, r.as_slice()))
+        })
+        .collect();
+    pieces.sort_unstable_by_key(|p| (p.0, p.2[0].0));
+    let apart = pieces
+        .windows(2)
+        .all(|w| w[0].0 != w[1].0 || w[0].2[w[0].2.len() - 1].0 < w[1].2[0].0);
+    apart.then_some(pieces)
+}
+
+/// Copies `pieces` into the table ([`COPY_NEW`]), in their order.
+async fn copy_pieces(
+    tx: &deadpool_postgres::Transaction<'_>,
+    pieces: &[Piece<'_>],
+) -> Result<(), tokio_postgres::Error> {
+    let sink = tx.copy_in(COPY_NEW).await?;
+    let mut sink = std::pin::pin!(sink);
+    let mut enc = CopyEncoder::new();
+    for (u, version, readings) in pieces {
+        for &(us, value) in *readings {
+            enc.row(4);
+            enc.uuid(u);
+            enc.timestamptz(us);
+            enc.float8(value);
+            enc.int8(*version);
+            if let Some(chunk) = enc.take_if_full() {
+                sink.send(chunk).await?;
+            }
+        }
+    }
+    sink.send(enc.finish()).await?;
+    sink.as_mut().finish().await?;
+    Ok(())
+}
+
+/// Stages the held readings of the members that held them ([`COPY_GROUP_HELD`]).
+async fn stage_held(
+    tx: &deadpool_postgres::Transaction<'_>,
+    members: &[Member<'_>],
+    held: &[Option<&BySensor>],
+) -> Result<(), tokio_postgres::Error> {
+    if held.iter().flatten().all(|h| h.values().all(Vec::is_empty)) {
+        return Ok(());
+    }
+    let sink = tx.copy_in(COPY_GROUP_HELD).await?;
+    let mut sink = std::pin::pin!(sink);
+    let mut enc = CopyEncoder::new();
+    for (m, h) in members.iter().zip(held) {
+        for (u, readings) in h.iter().flat_map(|h| h.iter()) {
+            for (line, &(us, value)) in readings.iter().enumerate() {
+                enc.row(5);
+                enc.int8(m.version);
+                enc.int8(line as i64);
+                enc.uuid(u);
+                enc.timestamptz(us);
+                enc.float8(value);
+                if let Some(chunk) = enc.take_if_full() {
+                    sink.send(chunk).await?;
+                }
+            }
+        }
+    }
+    sink.send(enc.finish()).await?;
+    sink.as_mut().finish().await?;
+    Ok(())
 }

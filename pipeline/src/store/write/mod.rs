@@ -14,7 +14,9 @@
 //!   into `measurements` in key order when none of their keys is stored — the work of a bare
 //!   `COPY` — and, when the stored readings they beat within their spans are exactly their keys
 //!   (a re-upload or a correction), [`replace_held`] deletes those rows and copies the readings
-//!   in. Otherwise they are staged after all and take the staged path.
+//!   in. Otherwise they are staged after all and take the staged path. A group of small objects
+//!   holds each member's readings so too, and [`merge_group_held`] copies them all straight in,
+//!   each row with its member's version, when none is stored within the members' spans.
 //! - **Streamed in.** An object too large to hold whose held readings are new and distinct
 //!   ([`may_stream_in`]) streams the rest of its valid rows straight into `measurements` as it is
 //!   read ([`Staging::stream_in`]), a chunk at a time in key order, each chunk followed by the
@@ -27,8 +29,8 @@
 //!   overwritten only by a version that beats the one it came from ([`super::versions`]); the
 //!   same version again writes nothing. Objects too large to hold that cannot stream in stage as
 //!   they stream (past [`HOURS_MAX`] sensor-hours, the insert counts the rollup's hours itself:
-//!   [`INSERT_COUNTED`]); a group of small objects stages its rows tagged with their versions
-//!   ([`crate::ingest::Grouper`]).
+//!   [`INSERT_COUNTED`]); a group of small objects whose readings cannot be copied straight in
+//!   stages them tagged with their versions ([`crate::ingest::Grouper`]).
 //!
 //! Every path keeps the page index (`measurement_days`) and the hourly rollup
 //! (`measurement_hours`, what `query-cli plot` draws wide columns from) in step with the rows.
@@ -73,7 +75,7 @@ use crate::contract::{Dataset, Reading, SensorName};
 use crate::readings::BySensor;
 use crate::time::{day_of, hour_of, instant};
 
-pub use merge::{merge, merge_group, met_a_stored_key, Member, Merged};
+pub use merge::{merge, merge_group, merge_group_held, met_a_stored_key, Member, Merged};
 pub use replace::{merge_held, Link};
 pub use staging::{Staging, CREATE_STAGING, DAYS_MAX};
 pub use straight::{may_stream_in, merge_streamed};
@@ -82,6 +84,7 @@ pub use work::{Spans, HOURS_MAX};
 use mapping::*;
 use merge::*;
 use quarantine::*;
+use replace::COPY_NEW;
 use staging::*;
 use work::*;
 
