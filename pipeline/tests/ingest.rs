@@ -2914,18 +2914,34 @@ async fn readings_by_object(h: &Harness) -> Vec<(String, String, f64, String)> {
     .await
 }
 
-/// (rows_ok, met_stored, carries readings to detection) of each result.
+/// (rows_ok, met_stored, readings carried to detection) of each result.
 fn group_outcomes(
     results: Vec<Result<Outcome, sensor_pipeline::ingest::IngestError>>,
-) -> Vec<(u64, bool, bool)> {
+) -> Vec<(u64, bool, usize)> {
     results
         .into_iter()
         .map(|r| {
             let o = r.unwrap();
             assert_eq!(o.disposition, Disposition::Done);
-            (o.rows_ok, o.met_stored, o.fresh.is_some())
+            (o.rows_ok, o.met_stored, o.fresh.map_or(0, |f| f.len()))
         })
         .collect()
+}
+
+/// Uploads `objects` (name under `timeseries/h/`, body) and ingests them as one group with
+/// `ingestor`; what [`group_outcomes`] says of each.
+async fn ingest_group(
+    h: &Harness,
+    ingestor: &Ingestor,
+    objects: &[(&str, String)],
+) -> Vec<(u64, bool, usize)> {
+    let keyed: Vec<(String, String)> = objects
+        .iter()
+        .map(|(name, body)| (format!("timeseries/h/{name}.csv"), body.clone()))
+        .collect();
+    let objects: Vec<(&str, String)> = keyed.iter().map(|(k, b)| (k.as_str(), b.clone())).collect();
+    let keys: Vec<&str> = keyed.iter().map(|(k, _)| k.as_str()).collect();
+    group_outcomes(put_and_ingest_many(h, ingestor, &objects, &keys).await)
 }
 
 /// A group whose readings are new within each member's spans copies them straight into the table,
@@ -2937,84 +2953,42 @@ fn group_outcomes(
 #[tokio::test]
 async fn a_group_copies_new_readings_straight_in_around_stored_ones() {
     let h = Harness::new().await;
-    let header = "timestamp;sensor_uuid;sensor_value\n";
     let at = |hh_mm: &str, u: &str, v: f64| format!("2013-01-20T{hh_mm}:00Z;{u};{v}\n");
-    let one = format!("{header}{}{}", at("08:01", U1, 3.0), at("08:05", U1, 9.0));
+    let csv = |lines: &[String]| format!("timestamp;sensor_uuid;sensor_value\n{}", lines.concat());
+    let one = csv(&[at("08:01", U1, 3.0), at("08:05", U1, 9.0)]);
     assert_done(
         &h.put_and_ingest("timeseries/h/stored.csv", one).await,
         2,
         0,
     );
-    // Around the stored 08:01: straight in, the readings pooled for detection.
-    let objects = [
-        (
-            "timeseries/h/a.csv",
-            format!("{header}{}{}", at("08:00", U1, 1.0), at("08:00", U2, 5.0)),
-        ),
-        (
-            "timeseries/h/b.csv",
-            format!("{header}{}{}", at("08:03", U1, 4.0), at("08:02", U1, 2.0)),
-        ),
-    ];
-    let keys = ["timeseries/h/a.csv", "timeseries/h/b.csv"];
-    let results = put_and_ingest_many(&h, &h.ingestor, &objects, &keys).await;
-    let pooled = results[1].as_ref().unwrap().fresh.as_ref().unwrap().len();
+    // Around the stored 08:01: straight in, all four readings carried to detection by b.
+    let a = csv(&[at("08:00", U1, 1.0), at("08:00", U2, 5.0)]);
+    let b = csv(&[at("08:03", U1, 4.0), at("08:02", U1, 2.0)]);
     assert_eq!(
-        group_outcomes(results),
-        vec![(2, false, false), (2, false, true)]
+        ingest_group(&h, &h.ingestor, &[("a", a), ("b", b)]).await,
+        vec![(2, false, 0), (2, false, 4)]
     );
-    assert_eq!(pooled, 4);
     // d's span holds the stored 08:05: the group is upserted.
-    let objects = [
-        (
-            "timeseries/h/c.csv",
-            format!("{header}{}", at("09:00", U2, 6.0)),
-        ),
-        (
-            "timeseries/h/d.csv",
-            format!("{header}{}{}", at("08:04", U1, 7.0), at("08:06", U1, 8.0)),
-        ),
-    ];
-    let keys = ["timeseries/h/c.csv", "timeseries/h/d.csv"];
-    let results = put_and_ingest_many(&h, &h.ingestor, &objects, &keys).await;
+    let c = csv(&[at("09:00", U2, 6.0)]);
+    let d = csv(&[at("08:04", U1, 7.0), at("08:06", U1, 8.0)]);
     assert_eq!(
-        group_outcomes(results),
-        vec![(1, true, false), (2, true, false)]
+        ingest_group(&h, &h.ingestor, &[("c", c), ("d", d)]).await,
+        vec![(1, true, 0), (2, true, 0)]
     );
     // e and f interleave at 10:00–10:02: staged, then inserted (nothing is stored there).
-    let objects = [
-        (
-            "timeseries/h/e.csv",
-            format!("{header}{}{}", at("10:00", U1, 10.0), at("10:02", U1, 12.0)),
-        ),
-        (
-            "timeseries/h/f.csv",
-            format!("{header}{}", at("10:01", U1, 11.0)),
-        ),
-    ];
-    let keys = ["timeseries/h/e.csv", "timeseries/h/f.csv"];
-    let results = put_and_ingest_many(&h, &h.ingestor, &objects, &keys).await;
+    let e = csv(&[at("10:00", U1, 10.0), at("10:02", U1, 12.0)]);
+    let f = csv(&[at("10:01", U1, 11.0)]);
     assert_eq!(
-        group_outcomes(results),
-        vec![(2, false, false), (1, false, true)]
+        ingest_group(&h, &h.ingestor, &[("e", e), ("f", f)]).await,
+        vec![(2, false, 0), (1, false, 3)]
     );
     // g holds more readings than the ingestor holds (one): staged, and h's held ones with it.
-    let objects = [
-        (
-            "timeseries/h/g.csv",
-            format!("{header}{}{}", at("11:00", U2, 13.0), at("11:01", U2, 14.0)),
-        ),
-        (
-            "timeseries/h/h.csv",
-            format!("{header}{}", at("11:02", U2, 15.0)),
-        ),
-    ];
-    let keys = ["timeseries/h/g.csv", "timeseries/h/h.csv"];
+    let g = csv(&[at("11:00", U2, 13.0), at("11:01", U2, 14.0)]);
+    let h2 = csv(&[at("11:02", U2, 15.0)]);
     let ingestor = h.ingestor.clone().hold_most(1);
-    let results = put_and_ingest_many(&h, &ingestor, &objects, &keys).await;
     assert_eq!(
-        group_outcomes(results),
-        vec![(2, false, false), (1, false, false)]
+        ingest_group(&h, &ingestor, &[("g", g), ("h", h2)]).await,
+        vec![(2, false, 0), (1, false, 0)]
     );
     let row = |u: &str, t: &str, v: f64, o: &str| {
         (
@@ -3076,10 +3050,7 @@ async fn a_row_written_meanwhile_sends_a_groups_readings_back_to_the_upsert() {
         held.batch_execute("COMMIT").await.unwrap();
     };
     let (results, ()) = tokio::join!(ingest, release);
-    assert_eq!(
-        group_outcomes(results),
-        vec![(2, true, false), (1, true, false)]
-    );
+    assert_eq!(group_outcomes(results), vec![(2, true, 0), (1, true, 0)]);
     assert_eq!(
         h.readings().await,
         vec![

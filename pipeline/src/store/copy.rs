@@ -98,11 +98,11 @@ impl CopyEncoder {
 /// Runs `statement` (a binary `COPY … FROM STDIN`) with `rows`, each written by `encode` (which
 /// starts the row with [`CopyEncoder::row`]), sent in chunks of [`FLUSH_AT`].
 #[cfg(feature = "ingest")]
-pub async fn copy_rows<T: Sync>(
+pub async fn copy_rows<I: IntoIterator>(
     tx: &tokio_postgres::Transaction<'_>,
     statement: &str,
-    rows: &[T],
-    encode: fn(&mut CopyEncoder, &T),
+    rows: I,
+    encode: impl Fn(&mut CopyEncoder, I::Item),
 ) -> Result<(), tokio_postgres::Error> {
     let sink = tx.copy_in(statement).await?;
     let mut sink = std::pin::pin!(sink);

@@ -342,19 +342,8 @@ async fn merge_staged(
     let works = works?;
     set?;
     match inserted {
-        Ok(row) if row.get::<_, bool>(0) => {
-            Ok(members
-                .iter()
-                .zip(works)
-                .map(|(m, work)| Merged {
-                    // Every valid row was new and inserted: a repeated key fails the insert.
-                    changed: m.spans.rows(),
-                    work,
-                    met_stored: false,
-                    links: Vec::new(),
-                })
-                .collect())
-        }
+        // Every valid row was new and inserted: a repeated key fails the insert.
+        Ok(row) if row.get::<_, bool>(0) => Ok(all_new(members, works)),
         Ok(_) => upserted(tx, members, works).await,
         Err(e) if met_a_stored_key(&e) => {
             tx.batch_execute("ROLLBACK TO SAVEPOINT fresh_rows").await?;
@@ -362,6 +351,21 @@ async fn merge_staged(
         }
         Err(e) => Err(e),
     }
+}
+
+/// What each member changed when all their valid rows were new and written (`works`: what was
+/// queued for each).
+fn all_new(members: &[Member<'_>], works: Vec<Vec<i64>>) -> Vec<Merged> {
+    members
+        .iter()
+        .zip(works)
+        .map(|(m, work)| Merged {
+            changed: m.spans.rows(),
+            work,
+            met_stored: false,
+            links: Vec::new(),
+        })
+        .collect()
 }
 
 /// Upserts the members' rows (`works`: what was queued for each): a single object's with
@@ -472,18 +476,7 @@ pub async fn merge_group_held(
         }
         .await;
         match written {
-            Ok(_) => {
-                return Ok(members
-                    .iter()
-                    .zip(works)
-                    .map(|(m, work)| Merged {
-                        changed: m.spans.rows(),
-                        work,
-                        met_stored: false,
-                        links: Vec::new(),
-                    })
-                    .collect())
-            }
+            Ok(_) => return Ok(all_new(members, works)),
             Err(e) if met_a_stored_key(&e) => {
                 tx.batch_execute("ROLLBACK TO SAVEPOINT fresh_rows").await?;
             }
@@ -570,24 +563,18 @@ async fn copy_pieces(
     tx: &deadpool_postgres::Transaction<'_>,
     pieces: &[Piece<'_>],
 ) -> Result<(), tokio_postgres::Error> {
-    let sink = tx.copy_in(COPY_NEW).await?;
-    let mut sink = std::pin::pin!(sink);
-    let mut enc = CopyEncoder::new();
-    for (u, version, readings) in pieces {
-        for &(us, value) in *readings {
-            enc.row(4);
-            enc.uuid(u);
-            enc.timestamptz(us);
-            enc.float8(value);
-            enc.int8(*version);
-            if let Some(chunk) = enc.take_if_full() {
-                sink.send(chunk).await?;
-            }
-        }
-    }
-    sink.send(enc.finish()).await?;
-    sink.as_mut().finish().await?;
-    Ok(())
+    let rows = pieces
+        .iter()
+        .flat_map(|(u, version, readings)| readings.iter().map(move |r| (*u, *version, *r)))
+        .collect::<Vec<_>>();
+    copy_rows(tx, COPY_NEW, &rows, |enc, (u, version, (us, value))| {
+        enc.row(4);
+        enc.uuid(u);
+        enc.timestamptz(*us);
+        enc.float8(*value);
+        enc.int8(*version);
+    })
+    .await
 }
 
 /// Stages the held readings of the members that held them ([`COPY_GROUP_HELD`]).
@@ -599,25 +586,29 @@ async fn stage_held(
     if held.iter().flatten().all(|h| h.values().all(Vec::is_empty)) {
         return Ok(());
     }
-    let sink = tx.copy_in(COPY_GROUP_HELD).await?;
-    let mut sink = std::pin::pin!(sink);
-    let mut enc = CopyEncoder::new();
-    for (m, h) in members.iter().zip(held) {
-        for (u, readings) in h.iter().flat_map(|h| h.iter()) {
-            for (line, &(us, value)) in readings.iter().enumerate() {
-                enc.row(5);
-                enc.int8(m.version);
-                enc.int8(line as i64);
-                enc.uuid(u);
-                enc.timestamptz(us);
-                enc.float8(value);
-                if let Some(chunk) = enc.take_if_full() {
-                    sink.send(chunk).await?;
-                }
-            }
-        }
-    }
-    sink.send(enc.finish()).await?;
-    sink.as_mut().finish().await?;
-    Ok(())
+    let rows = members.iter().zip(held).flat_map(|(m, h)| {
+        h.iter()
+            .flat_map(|h| h.iter())
+            .flat_map(move |(u, readings)| {
+                readings
+                    .iter()
+                    .enumerate()
+                    .map(move |(line, r)| (m.version, line as i64, *u, *r))
+            })
+    });
+    let rows: Vec<_> = rows.collect();
+    copy_rows(
+        tx,
+        COPY_GROUP_HELD,
+        &rows,
+        |enc, (version, line, u, (us, value))| {
+            enc.row(5);
+            enc.int8(*version);
+            enc.int8(*line);
+            enc.uuid(u);
+            enc.timestamptz(*us);
+            enc.float8(*value);
+        },
+    )
+    .await
 }

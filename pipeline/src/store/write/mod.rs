@@ -65,7 +65,7 @@ use futures_util::SinkExt;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{CopyInSink, Transaction};
 
-use super::copy::CopyEncoder;
+use super::copy::{copy_rows, CopyEncoder};
 use super::rollup::{
     copy_new_hours, recompute_hours, rollup_columns, settle_inexact, unnest_hours, widen_hours,
     widen_set, Hour, HourColumns, HOURS_BEFORE, OUTSIDE_HOURS, REPLACE_HOURS, WIDEN_HOURS,
