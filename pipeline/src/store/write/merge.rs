@@ -488,20 +488,6 @@ pub async fn merge_group_held(
     upserted(tx, members, works).await
 }
 
-/// Whether any reading is stored within one of `spans` (sensor, first and last instant; one index
-/// probe each). `$4` and `$5`, the earliest first and the latest last instant, bound the probe for
-/// the planner too (on a TimescaleDB hypertable it then plans the chunks of that range only).
-const STORED_IN_SPANS: &str = "
-    SELECT EXISTS (
-        SELECT FROM unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[]) AS w(u, first, last)
-        CROSS JOIN LATERAL (
-            SELECT FROM measurements m
-            WHERE m.sensor_uuid = w.u AND m.ts >= w.first AND m.ts <= w.last
-                AND m.ts >= $4 AND m.ts <= $5
-            LIMIT 1
-        ) AS stored
-    )";
-
 /// Runs [`STORED_IN_SPANS`] (prepared) over `spans`.
 async fn stored_in(
     tx: &deadpool_postgres::Transaction<'_>,

@@ -84,7 +84,7 @@ pub use work::{Spans, HOURS_MAX};
 use mapping::*;
 use merge::*;
 use quarantine::*;
-use replace::COPY_NEW;
+use replace::{COPY_NEW, STORED_IN_SPANS};
 use staging::*;
 use work::*;
 

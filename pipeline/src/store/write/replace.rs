@@ -5,13 +5,10 @@
 use super::*;
 use crate::time::Micros;
 
-/// Whether any reading is stored within a sensor's span, and whether any is stored in the days
-/// strictly between the first and the last day of a span (`$1`–`$3`: sensors, first and last
-/// instants; two index probes per sensor). `$4` and `$5`, the earliest first and the latest last
-/// instant, bound the readings' probe for the planner too: on a TimescaleDB hypertable it then
-/// plans the chunks of the object's time range only (200 sensors over 69 days among ten years
-/// of 7-day chunks: 42 ms a call without the bounds).
-pub(super) const STORED_WITHIN: &str = "
+/// [`STORED_IN_SPANS`]'s text.
+macro_rules! stored_in_spans {
+    () => {
+        "
     SELECT EXISTS (
         SELECT FROM unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[]) AS w(u, first, last)
         CROSS JOIN LATERAL (
@@ -20,7 +17,22 @@ pub(super) const STORED_WITHIN: &str = "
                 AND m.ts >= $4 AND m.ts <= $5
             LIMIT 1
         ) AS stored
-    ), EXISTS (
+    )"
+    };
+}
+
+/// Whether any reading is stored within one of the spans `$1`–`$3` (sensors, first and last
+/// instants; one index probe each). `$4` and `$5`, the earliest first and the latest last
+/// instant, bound the probe for the planner too: on a TimescaleDB hypertable it then plans the
+/// chunks of the object's time range only (200 sensors over 69 days among ten years of 7-day
+/// chunks: 42 ms a call without the bounds).
+pub(super) const STORED_IN_SPANS: &str = stored_in_spans!();
+
+/// [`STORED_IN_SPANS`], and whether any reading is stored in the days strictly between the first
+/// and the last day of a span (a second index probe per sensor).
+pub(super) const STORED_WITHIN: &str = concat!(
+    stored_in_spans!(),
+    ", EXISTS (
         SELECT FROM unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[]) AS w(u, first, last)
         CROSS JOIN LATERAL (
             SELECT FROM measurement_days d
@@ -28,7 +40,8 @@ pub(super) const STORED_WITHIN: &str = "
                 AND d.day < date_trunc('day', w.last, 'UTC')
             LIMIT 1
         ) AS stored
-    )";
+    )"
+);
 
 /// The fast path of [`merge_held`]: the held readings, all new, straight into the table.
 pub(super) const COPY_NEW: &str =
